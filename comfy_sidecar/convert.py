@@ -258,18 +258,23 @@ def webp_params(options: WebpOptions) -> dict[str, Any]:
 
     * ``quality`` -> ``quality`` (in lossless mode libwebp reads it as compression effort,
       which is what libvips passes it as, too); ``alphaQuality`` -> ``alpha_quality``;
-      ``lossless`` -> ``lossless``; ``effort`` -> ``method``;
+      ``lossless`` -> ``lossless`` plus ``exact`` (RGB under transparent pixels is kept);
+      ``effort`` -> ``method``;
     * ``nearLossless`` -> ``lossless=True``: Pillow has no near-lossless preprocessing knob,
       and sharp's near-lossless is lossless encoding of slightly quantised pixels, so the nearest
       honest equivalent is exact lossless (larger file, never worse pixels);
     * ``smartSubsample`` (libwebp ``use_sharp_yuv``) and ``preset`` are not exposed by Pillow's
       WebP encoder and are ignored (libwebp's "default" preset and plain RGB->YUV are used).
     """
+    lossless = options.lossless or options.nearLossless
     params: dict[str, Any] = {
         "quality": options.quality,
         "alpha_quality": options.alphaQuality,
-        "lossless": options.lossless or options.nearLossless,
+        "lossless": lossless,
         "method": options.effort,
+        # libwebp may rewrite the RGB of fully transparent pixels unless told to keep them
+        # exact; lossless here means every RGBA value survives (sharp leaves `exact` off).
+        "exact": lossless,
     }
     ignored = [
         name
