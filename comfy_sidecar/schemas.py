@@ -22,14 +22,14 @@ JobId = Annotated[
 ]
 
 
-class PromptNode(msgspec.Struct, kw_only=True):
+class PromptNode(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One node of an API-format prompt."""
 
     class_type: Annotated[str, Meta(description="ComfyUI node class, e.g. `SaveImage`.")]
     inputs: Annotated[
         dict[str, Any],
         Meta(description="Input values; a link is `[node_id, output_index]`."),
-    ] = {}
+    ]
     meta: Annotated[Any, Meta(description="UI metadata, passed through.")] = field(
         default=None, name="_meta"
     )
@@ -41,11 +41,15 @@ Prompt = Annotated[
         description="ComfyUI API-format graph: node id -> node.",
         examples=[
             {
-                "1": {"class_type": "EmptyImage", "inputs": {"width": 256, "height": 256,
-                                                             "batch_size": 1, "color": 0}},
+                "1": {
+                    "class_type": "EmptyImage",
+                    "inputs": {"width": 256, "height": 256, "batch_size": 1, "color": 0},
+                },
                 "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-                "3": {"class_type": "SaveImage",
-                      "inputs": {"images": ["2", 0], "filename_prefix": "ComfyUI"}},
+                "3": {
+                    "class_type": "SaveImage",
+                    "inputs": {"images": ["2", 0], "filename_prefix": "ComfyUI"},
+                },
             }
         ],
     ),
@@ -146,23 +150,23 @@ class JpegOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     quality: Annotated[int, Meta(ge=1, le=100)] = 80
     progressive: bool = False
-    chromaSubsampling: Literal["4:4:4", "4:2:0"] = "4:2:0"  # noqa: N815 - wire name
-    optimizeCoding: bool = True  # noqa: N815
+    chromaSubsampling: Literal["4:4:4", "4:2:0"] = "4:2:0"
+    optimizeCoding: bool = True
     mozjpeg: bool = False
-    trellisQuantisation: bool = False  # noqa: N815
-    overshootDeringing: bool = False  # noqa: N815
-    optimizeScans: bool = False  # noqa: N815
-    quantisationTable: Annotated[int, Meta(ge=0, le=8)] = 0  # noqa: N815
+    trellisQuantisation: bool = False
+    overshootDeringing: bool = False
+    optimizeScans: bool = False
+    quantisationTable: Annotated[int, Meta(ge=0, le=8)] = 0
 
 
 class WebpOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """sharp-style WebP options (see README for how each maps to Pillow)."""
 
     quality: Annotated[int, Meta(ge=1, le=100)] = 80
-    alphaQuality: Annotated[int, Meta(ge=0, le=100)] = 100  # noqa: N815
+    alphaQuality: Annotated[int, Meta(ge=0, le=100)] = 100
     lossless: bool = False
-    nearLossless: bool = False  # noqa: N815
-    smartSubsample: bool = False  # noqa: N815
+    nearLossless: bool = False
+    smartSubsample: bool = False
     preset: Literal["default", "photo", "picture", "drawing", "icon", "text"] = "default"
     effort: Annotated[int, Meta(ge=0, le=6)] = 4
 

@@ -1,0 +1,71 @@
+"""Entry point: `comfy-sidecar` / `python -m comfy_sidecar`.
+
+Order matters for the probes: settings are parsed and the listening socket is bound within a few
+milliseconds of exec, a tiny responder answers `/health` and `/ready` (503, phase `starting`) while
+the web framework is imported, and then the real server takes the same socket over.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from comfy_sidecar import __version__
+
+USAGE = """\
+usage: comfy-sidecar [--help] [--version]
+
+Supervises ComfyUI (started from CMD) and serves a comfyui-api compatible HTTP API on HOST:PORT.
+All configuration comes from environment variables; see README.md ("Configuration").
+
+Environment variables:
+"""
+
+
+def _help() -> str:
+    from comfy_sidecar.config import VARS
+
+    width = max(len(var.name) for var in VARS)
+    rows = []
+    for var in VARS:
+        default = "(not set)" if var.default is None else repr(var.default)
+        rows.append(f"  {var.name:<{width}}  default {default}\n  {'':<{width}}  {var.doc}")
+    return USAGE + "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sidecar until it is stopped; returns the process exit status.
+
+    0 after a clean SIGTERM/SIGINT drain, 1 when ComfyUI cannot be kept running (crash loop,
+    start-up deadline, failed warmup, or exit without ALWAYS_RESTART_COMFYUI), 2 for bad
+    configuration (one line on stderr naming the variable).
+    """
+    args = sys.argv[1:] if argv is None else argv
+    if "--version" in args or "-V" in args:
+        print(f"comfy-sidecar {__version__}")
+        return 0
+    if "--help" in args or "-h" in args:
+        print(_help(), end="")
+        return 0
+    if args:
+        print(f"comfy-sidecar: unknown argument {args[0]!r} (see --help)", file=sys.stderr)
+        return 2
+
+    from comfy_sidecar.boot import BootProbes, bind_socket
+    from comfy_sidecar.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings()
+        sock = bind_socket(settings.host, settings.port)
+    except ConfigError as exc:
+        print(f"comfy-sidecar: {exc}", file=sys.stderr)
+        return 2
+    boot = BootProbes(sock, __version__)
+    boot.start()
+
+    from comfy_sidecar.service import run
+
+    return run(settings, sock, boot)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

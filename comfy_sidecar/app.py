@@ -1,0 +1,112 @@
+"""Litestar app factory: routes, error bodies and OpenAPI wiring, nothing else.
+
+Every error body is JSON with ``error`` (what is wrong) and, for a caller's mistake, ``location``
+(which field, e.g. ``prompt.3.inputs.image`` or ``convert_output.options.effort``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from litestar import Litestar, Request, Response
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+
+from comfy_sidecar import __version__
+from comfy_sidecar.pipeline.run import PipelineError
+from comfy_sidecar.routes.probes import health, ready
+from comfy_sidecar.routes.prompt import interrupt, prompt
+
+if TYPE_CHECKING:
+    from comfy_sidecar.service import Sidecar
+
+log = logging.getLogger("comfy_sidecar.app")
+
+_PATH_TOKEN = re.compile(r"\.([A-Za-z_][\w]*)|\['((?:[^'\\]|\\.)*)'\]|\[(\d+)\]")
+
+
+def msgspec_location(message: str) -> tuple[str, str]:
+    """Split a msgspec validation message into (what is wrong, dotted location).
+
+    ``"Expected `str`, got `int` - at `$.prompt['1'].class_type`"`` gives
+    ``("Expected `str`, got `int`", "prompt.1.class_type")``.
+    """
+    what, sep, where = message.partition(" - at `")
+    parts: list[str] = []
+    if sep:
+        for name, key, index in _PATH_TOKEN.findall(where.rstrip("`")):
+            if index:
+                parts.append(f"[{index}]")
+            else:
+                parts.append(("." if parts else "") + (name or key))
+    location = "".join(parts)
+    unknown = re.search(r"unknown field `([^`]*)`", what)
+    missing = re.search(r"missing required field `([^`]*)`", what)
+    for match in (unknown, missing):
+        if match:
+            location = f"{location}.{match.group(1)}" if location else match.group(1)
+    return what, location
+
+
+def _validation_error(
+    request: Request[Any, Any, Any], exc: ValidationException
+) -> Response[dict[str, Any]]:
+    """Re-decode the body with msgspec to name the exact field (Litestar drops node ids)."""
+    error, location = str(exc.detail), ""
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    if extra and isinstance(extra[0], dict):
+        error = str(extra[0].get("message", error))
+        location = str(extra[0].get("key", ""))
+    try:
+        annotation = request.route_handler.parsed_fn_signature.parameters["data"].annotation
+        body = request._connection_state.body  # cached by Litestar when it read the body
+        if isinstance(body, bytes):
+            msgspec.json.decode(body, type=annotation)
+    except msgspec.ValidationError as decode_error:
+        error, location = msgspec_location(str(decode_error))
+    except msgspec.DecodeError as decode_error:
+        error, location = f"the body is not valid JSON: {decode_error}", "body"
+    except Exception:
+        pass
+    if location in ("", "data"):
+        location = "body"
+    return Response({"error": error, "location": location}, status_code=400)
+
+
+def _pipeline_error(_: Request[Any, Any, Any], exc: PipelineError) -> Response[dict[str, Any]]:
+    headers = {"retry-after": "1"} if exc.status == 503 else {}
+    return Response(exc.body, status_code=exc.status, headers=headers)
+
+
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    return Response(
+        {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers or {}
+    )
+
+
+def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+    return Response({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+
+def create_app(sidecar: Sidecar) -> Litestar:
+    """Build the ASGI app for ``sidecar`` (reachable in handlers as ``state.sidecar``)."""
+    settings = sidecar.settings
+    return Litestar(
+        route_handlers=[health, ready, prompt, interrupt],
+        state=State({"sidecar": sidecar}),
+        request_max_body_size=settings.max_body_size_mb * 1024 * 1024,
+        exception_handlers={
+            ValidationException: _validation_error,
+            PipelineError: _pipeline_error,
+            HTTPException: _http_error,
+            Exception: _internal_error,
+        },
+        openapi_config=OpenAPIConfig(title="comfy-sidecar", version=__version__, path="/docs"),
+        logging_config=None,
+        debug=False,
+    )

@@ -1,0 +1,1 @@
+"""Talking to ComfyUI: its HTTP API (client) and its websocket (events)."""

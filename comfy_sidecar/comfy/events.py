@@ -1,0 +1,115 @@
+"""The one websocket to ComfyUI: connect, read frames, reconnect with backoff.
+
+One connection per sidecar, opened with the sidecar's ``client_id`` before anything is queued, so
+every per-prompt frame of our prompts reaches it (ComfyUI routes them by ``client_id``). Text frames
+are decoded and handed to ``on_frame`` in order; binary frames (previews) are ignored. After a
+reconnect ``on_connect`` runs so in-flight prompts can be reconciled through ``/history``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import websockets
+
+log = logging.getLogger("comfy_sidecar.events")
+
+FrameHandler = Callable[[dict[str, Any]], None]
+
+
+class EventStream:
+    """Keeps one websocket to ``ws_url?clientId=<client_id>`` open while :meth:`run` runs.
+
+    Attributes: ``connected`` (bool), ``queue_remaining`` (int, from the last ``status`` frame:
+    ComfyUI's pending + running count), ``last_frame_at`` (``time.monotonic()`` seconds).
+    """
+
+    def __init__(
+        self,
+        ws_url: str,
+        client_id: str,
+        on_frame: FrameHandler,
+        on_connect: Callable[[bool], Awaitable[None]],
+        on_disconnect: Callable[[], None],
+    ) -> None:
+        self._url = f"{ws_url}?clientId={client_id}"
+        self._on_frame = on_frame
+        self._on_connect = on_connect
+        self._on_disconnect = on_disconnect
+        self._connected_event = asyncio.Event()
+        self._decoder = msgspec.json.Decoder()
+        self.connected = False
+        self.queue_remaining = 0
+        self.last_frame_at = time.monotonic()
+        self.connections = 0
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Wait until connected; False after ``timeout_s`` seconds."""
+        try:
+            await asyncio.wait_for(self._connected_event.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def run(self) -> None:
+        """Connect and read until cancelled, reconnecting with backoff (0.1 s doubling to 2 s)."""
+        backoff = 0.1
+        while True:
+            try:
+                async with websockets.connect(
+                    self._url,
+                    max_size=None,
+                    compression=None,
+                    ping_interval=20,
+                    ping_timeout=20,
+                    open_timeout=5,
+                    close_timeout=1,
+                ) as ws:
+                    self.connections += 1
+                    self.connected = True
+                    self.last_frame_at = time.monotonic()
+                    self._connected_event.set()
+                    backoff = 0.1
+                    await self._on_connect(self.connections > 1)
+                    async for message in ws:
+                        self.last_frame_at = time.monotonic()
+                        if isinstance(message, str):
+                            self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except (OSError, websockets.WebSocketException, TimeoutError) as exc:
+                if self.connected:
+                    log.warning("websocket to ComfyUI lost: %s", exc)
+                else:
+                    log.debug("websocket connect failed: %s", exc)
+            finally:
+                if self.connected:
+                    self.connected = False
+                    self._connected_event.clear()
+                    self._on_disconnect()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _dispatch(self, message: str) -> None:
+        try:
+            frame = self._decoder.decode(message)
+        except msgspec.DecodeError:
+            log.debug("ignoring a frame that is not JSON")
+            return
+        if not isinstance(frame, dict):
+            return
+        if frame.get("type") == "status":
+            data = frame.get("data") or {}
+            try:
+                self.queue_remaining = int(data["status"]["exec_info"]["queue_remaining"])
+            except (KeyError, TypeError, ValueError):
+                pass
+        try:
+            self._on_frame(frame)
+        except Exception:
+            log.exception("error handling a %s frame", frame.get("type"))

@@ -1,0 +1,1 @@
+"""The prompt pipeline: preprocess -> queue -> await -> collect -> deliver."""

@@ -1,0 +1,304 @@
+"""The job registry: every job the sidecar runs, fed by ComfyUI's event stream.
+
+One :class:`Job` per API request (and per warmup), keyed by its API id and by the ComfyUI
+``prompt_id`` the sidecar chose. ComfyUI's frames move a job through its states; the job's
+``done`` future resolves exactly once with a :class:`JobOutcome`. Completion follows DESIGN.md:
+``executing`` with ``node: null`` for the prompt_id means finished (history is written by then);
+``execution_error`` / ``execution_interrupted`` end it at once. When frames may have been missed
+(reconnect, a quiet socket), :meth:`JobRegistry.reconcile` asks ``/queue`` then ``/history``.
+Status views (``GET /prompt/{id}``, progress streams, metrics) are meant to read this registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from comfy_sidecar.comfy.client import ComfyClient, ComfyUnavailable
+
+log = logging.getLogger("comfy_sidecar.jobs")
+
+
+def now_ms() -> int:
+    """Milliseconds since the epoch."""
+    return int(time.time() * 1000)
+
+
+class JobState(enum.StrEnum):
+    """Where a job is. Terminal states: completed, failed, interrupted."""
+
+    PREPROCESSING = "preprocessing"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+class OutcomeKind(enum.StrEnum):
+    """How a job ended."""
+
+    SUCCESS = "success"
+    EXECUTION_ERROR = "execution_error"
+    INTERRUPTED = "interrupted"
+    COMFY_LOST = "comfy_lost"
+
+
+@dataclass
+class JobOutcome:
+    """The end of a job: ``outputs`` is ComfyUI's history ``outputs`` (node id -> ui dict);
+    ``error`` is ComfyUI's ``execution_error`` data, or ``{"message": ...}`` when ComfyUI went
+    away."""
+
+    kind: OutcomeKind
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
+
+
+@dataclass
+class Job:
+    """One job. Times are ms since the epoch; ``progress`` is nodes done / total and the current
+    node's step value / max (from ComfyUI's ``progress_state`` and ``progress`` frames)."""
+
+    id: str
+    prompt_id: str
+    state: JobState = JobState.PREPROCESSING
+    created_ms: int = field(default_factory=now_ms)
+    queued_ms: int | None = None
+    exec_start_ms: int | None = None
+    exec_end_ms: int | None = None
+    node_starts: dict[str, int] = field(default_factory=dict)
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    current_node: str | None = None
+    nodes_done: int = 0
+    nodes_total: int = 0
+    step_value: float = 0.0
+    step_max: float = 0.0
+    interrupt_requested: bool = False
+    missed_frames: bool = False
+    done: asyncio.Future[JobOutcome] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def finish(self, outcome: JobOutcome) -> None:
+        """Resolve ``done`` with ``outcome`` (later calls are ignored) and set the state."""
+        if self.done.done():
+            return
+        self.state = {
+            OutcomeKind.SUCCESS: JobState.COMPLETED,
+            OutcomeKind.INTERRUPTED: JobState.INTERRUPTED,
+        }.get(outcome.kind, JobState.FAILED)
+        if self.exec_end_ms is None:
+            self.exec_end_ms = now_ms()
+        self.done.set_result(outcome)
+
+
+class DuplicateJob(Exception):
+    """A job with this API id is already in flight."""
+
+
+class JobRegistry:
+    """In-flight jobs by API id and by ComfyUI prompt_id; frames dispatch into them."""
+
+    def __init__(self) -> None:
+        self._by_prompt: dict[str, Job] = {}
+        self._by_id: dict[str, Job] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_prompt)
+
+    def jobs(self) -> list[Job]:
+        """Every job in flight."""
+        return list(self._by_prompt.values())
+
+    def add(self, job: Job) -> None:
+        """Register ``job`` (before it is queued). Raises :class:`DuplicateJob`."""
+        if job.id in self._by_id:
+            raise DuplicateJob(job.id)
+        self._by_id[job.id] = job
+        self._by_prompt[job.prompt_id] = job
+
+    def remove(self, job: Job) -> None:
+        """Forget ``job`` (after its result was delivered)."""
+        self._by_id.pop(job.id, None)
+        self._by_prompt.pop(job.prompt_id, None)
+
+    def by_id(self, job_id: str) -> Job | None:
+        """The in-flight job with API id ``job_id``."""
+        return self._by_id.get(job_id)
+
+    def api_id_for(self, prompt_id: str) -> str | None:
+        """The API id of the job ComfyUI knows as ``prompt_id``."""
+        job = self._by_prompt.get(prompt_id)
+        return job.id if job else None
+
+    # --- frames ---------------------------------------------------------------------------
+
+    def on_frame(self, frame: dict[str, Any]) -> None:
+        """Apply one ComfyUI websocket frame ``{"type", "data"}`` to its job, if it is ours."""
+        data = frame.get("data")
+        if not isinstance(data, dict):
+            return
+        job = self._by_prompt.get(str(data.get("prompt_id")))
+        if job is None or job.done.done():
+            return
+        kind = frame.get("type")
+        if kind == "execution_start":
+            job.state = JobState.RUNNING
+            job.exec_start_ms = _int(data.get("timestamp")) or now_ms()
+        elif kind == "execution_cached":
+            job.nodes_done += len(data.get("nodes") or ())
+        elif kind == "executing":
+            node = data.get("node")
+            if node is None:
+                self._finished(job)
+            else:
+                job.state = JobState.RUNNING
+                job.current_node = str(node)
+                job.node_starts[str(node)] = now_ms()
+                job.step_value = job.step_max = 0.0
+        elif kind == "executed":
+            node = str(data.get("node"))
+            output = data.get("output")
+            if isinstance(output, dict):
+                merged = job.outputs.setdefault(node, {})
+                for key, value in output.items():
+                    if isinstance(value, list) and isinstance(merged.get(key), list):
+                        merged[key] = merged[key] + value
+                    else:
+                        merged[key] = value
+        elif kind == "progress":
+            job.step_value = float(data.get("value") or 0)
+            job.step_max = float(data.get("max") or 0)
+        elif kind == "progress_state":
+            nodes = data.get("nodes")
+            if isinstance(nodes, dict):
+                job.nodes_total = max(job.nodes_total, len(nodes))
+                job.nodes_done = sum(
+                    1
+                    for n in nodes.values()
+                    if isinstance(n, dict) and n.get("state") == "finished"
+                )
+        elif kind == "execution_success":
+            job.exec_end_ms = _int(data.get("timestamp")) or now_ms()
+        elif kind == "execution_error":
+            job.exec_end_ms = _int(data.get("timestamp")) or now_ms()
+            job.finish(JobOutcome(OutcomeKind.EXECUTION_ERROR, error=dict(data)))
+        elif kind == "execution_interrupted":
+            job.exec_end_ms = _int(data.get("timestamp")) or now_ms()
+            job.finish(JobOutcome(OutcomeKind.INTERRUPTED, error=dict(data)))
+
+    def _finished(self, job: Job) -> None:
+        if job.missed_frames:
+            # Frames (maybe `executed` ones) were lost: history is the authority.
+            job.missed_frames = False
+            asyncio.get_running_loop().create_task(self._complete_from_history(job))
+            return
+        job.finish(JobOutcome(OutcomeKind.SUCCESS, outputs=job.outputs))
+
+    async def _complete_from_history(self, job: Job) -> None:
+        if self._client is None:
+            job.finish(JobOutcome(OutcomeKind.SUCCESS, outputs=job.outputs))
+            return
+        try:
+            entry = await self._client.history(job.prompt_id)
+        except ComfyUnavailable as exc:
+            job.finish(JobOutcome(OutcomeKind.COMFY_LOST, error={"message": str(exc)}))
+            return
+        if entry is None:
+            job.finish(JobOutcome(OutcomeKind.SUCCESS, outputs=job.outputs))
+        else:
+            job.finish(outcome_from_history(entry))
+
+    # --- reconciliation ---------------------------------------------------------------------
+
+    _client: ComfyClient | None = None
+
+    def attach(self, client: ComfyClient) -> None:
+        """Use ``client`` for history look-ups."""
+        self._client = client
+
+    def mark_missed_frames(self) -> None:
+        """The socket dropped: every queued/running job may have lost frames."""
+        for job in self._by_prompt.values():
+            if job.state in (JobState.QUEUED, JobState.RUNNING):
+                job.missed_frames = True
+
+    async def reconcile(self) -> None:
+        """Settle queued/running jobs whose frames may be lost, from ``/queue`` then ``/history``.
+
+        A prompt still in ComfyUI's queue is left alone. One that is not is finished: its
+        history entry says how (history is written in the same step that takes it off the
+        queue); no entry means ComfyUI lost it (restart, or deleted while pending).
+        """
+        client = self._client
+        candidates = [
+            j
+            for j in self._by_prompt.values()
+            if j.state in (JobState.QUEUED, JobState.RUNNING) and not j.done.done()
+        ]
+        if client is None or not candidates:
+            return
+        try:
+            running, pending = await client.queue()
+        except ComfyUnavailable as exc:
+            log.warning("reconcile: /queue failed: %s", exc)
+            return
+        for job in candidates:
+            if job.done.done() or job.prompt_id in running or job.prompt_id in pending:
+                continue
+            try:
+                entry = await client.history(job.prompt_id)
+            except ComfyUnavailable as exc:
+                log.warning("reconcile: /history failed: %s", exc)
+                return
+            if entry is not None:
+                log.info("job %s settled from /history", job.id)
+                job.finish(outcome_from_history(entry))
+            elif job.interrupt_requested:
+                job.finish(
+                    JobOutcome(
+                        OutcomeKind.INTERRUPTED, error={"message": "removed from ComfyUI's queue"}
+                    )
+                )
+            else:
+                job.finish(
+                    JobOutcome(
+                        OutcomeKind.COMFY_LOST,
+                        error={"message": "ComfyUI no longer knows this prompt"},
+                    )
+                )
+
+    def fail_all(self, message: str) -> None:
+        """Fail every unfinished job at once (ComfyUI exited)."""
+        for job in list(self._by_prompt.values()):
+            if job.state is not JobState.PREPROCESSING:
+                job.finish(JobOutcome(OutcomeKind.COMFY_LOST, error={"message": message}))
+
+
+def outcome_from_history(entry: dict[str, Any]) -> JobOutcome:
+    """Turn a ``/history/{id}`` entry into a :class:`JobOutcome`."""
+    status = entry.get("status") or {}
+    outputs = entry.get("outputs") or {}
+    messages = status.get("messages") or []
+    for message in messages:
+        if isinstance(message, list) and len(message) == 2:
+            name, data = message
+            if name == "execution_error":
+                return JobOutcome(OutcomeKind.EXECUTION_ERROR, outputs, dict(data))
+            if name == "execution_interrupted":
+                return JobOutcome(OutcomeKind.INTERRUPTED, outputs, dict(data))
+    if status.get("status_str") == "error":
+        return JobOutcome(OutcomeKind.EXECUTION_ERROR, outputs, {"message": "ComfyUI error"})
+    return JobOutcome(OutcomeKind.SUCCESS, outputs)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

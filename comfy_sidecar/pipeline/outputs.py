@@ -1,0 +1,137 @@
+"""Collect a finished job's output files and stream them back as comfyui-api's JSON body.
+
+Every entry of ``outputs[node][key][]`` that has a ``filename`` and ``type`` ``output`` is a file
+at ``OUTPUT_DIR/<subfolder>/<filename>`` (``temp`` outputs, e.g. PreviewImage, are left out;
+``animated`` flags and ``text`` strings are not files). Nodes are taken in ascending numeric id
+order, the order comfyui-api's JavaScript object iteration gives. Files are read in chunks and
+base64-encoded while the response is written, never held whole in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+log = logging.getLogger("comfy_sidecar.outputs")
+
+CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks base64-encode without padding in between
+
+
+@dataclass
+class OutputFile:
+    """One output file on disk. ``filename`` is what the response calls it."""
+
+    path: Path
+    filename: str
+    node_id: str
+    key: str
+
+    @property
+    def size(self) -> int:
+        """Size in bytes (0 if the file is gone)."""
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
+
+
+def _node_order(node_id: str) -> tuple[int, int, str]:
+    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+
+
+class OutputError(Exception):
+    """An output ComfyUI reported cannot be read."""
+
+
+def collect_outputs(outputs: dict[str, dict[str, Any]], output_dir: str) -> list[OutputFile]:
+    """The job's output files, in node order. Raises :class:`OutputError` if one is missing
+    or its path would leave ``output_dir``."""
+    root = Path(output_dir).resolve()
+    files: list[OutputFile] = []
+    for node_id in sorted(outputs, key=_node_order):
+        ui = outputs[node_id]
+        if not isinstance(ui, dict):
+            continue
+        for key, entries in ui.items():
+            if not isinstance(entries, list):
+                continue
+            for entry in entries:
+                if not isinstance(entry, dict) or "filename" not in entry:
+                    continue
+                if entry.get("type", "output") != "output":
+                    continue
+                subfolder = str(entry.get("subfolder") or "")
+                path = (root / subfolder / str(entry["filename"])).resolve()
+                if not path.is_relative_to(root):
+                    raise OutputError(f"output {entry['filename']!r} is outside OUTPUT_DIR")
+                if not path.is_file():
+                    raise OutputError(
+                        f"output {subfolder + '/' if subfolder else ''}{entry['filename']} of "
+                        f"node {node_id} is missing from OUTPUT_DIR"
+                    )
+                files.append(OutputFile(path, path.name, node_id, key))
+    return files
+
+
+def remove_outputs(files: list[OutputFile], output_dir: str) -> None:
+    """Delete output files, and subfolders they leave empty (never OUTPUT_DIR itself)."""
+    root = Path(output_dir).resolve()
+    for item in files:
+        try:
+            item.path.unlink()
+        except FileNotFoundError:
+            continue
+        parent = item.path.parent
+        while parent != root and parent.is_relative_to(root):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+
+def base64_chunks(path: Path) -> AsyncIterator[bytes]:
+    """Base64 of the file at ``path``, in chunks of at most 256 KiB."""
+
+    async def gen() -> AsyncIterator[bytes]:
+        with path.open("rb") as handle:
+            while chunk := handle.read(CHUNK):
+                yield base64.b64encode(chunk)
+
+    return gen()
+
+
+async def stream_result(
+    head: dict[str, Any],
+    files: list[OutputFile],
+    urls: list[str] | None,
+    tail: Callable[[], dict[str, Any]],
+    finish: Callable[[], None],
+) -> AsyncIterator[bytes]:
+    """Yield the JSON body ``{...head, "filenames", "images", ...tail()}``.
+
+    ``images`` holds ``urls`` when given, else the base64 of each file, encoded while streaming.
+    ``tail()`` is called after the images are written (so timings include them); ``finish()``
+    runs last, even if the client goes away (it removes the files).
+    """
+    encode = msgspec.json.encode
+    try:
+        body = encode(head)
+        yield body[:-1] + b',"filenames":' + encode([f.filename for f in files]) + b',"images":['
+        if urls is not None:
+            yield encode(urls)[1:-1]
+        else:
+            for index, item in enumerate(files):
+                yield b'"' if index == 0 else b',"'
+                async for chunk in base64_chunks(item.path):
+                    yield chunk
+                yield b'"'
+        yield b"]," + encode(tail())[1:]
+    finally:
+        finish()

@@ -1,0 +1,346 @@
+"""Walk a prompt before it is queued: filename prefixes, media inputs, output nodes.
+
+Copies comfyui-api's ``preprocessNodes`` where it is right and fixes it where it is not:
+
+* every ``filename_prefix`` string is rewritten (``PREPEND_FILENAMES``): ``<id>_<prefix>`` or
+  ``<id>``; a subfolder in the prefix (``videos/clip``) stays a subfolder (``videos/<id>_clip``);
+* media inputs (``image`` of any node, ``video``/``file`` of the video loaders, ``audio`` of
+  ``LoadAudio``, ``directory`` lists of ``VHS_LoadImages*``) are resolved in a fixed order:
+  ``data:`` URL, then a URL (http(s), s3), then a file that exists in ``INPUT_DIR``, then strictly
+  validated base64; anything else is a 400 naming ``prompt.<node>.inputs.<field>``.
+  Decoded files are written inside ``INPUT_DIR`` (never symlinked, ComfyUI >= 0.28 rejects links
+  that leave it) and removed when the job ends;
+* a prompt without an output node is refused (``location: "prompt"``); a node counts as an output
+  when it has a ``filename_prefix`` (unless ``save_output`` is false) or ComfyUI's
+  ``/object_info`` says ``output_node``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_LOADER_FIELDS = ("image",)
+VIDEO_LOADERS = frozenset(
+    {
+        "LoadVideo",
+        "VHS_LoadVideo",
+        "VHS_LoadVideoPath",
+        "VHS_LoadVideoFFmpeg",
+        "VHS_LoadVideoFFmpegPath",
+    }
+)
+AUDIO_LOADERS = frozenset({"LoadAudio", "VHS_LoadAudio", "VHS_LoadAudioUpload"})
+IMAGE_DIR_LOADERS = frozenset({"VHS_LoadImages", "VHS_LoadImagesPath"})
+
+_BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
+_BASE64URL = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
+_DATA_URL = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?),(?P<data>.*)$", re.DOTALL
+)
+_ANNOTATION = re.compile(r" \[(input|output|temp)\]$")
+
+# (offset, magic bytes, extension); checked in order.
+_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x89PNG\r\n\x1a\n", "png"),
+    (0, b"\xff\xd8\xff", "jpg"),
+    (0, b"GIF87a", "gif"),
+    (0, b"GIF89a", "gif"),
+    (0, b"BM", "bmp"),
+    (0, b"II*\x00", "tiff"),
+    (0, b"MM\x00*", "tiff"),
+    (0, b"\x00\x00\x01\x00", "ico"),
+    (0, b"\x1aE\xdf\xa3", "webm"),
+    (0, b"fLaC", "flac"),
+    (0, b"OggS", "ogg"),
+    (0, b"ID3", "mp3"),
+    (0, b"FLV", "flv"),
+)
+_MIME_EXT = {
+    "image/png": "png",
+    "image/jpeg": "jpg",
+    "image/jpg": "jpg",
+    "image/gif": "gif",
+    "image/webp": "webp",
+    "image/bmp": "bmp",
+    "image/tiff": "tiff",
+    "video/mp4": "mp4",
+    "video/webm": "webm",
+    "video/quicktime": "mov",
+    "video/x-matroska": "mkv",
+    "audio/wav": "wav",
+    "audio/x-wav": "wav",
+    "audio/wave": "wav",
+    "audio/mpeg": "mp3",
+    "audio/ogg": "ogg",
+    "audio/flac": "flac",
+    "audio/mp4": "m4a",
+    "audio/x-m4a": "m4a",
+}
+
+
+class InputError(Exception):
+    """A caller's mistake in the prompt: answered 400 with ``location`` naming the field."""
+
+    def __init__(self, message: str, location: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.location = location
+        self.status = status
+
+
+def sniff_extension(head: bytes) -> str | None:
+    """File extension (no dot) guessed from the first bytes of a file, or None."""
+    for offset, magic, ext in _MAGIC:
+        if head[offset : offset + len(magic)] == magic:
+            return ext
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand.startswith(b"qt"):
+            return "mov"
+        if brand in (b"M4A ", b"M4B "):
+            return "m4a"
+        return "mp4"
+    if len(head) > 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0:
+        return "mp3"
+    return None
+
+
+def decode_base64(value: str) -> bytes | None:
+    """Strictly decode standard or URL-safe base64 (whitespace ignored); None if it is not."""
+    compact = "".join(value.split())
+    if len(compact) < 8:
+        return None
+    pattern = _BASE64 if _BASE64.match(compact) else None
+    if pattern is None and _BASE64URL.match(compact):
+        pattern = _BASE64URL
+    if pattern is None:
+        return None
+    padded = compact + "=" * (-len(compact) % 4)
+    try:
+        if pattern is _BASE64:
+            return base64.b64decode(padded, validate=True)
+        return base64.urlsafe_b64decode(padded)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def is_url(value: str) -> bool:
+    """True for http(s):// and s3:// URLs (what comfyui-api downloads)."""
+    return value.startswith(("http://", "https://", "s3://"))
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+
+
+def rewrite_prefix(prefix: str, job_id: str, prepend: bool) -> str:
+    """comfyui-api's filename_prefix rule, keeping any subfolder part a subfolder."""
+    head, sep, tail = prefix.rpartition("/")
+    new_tail = f"{job_id}_{tail}" if prepend else job_id
+    return f"{head}{sep}{new_tail}"
+
+
+StageUrl = Callable[[str, str, str], Awaitable[str]]
+"""``stage_url(url, location, name) -> file name relative to INPUT_DIR``; raises InputError."""
+
+
+@dataclass
+class Prepared:
+    """A prompt ready to queue, and the per-job input files to remove afterwards."""
+
+    prompt: dict[str, Any]
+    input_files: list[Path] = field(default_factory=list)
+    input_dirs: list[Path] = field(default_factory=list)
+
+    def cleanup(self) -> None:
+        """Remove the job's input files and directories (missing ones are ignored)."""
+        for path in self.input_files:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        for directory in self.input_dirs:
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+
+
+class Preprocessor:
+    """Prepares prompts for one sidecar. ``is_output_node(class_type)`` asks ComfyUI."""
+
+    def __init__(
+        self,
+        input_dir: str,
+        prepend_filenames: bool,
+        is_output_node: Callable[[str], Awaitable[bool]],
+        stage_url: StageUrl | None = None,
+    ) -> None:
+        self.input_dir = Path(input_dir)
+        self.prepend_filenames = prepend_filenames
+        self._is_output_node = is_output_node
+        self._stage_url = stage_url
+
+    async def prepare(self, prompt: dict[str, Any], job_id: str) -> Prepared:
+        """Rewrite ``prompt`` (a plain dict, modified in place) for job ``job_id``.
+
+        Returns :class:`Prepared`. Raises :class:`InputError` for a caller's mistake; files it
+        wrote before the error are removed.
+        """
+        prepared = Prepared(prompt)
+        try:
+            await self._prepare(prepared, job_id)
+        except BaseException:
+            prepared.cleanup()
+            raise
+        return prepared
+
+    async def _prepare(self, prepared: Prepared, job_id: str) -> None:
+        has_output = False
+        counter = 0
+        for node_id, node in prepared.prompt.items():
+            inputs = node.get("inputs")
+            if not isinstance(inputs, dict):
+                continue
+            class_type = str(node.get("class_type", ""))
+            prefix = inputs.get("filename_prefix")
+            if isinstance(prefix, str) and prefix:
+                inputs["filename_prefix"] = rewrite_prefix(prefix, job_id, self.prepend_filenames)
+                if inputs.get("save_output", True) not in (False, 0, "false", "False"):
+                    has_output = True
+            fields: list[str] = []
+            if isinstance(inputs.get("image"), str) and inputs["image"]:
+                fields.append("image")
+            if class_type in VIDEO_LOADERS:
+                fields += [f for f in ("video", "file") if isinstance(inputs.get(f), str)]
+            if class_type in AUDIO_LOADERS and isinstance(inputs.get("audio"), str):
+                fields.append("audio")
+            for name in fields:
+                counter += 1
+                location = f"prompt.{node_id}.inputs.{name}"
+                inputs[name] = await self._resolve(
+                    inputs[name], location, f"{job_id}_{counter}", prepared, self.input_dir
+                )
+            directory = inputs.get("directory")
+            if class_type in IMAGE_DIR_LOADERS and isinstance(directory, list):
+                target = self.input_dir / job_id
+                target.mkdir(parents=True, exist_ok=True)
+                prepared.input_dirs.append(target)
+                for index, item in enumerate(directory):
+                    location = f"prompt.{node_id}.inputs.directory[{index}]"
+                    if not isinstance(item, str):
+                        raise InputError("expected a string", location)
+                    await self._resolve(
+                        item, location, f"{index:05d}", prepared, target, copy_local=True
+                    )
+                inputs["directory"] = job_id
+        if not has_output:
+            for node in prepared.prompt.values():
+                if await self._is_output_node(str(node.get("class_type", ""))):
+                    has_output = True
+                    break
+        if not has_output:
+            raise InputError(
+                'Prompt must contain an output node, such as "SaveImage" (a node with a '
+                '"filename_prefix" input, or one ComfyUI marks as an output node)',
+                "prompt",
+            )
+
+    async def _resolve(
+        self,
+        value: str,
+        location: str,
+        stem: str,
+        prepared: Prepared,
+        target: Path,
+        copy_local: bool = False,
+    ) -> str:
+        """Resolve one media value; returns what ComfyUI should see (a name in INPUT_DIR)."""
+        if value.startswith("data:"):
+            match = _DATA_URL.match(value)
+            if not match or ";base64" not in (match.group("params") or ""):
+                raise InputError("a data: URL must be base64 (data:<mime>;base64,<data>)", location)
+            data = decode_base64(match.group("data"))
+            if data is None:
+                raise InputError("the data: URL's payload is not valid base64", location)
+            ext = _MIME_EXT.get((match.group("mime") or "").lower()) or sniff_extension(data[:64])
+            return self._write(data, ext, location, stem, prepared, target)
+        if is_url(value):
+            if self._stage_url is None:
+                raise InputError("URL inputs are not supported by this build", location)
+            name = await self._stage_url(value, location, stem)
+            if target != self.input_dir:
+                staged = self.input_dir / name
+                os.replace(staged, target / Path(name).name)
+                prepared.input_files.append(target / Path(name).name)
+                return str(Path(target.name) / Path(name).name)
+            prepared.input_files.append(self.input_dir / name)
+            return name
+        if _ANNOTATION.search(value):
+            return value  # "name.png [output]": ComfyUI resolves annotated names itself
+        local = self._existing_input(value)
+        if local is not None:
+            if copy_local:
+                destination = target / f"{stem}{Path(local).suffix}"
+                try:
+                    os.link(local, destination)
+                except OSError:
+                    destination.write_bytes(Path(local).read_bytes())
+                prepared.input_files.append(destination)
+            return value
+        data = decode_base64(value)
+        if data is None:
+            raise InputError(
+                "not a file in the input directory, a URL (http, https, s3), a data: URL, "
+                "nor valid base64",
+                location,
+            )
+        return self._write(data, sniff_extension(data[:64]), location, stem, prepared, target)
+
+    def _existing_input(self, value: str) -> str | None:
+        """The path of ``value`` inside INPUT_DIR when it names an existing file there."""
+        if "\x00" in value or len(value) > 4096:
+            return None
+        candidate = (self.input_dir / value).resolve()
+        root = self.input_dir.resolve()
+        if candidate.is_file() and candidate.is_relative_to(root):
+            return str(candidate)
+        return None
+
+    def _write(
+        self,
+        data: bytes,
+        ext: str | None,
+        location: str,
+        stem: str,
+        prepared: Prepared,
+        target: Path,
+    ) -> str:
+        if ext is None:
+            raise InputError(
+                "decoded the base64 but could not tell the media type (expected an image, "
+                "video or audio file)",
+                location,
+            )
+        target.mkdir(parents=True, exist_ok=True)
+        path = target / f"{stem}.{ext}"
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        prepared.input_files.append(path)
+        if target == self.input_dir:
+            return path.name
+        return f"{target.name}/{path.name}"

@@ -1,0 +1,338 @@
+"""Run one prompt through ComfyUI: preprocess, queue with a known prompt_id, wait, collect.
+
+Callable in-process (the ``/prompt`` route, the warmup and workflow endpoints all call
+:meth:`Pipeline.run`). The job is registered *before* ``POST /prompt`` so no frame can be missed
+(comfyui-api's lost-event hang, its issue #186), every wait has a timeout, and a lost websocket
+is covered by reconciliation through ``/queue`` and ``/history``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from comfy_sidecar.comfy.client import ComfyClient, ComfyUnavailable, PromptRejected
+from comfy_sidecar.config import Settings
+from comfy_sidecar.pipeline.jobs import (
+    DuplicateJob,
+    Job,
+    JobOutcome,
+    JobRegistry,
+    JobState,
+    OutcomeKind,
+    now_ms,
+)
+from comfy_sidecar.pipeline.outputs import (
+    OutputError,
+    OutputFile,
+    collect_outputs,
+    remove_outputs,
+)
+from comfy_sidecar.pipeline.preprocess import InputError, Prepared, Preprocessor, StageUrl
+from comfy_sidecar.schemas import PromptRequest
+
+log = logging.getLogger("comfy_sidecar.pipeline")
+
+
+class PipelineError(Exception):
+    """A job that cannot succeed: ``status`` is the HTTP status to answer, ``body`` the JSON
+    body (always with ``error``; ``location`` for a caller's mistake)."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(body.get("error", ""))
+        self.status = status
+        self.body = body
+
+
+@dataclass
+class JobResult:
+    """A finished job whose output files are still on disk until :meth:`release` runs."""
+
+    job: Job
+    prompt: dict[str, Any]
+    files: list[OutputFile]
+    started: float
+    preprocessed: float
+    finished: float
+    output_dir: str
+    on_release: Callable[[], None] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    released: bool = False
+
+    def stats(self) -> dict[str, Any]:
+        """comfyui-api's ``stats``: ms durations and ComfyUI's ms-since-epoch timestamps."""
+        job = self.job
+        start = job.exec_start_ms or job.queued_ms or job.created_ms
+        end = job.exec_end_ms or now_ms()
+        now = time.monotonic()
+        post = self.timings.get("postprocess", 0.0)
+        upload = self.timings.get("upload", 0.0)
+        return {
+            "comfy_execution": {
+                "start": start,
+                "end": end,
+                "duration": max(0, end - start),
+                "nodes": {node: {"start": t} for node, t in job.node_starts.items()},
+            },
+            "preprocess_time": _ms(self.preprocessed - self.started),
+            "comfy_round_trip_time": _ms(self.finished - self.preprocessed),
+            "postprocess_time": _ms(post),
+            "upload_time": _ms(upload),
+            "total_time": _ms(now - self.started),
+        }
+
+    def release(self) -> None:
+        """Remove the output files and end the job (idempotent)."""
+        if self.released:
+            return
+        self.released = True
+        remove_outputs(self.files, self.output_dir)
+        if self.on_release is not None:
+            self.on_release()
+
+
+def _ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+class Pipeline:
+    """Runs prompts for one sidecar against one ComfyUI."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: ComfyClient,
+        registry: JobRegistry,
+        client_id: str,
+        log_tail: Callable[[int], list[str]],
+        stage_url: StageUrl | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.registry = registry
+        self.client_id = client_id
+        self._log_tail = log_tail
+        self.preprocessor = Preprocessor(
+            settings.input_dir, settings.prepend_filenames, self._is_output_node, stage_url
+        )
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def _is_output_node(self, class_type: str) -> bool:
+        try:
+            info = await self.client.object_info(class_type)
+        except ComfyUnavailable:
+            return False
+        return bool(info and info.get("output_node"))
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no job is in flight (results delivered); False after ``timeout_s``."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _begin(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def run(self, request: PromptRequest) -> JobResult:
+        """Run ``request.prompt``; returns a :class:`JobResult` whose files the caller must
+        :meth:`~JobResult.release`. Raises :class:`PipelineError` (400 caller mistake or ComfyUI
+        validation, 409 duplicate id, 499 interrupted, 500 execution error, 503 ComfyUI down or
+        gone, 504 timeout)."""
+        started = time.monotonic()
+        job_id = request.id or str(uuid.uuid4())
+        prompt: dict[str, Any] = msgspec.to_builtins(request.prompt)
+        job = Job(id=job_id, prompt_id=str(uuid.uuid4()))
+        try:
+            self.registry.add(job)
+        except DuplicateJob:
+            raise PipelineError(
+                409,
+                {
+                    "error": f"a job with id {job_id!r} is already running",
+                    "location": "id",
+                    "id": job_id,
+                },
+            ) from None
+        self._begin()
+        ended = False
+        prepared: Prepared | None = None
+
+        def end() -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                self.registry.remove(job)
+                self._end()
+
+        try:
+            try:
+                prepared = await self.preprocessor.prepare(prompt, job_id)
+            except InputError as exc:
+                raise PipelineError(
+                    exc.status, {"error": exc.message, "location": exc.location, "id": job_id}
+                ) from None
+            preprocessed = time.monotonic()
+            outcome = await self._execute(job, prepared.prompt)
+            finished = time.monotonic()
+            prepared.cleanup()
+            self._raise_for(job, outcome)
+            try:
+                files = collect_outputs(outcome.outputs, self.settings.output_dir)
+            except OutputError as exc:
+                raise PipelineError(500, {"error": str(exc), "id": job_id}) from None
+            return JobResult(
+                job,
+                prepared.prompt,
+                files,
+                started,
+                preprocessed,
+                finished,
+                self.settings.output_dir,
+                on_release=end,
+            )
+        except BaseException:
+            if prepared is not None:
+                prepared.cleanup()
+            end()
+            raise
+
+    async def _execute(self, job: Job, prompt: dict[str, Any]) -> JobOutcome:
+        if job.interrupt_requested:
+            return JobOutcome(
+                OutcomeKind.INTERRUPTED, error={"message": "interrupted before it was queued"}
+            )
+        try:
+            await self.client.queue_prompt(prompt, job.prompt_id, self.client_id)
+        except PromptRejected as exc:
+            raise PipelineError(400, _validation_body(job.id, exc.body)) from None
+        except ComfyUnavailable as exc:
+            raise PipelineError(
+                503, {"error": f"ComfyUI is not answering: {exc}", "id": job.id}
+            ) from None
+        if job.state is JobState.PREPROCESSING:
+            job.state = JobState.QUEUED
+        job.queued_ms = now_ms()
+        if job.interrupt_requested:
+            await self._stop_in_comfy(job)
+        timeout = self.settings.prompt_timeout_s or None
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.done), timeout)
+        except TimeoutError:
+            log.warning("job %s exceeded PROMPT_TIMEOUT_S; interrupting it", job.id)
+            job.interrupt_requested = True
+            await self._stop_in_comfy(job)
+            raise PipelineError(
+                504,
+                {
+                    "error": f"the job ran longer than PROMPT_TIMEOUT_S "
+                    f"({self.settings.prompt_timeout_s:g} s) and was interrupted",
+                    "id": job.id,
+                },
+            ) from None
+
+    def _raise_for(self, job: Job, outcome: JobOutcome) -> None:
+        error = outcome.error or {}
+        if outcome.kind is OutcomeKind.SUCCESS:
+            return
+        if outcome.kind is OutcomeKind.INTERRUPTED:
+            body: dict[str, Any] = {"error": "the job was interrupted", "id": job.id}
+            if error.get("node_id") is not None:
+                body["node_id"] = error.get("node_id")
+                body["node_type"] = error.get("node_type")
+            raise PipelineError(499, body)
+        if outcome.kind is OutcomeKind.COMFY_LOST:
+            raise PipelineError(
+                503,
+                {
+                    "error": f"ComfyUI went away while the job was running: "
+                    f"{error.get('message', 'unknown')}",
+                    "id": job.id,
+                    "comfyui_log_tail": self._log_tail(30),
+                },
+            )
+        exc_type = error.get("exception_type", "")
+        exc_msg = str(error.get("exception_message", error.get("message", ""))).strip()
+        raise PipelineError(
+            500,
+            {
+                "error": f"Prompt execution failed in node {error.get('node_id')} "
+                f"({error.get('node_type')}): {exc_type}: {exc_msg}",
+                "id": job.id,
+                "node_id": error.get("node_id"),
+                "node_type": error.get("node_type"),
+                "exception_type": exc_type,
+                "exception_message": exc_msg,
+                "traceback": error.get("traceback", []),
+                "comfyui_log_tail": self._log_tail(30),
+            },
+        )
+
+    async def _stop_in_comfy(self, job: Job) -> None:
+        """Remove ``job`` from ComfyUI's pending queue, or interrupt it if it is running."""
+        try:
+            await self.client.delete_pending([job.prompt_id])
+            await self.client.interrupt(job.prompt_id)
+        except ComfyUnavailable as exc:
+            log.warning("could not stop job %s in ComfyUI: %s", job.id, exc)
+            return
+        await self.registry.reconcile()
+
+    async def interrupt(self, job_id: str) -> bool:
+        """Stop job ``job_id``: removed from ComfyUI's queue if pending, interrupted by
+        prompt_id if running (effective at the next node boundary). False if unknown."""
+        job = self.registry.by_id(job_id)
+        if job is None or job.done.done():
+            return False
+        job.interrupt_requested = True
+        if job.state is not JobState.PREPROCESSING:
+            await self._stop_in_comfy(job)
+        return True
+
+
+def _validation_body(job_id: str, comfy: dict[str, Any]) -> dict[str, Any]:
+    """Our 400 body for ComfyUI's validation failure; ``location`` is as precise as ComfyUI's
+    ``node_errors`` allow (``prompt.<node>.inputs.<input>``, ``prompt.<node>``, ``prompt``)."""
+    error = comfy.get("error")
+    node_errors = comfy.get("node_errors") or {}
+    if isinstance(error, dict):
+        message = str(error.get("message") or "ComfyUI rejected the prompt")
+        details = error.get("details")
+        if details:
+            message = f"{message}: {details}"
+    else:
+        message = str(error or "ComfyUI rejected the prompt")
+    location = "prompt"
+    if isinstance(node_errors, dict) and len(node_errors) == 1:
+        node_id, node_error = next(iter(node_errors.items()))
+        location = f"prompt.{node_id}"
+        errors = node_error.get("errors") if isinstance(node_error, dict) else None
+        if isinstance(errors, list) and len(errors) == 1 and isinstance(errors[0], dict):
+            first = errors[0]
+            input_name = (first.get("extra_info") or {}).get("input_name")
+            if input_name:
+                location = f"prompt.{node_id}.inputs.{input_name}"
+            message = f"{message}; node {node_id}: {first.get('message')}: {first.get('details')}"
+    return {
+        "error": message,
+        "location": location,
+        "id": job_id,
+        "comfyui_error": error,
+        "node_errors": node_errors,
+    }
