@@ -1,0 +1,601 @@
+"""The download cache: one file per URL in ``CACHE_DIR``, named like comfyui-api names it.
+
+Name: ``base64url(sha256(url)).rstrip("=")[:32]`` + the extension of the URL path (Node
+``path.extname``); for http(s) URLs without one the backend's fallback (Content-Disposition,
+final URL, Content-Type). A file name chosen by the caller only ever names a *link*.
+
+Differences from comfyui-api (its W-A2, W-A3, W-A5, W-B1, W-S5): downloads go to a private
+temp directory and are renamed into place only when complete; concurrent requests for one URL
+share one download; metadata lives in an index (``.comfy-sidecar-index.json``, written
+atomically, never evicted) instead of ``.meta`` files; LRU order is our own last-use time, not
+atime; leased entries are never evicted; inputs are hardlinked (copied when that fails) so
+ComfyUI >= 0.28's realpath check passes. Existing comfyui-api volumes are adopted at start
+(``<hash><ext>`` files, with their ``.meta`` when present).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import msgspec
+
+from comfy_sidecar.schemas import DownloadAuth
+from comfy_sidecar.storage.base import (
+    BackendError,
+    BadRequestError,
+    FetchResult,
+    StorageError,
+    check_name,
+    strip_credentials,
+    tree_size,
+    url_extname,
+)
+
+log = logging.getLogger("comfy_sidecar.cache")
+
+INDEX_NAME = ".comfy-sidecar-index.json"
+PARTIAL_PREFIX = ".partial-"
+_CACHE_NAME = re.compile(r"^[A-Za-z0-9_-]{32}(\..*)?$")
+
+FetchFn = Callable[[str, Path, DownloadAuth | None], Awaitable[FetchResult]]
+"""``fetch(url, dest, auth)``: download ``url`` into ``dest`` (see ``Backend.download``)."""
+CheckFn = Callable[[str, DownloadAuth | None], Awaitable[None]]
+"""``check(url, auth)``: raise unless ``auth`` may read ``url`` now (``Backend.check_auth``)."""
+EventFn = Callable[[str, dict[str, Any]], None]
+"""``on_event(name, data)``: ``file_downloaded`` / ``file_uploaded`` / ``file_deleted`` with
+``{url, local_path, size, duration}`` (url without credentials, size in bytes, seconds)."""
+
+
+def cache_key(url: str) -> str:
+    """comfyui-api's ``hashUrlBase64``: 32 base64url characters of sha256 of the exact URL."""
+    digest = hashlib.sha256(url.encode("utf-8")).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")[:32]
+
+
+def cache_name(url: str, fallback_ext: str = "") -> str:
+    """Cache file name of ``url``: key + URL path extension, else ``fallback_ext``."""
+    ext = url_extname(url)
+    if "/" in ext or "\x00" in ext:
+        ext = ""
+    return cache_key(url) + (ext or fallback_ext)
+
+
+class CacheEntry(msgspec.Struct, kw_only=True):
+    """One cached file, as kept in the index. Times are ms since the epoch, size in bytes."""
+
+    file: str
+    url: str
+    size: int
+    created_ms: int
+    last_used_ms: int
+    auth_required: bool
+    links: list[str] = []
+
+
+class _Index(msgspec.Struct):
+    version: int = 1
+    entries: dict[str, CacheEntry] = {}
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Lease:
+    """Keeps cache entries from eviction while a job uses them.
+
+    Get one from :meth:`DownloadCache.lease`, pass it to ``get``/``stage_*``/``link``, and call
+    :meth:`release` (or use it as a context manager, sync or async) when the job ends.
+    Releasing twice is harmless.
+    """
+
+    def __init__(self, counts: Counter[str]) -> None:
+        self._counts = counts
+        self._held: Counter[str] = Counter()
+
+    def hold(self, key: str) -> None:
+        self._counts[key] += 1
+        self._held[key] += 1
+
+    def drop(self, key: str) -> None:
+        if self._held[key] > 0:
+            self._held[key] -= 1
+            self._counts[key] -= 1
+            if self._counts[key] <= 0:
+                del self._counts[key]
+
+    @property
+    def keys(self) -> set[str]:
+        return {k for k, n in self._held.items() if n > 0}
+
+    def release(self) -> None:
+        for key, n in list(self._held.items()):
+            for _ in range(n):
+                self.drop(key)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+class DownloadCache:
+    """URL-keyed file cache in ``cache_dir`` with in-flight dedup, an index, LRU and leases.
+
+    ``max_bytes`` 0 means no limit (``LRU_CACHE_SIZE_GB`` x 1024^3). ``fetch`` and ``check``
+    are the routed backend calls. All public coroutines raise :class:`StorageError`.
+    """
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        *,
+        max_bytes: int,
+        fetch: FetchFn,
+        check: CheckFn,
+        on_event: EventFn | None = None,
+        progress_interval_s: float = 5.0,
+    ) -> None:
+        self.dir = Path(cache_dir).absolute()
+        self.max_bytes = max_bytes
+        self._fetch = fetch
+        self._check = check
+        self._on_event = on_event
+        self._progress_interval = progress_interval_s
+        self._entries: dict[str, CacheEntry] = {}
+        self._inflight: dict[str, asyncio.Task[CacheEntry]] = {}
+        self._leases: Counter[str] = Counter()
+        self._index_lock = asyncio.Lock()
+        self._evict_lock = asyncio.Lock()
+        self._evict_task: asyncio.Task[None] | None = None
+        self._evict_again = False
+        self._flush_task: asyncio.Task[None] | None = None
+        self.downloads_started = 0
+
+    # --- life cycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the directory, drop partial downloads, load the index, adopt files from a
+        comfyui-api volume, and evict down to the limit."""
+        await asyncio.to_thread(self._load)
+        await self._save_index()
+        await self.evict()
+
+    async def close(self) -> None:
+        """Cancel downloads in flight and background work; write the index."""
+        tasks: list[asyncio.Task[Any]] = list(self._inflight.values())
+        for extra in (self._evict_task, self._flush_task):
+            if extra is not None:
+                tasks.append(extra)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._save_index()
+
+    def _load(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for child in self.dir.iterdir():
+            if child.name.startswith(PARTIAL_PREFIX):
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        index = _Index()
+        path = self.dir / INDEX_NAME
+        if path.exists():
+            try:
+                index = msgspec.json.decode(path.read_bytes(), type=_Index)
+            except (msgspec.DecodeError, OSError) as exc:
+                log.warning("cache index unreadable, rebuilding it: %s", exc)
+        for key, entry in index.entries.items():
+            try:
+                entry.size = (self.dir / entry.file).stat().st_size
+            except OSError:
+                continue
+            self._entries[key] = entry
+        known = {e.file for e in self._entries.values()}
+        for child in sorted(self.dir.iterdir()):
+            name = child.name
+            if name in known or name.endswith(".meta") or not _CACHE_NAME.match(name):
+                continue
+            if not child.is_file() or child.is_symlink() or name[:32] in self._entries:
+                continue
+            url, auth_required = "unknown", False
+            meta = child.with_name(name + ".meta")
+            if meta.is_file():  # comfyui-api's sidecar: {"authRequired", "url", "cachedAt"}
+                try:
+                    data = msgspec.json.decode(meta.read_bytes())
+                    url = str(data.get("url", url))
+                    auth_required = bool(data.get("authRequired", False))
+                except (msgspec.DecodeError, OSError, AttributeError):
+                    pass
+            st = child.stat()
+            self._entries[name[:32]] = CacheEntry(
+                file=name,
+                url=url,
+                size=st.st_size,
+                created_ms=int(st.st_mtime * 1000),
+                last_used_ms=int(st.st_mtime * 1000),
+                auth_required=auth_required,
+            )
+
+    # --- index ---------------------------------------------------------------------------
+
+    async def _save_index(self) -> None:
+        async with self._index_lock:
+            data = msgspec.json.encode(_Index(entries=dict(self._entries)))
+            await asyncio.to_thread(self._write_index, data)
+
+    def _write_index(self, data: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX + "index-", dir=self.dir)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.dir / INDEX_NAME)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _touch(self, entry: CacheEntry) -> None:
+        entry.last_used_ms = max(_now_ms(), entry.last_used_ms + 1)
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(2.0)
+        await self._save_index()
+
+    # --- lookups -------------------------------------------------------------------------
+
+    def lease(self) -> Lease:
+        """A new, empty lease (see :class:`Lease`)."""
+        return Lease(self._leases)
+
+    def entry(self, url: str) -> CacheEntry | None:
+        """The index entry of ``url``, if cached."""
+        return self._entries.get(cache_key(url))
+
+    def entries(self) -> dict[str, CacheEntry]:
+        """A copy of the index: key -> entry."""
+        return dict(self._entries)
+
+    def path_of(self, entry: CacheEntry) -> Path:
+        return self.dir / entry.file
+
+    async def get(self, url: str, auth: DownloadAuth | None, lease: Lease | None = None) -> Path:
+        """Path of ``url``'s cache file, downloading it once if needed.
+
+        Concurrent calls for one URL share a single download. An entry that needed caller
+        auth is served only after ``check(url, auth)`` accepts the caller's auth. With
+        ``lease`` the entry is held until the lease is released (the hold is dropped again
+        when this raises). Raises :class:`StorageError`.
+        """
+        key = cache_key(url)
+        if lease is not None:
+            lease.hold(key)
+        try:
+            return await self._get(key, url, auth)
+        except BaseException:
+            if lease is not None:
+                lease.drop(key)
+            raise
+
+    async def _get(self, key: str, url: str, auth: DownloadAuth | None) -> Path:
+        while True:
+            entry = self._entries.get(key)
+            if entry is not None:
+                path = self.dir / entry.file
+                if not os.path.exists(path):
+                    self._entries.pop(key, None)
+                    continue
+                if entry.auth_required:
+                    await self._check(url, auth)
+                self._touch(entry)
+                return path
+            task = self._inflight.get(key)
+            if task is not None:
+                await asyncio.shield(task)
+                continue
+            # Registered before any await: every later caller finds it.
+            task = asyncio.create_task(self._download(key, url, auth))
+            self._inflight[key] = task
+            task.add_done_callback(functools.partial(self._download_done, key))
+            entry = await asyncio.shield(task)
+            return self.dir / entry.file
+
+    def _download_done(self, key: str, task: asyncio.Task[CacheEntry]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # mark retrieved; callers re-raise it
+
+    async def _download(self, key: str, url: str, auth: DownloadAuth | None) -> CacheEntry:
+        self.downloads_started += 1
+        clean = strip_credentials(url)
+        tmpdir = Path(
+            await asyncio.to_thread(tempfile.mkdtemp, f"{key}-", PARTIAL_PREFIX, self.dir)
+        )
+        dest = tmpdir / "data"
+        started = time.monotonic()
+        log.info("downloading %s", clean)
+        monitor = asyncio.create_task(self._report_progress(clean, tmpdir, started))
+        try:
+            try:
+                result = await self._fetch(url, dest, auth)
+            except StorageError:
+                raise
+            except OSError as exc:
+                raise BackendError(
+                    f"download failed: {exc.strerror or type(exc).__name__}"
+                ) from None
+            size = dest.stat().st_size
+            name = cache_name(url, result.ext)
+            final = self.dir / name
+            os.replace(dest, final)
+            duration = time.monotonic() - started
+            now = _now_ms()
+            old = self._entries.get(key)
+            if old is not None and old.file != name:
+                with contextlib.suppress(OSError):
+                    (self.dir / old.file).unlink()
+            entry = CacheEntry(
+                file=name,
+                url=clean,
+                size=size,
+                created_ms=now,
+                last_used_ms=now,
+                auth_required=result.used_caller_auth,
+            )
+            self._entries[key] = entry
+            await self._save_index()
+            mbps = size / 1e6 / duration if duration > 0 else 0.0
+            log.info("downloaded %s: %d bytes in %.2f s (%.1f MB/s)", clean, size, duration, mbps)
+            self._emit(
+                "file_downloaded",
+                {"url": clean, "local_path": str(final), "size": size, "duration": duration},
+            )
+            self._schedule_evict()
+            return entry
+        finally:
+            monitor.cancel()
+            await asyncio.to_thread(shutil.rmtree, tmpdir, True)
+
+    async def _report_progress(self, clean: str, tmpdir: Path, started: float) -> None:
+        while True:
+            await asyncio.sleep(self._progress_interval)
+            done = tree_size(tmpdir)
+            elapsed = time.monotonic() - started
+            log.info(
+                "downloading %s: %.1f MB so far (%.1f MB/s)",
+                clean,
+                done / 1e6,
+                done / 1e6 / elapsed if elapsed > 0 else 0.0,
+            )
+
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(name, data)
+        except Exception:
+            log.exception("storage event handler failed for %s", name)
+
+    # --- eviction ------------------------------------------------------------------------
+
+    def _schedule_evict(self) -> None:
+        if self.max_bytes <= 0:
+            return
+        if self._evict_task is not None and not self._evict_task.done():
+            self._evict_again = True
+            return
+        self._evict_task = asyncio.create_task(self._evict_loop())
+
+    async def _evict_loop(self) -> None:
+        while True:
+            self._evict_again = False
+            try:
+                await self.evict()
+            except Exception:
+                log.exception("cache eviction failed")
+            if not self._evict_again:
+                return
+
+    def total_bytes(self) -> int:
+        return sum(e.size for e in self._entries.values())
+
+    async def evict(self) -> list[str]:
+        """Delete least-recently-used entries until the total is within ``max_bytes``; never
+        a leased or downloading entry. Links we made to an evicted file are removed too (so
+        the space is really freed). Returns the evicted keys."""
+        if self.max_bytes <= 0:
+            return []
+        evicted: list[str] = []
+        async with self._evict_lock:
+            total = self.total_bytes()
+            order = sorted(self._entries.items(), key=lambda kv: kv[1].last_used_ms)
+            for key, entry in order:
+                if total <= self.max_bytes:
+                    break
+                if self._leases.get(key, 0) > 0 or key in self._inflight:
+                    continue
+                started = time.monotonic()
+                path = self.dir / entry.file
+                self._entries.pop(key, None)
+                await asyncio.to_thread(_remove_entry, path, entry.links)
+                total -= entry.size
+                evicted.append(key)
+                log.info("evicted %s (%d bytes)", entry.url, entry.size)
+                self._emit(
+                    "file_deleted",
+                    {
+                        "url": entry.url,
+                        "local_path": str(path),
+                        "size": entry.size,
+                        "duration": time.monotonic() - started,
+                    },
+                )
+            if evicted:
+                await self._save_index()
+        return evicted
+
+    # --- staging -------------------------------------------------------------------------
+
+    async def stage_input(
+        self,
+        url: str,
+        auth: DownloadAuth | None,
+        input_dir: Path,
+        name: str,
+        lease: Lease | None = None,
+    ) -> str:
+        """Hardlink (copy if that fails) ``url``'s cache file to ``input_dir/name``, replacing
+        what is there. ``name`` may contain ``/`` but no ``..``. Returns ``name`` (relative to
+        ``input_dir``, what a ``LoadImage`` input takes)."""
+        check_name(name, "input name", allow_slash=True)
+        if name.startswith("/") or not name.strip("/"):
+            raise BadRequestError("input name: must be a relative file name")
+        dest = Path(input_dir) / name
+        await self._stage(url, auth, dest, lease, allow_symlink=False, replace="any")
+        return name
+
+    async def stage_model(
+        self, url: str, auth: DownloadAuth | None, folder_dir: Path, lease: Lease | None = None
+    ) -> str:
+        """Link ``url``'s cache file into ``folder_dir`` under the cache file name (hardlink,
+        else symlink, else copy). Returns that file name, which ComfyUI will list."""
+        own = lease or self.lease()
+        try:
+            src = await self.get(url, auth, own)
+            dest = Path(folder_dir) / src.name
+            await self._place(src, dest, allow_symlink=True, replace="ours")
+            return src.name
+        finally:
+            if lease is None:
+                own.release()
+
+    async def link(
+        self, url: str, auth: DownloadAuth | None, dest: Path, lease: Lease | None = None
+    ) -> Path:
+        """Link ``url``'s cache file at exactly ``dest`` (manifest ``local_path``, /download
+        ``filename``). A link there to another URL's entry is replaced; a foreign file is not
+        (409). Returns ``dest``."""
+        await self._stage(url, auth, Path(dest), lease, allow_symlink=True, replace="ours")
+        return Path(dest)
+
+    async def _stage(
+        self,
+        url: str,
+        auth: DownloadAuth | None,
+        dest: Path,
+        lease: Lease | None,
+        *,
+        allow_symlink: bool,
+        replace: str,
+    ) -> None:
+        own = lease or self.lease()
+        try:
+            src = await self.get(url, auth, own)
+            await self._place(src, dest, allow_symlink=allow_symlink, replace=replace)
+        finally:
+            if lease is None:
+                own.release()
+
+    async def _place(self, src: Path, dest: Path, *, allow_symlink: bool, replace: str) -> None:
+        ours = {link for e in self._entries.values() for link in e.links}
+        await asyncio.to_thread(_link_file, src, dest, allow_symlink, replace, ours, self.dir)
+        entry = self._entries.get(src.name[:32])
+        if entry is not None and str(dest) not in entry.links:
+            entry.links.append(str(dest))
+            self._touch(entry)
+
+
+def _remove_entry(path: Path, links: list[str]) -> None:
+    for link in links:
+        try:
+            if os.path.islink(link):
+                if os.path.realpath(link) == str(path):
+                    os.unlink(link)
+            elif os.path.exists(path) and os.path.samefile(link, path):
+                os.unlink(link)
+        except OSError:
+            pass
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _link_file(
+    src: Path, dest: Path, allow_symlink: bool, replace: str, ours: set[str], cache_dir: Path
+) -> None:
+    """Put ``src`` at ``dest`` atomically: hardlink, else symlink (if allowed), else copy."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if os.path.lexists(dest):
+        try:
+            if os.path.samefile(src, dest):
+                return
+        except OSError:
+            pass
+        if replace == "ours":
+            is_ours = (
+                os.path.islink(dest)
+                or str(dest) in ours
+                or os.path.dirname(os.path.realpath(dest)) == str(cache_dir)
+            )
+            if not is_ours:
+                raise StorageError(f"{dest.name}: exists and is not a cache link", status=409)
+        if os.path.isdir(dest) and not os.path.islink(dest):
+            raise StorageError(f"{dest.name}: is a directory", status=409)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{time.monotonic_ns()}.tmp")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            if allow_symlink:
+                try:
+                    os.symlink(src, tmp)
+                except OSError:
+                    shutil.copyfile(src, tmp)
+            else:
+                shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise StorageError(f"{dest.name}: cannot link ({exc.strerror})", status=502) from None
+
+
+__all__ = [
+    "CacheEntry",
+    "DownloadCache",
+    "Lease",
+    "cache_key",
+    "cache_name",
+]

@@ -1,0 +1,324 @@
+"""Storage: the download cache plus the four backends (S3, Hugging Face, Azure Blob, HTTP),
+behind one facade the pipeline holds.
+
+Downloads are routed by URL, in comfyui-api's order: ``s3://`` -> S3; a Hub ``/resolve/`` URL on
+huggingface.co or ``HF_ENDPOINT``'s host -> Hugging Face; ``*.blob.core.windows.net`` and
+Azurite URLs -> Azure; any other http(s) URL -> HTTP. Uploads are routed by the request key
+(``s3``, ``hf_upload``, ``azure_blob_upload``, ``http_upload``; first present wins).
+
+Usage::
+
+    storage = Storage(settings, on_event=send_system_event)
+    await storage.start()
+    with storage.lease() as lease:                # one per job: nothing it uses is evicted
+        auth = storage.credentials_for(url, request.credentials)
+        name = await storage.stage_input(url, auth, Path(settings.input_dir), "job/x.png", lease)
+        model = await storage.stage_model(url, auth, Path(settings.model_dir) / "loras", lease)
+    spec = Storage.upload_key(request)
+    if spec is not None:
+        url = await storage.upload(output_path, spec, output_filename)
+    await storage.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import comfy_sidecar.cache as _cache  # cache.py imports storage.base: keep this lazy-safe
+from comfy_sidecar.schemas import (
+    AzureBlobUpload,
+    Credential,
+    DownloadAuth,
+    HFUpload,
+    HTTPUpload,
+    S3Upload,
+)
+from comfy_sidecar.storage.azure import AzureBackend
+from comfy_sidecar.storage.base import (
+    AuthError,
+    Backend,
+    BackendError,
+    BadRequestError,
+    CancelToken,
+    FetchResult,
+    NotFoundError,
+    StorageError,
+    SupersededError,
+    glob_to_regex,
+    strip_credentials,
+)
+from comfy_sidecar.storage.hf import HFBackend
+from comfy_sidecar.storage.http import HTTPBackend
+from comfy_sidecar.storage.s3 import S3Backend
+
+if TYPE_CHECKING:
+    from comfy_sidecar.cache import EventFn, Lease
+    from comfy_sidecar.config import Settings
+
+log = logging.getLogger("comfy_sidecar.storage")
+
+UploadSpec = S3Upload | HFUpload | AzureBlobUpload | HTTPUpload
+
+#: How long a superseding upload waits for the one it aborted to stop, in seconds.
+SUPERSEDE_WAIT_S = 120.0
+
+
+@dataclass
+class _ActiveUpload:
+    cancel: CancelToken
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Storage:
+    """The facade: cache + backends + uploads. One per process; call :meth:`start` first.
+
+    ``on_event(name, data)`` receives ``file_downloaded``, ``file_uploaded`` and
+    ``file_deleted`` with ``{url, local_path, size, duration}`` (url without credentials,
+    bytes, seconds). ``env`` (default ``os.environ``) supplies the SDK variables: ``AWS_*``,
+    ``HF_TOKEN``, ``HF_ENDPOINT``, ``AZURE_STORAGE_*``. Every method raises
+    :class:`StorageError` (``.status`` 400 for the caller's mistakes, 502 for backends).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        on_event: EventFn | None = None,
+        env: Mapping[str, str] | None = None,
+        *,
+        max_workers: int = 8,
+    ) -> None:
+        env = os.environ if env is None else env
+        self._on_event = on_event
+        self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="storage")
+        self.http = HTTPBackend(settings)
+        self.s3 = S3Backend(env, self._executor)
+        self.hf = HFBackend(env, self._executor)
+        self.azure = AzureBackend(env, self._executor)
+        #: Download routing order (comfyui-api's provider order; HTTP is the catch-all).
+        self.backends: list[Backend] = [self.s3, self.hf, self.azure, self.http]
+        self.cache = _cache.DownloadCache(
+            Path(settings.cache_dir),
+            max_bytes=int(settings.lru_cache_size_gb * 1024**3),
+            fetch=self._fetch,
+            check=self._check,
+            on_event=on_event,
+        )
+        self._uploads: dict[str, _ActiveUpload] = {}
+
+    # --- life cycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Prepare ``CACHE_DIR`` (load the index, drop partials, evict to the limit)."""
+        await self.cache.start()
+
+    async def close(self) -> None:
+        """Abort uploads and downloads in flight, write the index, close clients."""
+        for active in list(self._uploads.values()):
+            active.cancel.cancel()
+        pending = [a.done for a in self._uploads.values()]
+        if pending:
+            await asyncio.wait(pending, timeout=10)
+        await self.cache.close()
+        await self.http.aclose()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- routing -------------------------------------------------------------------------
+
+    def backend_for(self, url: str) -> Backend:
+        """The backend that downloads ``url``. Raises :class:`BadRequestError`."""
+        if not isinstance(url, str) or "\x00" in url:
+            raise BadRequestError("invalid URL")
+        for backend in self.backends:
+            if backend.handles(url):
+                return backend
+        raise BadRequestError("no storage backend for this URL (use http(s):// or s3://)")
+
+    @staticmethod
+    def is_url(value: object) -> bool:
+        """True for a string a backend would download (``http://``, ``https://``, ``s3://``
+        with a host) — comfyui-api's ``isValidUrl``."""
+        if not isinstance(value, str):
+            return False
+        lower = value.lower()
+        for scheme in ("http://", "https://", "s3://"):
+            if lower.startswith(scheme) and len(value) > len(scheme):
+                return value[len(scheme)] not in "/?#"
+        return False
+
+    async def _fetch(self, url: str, dest: Path, auth: DownloadAuth | None) -> FetchResult:
+        return await self.backend_for(url).download(url, dest, auth)
+
+    async def _check(self, url: str, auth: DownloadAuth | None) -> None:
+        await self.backend_for(url).check_auth(url, auth)
+
+    # --- downloads -----------------------------------------------------------------------
+
+    def lease(self) -> Lease:
+        """A lease for one job: pass it to the staging calls; release it when the job ends."""
+        return self.cache.lease()
+
+    async def fetch(self, url: str, auth: DownloadAuth | None, lease: Lease | None = None) -> Path:
+        """Path of ``url``'s cache file (downloaded once). Read it; do not move it."""
+        self.backend_for(url)
+        return await self.cache.get(url, auth, lease)
+
+    async def stage_input(
+        self,
+        url: str,
+        auth: DownloadAuth | None,
+        input_dir: Path | str,
+        name: str,
+        lease: Lease | None = None,
+    ) -> str:
+        """Download ``url`` (cached) and hardlink it to ``input_dir/name`` (copy when hardlinks
+        fail; never a symlink, ComfyUI >= 0.28 rejects those). Returns ``name``, the value for
+        the ``LoadImage``/``LoadAudio``/... input. Raises :class:`StorageError`."""
+        self.backend_for(url)
+        return await self.cache.stage_input(url, auth, Path(input_dir), name, lease)
+
+    async def stage_model(
+        self,
+        url: str,
+        auth: DownloadAuth | None,
+        folder_dir: Path | str,
+        lease: Lease | None = None,
+    ) -> str:
+        """Download ``url`` (cached) and link it into the model folder ``folder_dir`` (e.g.
+        ``MODEL_DIR/upscale_models``) under its cache name. Returns that file name, e.g.
+        ``Pk6VSKLStckZydwGhX0bM8TqaqHEW9yt.safetensors``, the loader input's new value."""
+        self.backend_for(url)
+        return await self.cache.stage_model(url, auth, Path(folder_dir), lease)
+
+    async def link(
+        self,
+        url: str,
+        auth: DownloadAuth | None,
+        dest_path: Path | str,
+        lease: Lease | None = None,
+    ) -> Path:
+        """Download ``url`` (cached) and link it at exactly ``dest_path`` (manifest
+        ``local_path``, ``POST /download`` ``filename``), replacing a link to another URL's
+        entry; a foreign file there gives 409. The caller checks ``dest_path`` is where it
+        may write. Returns ``dest_path``."""
+        self.backend_for(url)
+        return await self.cache.link(url, auth, Path(dest_path), lease)
+
+    @staticmethod
+    def credentials_for(url: str, credentials: list[Credential] | None) -> DownloadAuth | None:
+        """comfyui-api's credential resolver: the ``auth`` of the first entry whose
+        ``url_pattern`` glob (``**`` any, ``*`` any but ``/``, ``?`` one character) matches
+        the whole URL, else None."""
+        for cred in credentials or ():
+            if glob_to_regex(cred.url_pattern).match(url):
+                return cred.auth
+        return None
+
+    # --- uploads -------------------------------------------------------------------------
+
+    @staticmethod
+    def upload_key(request: Any) -> UploadSpec | None:
+        """The upload spec present on ``request`` (a PromptRequest/PromptOptions), first of
+        ``s3``, ``hf_upload``, ``azure_blob_upload``, ``http_upload``; None for base64 output."""
+        for key in ("s3", "hf_upload", "azure_blob_upload", "http_upload"):
+            spec = getattr(request, key, None)
+            if spec is not None:
+                return spec  # type: ignore[no-any-return]
+        return None
+
+    def _upload_backend(self, spec: UploadSpec) -> Backend:
+        if isinstance(spec, S3Upload):
+            return self.s3
+        if isinstance(spec, HFUpload):
+            return self.hf
+        if isinstance(spec, AzureBlobUpload):
+            return self.azure
+        if isinstance(spec, HTTPUpload):
+            return self.http
+        raise BadRequestError("unknown upload spec")
+
+    def upload_url(self, spec: UploadSpec, filename: str) -> str:
+        """Where :meth:`upload` puts ``filename``: ``s3://bucket/prefix/file``,
+        ``https://huggingface.co/[datasets/]repo/resolve/rev/dir/file``,
+        ``<account url>/<container>/<prefix>/file``, ``<url_prefix>/file`` (exactly one ``/``
+        between prefix and file, unlike comfyui-api). Raises :class:`BadRequestError` for
+        traversal (``..``, absolute, NUL) in the file name or prefix."""
+        return self._upload_backend(spec).upload_url(spec, filename)
+
+    async def upload(self, path: Path | str, spec: UploadSpec, filename: str) -> str:
+        """Upload the file at ``path`` (streamed) as ``filename`` under ``spec``; returns the
+        URL (see :meth:`upload_url`). Emits ``file_uploaded``.
+
+        A later upload to the same URL aborts this one (comfyui-api's "latest wins"): this
+        call then raises :class:`SupersededError` (409) after the backend stopped. Failures
+        raise :class:`StorageError` (502 backend, 400 bad spec), never pass silently.
+        """
+        backend = self._upload_backend(spec)
+        url = backend.upload_url(spec, filename)
+        path = Path(path)
+        active = _ActiveUpload(CancelToken())
+        previous = self._uploads.get(url)
+        self._uploads[url] = active  # registered before any await
+        clean = strip_credentials(url)
+        try:
+            if previous is not None:
+                previous.cancel.cancel()
+                await asyncio.wait([previous.done], timeout=SUPERSEDE_WAIT_S)
+            active.cancel.check()
+            try:
+                size = path.stat().st_size
+            except OSError:
+                raise StorageError(f"{filename}: output file missing", status=500) from None
+            started = time.monotonic()
+            try:
+                await backend.upload(path, spec, filename, active.cancel)
+            except StorageError:
+                raise
+            except Exception as exc:
+                raise BackendError(f"upload failed: {type(exc).__name__}") from None
+            duration = time.monotonic() - started
+            mbps = size / 1e6 / duration if duration > 0 else 0.0
+            log.info("uploaded %s: %d bytes in %.2f s (%.1f MB/s)", clean, size, duration, mbps)
+            self._emit(
+                "file_uploaded",
+                {"url": clean, "local_path": str(path), "size": size, "duration": duration},
+            )
+            return url
+        except SupersededError:
+            log.info("upload to %s superseded by a later one", clean)
+            raise
+        finally:
+            if self._uploads.get(url) is active:
+                del self._uploads[url]
+            if not active.done.done():
+                active.done.set_result(None)
+
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(name, data)
+        except Exception:
+            log.exception("storage event handler failed for %s", name)
+
+
+__all__ = [
+    "AuthError",
+    "Backend",
+    "BackendError",
+    "BadRequestError",
+    "NotFoundError",
+    "Storage",
+    "StorageError",
+    "SupersededError",
+    "UploadSpec",
+]

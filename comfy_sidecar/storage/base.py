@@ -1,0 +1,278 @@
+"""What every storage backend shares: errors, the backend Protocol, URL and name helpers.
+
+Nothing here imports a cloud SDK; backends import theirs lazily inside their methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from comfy_sidecar.schemas import DownloadAuth
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class StorageError(Exception):
+    """A storage operation failed. ``status`` is the HTTP status the API should answer.
+
+    ``str(err)`` is safe to show to the caller: it never contains credentials.
+    """
+
+    status: int = 502
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        if status is not None:
+            self.status = status
+
+
+class BadRequestError(StorageError):
+    """The caller's input is unusable: bad URL, unsupported scheme, path traversal (400)."""
+
+    status = 400
+
+
+class AuthError(StorageError):
+    """The backend refused the credentials in use, or a cached auth-gated entry was asked for
+    without valid auth (400, like comfyui-api's download failures)."""
+
+    status = 400
+
+
+class NotFoundError(StorageError):
+    """The remote object does not exist (400: the caller gave a URL that does not resolve)."""
+
+    status = 400
+
+
+class BackendError(StorageError):
+    """The backend failed: 5xx, connection cut, length mismatch, SDK error (502)."""
+
+    status = 502
+
+
+class SupersededError(StorageError):
+    """An upload was aborted because a later upload to the same URL started (409).
+
+    comfyui-api's "latest wins": the later upload takes over the destination.
+    """
+
+    status = 409
+
+
+# --- the backend interface ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What a backend learned while downloading.
+
+    ``ext`` is an extension (with the dot) found from response metadata (HTTP only:
+    Content-Disposition, final URL, Content-Type), used only when the URL path has none.
+    ``used_caller_auth`` is True when credentials supplied by the caller (per-request auth or
+    ``user:password`` in the URL) were sent: the cache entry is then auth-gated.
+    """
+
+    ext: str = ""
+    used_caller_auth: bool = False
+
+
+class CancelToken:
+    """Thread-safe flag set when an upload is superseded; backends check it while streaming."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        """Raise :class:`SupersededError` when cancelled."""
+        if self._event.is_set():
+            raise SupersededError("upload superseded by a later upload to the same URL")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One storage backend (S3, Hugging Face, Azure Blob, HTTP).
+
+    Downloads are routed by URL (:meth:`handles`), uploads by the request key (``upload_key``).
+    All methods raise :class:`StorageError` subclasses and never put secrets in messages.
+    """
+
+    name: str
+    upload_key: str
+
+    def handles(self, url: str) -> bool:
+        """True when this backend downloads ``url``."""
+        ...
+
+    async def download(self, url: str, dest: Path, auth: DownloadAuth | None) -> FetchResult:
+        """Download ``url`` into ``dest`` (a path inside a private temp directory; files other
+        than ``dest`` may be created in that directory). Raise on any failure; a complete
+        ``dest`` on return is the whole object (length checked where the backend gives one)."""
+        ...
+
+    async def check_auth(self, url: str, auth: DownloadAuth | None) -> None:
+        """Confirm that ``auth`` (resolved the same way :meth:`download` would) may read
+        ``url`` now. Raise :class:`AuthError` / :class:`NotFoundError` otherwise."""
+        ...
+
+    def upload_url(self, spec: object, filename: str) -> str:
+        """The URL an upload of ``filename`` under ``spec`` lands at (what the API returns)."""
+        ...
+
+    async def upload(self, path: Path, spec: object, filename: str, cancel: CancelToken) -> None:
+        """Upload the file at ``path`` (streamed from disk). Raise on failure; raise
+        :class:`SupersededError` when ``cancel`` is set before the upload finished."""
+        ...
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def strip_credentials(url: str) -> str:
+    """``url`` without ``user:password@`` and without query values that look like secrets
+    (SAS ``sig``, ``token``, ``X-Amz-Signature`` ...). Used for logs, events and the index."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = parts.query
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        secret = re.compile(r"(sig|signature|token|key|secret|password|auth|credential)", re.I)
+        query = urllib.parse.urlencode(
+            [(k, "REDACTED" if secret.search(k) else v) for k, v in pairs], safe="/:"
+        )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def check_name(value: str, what: str, *, allow_slash: bool) -> str:
+    """Refuse path traversal in a caller-given file name or prefix.
+
+    Refused: ``..`` segments, absolute paths, NUL, backslashes; ``/`` too unless
+    ``allow_slash``. Returns ``value``. Raises :class:`BadRequestError` naming ``what``.
+    """
+    if "\x00" in value:
+        raise BadRequestError(f"{what}: must not contain NUL")
+    if "\\" in value:
+        raise BadRequestError(f"{what}: must not contain a backslash")
+    if value.startswith("/") and not allow_slash:
+        raise BadRequestError(f"{what}: must not be an absolute path")
+    if not allow_slash and "/" in value:
+        raise BadRequestError(f"{what}: must be a plain file name (no '/')")
+    segments = value.split("/")
+    if any(seg == ".." for seg in segments):
+        raise BadRequestError(f"{what}: must not contain '..'")
+    if not allow_slash and value in ("", "."):
+        raise BadRequestError(f"{what}: must be a file name")
+    return value
+
+
+def check_prefix(prefix: str, what: str) -> str:
+    """A caller-given upload prefix: ``/`` allowed inside, leading/trailing ``/`` trimmed,
+    ``..``/NUL/backslash refused. Returns the trimmed prefix (may be empty)."""
+    check_name(prefix, what, allow_slash=True)
+    return prefix.strip("/")
+
+
+def join_key(prefix: str, filename: str) -> str:
+    """``prefix`` and ``filename`` joined with exactly one ``/`` (no ``/`` when prefix is
+    empty). ``filename`` must already be checked."""
+    prefix = prefix.strip("/")
+    return f"{prefix}/{filename}" if prefix else filename
+
+
+def url_extname(url: str) -> str:
+    """Node ``path.extname`` of the URL's pathname: ``""`` for none or a dotfile, ``"."`` for a
+    trailing dot, case kept (comfyui-api's cache-name extension)."""
+    try:
+        path = urllib.parse.urlsplit(url).path
+    except ValueError:
+        return ""
+    return extname(path)
+
+
+def extname(path: str) -> str:
+    """Node ``path.extname`` semantics on a ``/``-separated path."""
+    base = path.rstrip("/").rsplit("/", 1)[-1]
+    idx = base.rfind(".")
+    if idx <= 0:
+        return ""
+    # Node: a name made only of dots before the last one (e.g. "..") has no extension.
+    if base[:idx].strip(".") == "" and idx == len(base) - 1:
+        return ""
+    return base[idx:]
+
+
+_SAFE_EXT = re.compile(r"^\.[A-Za-z0-9_+-]{0,15}$|^\.$")
+
+
+def safe_ext(ext: str) -> str:
+    """``ext`` if it is safe to put in a file name (``.`` + up to 15 of A-Z a-z 0-9 _ + -),
+    else ``""``."""
+    return ext if _SAFE_EXT.match(ext) else ""
+
+
+def glob_to_regex(pattern: str) -> re.Pattern[str]:
+    """comfyui-api's credential glob: escape regex characters, ``**`` -> ``.*``,
+    ``*`` -> ``[^/]*``, ``?`` -> ``.``, anchored over the whole string."""
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if ch == "*":
+            out.append("[^/]*")
+        elif ch == "?":
+            out.append(".")
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("^" + "".join(out) + "$", re.DOTALL)
+
+
+def host_matches(host: str, globs: list[str]) -> bool:
+    """True when ``host`` (case-insensitive) matches one of the ``globs`` (``*`` = any run of
+    characters within a host, e.g. ``*.example.com``)."""
+    host = host.lower().rstrip(".")
+    for pattern in globs:
+        regex = "^" + re.escape(pattern.lower().strip()).replace(r"\*", "[^/]*") + "$"
+        if re.match(regex, host):
+            return True
+    return False
+
+
+ProgressFn = Callable[[int], None]
+
+
+def tree_size(path: Path) -> int:
+    """Bytes in the regular files under ``path`` (a file or directory); 0 when missing."""
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        total = 0
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(root, name)).st_size
+        return total
+    except OSError:
+        return 0

@@ -1,0 +1,210 @@
+"""Hugging Face backend: ``https://huggingface.co/[datasets/]<org>/<repo>/resolve/<rev>/<path>``
+downloads and ``hf_upload`` uploads, through ``huggingface_hub`` (no CLI, unlike comfyui-api).
+
+``HF_TOKEN`` is the default token; a per-request ``bearer`` auth overrides it. ``HF_ENDPOINT``
+(a mirror or a private hub) is where requests go, and URLs on its host route here too.
+Path segments are percent-decoded (comfyui-api #125). With ``hf_xet`` installed, large files
+move through Xet storage, as the ``hf`` CLI would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import urllib.parse
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from comfy_sidecar.schemas import BearerAuth, DownloadAuth, HFUpload
+from comfy_sidecar.storage.base import (
+    AuthError,
+    BackendError,
+    BadRequestError,
+    CancelToken,
+    FetchResult,
+    NotFoundError,
+    StorageError,
+    SupersededError,
+    check_name,
+    check_prefix,
+    join_key,
+)
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class HFTarget:
+    """A file on the Hub: endpoint (scheme://host[:port]), repo, type, revision, path."""
+
+    endpoint: str
+    repo_id: str
+    repo_type: str
+    revision: str
+    path: str
+
+
+def _map_error(exc: BaseException, what: str) -> StorageError:
+    if isinstance(exc, StorageError):
+        return exc
+    name = type(exc).__name__
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if name in ("GatedRepoError",) or status in (401, 403):
+        return AuthError(f"{what}: Hugging Face refused access (HTTP {status or 403})")
+    if (
+        name
+        in (
+            "RepositoryNotFoundError",
+            "RevisionNotFoundError",
+            "EntryNotFoundError",
+            "RemoteEntryNotFoundError",
+        )
+        or status == 404
+    ):
+        return NotFoundError(f"{what}: not found on Hugging Face")
+    if status is not None:
+        return BackendError(f"{what}: Hugging Face HTTP {status}")
+    return BackendError(f"{what}: {name}")
+
+
+class HFBackend:
+    """Hugging Face Hub (models and datasets)."""
+
+    name = "hf"
+    upload_key = "hf_upload"
+
+    def __init__(self, env: Mapping[str, str], executor: Executor) -> None:
+        self._endpoint = (env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+        self._token = env.get("HF_TOKEN") or None
+        self._executor = executor
+        self._hosts = {"huggingface.co", urllib.parse.urlsplit(self._endpoint).netloc.lower()}
+
+    def handles(self, url: str) -> bool:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or parts.netloc.lower() not in self._hosts:
+            return False
+        return "/resolve/" in parts.path
+
+    def parse(self, url: str) -> HFTarget:
+        """Split a resolve URL. Raises :class:`BadRequestError`."""
+        parts = urllib.parse.urlsplit(url)
+        segs = [urllib.parse.unquote(s) for s in parts.path.strip("/").split("/")]
+        repo_type = "model"
+        if segs and segs[0] in ("datasets", "spaces"):
+            repo_type = segs[0][:-1]
+            segs = segs[1:]
+        if "resolve" not in segs:
+            raise BadRequestError("invalid Hugging Face URL: expected .../resolve/<rev>/<path>")
+        idx = segs.index("resolve")
+        repo, rest = segs[:idx], segs[idx + 1 :]
+        if not 1 <= len(repo) <= 2 or len(rest) < 2 or not all(repo) or not all(rest):
+            raise BadRequestError("invalid Hugging Face URL: expected <org>/<repo>/resolve/...")
+        if parts.netloc.lower() == "huggingface.co":
+            endpoint = self._endpoint
+        else:
+            endpoint = f"{parts.scheme}://{parts.netloc}"
+        path = "/".join(rest[1:])
+        check_name(path, "Hugging Face path", allow_slash=True)
+        return HFTarget(endpoint, "/".join(repo), repo_type, rest[0], path)
+
+    def _token_for(self, auth: DownloadAuth | None) -> str | None:
+        if isinstance(auth, BearerAuth):
+            return auth.token
+        return self._token
+
+    async def _run(self, fn: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def download(self, url: str, dest: Path, auth: DownloadAuth | None) -> FetchResult:
+        target = self.parse(url)
+        token = self._token_for(auth)
+        work = dest.parent / "hf"
+
+        def run() -> None:
+            from huggingface_hub import hf_hub_download
+
+            local = hf_hub_download(
+                target.repo_id,
+                target.path,
+                repo_type=target.repo_type,
+                revision=target.revision,
+                local_dir=work,
+                token=token,
+                endpoint=target.endpoint,
+            )
+            os.replace(str(local), dest)
+            shutil.rmtree(work, ignore_errors=True)
+
+        try:
+            await self._run(run)
+        except Exception as exc:
+            raise _map_error(exc, "download") from None
+        return FetchResult(used_caller_auth=isinstance(auth, BearerAuth))
+
+    async def check_auth(self, url: str, auth: DownloadAuth | None) -> None:
+        target = self.parse(url)
+        token = self._token_for(auth)
+
+        def run() -> None:
+            from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+            file_url = hf_hub_url(
+                target.repo_id,
+                target.path,
+                repo_type=target.repo_type,
+                revision=target.revision,
+                endpoint=target.endpoint,
+            )
+            get_hf_file_metadata(file_url, token=token, endpoint=target.endpoint)
+
+        try:
+            await self._run(run)
+        except Exception as exc:
+            raise _map_error(exc, "auth check") from None
+
+    def _target(self, spec: object, filename: str) -> tuple[HFUpload, str]:
+        assert isinstance(spec, HFUpload)
+        check_name(filename, "filename", allow_slash=False)
+        check_name(spec.repo, "hf_upload.repo", allow_slash=True)
+        if not spec.repo.strip("/") or spec.repo.startswith("/"):
+            raise BadRequestError("hf_upload.repo: must be <org>/<name>")
+        check_name(spec.revision, "hf_upload.revision", allow_slash=True)
+        return spec, join_key(check_prefix(spec.directory, "hf_upload.directory"), filename)
+
+    def upload_url(self, spec: object, filename: str) -> str:
+        upload, path_in_repo = self._target(spec, filename)
+        kind = "datasets/" if upload.repo_type == "dataset" else ""
+        quoted = "/".join(urllib.parse.quote(s, safe="") for s in path_in_repo.split("/"))
+        revision = urllib.parse.quote(upload.revision, safe="")
+        return f"{self._endpoint}/{kind}{upload.repo}/resolve/{revision}/{quoted}"
+
+    async def upload(self, path: Path, spec: object, filename: str, cancel: CancelToken) -> None:
+        upload, path_in_repo = self._target(spec, filename)
+
+        def run() -> None:
+            from huggingface_hub import HfApi
+
+            HfApi(endpoint=self._endpoint, token=self._token).upload_file(
+                path_or_fileobj=str(path),
+                path_in_repo=path_in_repo,
+                repo_id=upload.repo,
+                repo_type=upload.repo_type,
+                revision=upload.revision,
+                commit_message=f"Upload {filename}",
+            )
+
+        try:
+            cancel.check()
+            # huggingface_hub cannot abort a commit half-way: a superseded upload finishes
+            # first (the later one waits for it), then its caller is told it was superseded.
+            await self._run(run)
+        except SupersededError:
+            raise
+        except Exception as exc:
+            raise _map_error(exc, "upload") from None
+        cancel.check()

@@ -1,0 +1,397 @@
+"""The download cache over the HTTP backend: naming, dedup, atomicity, auth gating, LRU."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from comfy_sidecar.cache import INDEX_NAME, cache_key, cache_name
+from comfy_sidecar.schemas import BasicAuth, BearerAuth, Credential, HeaderAuth, QueryAuth
+from comfy_sidecar.storage import AuthError, BackendError, BadRequestError, Storage, StorageError
+from comfy_sidecar.storage.base import extname
+from tests.storage.servers import FileServer
+
+CIVITAI = (
+    "https://civitai.com/api/download/models/128713?type=Model&format=SafeTensor"
+    "&size=pruned&fp=fp16"
+)
+
+
+def test_cache_names_match_comfyui_api() -> None:
+    assert cache_key(CIVITAI) == "Pk6VSKLStckZydwGhX0bM8TqaqHEW9yt"
+    assert cache_name(CIVITAI, ".safetensors") == "Pk6VSKLStckZydwGhX0bM8TqaqHEW9yt.safetensors"
+    assert cache_name("https://x.org/a/b.PNG?x=1").endswith(".PNG")
+    assert cache_name("s3://bucket/dir/model.ckpt").endswith(".ckpt")
+    # Node path.extname semantics
+    assert extname("/a/.bashrc") == ""
+    assert extname("/a/file.") == "."
+    assert extname("/a/b.tar.gz") == ".gz"
+    assert extname("/a/noext") == ""
+    assert extname("/a.b/noext") == ""
+
+
+def test_credentials_glob_first_match_wins() -> None:
+    creds = [
+        Credential(url_pattern="https://*.example.com/*", auth=BearerAuth(token="one")),
+        Credential(url_pattern="https://a.example.com/**", auth=BearerAuth(token="two")),
+        Credential(url_pattern="https://h?st.org/x.bin", auth=BearerAuth(token="three")),
+    ]
+    first = Storage.credentials_for("https://a.example.com/m.bin", creds)
+    assert isinstance(first, BearerAuth) and first.token == "one"
+    deep = Storage.credentials_for("https://a.example.com/d/m.bin", creds)
+    assert isinstance(deep, BearerAuth) and deep.token == "two"
+    q = Storage.credentials_for("https://host.org/x.bin", creds)
+    assert isinstance(q, BearerAuth) and q.token == "three"
+    assert Storage.credentials_for("https://hostxorg/x.bin", creds) is None  # '.' escaped
+    assert Storage.credentials_for("https://b.example.com/d/m.bin", creds) is None
+    assert Storage.credentials_for("https://a.example.com/x", None) is None
+
+
+def test_download_stage_input_and_model(
+    make_storage: Any,
+    http_server: FileServer,
+    tmp_path: Path,
+    png_bytes: bytes,
+    model_bytes: bytes,
+    events: list[tuple[str, dict[str, Any]]],
+) -> None:
+    http_server.files["in.png"] = png_bytes
+    http_server.files["m.safetensors"] = model_bytes
+
+    async def main() -> None:
+        storage = make_storage()
+        await storage.start()
+        try:
+            url = http_server.url("/files/in.png")
+            name = await storage.stage_input(url, None, tmp_path / "input", "job1/in.png")
+            assert name == "job1/in.png"
+            staged = tmp_path / "input" / "job1" / "in.png"
+            assert staged.read_bytes() == png_bytes
+            assert not staged.is_symlink()
+            cached = storage.cache.dir / cache_name(url)
+            assert os.path.samefile(staged, cached)  # hardlink
+            murl = http_server.url("/files/m.safetensors")
+            folder = tmp_path / "models" / "upscale_models"
+            mname = await storage.stage_model(murl, None, folder)
+            assert mname == cache_key(murl) + ".safetensors"
+            assert (folder / mname).read_bytes() == model_bytes
+            # a hit does not download again
+            await storage.stage_input(url, None, tmp_path / "input", "job2/in.png")
+            assert http_server.count("GET", "/files/in.png") == 1
+        finally:
+            await storage.close()
+        downloaded = [d for n, d in events if n == "file_downloaded"]
+        assert len(downloaded) == 2
+        assert downloaded[0]["size"] == len(png_bytes)
+        assert set(downloaded[0]) == {"url", "local_path", "size", "duration"}
+        index = (storage.cache.dir / INDEX_NAME).read_bytes()
+        assert cache_key(url).encode() in index
+
+    asyncio.run(main())
+
+
+def test_extension_fallbacks(make_storage: Any, http_server: FileServer, tmp_path: Path) -> None:
+    http_server.files["blob"] = b"x" * 100
+
+    async def main() -> None:
+        storage = make_storage()
+        await storage.start()
+        try:
+            cd = http_server.url("/noext/blob?cd=model.safetensors")
+            assert (await storage.fetch(cd, None)).name == cache_key(cd) + ".safetensors"
+            # final URL after redirects
+            target = http_server.url("/files/blob")
+            http_server.files["final.ckpt"] = b"y" * 10
+            redir = http_server.url("/redirect?to=/files/final.ckpt")
+            assert (await storage.fetch(redir, None)).name == cache_key(redir) + ".ckpt"
+            ct = http_server.url("/noext/blob?ct=image/png")
+            assert (await storage.fetch(ct, None)).name == cache_key(ct) + ".png"
+            assert (await storage.fetch(target, None)).name == cache_key(target) + ".bin"
+        finally:
+            await storage.close()
+
+    asyncio.run(main())
+
+
+def test_eight_concurrent_requests_one_download(
+    make_storage: Any, http_server: FileServer, tmp_path: Path, model_bytes: bytes
+) -> None:
+    http_server.files["m.safetensors"] = model_bytes
+    http_server.delay_s = 0.3
+
+    async def main() -> None:
+        storage = make_storage()
+        await storage.start()
+        try:
+            url = http_server.url("/files/m.safetensors")
+            names = await asyncio.gather(
+                *(
+                    storage.stage_input(url, None, tmp_path / "in", f"j{i}.safetensors")
+                    for i in range(8)
+                )
+            )
+            assert names == [f"j{i}.safetensors" for i in range(8)]
+            for i in range(8):
+                assert (tmp_path / "in" / f"j{i}.safetensors").read_bytes() == model_bytes
+        finally:
+            await storage.close()
+        assert http_server.count("GET", "/files/m.safetensors") == 1
+        assert storage.cache.downloads_started == 1
+
+    asyncio.run(main())
+
+
+def test_cut_download_leaves_no_entry(
+    make_storage: Any, http_server: FileServer, tmp_path: Path
+) -> None:
+    http_server.files["big.bin"] = os.urandom(1 << 20)
+
+    async def main() -> None:
+        storage = make_storage()
+        await storage.start()
+        try:
+            url = http_server.url("/cut/big.bin")
+            with pytest.raises(BackendError) as err:
+                await storage.stage_input(url, None, tmp_path / "in", "x.bin")
+            assert err.value.status == 502
+            assert storage.cache.entry(url) is None
+            left = [p.name for p in storage.cache.dir.iterdir() if p.name != INDEX_NAME]
+            assert left == []
+            assert not (tmp_path / "in" / "x.bin").exists()
+            # a second try downloads again (a partial file is never a hit)
+            with pytest.raises(BackendError):
+                await storage.fetch(url, None)
+            assert http_server.count("GET", "/cut/") == 2
+        finally:
+            await storage.close()
+
+    asyncio.run(main())
+
+
+def test_http_errors_map_to_statuses(make_storage: Any, http_server: FileServer) -> None:
+    http_server.files["p.bin"] = b"p"
+    async def main() -> None:
+        storage = make_storage()
+        await storage.start()
+        try:
+            with pytest.raises(BadRequestError):
+                await storage.fetch("ftp://example.com/x", None)
+            with pytest.raises(StorageError) as err:
+                await storage.fetch(http_server.url("/files/missing.png"), None)
+            assert err.value.status == 400
+            with pytest.raises(AuthError):
+                await storage.fetch(http_server.url("/auth/p.bin"), None)
+        finally:
+            await storage.close()
+
+    asyncio.run(main())
+
+
+def test_auth_kinds_and_gated_entries(
+    make_storage: Any, http_server: FileServer, tmp_path: Path
+) -> None:
+    http_server.files["s.bin"] = b"secret data"
+    http_server.files["q.bin"] = b"query data"
+    http_server.files["h.bin"] = b"header data"
+    http_server.files["u.bin"] = b"userinfo data"
+
+    async def main() -> None:
+        storage = make_storage()
+        await storage.start()
+        inp = tmp_path / "in"
+        try:
+            url = http_server.url("/auth/s.bin")
+            with pytest.raises(AuthError):
+                await storage.stage_input(url, None, inp, "a.bin")
+            await storage.stage_input(url, BearerAuth(token="secret"), inp, "a.bin")
+            entry = storage.cache.entry(url)
+            assert entry is not None and entry.auth_required
+            # cached, but served only to callers whose auth the server accepts now
+            with pytest.raises(AuthError):
+                await storage.stage_input(url, None, inp, "b.bin")
+            with pytest.raises(AuthError):
+                await storage.stage_input(url, BearerAuth(token="wrong"), inp, "b.bin")
+            await storage.stage_input(
+                url, BasicAuth(username="user", password="pass"), inp, "b.bin"
+            )
+            assert (inp / "b.bin").read_bytes() == b"secret data"
+            assert http_server.count("GET", "/auth/s.bin") == 2  # 401 + the one download
+            assert http_server.count("HEAD", "/auth/s.bin") == 3
+            await storage.fetch(
+                http_server.url("/auth/q.bin"), QueryAuth(query_param="key", query_value="k")
+            )
+            await storage.fetch(
+                http_server.url("/auth/h.bin"), HeaderAuth(header_name="X-Key", header_value="k")
+            )
+            creds_url = f"http://user:pass@127.0.0.1:{http_server.port}/auth/u.bin"
+            path = await storage.fetch(creds_url, None)
+            assert path.read_bytes() == b"userinfo data"
+            entry = storage.cache.entry(creds_url)
+            assert entry is not None and "pass" not in entry.url and entry.auth_required
+        finally:
+            await storage.close()
+        assert b"pass@" not in (storage.cache.dir / INDEX_NAME).read_bytes()
+
+    asyncio.run(main())
+
+
+def test_caller_auth_not_sent_across_origins_and_env_header_allow_list(
+    make_storage: Any, http_server: FileServer
+) -> None:
+    http_server.files["f.bin"] = b"data"
+
+    async def main() -> None:
+        storage = make_storage(
+            HTTP_AUTH_HEADER_NAME="X-Operator",
+            HTTP_AUTH_HEADER_VALUE="opsecret",
+            HTTP_AUTH_HEADER_HOSTS="127.0.0.1",
+        )
+        await storage.start()
+        try:
+            other = http_server.url("/files/f.bin", host="localhost")
+            redir = http_server.url(f"/redirect?to={other}")
+            await storage.fetch(redir, BearerAuth(token="secret"))
+            await storage.fetch(http_server.url("/files/f.bin?plain=1"), None)
+            await storage.fetch(http_server.url("/files/f.bin?x=2", host="localhost"), None)
+        finally:
+            await storage.close()
+        by_path = {(m, p): h for m, p, h in http_server.requests}
+        first = by_path[("GET", f"/redirect?to={other}")]
+        assert first.get("Authorization") == "Bearer secret"
+        after = by_path[("GET", "/files/f.bin")]
+        assert "Authorization" not in after  # the other origin gets no caller credentials
+        assert "X-Operator" not in after  # localhost is not on the allow-list
+        assert by_path[("GET", "/files/f.bin?plain=1")].get("X-Operator") == "opsecret"
+        assert "X-Operator" not in by_path[("GET", "/files/f.bin?x=2")]
+
+    asyncio.run(main())
+
+
+def test_lru_eviction_order_and_leases(
+    make_storage: Any,
+    http_server: FileServer,
+    tmp_path: Path,
+    events: list[tuple[str, dict[str, Any]]],
+) -> None:
+    for name in "abcde":
+        http_server.files[f"{name}.bin"] = name.encode() * 400  # 400 bytes each
+    limit_gb = str(1000 / 1024**3)  # room for two entries
+
+    async def main() -> None:
+        storage = make_storage(LRU_CACHE_SIZE_GB=limit_gb)
+        await storage.start()
+        url = {n: http_server.url(f"/files/{n}.bin") for n in "abcde"}
+        try:
+            await storage.fetch(url["a"], None)
+            await storage.fetch(url["b"], None)
+            await storage.fetch(url["a"], None)  # a is now more recent than b
+            await storage.fetch(url["c"], None)
+            await storage.cache.evict()
+            assert storage.cache.entry(url["b"]) is None
+            assert storage.cache.entry(url["a"]) is not None
+            assert storage.cache.entry(url["c"]) is not None
+            # a leased entry survives even as the least recently used one
+            with storage.lease() as lease:
+                await storage.fetch(url["a"], None, lease)
+                await storage.fetch(url["c"], None)
+                await storage.fetch(url["d"], None)
+                await storage.fetch(url["e"], None)
+                await storage.cache.evict()
+                await asyncio.sleep(0.05)
+                assert storage.cache.entry(url["a"]) is not None
+            await storage.cache.evict()
+            keys = {e.url for e in storage.cache.entries().values()}
+            assert url["a"] not in keys or len(keys) <= 2
+            assert storage.cache.total_bytes() <= 1000
+            on_disk = sorted(p.name for p in storage.cache.dir.iterdir() if p.name != INDEX_NAME)
+            assert on_disk == sorted(e.file for e in storage.cache.entries().values())
+        finally:
+            await storage.close()
+        deleted = [d["url"] for n, d in events if n == "file_deleted"]
+        assert deleted[0] == url["b"]
+
+    asyncio.run(main())
+
+
+def test_index_survives_restart_and_adopts_comfyui_api_files(
+    make_storage: Any, http_server: FileServer, tmp_path: Path
+) -> None:
+    http_server.files["r.bin"] = b"restart"
+
+    async def main() -> None:
+        storage = make_storage()
+        await storage.start()
+        url = http_server.url("/files/r.bin")
+        await storage.fetch(url, BearerAuth(token="t"))
+        await storage.close()
+        # a file left by comfyui-api, with its .meta
+        legacy = "https://example.com/legacy.png"
+        legacy_file = storage.cache.dir / cache_name(legacy)
+        legacy_file.write_bytes(b"legacy")
+        legacy_file.with_name(legacy_file.name + ".meta").write_text(
+            '{"authRequired": false, "url": "https://example.com/legacy.png"}'
+        )
+        (storage.cache.dir / ".partial-junk").mkdir()
+        again = make_storage()
+        await again.start()
+        try:
+            entry = again.cache.entry(url)
+            assert entry is not None and entry.auth_required
+            path = await again.stage_input(legacy, None, tmp_path / "in", "l.png")
+            assert (tmp_path / "in" / path).read_bytes() == b"legacy"
+            assert not (again.cache.dir / ".partial-junk").exists()
+        finally:
+            await again.close()
+        assert http_server.count("GET", "/files/r.bin") == 1
+
+    asyncio.run(main())
+
+
+def test_link_replaces_other_urls_link_but_not_foreign_files(
+    make_storage: Any, http_server: FileServer, tmp_path: Path
+) -> None:
+    http_server.files["one.bin"] = b"one"
+    http_server.files["two.bin"] = b"two"
+
+    async def main() -> None:
+        storage = make_storage()
+        await storage.start()
+        dest = tmp_path / "models" / "checkpoints" / "mine.bin"
+        try:
+            await storage.link(http_server.url("/files/one.bin"), None, dest)
+            assert dest.read_bytes() == b"one"
+            await storage.link(http_server.url("/files/two.bin"), None, dest)
+            assert dest.read_bytes() == b"two"
+            foreign = tmp_path / "models" / "checkpoints" / "user.bin"
+            foreign.write_bytes(b"user's own file")
+            with pytest.raises(Exception) as err:
+                await storage.link(http_server.url("/files/one.bin"), None, foreign)
+            assert getattr(err.value, "status", None) == 409
+            assert foreign.read_bytes() == b"user's own file"
+        finally:
+            await storage.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", ["../x.png", "/etc/passwd", "a/../../x", "a\x00b", ""])
+def test_stage_input_refuses_traversal(
+    make_storage: Any, http_server: FileServer, tmp_path: Path, name: str
+) -> None:
+    http_server.files["t.png"] = b"t"
+
+    async def main() -> None:
+        storage = make_storage()
+        await storage.start()
+        try:
+            with pytest.raises(BadRequestError):
+                await storage.stage_input(http_server.url("/files/t.png"), None, tmp_path, name)
+        finally:
+            await storage.close()
+        assert http_server.count("GET", "/files/t.png") == 0
+
+    asyncio.run(main())
