@@ -181,7 +181,11 @@ class WorkflowContext:
         return _str_list(await self.get_json("/models"))
 
     async def models(self, folder: str) -> list[str]:
-        """File names in one model folder (``GET /models/<folder>``); unknown folder raises."""
+        """File names in one model folder (``GET /models/<folder>``).
+
+        ComfyUI answers 404 for an unknown folder: ``[]`` when ``get_json`` returns None for
+        it (``ComfyClient.get_json`` does), :class:`WorkflowContextError` when it raises.
+        """
         return _str_list(await self.get_json(f"/models/{folder}"))
 
     async def object_info(self, node_class: str) -> dict[str, Any]:
