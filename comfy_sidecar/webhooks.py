@@ -464,7 +464,7 @@ class WebhookDispatcher:
         prompt_workers: int = 4,
         system_workers: int = 2,
         prompt_queue_size: int = 256,
-        system_queue_size: int = 1000,
+        system_queue_size: int = 512,
         backoff_base_s: float = 1.0,
         backoff_cap_s: float = 30.0,
     ) -> None:
@@ -567,12 +567,17 @@ class WebhookDispatcher:
     # -- prompt webhooks -----------------------------------------------------------------------
 
     async def send_prompt(
-        self, url: str, body: JsonBody | Mapping[str, Any], webhook_id: str
+        self,
+        url: str,
+        body: JsonBody | Mapping[str, Any],
+        webhook_id: str,
+        order_key: str | None = None,
     ) -> asyncio.Future[bool]:
         """Queue one prompt webhook; never dropped. Waits for room when the queue is full.
 
         ``body`` is a :class:`JsonBody` (from the ``v1_*``/``v2_*`` builders; the dispatcher takes
         ownership and closes it) or a plain mapping. ``webhook_id`` is the job's API id.
+        Deliveries with the same ``order_key`` (default: ``webhook_id``) are sent in order.
         Returns a future resolving to ``True`` when a 2xx answer was received, ``False`` when
         all attempts failed, the URL is not http(s), or the dispatcher closed first; awaiting
         it is optional. ``RuntimeError`` if :meth:`start` was not called or after :meth:`close`.
@@ -596,7 +601,7 @@ class WebhookDispatcher:
             url=url,
             webhook_id=webhook_id,
             body=body,
-            lane=webhook_id,
+            lane=order_key or webhook_id,
             label="prompt webhook",
             future=future,
         )

@@ -180,3 +180,24 @@ def test_settings_are_validated() -> None:
         "progress",
         "executed",
     ]
+
+
+def test_outputs_of_one_job_keep_their_order(receiver: Any) -> None:
+    import random
+
+    rng = random.Random(3)
+    r: Receiver = receiver(delay_s=lambda: rng.random() * 0.02)
+
+    async def go() -> None:
+        d = WebhookDispatcher(make_settings(), prompt_workers=4)
+        await d.start()
+        for job in ("a", "b"):
+            for n in range(6):
+                await d.send_prompt(r.url, {"job": job, "n": n}, f"{job}:{n}", order_key=job)
+        await d.close(10)
+
+    asyncio.run(go())
+    reqs = sorted(r.wait_for(12), key=lambda q: q.t)
+    for job in ("a", "b"):
+        got = [(q.headers["webhook-id"], q.json()["n"]) for q in reqs if q.json()["job"] == job]
+        assert got == [(f"{job}:{n}", n) for n in range(6)]
