@@ -512,7 +512,7 @@ def _load_one(path: Path, name: str) -> Workflow | None:
         # Registered before executing: msgspec resolves string annotations through sys.modules.
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
-    except Exception:
+    except (Exception, SystemExit):
         sys.modules.pop(module_name, None)
         log.exception("workflows: skipping %s: import failed", path)
         return None

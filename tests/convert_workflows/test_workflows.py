@@ -323,3 +323,70 @@ def test_modules_with_the_same_file_name_do_not_collide(
     assert [w.route for w in workflows] == ["/workflow/a/txt2img", "/workflow/b/txt2img"]
     assert workflows[0].request_type is not workflows[1].request_type
     assert workflows[0].body_type.__name__ != workflows[1].body_type.__name__
+
+
+VARIANTS = {
+    "sync_ctx.py": """
+import msgspec
+class RequestSchema(msgspec.Struct):
+    pass
+def generate(request, ctx):
+    return {"1": {"class_type": "SaveImage",
+                  "inputs": {"filename_prefix": ctx.warmup_checkpoint or "none"}}}
+""",
+    "async_one.py": """
+import msgspec
+class RequestSchema(msgspec.Struct):
+    pass
+async def generate(request):
+    return {"1": {"class_type": "SaveImage", "inputs": {"filename_prefix": "async"}}}
+""",
+    "alias.py": """
+import msgspec
+class RequestSchema(msgspec.Struct):
+    pass
+def generate_workflow(request):
+    return {"1": {"class_type": "SaveImage", "inputs": {"filename_prefix": "alias"}}}
+""",
+    "exits.py": "import sys\nsys.exit(3)\n",
+}
+
+
+def test_generate_signatures(write_module: Callable[[str, str], Path], comfy: FakeComfy) -> None:
+    for name, source in VARIANTS.items():
+        root = write_module(name, source)
+    loaded = {w.name: w for w in load_workflows(root)}
+    assert set(loaded) == {"sync_ctx", "async_one", "alias"}  # exits.py is skipped, boot goes on
+    ctx = WorkflowContext(comfy.get_json, warmup_checkpoint="warm.ckpt")
+    prefixes = {}
+    for name, wf in loaded.items():
+        request, _ = wf.split_body(wf.convert_body({"input": {}}))
+        prefixes[name] = run(wf.generate(request, ctx))["1"]["inputs"]["filename_prefix"]
+    assert prefixes == {"sync_ctx": "warm.ckpt", "async_one": "async", "alias": "alias"}
+
+
+def test_context_with_a_getter_that_returns_none_for_404() -> None:
+    """ComfyClient.get_json answers None for a 404; the context reads that as empty."""
+
+    async def get_json(path: str) -> Any:
+        return None
+
+    async def go() -> None:
+        ctx = WorkflowContext(get_json)
+        assert await ctx.models("nosuch") == []
+        assert await ctx.samplers() == []
+        assert await ctx.object_info("Nope") == {}
+        assert await ctx.default_checkpoint() is None
+
+    run(go())
+
+
+def test_importing_does_not_load_pillow() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, comfy_sidecar.convert, comfy_sidecar.workflows; "
+        "assert 'PIL' not in sys.modules, 'PIL imported eagerly'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
