@@ -617,7 +617,8 @@ class WebhookDispatcher:
         checked here. Events with the same ``order_key`` are delivered in order. When the queue
         is full the event is dropped (counted in ``dropped``, logged at most every 10 s); an
         event that is not progress/progress_state/status may instead evict the oldest queued
-        one of those. Returns whether it was queued.
+        one of those. Returns whether it was queued. Call it (like the other event methods)
+        from the event loop's thread only. ``TypeError`` if ``data`` cannot be encoded.
         """
         if self._system_url is None or self._state not in ("running", "closing"):
             return False
@@ -659,11 +660,11 @@ class WebhookDispatcher:
         kind = frame.get("type")
         if not isinstance(kind, str) or kind not in self._comfy_events:
             return
-        data, key = rewrite_prompt_ids(frame, api_id_for)
         try:
+            data, key = rewrite_prompt_ids(frame, api_id_for)
             self.emit_system(f"comfy.{kind}", data, key or "\x00comfy")
-        except TypeError:
-            log.exception("system event comfy.%s could not be encoded", kind)
+        except Exception:
+            log.exception("system event comfy.%s not sent", kind)
 
     def storage_event(self, name: str, data: Mapping[str, Any]) -> None:
         """Forward a cache/storage event (usable as the cache's ``on_event`` callback).
