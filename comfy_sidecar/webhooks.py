@@ -164,6 +164,7 @@ class Base64File:
 
 
 _MARK = "\u2063b64f\u2063"
+_MIN_RATE = 1024 * 1024  # bytes/s a receiver must at least take a body at (extends the timeout)
 
 
 class JsonBody:
@@ -447,8 +448,9 @@ class WebhookDispatcher:
 
     Each delivery gets ``settings.prompt_webhook_retries`` total attempts; an attempt succeeds
     on any 2xx answer and is limited to ``settings.webhook_timeout_s`` seconds (connect, send,
-    response headers). Between attempts it sleeps ``min(cap, base * 2**(n-1))`` seconds times a
-    jitter factor in [0.75, 1]. Every attempt sends the same ``webhook-id`` and body bytes,
+    response headers), plus 1 s per MiB of body so large outputs can be sent. Between
+    attempts it sleeps ``min(cap, base * 2**(n-1))`` seconds times a jitter factor in
+    [0.75, 1]. Every attempt sends the same ``webhook-id`` and body bytes,
     signed with a fresh ``webhook-timestamp`` (so a late retry still passes the 5-minute
     tolerance of Standard Webhooks verifiers). Redirects are not followed.
 
@@ -788,8 +790,10 @@ class WebhookDispatcher:
                 content: bytes | AsyncIterator[bytes] = (
                     static if static is not None else job.body.achunks()
                 )
+                # A large body (a video's base64) gets 1 s more per MiB on top of the limit.
+                limit = self._timeout_s + job.body.length / _MIN_RATE
                 async with (
-                    asyncio.timeout(self._timeout_s),
+                    asyncio.timeout(limit),
                     self._client.stream(
                         "POST",
                         job.url,

@@ -24,7 +24,7 @@ def test_fails_twice_then_succeeds_with_growing_delays(receiver: Any) -> None:
     settings = make_settings(WEBHOOK_SECRET=SECRET, PROMPT_WEBHOOK_RETRIES="3")
 
     async def go() -> tuple[bool, dict[str, int]]:
-        d = WebhookDispatcher(settings, backoff_base_s=0.2)
+        d = WebhookDispatcher(settings, backoff_base_s=0.3)
         await d.start()
         fut = await d.send_prompt(r.url, v2_complete_body(RESULT), "job")
         ok = await asyncio.wait_for(fut, 10)
@@ -40,7 +40,7 @@ def test_fails_twice_then_succeeds_with_growing_delays(receiver: Any) -> None:
     for q in reqs:
         Webhook(SECRET).verify(q.body, q.headers)  # each attempt is signed (fresh timestamp)
     gap1, gap2 = reqs[1].t - reqs[0].t, reqs[2].t - reqs[1].t
-    assert 0.15 <= gap1 < gap2  # base 0.2 s x [0.75, 1], then 0.4 s x [0.75, 1]
+    assert 0.225 <= gap1 < gap2  # base 0.3 s x [0.75, 1], then 0.6 s x [0.75, 1]
     assert counters["delivered"] == 1 and counters["attempts"] == 3 and counters["failed"] == 0
 
 
