@@ -281,8 +281,10 @@ class Storage:
             started = time.monotonic()
             try:
                 await backend.upload(path, spec, filename, active.cancel)
-            except StorageError:
+            except (BadRequestError, SupersededError):
                 raise
+            except StorageError as exc:  # any backend refusal of an upload answers 502
+                raise BackendError(str(exc)) from None
             except Exception as exc:
                 raise BackendError(f"upload failed: {type(exc).__name__}") from None
             duration = time.monotonic() - started

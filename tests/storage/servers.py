@@ -37,7 +37,7 @@ class FileServer(ThreadingHTTPServer):
         self.delay_s = 0.0
         self.put_delay_s = 0.0
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     @property

@@ -174,6 +174,7 @@ def test_cut_download_leaves_no_entry(
 
 def test_http_errors_map_to_statuses(make_storage: Any, http_server: FileServer) -> None:
     http_server.files["p.bin"] = b"p"
+
     async def main() -> None:
         storage = make_storage()
         await storage.start()
