@@ -50,7 +50,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 import msgspec
 
@@ -565,7 +565,15 @@ def _body_type(
     camel = "".join(w[:1].upper() + w[1:] for w in re.split(r"[^A-Za-z0-9]+", name) if w)
     body = msgspec.defstruct(
         f"{camel}WorkflowRequest",
-        [("input", request_type)],
+        [
+            (
+                "input",
+                Annotated[
+                    request_type,
+                    msgspec.Meta(description=f"Input of the `{name}` workflow."),
+                ],
+            )
+        ],
         bases=(PromptOptions,),
         module=module_name,
         kw_only=True,

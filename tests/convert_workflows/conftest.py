@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import struct
 import wave
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,27 @@ def gradient_rgb(size: tuple[int, int] = (96, 64)) -> Image.Image:
         [((x * 255) // w, (y * 255) // h, ((x + y) * 7) % 256) for y in range(h) for x in range(w)]
     )
     return im
+
+
+def write_png16_rgb(path: Path, size: tuple[int, int]) -> None:
+    """A 48-bit (16 bits per channel) RGB PNG, which Pillow can read but not write."""
+    w, h = size
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    rows = b"".join(
+        b"\x00"
+        + b"".join(struct.pack(">HHH", x * 65535 // w, y * 65535 // h, 50000) for x in range(w))
+        for y in range(h)
+    )
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture
@@ -44,6 +67,8 @@ def outputs(tmp_path: Path) -> dict[str, Path]:
     g16.putdata([(i * 997) % 65536 for i in range(40 * 30)])
     g16.putpixel((0, 0), 40000)
     g16.save(files.setdefault("i16", d / "deep_00001_.png"))
+
+    write_png16_rgb(files.setdefault("rgb16", d / "deep_00002_.png"), (50, 20))
 
     frames = [Image.new("RGB", (32, 32), c) for c in ("red", "green", "blue")]
     frames[0].save(

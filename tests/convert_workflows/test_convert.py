@@ -145,6 +145,18 @@ def test_16bit_png_is_scaled_not_clipped(outputs: dict[str, Path]) -> None:
     assert webp.mode == "RGB" and webp.getpixel((0, 0)) == (155, 155, 155)
 
 
+def test_48bit_rgb_png(outputs: dict[str, Path]) -> None:
+    src = opened(outputs["rgb16"])
+    assert src.size == (50, 20)
+    for fmt in ("jpeg", "webp"):
+        im = opened(
+            convert_image(outputs["rgb16"], spec({"format": fmt, "options": {"quality": 100}}))
+        )
+        assert (im.mode, im.size) == ("RGB", (50, 20))
+        r, g, b = im.getpixel((49, 19))
+        assert r > 220 and g > 200 and abs(b - 50000 // 257) <= 12, fmt
+
+
 def test_icc_profile_is_kept(tmp_path: Path) -> None:
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     src = tmp_path / "icc.png"
@@ -199,7 +211,7 @@ def test_webp_of_rgb_and_grey(outputs: dict[str, Path]) -> None:
 
 
 def test_is_convertible(outputs: dict[str, Path], tmp_path: Path) -> None:
-    for key in ("rgb", "rgba", "l", "i16"):
+    for key in ("rgb", "rgba", "l", "i16", "rgb16"):
         assert is_convertible(outputs[key]), key
     for fmt in ("JPEG", "WEBP", "BMP", "TIFF"):
         path = tmp_path / f"still.{fmt.lower()}"

@@ -308,7 +308,9 @@ def test_openapi_document_from_the_body_types(shipped: dict[str, Workflow]) -> N
         ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         body = components[ref.rsplit("/", 1)[-1]]
         assert {"input", "convert_output", "webhook_v2", "s3"} <= set(body["properties"])
-        input_ref = body["properties"]["input"]["$ref"].rsplit("/", 1)[-1]
+        input_prop = body["properties"]["input"]
+        assert input_prop["description"] == f"Input of the `{wf.name}` workflow."
+        input_ref = (input_prop.get("$ref") or input_prop["allOf"][0]["$ref"]).rsplit("/", 1)[-1]
         assert "prompt" in components[input_ref]["properties"] or wf.name == "upscale"
         assert "| Field | Type | Description | Default |" in op["description"]
     input_components = [k for k in components if k.endswith("RequestSchema")]
