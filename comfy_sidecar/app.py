@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("comfy_sidecar.app")
 
-_PATH_TOKEN = re.compile(r"\.([A-Za-z_][\w]*)|\['((?:[^'\\]|\\.)*)'\]|\[(\d+)\]")
+_PATH_TOKEN = re.compile(r"\.([A-Za-z_][\w]*)|\['((?:[^'\\]|\\.)*)'\]|\[(\d+|\.\.\.)\]")
 
 
 def msgspec_location(message: str) -> tuple[str, str]:
@@ -52,6 +52,22 @@ def msgspec_location(message: str) -> tuple[str, str]:
     return what, location
 
 
+def _node_location(body: bytes, location: str) -> str:
+    """msgspec writes dict keys as ``[...]``: find which prompt node fails, by id."""
+    from comfy_sidecar.schemas import PromptNode
+
+    try:
+        nodes = msgspec.json.decode(body).get("prompt", {})
+        for node_id, node in nodes.items():
+            try:
+                msgspec.convert(node, PromptNode)
+            except msgspec.ValidationError:
+                return location.replace("prompt[...]", f"prompt.{node_id}", 1)
+    except (msgspec.DecodeError, AttributeError):
+        pass
+    return location
+
+
 def _validation_error(
     request: Request[Any, Any, Any], exc: ValidationException
 ) -> Response[dict[str, Any]]:
@@ -68,6 +84,8 @@ def _validation_error(
             msgspec.json.decode(body, type=annotation)
     except msgspec.ValidationError as decode_error:
         error, location = msgspec_location(str(decode_error))
+        if location.startswith("prompt[...]") and isinstance(body, bytes):
+            location = _node_location(body, location)
     except msgspec.DecodeError as decode_error:
         error, location = f"the body is not valid JSON: {decode_error}", "body"
     except Exception:
@@ -83,9 +101,10 @@ def _pipeline_error(_: Request[Any, Any, Any], exc: PipelineError) -> Response[d
 
 
 def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
-    return Response(
-        {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers or {}
-    )
+    body: dict[str, Any] = {"error": str(exc.detail)}
+    if exc.status_code == 400:
+        body["location"] = "body"
+    return Response(body, status_code=exc.status_code, headers=exc.headers or {})
 
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:

@@ -234,7 +234,7 @@ class Sidecar:
         if self.phase is not Phase.RESTARTING:
             self.set_phase(Phase.LAUNCHING, f"waiting up to {deadline:g} s for ComfyUI")
         started = time.monotonic()
-        up = await self._race(self._wait_answering(deadline), exited)
+        up = await self._race(self._wait_answering(deadline, process.listening), exited)
         if not up:
             await process.stop()
             raise Fatal(
@@ -251,15 +251,21 @@ class Sidecar:
             self.set_phase(Phase.WARMING, "running the warmup prompt")
             await self._race(self._run_warmup(), exited)
 
-    async def _wait_answering(self, deadline_s: float) -> bool:
+    async def _wait_answering(self, deadline_s: float, listening: asyncio.Event) -> bool:
+        """Ping ComfyUI every STARTUP_CHECK_INTERVAL_S, and at once when it logs that its
+        socket is bound; False when ``deadline_s`` passed."""
         interval = self.settings.startup_check_interval_s
         end = time.monotonic() + deadline_s
         while True:
             if await self.client.ping():
                 return True
-            if time.monotonic() >= end:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
                 return False
-            await asyncio.sleep(min(interval, max(0.0, end - time.monotonic())))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(listening.wait(), min(interval, remaining))
+            if listening.is_set():
+                await asyncio.sleep(0.02)  # the marker may precede accept() by a moment
 
     async def _load_warmup(self) -> dict[str, Any] | None:
         settings = self.settings

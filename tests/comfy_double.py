@@ -95,6 +95,7 @@ class Double:
         self.wakeup = asyncio.Event()
         self.interrupt_flag = threading.Event()
         self.cache: dict[str, tuple[Any, dict[str, Any] | None]] = {}
+        self.muted = False
         self.temp_tag = "".join(random.choices(string.ascii_lowercase, k=5))
 
     # --- websocket --------------------------------------------------------------------------
@@ -103,6 +104,8 @@ class Double:
         return len(self.queue) + (1 if self.running else 0)
 
     async def send(self, kind: str, data: dict[str, Any], sid: str | None) -> None:
+        if self.muted:
+            return
         message = json.dumps({"type": kind, "data": data})
         targets = (
             list(self.clients.values())
@@ -644,6 +647,24 @@ class Double:
         def features() -> dict[str, Any]:
             return {"supports_preview_metadata": True, "max_upload_size": 104857600}
 
+        @post("/__double__/drop_websockets", status_code=200)
+        async def drop_websockets(request: Request[Any, Any, Any]) -> dict[str, Any]:
+            """Close every websocket (a lost connection, for reconciliation tests)."""
+            sockets = list(double.clients.values())
+            double.clients.clear()
+            for sock in sockets:
+                try:
+                    await sock.close()
+                except Exception:
+                    pass
+            return {"dropped": len(sockets)}
+
+        @post("/__double__/mute", status_code=200)
+        async def mute(request: Request[Any, Any, Any]) -> dict[str, Any]:
+            """Stop sending frames (``{"muted": true}``): a zombie socket that stays open."""
+            double.muted = bool((await request.json()).get("muted", True))
+            return {"muted": double.muted}
+
         @websocket("/ws")
         async def ws(socket: WebSocket[Any, Any, Any]) -> None:
             await socket.accept()
@@ -686,6 +707,8 @@ class Double:
                 object_info,
                 free,
                 features,
+                drop_websockets,
+                mute,
                 ws,
             ],
             openapi_config=None,

@@ -1,0 +1,321 @@
+"""Shared test harness: start the sidecar as a real process in front of a ComfyUI.
+
+The ComfyUI is the double in ``tests/comfy_double.py`` (always), or a real ComfyUI when the
+``COMFY_HOME`` environment variable points at one laid out by
+``shared/scripts/real-comfyui.sh`` (its ``.venv`` and ``main.py``); without it the ``real``
+parametrisations are skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOUBLE = ROOT / "tests" / "comfy_double.py"
+TINY_MODEL = ROOT.parent / "shared" / "models" / "tiny-compact-x2.safetensors"
+REAL_HOME = os.environ.get("COMFY_HOME", "")
+REAL_AVAILABLE = bool(REAL_HOME) and (Path(REAL_HOME) / "main.py").is_file()
+REAL_REASON = (
+    "COMFY_HOME is not set to a real ComfyUI (shared/scripts/real-comfyui.sh lays one out); "
+    "real-ComfyUI scenarios skipped"
+)
+
+
+def free_port() -> int:
+    """A port that is free now, below Linux's ephemeral range (32768+) so outgoing
+    connections cannot take it before the server under test binds it."""
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+@dataclass
+class Backend:
+    """Where ComfyUI comes from for one sidecar: ``double`` or ``real``."""
+
+    kind: str
+    base: Path
+
+    @property
+    def input_dir(self) -> Path:
+        return self.base / "input"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.base / "output"
+
+    @property
+    def comfy_home(self) -> Path:
+        return Path(REAL_HOME) if self.kind == "real" else self.base
+
+    def cmd(self, port: int, extra: str = "") -> str:
+        if self.kind == "double":
+            return (
+                f"{sys.executable} {DOUBLE} --listen 127.0.0.1 --port {port} "
+                f"--base-directory {self.base} {extra}"
+            )
+        home = Path(REAL_HOME)
+        return (
+            f"{home / '.venv/bin/python'} {home / 'main.py'} --cpu --listen 127.0.0.1 "
+            f"--port {port} --disable-auto-launch --input-directory {self.input_dir} "
+            f"--output-directory {self.output_dir} --temp-directory {self.base / 'temp'} "
+            f"{extra}"
+        )
+
+    def prepare(self) -> None:
+        for sub in ("input", "output", "temp"):
+            (self.base / sub).mkdir(parents=True, exist_ok=True)
+        if self.kind == "double":
+            models = self.base / "models" / "upscale_models"
+            models.mkdir(parents=True, exist_ok=True)
+            if TINY_MODEL.is_file():
+                (models / TINY_MODEL.name).write_bytes(TINY_MODEL.read_bytes())
+
+
+@dataclass
+class Sidecar:
+    """A running ``python -m comfy_sidecar``; ``url`` is its base URL."""
+
+    backend: Backend
+    env: dict[str, str]
+    port: int
+    comfy_port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=120))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Sidecar:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "comfy_sidecar"],
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str, **kw: Any) -> httpx.Response:
+        return self.client.get(self.url + path, **kw)
+
+    def post(self, path: str, **kw: Any) -> httpx.Response:
+        return self.client.post(self.url + path, **kw)
+
+    def wait_status(self, path: str, code: int, timeout: float) -> httpx.Response:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"sidecar exited {self.proc.returncode}:\n{self.log()[-4000:]}"
+                )
+            try:
+                last = self.client.get(self.url + path, timeout=5)
+                if last.status_code == code:
+                    return last
+            except httpx.HTTPError as exc:
+                last = exc
+            time.sleep(0.05)
+        raise AssertionError(f"{path} never answered {code} (last: {last}):\n{self.log()[-4000:]}")
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        self.wait_status("/ready", 200, timeout or (120 if self.backend.kind == "real" else 30))
+
+    def child_pid(self) -> int:
+        """The pid of ComfyUI (the sidecar's child process)."""
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        pids = [int(p) for p in children.split()]
+        assert pids, "the sidecar has no child process"
+        return pids[0]
+
+    def wait_exit(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.client.close()
+
+
+def make_sidecar(backend: Backend, tmp: Path, **env_overrides: str) -> Sidecar:
+    """A configured (not started) sidecar in front of ``backend``."""
+    backend.prepare()
+    port, comfy_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SALAD_", "SYSTEM_"))}
+    env.pop("COMFY_HOME", None)
+    env.update(
+        {
+            "PORT": str(port),
+            "HOST": "127.0.0.1",
+            "COMFYUI_PORT_HOST": str(comfy_port),
+            "COMFY_HOME": str(backend.comfy_home),
+            "INPUT_DIR": str(backend.input_dir),
+            "OUTPUT_DIR": str(backend.output_dir),
+            "CMD": backend.cmd(comfy_port),
+            "STARTUP_CHECK_INTERVAL_S": "0.25",
+            "STARTUP_CHECK_MAX_TRIES": "480" if backend.kind == "real" else "120",
+            "CACHE_DIR": str(tmp / "cache"),
+            "LOG_LEVEL": "debug",
+            "SHUTDOWN_GRACE_S": "30",
+        }
+    )
+    env.update(env_overrides)
+    if "CMD_EXTRA" in env:
+        env["CMD"] = backend.cmd(comfy_port, env.pop("CMD_EXTRA"))
+    return Sidecar(backend, env, port, comfy_port, tmp / "sidecar.log")
+
+
+BACKENDS = [
+    pytest.param("double", id="double"),
+    pytest.param(
+        "real",
+        id="real",
+        marks=[
+            pytest.mark.real_comfyui,
+            pytest.mark.skipif(not REAL_AVAILABLE, reason=REAL_REASON),
+        ],
+    ),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """A fresh ComfyUI backend directory per test."""
+    return Backend(request.param, tmp_path / "comfy")
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def shared_sidecar(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Sidecar]:
+    """One ready sidecar per backend, shared by a test module."""
+    tmp = tmp_path_factory.mktemp(f"sidecar-{request.param}")
+    sidecar = make_sidecar(Backend(request.param, tmp / "comfy"), tmp)
+    sidecar.start()
+    try:
+        sidecar.wait_ready()
+        yield sidecar
+    finally:
+        sidecar.stop()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    """``spawn(backend, **env) -> Sidecar`` started; every one is stopped at teardown."""
+    started: list[Sidecar] = []
+
+    def _spawn(backend: Backend, **env: str) -> Sidecar:
+        sub = tmp_path / f"sc{len(started)}"
+        sub.mkdir()
+        sidecar = make_sidecar(backend, sub, **env)
+        started.append(sidecar.start())
+        return sidecar
+
+    yield _spawn
+    for sidecar in started:
+        sidecar.stop()
+
+
+# --- prompts used across tests -------------------------------------------------------------
+
+
+def basic_prompt(batch: int = 2, size: int = 64, prefix: str = "rec") -> dict[str, Any]:
+    return {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": size, "height": size, "batch_size": batch, "color": 10866024},
+        },
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": prefix}},
+    }
+
+
+def upscale_prompt(size: int = 256) -> dict[str, Any]:
+    return {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": size, "height": size, "batch_size": 1, "color": 5061658},
+        },
+        "2": {
+            "class_type": "UpscaleModelLoader",
+            "inputs": {"model_name": "tiny-compact-x2.safetensors"},
+        },
+        "3": {
+            "class_type": "ImageUpscaleWithModel",
+            "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]},
+        },
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "up"}},
+    }
+
+
+def slow_prompt(blurs: int = 6, size: int = 2048) -> dict[str, Any]:
+    """EmptyImage -> ImageBlur x blurs -> SaveImage: seconds per blur node, on both backends.
+    The colour is random so ComfyUI's node cache never serves it."""
+    color = random.randrange(1 << 24)
+    prompt: dict[str, Any] = {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": size, "height": size, "batch_size": 1, "color": color},
+        }
+    }
+    for i in range(2, blurs + 2):
+        prompt[str(i)] = {
+            "class_type": "ImageBlur",
+            "inputs": {"image": [str(i - 1), 0], "blur_radius": 31, "sigma": 5.0},
+        }
+    prompt[str(blurs + 2)] = {
+        "class_type": "SaveImage",
+        "inputs": {"images": [str(blurs + 1), 0], "filename_prefix": "slow"},
+    }
+    return prompt
+
+
+def decode_image(b64: str) -> Any:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def png_bytes(
+    size: tuple[int, int] = (16, 12), color: tuple[int, int, int] = (200, 30, 10)
+) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
