@@ -69,6 +69,7 @@ class Job:
     state: JobState = JobState.PREPROCESSING
     created_ms: int = field(default_factory=now_ms)
     queued_ms: int | None = None
+    queued_at: float = 0.0
     exec_start_ms: int | None = None
     exec_end_ms: int | None = None
     node_starts: dict[str, int] = field(default_factory=dict)

@@ -191,6 +191,13 @@ class Pipeline:
             preprocessed = time.monotonic()
             outcome = await self._execute(job, prepared.prompt)
             finished = time.monotonic()
+            log.debug(
+                "job %s: preprocess %.1f ms, queue+run %.1f ms (queued after %.1f ms)",
+                job_id,
+                (preprocessed - started) * 1000,
+                (finished - preprocessed) * 1000,
+                (job.queued_at - preprocessed) * 1000,
+            )
             prepared.cleanup()
             self._raise_for(job, outcome)
             try:
@@ -229,6 +236,7 @@ class Pipeline:
         if job.state is JobState.PREPROCESSING:
             job.state = JobState.QUEUED
         job.queued_ms = now_ms()
+        job.queued_at = time.monotonic()
         if job.interrupt_requested:
             await self._stop_in_comfy(job)
         timeout = self.settings.prompt_timeout_s or None
