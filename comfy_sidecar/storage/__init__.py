@@ -100,7 +100,7 @@ class Storage:
         env = os.environ if env is None else env
         self._on_event = on_event
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="storage")
-        self.http = HTTPBackend(settings)
+        self.http = HTTPBackend(settings, self._executor)
         self.s3 = S3Backend(env, self._executor)
         self.hf = HFBackend(env, self._executor)
         self.azure = AzureBackend(env, self._executor)

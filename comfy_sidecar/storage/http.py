@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import mimetypes
+import ssl
+import threading
 import urllib.parse
-from collections.abc import AsyncIterator
+import urllib.request
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,18 +101,19 @@ def disposition_filename(value: str | None) -> str | None:
     return params.get("filename")
 
 
-def ext_from_response(resp: httpx.Response) -> str:
+def ext_from_headers(headers: Mapping[str, str] | http.client.HTTPMessage, final_path: str) -> str:
     """comfyui-api's fallbacks for a URL without extension: Content-Disposition file name,
-    then the final URL's path (extension of at most 15 characters), then Content-Type."""
-    name = disposition_filename(resp.headers.get("content-disposition"))
+    then the final URL's path (extension of at most 15 characters), then Content-Type.
+    ``headers`` must be case-insensitive (httpx.Headers, http.client.HTTPMessage)."""
+    name = disposition_filename(headers.get("content-disposition"))
     if name:
         ext = safe_ext(extname(name.replace("\\", "/")))
         if ext and ext != ".":
             return ext
-    ext = safe_ext(extname(resp.url.path))
+    ext = safe_ext(extname(final_path))
     if ext and ext != "." and len(ext) <= 15:
         return ext
-    ctype = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = (headers.get("content-type") or "").split(";")[0].strip().lower()
     return CONTENT_TYPE_EXT.get(ctype, "")
 
 
@@ -115,9 +121,10 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return (url.scheme, url.host, url.port)
 
 
-def raise_for_status(resp: httpx.Response, what: str) -> None:
-    """Map a non-2xx response to a :class:`StorageError` (no URL in the message)."""
-    code = resp.status_code
+def raise_for_status(resp: httpx.Response | int, what: str) -> None:
+    """Map a non-2xx response (or status code) to a :class:`StorageError` (no URL in the
+    message)."""
+    code = resp if isinstance(resp, int) else resp.status_code
     if 200 <= code < 300:
         return
     if code in (401, 403):
@@ -133,7 +140,8 @@ class HTTPBackend:
     name = "http"
     upload_key = "http_upload"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, executor: Executor | None = None) -> None:
+        self._executor = executor
         self._env_header: tuple[str, str] | None = None
         if settings.http_auth_header_name and settings.http_auth_header_value:
             self._env_header = (settings.http_auth_header_name, settings.http_auth_header_value)
@@ -215,10 +223,7 @@ class HTTPBackend:
         client = self.client()
         current = first
         for _ in range(MAX_REDIRECTS + 1):
-            headers = {"Accept-Encoding": "identity", **(extra or {})}
-            if _origin(current) == _origin(first):
-                headers.update(caller_headers)
-            headers.update(self._env_headers_for(current, caller_headers))
+            headers = {**self._headers_for(current, first, caller_headers), **(extra or {})}
             try:
                 resp = await client.send(
                     client.build_request(method, current, headers=headers), stream=True
@@ -240,6 +245,97 @@ class HTTPBackend:
     # --- the Backend protocol ------------------------------------------------------------
 
     async def download(self, url: str, dest: Path, auth: DownloadAuth | None) -> FetchResult:
+        first, caller_headers, used = self._prepare(url, auth)
+        if not _proxied(first):
+            stop = threading.Event()
+            try:
+                ext = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._download_direct, first, caller_headers, dest, stop
+                )
+            except asyncio.CancelledError:
+                stop.set()
+                raise
+            return FetchResult(ext=ext, used_caller_auth=used)
+        return await self._download_httpx(url, dest, auth)
+
+    def _headers_for(
+        self, current: httpx.URL, first: httpx.URL, caller_headers: dict[str, str]
+    ) -> dict[str, str]:
+        headers = {"Accept-Encoding": "identity"}
+        if _origin(current) == _origin(first):
+            headers.update(caller_headers)
+        headers.update(self._env_headers_for(current, caller_headers))
+        return headers
+
+    def _download_direct(
+        self,
+        first: httpx.URL,
+        caller_headers: dict[str, str],
+        dest: Path,
+        stop: threading.Event,
+    ) -> str:
+        """GET with http.client in a worker thread, reading the body with ``readinto`` into
+        one 1 MiB buffer: about 3x the throughput of httpx's async stream and as fast as
+        curl. Used when no proxy applies. Returns the extension fallback."""
+        current = first
+        for _ in range(MAX_REDIRECTS + 1):
+            port = current.port or (443 if current.scheme == "https" else 80)
+            conn: http.client.HTTPConnection
+            if current.scheme == "https":
+                conn = http.client.HTTPSConnection(
+                    current.host, port, timeout=TIMEOUT.connect, context=_ssl_context()
+                )
+            else:
+                conn = http.client.HTTPConnection(current.host, port, timeout=TIMEOUT.connect)
+            try:
+                try:
+                    conn.connect()
+                    if conn.sock is not None:
+                        conn.sock.settimeout(TIMEOUT.read)
+                    target = current.raw_path.decode("ascii")
+                    conn.request(
+                        "GET", target, headers=self._headers_for(current, first, caller_headers)
+                    )
+                    resp = conn.getresponse()
+                except (OSError, http.client.HTTPException) as exc:
+                    raise BackendError(f"request failed: {type(exc).__name__}") from None
+                location = resp.getheader("location")
+                if resp.status in (301, 302, 303, 307, 308) and location:
+                    try:
+                        current = current.join(location)
+                    except (httpx.InvalidURL, ValueError):
+                        raise BackendError("bad redirect location") from None
+                    continue
+                raise_for_status(resp.status, "download")
+                if resp.getheader("content-encoding", "identity").lower() != "identity":
+                    raise BackendError("download: server sent a compressed body")
+                written = 0
+                buf = bytearray(CHUNK)
+                view = memoryview(buf)
+                with open(dest, "wb") as fh:
+                    while True:
+                        if stop.is_set():
+                            raise BackendError("download cancelled")
+                        try:
+                            n = resp.readinto(view)
+                        except (OSError, http.client.HTTPException) as exc:
+                            raise BackendError(
+                                f"download interrupted after {written} bytes: {type(exc).__name__}"
+                            ) from None
+                        if not n:
+                            break
+                        fh.write(view[:n])
+                        written += n
+                declared = resp.getheader("content-length")
+                if declared is not None and declared.isdigit() and written != int(declared):
+                    raise BackendError(f"download incomplete: {written} of {declared} bytes")
+                return ext_from_headers(resp.headers, current.path)
+            finally:
+                conn.close()
+        raise BackendError("too many redirects")
+
+    async def _download_httpx(self, url: str, dest: Path, auth: DownloadAuth | None) -> FetchResult:
+        """GET through httpx (honours HTTP(S)_PROXY / NO_PROXY), streamed to ``dest``."""
         resp, used = await self._open("GET", url, auth)
         try:
             raise_for_status(resp, "download")
@@ -265,7 +361,9 @@ class HTTPBackend:
                     ) from None
             if expected is not None and written != expected:
                 raise BackendError(f"download incomplete: {written} of {expected} bytes")
-            return FetchResult(ext=ext_from_response(resp), used_caller_auth=used)
+            return FetchResult(
+                ext=ext_from_headers(resp.headers, resp.url.path), used_caller_auth=used
+            )
         finally:
             await resp.aclose()
 
@@ -319,6 +417,24 @@ class HTTPBackend:
         cancel.check()
         if not 200 <= resp.status_code < 300:
             raise BackendError(f"upload failed: HTTP {resp.status_code}")
+
+
+def _proxied(url: httpx.URL) -> bool:
+    """True when HTTP(S)_PROXY applies to ``url`` (then httpx, which honours it, is used)."""
+    proxies = urllib.request.getproxies()
+    if not (proxies.get(url.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(url.host)
+
+
+_SSL: ssl.SSLContext | None = None
+
+
+def _ssl_context() -> ssl.SSLContext:
+    global _SSL
+    if _SSL is None:
+        _SSL = ssl.create_default_context()
+    return _SSL
 
 
 def _basic(user: str, password: str) -> str:

@@ -396,3 +396,36 @@ def test_stage_input_refuses_traversal(
         assert http_server.count("GET", "/files/t.png") == 0
 
     asyncio.run(main())
+
+
+def test_httpx_path_used_behind_a_proxy(
+    make_storage: Any, http_server: FileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With HTTP(S)_PROXY applying, downloads go through httpx (which honours it): same
+    results for a plain file, a cut body, the extension fallbacks and cross-origin auth."""
+    import comfy_sidecar.storage.http as http_mod
+
+    monkeypatch.setattr(http_mod, "_proxied", lambda url: True)
+    http_server.files["p.bin"] = os.urandom(300_000)
+    http_server.files["pblob"] = http_server.files["p.bin"]
+    http_server.files["c.bin"] = os.urandom(300_000)
+
+    async def main() -> None:
+        storage = make_storage()
+        await storage.start()
+        try:
+            url = http_server.url("/noext/pblob?cd=w.safetensors")
+            path = await storage.fetch(url, None)
+            assert path.name == cache_key(url) + ".safetensors"
+            assert path.read_bytes() == http_server.files["p.bin"]
+            with pytest.raises(BackendError):
+                await storage.fetch(http_server.url("/cut/c.bin"), None)
+            assert storage.cache.entry(http_server.url("/cut/c.bin")) is None
+            other = http_server.url("/files/p.bin", host="localhost")
+            await storage.fetch(http_server.url(f"/redirect?to={other}"), BearerAuth(token="s"))
+        finally:
+            await storage.close()
+        after = [h for m, p, h in http_server.requests if p == "/files/p.bin"]
+        assert after and all("Authorization" not in h for h in after)
+
+    asyncio.run(main())
