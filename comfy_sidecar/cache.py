@@ -487,12 +487,13 @@ class DownloadCache:
     ) -> str:
         """Hardlink (copy if that fails) ``url``'s cache file to ``input_dir/name``, replacing
         what is there. ``name`` may contain ``/`` but no ``..``. Returns ``name`` (relative to
-        ``input_dir``, what a ``LoadImage`` input takes)."""
+        ``input_dir``, what a ``LoadImage`` input takes). The link is not tracked: delete it
+        when the job ends (a hardlink keeps the bytes on disk after eviction)."""
         check_name(name, "input name", allow_slash=True)
         if name.startswith("/") or not name.strip("/"):
             raise BadRequestError("input name: must be a relative file name")
         dest = Path(input_dir) / name
-        await self._stage(url, auth, dest, lease, allow_symlink=False, replace="any")
+        await self._stage(url, auth, dest, lease, allow_symlink=False, replace="any", record=False)
         return name
 
     async def stage_model(
@@ -504,7 +505,7 @@ class DownloadCache:
         try:
             src = await self.get(url, auth, own)
             dest = Path(folder_dir) / src.name
-            await self._place(src, dest, allow_symlink=True, replace="ours")
+            await self._place(src, dest, allow_symlink=True, replace="ours", record=True)
             return src.name
         finally:
             if lease is None:
@@ -516,7 +517,9 @@ class DownloadCache:
         """Link ``url``'s cache file at exactly ``dest`` (manifest ``local_path``, /download
         ``filename``). A link there to another URL's entry is replaced; a foreign file is not
         (409). Returns ``dest``."""
-        await self._stage(url, auth, Path(dest), lease, allow_symlink=True, replace="ours")
+        await self._stage(
+            url, auth, Path(dest), lease, allow_symlink=True, replace="ours", record=True
+        )
         return Path(dest)
 
     async def _stage(
@@ -528,20 +531,28 @@ class DownloadCache:
         *,
         allow_symlink: bool,
         replace: str,
+        record: bool,
     ) -> None:
         own = lease or self.lease()
         try:
             src = await self.get(url, auth, own)
-            await self._place(src, dest, allow_symlink=allow_symlink, replace=replace)
+            await self._place(
+                src, dest, allow_symlink=allow_symlink, replace=replace, record=record
+            )
         finally:
             if lease is None:
                 own.release()
 
-    async def _place(self, src: Path, dest: Path, *, allow_symlink: bool, replace: str) -> None:
+    async def _place(
+        self, src: Path, dest: Path, *, allow_symlink: bool, replace: str, record: bool
+    ) -> None:
+        """Link ``src`` at ``dest``. With ``record`` the link is remembered in the index
+        (model folders, exact paths: a bounded set) and removed when the entry is evicted;
+        per-job input links are not recorded — the pipeline deletes them after the job."""
         ours = {link for e in self._entries.values() for link in e.links}
         await asyncio.to_thread(_link_file, src, dest, allow_symlink, replace, ours, self.dir)
         entry = self._entries.get(src.name[:32])
-        if entry is not None and str(dest) not in entry.links:
+        if record and entry is not None and str(dest) not in entry.links:
             entry.links.append(str(dest))
             self._touch(entry)
 

@@ -429,3 +429,30 @@ def test_httpx_path_used_behind_a_proxy(
         assert after and all("Authorization" not in h for h in after)
 
     asyncio.run(main())
+
+
+def test_eviction_removes_model_links_it_made(
+    make_storage: Any, http_server: FileServer, tmp_path: Path
+) -> None:
+    http_server.files["m1.safetensors"] = b"1" * 600
+    http_server.files["m2.safetensors"] = b"2" * 600
+
+    async def main() -> None:
+        storage = make_storage(LRU_CACHE_SIZE_GB=str(1000 / 1024**3))
+        await storage.start()
+        folder = tmp_path / "models" / "loras"
+        try:
+            first = await storage.stage_model(
+                http_server.url("/files/m1.safetensors"), None, folder
+            )
+            assert (folder / first).exists()
+            second = await storage.stage_model(
+                http_server.url("/files/m2.safetensors"), None, folder
+            )
+            await storage.cache.evict()
+            assert not (folder / first).exists()  # evicted with its link: space really freed
+            assert (folder / second).read_bytes() == b"2" * 600
+        finally:
+            await storage.close()
+
+    asyncio.run(main())
