@@ -258,10 +258,10 @@ def test_second_upload_supersedes_first(
     make_storage: Any, http_server: FileServer, tmp_path: Path
 ) -> None:
     first = tmp_path / "first.png"
-    first.write_bytes(b"1" * (4 << 20))
+    first.write_bytes(b"1" * (16 << 20))  # more than loopback socket buffers hold
     second = tmp_path / "second.png"
     second.write_bytes(b"2" * (1 << 20))
-    http_server.put_delay_s = 0.01  # ~0.6 s for the first file
+    http_server.put_delay_s = 0.004  # ~1 s for the first file
 
     async def main() -> None:
         storage = make_storage()
@@ -274,9 +274,9 @@ def test_second_upload_supersedes_first(
             results = await asyncio.gather(one, two, return_exceptions=True)
         finally:
             await storage.close()
-        assert isinstance(results[0], StorageError)
-        assert "superseded" in str(results[0]) and results[0].status == 409
-        assert results[1] == http_server.url("/upload/same.png")
+        assert isinstance(results[0], StorageError), results
+        assert "superseded" in str(results[0]) and results[0].status == 409, results
+        assert results[1] == http_server.url("/upload/same.png"), results
         assert http_server.uploads["same.png"] == second.read_bytes()
 
     asyncio.run(main())
