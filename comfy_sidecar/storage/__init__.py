@@ -85,7 +85,8 @@ class Storage:
     ``on_event(name, data)`` receives ``file_downloaded``, ``file_uploaded`` and
     ``file_deleted`` with ``{url, local_path, size, duration}`` (url without credentials,
     bytes, seconds). ``env`` (default ``os.environ``) supplies the SDK variables: ``AWS_*``,
-    ``HF_TOKEN``, ``HF_ENDPOINT``, ``AZURE_STORAGE_*``. Every method raises
+    ``HF_TOKEN``, ``HF_ENDPOINT``, ``AZURE_STORAGE_*``. ``max_workers`` bounds the threads
+    for SDK calls and, separately, for HTTP download bodies. Every method raises
     :class:`StorageError` (``.status`` 400 for the caller's mistakes, 502 for backends).
     """
 
@@ -100,7 +101,9 @@ class Storage:
         env = os.environ if env is None else env
         self._on_event = on_event
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="storage")
-        self.http = HTTPBackend(settings, self._executor)
+        # HTTP bodies get their own threads so long downloads never queue SDK calls.
+        self._http_executor = ThreadPoolExecutor(max_workers, thread_name_prefix="storage-http")
+        self.http = HTTPBackend(settings, self._http_executor)
         self.s3 = S3Backend(env, self._executor)
         self.hf = HFBackend(env, self._executor)
         self.azure = AzureBackend(env, self._executor)
@@ -131,6 +134,7 @@ class Storage:
         await self.cache.close()
         await self.http.aclose()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._http_executor.shutdown(wait=False, cancel_futures=True)
 
     # --- routing -------------------------------------------------------------------------
 
