@@ -20,6 +20,7 @@ from comfy_sidecar import __version__
 from comfy_sidecar.pipeline.run import PipelineError
 from comfy_sidecar.routes.probes import health, ready
 from comfy_sidecar.routes.prompt import interrupt, prompt
+from comfy_sidecar.routes.workflows import workflow_route
 
 if TYPE_CHECKING:
     from comfy_sidecar.service import Sidecar
@@ -116,7 +117,16 @@ def create_app(sidecar: Sidecar) -> Litestar:
     """Build the ASGI app for ``sidecar`` (reachable in handlers as ``state.sidecar``)."""
     settings = sidecar.settings
     return Litestar(
-        route_handlers=[health, ready, prompt, interrupt],
+        route_handlers=[
+            health,
+            ready,
+            prompt,
+            interrupt,
+            *(
+                workflow_route(wf, settings.markdown_schema_descriptions)
+                for wf in sidecar.workflows
+            ),
+        ],
         state=State({"sidecar": sidecar}),
         request_max_body_size=settings.max_body_size_mb * 1024 * 1024,
         exception_handlers={

@@ -34,12 +34,15 @@ from comfy_sidecar import __version__
 from comfy_sidecar.boot import BootProbes
 from comfy_sidecar.comfy.client import ComfyClient
 from comfy_sidecar.comfy.events import EventStream
-from comfy_sidecar.config import Settings
+from comfy_sidecar.config import ConfigError, Settings
 from comfy_sidecar.logs import setup_logging
+from comfy_sidecar.pipeline.deliver import Delivery
 from comfy_sidecar.pipeline.jobs import JobRegistry
 from comfy_sidecar.pipeline.run import Pipeline, PipelineError
+from comfy_sidecar.salad import DeletionCost
 from comfy_sidecar.schemas import Prompt, PromptRequest
 from comfy_sidecar.supervisor import ComfyProcess, LaunchError
+from comfy_sidecar.webhooks import WebhookDispatcher
 
 log = logging.getLogger("comfy_sidecar")
 
@@ -95,6 +98,11 @@ class Sidecar:
         self.pipeline = Pipeline(
             settings, self.client, self.registry, self.client_id, self.log_tail
         )
+        self.webhooks = WebhookDispatcher(settings)
+        self.deletion_cost = DeletionCost(settings)
+        self.frame_listeners.append(self._forward_frame)
+        self.delivery = Delivery(self.pipeline, self.webhooks, self.spawn)
+        self.workflows: list[Any] = []
         self.phase = Phase.STARTING
         self.detail = "starting"
         self.ever_ready = False
@@ -138,6 +146,11 @@ class Sidecar:
         for listener in self.frame_listeners:
             listener(frame)
 
+    def _forward_frame(self, frame: dict[str, Any]) -> None:
+        self.webhooks.handle_comfy_frame(frame, self.registry.api_id_for)
+        if frame.get("type") == "status":
+            self.deletion_cost.set(self.events.queue_remaining)
+
     async def _on_connect(self, reconnected: bool) -> None:
         if reconnected:
             log.info("websocket to ComfyUI re-established; reconciling jobs in flight")
@@ -162,6 +175,8 @@ class Sidecar:
     async def lifecycle(self) -> int:
         """Provision, launch, warm, serve, restart; returns 1 when the sidecar must exit."""
         try:
+            await self.webhooks.start()
+            self.deletion_cost.start()
             self.warmup_prompt = await self._load_warmup()
             await self.provision()
             self.spawn(self.events.run())
@@ -220,12 +235,16 @@ class Sidecar:
         """Await ``awaitable`` unless ComfyUI exits first (then raise :class:`ChildExited`)."""
         task = asyncio.ensure_future(awaitable)
         waiting: set[asyncio.Future[Any]] = {task, exited}
-        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        finished = task.done() and not task.cancelled()
+        if finished and (task.exception() is None or not exited.done()):
+            return task.result()  # its value, or its own exception while ComfyUI still runs
         raise ChildExited(exited.result())
 
     async def _bring_up(self, process: ComfyProcess, exited: asyncio.Future[int]) -> None:
@@ -325,12 +344,15 @@ class Sidecar:
                 "%d job(s) still in flight after SHUTDOWN_GRACE_S=%g s", self.pipeline.active, grace
             )
 
-    async def close(self) -> None:
-        """Stop ComfyUI and cancel every task the sidecar owns."""
+    async def close(self, grace_s: float = 5.0) -> None:
+        """Stop ComfyUI, flush webhooks within ``grace_s`` seconds, reset the deletion cost,
+        and cancel every task the sidecar owns."""
         if self.process is not None:
             code = await self.process.stop()
             log.info("ComfyUI stopped (exit code %s)", code)
         self.registry.fail_all("the sidecar is shutting down")
+        await self.webhooks.close(grace_s)
+        await self.deletion_cost.close()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -345,7 +367,12 @@ async def serve(settings: Settings, sock: socket.socket, boot: BootProbes) -> in
 
     from comfy_sidecar.app import create_app
 
-    sidecar = Sidecar(settings)
+    try:
+        sidecar = Sidecar(settings)
+    except ConfigError as exc:
+        print(f"comfy-sidecar: {exc}", file=sys.stderr)
+        return 2
+    sidecar.workflows = await asyncio.to_thread(load_workflows_from, settings.workflow_dir)
     app = create_app(sidecar)
 
     class Server(uvicorn.Server):
@@ -372,6 +399,7 @@ async def serve(settings: Settings, sock: socket.socket, boot: BootProbes) -> in
     lifecycle = asyncio.ensure_future(sidecar.lifecycle())
     stop = asyncio.ensure_future(sidecar.stop_requested.wait())
     await asyncio.wait({lifecycle, stop, server_task}, return_when=asyncio.FIRST_COMPLETED)
+    drain_started = time.monotonic()
     if sidecar.stop_requested.is_set():
         log.info("stop requested; draining")
         await sidecar.drain()
@@ -385,12 +413,27 @@ async def serve(settings: Settings, sock: socket.socket, boot: BootProbes) -> in
     stop.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await lifecycle
-    await sidecar.close()
+    remaining = settings.shutdown_grace_s - (time.monotonic() - drain_started)
+    await sidecar.close(grace_s=max(1.0, remaining))
     server.should_exit = True
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await server_task
     log.info("exiting with status %d", code)
     return code
+
+
+def load_workflows_from(directory: str) -> list[Any]:
+    """Workflow modules in ``directory`` (none when it does not exist)."""
+    from pathlib import Path
+
+    if not Path(directory).is_dir():
+        log.info("WORKFLOW_DIR %s does not exist: no workflow endpoints", directory)
+        return []
+    from comfy_sidecar.workflows import load_workflows
+
+    workflows = load_workflows(directory)
+    log.info("loaded %d workflow(s) from %s", len(workflows), directory)
+    return list(workflows)
 
 
 def run(settings: Settings, sock: socket.socket, boot: BootProbes) -> int:

@@ -17,13 +17,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from tests.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
 DOUBLE = ROOT / "tests" / "comfy_double.py"
@@ -319,3 +321,18 @@ def png_bytes(
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Callable[..., Receiver]]:
+    """Factory: ``receiver(statuses=..., delay_s=..., hang=...)`` -> a started Receiver."""
+    made: list[Receiver] = []
+
+    def make(**kwargs: Any) -> Receiver:
+        r = Receiver(**kwargs)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.stop()

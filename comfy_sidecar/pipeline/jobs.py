@@ -105,9 +105,15 @@ class DuplicateJob(Exception):
 class JobRegistry:
     """In-flight jobs by API id and by ComfyUI prompt_id; frames dispatch into them."""
 
+    RECENT = 1024
+
     def __init__(self) -> None:
         self._by_prompt: dict[str, Job] = {}
         self._by_id: dict[str, Job] = {}
+        # prompt_id -> API id of recently finished jobs, for frames that arrive after the end
+        # (e.g. `executing` null after an error) and are forwarded as system events.
+        self._recent: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._by_prompt)
@@ -126,7 +132,10 @@ class JobRegistry:
     def remove(self, job: Job) -> None:
         """Forget ``job`` (after its result was delivered)."""
         self._by_id.pop(job.id, None)
-        self._by_prompt.pop(job.prompt_id, None)
+        if self._by_prompt.pop(job.prompt_id, None) is not None:
+            self._recent[job.prompt_id] = job.id
+            if len(self._recent) > self.RECENT:
+                del self._recent[next(iter(self._recent))]
 
     def by_id(self, job_id: str) -> Job | None:
         """The in-flight job with API id ``job_id``."""
@@ -135,7 +144,7 @@ class JobRegistry:
     def api_id_for(self, prompt_id: str) -> str | None:
         """The API id of the job ComfyUI knows as ``prompt_id``."""
         job = self._by_prompt.get(prompt_id)
-        return job.id if job else None
+        return job.id if job else self._recent.get(prompt_id)
 
     # --- frames ---------------------------------------------------------------------------
 
@@ -197,7 +206,9 @@ class JobRegistry:
         if job.missed_frames:
             # Frames (maybe `executed` ones) were lost: history is the authority.
             job.missed_frames = False
-            asyncio.get_running_loop().create_task(self._complete_from_history(job))
+            task = asyncio.get_running_loop().create_task(self._complete_from_history(job))
+            self._tasks.add(task)  # bounded by the jobs in flight; owned until done
+            task.add_done_callback(self._tasks.discard)
             return
         job.finish(JobOutcome(OutcomeKind.SUCCESS, outputs=job.outputs))
 

@@ -2,7 +2,8 @@
 
 Every entry of ``outputs[node][key][]`` that has a ``filename`` and ``type`` ``output`` is a file
 at ``OUTPUT_DIR/<subfolder>/<filename>`` (``temp`` outputs, e.g. PreviewImage, are left out;
-``animated`` flags and ``text`` strings are not files). Nodes are taken in ascending numeric id
+``animated`` flags and ``text`` strings are not files, but ``animated: [true]`` marks the node's
+files as animations, which conversion leaves alone). Nodes are taken in ascending numeric id
 order, the order comfyui-api's JavaScript object iteration gives. Files are read in chunks and
 base64-encoded while the response is written, never held whole in memory.
 """
@@ -31,6 +32,7 @@ class OutputFile:
     filename: str
     node_id: str
     key: str
+    animated: bool = False
 
     @property
     def size(self) -> int:
@@ -58,6 +60,8 @@ def collect_outputs(outputs: dict[str, dict[str, Any]], output_dir: str) -> list
         ui = outputs[node_id]
         if not isinstance(ui, dict):
             continue
+        flags = ui.get("animated")
+        animated = isinstance(flags, list) and any(flag is True for flag in flags)
         for key, entries in ui.items():
             if not isinstance(entries, list):
                 continue
@@ -75,7 +79,7 @@ def collect_outputs(outputs: dict[str, dict[str, Any]], output_dir: str) -> list
                         f"output {subfolder + '/' if subfolder else ''}{entry['filename']} of "
                         f"node {node_id} is missing from OUTPUT_DIR"
                     )
-                files.append(OutputFile(path, path.name, node_id, key))
+                files.append(OutputFile(path, path.name, node_id, key, animated))
     return files
 
 

@@ -64,6 +64,7 @@ class JobResult:
     output_dir: str
     on_release: Callable[[], None] | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    conversion_errors: dict[str, str] = field(default_factory=dict)
     released: bool = False
 
     def stats(self) -> dict[str, Any]:
@@ -96,6 +97,27 @@ class JobResult:
         remove_outputs(self.files, self.output_dir)
         if self.on_release is not None:
             self.on_release()
+
+
+@dataclass
+class PendingJob:
+    """A registered, preprocessed job not yet queued on ComfyUI."""
+
+    job: Job
+    prepared: Prepared
+    started: float
+    preprocessed: float
+    end: Callable[[], None]
+
+    @property
+    def prompt(self) -> dict[str, Any]:
+        """The preprocessed prompt (what ComfyUI will get)."""
+        return self.prepared.prompt
+
+    def abandon(self) -> None:
+        """Drop the job without running it: remove its input files and unregister it."""
+        self.prepared.cleanup()
+        self.end()
 
 
 def _ms(seconds: float) -> int:
@@ -155,6 +177,13 @@ class Pipeline:
         :meth:`~JobResult.release`. Raises :class:`PipelineError` (400 caller mistake or ComfyUI
         validation, 409 duplicate id, 499 interrupted, 500 execution error, 503 ComfyUI down or
         gone, 504 timeout)."""
+        return await self.complete(await self.prepare(request))
+
+    async def prepare(self, request: PromptRequest) -> PendingJob:
+        """Register the job and preprocess its prompt (media inputs, prefixes, output check).
+
+        Raises :class:`PipelineError` (400, 409); on success the caller must pass the result to
+        :meth:`complete` (or call its ``abandon``)."""
         started = time.monotonic()
         job_id = request.id or str(uuid.uuid4())
         prompt: dict[str, Any] = msgspec.to_builtins(request.prompt)
@@ -172,7 +201,6 @@ class Pipeline:
             ) from None
         self._begin()
         ended = False
-        prepared: Prepared | None = None
 
         def end() -> None:
             nonlocal ended
@@ -182,42 +210,48 @@ class Pipeline:
                 self._end()
 
         try:
-            try:
-                prepared = await self.preprocessor.prepare(prompt, job_id)
-            except InputError as exc:
-                raise PipelineError(
-                    exc.status, {"error": exc.message, "location": exc.location, "id": job_id}
-                ) from None
-            preprocessed = time.monotonic()
+            prepared = await self.preprocessor.prepare(prompt, job_id)
+        except InputError as exc:
+            end()
+            raise PipelineError(
+                exc.status, {"error": exc.message, "location": exc.location, "id": job_id}
+            ) from None
+        except BaseException:
+            end()
+            raise
+        return PendingJob(job, prepared, started, time.monotonic(), end)
+
+    async def complete(self, pending: PendingJob) -> JobResult:
+        """Queue a prepared job, wait for ComfyUI and collect its outputs (see :meth:`run`)."""
+        job, prepared = pending.job, pending.prepared
+        try:
             outcome = await self._execute(job, prepared.prompt)
             finished = time.monotonic()
             log.debug(
                 "job %s: preprocess %.1f ms, queue+run %.1f ms (queued after %.1f ms)",
-                job_id,
-                (preprocessed - started) * 1000,
-                (finished - preprocessed) * 1000,
-                (job.queued_at - preprocessed) * 1000,
+                job.id,
+                (pending.preprocessed - pending.started) * 1000,
+                (finished - pending.preprocessed) * 1000,
+                (job.queued_at - pending.preprocessed) * 1000,
             )
             prepared.cleanup()
             self._raise_for(job, outcome)
             try:
                 files = collect_outputs(outcome.outputs, self.settings.output_dir)
             except OutputError as exc:
-                raise PipelineError(500, {"error": str(exc), "id": job_id}) from None
+                raise PipelineError(500, {"error": str(exc), "id": job.id}) from None
             return JobResult(
                 job,
                 prepared.prompt,
                 files,
-                started,
-                preprocessed,
+                pending.started,
+                pending.preprocessed,
                 finished,
                 self.settings.output_dir,
-                on_release=end,
+                on_release=pending.end,
             )
         except BaseException:
-            if prepared is not None:
-                prepared.cleanup()
-            end()
+            pending.abandon()
             raise
 
     async def _execute(self, job: Job, prompt: dict[str, Any]) -> JobOutcome:

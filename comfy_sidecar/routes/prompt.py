@@ -7,31 +7,19 @@ from typing import TYPE_CHECKING, Any
 from litestar import Response, post
 from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.response import Stream
 
-from comfy_sidecar.pipeline.outputs import stream_result
-from comfy_sidecar.pipeline.run import JobResult, PipelineError
+from comfy_sidecar.pipeline.run import PipelineError
 from comfy_sidecar.schemas import (
+    AcceptedResponse,
     ErrorResponse,
     InterruptRequest,
     InterruptResponse,
-    PromptOptions,
     PromptRequest,
     PromptResponse,
 )
 
 if TYPE_CHECKING:
     from comfy_sidecar.service import Sidecar
-
-_NOT_YET = (
-    "webhook",
-    "webhook_v2",
-    "convert_output",
-    "s3",
-    "hf_upload",
-    "azure_blob_upload",
-    "http_upload",
-)
 
 ERROR_RESPONSES = {
     400: ResponseSpec(
@@ -45,11 +33,23 @@ ERROR_RESPONSES = {
         ErrorResponse,
         description="ComfyUI failed executing the prompt: node, exception and ComfyUI's log tail.",
     ),
+    502: ResponseSpec(
+        ErrorResponse, description="An upload (or a workflow's ComfyUI lookup) failed."
+    ),
     503: ResponseSpec(
         ErrorResponse,
         description="ComfyUI is not ready, went away, or the sidecar is shutting down.",
     ),
     504: ResponseSpec(ErrorResponse, description="The job exceeded PROMPT_TIMEOUT_S."),
+}
+
+RESULT_RESPONSES = {
+    200: ResponseSpec(PromptResponse, description="Outputs as base64 (or uploaded URLs)."),
+    202: ResponseSpec(
+        AcceptedResponse,
+        description="Accepted: the result goes to the webhook or the async upload.",
+    ),
+    **ERROR_RESPONSES,
 }
 
 
@@ -62,46 +62,22 @@ def admit(sidecar: Sidecar) -> None:
         raise PipelineError(503, {"error": f"ComfyUI is not ready ({reason})"})
 
 
-def check_supported(options: PromptOptions) -> None:
-    """Refuse fields whose capability is not built yet (400 naming the field)."""
-    for name in _NOT_YET:
-        if getattr(options, name) is not None:
-            raise PipelineError(
-                400, {"error": f"`{name}` is not supported yet by this build", "location": name}
-            )
-
-
-def result_response(result: JobResult, extra: dict[str, Any] | None = None) -> Stream:
-    """Stream a finished job as comfyui-api's 200 body; output files are removed afterwards."""
-    head: dict[str, Any] = {"id": result.job.id, "prompt": result.prompt}
-    if extra:
-        head.update(extra)
-    return Stream(
-        stream_result(head, result.files, None, lambda: {"stats": result.stats()}, result.release),
-        media_type="application/json",
-        status_code=200,
-    )
-
-
 @post(
     "/prompt",
     summary="Run a prompt",
     tags=["prompt"],
     status_code=200,
-    responses={
-        200: ResponseSpec(PromptResponse, description="Outputs as base64."),
-        **ERROR_RESPONSES,
-    },
+    responses=RESULT_RESPONSES,
     description="Queue an API-format prompt on ComfyUI, wait for it and answer with every "
-    "output of every output node (base64, in node id order).",
+    "output of every output node (base64 in node id order, or uploaded URLs). "
+    "With `webhook`, `webhook_v2` or an upload with `async: true` it answers 202 at "
+    "once and delivers the result later.",
 )
-async def prompt(data: PromptRequest, state: State) -> Stream:
-    """Synchronous prompt."""
+async def prompt(data: PromptRequest, state: State) -> Response[Any]:
+    """Run a prompt."""
     sidecar: Sidecar = state.sidecar
     admit(sidecar)
-    check_supported(data)
-    result = await sidecar.pipeline.run(data)
-    return result_response(result)
+    return await sidecar.delivery.handle(data)
 
 
 @post(

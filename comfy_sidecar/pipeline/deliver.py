@@ -1,0 +1,254 @@
+"""Deliver a job's result: the sync 200 body, the 202 + webhooks, conversion, uploads.
+
+Copies comfyui-api's rules for which requests are asynchronous: a ``webhook`` or ``webhook_v2``,
+or an upload block with ``async: true``, answers 202 ``{"status": "ok", "id", "prompt"}`` once the
+prompt is preprocessed (so a caller's mistake is still a 400), and the job finishes in the
+background. Otherwise the caller waits for the 200. Unlike comfyui-api the request is never
+echoed back whole: ``credentials`` stay out of every response and webhook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from litestar import Response
+from litestar.response import Stream
+
+from comfy_sidecar.pipeline.outputs import OutputFile, stream_result
+from comfy_sidecar.pipeline.run import JobResult, PendingJob, Pipeline, PipelineError
+from comfy_sidecar.schemas import PromptOptions, PromptRequest
+
+if TYPE_CHECKING:
+    from comfy_sidecar.webhooks import WebhookDispatcher
+
+log = logging.getLogger("comfy_sidecar.deliver")
+
+ECHOED = (
+    "webhook",
+    "webhook_v2",
+    "convert_output",
+    "s3",
+    "hf_upload",
+    "azure_blob_upload",
+    "http_upload",
+)
+UPLOAD_KEYS = ("s3", "hf_upload", "azure_blob_upload", "http_upload")
+
+Uploader = Callable[[JobResult, Any], Awaitable[list[str]]]
+"""``upload(result, spec) -> URLs``, one per output file; raises PipelineError (502)."""
+
+
+def echo(options: PromptOptions) -> dict[str, Any]:
+    """The request fields comfyui-api echoes in its bodies, minus ``credentials``."""
+    out: dict[str, Any] = {}
+    for name in ECHOED:
+        value = getattr(options, name)
+        if value is not None:
+            out[name] = msgspec.to_builtins(value)
+    return out
+
+
+def upload_spec(options: PromptOptions) -> Any:
+    """The first upload block present (comfyui-api's order: s3, hf, azure, http), or None."""
+    for name in UPLOAD_KEYS:
+        value = getattr(options, name)
+        if value is not None:
+            return value
+    return None
+
+
+def is_async(options: PromptOptions) -> bool:
+    """comfyui-api's test: a webhook, or an upload block with ``async: true``."""
+    spec = upload_spec(options)
+    return bool(options.webhook or options.webhook_v2 or (spec is not None and spec.async_))
+
+
+class Delivery:
+    """Runs requests through ``pipeline`` and delivers their results."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        webhooks: WebhookDispatcher | None,
+        spawn: Callable[[Awaitable[None]], Any],
+        uploader: Uploader | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.webhooks = webhooks
+        self.spawn = spawn
+        self.uploader = uploader
+
+    async def handle(
+        self, request: PromptRequest, extra: dict[str, Any] | None = None
+    ) -> Response[Any]:
+        """Answer one request: 200 (stream), or 202 and continue in the background.
+
+        ``extra`` fields (``input`` for workflow endpoints) are added to every body.
+        Raises :class:`PipelineError` for everything that goes wrong before the answer.
+        """
+        spec = upload_spec(request)
+        if spec is not None and self.uploader is None:
+            key = next(name for name in UPLOAD_KEYS if getattr(request, name) is not None)
+            raise PipelineError(
+                400, {"error": f"`{key}` uploads are not supported by this build", "location": key}
+            )
+        if (request.webhook or request.webhook_v2) and self.webhooks is None:
+            raise PipelineError(503, {"error": "webhooks are not available"})
+        pending = await self.pipeline.prepare(request)
+        head = {**echo(request), **(extra or {})}
+        if is_async(request):
+            self.spawn(self._background(pending, request, head))
+            body = {**head, "status": "ok", "id": pending.job.id, "prompt": pending.prompt}
+            return Response(body, status_code=202)
+        result = await self.pipeline.complete(pending)
+        try:
+            await self.postprocess(result, request)
+            urls = await self._upload(result, spec)
+        except BaseException:
+            result.release()
+            raise
+        return self.stream(result, head, urls)
+
+    def stream(self, result: JobResult, head: dict[str, Any], urls: list[str] | None) -> Stream:
+        """The 200 body, streamed; output files are removed once it is written."""
+        body_head = {**head, "id": result.job.id, "prompt": result.prompt}
+        if result.conversion_errors:
+            body_head["conversion_errors"] = result.conversion_errors
+        return Stream(
+            stream_result(
+                body_head, result.files, urls, lambda: {"stats": result.stats()}, result.release
+            ),
+            media_type="application/json",
+            status_code=200,
+        )
+
+    async def postprocess(self, result: JobResult, options: PromptOptions) -> None:
+        """Convert image outputs (``convert_output``) off the event loop; a file that cannot
+        be converted is kept as it is and named in ``result.conversion_errors``."""
+        spec = options.convert_output
+        if spec is None or not result.files:
+            return
+        from comfy_sidecar.convert import ConversionError, convert_image, is_convertible
+
+        started = time.monotonic()
+        converted: list[OutputFile] = []
+        for item in result.files:
+            if item.animated or not await asyncio.to_thread(is_convertible, item.path):
+                converted.append(item)
+                continue
+            try:
+                new_path = await asyncio.to_thread(convert_image, item.path, spec)
+            except ConversionError as exc:
+                result.conversion_errors[item.filename] = str(exc)
+                converted.append(item)
+                continue
+            if new_path != item.path:
+                item.path.unlink(missing_ok=True)
+            converted.append(OutputFile(new_path, new_path.name, item.node_id, item.key, False))
+        result.files = converted
+        result.timings["postprocess"] = time.monotonic() - started
+
+    async def _upload(self, result: JobResult, spec: Any) -> list[str] | None:
+        if spec is None or self.uploader is None:
+            return None
+        started = time.monotonic()
+        urls = await self.uploader(result, spec)
+        result.timings["upload"] = time.monotonic() - started
+        return urls
+
+    async def _background(
+        self, pending: PendingJob, request: PromptRequest, head: dict[str, Any]
+    ) -> None:
+        """Finish an async job: run, convert, upload, then the webhooks (success or failure)."""
+        job_id = pending.job.id
+        result: JobResult | None = None
+        try:
+            result = await self.pipeline.complete(pending)
+            await self.postprocess(result, request)
+            if request.webhook:
+                await self._send_v1(request.webhook, result)
+            else:
+                urls = await self._upload(result, upload_spec(request))
+                if request.webhook_v2:
+                    await self._send_v2(request.webhook_v2, result, head, urls)
+        except PipelineError as exc:
+            log.warning("job %s failed (%d): %s", job_id, exc.status, exc.body.get("error"))
+            await self._send_failure(request, job_id, pending.prompt, exc.body)
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            await self._send_failure(
+                request,
+                job_id,
+                pending.prompt,
+                {"error": f"internal error: {type(exc).__name__}: {exc}", "id": job_id},
+            )
+        finally:
+            if result is not None:
+                result.release()
+
+    async def _send_v1(self, url: str, result: JobResult) -> None:
+        from comfy_sidecar.webhooks import v1_output_body
+
+        assert self.webhooks is not None
+        stats = result.stats()
+        for item in result.files:
+            body = v1_output_body(
+                id=result.job.id,
+                filename=item.filename,
+                prompt=result.prompt,
+                stats=stats,
+                image_path=item.path,
+            )
+            await self.webhooks.send_prompt(
+                url, body, f"{result.job.id}:{item.filename}", order_key=result.job.id
+            )
+
+    async def _send_v2(
+        self, url: str, result: JobResult, head: dict[str, Any], urls: list[str] | None
+    ) -> None:
+        from comfy_sidecar.webhooks import Base64File, v2_complete_body
+
+        assert self.webhooks is not None
+        images: list[Any] = (
+            list(urls) if urls is not None else [Base64File(item.path) for item in result.files]
+        )
+        body: dict[str, Any] = {
+            **head,
+            "id": result.job.id,
+            "prompt": result.prompt,
+            "images": images,
+            "filenames": [item.filename for item in result.files],
+            "stats": result.stats(),
+        }
+        if result.conversion_errors:
+            body["conversion_errors"] = result.conversion_errors
+        await self.webhooks.send_prompt(
+            url, v2_complete_body(body), result.job.id, order_key=result.job.id
+        )
+
+    async def _send_failure(
+        self, request: PromptRequest, job_id: str, prompt: Any, error: dict[str, Any]
+    ) -> None:
+        from comfy_sidecar.webhooks import v1_failed_body, v2_failed_body
+
+        if self.webhooks is None:
+            return
+        if request.webhook_v2:
+            await self.webhooks.send_prompt(
+                request.webhook_v2,
+                v2_failed_body(id=job_id, prompt=prompt, error=error),
+                job_id,
+                order_key=job_id,
+            )
+        elif request.webhook:
+            await self.webhooks.send_prompt(
+                request.webhook,
+                v1_failed_body(id=job_id, prompt=prompt, error=error),
+                job_id,
+                order_key=job_id,
+            )
