@@ -1,11 +1,13 @@
 """Start-up figures for the frozen binary: size, exec -> first /health answer, idle RSS, SIGTERM.
 
-    python bench/binary_startup.py [--binary dist/comfy-sidecar] [--cmd "<ComfyUI command>"]
+    python bench/binary_startup.py [--binary dist/comfy-sidecar] [--double | --cmd "<command>"]
                                    [--runs 5] [--idle 3]
 
-Prints numbers; asserts nothing. ``--cmd`` is passed as the sidecar's ``CMD`` (default: a process
-that never answers, so only the boot probes and the idle sidecar are measured). Give the ComfyUI
-double's command line to also measure time to the first ``/health`` 200.
+Prints numbers; asserts nothing. ``--double`` runs the ComfyUI double (tests/comfy_double.py) as
+ComfyUI with docker/warmup/cpu-warmup.json as the warmup prompt, so ``/health`` turns 200;
+``--cmd`` passes any command as the sidecar's ``CMD`` (default: a process that never answers, so
+only the boot probes and the idle sidecar are measured). ``--binary`` may also be
+``"python -m comfy_sidecar"`` to compare with the unfrozen sidecar.
 
 Figures printed per run:
 - ``first_answer_s``: exec -> first HTTP response of any status on ``/health`` (probes must never
@@ -67,23 +69,41 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def run_once(binary: str, cmd: str, idle_s: float, timeout_s: float) -> dict[str, float | None]:
-    port = _free_port()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_once(
+    binary: str, cmd: str | None, idle_s: float, timeout_s: float
+) -> dict[str, float | None]:
+    port, comfy_port = _free_port(), _free_port()
     with tempfile.TemporaryDirectory() as home:
         env = dict(os.environ)
         env.update(
             {
                 "PORT": str(port),
                 "HOST": "127.0.0.1",
-                "CMD": cmd,
                 "HOME": home,
                 "COMFY_HOME": home,
+                "INPUT_DIR": os.path.join(home, "input"),
+                "OUTPUT_DIR": os.path.join(home, "output"),
+                "COMFYUI_PORT_HOST": str(comfy_port),
+                "STARTUP_CHECK_INTERVAL_S": "0.1",
+                "STARTUP_CHECK_MAX_TRIES": "300",
                 "LOG_LEVEL": "warn",
             }
         )
+        if cmd is None:  # the ComfyUI double, with the CPU image's warmup prompt
+            double = os.path.join(ROOT, "tests", "comfy_double.py")
+            env["CMD"] = (
+                f"{shlex.quote(sys.executable)} {shlex.quote(double)} --listen 127.0.0.1 "
+                f"--port {comfy_port} --base-directory {shlex.quote(home)}"
+            )
+            env["WARMUP_PROMPT_FILE"] = os.path.join(ROOT, "docker", "warmup", "cpu-warmup.json")
+        else:
+            env["CMD"] = cmd
         start = time.perf_counter()
         proc = subprocess.Popen(
-            [binary], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            shlex.split(binary), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         first: float | None = None
         ok: float | None = None
@@ -101,10 +121,14 @@ def run_once(binary: str, cmd: str, idle_s: float, timeout_s: float) -> dict[str
             time.sleep(0.005)
         time.sleep(idle_s)
         parent = _rss_kib(proc.pid)
-        # The onefile bootloader (proc) runs the sidecar as its only child; ComfyUI is a
-        # grandchild and is not counted.
+        # Frozen: the onefile bootloader (proc) runs the sidecar as its only child and ComfyUI is
+        # a grandchild. Unfrozen: proc is the sidecar and its child is ComfyUI.
         kids = _children(proc.pid)
-        sidecar = _rss_kib(kids[0]) if kids else 0
+        frozen = not binary.startswith(("python", sys.executable))
+        if frozen:
+            sidecar = _rss_kib(kids[0]) if kids else 0
+        else:
+            sidecar, parent = parent, 0
         stop_start = time.perf_counter()
         exit_code: int | None = None
         stop: float | None = None
@@ -135,14 +159,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--binary", default="dist/comfy-sidecar")
     ap.add_argument("--cmd", default=NEVER_ANSWERS)
+    ap.add_argument("--double", action="store_true", help="run the ComfyUI double as ComfyUI")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--idle", type=float, default=3.0)
     ap.add_argument("--timeout", type=float, default=60.0)
     args = ap.parse_args()
 
-    size = os.path.getsize(args.binary)
-    print(f"binary {args.binary}: {size / 1e6:.1f} MB ({size / 2**20:.1f} MiB)")
-    results = [run_once(args.binary, args.cmd, args.idle, args.timeout) for _ in range(args.runs)]
+    first = shlex.split(args.binary)[0]
+    if os.path.isfile(first):
+        size = os.path.getsize(first)
+        print(f"binary {first}: {size / 1e6:.1f} MB ({size / 2**20:.1f} MiB)")
+    cmd = None if args.double else args.cmd
+    results = [run_once(args.binary, cmd, args.idle, args.timeout) for _ in range(args.runs)]
     for i, r in enumerate(results, 1):
         print(f"run {i}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in r.items()))
     firsts = [r["first_answer_s"] for r in results if r["first_answer_s"] is not None]

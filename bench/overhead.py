@@ -220,7 +220,7 @@ async def main_async(args: argparse.Namespace) -> None:
     print(f"  floor {f_tp:.2f}/s  sidecar {s_tp:.2f}/s  ratio {s_tp / f_tp:.3f}  (goal >= 0.95)")
     print(f"sidecar RSS: idle {idle_rss:.1f} MB (goal <= 60), after load {busy_rss:.1f} MB")
     print(
-        f"exec -> first probe answer: "
+        "exec -> first probe answer: "
         + ", ".join(f"{p * 1000:.0f}" for p in probes)
         + f" ms (max {max(probes) * 1000:.0f} ms, goal <= 500)"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import signal
 import time
@@ -275,7 +276,7 @@ def test_salad_deletion_cost(spawn: Any, tmp_path: Path, receiver: Any) -> None:
     costs = [json.loads(r.body)["deletion_cost"] for r in puts]
     assert all(r.method == "PUT" and r.headers["metadata"] == "true" for r in puts)
     assert 1 in costs and costs[-1] == 0
-    assert all(a != b for a, b in zip(costs, costs[1:], strict=False)), costs
+    assert all(a != b for a, b in itertools.pairwise(costs)), costs
 
 
 def decode(b64: str) -> Any:

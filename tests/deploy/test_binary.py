@@ -13,8 +13,11 @@ builds it first.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,15 +82,19 @@ DATA_FILES = [
     "botocore/data/sts/2011-06-15/service-2.json.gz",
     "certifi/cacert.pem",
 ]
-EXCLUDED = ["tkinter", "numpy", "pytest", "pydantic", "faker", "IPython"]
+EXCLUDED = ["tkinter", "numpy", "pytest", "pydantic", "rich", "IPython"]
+
+
+def _reader() -> Any:
+    """PyInstaller's reader of the binary's archive (PyInstaller is in the `dev` extra)."""
+    readers = pytest.importorskip("PyInstaller.archive.readers", reason="PyInstaller not installed")
+    return readers.CArchiveReader(str(BINARY))
 
 
 @pytest.fixture(scope="module")
 def contents() -> tuple[set[str], set[str]]:
     """(module names in the PYZ, file names in the CArchive)."""
-    from PyInstaller.archive.readers import CArchiveReader  # type: ignore[import-untyped]
-
-    reader = CArchiveReader(str(BINARY))
+    reader = _reader()
     pyz = reader.open_embedded_archive("PYZ.pyz")
     return set(pyz.toc), set(reader.toc)
 
@@ -165,3 +172,32 @@ def test_bad_configuration_exits_2_naming_the_variable(tmp_path: Path) -> None:
     proc = _run(env=env)
     assert proc.returncode == 2
     assert proc.stderr.startswith("comfy-sidecar: PORT:"), proc.stderr
+
+
+# docs/deploy.md promises this floor: the newest glibc symbol version any bundled object needs.
+GLIBC_FLOOR = (2, 35)
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) not installed")
+def test_glibc_floor_matches_the_documented_one(tmp_path: Path) -> None:
+    reader = _reader()
+    needs: dict[str, tuple[int, ...]] = {}
+    objects = [("(bootloader)", BINARY)]
+    for name, entry in reader.toc.items():
+        if entry[-1] == "b":
+            path = tmp_path / name.replace("/", "__")
+            path.write_bytes(reader.extract(name))
+            objects.append((name, path))
+    for name, path in objects:
+        out = subprocess.run(
+            ["objdump", "-T", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+        versions = [tuple(map(int, v.split("."))) for v in re.findall(r"GLIBC_(\d[\d.]*)", out)]
+        if versions:
+            needs[name] = max(versions)
+    assert needs, "no ELF objects found"
+    newest = max(needs.values())
+    worst = sorted(n for n, v in needs.items() if v == newest)
+    assert newest <= GLIBC_FLOOR, f"needs glibc {newest} because of {worst}"
+    bundled = {Path(n).name.split(".so")[0] for n in needs}
+    assert not bundled & {"libstdc++", "libgcc_s"}, "the C++ runtime is left to the host"

@@ -194,3 +194,7 @@ def test_warmup_prompt_runs_on_comfyui(kind: str, tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_tmp_is_a_tmpfs_for_the_binarys_unpacking() -> None:
+    assert any(entry.startswith("/tmp:") for entry in _service()["tmpfs"])

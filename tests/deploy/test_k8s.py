@@ -173,3 +173,10 @@ def test_runs_as_the_images_non_root_user() -> None:
     security = pod["securityContext"]
     assert security["runAsNonRoot"] is True
     assert security["runAsUser"] == 1000 and security["fsGroup"] == 1000
+
+
+def test_tmp_is_memory_backed_for_the_binarys_unpacking() -> None:
+    pod = _one("Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in _container()["volumeMounts"]}
+    assert volumes[mounts["/tmp"]]["emptyDir"]["medium"] == "Memory"
