@@ -41,6 +41,7 @@ from comfy_sidecar.pipeline.jobs import JobRegistry
 from comfy_sidecar.pipeline.run import Pipeline, PipelineError
 from comfy_sidecar.salad import DeletionCost
 from comfy_sidecar.schemas import Prompt, PromptRequest
+from comfy_sidecar.storage import Storage
 from comfy_sidecar.supervisor import ComfyProcess, LaunchError
 from comfy_sidecar.webhooks import WebhookDispatcher
 
@@ -95,13 +96,16 @@ class Sidecar:
         )
         self.frame_listeners: list[Callable[[dict[str, Any]], None]] = []
         self.process: ComfyProcess | None = None
-        self.pipeline = Pipeline(
-            settings, self.client, self.registry, self.client_id, self.log_tail
-        )
         self.webhooks = WebhookDispatcher(settings)
+        self.storage = Storage(settings, on_event=self.webhooks.storage_event)
+        self.pipeline = Pipeline(
+            settings, self.client, self.registry, self.client_id, self.log_tail, self.storage
+        )
         self.deletion_cost = DeletionCost(settings)
         self.frame_listeners.append(self._forward_frame)
-        self.delivery = Delivery(self.pipeline, self.webhooks, self.spawn)
+        self.delivery = Delivery(
+            self.pipeline, self.webhooks, self.spawn, Delivery.storage_uploader(self.storage)
+        )
         self.workflows: list[Any] = []
         self.phase = Phase.STARTING
         self.detail = "starting"
@@ -176,6 +180,7 @@ class Sidecar:
         """Provision, launch, warm, serve, restart; returns 1 when the sidecar must exit."""
         try:
             await self.webhooks.start()
+            await self.storage.start()
             self.deletion_cost.start()
             self.warmup_prompt = await self._load_warmup()
             await self.provision()
@@ -352,6 +357,7 @@ class Sidecar:
             log.info("ComfyUI stopped (exit code %s)", code)
         self.registry.fail_all("the sidecar is shutting down")
         await self.webhooks.close(grace_s)
+        await self.storage.close()
         await self.deletion_cost.close()
         for task in list(self._tasks):
             task.cancel()

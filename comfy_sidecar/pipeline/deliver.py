@@ -21,7 +21,14 @@ from litestar.response import Stream
 
 from comfy_sidecar.pipeline.outputs import OutputFile, stream_result
 from comfy_sidecar.pipeline.run import JobResult, PendingJob, Pipeline, PipelineError
-from comfy_sidecar.schemas import PromptOptions, PromptRequest
+from comfy_sidecar.schemas import (
+    AzureBlobUpload,
+    HFUpload,
+    HTTPUpload,
+    PromptOptions,
+    PromptRequest,
+    S3Upload,
+)
 
 if TYPE_CHECKING:
     from comfy_sidecar.webhooks import WebhookDispatcher
@@ -38,6 +45,12 @@ ECHOED = (
     "http_upload",
 )
 UPLOAD_KEYS = ("s3", "hf_upload", "azure_blob_upload", "http_upload")
+_SPEC_TYPES: dict[str, type] = {
+    "s3": S3Upload,
+    "hf_upload": HFUpload,
+    "azure_blob_upload": AzureBlobUpload,
+    "http_upload": HTTPUpload,
+}
 
 Uploader = Callable[[JobResult, Any], Awaitable[list[str]]]
 """``upload(result, spec) -> URLs``, one per output file; raises PipelineError (502)."""
@@ -152,6 +165,43 @@ class Delivery:
             converted.append(OutputFile(new_path, new_path.name, item.node_id, item.key, False))
         result.files = converted
         result.timings["postprocess"] = time.monotonic() - started
+
+    @staticmethod
+    def storage_uploader(storage: Any, concurrency: int = 4) -> Uploader:
+        """An :data:`Uploader` over the storage facade: every output file streamed from disk,
+        ``concurrency`` at a time; any failure is a :class:`PipelineError` naming the file
+        (502 for the backend, 400 for a bad prefix, 409 when superseded)."""
+        from comfy_sidecar.storage import StorageError
+
+        async def upload(result: JobResult, spec: Any) -> list[str]:
+            key = next(k for k in UPLOAD_KEYS if isinstance(spec, _SPEC_TYPES[k]))
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one(item: OutputFile) -> str:
+                async with gate:
+                    try:
+                        url: str = await storage.upload(item.path, spec, item.filename)
+                    except StorageError as exc:
+                        raise PipelineError(
+                            exc.status,
+                            {
+                                "error": f"upload of {item.filename} failed: {exc}",
+                                "location": key,
+                                "id": result.job.id,
+                            },
+                        ) from None
+                    return url
+
+            tasks = [asyncio.ensure_future(one(item)) for item in result.files]
+            try:
+                return list(await asyncio.gather(*tasks))
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+
+        return upload
 
     async def _upload(self, result: JobResult, spec: Any) -> list[str] | None:
         if spec is None or self.uploader is None:

@@ -17,6 +17,7 @@ Copies comfyui-api's ``preprocessNodes`` where it is right and fixes it where it
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import os
@@ -24,7 +25,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 IMAGE_LOADER_FIELDS = ("image",)
 VIDEO_LOADERS = frozenset(
@@ -153,8 +154,42 @@ def rewrite_prefix(prefix: str, job_id: str, prepend: bool) -> str:
     return f"{head}{sep}{new_tail}"
 
 
-StageUrl = Callable[[str, str, str], Awaitable[str]]
-"""``stage_url(url, location, name) -> file name relative to INPUT_DIR``; raises InputError."""
+# Loader nodes whose inputs may be a model URL, and the model folder each input reads.
+# (comfyui-api sends UNETLoader to `diffusers` and CLIPVisionLoader to `text_encoders`; these
+# are the folders ComfyUI's nodes actually list.)
+MODEL_LOADERS: dict[str, dict[str, str]] = {
+    "CheckpointLoaderSimple": {"ckpt_name": "checkpoints"},
+    "unCLIPCheckpointLoader": {"ckpt_name": "checkpoints"},
+    "CheckpointLoader": {"ckpt_name": "checkpoints", "config_name": "configs"},
+    "LoraLoader": {"lora_name": "loras"},
+    "LoraLoaderModelOnly": {"lora_name": "loras"},
+    "VAELoader": {"vae_name": "vae"},
+    "ControlNetLoader": {"control_net_name": "controlnet"},
+    "DiffControlNetLoader": {"control_net_name": "controlnet"},
+    "UNETLoader": {"unet_name": "diffusion_models"},
+    "CLIPLoader": {"clip_name": "text_encoders"},
+    "DualCLIPLoader": {"clip_name1": "text_encoders", "clip_name2": "text_encoders"},
+    "CLIPVisionLoader": {"clip_name": "clip_vision"},
+    "StyleModelLoader": {"style_model_name": "style_models"},
+    "GLIGENLoader": {"gligen_name": "gligen"},
+    "UpscaleModelLoader": {"model_name": "upscale_models"},
+}
+
+MAX_CONCURRENT_DOWNLOADS = 8
+
+
+class Staging(Protocol):
+    """Downloads for one job (the storage facade, the job's credentials and cache lease)."""
+
+    async def input(self, url: str, stem: str, location: str) -> str:
+        """Download ``url`` and link it into INPUT_DIR as ``<stem><ext>``; returns that name
+        relative to INPUT_DIR. Raises :class:`InputError`."""
+        ...
+
+    async def model(self, url: str, folder: str, location: str) -> str:
+        """Download ``url`` into the model folder ``folder``; returns the file name ComfyUI
+        lists. Raises :class:`InputError`."""
+        ...
 
 
 @dataclass
@@ -187,30 +222,33 @@ class Preprocessor:
         input_dir: str,
         prepend_filenames: bool,
         is_output_node: Callable[[str], Awaitable[bool]],
-        stage_url: StageUrl | None = None,
     ) -> None:
         self.input_dir = Path(input_dir)
         self.prepend_filenames = prepend_filenames
         self._is_output_node = is_output_node
-        self._stage_url = stage_url
 
-    async def prepare(self, prompt: dict[str, Any], job_id: str) -> Prepared:
+    async def prepare(
+        self, prompt: dict[str, Any], job_id: str, staging: Staging | None = None
+    ) -> Prepared:
         """Rewrite ``prompt`` (a plain dict, modified in place) for job ``job_id``.
 
+        URL values (media inputs, model loader inputs) are downloaded through ``staging``, all
+        of one prompt at once (at most 8 at a time); without ``staging`` they are refused.
         Returns :class:`Prepared`. Raises :class:`InputError` for a caller's mistake; files it
         wrote before the error are removed.
         """
         prepared = Prepared(prompt)
         try:
-            await self._prepare(prepared, job_id)
+            await self._prepare(prepared, job_id, staging)
         except BaseException:
             prepared.cleanup()
             raise
         return prepared
 
-    async def _prepare(self, prepared: Prepared, job_id: str) -> None:
+    async def _prepare(self, prepared: Prepared, job_id: str, staging: Staging | None) -> None:
         has_output = False
         counter = 0
+        downloads: list[Callable[[], Awaitable[None]]] = []
         for node_id, node in prepared.prompt.items():
             inputs = node.get("inputs")
             if not isinstance(inputs, dict):
@@ -231,9 +269,19 @@ class Preprocessor:
             for name in fields:
                 counter += 1
                 location = f"prompt.{node_id}.inputs.{name}"
-                inputs[name] = await self._resolve(
-                    inputs[name], location, f"{job_id}_{counter}", prepared, self.input_dir
-                )
+                stem = f"{job_id}_{counter}"
+                if is_url(inputs[name]):
+                    downloads.append(
+                        self._stage_input(staging, inputs, name, name, stem, location, prepared)
+                    )
+                else:
+                    inputs[name] = await self._resolve(
+                        inputs[name], location, stem, prepared, self.input_dir
+                    )
+            for name, folder in MODEL_LOADERS.get(class_type, {}).items():
+                if isinstance(inputs.get(name), str) and is_url(inputs[name]):
+                    location = f"prompt.{node_id}.inputs.{name}"
+                    downloads.append(self._stage_model(staging, inputs, name, folder, location))
             directory = inputs.get("directory")
             if class_type in IMAGE_DIR_LOADERS and isinstance(directory, list):
                 target = self.input_dir / job_id
@@ -243,10 +291,24 @@ class Preprocessor:
                     location = f"prompt.{node_id}.inputs.directory[{index}]"
                     if not isinstance(item, str):
                         raise InputError("expected a string", location)
-                    await self._resolve(
-                        item, location, f"{index:05d}", prepared, target, copy_local=True
-                    )
+                    if is_url(item):
+                        downloads.append(
+                            self._stage_input(
+                                staging,
+                                {"url": item},
+                                "url",
+                                None,
+                                f"{job_id}/{index:05d}",
+                                location,
+                                prepared,
+                            )
+                        )
+                    else:
+                        await self._resolve(
+                            item, location, f"{index:05d}", prepared, target, copy_local=True
+                        )
                 inputs["directory"] = job_id
+        await self._run_downloads(downloads)
         if not has_output:
             for node in prepared.prompt.values():
                 if await self._is_output_node(str(node.get("class_type", ""))):
@@ -258,6 +320,62 @@ class Preprocessor:
                 '"filename_prefix" input, or one ComfyUI marks as an output node)',
                 "prompt",
             )
+
+    @staticmethod
+    async def _run_downloads(downloads: list[Callable[[], Awaitable[None]]]) -> None:
+        """Run the prompt's downloads concurrently, at most MAX_CONCURRENT_DOWNLOADS at once;
+        the first failure cancels the rest and is raised."""
+        if not downloads:
+            return
+        gate = asyncio.Semaphore(MAX_CONCURRENT_DOWNLOADS)
+
+        async def bounded(download: Callable[[], Awaitable[None]]) -> None:
+            async with gate:
+                await download()
+
+        tasks = [asyncio.ensure_future(bounded(d)) for d in downloads]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    def _stage_input(
+        self,
+        staging: Staging | None,
+        inputs: dict[str, Any] | None,
+        key: str | None,
+        field_name: str | None,
+        stem: str,
+        location: str,
+        prepared: Prepared,
+    ) -> Callable[[], Awaitable[None]]:
+        """A download of ``inputs[key]`` into INPUT_DIR as ``<stem><ext>``, written back to
+        ``inputs[field_name]`` (when given)."""
+
+        async def download() -> None:
+            if staging is None:
+                raise InputError("URL inputs are not supported by this build", location)
+            assert inputs is not None and key is not None
+            name = await staging.input(str(inputs[key]), stem, location)
+            prepared.input_files.append(self.input_dir / name)
+            if field_name is not None:
+                inputs[field_name] = name
+
+        return download
+
+    @staticmethod
+    def _stage_model(
+        staging: Staging | None, inputs: dict[str, Any], name: str, folder: str, location: str
+    ) -> Callable[[], Awaitable[None]]:
+        async def download() -> None:
+            if staging is None:
+                raise InputError("model URLs are not supported by this build", location)
+            inputs[name] = await staging.model(str(inputs[name]), folder, location)
+
+        return download
 
     async def _resolve(
         self,
@@ -278,17 +396,6 @@ class Preprocessor:
                 raise InputError("the data: URL's payload is not valid base64", location)
             ext = _MIME_EXT.get((match.group("mime") or "").lower()) or sniff_extension(data[:64])
             return self._write(data, ext, location, stem, prepared, target)
-        if is_url(value):
-            if self._stage_url is None:
-                raise InputError("URL inputs are not supported by this build", location)
-            name = await self._stage_url(value, location, stem)
-            if target != self.input_dir:
-                staged = self.input_dir / name
-                os.replace(staged, target / Path(name).name)
-                prepared.input_files.append(target / Path(name).name)
-                return str(Path(target.name) / Path(name).name)
-            prepared.input_files.append(self.input_dir / name)
-            return name
         if _ANNOTATION.search(value):
             return value  # "name.png [output]": ComfyUI resolves annotated names itself
         local = self._existing_input(value)

@@ -14,7 +14,8 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -35,8 +36,12 @@ from comfy_sidecar.pipeline.outputs import (
     collect_outputs,
     remove_outputs,
 )
-from comfy_sidecar.pipeline.preprocess import InputError, Prepared, Preprocessor, StageUrl
-from comfy_sidecar.schemas import PromptRequest
+from comfy_sidecar.pipeline.preprocess import InputError, Prepared, Preprocessor
+from comfy_sidecar.schemas import Credential, PromptRequest
+
+if TYPE_CHECKING:
+    from comfy_sidecar.cache import Lease
+    from comfy_sidecar.storage import Storage
 
 log = logging.getLogger("comfy_sidecar.pipeline")
 
@@ -99,6 +104,65 @@ class JobResult:
             self.on_release()
 
 
+class JobStaging:
+    """Downloads for one job through the storage facade: credentials matched per URL
+    (``credentials``, first glob wins), files leased from eviction until the job ends.
+    Storage errors become :class:`InputError` naming the prompt field."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        credentials: list[Credential] | None,
+        lease: Lease,
+        settings: Settings,
+    ) -> None:
+        self.storage = storage
+        self.credentials = credentials
+        self.lease = lease
+        self.input_dir = settings.input_dir
+        self.model_dir = Path(settings.model_dir)
+
+    async def input(self, url: str, stem: str, location: str) -> str:
+        """Download ``url``; link it into INPUT_DIR as ``<stem><cache file extension>``."""
+        from comfy_sidecar.storage import StorageError
+
+        auth = self.storage.credentials_for(url, self.credentials)
+        try:
+            cached = await self.storage.fetch(url, auth, self.lease)
+            name = f"{stem}{cached.suffix}"
+            return await self.storage.stage_input(url, auth, self.input_dir, name, self.lease)
+        except StorageError as exc:
+            raise InputError(
+                f"could not download {_safe(url)}: {exc}", location, exc.status
+            ) from None
+
+    async def model(self, url: str, folder: str, location: str) -> str:
+        """Download ``url`` into ``MODEL_DIR/<folder>``; returns the name ComfyUI lists."""
+        from comfy_sidecar.storage import StorageError
+
+        auth = self.storage.credentials_for(url, self.credentials)
+        try:
+            return await self.storage.stage_model(url, auth, self.model_dir / folder, self.lease)
+        except StorageError as exc:
+            raise InputError(
+                f"could not download {_safe(url)}: {exc}", location, exc.status
+            ) from None
+
+
+def _safe(url: str) -> str:
+    """``url`` without user:password or query string, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "the URL"
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 @dataclass
 class PendingJob:
     """A registered, preprocessed job not yet queued on ComfyUI."""
@@ -134,15 +198,16 @@ class Pipeline:
         registry: JobRegistry,
         client_id: str,
         log_tail: Callable[[int], list[str]],
-        stage_url: StageUrl | None = None,
+        storage: Storage | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
         self.registry = registry
         self.client_id = client_id
         self._log_tail = log_tail
+        self.storage = storage
         self.preprocessor = Preprocessor(
-            settings.input_dir, settings.prepend_filenames, self._is_output_node, stage_url
+            settings.input_dir, settings.prepend_filenames, self._is_output_node
         )
         self.active = 0
         self._idle = asyncio.Event()
@@ -201,16 +266,24 @@ class Pipeline:
             ) from None
         self._begin()
         ended = False
+        lease = self.storage.lease() if self.storage is not None else None
+        staging = (
+            JobStaging(self.storage, request.credentials, lease, self.settings)
+            if self.storage is not None and lease is not None
+            else None
+        )
 
         def end() -> None:
             nonlocal ended
             if not ended:
                 ended = True
+                if lease is not None:
+                    lease.release()
                 self.registry.remove(job)
                 self._end()
 
         try:
-            prepared = await self.preprocessor.prepare(prompt, job_id)
+            prepared = await self.preprocessor.prepare(prompt, job_id, staging)
         except InputError as exc:
             end()
             raise PipelineError(
