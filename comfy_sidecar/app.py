@@ -11,10 +11,11 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from litestar import Litestar, Request, Response
+from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from comfy_sidecar import __version__
 from comfy_sidecar.pipeline.run import PipelineError
@@ -113,6 +114,20 @@ def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response
     return Response({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
 
+@get("/openapi.json", include_in_schema=False, sync_to_thread=False)
+def openapi_json(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """The OpenAPI document (also at ``/docs/openapi.json``)."""
+    schema: dict[str, Any] = request.app.openapi_schema.to_schema()
+    return schema
+
+
+DESCRIPTION = (
+    "A drop-in, Python re-creation of SaladTechnologies/comfyui-api: it supervises ComfyUI and "
+    "serves a stateless API. Every error body is JSON with `error` and, for a caller's mistake, "
+    "`location` naming the field."
+)
+
+
 def create_app(sidecar: Sidecar) -> Litestar:
     """Build the ASGI app for ``sidecar`` (reachable in handlers as ``state.sidecar``)."""
     settings = sidecar.settings
@@ -120,6 +135,7 @@ def create_app(sidecar: Sidecar) -> Litestar:
         route_handlers=[
             health,
             ready,
+            openapi_json,
             prompt,
             interrupt,
             *(
@@ -135,7 +151,12 @@ def create_app(sidecar: Sidecar) -> Litestar:
             HTTPException: _http_error,
             Exception: _internal_error,
         },
-        openapi_config=OpenAPIConfig(title="comfy-sidecar", version=__version__, path="/docs"),
-        logging_config=None,
+        openapi_config=OpenAPIConfig(
+            title="comfy-sidecar",
+            version=__version__,
+            description=DESCRIPTION,
+            path="/docs",
+            render_plugins=[SwaggerRenderPlugin(path="/")],
+        ),        logging_config=None,
         debug=False,
     )

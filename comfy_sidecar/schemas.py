@@ -270,10 +270,30 @@ class AcceptedResponse(msgspec.Struct, kw_only=True):
 class ErrorResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Every 4xx/5xx body: `error` says what is wrong, `location` names the field."""
 
-    error: str
-    location: str | None = None
-    id: str | None = None
-    details: dict[str, Any] | None = None
+    error: Annotated[str, Meta(description="What is wrong, in words.",
+                               examples=["not a file in the input directory, a URL ..."])]
+    location: Annotated[
+        str | None,
+        Meta(description="The field at fault, e.g. `prompt.3.inputs.image`, `id`, "
+                         "`convert_output.options.effort`, `prompt` or `body`.",
+             examples=["prompt.1.inputs.image"]),
+    ] = None
+    id: Annotated[str | None, Meta(description="The job id, once one was assigned.")] = None
+    node_errors: Annotated[
+        dict[str, Any] | None,
+        Meta(description="ComfyUI's `node_errors` from its validation (400)."),
+    ] = None
+    comfyui_error: Annotated[
+        Any, Meta(description="ComfyUI's own `error` object from its validation (400).")
+    ] = None
+    node_id: Annotated[str | None, Meta(description="Node that failed (500, 499).")] = None
+    node_type: Annotated[str | None, Meta(description="Its class_type (500, 499).")] = None
+    exception_type: Annotated[str | None, Meta(description="Python exception (500).")] = None
+    exception_message: Annotated[str | None, Meta(description="Its message (500).")] = None
+    traceback: Annotated[list[str] | None, Meta(description="ComfyUI's traceback (500).")] = None
+    comfyui_log_tail: Annotated[
+        list[str] | None, Meta(description="The last lines ComfyUI logged (500, 503).")
+    ] = None
 
 
 class ProbeResponse(msgspec.Struct, kw_only=True):
