@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -77,6 +78,11 @@ class RssSampler:
         self.peak = max(self.peak, rss_bytes())
 
 
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def make_file(path: Path, size: int) -> None:
     block = os.urandom(1 << 20)
     with open(path, "wb") as fh:
@@ -97,6 +103,8 @@ async def run(args: argparse.Namespace, work: Path, port: int) -> None:
     curl_times: list[float] = []
     miss_times: list[float] = []
     growth: list[int] = []
+    curl_cpu: list[float] = []
+    miss_cpu: list[float] = []
     try:
         # Interleaved runs, with dirty pages flushed (untimed) before each, so neither side
         # pays for the other's write-back.
@@ -110,19 +118,23 @@ async def run(args: argparse.Namespace, work: Path, port: int) -> None:
         for i in range(args.runs):
             out = work / f"curl-{i}.bin"
             os.sync()
-            t0 = time.perf_counter()
             curl = ["curl", "-sS", "-o", str(out), f"{url_base}.bin?curl={i}"]
+            c0 = _cpu(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
             subprocess.run(curl, check=True)  # noqa: ASYNC221 - timed on purpose, alone
             curl_times.append(time.perf_counter() - t0)
+            curl_cpu.append(_cpu(resource.RUSAGE_CHILDREN) - c0)
             assert out.stat().st_size == size
             out.unlink()
             url = f"{url_base}.bin?run={i}"
             os.sync()
             base = rss_bytes()
             with RssSampler() as sampler:
+                c0 = _cpu(resource.RUSAGE_SELF)
                 t0 = time.perf_counter()
                 path = await storage.fetch(url, None)
                 miss_times.append(time.perf_counter() - t0)
+                miss_cpu.append(_cpu(resource.RUSAGE_SELF) - c0)
             growth.append(sampler.peak - base)
             assert path.stat().st_size == size
             if i < args.runs - 1:
@@ -149,6 +161,10 @@ async def run(args: argparse.Namespace, work: Path, port: int) -> None:
         f"runs {[round(t, 2) for t in miss_times]}"
     )
     print(f"throughput ratio (cache miss / curl): {curl_best / miss_best:.2f}  (goal >= 0.9)")
+    print(
+        f"CPU seconds (user+sys), median: curl {statistics.median(curl_cpu):.2f}, "
+        f"cache miss {statistics.median(miss_cpu):.2f} (includes the RSS sampler thread)"
+    )
     print(
         f"RSS growth during miss: max {max(growth) / 1e6:.1f} MB "
         f"(runs {[round(g / 1e6, 1) for g in growth]})  (goal <= 64 MB)"
