@@ -195,7 +195,27 @@ class Sidecar:
 
     async def provision(self) -> None:
         """Install the manifest (apt, pip, custom nodes, models) before ComfyUI starts."""
-        self.set_phase(Phase.PROVISIONING, "nothing to install")
+        from comfy_sidecar.manifest import ManifestError, Provisioner
+
+        try:
+            provisioner = Provisioner.from_settings(self.settings)
+        except ManifestError as exc:
+            raise Fatal(str(exc)) from None
+        self.after_start: Callable[[], None] = lambda: provisioner.start_after(
+            self.storage, self.spawn
+        )
+        if provisioner.empty:
+            self.set_phase(Phase.PROVISIONING, "nothing to install")
+            return
+        self.set_phase(Phase.PROVISIONING, f"installing the {provisioner.source} manifest")
+
+        def report(detail: str) -> None:
+            self.detail = detail
+
+        try:
+            await provisioner.before_start(self.storage, report)
+        except ManifestError as exc:
+            raise Fatal(str(exc)) from None
 
     async def _supervise(self) -> None:
         while True:
@@ -208,8 +228,11 @@ class Sidecar:
             exited = asyncio.ensure_future(process.wait())
             try:
                 await self._bring_up(process, exited)
+                first_ready = not self.ever_ready
                 self.ever_ready = True
                 self.set_phase(Phase.READY, "ComfyUI is up, warm and connected")
+                if first_ready:
+                    self.after_start()  # manifest models.after_start, in the background
                 code = await exited
                 raise ChildExited(code)
             except ChildExited as exc:
