@@ -19,6 +19,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from comfy_sidecar import __version__
 from comfy_sidecar.pipeline.run import PipelineError
+from comfy_sidecar.routes.models import download, download_status, models
 from comfy_sidecar.routes.probes import health, ready
 from comfy_sidecar.routes.prompt import interrupt, prompt
 from comfy_sidecar.routes.workflows import workflow_route
@@ -138,6 +139,9 @@ def create_app(sidecar: Sidecar) -> Litestar:
             openapi_json,
             prompt,
             interrupt,
+            download,
+            download_status,
+            models,
             *(
                 workflow_route(wf, settings.markdown_schema_descriptions)
                 for wf in sidecar.workflows

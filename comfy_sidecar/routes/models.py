@@ -1,0 +1,310 @@
+"""``POST /download``, ``GET /download/{key}`` and ``GET /models`` (comfyui-api's E6/E3).
+
+Differences from comfyui-api: ``model_type`` is checked against ComfyUI's folders at request
+time (comfyui-api freezes an enum at boot, W-B10); the download goes through the cache under its
+URL-hash name and only the *link* is called ``filename`` (W-B1), so a restart hits the cache; a
+URL without an extension gets the cache file's extension so ComfyUI lists it; ``filename`` with a
+path is refused (comfyui-api allows ``../``); ``GET /download/{key}`` reports async downloads
+(comfyui-api has no status endpoint); ``GET /models`` is live and never 500s on new folders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import urllib.parse
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import msgspec
+from litestar import Response, get, post
+from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
+from msgspec import Meta
+
+from comfy_sidecar.pipeline.run import PipelineError
+from comfy_sidecar.schemas import DownloadAuth, ErrorResponse
+
+if TYPE_CHECKING:
+    from comfy_sidecar.service import Sidecar
+
+log = logging.getLogger("comfy_sidecar.routes.models")
+
+#: Download records kept for ``GET /download/{key}`` (oldest finished ones dropped first).
+MAX_RECORDS = 512
+
+#: Extensions ComfyUI lists in its model folders (``folder_paths.supported_pt_extensions``
+#: plus the extra ones some folders use); a name ending otherwise gets the cache file's one.
+MODEL_EXTENSIONS = frozenset(
+    {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft", ".gguf", ".onnx"}
+    | {".yaml", ".json", ".txt", ".csv", ".npz", ".patch"}
+)
+
+
+class DownloadRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /download`` body (comfyui-api's, plus nothing)."""
+
+    url: Annotated[
+        str, Meta(description="Model URL: http(s)://, s3://, a Hugging Face or Azure Blob URL.")
+    ]
+    model_type: Annotated[
+        str,
+        Meta(description="ComfyUI model folder, e.g. `checkpoints`, `loras` (see GET /models)."),
+    ]
+    filename: Annotated[
+        str | None,
+        Meta(
+            description="Link name in the folder (no `/`). Default: the URL's file name; the "
+            "cache file's extension is added when that has none ComfyUI lists."
+        ),
+    ] = None
+    wait: Annotated[
+        bool, Meta(description="Answer 200 when the file is in place (else 202 at once).")
+    ] = False
+    auth: Annotated[
+        DownloadAuth | None, Meta(description="Credentials for this URL (not cached).")
+    ] = None
+
+
+class DownloadResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A download's state: the ``POST /download`` answer and ``GET /download/{key}``."""
+
+    url: Annotated[str, Meta(description="The URL, credentials removed.")]
+    model_type: str
+    filename: Annotated[
+        str, Meta(description="Link name in MODEL_DIR/<model_type>, what loaders take.")
+    ]
+    status: Annotated[
+        Literal["started", "completed", "failed"],
+        Meta(description="`started` (running), `completed` or `failed`."),
+    ]
+    key: Annotated[
+        str, Meta(description="Cache key of the URL; GET /download/{key} reports progress.")
+    ]
+    size: Annotated[int | None, Meta(description="Bytes, when completed.")] = None
+    duration: Annotated[float | None, Meta(description="Seconds, when finished.")] = None
+    bytes_done: Annotated[
+        int | None, Meta(description="Bytes downloaded so far, while started.")
+    ] = None
+    error: Annotated[str | None, Meta(description="Why it failed.")] = None
+
+
+ModelsResponse = dict[str, list[str]]
+
+ERRORS = {
+    400: ResponseSpec(
+        ErrorResponse,
+        description="Bad URL, unknown model_type, filename with a path, or (with wait) a "
+        "failed download; `location` names the field.",
+    ),
+    409: ResponseSpec(ErrorResponse, description="A file not made by the cache has that name."),
+    503: ResponseSpec(ErrorResponse, description="ComfyUI is not answering."),
+}
+
+
+class Downloads:
+    """Bounded record of ``POST /download`` jobs by cache key (one per URL at a time)."""
+
+    def __init__(self) -> None:
+        self.records: OrderedDict[str, DownloadResponse] = OrderedDict()
+
+    def put(self, record: DownloadResponse) -> None:
+        self.records[record.key] = record
+        self.records.move_to_end(record.key)
+        while len(self.records) > MAX_RECORDS:
+            oldest = next(
+                (k for k, r in self.records.items() if r.status != "started"),
+                next(iter(self.records)),
+            )
+            del self.records[oldest]
+
+
+def _downloads(state: State) -> Downloads:
+    found = state.get("downloads")
+    if not isinstance(found, Downloads):
+        found = Downloads()
+        state["downloads"] = found
+    return found
+
+
+def _bad(error: str, location: str, status: int = 400) -> PipelineError:
+    return PipelineError(status, {"error": error, "location": location})
+
+
+def _default_name(url: str) -> str:
+    """The URL path's last segment, percent-decoded (comfyui-api's ``basename(pathname)``)."""
+    path = urllib.parse.urlsplit(url).path
+    return urllib.parse.unquote(path.rstrip("/").rsplit("/", 1)[-1])
+
+
+def _check_filename(name: str, location: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise _bad("filename: must be a plain file name (no path)", location)
+
+
+def _final_name(name: str, cache_file: Path) -> str:
+    """``name``, or ``name`` + the cache file's extension when ``name`` has none ComfyUI
+    lists (``128713`` + ``.safetensors``)."""
+    if os.path.splitext(name)[1].lower() in MODEL_EXTENSIONS:
+        return name
+    ext = os.path.splitext(cache_file.name)[1]
+    return name + ext if ext and not name.endswith(ext) else name
+
+
+async def _known_folders(sidecar: Sidecar) -> list[str]:
+    from comfy_sidecar.comfy.client import ComfyUnavailable
+
+    try:
+        return await sidecar.client.model_folders()
+    except ComfyUnavailable as exc:
+        raise PipelineError(503, {"error": f"ComfyUI is not answering: {exc}"}) from None
+
+
+async def _run_download(
+    sidecar: Sidecar, record: DownloadResponse, auth: DownloadAuth | None, url: str, name: str
+) -> tuple[DownloadResponse, int]:
+    """Fetch ``url`` into the cache and link it as ``name`` (extension fixed) in the folder;
+    updates ``record`` and returns it with the HTTP status a waiting caller gets (200; 409 for
+    a foreign file in the way; 400 for any other failure, as comfyui-api). Never raises."""
+    from comfy_sidecar.storage import StorageError
+
+    storage = sidecar.storage
+    folder = Path(sidecar.settings.model_dir) / record.model_type
+    started = time.monotonic()
+    status = 200
+    try:
+        with storage.lease() as lease:
+            cached = await storage.fetch(url, auth, lease)
+            record.filename = _final_name(name, cached)
+            dest = await storage.link(url, auth, folder / record.filename, lease)
+            record.size = os.stat(dest).st_size
+        record.status = "completed"
+        log.info("download %s -> %s (%d bytes)", record.url, dest, record.size)
+    except StorageError as exc:
+        record.status, record.error = "failed", str(exc)
+        status = 409 if exc.status == 409 else 400
+    except Exception as exc:
+        record.status, record.error, status = "failed", f"{type(exc).__name__}: {exc}", 400
+    record.duration = time.monotonic() - started
+    if record.error is not None:
+        log.warning("download %s failed: %s", record.url, record.error)
+    return record, status
+
+
+@post(
+    "/download",
+    summary="Download a model into a ComfyUI model folder",
+    tags=["models"],
+    status_code=202,
+    responses={
+        200: ResponseSpec(DownloadResponse, description="With `wait`: the file is in place."),
+        **ERRORS,
+    },
+    description="Download `url` through the cache (once per URL) and link it as "
+    "MODEL_DIR/`model_type`/`filename`. Answers 202 `status: started` at once, or with "
+    "`wait: true` 200 `status: completed` with `size` (bytes) and `duration` (s). "
+    "GET /download/{key} reports an async download.",
+)
+async def download(data: DownloadRequest, state: State) -> Response[DownloadResponse]:
+    """Start (or join) a model download."""
+    from comfy_sidecar.cache import cache_key
+    from comfy_sidecar.storage import Storage
+    from comfy_sidecar.storage.base import strip_credentials
+
+    sidecar: Sidecar = state.sidecar
+    if not Storage.is_url(data.url):
+        raise _bad("url: not a URL (http://, https:// or s3://)", "url")
+    try:
+        sidecar.storage.backend_for(data.url)
+    except Exception as exc:
+        raise _bad(f"url: {exc}", "url") from None
+    if data.filename is not None:
+        _check_filename(data.filename, "filename")
+        name = data.filename
+    else:
+        name = _default_name(data.url)
+        if not name or name in (".", ".."):
+            name = cache_key(data.url)
+        _check_filename(name, "url")
+    folders = await _known_folders(sidecar)
+    if data.model_type not in folders:
+        raise _bad(
+            f"model_type: ComfyUI has no model folder {data.model_type!r} "
+            f"(it has: {', '.join(sorted(folders)) or 'none'})",
+            "model_type",
+        )
+    downloads = _downloads(state)
+    key = cache_key(data.url)
+    record = DownloadResponse(
+        url=strip_credentials(data.url),
+        model_type=data.model_type,
+        filename=name,
+        status="started",
+        key=key,
+    )
+    downloads.put(record)
+    task = sidecar.spawn(_run_download(sidecar, record, data.auth, data.url, name))
+    if not data.wait:
+        return Response(record, status_code=202)
+    done, status = await asyncio.shield(task)
+    if status != 200:
+        raise PipelineError(status, {"error": done.error, "location": "url"})
+    return Response(done, status_code=200)
+
+
+@get(
+    "/download/{key:str}",
+    summary="State of a model download",
+    tags=["models"],
+    sync_to_thread=False,
+    responses={404: ResponseSpec(ErrorResponse, description="No download with this key.")},
+    description="`status` `started` (with `bytes_done`), `completed` (with `size`, `duration`) "
+    "or `failed` (with `error`) for the download whose `key` POST /download returned.",
+)
+def download_status(key: str, state: State) -> DownloadResponse:
+    """Report one download."""
+    from comfy_sidecar.cache import PARTIAL_PREFIX
+
+    sidecar: Sidecar = state.sidecar
+    record = _downloads(state).records.get(key)
+    if record is None:
+        raise PipelineError(404, {"error": f"no download with key {key!r}", "location": "key"})
+    if record.status == "started":
+        done = 0
+        with contextlib.suppress(OSError), os.scandir(sidecar.storage.cache.dir) as it:
+            for item in it:
+                if item.name.startswith(PARTIAL_PREFIX) and item.name.endswith(f"{key}-"):
+                    data = Path(item.path) / "data"
+                    with contextlib.suppress(OSError):
+                        done += data.stat().st_size
+        return msgspec.structs.replace(record, bytes_done=done)
+    return record
+
+
+@get(
+    "/models",
+    summary="ComfyUI's model folders and their files",
+    tags=["models"],
+    responses={503: ResponseSpec(ErrorResponse, description="ComfyUI is not answering.")},
+    description="`{folder: [file, ...]}`, asked of ComfyUI on every call (`GET /models`, then "
+    "`GET /models/{folder}` for each, concurrently).",
+)
+async def models(state: State) -> ModelsResponse:
+    """List model folders and files, live."""
+    from comfy_sidecar.comfy.client import ComfyUnavailable
+
+    sidecar: Sidecar = state.sidecar
+    folders = await _known_folders(sidecar)
+    try:
+        listed = await asyncio.gather(*(sidecar.client.models_in(f) for f in folders))
+    except ComfyUnavailable as exc:
+        raise PipelineError(503, {"error": f"ComfyUI is not answering: {exc}"}) from None
+    pairs = zip(folders, listed, strict=True)
+    return {folder: files for folder, files in pairs if files is not None}
+
+
+route_handlers = [download, download_status, models]
