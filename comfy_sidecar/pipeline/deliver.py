@@ -19,7 +19,12 @@ import msgspec
 from litestar import Response
 from litestar.response import Stream
 
-from comfy_sidecar.pipeline.outputs import OutputFile, stream_result
+from comfy_sidecar.pipeline.outputs import (
+    INLINE_LIMIT,
+    OutputFile,
+    render_result,
+    stream_result,
+)
 from comfy_sidecar.pipeline.run import JobResult, PendingJob, Pipeline, PipelineError
 from comfy_sidecar.schemas import (
     AzureBlobUpload,
@@ -127,11 +132,20 @@ class Delivery:
             raise
         return self.stream(result, head, urls)
 
-    def stream(self, result: JobResult, head: dict[str, Any], urls: list[str] | None) -> Stream:
-        """The 200 body, streamed; output files are removed once it is written."""
+    def stream(
+        self, result: JobResult, head: dict[str, Any], urls: list[str] | None
+    ) -> Response[Any]:
+        """The 200 body: built at once when the outputs are small (at most INLINE_LIMIT
+        bytes), else streamed; output files are removed once it is written."""
         body_head = {**head, "id": result.job.id, "prompt": result.prompt}
         if result.conversion_errors:
             body_head["conversion_errors"] = result.conversion_errors
+        if urls is not None or sum(item.size for item in result.files) <= INLINE_LIMIT:
+            try:
+                content = render_result(body_head, result.files, urls, {"stats": result.stats()})
+            finally:
+                result.release()
+            return Response(content, media_type="application/json", status_code=200)
         return Stream(
             stream_result(
                 body_head, result.files, urls, lambda: {"stats": result.stats()}, result.release

@@ -22,6 +22,9 @@ import msgspec
 log = logging.getLogger("comfy_sidecar.outputs")
 
 CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks base64-encode without padding in between
+#: Results whose files add up to at most this many bytes are answered as one body (one write
+#: instead of a chunked stream: less CPU per request); larger ones are streamed.
+INLINE_LIMIT = 4 * 1024 * 1024
 
 
 @dataclass
@@ -139,3 +142,18 @@ async def stream_result(
         yield b"]," + encode(tail())[1:]
     finally:
         finish()
+
+
+def render_result(
+    head: dict[str, Any], files: list[OutputFile], urls: list[str] | None, tail: dict[str, Any]
+) -> bytes:
+    """The same JSON body as :func:`stream_result`, built at once (for small results only:
+    the caller checks the files add up to at most :data:`INLINE_LIMIT` bytes)."""
+    body = dict(head)
+    body["filenames"] = [f.filename for f in files]
+    if urls is not None:
+        body["images"] = urls
+    else:
+        body["images"] = [base64.b64encode(f.path.read_bytes()).decode("ascii") for f in files]
+    body.update(tail)
+    return msgspec.json.encode(body)
