@@ -10,6 +10,7 @@ prompt only if it is the one running.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -57,7 +58,7 @@ class ComfyClient:
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = await self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise ComfyUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
         if response.status_code >= 500:
             raise ComfyUnavailable(f"{method} {path}: HTTP {response.status_code}")
@@ -122,7 +123,7 @@ class ComfyClient:
 
     async def history(self, prompt_id: str) -> dict[str, Any] | None:
         """The history entry of ``prompt_id``, or None while unknown or unfinished."""
-        answer = await self.get_json(f"/history/{prompt_id}")
+        answer = await self.get_json(f"/history/{quote(prompt_id, safe='')}")
         if isinstance(answer, dict):
             entry = answer.get(prompt_id)
             if isinstance(entry, dict):
@@ -149,7 +150,7 @@ class ComfyClient:
     async def object_info(self, class_type: str) -> dict[str, Any] | None:
         """``/object_info/{class_type}`` for one node class, cached per ComfyUI process."""
         if class_type not in self._object_info:
-            answer = await self.get_json(f"/object_info/{class_type}")
+            answer = await self.get_json(f"/object_info/{quote(class_type, safe='')}")
             info = answer.get(class_type) if isinstance(answer, dict) else None
             self._object_info[class_type] = info if isinstance(info, dict) else None
         return self._object_info[class_type]
@@ -161,5 +162,5 @@ class ComfyClient:
 
     async def models_in(self, folder: str) -> list[str] | None:
         """File names ComfyUI lists in a model folder, or None for an unknown folder."""
-        answer = await self.get_json(f"/models/{folder}")
+        answer = await self.get_json(f"/models/{quote(folder, safe='')}")
         return [str(name) for name in answer] if isinstance(answer, list) else None

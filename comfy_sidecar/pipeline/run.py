@@ -107,7 +107,8 @@ class JobResult:
 class JobStaging:
     """Downloads for one job through the storage facade: credentials matched per URL
     (``credentials``, first glob wins), files leased from eviction until the job ends.
-    Storage errors become :class:`InputError` naming the prompt field."""
+    A download that fails is the request's problem, as in comfyui-api: :class:`InputError`
+    (400) naming the prompt field and saying why (not found, refused, unreachable, cut)."""
 
     def __init__(
         self,
@@ -132,9 +133,7 @@ class JobStaging:
             name = f"{stem}{cached.suffix}"
             return await self.storage.stage_input(url, auth, self.input_dir, name, self.lease)
         except StorageError as exc:
-            raise InputError(
-                f"could not download {_safe(url)}: {exc}", location, exc.status
-            ) from None
+            raise InputError(f"could not download {_safe(url)}: {exc}", location) from None
 
     async def model(self, url: str, folder: str, location: str) -> str:
         """Download ``url`` into ``MODEL_DIR/<folder>``; returns the name ComfyUI lists."""
@@ -144,9 +143,7 @@ class JobStaging:
         try:
             return await self.storage.stage_model(url, auth, self.model_dir / folder, self.lease)
         except StorageError as exc:
-            raise InputError(
-                f"could not download {_safe(url)}: {exc}", location, exc.status
-            ) from None
+            raise InputError(f"could not download {_safe(url)}: {exc}", location) from None
 
 
 def _safe(url: str) -> str:
@@ -333,7 +330,9 @@ class Pipeline:
                 OutcomeKind.INTERRUPTED, error={"message": "interrupted before it was queued"}
             )
         try:
-            await self.client.queue_prompt(prompt, job.prompt_id, self.client_id)
+            await self.client.queue_prompt(
+                bust_output_cache(prompt, job.prompt_id), job.prompt_id, self.client_id
+            )
         except PromptRejected as exc:
             raise PipelineError(400, _validation_body(job.id, exc.body)) from None
         except ComfyUnavailable as exc:
@@ -419,6 +418,26 @@ class Pipeline:
         if job.state is not JobState.PREPROCESSING:
             await self._stop_in_comfy(job)
         return True
+
+
+CACHE_BUSTER = "comfy_sidecar_job"
+
+
+def bust_output_cache(prompt: dict[str, Any], prompt_id: str) -> dict[str, Any]:
+    """A copy of ``prompt`` in which every node with a ``filename_prefix`` has one extra input,
+    ``comfy_sidecar_job: <prompt_id>``.
+
+    ComfyUI keys its node cache on every input, so a saving node is never served from the
+    cache: a cached SaveImage would point at files the sidecar already removed (a job id used
+    twice with the same prompt). ComfyUI passes a node only the inputs it declares, so the
+    extra one never reaches the node itself. Upstream nodes stay cached.
+    """
+    copy = dict(prompt)
+    for node_id, node in prompt.items():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if isinstance(inputs, dict) and isinstance(inputs.get("filename_prefix"), str):
+            copy[node_id] = {**node, "inputs": {**inputs, CACHE_BUSTER: prompt_id}}
+    return copy
 
 
 def _validation_body(job_id: str, comfy: dict[str, Any]) -> dict[str, Any]:

@@ -85,7 +85,10 @@ async def prompt(data: PromptRequest, state: State) -> Response[Any]:
     summary="Stop a job",
     tags=["prompt"],
     status_code=200,
-    responses={404: ResponseSpec(InterruptResponse, description="No job with this id.")},
+    responses={
+        400: ERROR_RESPONSES[400],
+        404: ResponseSpec(InterruptResponse, description="No job with this id."),
+    },
     description="A pending job is removed from ComfyUI's queue; a running one is interrupted "
     "(at ComfyUI's next node boundary). Its /prompt call answers 499.",
 )

@@ -345,3 +345,15 @@ def test_probe_bodies(shared_sidecar: Sidecar) -> None:
     assert health["status"] == "healthy" and health["phase"] == "ready"
     assert ready["status"] == "ready"
     assert set(health) == {"version", "status", "phase", "detail"}
+
+
+def test_same_id_and_prompt_twice(shared_sidecar: Sidecar) -> None:
+    """ComfyUI would serve the SaveImage node from its cache, pointing at files already
+    removed; the sidecar keeps saving nodes out of the cache."""
+    body = {"prompt": basic_prompt(batch=1, size=20), "id": "again"}
+    first = shared_sidecar.post("/prompt", json=body)
+    second = shared_sidecar.post("/prompt", json=body)
+    assert first.status_code == 200, first.text
+    assert second.status_code == 200, second.text
+    assert decode_image(second.json()["images"][0]).size == (20, 20)
+    assert "comfy_sidecar_job" not in second.json()["prompt"]["3"]["inputs"]
