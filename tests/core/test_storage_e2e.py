@@ -64,10 +64,10 @@ def s3(moto_server: str) -> Any:  # noqa: F811
 def sidecar(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
-    moto_server: str,
+    moto_server: str,  # noqa: F811 - the imported fixture
     s3: Any,
     files: FileServer,
-) -> Iterator[Sidecar]:  # noqa: F811
+) -> Iterator[Sidecar]:
     tmp = tmp_path_factory.mktemp(f"storage-{request.param}")
     sc = make_sidecar(
         Backend(request.param, tmp / "comfy"),
