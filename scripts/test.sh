@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up a virtual environment with everything the tests need, then run the whole suite.
+# Set up a virtual environment with everything the tests need, then run the whole suite:
+# lint (ruff), types (mypy --strict), the frozen binary (PyInstaller), and pytest.
 #   scripts/test.sh [pytest args...]
 # Real-ComfyUI scenarios run too when COMFY_HOME points at a ComfyUI laid out by
 # shared/scripts/real-comfyui.sh; otherwise they are skipped with that reason.
@@ -9,9 +10,14 @@ venv=${VENV:-.venv}
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test]'
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,dev]'
 if [ ! -x node_modules/.bin/azurite-blob ]; then
   npm install --no-save --no-audit --no-fund --silent azurite >/dev/null
 fi
 export PATH="$PWD/$venv/bin:$PWD/node_modules/.bin:$PATH"
+echo "== ruff"; ruff check comfy_sidecar tests bench
+echo "== mypy"; mypy
+echo "== binary"; pyinstaller --noconfirm --log-level WARN build.spec >/dev/null
+dist/comfy-sidecar --version
+echo "== pytest"
 exec "$venv/bin/python" -m pytest -q -rs "$@"

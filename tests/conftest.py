@@ -110,10 +110,11 @@ class Sidecar:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> Sidecar:
+    def start(self, binary: Path | None = None) -> Sidecar:
+        """Start ``python -m comfy_sidecar`` (or the frozen ``binary``)."""
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "comfy_sidecar"],
+            [str(binary)] if binary else [sys.executable, "-m", "comfy_sidecar"],
             env=self.env,
             cwd=ROOT,
             stdout=log,
