@@ -177,7 +177,7 @@ async def main_async(args: argparse.Namespace) -> None:
     sidecar.start()
     try:
         sidecar.wait_ready()
-        time.sleep(2)
+        await asyncio.sleep(2)
         idle_rss = rss_mb(sidecar.proc.pid)  # type: ignore[union-attr]
         comfy = f"http://127.0.0.1:{sidecar.comfy_port}"
         floor = Floor(comfy, sidecar.backend.output_dir)
