@@ -18,12 +18,13 @@ import json
 import os
 import re
 import shutil
+import socketserver
 import subprocess
 import sys
 import tempfile
 import time
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import HTTPServer, SimpleHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,8 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def copyfile(self, source: Any, outputfile: Any) -> None:
         if not self.rate:
-            shutil.copyfileobj(source, outputfile, 1 << 20)
+            outputfile.flush()
+            self.connection.sendfile(source)
             return
         started, sent = time.monotonic(), 0
         while chunk := source.read(1 << 20):
@@ -57,17 +59,22 @@ class _Handler(SimpleHTTPRequestHandler):
                 time.sleep(ahead)
 
 
+class _Server(socketserver.ForkingMixIn, HTTPServer):
+    """One process per connection (sendfile when unthrottled): the server is never the
+    bottleneck of concurrent downloads, as a real CDN is not."""
+
+
 def serve_forever(directory: str, rate_mb_s: float, port_file: str) -> None:
     """Run in a separate process (``--serve``): its own GIL, like a real remote server."""
     _Handler.rate = rate_mb_s * 1e6
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=directory))
-    server.daemon_threads = True
+    server = _Server(("127.0.0.1", 0), partial(_Handler, directory=directory))
     Path(port_file).write_text(str(server.server_address[1]))
     server.serve_forever()
 
 
 def serve(directory: Path, rate_mb_s: float = 0.0) -> tuple[subprocess.Popen[bytes], int]:
     port_file = directory.parent / f"port-{rate_mb_s}"
+    port_file.unlink(missing_ok=True)
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve", str(directory), str(rate_mb_s), str(port_file)]
     )
