@@ -4,6 +4,7 @@ Route: ``POST /workflow/upscale``. Graph (core ComfyUI nodes only):
 LoadImage -> UpscaleModelLoader -> ImageUpscaleWithModel -> SaveImage.
 ``image`` may be a URL or base64 (the /prompt pipeline downloads it into ComfyUI's input
 directory); ``model`` may be a file in ``models/upscale_models`` or a URL to download.
+The graph is written out by hand with :func:`comfy_sidecar.workflow_graphs.node`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from comfy_sidecar.workflow_graphs import node
 from comfy_sidecar.workflows import WorkflowContext, resolve_model
 
 summary = "Upscale an image"
@@ -43,27 +45,19 @@ class RequestSchema(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 async def generate(request: RequestSchema, ctx: WorkflowContext) -> dict[str, Any]:
-    """The API-format prompt for ``request``."""
+    """The API-format prompt for ``request``: ``[node_id, output_index]`` links the nodes."""
     model = await resolve_model(ctx, "model", request.model, "upscale_models")
     return {
-        "1": {
-            "class_type": "LoadImage",
-            "inputs": {"image": request.image},
-            "_meta": {"title": "Load Image"},
-        },
-        "2": {
-            "class_type": "UpscaleModelLoader",
-            "inputs": {"model_name": model},
-            "_meta": {"title": "Load Upscale Model"},
-        },
-        "3": {
-            "class_type": "ImageUpscaleWithModel",
-            "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]},
-            "_meta": {"title": "Upscale Image (using Model)"},
-        },
-        "4": {
-            "class_type": "SaveImage",
-            "inputs": {"images": ["3", 0], "filename_prefix": request.filename_prefix},
-            "_meta": {"title": "Save Image"},
-        },
+        "1": node("LoadImage", {"image": request.image}, "Load Image"),
+        "2": node("UpscaleModelLoader", {"model_name": model}, "Load Upscale Model"),
+        "3": node(
+            "ImageUpscaleWithModel",
+            {"upscale_model": ["2", 0], "image": ["1", 0]},
+            "Upscale Image (using Model)",
+        ),
+        "4": node(
+            "SaveImage",
+            {"images": ["3", 0], "filename_prefix": request.filename_prefix},
+            "Save Image",
+        ),
     }
