@@ -26,6 +26,8 @@ thread. The module's route is its path under ``WORKFLOW_DIR`` without ``.py``:
 ``sdxl/txt2img.py`` -> ``/workflow/sdxl/txt2img``. Files and directories whose names start with
 ``_`` or ``.`` are skipped (helpers, ``__init__.py``, caches). A module that fails to import or
 does not follow the contract is logged with its traceback and skipped; the rest load.
+Modules cannot import each other; shared request field types and graph builders (txt2img,
+img2img) are in :mod:`comfy_sidecar.workflow_graphs`.
 
 The request body of a workflow route is ``{"input": RequestSchema, ...every /prompt field but
 prompt}`` (:class:`comfy_sidecar.schemas.PromptOptions`). :meth:`Workflow.prepare` turns a decoded
