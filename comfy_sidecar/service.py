@@ -469,7 +469,11 @@ def run(settings: Settings, sock: socket.socket, boot: BootProbes) -> int:
     """Entry for ``__main__``: set up logging and run :func:`serve` in a new event loop."""
     setup_logging(settings.log_level)
     try:
-        return asyncio.run(serve(settings, sock, boot))
+        try:
+            import uvloop  # ~15% less CPU per request than the default loop (bench/overhead.py)
+        except ImportError:
+            return asyncio.run(serve(settings, sock, boot))
+        return uvloop.run(serve(settings, sock, boot))
     except KeyboardInterrupt:
         return 0
     finally:
