@@ -142,7 +142,7 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def probe_latency(runs: int) -> list[float]:
+def probe_latency(runs: int, python: str) -> list[float]:
     """Seconds from exec to the first HTTP answer on /health (CMD sleeps: no ComfyUI)."""
     results = []
     for _ in range(runs):
@@ -174,7 +174,7 @@ async def main_async(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     kind = "real" if os.environ.get("COMFY_HOME") else "double"
     sidecar = make_sidecar(Backend(kind, tmp / "comfy"), tmp, LOG_LEVEL="warn")
-    sidecar.start()
+    sidecar.start(python=args.python)
     try:
         sidecar.wait_ready()
         await asyncio.sleep(2)
@@ -210,7 +210,8 @@ async def main_async(args: argparse.Namespace) -> None:
     f50, s50 = statistics.median(floor_lat) * 1000, statistics.median(side_lat) * 1000
     f_tp = statistics.mean(v for k, v in blocks if k == "floor")
     s_tp = statistics.mean(v for k, v in blocks if k == "sidecar")
-    probes = probe_latency(5)
+    probes = probe_latency(5, args.python or sys.executable)
+    print(f"sidecar python: {args.python or sys.executable}")
     print(f"backend: {kind} ComfyUI; prompt EmptyImage 256x256 -> ImageInvert -> SaveImage")
     print(f"latency c=1, {args.iterations} runs each (alternating):")
     print(f"  floor   p50 {f50:7.1f} ms  p90 {pct(floor_lat, 90):7.1f} ms")
@@ -230,6 +231,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--python", help="interpreter that has comfy-sidecar installed (e.g. a "
+                        "clean venv with only its dependencies); default: this one")
     asyncio.run(main_async(parser.parse_args()))
 
 

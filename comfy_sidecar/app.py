@@ -161,6 +161,7 @@ def create_app(sidecar: Sidecar) -> Litestar:
             description=DESCRIPTION,
             path="/docs",
             render_plugins=[SwaggerRenderPlugin(path="/")],
-        ),        logging_config=None,
+        ),
+        logging_config=None,
         debug=False,
     )

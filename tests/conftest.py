@@ -110,11 +110,13 @@ class Sidecar:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, binary: Path | None = None) -> Sidecar:
-        """Start ``python -m comfy_sidecar`` (or the frozen ``binary``)."""
+    def start(self, binary: Path | None = None, python: str | None = None) -> Sidecar:
+        """Start ``python -m comfy_sidecar`` (this interpreter, or ``python``), or the frozen
+        ``binary``."""
         log = self.log_path.open("ab")
+        argv = [str(binary)] if binary else [python or sys.executable, "-m", "comfy_sidecar"]
         self.proc = subprocess.Popen(
-            [str(binary)] if binary else [sys.executable, "-m", "comfy_sidecar"],
+            argv,
             env=self.env,
             cwd=ROOT,
             stdout=log,
