@@ -270,13 +270,20 @@ class AcceptedResponse(msgspec.Struct, kw_only=True):
 class ErrorResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Every 4xx/5xx body: `error` says what is wrong, `location` names the field."""
 
-    error: Annotated[str, Meta(description="What is wrong, in words.",
-                               examples=["not a file in the input directory, a URL ..."])]
+    error: Annotated[
+        str,
+        Meta(
+            description="What is wrong, in words.",
+            examples=["not a file in the input directory, a URL ..."],
+        ),
+    ]
     location: Annotated[
         str | None,
-        Meta(description="The field at fault, e.g. `prompt.3.inputs.image`, `id`, "
-                         "`convert_output.options.effort`, `prompt` or `body`.",
-             examples=["prompt.1.inputs.image"]),
+        Meta(
+            description="The field at fault, e.g. `prompt.3.inputs.image`, `id`, "
+            "`convert_output.options.effort`, `prompt` or `body`.",
+            examples=["prompt.1.inputs.image"],
+        ),
     ] = None
     id: Annotated[str | None, Meta(description="The job id, once one was assigned.")] = None
     node_errors: Annotated[
