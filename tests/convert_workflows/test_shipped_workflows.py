@@ -104,64 +104,22 @@ def sampler_node(prompt: dict[str, Any]) -> dict[str, Any]:
     return node["inputs"]  # type: ignore[no-any-return]
 
 
+# comfyui-api's defaults, in the order of DEFAULT_KEYS (size: of the generated/resized image).
+DEFAULT_KEYS = ("steps", "cfg", "sampler_name", "scheduler", "denoise", "size")
+COMFYUI_API_DEFAULTS: dict[str, tuple[int, float, str, str, float, tuple[int, int]]] = {
+    "sd1.5/txt2img": (20, 8.0, "euler", "normal", 1.0, (512, 512)),
+    "sd1.5/img2img": (15, 8.0, "euler", "normal", 0.8, (512, 512)),
+    "sdxl/txt2img": (20, 8.0, "euler", "normal", 1.0, (1024, 1024)),
+    "sdxl/img2img": (20, 5.5, "dpmpp_2m_sde_gpu", "exponential", 0.75, (1024, 1024)),
+    "flux/txt2img": (4, 1.0, "euler", "simple", 1.0, (1024, 1024)),
+}
+
+
 @pytest.mark.parametrize(
     ("name", "defaults"),
     [
-        (
-            "sd1.5/txt2img",
-            dict(
-                steps=20,
-                cfg=8.0,
-                sampler_name="euler",
-                scheduler="normal",
-                denoise=1.0,
-                size=(512, 512),
-            ),
-        ),
-        (
-            "sd1.5/img2img",
-            dict(
-                steps=15,
-                cfg=8.0,
-                sampler_name="euler",
-                scheduler="normal",
-                denoise=0.8,
-                size=(512, 512),
-            ),
-        ),
-        (
-            "sdxl/txt2img",
-            dict(
-                steps=20,
-                cfg=8.0,
-                sampler_name="euler",
-                scheduler="normal",
-                denoise=1.0,
-                size=(1024, 1024),
-            ),
-        ),
-        (
-            "sdxl/img2img",
-            dict(
-                steps=20,
-                cfg=5.5,
-                sampler_name="dpmpp_2m_sde_gpu",
-                scheduler="exponential",
-                denoise=0.75,
-                size=(1024, 1024),
-            ),
-        ),
-        (
-            "flux/txt2img",
-            dict(
-                steps=4,
-                cfg=1.0,
-                sampler_name="euler",
-                scheduler="simple",
-                denoise=1.0,
-                size=(1024, 1024),
-            ),
-        ),
+        (name, dict(zip(DEFAULT_KEYS, row, strict=True)))
+        for name, row in COMFYUI_API_DEFAULTS.items()
     ],
 )
 def test_comfyui_api_defaults(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,11 @@ from comfy_sidecar.workflow_graphs import (
     SamplerNodes,
     image_to_image,
     resolve_sampling,
+    text_to_image,
 )
 from comfy_sidecar.workflows import (
     InputError,
+    Workflow,
     WorkflowContext,
     WorkflowContextError,
     WorkflowInputError,
@@ -27,51 +28,18 @@ from comfy_sidecar.workflows import (
 from .conftest import FakeComfy
 
 REPO_WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
-
-# A module in WORKFLOW_DIR building on the shared pieces, with ids that are not all numbers.
-OWN_MODULE = """
-from __future__ import annotations
-import msgspec
-from comfy_sidecar.workflow_graphs import (
-    BatchSize, CfgScale, Checkpoint, Denoise, ImageHeight, ImageWidth, NegativePrompt, Prompt,
-    SamplerName, SamplerNodes, Scheduler, Seed, Steps, text_to_image,
-)
-from comfy_sidecar.workflows import random_seed
-
-class RequestSchema(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    prompt: Prompt
-    negative_prompt: NegativePrompt = "ugly"
-    width: ImageWidth = 768
-    height: ImageHeight = 512
-    seed: Seed = msgspec.field(default_factory=random_seed)
-    steps: Steps = 12
-    cfg_scale: CfgScale = 6.0
-    sampler_name: SamplerName = "euler"
-    scheduler: Scheduler = "karras"
-    denoise: Denoise = 1.0
-    checkpoint: Checkpoint = None
-    batch_size: BatchSize = 2
-
-async def generate(request, ctx):
-    nodes = SamplerNodes(checkpoint="ckpt", positive="10", negative="2", sampler="ks",
-                         decode="dec", save="save")
-    return await text_to_image(request, ctx, nodes, latent="1", filename_prefix="mine")
-"""
+CAT = "https://example.com/cat.png"
 
 
-class Img2Img(msgspec.Struct, kw_only=True):
-    prompt: str = "a cat"
-    negative_prompt: str = "blurry"
-    image: str = "https://example.com/cat.png"
-    upscale_method: str = "bicubic"
-    seed: int = 7
-    steps: int = 9
-    cfg_scale: float = 4.5
-    sampler_name: str = "euler"
-    scheduler: str = "normal"
-    denoise: float = 0.5
-    checkpoint: str | None = None
-    batch_size: int = 3
+@pytest.fixture(scope="module")
+def shipped() -> dict[str, Workflow]:
+    return {w.name: w for w in load_workflows(REPO_WORKFLOWS)}
+
+
+def request_of(wf: Workflow, **input_: Any) -> Any:
+    """A decoded ``RequestSchema`` of a shipped workflow (the builders' real callers)."""
+    request, _ = wf.split_body(wf.convert_body({"input": input_}))
+    return request
 
 
 def links(prompt: dict[str, Any]) -> set[tuple[str, str, str, int]]:
@@ -84,25 +52,42 @@ def links(prompt: dict[str, Any]) -> set[tuple[str, str, str, int]]:
     }
 
 
-def test_a_workflow_module_can_build_on_the_shared_pieces(
-    write_module: Callable[[str, str], Path], comfy: FakeComfy
-) -> None:
-    (wf,) = load_workflows(write_module("mine/t2i.py", OWN_MODULE))
-    assert wf.route == "/workflow/mine/t2i"
-    schema = msgspec.json.schema(wf.request_type)
-    props = schema["$defs"]["RequestSchema"]["properties"]
+def test_shared_field_types_reach_the_schema(shipped: dict[str, Workflow]) -> None:
+    wf = shipped["sdxl/txt2img"]
+    props = msgspec.json.schema(wf.request_type)["$defs"]["RequestSchema"]["properties"]
     assert props["width"] == {
         "type": "integer",
         "minimum": 256,
         "maximum": 2048,
         "description": "Width of the generated image",
-        "default": 768,
+        "default": 1024,
     }
     assert props["seed"]["minimum"] == 0 and "default" not in props["seed"]  # random
     assert "| checkpoint | string \\| null | Checkpoint file in" in wf.route_description()
 
-    request, _ = wf.split_body(wf.convert_body({"input": {"prompt": "a fox", "seed": 5}}))
-    prompt = asyncio.run(wf.generate(request, WorkflowContext(comfy.get_json)))
+
+def test_text_to_image_with_own_node_ids(shipped: dict[str, Workflow], comfy: FakeComfy) -> None:
+    request = request_of(
+        shipped["sd1.5/img2img"],  # has every field text_to_image reads
+        prompt="a fox",
+        image=CAT,
+        negative_prompt="ugly",
+        width=768,
+        height=512,
+        seed=5,
+        steps=12,
+        cfg_scale=6.0,
+        scheduler="karras",
+        batch_size=2,
+    )
+    nodes = SamplerNodes(
+        checkpoint="ckpt", positive="10", negative="2", sampler="ks", decode="dec", save="save"
+    )
+    prompt = asyncio.run(
+        text_to_image(
+            request, WorkflowContext(comfy.get_json), nodes, latent="1", filename_prefix="mine"
+        )
+    )
     # Numeric ids first, in numeric order, then the others by name.
     assert list(prompt) == ["1", "2", "10", "ckpt", "dec", "ks", "save"]
     assert {k: n["class_type"] for k, n in prompt.items()} == {
@@ -134,14 +119,25 @@ def test_a_workflow_module_can_build_on_the_shared_pieces(
     assert (ks["seed"], ks["steps"], ks["cfg"], ks["scheduler"]) == (5, 12, 6.0, "karras")
 
 
-def test_image_to_image_with_sdxl_conditioning(comfy: FakeComfy) -> None:
+def test_image_to_image_with_sdxl_conditioning(
+    shipped: dict[str, Workflow], comfy: FakeComfy
+) -> None:
+    request = request_of(
+        shipped["sd1.5/img2img"],
+        prompt="a cat",
+        image=CAT,
+        negative_prompt="blurry",
+        upscale_method="bicubic",
+        denoise=0.5,
+        batch_size=3,
+    )
     nodes = SamplerNodes(
         checkpoint="4", positive="6", negative="7", sampler="3", decode="8", save="9"
     )
     image_nodes = ImageNodes(load="10", scale="11", encode="12", repeat="13")
     prompt = asyncio.run(
         image_to_image(
-            Img2Img(),
+            request,
             WorkflowContext(comfy.get_json, warmup_checkpoint="warm.safetensors"),
             nodes,
             image_nodes,
@@ -167,7 +163,7 @@ def test_image_to_image_with_sdxl_conditioning(comfy: FakeComfy) -> None:
             "text_l": text,
             "clip": ["4", 1],
         }
-    assert prompt["10"]["inputs"] == {"image": "https://example.com/cat.png"}
+    assert prompt["10"]["inputs"] == {"image": CAT}
     assert prompt["11"]["inputs"] == {
         "upscale_method": "bicubic",
         "width": 640,
@@ -181,21 +177,24 @@ def test_image_to_image_with_sdxl_conditioning(comfy: FakeComfy) -> None:
     assert prompt["3"]["inputs"]["denoise"] == 0.5
 
 
-def test_resolve_sampling_order_and_errors(comfy: FakeComfy) -> None:
-    ctx = WorkflowContext(comfy.get_json)
-    sampling = asyncio.run(resolve_sampling(Img2Img(checkpoint="sdxl.safetensors"), ctx))
-    assert sampling == ("sdxl.safetensors", "euler", "normal")
+def test_resolve_sampling_order_and_errors(shipped: dict[str, Workflow], comfy: FakeComfy) -> None:
+    wf = shipped["sd1.5/txt2img"]
+
+    def resolve(**input_: Any) -> Any:
+        request = request_of(wf, prompt="x", **input_)
+        return asyncio.run(resolve_sampling(request, WorkflowContext(comfy.get_json)))
+
+    assert resolve(checkpoint="sdxl.safetensors") == ("sdxl.safetensors", "euler", "normal")
     # The checkpoint is checked first: a request wrong twice names the checkpoint.
-    bad = Img2Img(checkpoint="missing.safetensors", sampler_name="nope")
     with pytest.raises(InputError) as info:
-        asyncio.run(resolve_sampling(bad, WorkflowContext(comfy.get_json)))
+        resolve(checkpoint="missing.safetensors", sampler_name="nope")
     assert info.value.field == "checkpoint"
     with pytest.raises(InputError) as info:
-        asyncio.run(resolve_sampling(Img2Img(scheduler="nope"), WorkflowContext(comfy.get_json)))
+        resolve(scheduler="nope")
     assert info.value.field == "scheduler" and "karras" in info.value.message
     comfy.fail = ConnectionError("refused")
     with pytest.raises(WorkflowContextError):
-        asyncio.run(resolve_sampling(Img2Img(), WorkflowContext(comfy.get_json)))
+        resolve()
 
 
 # The node ids and classes of comfyui-api's example graphs, which the shipped workflows keep.
@@ -255,22 +254,22 @@ COMFYUI_API_GRAPHS = {
 
 
 @pytest.mark.parametrize("name", sorted(COMFYUI_API_GRAPHS))
-def test_shipped_graphs_keep_comfyui_api_node_ids(comfy: FakeComfy, name: str) -> None:
-    wf = {w.name: w for w in load_workflows(REPO_WORKFLOWS)}[name]
-    input_ = {"prompt": "a cat", "image": "https://example.com/cat.png"}
-    if "img2img" not in name:
-        del input_["image"]
-    request, _ = wf.split_body(wf.convert_body({"input": input_}))
+def test_shipped_graphs_keep_comfyui_api_node_ids(
+    shipped: dict[str, Workflow], comfy: FakeComfy, name: str
+) -> None:
+    wf = shipped[name]
+    request = request_of(wf, prompt="a cat", **({"image": CAT} if "img2img" in name else {}))
     prompt = asyncio.run(wf.generate(request, WorkflowContext(comfy.get_json)))
     assert {k: n["class_type"] for k, n in prompt.items()} == COMFYUI_API_GRAPHS[name]
     assert list(prompt) == list(COMFYUI_API_GRAPHS[name])  # ordered by id
 
 
-def test_shipped_errors_still_name_the_field(comfy: FakeComfy) -> None:
+def test_shipped_errors_still_name_the_field(
+    shipped: dict[str, Workflow], comfy: FakeComfy
+) -> None:
     """Through the Workflow wrapper, the shared resolution's InputError becomes a 400."""
-    wf = {w.name: w for w in load_workflows(REPO_WORKFLOWS)}["sdxl/img2img"]
-    body = {"input": {"prompt": "x", "image": "https://e/x.png", "scheduler": "beta57"}}
-    request, _ = wf.split_body(wf.convert_body(body))
+    wf = shipped["sdxl/img2img"]
+    request = request_of(wf, prompt="x", image=CAT, scheduler="beta57")
     with pytest.raises(WorkflowInputError) as info:
         asyncio.run(wf.generate(request, WorkflowContext(comfy.get_json)))
     assert (info.value.status, info.value.location) == (400, "input.scheduler")
