@@ -17,9 +17,10 @@ OpenAPI document and the Markdown table; the module gives the default::
 **Graphs.** :func:`text_to_image` and :func:`image_to_image` build the API-format prompt of
 comfyui-api's Stable Diffusion examples, core ComfyUI nodes only::
 
-    CheckpointLoaderSimple -> CLIPTextEncode (positive, negative) ─┐
-    EmptyLatentImage (txt2img) or                                  ├-> KSampler -> VAEDecode
-    LoadImage -> ImageScale -> VAEEncode -> RepeatLatentBatch ─────┘      -> SaveImage
+    CheckpointLoaderSimple -> CLIPTextEncode (positive), CLIPTextEncode (negative)
+    latent: EmptyLatentImage (txt2img)
+        or: LoadImage -> ImageScale -> VAEEncode -> RepeatLatentBatch (img2img)
+    KSampler (model, positive, negative, latent) -> VAEDecode -> SaveImage
 
 Both first resolve the checkpoint, sampler and scheduler against what ComfyUI offers now
 (:func:`resolve_sampling`). Node ids and titles are the caller's (:class:`SamplerNodes`,
@@ -46,6 +47,7 @@ __all__ = [
     "ImageToImageRequest",
     "ImageWidth",
     "InputImage",
+    "LatentClass",
     "NegativePrompt",
     "Prompt",
     "SamplerName",
@@ -204,6 +206,7 @@ class ImageNodes:
     repeat: str
 
 
+#: The empty-latent node classes :func:`text_to_image` can start from.
 LatentClass = Literal["EmptyLatentImage", "EmptySD3LatentImage"]
 _LATENT_TITLES: dict[str, str] = {
     "EmptyLatentImage": "Empty Latent Image",
