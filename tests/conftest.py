@@ -9,6 +9,7 @@ parametrisations are skipped with that reason.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import random
@@ -105,6 +106,8 @@ class Sidecar:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
     client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=120))
+    #: Files a test linked into a real ComfyUI's model folders, removed by running_sidecar.
+    staged_models: list[Path] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -224,19 +227,30 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return Backend(request.param, tmp_path / "comfy")
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def shared_sidecar(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Sidecar]:
-    """One ready sidecar per backend, shared by a test module."""
-    tmp = tmp_path_factory.mktemp(f"sidecar-{request.param}")
-    sidecar = make_sidecar(Backend(request.param, tmp / "comfy"), tmp)
+@contextlib.contextmanager
+def running_sidecar(kind: str, tmp: Path, **env: str) -> Iterator[Sidecar]:
+    """A ready sidecar in front of the ``kind`` backend (``double`` or ``real``), stopped at
+    the end; model links it put in a real ComfyUI (``staged_models``) are removed."""
+    sidecar = make_sidecar(Backend(kind, tmp / "comfy"), tmp, **env)
     sidecar.start()
     try:
         sidecar.wait_ready()
         yield sidecar
     finally:
         sidecar.stop()
+        for path in sidecar.staged_models:
+            path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def shared_sidecar(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Sidecar]:
+    """One ready sidecar per backend, shared by a test module."""
+    with running_sidecar(
+        request.param, tmp_path_factory.mktemp(f"sidecar-{request.param}")
+    ) as sidecar:
+        yield sidecar
 
 
 @pytest.fixture

@@ -31,10 +31,10 @@ from comfy_sidecar.storage.base import (
     FetchResult,
     NotFoundError,
     StorageError,
-    SupersededError,
     check_name,
     check_prefix,
     join_key,
+    run_upload,
 )
 from comfy_sidecar.storage.http import content_type_for
 
@@ -227,15 +227,4 @@ class AzureBackend:
                     content_settings=ContentSettings(content_type=content_type_for(filename)),
                 )
 
-        try:
-            cancel.check()
-            await self._run(run)
-        except SupersededError:
-            raise
-        except Exception as exc:
-            if cancel.cancelled:
-                raise SupersededError(
-                    "upload superseded by a later upload to the same URL"
-                ) from None
-            raise _map_error(exc, "upload") from None
-        cancel.check()
+        await run_upload(cancel, lambda: self._run(run), _map_error)

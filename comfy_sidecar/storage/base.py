@@ -10,7 +10,7 @@ import os
 import re
 import threading
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -102,6 +102,26 @@ class CancelToken:
         """Raise :class:`SupersededError` when cancelled."""
         if self._event.is_set():
             raise SupersededError("upload superseded by a later upload to the same URL")
+
+
+async def run_upload(
+    cancel: CancelToken,
+    call: Callable[[], Awaitable[None]],
+    map_error: Callable[[Exception, str], StorageError],
+) -> None:
+    """Run an SDK upload ``call`` under ``cancel``: a superseded upload raises
+    :class:`SupersededError` (also when the SDK failed because it was stopped), any other
+    failure raises ``map_error(exc, "upload")``; never passes silently."""
+    try:
+        cancel.check()
+        await call()
+    except SupersededError:
+        raise
+    except Exception as exc:
+        if cancel.cancelled:
+            raise SupersededError("upload superseded by a later upload to the same URL") from None
+        raise map_error(exc, "upload") from None
+    cancel.check()
 
 
 @runtime_checkable

@@ -9,13 +9,23 @@ import itertools
 import json
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from standardwebhooks import Webhook
 
-from tests.conftest import ROOT, Backend, Sidecar, basic_prompt, png_bytes, upscale_prompt
+from tests.conftest import (
+    BACKENDS,
+    ROOT,
+    Backend,
+    Sidecar,
+    basic_prompt,
+    png_bytes,
+    running_sidecar,
+    upscale_prompt,
+)
 from tests.receiver import Receiver
 
 SECRET = base64.b64encode(b"a test secret of 24 bytes").decode()
@@ -35,44 +45,21 @@ def events(tmp_path_factory: pytest.TempPathFactory) -> Any:
     receiver.stop()
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        "double",
-        pytest.param(
-            "real",
-            marks=[
-                pytest.mark.real_comfyui,
-                pytest.mark.skipif(
-                    not __import__("tests.conftest").conftest.REAL_AVAILABLE,
-                    reason=__import__("tests.conftest").conftest.REAL_REASON,
-                ),
-            ],
-        ),
-    ],
-)
+@pytest.fixture(scope="module", params=BACKENDS)
 def sidecar(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, events: Receiver
-) -> Any:
-    from tests.conftest import make_sidecar
-
-    tmp = tmp_path_factory.mktemp(f"delivery-{request.param}")
-    sc = make_sidecar(
-        Backend(request.param, tmp / "comfy"),
-        tmp,
+) -> Iterator[Sidecar]:
+    with running_sidecar(
+        request.param,
+        tmp_path_factory.mktemp(f"delivery-{request.param}"),
         WEBHOOK_SECRET=SECRET,
         WORKFLOW_DIR=str(ROOT / "workflows"),
         SYSTEM_WEBHOOK_URL=events.url + "/system",
         SYSTEM_WEBHOOK_EVENTS="all",
         SYSTEM_META_batch="b-42",
         PROMPT_WEBHOOK_RETRIES="2",
-    )
-    sc.start()
-    try:
-        sc.wait_ready()
+    ) as sc:
         yield sc
-    finally:
-        sc.stop()
 
 
 def test_webhook_v2_signed_with_base64_images(sidecar: Sidecar, receiver: Any) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REAL_AVAILABLE, REAL_REASON, TINY_MODEL, Backend, Sidecar, make_sidecar
+from tests.conftest import BACKENDS, TINY_MODEL, Sidecar, running_sidecar
 from tests.conftest import png_bytes as make_png
 from tests.storage.conftest import azurite  # noqa: F401 - fixture
 from tests.storage.hf_hub_server import HubServer
@@ -41,45 +41,23 @@ def blobs(azurite: str) -> Any:  # noqa: F811
     return container
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        "double",
-        pytest.param(
-            "real",
-            marks=[
-                pytest.mark.real_comfyui,
-                pytest.mark.skipif(not REAL_AVAILABLE, reason=REAL_REASON),
-            ],
-        ),
-    ],
-)
+@pytest.fixture(scope="module", params=BACKENDS)
 def sidecar(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     hub: HubServer,
-    azurite: str,
+    azurite: str,  # noqa: F811 - the imported fixture
     blobs: Any,
-) -> Iterator[Sidecar]:  # noqa: F811
-    tmp = tmp_path_factory.mktemp(f"backends-{request.param}")
-    sc = make_sidecar(
-        Backend(request.param, tmp / "comfy"),
-        tmp,
+) -> Iterator[Sidecar]:
+    with running_sidecar(
+        request.param,
+        tmp_path_factory.mktemp(f"backends-{request.param}"),
         HF_ENDPOINT=hub.endpoint,
         HF_TOKEN="hf_e2e",
         HF_HUB_DISABLE_XET="1",
         AZURE_STORAGE_CONNECTION_STRING=azurite,
-    )
-    sc.start()
-    staged: list[Path] = []
-    sc.staged_models = staged  # type: ignore[attr-defined]
-    try:
-        sc.wait_ready()
+    ) as sc:
         yield sc
-    finally:
-        sc.stop()
-        for path in staged:
-            path.unlink(missing_ok=True)
 
 
 def blob_url(blobs: Any, name: str) -> str:
@@ -118,7 +96,7 @@ def size_of(b64: str) -> tuple[int, int]:
 def remember_model(sidecar: Sidecar, body: dict[str, Any]) -> None:
     model_dir = Path(sidecar.env.get("MODEL_DIR") or Path(sidecar.env["COMFY_HOME"]) / "models")
     name = body["prompt"]["2"]["inputs"]["model_name"]
-    sidecar.staged_models.append(model_dir / "upscale_models" / name)  # type: ignore[attr-defined]
+    sidecar.staged_models.append(model_dir / "upscale_models" / name)
 
 
 def test_hf_dataset_image_input(sidecar: Sidecar, hub: HubServer) -> None:

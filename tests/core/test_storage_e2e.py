@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REAL_AVAILABLE, REAL_REASON, TINY_MODEL, Backend, Sidecar, make_sidecar
+from tests.conftest import BACKENDS, TINY_MODEL, Sidecar, running_sidecar
 from tests.conftest import png_bytes as make_png
 from tests.receiver import Receiver
 from tests.storage.conftest import moto_server  # noqa: F401 - fixture
@@ -48,19 +48,7 @@ def s3(moto_server: str) -> Any:  # noqa: F811
     return client
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        "double",
-        pytest.param(
-            "real",
-            marks=[
-                pytest.mark.real_comfyui,
-                pytest.mark.skipif(not REAL_AVAILABLE, reason=REAL_REASON),
-            ],
-        ),
-    ],
-)
+@pytest.fixture(scope="module", params=BACKENDS)
 def sidecar(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
@@ -68,10 +56,9 @@ def sidecar(
     s3: Any,
     files: FileServer,
 ) -> Iterator[Sidecar]:
-    tmp = tmp_path_factory.mktemp(f"storage-{request.param}")
-    sc = make_sidecar(
-        Backend(request.param, tmp / "comfy"),
-        tmp,
+    with running_sidecar(
+        request.param,
+        tmp_path_factory.mktemp(f"storage-{request.param}"),
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
         AWS_REGION="us-east-1",
@@ -79,17 +66,8 @@ def sidecar(
         HTTP_AUTH_HEADER_NAME="X-Key",
         HTTP_AUTH_HEADER_VALUE="k",
         HTTP_AUTH_HEADER_HOSTS="localhost",
-    )
-    sc.start()
-    staged: list[Path] = []
-    sc.staged_models = staged  # type: ignore[attr-defined]
-    try:
-        sc.wait_ready()
+    ) as sc:
         yield sc
-    finally:
-        sc.stop()
-        for path in staged:  # links left in a real ComfyUI's model folder
-            path.unlink(missing_ok=True)
 
 
 def invert(image: str) -> dict[str, Any]:
@@ -149,7 +127,7 @@ def test_model_url_in_upscale_loader(sidecar: Sidecar, files: FileServer) -> Non
     name = body["prompt"]["2"]["inputs"]["model_name"]
     assert name.endswith(".safetensors") and len(name) == 32 + len(".safetensors")
     staged = model_dir(sidecar) / "upscale_models" / name
-    sidecar.staged_models.append(staged)  # type: ignore[attr-defined]
+    sidecar.staged_models.append(staged)
     assert staged.exists()
 
 
