@@ -132,9 +132,10 @@ def test_model_url_in_upscale_loader(sidecar: Sidecar, files: FileServer) -> Non
 
 
 def test_eight_prompts_share_one_download(sidecar: Sidecar, files: FileServer) -> None:
-    files.files["shared.png"] = make_png((12, 12), (1, 2, 3))
+    name = f"shared-{sidecar.backend.kind}.png"  # the file server is shared by both backends
+    files.files[name] = make_png((12, 12), (1, 2, 3))
     files.delay_s = 0.5
-    url = files.url("/files/shared.png")
+    url = files.url(f"/files/{name}")
     results: list[Any] = [None] * 8
 
     def run(i: int) -> None:
@@ -149,7 +150,7 @@ def test_eight_prompts_share_one_download(sidecar: Sidecar, files: FileServer) -
     finally:
         files.delay_s = 0.0
     assert all(r is not None and r.status_code == 200 for r in results)
-    assert files.count("GET", "/files/shared.png") == 1
+    assert files.count("GET", f"/files/{name}") == 1
 
 
 def test_missing_url_is_400_with_location(sidecar: Sidecar, files: FileServer) -> None:
@@ -180,13 +181,14 @@ def test_credentials_apply_to_media_urls(sidecar: Sidecar, files: FileServer) ->
 
 
 def test_operator_header_only_for_allowed_hosts(sidecar: Sidecar, files: FileServer) -> None:
-    files.files["hdr.png"] = make_png((5, 5))
-    other = sidecar.post("/prompt", json={"prompt": invert(files.url("/auth/hdr.png"))})
+    name = f"hdr-{sidecar.backend.kind}.png"  # the file server is shared by both backends
+    files.files[name] = make_png((5, 5))
+    other = sidecar.post("/prompt", json={"prompt": invert(files.url(f"/auth/{name}"))})
     assert other.status_code == 400  # 127.0.0.1 is not in HTTP_AUTH_HEADER_HOSTS
-    sent = [h for m, p, h in files.requests if p == "/auth/hdr.png"]
+    sent = [h for m, p, h in files.requests if p == f"/auth/{name}"]
     assert sent and all("X-Key" not in h for h in sent)
     allowed = sidecar.post(
-        "/prompt", json={"prompt": invert(files.url("/auth/hdr.png", host="localhost"))}
+        "/prompt", json={"prompt": invert(files.url(f"/auth/{name}", host="localhost"))}
     )
     assert allowed.status_code == 200, allowed.text
 

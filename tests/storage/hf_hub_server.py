@@ -19,13 +19,15 @@ import hashlib
 import json
 import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests.receiver import QuietServer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-class HubServer(ThreadingHTTPServer):
+class HubServer(QuietServer):
     daemon_threads = True
 
     def __init__(self, token: str = "hf_good") -> None:

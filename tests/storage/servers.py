@@ -21,11 +21,13 @@ from __future__ import annotations
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from tests.receiver import QuietServer
 
-class FileServer(ThreadingHTTPServer):
+
+class FileServer(QuietServer):
     daemon_threads = True
     allow_reuse_address = True
 
