@@ -10,6 +10,7 @@ echoed back whole: ``credentials`` stay out of every response and webhook.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ import msgspec
 from litestar import Response
 from litestar.response import Stream
 
+from comfy_sidecar.pipeline.bounded import gather_bounded
 from comfy_sidecar.pipeline.outputs import (
     INLINE_LIMIT,
     OutputFile,
@@ -27,12 +29,8 @@ from comfy_sidecar.pipeline.outputs import (
 )
 from comfy_sidecar.pipeline.run import JobResult, PendingJob, Pipeline, PipelineError
 from comfy_sidecar.schemas import (
-    AzureBlobUpload,
-    HFUpload,
-    HTTPUpload,
     PromptOptions,
     PromptRequest,
-    S3Upload,
 )
 
 if TYPE_CHECKING:
@@ -50,15 +48,10 @@ ECHOED = (
     "http_upload",
 )
 UPLOAD_KEYS = ("s3", "hf_upload", "azure_blob_upload", "http_upload")
-_SPEC_TYPES: dict[str, type] = {
-    "s3": S3Upload,
-    "hf_upload": HFUpload,
-    "azure_blob_upload": AzureBlobUpload,
-    "http_upload": HTTPUpload,
-}
 
-Uploader = Callable[[JobResult, Any], Awaitable[list[str]]]
-"""``upload(result, spec) -> URLs``, one per output file; raises PipelineError (502)."""
+Uploader = Callable[[JobResult, str, Any], Awaitable[list[str]]]
+"""``upload(result, key, spec) -> URLs``, one per output file (``key`` is the request field,
+e.g. ``s3``); raises PipelineError (502)."""
 
 
 def echo(options: PromptOptions) -> dict[str, Any]:
@@ -71,19 +64,20 @@ def echo(options: PromptOptions) -> dict[str, Any]:
     return out
 
 
-def upload_spec(options: PromptOptions) -> Any:
-    """The first upload block present (comfyui-api's order: s3, hf, azure, http), or None."""
+def upload_target(options: PromptOptions) -> tuple[str, Any] | None:
+    """``(field, spec)`` of the first upload block present (comfyui-api's order: s3, hf,
+    azure, http), or None for base64 output."""
     for name in UPLOAD_KEYS:
         value = getattr(options, name)
         if value is not None:
-            return value
+            return name, value
     return None
 
 
 def is_async(options: PromptOptions) -> bool:
     """comfyui-api's test: a webhook, or an upload block with ``async: true``."""
-    spec = upload_spec(options)
-    return bool(options.webhook or options.webhook_v2 or (spec is not None and spec.async_))
+    target = upload_target(options)
+    return bool(options.webhook or options.webhook_v2 or (target and target[1].async_))
 
 
 class Delivery:
@@ -109,9 +103,9 @@ class Delivery:
         ``extra`` fields (``input`` for workflow endpoints) are added to every body.
         Raises :class:`PipelineError` for everything that goes wrong before the answer.
         """
-        spec = upload_spec(request)
-        if spec is not None and self.uploader is None:
-            key = next(name for name in UPLOAD_KEYS if getattr(request, name) is not None)
+        target = upload_target(request)
+        if target is not None and self.uploader is None:
+            key = target[0]
             raise PipelineError(
                 400, {"error": f"`{key}` uploads are not supported by this build", "location": key}
             )
@@ -126,7 +120,7 @@ class Delivery:
         result = await self.pipeline.complete(pending)
         try:
             await self.postprocess(result, request)
-            urls = await self._upload(result, spec)
+            urls = await self._upload(result, target)
         except BaseException:
             result.release()
             raise
@@ -187,41 +181,32 @@ class Delivery:
         (502 for the backend, 400 for a bad prefix, 409 when superseded)."""
         from comfy_sidecar.storage import StorageError
 
-        async def upload(result: JobResult, spec: Any) -> list[str]:
-            key = next(k for k in UPLOAD_KEYS if isinstance(spec, _SPEC_TYPES[k]))
-            gate = asyncio.Semaphore(concurrency)
-
+        async def upload(result: JobResult, key: str, spec: Any) -> list[str]:
             async def one(item: OutputFile) -> str:
-                async with gate:
-                    try:
-                        url: str = await storage.upload(item.path, spec, item.filename)
-                    except StorageError as exc:
-                        raise PipelineError(
-                            exc.status,
-                            {
-                                "error": f"upload of {item.filename} failed: {exc}",
-                                "location": key,
-                                "id": result.job.id,
-                            },
-                        ) from None
-                    return url
+                try:
+                    url: str = await storage.upload(item.path, spec, item.filename)
+                except StorageError as exc:
+                    raise PipelineError(
+                        exc.status,
+                        {
+                            "error": f"upload of {item.filename} failed: {exc}",
+                            "location": key,
+                            "id": result.job.id,
+                        },
+                    ) from None
+                return url
 
-            tasks = [asyncio.ensure_future(one(item)) for item in result.files]
-            try:
-                return list(await asyncio.gather(*tasks))
-            except BaseException:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+            return await gather_bounded(
+                [functools.partial(one, item) for item in result.files], concurrency
+            )
 
         return upload
 
-    async def _upload(self, result: JobResult, spec: Any) -> list[str] | None:
-        if spec is None or self.uploader is None:
+    async def _upload(self, result: JobResult, target: tuple[str, Any] | None) -> list[str] | None:
+        if target is None or self.uploader is None:
             return None
         started = time.monotonic()
-        urls = await self.uploader(result, spec)
+        urls = await self.uploader(result, *target)
         result.timings["upload"] = time.monotonic() - started
         return urls
 
@@ -237,7 +222,7 @@ class Delivery:
             if request.webhook:
                 await self._send_v1(request.webhook, result)
             else:
-                urls = await self._upload(result, upload_spec(request))
+                urls = await self._upload(result, upload_target(request))
                 if request.webhook_v2:
                     await self._send_v2(request.webhook_v2, result, head, urls)
         except PipelineError as exc:

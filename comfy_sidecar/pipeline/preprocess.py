@@ -17,15 +17,17 @@ Copies comfyui-api's ``preprocessNodes`` where it is right and fixes it where it
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
+import functools
 import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from comfy_sidecar.pipeline.bounded import gather_bounded
 
 IMAGE_LOADER_FIELDS = ("image",)
 VIDEO_LOADERS = frozenset(
@@ -272,7 +274,14 @@ class Preprocessor:
                 stem = f"{job_id}_{counter}"
                 if is_url(inputs[name]):
                     downloads.append(
-                        self._stage_input(staging, inputs, name, name, stem, location, prepared)
+                        self._stage_input(
+                            staging,
+                            inputs[name],
+                            stem,
+                            location,
+                            prepared,
+                            assign=functools.partial(inputs.__setitem__, name),
+                        )
                     )
                 else:
                     inputs[name] = await self._resolve(
@@ -294,13 +303,7 @@ class Preprocessor:
                     if is_url(item):
                         downloads.append(
                             self._stage_input(
-                                staging,
-                                {"url": item},
-                                "url",
-                                None,
-                                f"{job_id}/{index:05d}",
-                                location,
-                                prepared,
+                                staging, item, f"{job_id}/{index:05d}", location, prepared
                             )
                         )
                     else:
@@ -308,7 +311,7 @@ class Preprocessor:
                             item, location, f"{index:05d}", prepared, target, copy_local=True
                         )
                 inputs["directory"] = job_id
-        await self._run_downloads(downloads)
+        await gather_bounded(downloads, MAX_CONCURRENT_DOWNLOADS)
         if not has_output:
             for node in prepared.prompt.values():
                 if await self._is_output_node(str(node.get("class_type", ""))):
@@ -321,48 +324,25 @@ class Preprocessor:
                 "prompt",
             )
 
-    @staticmethod
-    async def _run_downloads(downloads: list[Callable[[], Awaitable[None]]]) -> None:
-        """Run the prompt's downloads concurrently, at most MAX_CONCURRENT_DOWNLOADS at once;
-        the first failure cancels the rest and is raised."""
-        if not downloads:
-            return
-        gate = asyncio.Semaphore(MAX_CONCURRENT_DOWNLOADS)
-
-        async def bounded(download: Callable[[], Awaitable[None]]) -> None:
-            async with gate:
-                await download()
-
-        tasks = [asyncio.ensure_future(bounded(d)) for d in downloads]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
     def _stage_input(
         self,
         staging: Staging | None,
-        inputs: dict[str, Any] | None,
-        key: str | None,
-        field_name: str | None,
+        url: str,
         stem: str,
         location: str,
         prepared: Prepared,
+        assign: Callable[[str], None] | None = None,
     ) -> Callable[[], Awaitable[None]]:
-        """A download of ``inputs[key]`` into INPUT_DIR as ``<stem><ext>``, written back to
-        ``inputs[field_name]`` (when given)."""
+        """A download of ``url`` into INPUT_DIR as ``<stem><ext>``; the name it gets is passed
+        to ``assign`` (when given) and removed with the job's other inputs."""
 
         async def download() -> None:
             if staging is None:
                 raise InputError("URL inputs are not supported by this build", location)
-            assert inputs is not None and key is not None
-            name = await staging.input(str(inputs[key]), stem, location)
+            name = await staging.input(url, stem, location)
             prepared.input_files.append(self.input_dir / name)
-            if field_name is not None:
-                inputs[field_name] = name
+            if assign is not None:
+                assign(name)
 
         return download
 

@@ -14,9 +14,8 @@ Usage::
         auth = storage.credentials_for(url, request.credentials)
         name = await storage.stage_input(url, auth, Path(settings.input_dir), "job/x.png", lease)
         model = await storage.stage_model(url, auth, Path(settings.model_dir) / "loras", lease)
-    spec = Storage.upload_key(request)
-    if spec is not None:
-        url = await storage.upload(output_path, spec, output_filename)
+    # spec: the request's S3Upload | HFUpload | AzureBlobUpload | HTTPUpload
+    url = await storage.upload(output_path, spec, output_filename)
     await storage.close()
 """
 
@@ -228,16 +227,6 @@ class Storage:
         return None
 
     # --- uploads -------------------------------------------------------------------------
-
-    @staticmethod
-    def upload_key(request: Any) -> UploadSpec | None:
-        """The upload spec present on ``request`` (a PromptRequest/PromptOptions), first of
-        ``s3``, ``hf_upload``, ``azure_blob_upload``, ``http_upload``; None for base64 output."""
-        for key in ("s3", "hf_upload", "azure_blob_upload", "http_upload"):
-            spec = getattr(request, key, None)
-            if spec is not None:
-                return spec  # type: ignore[no-any-return]
-        return None
 
     def _upload_backend(self, spec: UploadSpec) -> Backend:
         if isinstance(spec, S3Upload):
