@@ -142,7 +142,7 @@ class Delivery:
             return Response(content, media_type="application/json", status_code=200)
         return Stream(
             stream_result(
-                body_head, result.files, urls, lambda: {"stats": result.stats()}, result.release
+                body_head, result.files, lambda: {"stats": result.stats()}, result.release
             ),
             media_type="application/json",
             status_code=200,

@@ -117,13 +117,13 @@ def base64_chunks(path: Path) -> AsyncIterator[bytes]:
 async def stream_result(
     head: dict[str, Any],
     files: list[OutputFile],
-    urls: list[str] | None,
     tail: Callable[[], dict[str, Any]],
     finish: Callable[[], None],
 ) -> AsyncIterator[bytes]:
     """Yield the JSON body ``{...head, "filenames", "images", ...tail()}``.
 
-    ``images`` holds ``urls`` when given, else the base64 of each file, encoded while streaming.
+    ``images`` holds the base64 of each file, encoded while streaming (results with upload
+    URLs are small and go through :func:`render_result`).
     ``tail()`` is called after the images are written (so timings include them); ``finish()``
     runs last, even if the client goes away (it removes the files).
     """
@@ -131,14 +131,11 @@ async def stream_result(
     try:
         body = encode(head)
         yield body[:-1] + b',"filenames":' + encode([f.filename for f in files]) + b',"images":['
-        if urls is not None:
-            yield encode(urls)[1:-1]
-        else:
-            for index, item in enumerate(files):
-                yield b'"' if index == 0 else b',"'
-                async for chunk in base64_chunks(item.path):
-                    yield chunk
-                yield b'"'
+        for index, item in enumerate(files):
+            yield b'"' if index == 0 else b',"'
+            async for chunk in base64_chunks(item.path):
+                yield chunk
+            yield b'"'
         yield b"]," + encode(tail())[1:]
     finally:
         finish()
