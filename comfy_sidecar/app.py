@@ -7,7 +7,6 @@ Every error body is JSON with ``error`` (what is wrong) and, for a caller's mist
 from __future__ import annotations
 
 import logging
-import re
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -18,6 +17,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from comfy_sidecar import __version__
+from comfy_sidecar.locations import msgspec_location
 from comfy_sidecar.pipeline.run import PipelineError
 from comfy_sidecar.routes.models import download, download_status, models
 from comfy_sidecar.routes.probes import health, ready
@@ -28,31 +28,6 @@ if TYPE_CHECKING:
     from comfy_sidecar.service import Sidecar
 
 log = logging.getLogger("comfy_sidecar.app")
-
-_PATH_TOKEN = re.compile(r"\.([A-Za-z_][\w]*)|\['((?:[^'\\]|\\.)*)'\]|\[(\d+|\.\.\.)\]")
-
-
-def msgspec_location(message: str) -> tuple[str, str]:
-    """Split a msgspec validation message into (what is wrong, dotted location).
-
-    ``"Expected `str`, got `int` - at `$.prompt['1'].class_type`"`` gives
-    ``("Expected `str`, got `int`", "prompt.1.class_type")``.
-    """
-    what, sep, where = message.partition(" - at `")
-    parts: list[str] = []
-    if sep:
-        for name, key, index in _PATH_TOKEN.findall(where.rstrip("`")):
-            if index:
-                parts.append(f"[{index}]")
-            else:
-                parts.append(("." if parts else "") + (name or key))
-    location = "".join(parts)
-    unknown = re.search(r"unknown field `([^`]*)`", what)
-    missing = re.search(r"missing required field `([^`]*)`", what)
-    for match in (unknown, missing):
-        if match:
-            location = f"{location}.{match.group(1)}" if location else match.group(1)
-    return what, location
 
 
 def _node_location(body: bytes, location: str) -> str:

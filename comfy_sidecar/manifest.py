@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from comfy_sidecar.locations import msgspec_location
 from comfy_sidecar.schemas import DownloadAuth
 
 if TYPE_CHECKING:
@@ -193,17 +194,6 @@ class Roots:
         return Path(joined)
 
 
-def _msgspec_path(message: str) -> tuple[str, str]:
-    """``("Expected `array`, got `str`", "pip")`` from msgspec's ``... - at `$.pip` ``."""
-    what, _, where = message.partition(" - at `")
-    where = where.rstrip("`").removeprefix("$").lstrip(".")
-    for pattern in (r"unknown field `([^`]*)`", r"missing required field `([^`]*)`"):
-        found = re.search(pattern, what)
-        if found:
-            where = f"{where}.{found.group(1)}" if where else found.group(1)
-    return what, where or "(top level)"
-
-
 def parse_manifest(raw: bytes | str, source: str, *, yaml: bool) -> Manifest:
     """Decode and type-check a manifest document. ``source`` (``MANIFEST`` or
     ``MANIFEST_JSON``) prefixes every error. Raises :class:`ManifestError`."""
@@ -225,7 +215,7 @@ def parse_manifest(raw: bytes | str, source: str, *, yaml: bool) -> Manifest:
     try:
         return msgspec.convert(document, Manifest)
     except msgspec.ValidationError as exc:
-        what, where = _msgspec_path(str(exc))
+        what, where = msgspec_location(exc, top_level="(top level)")
         raise ManifestError(f"{source}: {where}: {what}") from None
 
 

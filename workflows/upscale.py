@@ -4,7 +4,7 @@ Route: ``POST /workflow/upscale``. Graph (core ComfyUI nodes only):
 LoadImage -> UpscaleModelLoader -> ImageUpscaleWithModel -> SaveImage.
 ``image`` may be a URL or base64 (the /prompt pipeline downloads it into ComfyUI's input
 directory); ``model`` may be a file in ``models/upscale_models`` or a URL to download.
-The graph is written out by hand with :func:`comfy_sidecar.workflow_graphs.node`.
+The graph is written out by hand with :func:`comfy_sidecar.workflows.node`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from comfy_sidecar.workflow_graphs import node
-from comfy_sidecar.workflows import WorkflowContext, resolve_model
+from comfy_sidecar.workflows import WorkflowContext, node, resolve_model
 
 summary = "Upscale an image"
 description = "Upscales `image` with an upscale model (ESRGAN-style, e.g. 2x or 4x)."

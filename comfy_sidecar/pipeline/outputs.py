@@ -19,6 +19,8 @@ from typing import Any
 
 import msgspec
 
+from comfy_sidecar.nodes import node_order_key
+
 log = logging.getLogger("comfy_sidecar.outputs")
 
 CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks base64-encode without padding in between
@@ -46,10 +48,6 @@ class OutputFile:
             return 0
 
 
-def _node_order(node_id: str) -> tuple[int, int, str]:
-    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
-
-
 class OutputError(Exception):
     """An output ComfyUI reported cannot be read."""
 
@@ -59,7 +57,7 @@ def collect_outputs(outputs: dict[str, dict[str, Any]], output_dir: str) -> list
     or its path would leave ``output_dir``."""
     root = Path(output_dir).resolve()
     files: list[OutputFile] = []
-    for node_id in sorted(outputs, key=_node_order):
+    for node_id in sorted(outputs, key=node_order_key):
         ui = outputs[node_id]
         if not isinstance(ui, dict):
             continue

@@ -2,7 +2,9 @@
 
 Each route takes ``{"input": <the module's RequestSchema>, ...every /prompt field but prompt}``,
 generates the prompt and runs it through the /prompt pipeline in-process (comfyui-api loops
-back over HTTP); every response also carries ``input``.
+back over HTTP); every response also carries ``input``. The workflow's context reads ComfyUI
+live and knows the warmup prompt's checkpoint (``ctx.warmup_checkpoint``, comfyui-api's
+``config.warmupCkpt``).
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ if TYPE_CHECKING:
 
 def workflow_route(workflow: Workflow, markdown: bool) -> HTTPRouteHandler:
     """A Litestar handler for ``workflow``, documented with its body type."""
-    from comfy_sidecar.workflows import WorkflowContext, WorkflowError
+    from comfy_sidecar.workflows import WorkflowContext, WorkflowError, prompt_checkpoint
 
     async def handler(data: Any, state: State) -> Response[Any]:
         sidecar: Sidecar = state.sidecar
         admit(sidecar)
-        ctx = WorkflowContext(sidecar.client.get_json)
+        warmup_checkpoint = prompt_checkpoint(sidecar.warmup_prompt)
+        ctx = WorkflowContext(sidecar.client.get_json, warmup_checkpoint=warmup_checkpoint)
         try:
             request, input_ = await workflow.prepare(data, ctx)
         except WorkflowError as exc:

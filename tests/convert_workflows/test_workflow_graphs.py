@@ -1,4 +1,4 @@
-"""comfy_sidecar.workflow_graphs: the shared fields and graph builders the shipped workflows use."""
+"""comfy_sidecar.workflows: the shared fields and graph builders the shipped workflows use."""
 
 from __future__ import annotations
 
@@ -9,20 +9,18 @@ from typing import Any
 import msgspec
 import pytest
 
-from comfy_sidecar.workflow_graphs import (
-    ImageNodes,
-    SamplerNodes,
-    image_to_image,
-    resolve_sampling,
-    text_to_image,
-)
 from comfy_sidecar.workflows import (
+    ImageNodes,
     InputError,
+    SamplerNodes,
     Workflow,
     WorkflowContext,
     WorkflowContextError,
     WorkflowInputError,
+    image_to_image,
     load_workflows,
+    resolve_sampling,
+    text_to_image,
 )
 
 from .conftest import FakeComfy

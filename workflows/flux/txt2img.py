@@ -4,7 +4,7 @@ Route: ``POST /workflow/flux/txt2img``. Expects an all-in-one Flux checkpoint (e
 ``flux1-schnell-fp8.safetensors``) loaded with ``CheckpointLoaderSimple``. Defaults copy
 comfyui-api's: 1024x1024, 4 steps, cfg 1, ``euler``/``simple``, denoise 1, an empty negative
 prompt. Added: ``negative_prompt`` (ignored by Flux at cfg 1) and ``batch_size``. The field
-types and the graph builder are shared: :mod:`comfy_sidecar.workflow_graphs`.
+types and the graph builder are shared: :mod:`comfy_sidecar.workflows`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from comfy_sidecar.workflow_graphs import (
+from comfy_sidecar.workflows import (
     BatchSize,
     CfgScale,
     Checkpoint,
@@ -27,9 +27,10 @@ from comfy_sidecar.workflow_graphs import (
     Scheduler,
     Seed,
     Steps,
+    WorkflowContext,
+    random_seed,
     text_to_image,
 )
-from comfy_sidecar.workflows import WorkflowContext, random_seed
 
 summary = "Text to image (Flux)"
 description = "Generates images from a text prompt with an all-in-one Flux checkpoint."

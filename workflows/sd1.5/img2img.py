@@ -5,7 +5,7 @@ Route: ``POST /workflow/sd1.5/img2img``. Defaults copy comfyui-api's: 512x512, 1
 the custom node ``ImageResize+`` (ComfyUI_essentials); this module uses core ``ImageScale``
 (``upscale_method`` and ``crop`` replace its ``interpolation``/``resize_method``/
 ``resize_condition``/``multiple_of``). Added: ``batch_size`` (``RepeatLatentBatch``). The
-shared field types and the graph builder: :mod:`comfy_sidecar.workflow_graphs`.
+shared field types and the graph builder: :mod:`comfy_sidecar.workflows`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from comfy_sidecar.workflow_graphs import (
+from comfy_sidecar.workflows import (
     BatchSize,
     CfgScale,
     Checkpoint,
@@ -30,9 +30,10 @@ from comfy_sidecar.workflow_graphs import (
     Seed,
     Steps,
     UpscaleMethod,
+    WorkflowContext,
     image_to_image,
+    random_seed,
 )
-from comfy_sidecar.workflows import WorkflowContext, random_seed
 
 summary = "Image to image (SD 1.5)"
 description = "Text-guided image-to-image generation with a Stable Diffusion 1.5 checkpoint."

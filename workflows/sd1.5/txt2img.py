@@ -4,7 +4,7 @@ Route: ``POST /workflow/sd1.5/txt2img``. Defaults copy comfyui-api's: 512x512, 2
 cfg 8, ``euler``/``normal``, denoise 1. Added: ``batch_size``. ``sampler_name`` and
 ``scheduler`` are checked against what ComfyUI offers when the request runs (custom-node
 samplers included), ``checkpoint`` against ``models/checkpoints`` unless it is a URL.
-The field types and the graph builder are shared: :mod:`comfy_sidecar.workflow_graphs`.
+The field types and the graph builder are shared: :mod:`comfy_sidecar.workflows`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from comfy_sidecar.workflow_graphs import (
+from comfy_sidecar.workflows import (
     BatchSize,
     CfgScale,
     Checkpoint,
@@ -27,9 +27,10 @@ from comfy_sidecar.workflow_graphs import (
     Scheduler,
     Seed,
     Steps,
+    WorkflowContext,
+    random_seed,
     text_to_image,
 )
-from comfy_sidecar.workflows import WorkflowContext, random_seed
 
 summary = "Text to image (SD 1.5)"
 description = "Generates images from a text prompt with a Stable Diffusion 1.5 checkpoint."

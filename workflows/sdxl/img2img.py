@@ -6,7 +6,7 @@ center crop) to ``target_width`` x ``target_height`` = 1024x1024, and ``width``/
 4096 as the size the SDXL text encoder is conditioned on (``CLIPTextEncodeSDXL``). comfyui-api's
 ``negative_prompt`` has no default, which makes ComfyUI reject the prompt when it is omitted;
 here it defaults to "text, watermark" as in its txt2img. Added: ``batch_size``. The shared
-field types and the graph builder: :mod:`comfy_sidecar.workflow_graphs`.
+field types and the graph builder: :mod:`comfy_sidecar.workflows`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from comfy_sidecar.workflow_graphs import (
+from comfy_sidecar.workflows import (
     BatchSize,
     CfgScale,
     Checkpoint,
@@ -31,9 +31,10 @@ from comfy_sidecar.workflow_graphs import (
     Seed,
     Steps,
     UpscaleMethod,
+    WorkflowContext,
     image_to_image,
+    random_seed,
 )
-from comfy_sidecar.workflows import WorkflowContext, random_seed
 
 summary = "Image to image (SDXL)"
 description = "Text-guided image-to-image generation with a Stable Diffusion XL checkpoint."

@@ -3,7 +3,7 @@
 Route: ``POST /workflow/sdxl/txt2img``. Defaults copy comfyui-api's: 1024x1024, 20 steps,
 cfg 8, ``euler``/``normal``, denoise 1, negative prompt "text, watermark". Added:
 ``batch_size``. The field types and the graph builder are shared:
-:mod:`comfy_sidecar.workflow_graphs`.
+:mod:`comfy_sidecar.workflows`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from comfy_sidecar.workflow_graphs import (
+from comfy_sidecar.workflows import (
     BatchSize,
     CfgScale,
     Checkpoint,
@@ -26,9 +26,10 @@ from comfy_sidecar.workflow_graphs import (
     Scheduler,
     Seed,
     Steps,
+    WorkflowContext,
+    random_seed,
     text_to_image,
 )
-from comfy_sidecar.workflows import WorkflowContext, random_seed
 
 summary = "Text to image (SDXL)"
 description = "Generates images from a text prompt with a Stable Diffusion XL checkpoint."

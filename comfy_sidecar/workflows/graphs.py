@@ -1,21 +1,7 @@
-"""Shared request fields and graph builders for workflow modules.
+"""Graph builders for workflow modules: the API-format prompts of comfyui-api's examples.
 
-Workflow modules (see :mod:`comfy_sidecar.workflows`) are loaded one by one from
-``WORKFLOW_DIR`` and cannot import each other, so what the shipped ``workflows/`` have in common
-lives here; your own modules may use it too::
-
-    from comfy_sidecar.workflow_graphs import Prompt, Steps, SamplerNodes, text_to_image
-
-**Fields.** ``Annotated`` types carrying the bounds and the description that appear in the
-OpenAPI document and the Markdown table; the module gives the default::
-
-    class RequestSchema(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-        prompt: Prompt
-        steps: Steps = 20
-        seed: Seed = msgspec.field(default_factory=random_seed)
-
-**Graphs.** :func:`text_to_image` and :func:`image_to_image` build the API-format prompt of
-comfyui-api's Stable Diffusion examples, core ComfyUI nodes only::
+:func:`text_to_image` and :func:`image_to_image` build the API-format prompt of comfyui-api's
+Stable Diffusion examples, core ComfyUI nodes only::
 
     CheckpointLoaderSimple -> CLIPTextEncode (positive), CLIPTextEncode (negative)
     latent: EmptyLatentImage (txt2img)
@@ -25,121 +11,33 @@ comfyui-api's Stable Diffusion examples, core ComfyUI nodes only::
 Both first resolve the checkpoint, sampler and scheduler against what ComfyUI offers now
 (:func:`resolve_sampling`). Node ids and titles are the caller's (:class:`SamplerNodes`,
 :class:`ImageNodes`): the shipped workflows keep the ids of comfyui-api's example graphs. Nodes
-come out ordered by numeric id. :func:`node` makes one node for graphs built by hand.
+come out ordered by numeric id (:func:`comfy_sidecar.nodes.node_order_key`). :func:`node` makes
+one node for graphs built by hand.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple
 
-from msgspec import Meta
-
-from comfy_sidecar.workflows import WorkflowContext, check_choice, resolve_model
+from comfy_sidecar.nodes import node_order_key
+from comfy_sidecar.workflows.author import WorkflowContext, check_choice, resolve_model
+from comfy_sidecar.workflows.fields import (
+    ImageToImageRequest,
+    SamplingRequest,
+    TextToImageRequest,
+)
 
 __all__ = [
-    "BatchSize",
-    "CfgScale",
-    "Checkpoint",
-    "Denoise",
-    "ImageHeight",
     "ImageNodes",
-    "ImageToImageRequest",
-    "ImageWidth",
-    "InputImage",
     "LatentClass",
-    "NegativePrompt",
-    "Prompt",
-    "SamplerName",
     "SamplerNodes",
     "Sampling",
-    "SamplingRequest",
-    "Scheduler",
-    "Seed",
-    "Steps",
-    "TextToImageRequest",
-    "UpscaleMethod",
     "image_to_image",
     "node",
     "resolve_sampling",
     "text_to_image",
 ]
-
-# --- request fields -----------------------------------------------------------------------
-
-Prompt = Annotated[str, Meta(description="The positive prompt for image generation")]
-NegativePrompt = Annotated[str, Meta(description="The negative prompt for image generation")]
-#: Size of the generated image (txt2img), pixels.
-ImageWidth = Annotated[int, Meta(ge=256, le=2048, description="Width of the generated image")]
-ImageHeight = Annotated[int, Meta(ge=256, le=2048, description="Height of the generated image")]
-#: Default it with ``msgspec.field(default_factory=random_seed)``.
-Seed = Annotated[
-    int, Meta(ge=0, description="Seed for random number generation; random if omitted")
-]
-Steps = Annotated[int, Meta(ge=1, le=100, description="Number of sampling steps")]
-CfgScale = Annotated[float, Meta(ge=0, le=20, description="Classifier-free guidance scale")]
-#: Checked against ComfyUI's KSampler choices when the request runs (custom nodes included).
-SamplerName = Annotated[str, Meta(description="Name of the sampler to use")]
-Scheduler = Annotated[str, Meta(description="Type of scheduler to use")]
-Denoise = Annotated[float, Meta(ge=0, le=1, description="Denoising strength")]
-#: Default it with ``None``: resolved by :func:`resolve_sampling`.
-Checkpoint = Annotated[
-    str | None,
-    Meta(
-        description="Checkpoint file in `models/checkpoints`, or a URL. Default: the "
-        "warmup prompt's checkpoint, else the first installed one."
-    ),
-]
-BatchSize = Annotated[int, Meta(ge=1, le=16, description="Images per request")]
-#: The /prompt pipeline downloads a URL or decodes base64 into ComfyUI's input directory.
-InputImage = Annotated[
-    str, Meta(min_length=1, description="Input image for img2img: a URL or base64 data")
-]
-#: ``ImageScale``'s ``upscale_method`` choices.
-UpscaleMethod = Literal["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
-
-
-class SamplingRequest(Protocol):
-    """The request fields every builder reads (a RequestSchema with these fields fits)."""
-
-    @property
-    def prompt(self) -> str: ...
-    @property
-    def negative_prompt(self) -> str: ...
-    @property
-    def seed(self) -> int: ...
-    @property
-    def steps(self) -> int: ...
-    @property
-    def cfg_scale(self) -> float: ...
-    @property
-    def sampler_name(self) -> str: ...
-    @property
-    def scheduler(self) -> str: ...
-    @property
-    def denoise(self) -> float: ...
-    @property
-    def checkpoint(self) -> str | None: ...
-    @property
-    def batch_size(self) -> int: ...
-
-
-class TextToImageRequest(SamplingRequest, Protocol):
-    """What :func:`text_to_image` reads: the sampling fields plus the image size (pixels)."""
-
-    @property
-    def width(self) -> int: ...
-    @property
-    def height(self) -> int: ...
-
-
-class ImageToImageRequest(SamplingRequest, Protocol):
-    """What :func:`image_to_image` reads: the sampling fields plus the input image."""
-
-    @property
-    def image(self) -> str: ...
-    @property
-    def upscale_method(self) -> str: ...
 
 
 # --- resolution ---------------------------------------------------------------------------
@@ -336,7 +234,7 @@ def _sample_and_save(
         {"filename_prefix": filename_prefix, "images": [nodes.decode, 0]},
         "Save Image",
     )
-    return dict(sorted(graph.items(), key=lambda item: _id_order(item[0])))
+    return dict(sorted(graph.items(), key=lambda item: node_order_key(item[0])))
 
 
 def _sdxl_encode(text: str, size: tuple[int, int], checkpoint: str) -> dict[str, Any]:
@@ -356,8 +254,3 @@ def _sdxl_encode(text: str, size: tuple[int, int], checkpoint: str) -> dict[str,
         },
         "CLIPTextEncodeSDXL",
     )
-
-
-def _id_order(node_id: str) -> tuple[int, int, str]:
-    """Numeric ids in numeric order, then any others by name."""
-    return (0, int(node_id), "") if node_id.isascii() and node_id.isdigit() else (1, 0, node_id)
