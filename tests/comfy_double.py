@@ -65,6 +65,8 @@ NODES: dict[str, tuple[dict[str, Any], bool]] = {
     "SaveAnimatedWEBP": ({"images": "IMAGE", "filename_prefix": "STRING"}, True),
     "SaveAnimatedPNG": ({"images": "IMAGE", "filename_prefix": "STRING"}, True),
     "UpscaleModelLoader": ({"model_name": "MODEL_FILE"}, False),
+    # Known (warmup prompts name their checkpoint in one) but not runnable here.
+    "CheckpointLoaderSimple": ({"ckpt_name": "STRING"}, False),
     "ImageUpscaleWithModel": ({"upscale_model": "UPSCALE_MODEL", "image": "IMAGE"}, False),
     "DoubleExit": ({"code": "INT"}, True),
 }

@@ -19,6 +19,7 @@ from comfy_sidecar.workflows import (
     WorkflowGenerateError,
     WorkflowInputError,
     load_workflows,
+    prompt_checkpoint,
 )
 
 from .conftest import FakeComfy
@@ -390,3 +391,17 @@ def test_importing_does_not_load_pillow() -> None:
         "assert 'PIL' not in sys.modules, 'PIL imported eagerly'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_prompt_checkpoint_is_the_first_checkpoint_loader_by_node_id() -> None:
+    def loader(name: Any, class_type: str = "CheckpointLoaderSimple") -> dict[str, Any]:
+        return {"class_type": class_type, "inputs": {"ckpt_name": name}}
+
+    assert prompt_checkpoint(None) is None
+    assert prompt_checkpoint({}) is None
+    assert prompt_checkpoint({"1": loader("a.ckpt", "CheckpointLoader")}) is None
+    ordered = {"b": loader("b.ckpt"), "10": loader("10.ckpt"), "9": loader("9.ckpt")}
+    assert prompt_checkpoint(ordered) == "9.ckpt"  # numeric ids first, ascending
+    assert prompt_checkpoint({"²": loader("sup.ckpt"), "x": loader("x.ckpt")}) == "x.ckpt"
+    assert prompt_checkpoint({"1": loader(["4", 0]), "2": loader("late.ckpt")}) is None
+    assert prompt_checkpoint({"1": {"class_type": "CheckpointLoaderSimple"}}) is None
