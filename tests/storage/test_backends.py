@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from comfy_sidecar.cache import cache_key
 from comfy_sidecar.schemas import (
     AzureBlobUpload,
     BearerAuth,
@@ -22,10 +21,12 @@ from comfy_sidecar.schemas import (
 )
 from comfy_sidecar.storage import (
     AuthError,
+    BackendError,
     BadRequestError,
     NotFoundError,
-    StorageError,
+    SupersededError,
 )
+from comfy_sidecar.storage.cache import cache_key
 from tests.storage.hf_hub_server import HubServer
 from tests.storage.servers import FileServer
 
@@ -89,9 +90,8 @@ def test_s3_download_stage_and_upload(
             assert path.read_bytes() == b"q"
             entry = storage.cache.entry(aurl)
             assert entry is not None and entry.auth_required
-            with pytest.raises(StorageError) as err:
+            with pytest.raises(BackendError):
                 await storage.upload(out, S3Upload(bucket="no-such-bucket-x"), "o.png")
-            assert err.value.status == 502
         finally:
             await storage.close()
         uploaded = [d for n, d in events if n == "file_uploaded"]
@@ -140,9 +140,8 @@ def test_azure_download_stage_and_upload(
             blob = blob_service.get_blob_client(container, "out/out.webp")
             assert blob.download_blob().readall() == out.read_bytes()
             assert blob.get_blob_properties().content_settings.content_type == "image/webp"
-            with pytest.raises(StorageError) as err:
+            with pytest.raises(BackendError):
                 await storage.upload(out, AzureBlobUpload(container="missing-c"), "x.webp")
-            assert err.value.status == 502
         finally:
             await storage.close()
 
@@ -161,9 +160,8 @@ def test_azure_anonymous_without_configuration_is_refused(
         storage = make_storage()
         await storage.start()
         try:
-            with pytest.raises(StorageError) as err:
+            with pytest.raises((AuthError, NotFoundError)):  # Azurite answers 403 or 404
                 await storage.fetch(f"{base}/{container}/x.png", None)
-            assert err.value.status in (400, 502)
             with pytest.raises(BadRequestError):
                 await storage.upload(tmp_path, AzureBlobUpload(container=container), "x.png")
         finally:
@@ -245,9 +243,9 @@ def test_http_upload_put_and_failure(
             assert http_server.uploads["o.png"] == out.read_bytes()
             put = next(h for m, p, h in http_server.requests if m == "PUT")
             assert put["Content-Type"] == "image/png"
-            with pytest.raises(StorageError) as err:
+            with pytest.raises(BackendError) as err:
                 await storage.upload(out, HTTPUpload(url_prefix=http_server.url("/fail")), "o.png")
-            assert err.value.status == 502 and "500" in str(err.value)
+            assert "500" in str(err.value)
         finally:
             await storage.close()
 
@@ -274,8 +272,8 @@ def test_second_upload_supersedes_first(
             results = await asyncio.gather(one, two, return_exceptions=True)
         finally:
             await storage.close()
-        assert isinstance(results[0], StorageError), results
-        assert "superseded" in str(results[0]) and results[0].status == 409, results
+        assert isinstance(results[0], SupersededError), results
+        assert "superseded" in str(results[0]), results
         assert results[1] == http_server.url("/upload/same.png"), results
         assert http_server.uploads["same.png"] == second.read_bytes()
 
@@ -302,7 +300,7 @@ def test_s3_second_upload_supersedes_first(
             results = await asyncio.gather(one, two, return_exceptions=True)
         finally:
             await storage.close()
-        assert isinstance(results[0], StorageError) and "superseded" in str(results[0])
+        assert isinstance(results[0], SupersededError) and "superseded" in str(results[0])
         assert results[1] == f"s3://{bucket}/x/f.bin"
         body = s3_client.get_object(Bucket=bucket, Key="x/f.bin")["Body"].read()
         assert body == second.read_bytes()
