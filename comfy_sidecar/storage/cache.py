@@ -250,8 +250,8 @@ class DownloadCache:
                 last_used_ms=int(st.st_mtime * 1000),
                 auth_required=auth_required,
             )
-        # Renumber the LRU order 1..n: keeps a version-2 order, orders version-1 entries and
-        # adopted files (last_use 0, older than any we used) by their last-use time.
+        # Renumber the LRU order 1..n: keeps a version-2 order; entries without a counter
+        # (a version-1 index, adopted files) come first, ordered by their last-use time.
         ordered = sorted(self._entries.values(), key=lambda e: (e.last_use, e.last_used_ms))
         for n, entry in enumerate(ordered, 1):
             entry.last_use = n

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -219,6 +221,42 @@ def test_hf_download_stage_and_upload(
             assert dest == f"{hub.endpoint}/datasets/org/ds/resolve/main/r%201.png"
             assert hub.repos[("dataset", "org/ds", "r 1.png")] == out.read_bytes()
         finally:
+            await storage.close()
+
+    asyncio.run(main())
+
+
+def test_progress_of_an_inflight_hf_download(
+    make_storage: Any, hub: HubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cache.progress(url)`` counts what Hugging Face wrote so far (its own part file in the
+    download's temp directory), not 0; None before and after the download."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 64 << 10)
+    data = os.urandom(1 << 20)
+    hub.repos[("model", "org/models", "big.bin")] = data
+    hub.hold = threading.Event()  # the hub sends half of the file, then waits
+
+    async def main() -> None:
+        storage = make_storage(env={"HF_ENDPOINT": hub.endpoint})
+        await storage.start()
+        url = f"{hub.endpoint}/org/models/resolve/main/big.bin"
+        try:
+            assert storage.cache.progress(url) is None
+            fetch = asyncio.create_task(storage.fetch(url, None))
+            deadline = time.monotonic() + 30
+            while not storage.cache.progress(url):
+                assert not fetch.done() and time.monotonic() < deadline, "no progress seen"
+                await asyncio.sleep(0.02)
+            done = storage.cache.progress(url)
+            assert done is not None and 0 < done <= len(data)
+            assert storage.cache.progress_by_key(cache_key(url)) == done
+            hub.hold.set()
+            assert (await fetch).read_bytes() == data
+            assert storage.cache.progress(url) is None
+        finally:
+            hub.hold.set()
             await storage.close()
 
     asyncio.run(main())
