@@ -101,7 +101,7 @@ class Lease:
     """Keeps cache entries from eviction while a job uses them.
 
     Get one from :meth:`DownloadCache.lease`, pass it to ``get``/``stage_*``/``link``, and call
-    :meth:`release` (or use it as a context manager, sync or async) when the job ends.
+    :meth:`release` (or use it as a ``with`` context manager) when the job ends.
     Releasing twice is harmless.
     """
 
@@ -120,10 +120,6 @@ class Lease:
             if self._counts[key] <= 0:
                 del self._counts[key]
 
-    @property
-    def keys(self) -> set[str]:
-        return {k for k, n in self._held.items() if n > 0}
-
     def release(self) -> None:
         for key, n in list(self._held.items()):
             for _ in range(n):
@@ -133,14 +129,6 @@ class Lease:
         return self
 
     def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
-
-    async def __aenter__(self) -> Lease:
-        return self
-
-    async def __aexit__(
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
@@ -401,10 +389,6 @@ class DownloadCache:
             os.replace(dest, final)
             duration = time.monotonic() - started
             now = _now_ms()
-            old = self._entries.get(key)
-            if old is not None and old.file != name:
-                with contextlib.suppress(OSError):
-                    (self.dir / old.file).unlink()
             entry = CacheEntry(
                 file=name,
                 url=clean,
