@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from comfy_sidecar.schemas import (
     AzureBlobUpload,
@@ -96,7 +96,6 @@ class Storage:
         max_workers: int = 8,
     ) -> None:
         env = os.environ if env is None else env
-        self._on_event = on_event
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="storage")
         # HTTP bodies get their own threads so long downloads never queue SDK calls.
         self._http_executor = ThreadPoolExecutor(max_workers, thread_name_prefix="storage-http")
@@ -274,7 +273,7 @@ class Storage:
             duration = time.monotonic() - started
             mbps = size / 1e6 / duration if duration > 0 else 0.0
             log.info("uploaded %s: %d bytes in %.2f s (%.1f MB/s)", clean, size, duration, mbps)
-            self._emit(
+            self.cache.emit(
                 "file_uploaded",
                 {"url": clean, "local_path": str(path), "size": size, "duration": duration},
             )
@@ -287,14 +286,6 @@ class Storage:
                 del self._uploads[url]
             if not active.done.done():
                 active.done.set_result(None)
-
-    def _emit(self, name: str, data: dict[str, Any]) -> None:
-        if self._on_event is None:
-            return
-        try:
-            self._on_event(name, data)
-        except Exception:
-            log.exception("storage event handler failed for %s", name)
 
 
 __all__ = [

@@ -402,7 +402,7 @@ class DownloadCache:
             await self._save_index()
             mbps = size / 1e6 / duration if duration > 0 else 0.0
             log.info("downloaded %s: %d bytes in %.2f s (%.1f MB/s)", clean, size, duration, mbps)
-            self._emit(
+            self.emit(
                 "file_downloaded",
                 {"url": clean, "local_path": str(final), "size": size, "duration": duration},
             )
@@ -425,7 +425,9 @@ class DownloadCache:
                 done / 1e6 / elapsed if elapsed > 0 else 0.0,
             )
 
-    def _emit(self, name: str, data: dict[str, Any]) -> None:
+    def emit(self, name: str, data: dict[str, Any]) -> None:
+        """Pass a storage event to ``on_event`` (see :data:`EventFn`); a failing handler is
+        logged, never raised. Storage sends its ``file_uploaded`` through here too."""
         if self._on_event is None:
             return
         try:
@@ -478,7 +480,7 @@ class DownloadCache:
                 total -= entry.size
                 evicted.append(key)
                 log.info("evicted %s (%d bytes)", entry.url, entry.size)
-                self._emit(
+                self.emit(
                     "file_deleted",
                     {
                         "url": entry.url,
