@@ -719,20 +719,8 @@ def _clean(url: str) -> str:
 
 
 def _partial_bytes(storage: Storage, url: str) -> int:
-    """Bytes downloaded so far for ``url`` (its ``.partial-<key>-*`` directory in the cache)."""
-    from comfy_sidecar.cache import PARTIAL_PREFIX, cache_key
-    from comfy_sidecar.storage.base import tree_size
-
-    suffix = f"{cache_key(url)}-"  # mkdtemp(suffix=f"{key}-", prefix=PARTIAL_PREFIX)
-    total = 0
-    try:
-        with os.scandir(storage.cache.dir) as it:
-            for item in it:
-                if item.name.startswith(PARTIAL_PREFIX) and item.name.endswith(suffix):
-                    total += tree_size(Path(item.path))
-    except OSError:
-        return 0
-    return total
+    """Bytes downloaded so far for ``url`` (0 when no download of it is in flight)."""
+    return storage.cache.progress(url) or 0
 
 
 __all__ = [

@@ -179,7 +179,14 @@ class Delivery:
         """An :data:`Uploader` over the storage facade: every output file streamed from disk,
         ``concurrency`` at a time; any failure is a :class:`PipelineError` naming the file
         (502 for the backend, 400 for a bad prefix, 409 when superseded)."""
-        from comfy_sidecar.storage import StorageError
+        from comfy_sidecar.storage import (
+            BadRequestError,
+            OutputMissingError,
+            StorageError,
+            SupersededError,
+        )
+
+        statuses = {BadRequestError: 400, SupersededError: 409, OutputMissingError: 500}
 
         async def upload(result: JobResult, key: str, spec: Any) -> list[str]:
             async def one(item: OutputFile) -> str:
@@ -187,7 +194,7 @@ class Delivery:
                     url: str = await storage.upload(item.path, spec, item.filename)
                 except StorageError as exc:
                     raise PipelineError(
-                        exc.status,
+                        statuses.get(type(exc), 502),
                         {
                             "error": f"upload of {item.filename} failed: {exc}",
                             "location": key,

@@ -40,8 +40,8 @@ from comfy_sidecar.pipeline.preprocess import InputError, Prepared, Preprocessor
 from comfy_sidecar.schemas import Credential, PromptRequest
 
 if TYPE_CHECKING:
-    from comfy_sidecar.cache import Lease
     from comfy_sidecar.storage import Storage
+    from comfy_sidecar.storage.cache import Lease
 
 log = logging.getLogger("comfy_sidecar.pipeline")
 

@@ -11,7 +11,6 @@ path is refused (comfyui-api allows ``../``); ``GET /download/{key}`` reports as
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -170,7 +169,7 @@ async def _run_download(
     """Fetch ``url`` into the cache and link it as ``name`` (extension fixed) in the folder;
     updates ``record`` and returns it with the HTTP status a waiting caller gets (200; 409 for
     a foreign file in the way; 400 for any other failure, as comfyui-api). Never raises."""
-    from comfy_sidecar.storage import StorageError
+    from comfy_sidecar.storage import CacheConflictError, StorageError
 
     storage = sidecar.storage
     folder = Path(sidecar.settings.model_dir) / record.model_type
@@ -186,7 +185,7 @@ async def _run_download(
         log.info("download %s -> %s (%d bytes)", record.url, dest, record.size)
     except StorageError as exc:
         record.status, record.error = "failed", str(exc)
-        status = 409 if exc.status == 409 else 400
+        status = 409 if isinstance(exc, CacheConflictError) else 400
     except Exception as exc:
         record.status, record.error, status = "failed", f"{type(exc).__name__}: {exc}", 400
     record.duration = time.monotonic() - started
@@ -211,9 +210,9 @@ async def _run_download(
 )
 async def download(data: DownloadRequest, state: State) -> Response[DownloadResponse]:
     """Start (or join) a model download."""
-    from comfy_sidecar.cache import cache_key
     from comfy_sidecar.storage import Storage
     from comfy_sidecar.storage.base import strip_credentials
+    from comfy_sidecar.storage.cache import cache_key
 
     sidecar: Sidecar = state.sidecar
     if not Storage.is_url(data.url):
@@ -267,20 +266,12 @@ async def download(data: DownloadRequest, state: State) -> Response[DownloadResp
 )
 def download_status(key: str, state: State) -> DownloadResponse:
     """Report one download."""
-    from comfy_sidecar.cache import PARTIAL_PREFIX
-
     sidecar: Sidecar = state.sidecar
     record = _downloads(state).records.get(key)
     if record is None:
         raise PipelineError(404, {"error": f"no download with key {key!r}", "location": "key"})
     if record.status == "started":
-        done = 0
-        with contextlib.suppress(OSError), os.scandir(sidecar.storage.cache.dir) as it:
-            for item in it:
-                if item.name.startswith(PARTIAL_PREFIX) and item.name.endswith(f"{key}-"):
-                    data = Path(item.path) / "data"
-                    with contextlib.suppress(OSError):
-                        done += data.stat().st_size
+        done = sidecar.storage.cache.progress_by_key(key) or 0
         return msgspec.structs.replace(record, bytes_done=done)
     return record
 

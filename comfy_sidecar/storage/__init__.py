@@ -29,9 +29,8 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import comfy_sidecar.cache as _cache  # cache.py imports storage.base: keep this lazy-safe
 from comfy_sidecar.schemas import (
     AzureBlobUpload,
     Credential,
@@ -41,25 +40,24 @@ from comfy_sidecar.schemas import (
     S3Upload,
 )
 from comfy_sidecar.storage.azure import AzureBackend
-from comfy_sidecar.storage.base import (
+from comfy_sidecar.storage.base import Backend, CancelToken, glob_to_regex, strip_credentials
+from comfy_sidecar.storage.cache import DownloadCache, EventFn, Lease
+from comfy_sidecar.storage.errors import (
     AuthError,
-    Backend,
     BackendError,
     BadRequestError,
-    CancelToken,
-    FetchResult,
+    CacheConflictError,
+    DiskFullError,
     NotFoundError,
+    OutputMissingError,
     StorageError,
     SupersededError,
-    glob_to_regex,
-    strip_credentials,
 )
 from comfy_sidecar.storage.hf import HFBackend
 from comfy_sidecar.storage.http import HTTPBackend
 from comfy_sidecar.storage.s3 import S3Backend
 
 if TYPE_CHECKING:
-    from comfy_sidecar.cache import EventFn, Lease
     from comfy_sidecar.config import Settings
 
 log = logging.getLogger("comfy_sidecar.storage")
@@ -85,8 +83,8 @@ class Storage:
     ``file_deleted`` with ``{url, local_path, size, duration}`` (url without credentials,
     bytes, seconds). ``env`` (default ``os.environ``) supplies the SDK variables: ``AWS_*``,
     ``HF_TOKEN``, ``HF_ENDPOINT``, ``AZURE_STORAGE_*``. ``max_workers`` bounds the threads
-    for SDK calls and, separately, for HTTP download bodies. Every method raises
-    :class:`StorageError` (``.status`` 400 for the caller's mistakes, 502 for backends).
+    for SDK calls and, separately, for HTTP download bodies. Every method raises a
+    :class:`StorageError` subclass (see :mod:`comfy_sidecar.storage.errors`).
     """
 
     def __init__(
@@ -98,7 +96,6 @@ class Storage:
         max_workers: int = 8,
     ) -> None:
         env = os.environ if env is None else env
-        self._on_event = on_event
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="storage")
         # HTTP bodies get their own threads so long downloads never queue SDK calls.
         self._http_executor = ThreadPoolExecutor(max_workers, thread_name_prefix="storage-http")
@@ -108,11 +105,9 @@ class Storage:
         self.azure = AzureBackend(env, self._executor)
         #: Download routing order (comfyui-api's provider order; HTTP is the catch-all).
         self.backends: list[Backend] = [self.s3, self.hf, self.azure, self.http]
-        self.cache = _cache.DownloadCache(
+        self.cache = DownloadCache(
             Path(settings.cache_dir),
             max_bytes=int(settings.lru_cache_size_gb * 1024**3),
-            fetch=self._fetch,
-            check=self._check,
             on_event=on_event,
         )
         self._uploads: dict[str, _ActiveUpload] = {}
@@ -158,12 +153,6 @@ class Storage:
                 return value[len(scheme)] not in "/?#"
         return False
 
-    async def _fetch(self, url: str, dest: Path, auth: DownloadAuth | None) -> FetchResult:
-        return await self.backend_for(url).download(url, dest, auth)
-
-    async def _check(self, url: str, auth: DownloadAuth | None) -> None:
-        await self.backend_for(url).check_auth(url, auth)
-
     # --- downloads -----------------------------------------------------------------------
 
     def lease(self) -> Lease:
@@ -172,8 +161,7 @@ class Storage:
 
     async def fetch(self, url: str, auth: DownloadAuth | None, lease: Lease | None = None) -> Path:
         """Path of ``url``'s cache file (downloaded once). Read it; do not move it."""
-        self.backend_for(url)
-        return await self.cache.get(url, auth, lease)
+        return await self.cache.get(url, auth, self.backend_for(url), lease)
 
     async def stage_input(
         self,
@@ -186,8 +174,9 @@ class Storage:
         """Download ``url`` (cached) and hardlink it to ``input_dir/name`` (copy when hardlinks
         fail; never a symlink, ComfyUI >= 0.28 rejects those). Returns ``name``, the value for
         the ``LoadImage``/``LoadAudio``/... input. Raises :class:`StorageError`."""
-        self.backend_for(url)
-        return await self.cache.stage_input(url, auth, Path(input_dir), name, lease)
+        return await self.cache.stage_input(
+            url, auth, self.backend_for(url), Path(input_dir), name, lease
+        )
 
     async def stage_model(
         self,
@@ -199,8 +188,9 @@ class Storage:
         """Download ``url`` (cached) and link it into the model folder ``folder_dir`` (e.g.
         ``MODEL_DIR/upscale_models``) under its cache name. Returns that file name, e.g.
         ``Pk6VSKLStckZydwGhX0bM8TqaqHEW9yt.safetensors``, the loader input's new value."""
-        self.backend_for(url)
-        return await self.cache.stage_model(url, auth, Path(folder_dir), lease)
+        return await self.cache.stage_model(
+            url, auth, self.backend_for(url), Path(folder_dir), lease
+        )
 
     async def link(
         self,
@@ -211,10 +201,9 @@ class Storage:
     ) -> Path:
         """Download ``url`` (cached) and link it at exactly ``dest_path`` (manifest
         ``local_path``, ``POST /download`` ``filename``), replacing a link to another URL's
-        entry; a foreign file there gives 409. The caller checks ``dest_path`` is where it
-        may write. Returns ``dest_path``."""
-        self.backend_for(url)
-        return await self.cache.link(url, auth, Path(dest_path), lease)
+        entry; a foreign file there raises :class:`CacheConflictError`. The caller checks
+        ``dest_path`` is where it may write. Returns ``dest_path``."""
+        return await self.cache.link(url, auth, self.backend_for(url), Path(dest_path), lease)
 
     @staticmethod
     def credentials_for(url: str, credentials: list[Credential] | None) -> DownloadAuth | None:
@@ -252,8 +241,9 @@ class Storage:
         URL (see :meth:`upload_url`). Emits ``file_uploaded``.
 
         A later upload to the same URL aborts this one (comfyui-api's "latest wins"): this
-        call then raises :class:`SupersededError` (409) after the backend stopped. Failures
-        raise :class:`StorageError` (502 backend, 400 bad spec), never pass silently.
+        call then raises :class:`SupersededError` after the backend stopped. A missing
+        ``path`` raises :class:`OutputMissingError`; a bad spec :class:`BadRequestError`; any
+        backend failure :class:`BackendError` — never passes silently.
         """
         backend = self._upload_backend(spec)
         url = backend.upload_url(spec, filename)
@@ -270,20 +260,20 @@ class Storage:
             try:
                 size = path.stat().st_size
             except OSError:
-                raise StorageError(f"{filename}: output file missing", status=500) from None
+                raise OutputMissingError(f"{filename}: output file missing") from None
             started = time.monotonic()
             try:
                 await backend.upload(path, spec, filename, active.cancel)
             except (BadRequestError, SupersededError):
                 raise
-            except StorageError as exc:  # any backend refusal of an upload answers 502
+            except StorageError as exc:  # any backend refusal of an upload is a backend failure
                 raise BackendError(str(exc)) from None
             except Exception as exc:
                 raise BackendError(f"upload failed: {type(exc).__name__}") from None
             duration = time.monotonic() - started
             mbps = size / 1e6 / duration if duration > 0 else 0.0
             log.info("uploaded %s: %d bytes in %.2f s (%.1f MB/s)", clean, size, duration, mbps)
-            self._emit(
+            self.cache.emit(
                 "file_uploaded",
                 {"url": clean, "local_path": str(path), "size": size, "duration": duration},
             )
@@ -297,21 +287,17 @@ class Storage:
             if not active.done.done():
                 active.done.set_result(None)
 
-    def _emit(self, name: str, data: dict[str, Any]) -> None:
-        if self._on_event is None:
-            return
-        try:
-            self._on_event(name, data)
-        except Exception:
-            log.exception("storage event handler failed for %s", name)
-
 
 __all__ = [
     "AuthError",
     "Backend",
     "BackendError",
     "BadRequestError",
+    "CacheConflictError",
+    "DiskFullError",
+    "Lease",
     "NotFoundError",
+    "OutputMissingError",
     "Storage",
     "StorageError",
     "SupersededError",

@@ -24,17 +24,19 @@ from typing import IO, Any
 
 from comfy_sidecar.schemas import AzureBlobUpload, DownloadAuth
 from comfy_sidecar.storage.base import (
-    AuthError,
-    BackendError,
-    BadRequestError,
     CancelToken,
     FetchResult,
-    NotFoundError,
-    StorageError,
     check_name,
     check_prefix,
     join_key,
     run_upload,
+)
+from comfy_sidecar.storage.errors import (
+    AuthError,
+    BackendError,
+    BadRequestError,
+    NotFoundError,
+    StorageError,
 )
 from comfy_sidecar.storage.http import content_type_for
 
@@ -89,7 +91,6 @@ class AzureBackend:
     """Azure Blob Storage (and Azurite)."""
 
     name = "azure"
-    upload_key = "azure_blob_upload"
 
     def __init__(self, env: Mapping[str, str], executor: Executor) -> None:
         self._executor = executor

@@ -1,12 +1,10 @@
-"""What every storage backend shares: errors, the backend Protocol, URL and name helpers.
+"""What every storage backend shares: the backend Protocol, URL and name helpers.
 
 Nothing here imports a cloud SDK; backends import theirs lazily inside their methods.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import threading
 import urllib.parse
@@ -16,57 +14,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from comfy_sidecar.schemas import DownloadAuth
-
-# --- errors -------------------------------------------------------------------------------
-
-
-class StorageError(Exception):
-    """A storage operation failed. ``status`` is the HTTP status the API should answer.
-
-    ``str(err)`` is safe to show to the caller: it never contains credentials.
-    """
-
-    status: int = 502
-
-    def __init__(self, message: str, *, status: int | None = None) -> None:
-        super().__init__(message)
-        if status is not None:
-            self.status = status
-
-
-class BadRequestError(StorageError):
-    """The caller's input is unusable: bad URL, unsupported scheme, path traversal (400)."""
-
-    status = 400
-
-
-class AuthError(StorageError):
-    """The backend refused the credentials in use, or a cached auth-gated entry was asked for
-    without valid auth (400, like comfyui-api's download failures)."""
-
-    status = 400
-
-
-class NotFoundError(StorageError):
-    """The remote object does not exist (400: the caller gave a URL that does not resolve)."""
-
-    status = 400
-
-
-class BackendError(StorageError):
-    """The backend failed: 5xx, connection cut, length mismatch, SDK error (502)."""
-
-    status = 502
-
-
-class SupersededError(StorageError):
-    """An upload was aborted because a later upload to the same URL started (409).
-
-    comfyui-api's "latest wins": the later upload takes over the destination.
-    """
-
-    status = 409
-
+from comfy_sidecar.storage.errors import BadRequestError, StorageError, SupersededError
 
 # --- the backend interface ---------------------------------------------------------------
 
@@ -128,12 +76,12 @@ async def run_upload(
 class Backend(Protocol):
     """One storage backend (S3, Hugging Face, Azure Blob, HTTP).
 
-    Downloads are routed by URL (:meth:`handles`), uploads by the request key (``upload_key``).
-    All methods raise :class:`StorageError` subclasses and never put secrets in messages.
+    Downloads are routed by URL (:meth:`handles`); uploads by the request's upload spec type
+    (``Storage._upload_backend``). All methods raise :class:`StorageError` subclasses and
+    never put secrets in messages.
     """
 
     name: str
-    upload_key: str
 
     def handles(self, url: str) -> bool:
         """True when this backend downloads ``url``."""
@@ -278,21 +226,3 @@ def host_matches(host: str, globs: list[str]) -> bool:
         if re.match(regex, host):
             return True
     return False
-
-
-ProgressFn = Callable[[int], None]
-
-
-def tree_size(path: Path) -> int:
-    """Bytes in the regular files under ``path`` (a file or directory); 0 when missing."""
-    try:
-        if path.is_file():
-            return path.stat().st_size
-        total = 0
-        for root, _dirs, files in os.walk(path):
-            for name in files:
-                with contextlib.suppress(OSError):
-                    total += os.lstat(os.path.join(root, name)).st_size
-        return total
-    except OSError:
-        return 0

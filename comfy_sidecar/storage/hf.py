@@ -21,17 +21,19 @@ from typing import Any
 
 from comfy_sidecar.schemas import BearerAuth, DownloadAuth, HFUpload
 from comfy_sidecar.storage.base import (
-    AuthError,
-    BackendError,
-    BadRequestError,
     CancelToken,
     FetchResult,
-    NotFoundError,
-    StorageError,
-    SupersededError,
     check_name,
     check_prefix,
     join_key,
+)
+from comfy_sidecar.storage.errors import (
+    AuthError,
+    BackendError,
+    BadRequestError,
+    NotFoundError,
+    StorageError,
+    SupersededError,
 )
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -76,7 +78,6 @@ class HFBackend:
     """Hugging Face Hub (models and datasets)."""
 
     name = "hf"
-    upload_key = "hf_upload"
 
     def __init__(self, env: Mapping[str, str], executor: Executor) -> None:
         self._endpoint = (env.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")

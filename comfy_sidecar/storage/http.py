@@ -33,18 +33,20 @@ from comfy_sidecar.schemas import (
     QueryAuth,
 )
 from comfy_sidecar.storage.base import (
-    AuthError,
-    BackendError,
-    BadRequestError,
     CancelToken,
     FetchResult,
-    NotFoundError,
-    StorageError,
-    SupersededError,
     check_name,
     extname,
     host_matches,
     safe_ext,
+)
+from comfy_sidecar.storage.errors import (
+    AuthError,
+    BackendError,
+    BadRequestError,
+    NotFoundError,
+    StorageError,
+    SupersededError,
 )
 
 if TYPE_CHECKING:
@@ -141,7 +143,6 @@ class HTTPBackend:
     """Plain HTTP(S) downloads (GET) and uploads (PUT ``<url_prefix>/<filename>``)."""
 
     name = "http"
-    upload_key = "http_upload"
 
     def __init__(self, settings: Settings, executor: Executor | None = None) -> None:
         self._executor = executor

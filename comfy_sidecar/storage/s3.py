@@ -20,17 +20,19 @@ from typing import Any
 
 from comfy_sidecar.schemas import DownloadAuth, S3Auth, S3Upload
 from comfy_sidecar.storage.base import (
-    AuthError,
-    BackendError,
-    BadRequestError,
     CancelToken,
     FetchResult,
-    NotFoundError,
-    StorageError,
     check_name,
     check_prefix,
     join_key,
     run_upload,
+)
+from comfy_sidecar.storage.errors import (
+    AuthError,
+    BackendError,
+    BadRequestError,
+    NotFoundError,
+    StorageError,
 )
 from comfy_sidecar.storage.http import content_type_for
 
@@ -81,7 +83,6 @@ class S3Backend:
     """S3 and S3-compatible storage."""
 
     name = "s3"
-    upload_key = "s3"
 
     def __init__(self, env: Mapping[str, str], executor: Executor) -> None:
         self._env = dict(env)

@@ -2,7 +2,8 @@
 
 - ``HEAD``/``GET /[datasets/]<org>/<repo>/resolve/<rev>/<path>``: ``X-Repo-Commit``, ``ETag``,
   ``Content-Length``, the bytes; 404 with ``X-Error-Code: EntryNotFound``. Repos whose name
-  contains ``private`` need ``Authorization: Bearer <token>`` (401 otherwise).
+  contains ``private`` need ``Authorization: Bearer <token>`` (401 otherwise). While ``hold``
+  is an unset event, a GET sends the first half of the bytes and waits for it.
 - ``POST /api/<type>s/<org>/<repo>/preupload/<rev>``: every file is ``lfs``.
 - ``POST /[datasets/]<org>/<repo>.git/info/lfs/objects/batch``: a ``basic`` upload action to
   ``PUT /lfs-upload/<oid>`` (the body is streamed to memory here, keyed by sha256).
@@ -36,6 +37,8 @@ class HubServer(QuietServer):
         #: (repo_type, repo_id, path) -> bytes
         self.repos: dict[tuple[str, str, str], bytes] = {}
         self.lfs: dict[str, bytes] = {}
+        #: When set to an Event: file GETs stop half-way until it is set (at most 30 s).
+        self.hold: threading.Event | None = None
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
@@ -119,7 +122,22 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
             self._send(206, data[start:], headers)
             return
+        if self.command == "GET" and self.server.hold is not None:
+            self._send_held(data, headers, self.server.hold)
+            return
         self._send(200, data, headers)
+
+    def _send_held(self, data: bytes, headers: dict[str, str], hold: threading.Event) -> None:
+        self.send_response(200)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        half = len(data) // 2
+        self.wfile.write(data[:half])
+        self.wfile.flush()
+        hold.wait(30)
+        self.wfile.write(data[half:])
 
     def do_POST(self) -> None:
         segs = self._path()

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from comfy_sidecar.cache import INDEX_NAME, cache_key, cache_name
+import comfy_sidecar.storage.cache as cache_module
 from comfy_sidecar.schemas import BasicAuth, BearerAuth, Credential, HeaderAuth, QueryAuth
-from comfy_sidecar.storage import AuthError, BackendError, BadRequestError, Storage, StorageError
+from comfy_sidecar.storage import (
+    AuthError,
+    BackendError,
+    BadRequestError,
+    CacheConflictError,
+    NotFoundError,
+    Storage,
+)
 from comfy_sidecar.storage.base import extname
+from comfy_sidecar.storage.cache import INDEX_NAME, DownloadCache, cache_key, cache_name
 from tests.storage.servers import FileServer
 
 CIVITAI = (
@@ -155,9 +164,8 @@ def test_cut_download_leaves_no_entry(
         await storage.start()
         try:
             url = http_server.url("/cut/big.bin")
-            with pytest.raises(BackendError) as err:
+            with pytest.raises(BackendError):
                 await storage.stage_input(url, None, tmp_path / "in", "x.bin")
-            assert err.value.status == 502
             assert storage.cache.entry(url) is None
             left = [p.name for p in storage.cache.dir.iterdir() if p.name != INDEX_NAME]
             assert left == []
@@ -181,9 +189,8 @@ def test_http_errors_map_to_statuses(make_storage: Any, http_server: FileServer)
         try:
             with pytest.raises(BadRequestError):
                 await storage.fetch("ftp://example.com/x", None)
-            with pytest.raises(StorageError) as err:
+            with pytest.raises(NotFoundError):
                 await storage.fetch(http_server.url("/files/missing.png"), None)
-            assert err.value.status == 400
             with pytest.raises(AuthError):
                 await storage.fetch(http_server.url("/auth/p.bin"), None)
         finally:
@@ -275,12 +282,17 @@ def test_caller_auth_not_sent_across_origins_and_env_header_allow_list(
 def test_lru_eviction_order_and_leases(
     make_storage: Any,
     http_server: FileServer,
-    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     events: list[tuple[str, dict[str, Any]]],
 ) -> None:
     for name in "abcde":
         http_server.files[f"{name}.bin"] = name.encode() * 400  # 400 bytes each
     limit_gb = str(1000 / 1024**3)  # room for two entries
+    # The wall clock stands still after the first download: b's download and a's re-use fall
+    # in one millisecond, which tied them when the order was a time (a, re-used, was evicted).
+    # The order is the cache's use counter, whatever the clock says.
+    ticks = iter([1000])
+    monkeypatch.setattr(cache_module, "_now_ms", lambda: next(ticks, 2000))
 
     async def main() -> None:
         storage = make_storage(LRU_CACHE_SIZE_GB=limit_gb)
@@ -292,9 +304,7 @@ def test_lru_eviction_order_and_leases(
             await storage.fetch(url["a"], None)  # a is now more recent than b
             await storage.fetch(url["c"], None)
             await storage.cache.evict()
-            assert storage.cache.entry(url["b"]) is None
-            assert storage.cache.entry(url["a"]) is not None
-            assert storage.cache.entry(url["c"]) is not None
+            assert {e.url for e in storage.cache.entries().values()} == {url["a"], url["c"]}
             # a leased entry survives even as the least recently used one
             with storage.lease() as lease:
                 await storage.fetch(url["a"], None, lease)
@@ -302,18 +312,55 @@ def test_lru_eviction_order_and_leases(
                 await storage.fetch(url["d"], None)
                 await storage.fetch(url["e"], None)
                 await storage.cache.evict()
-                await asyncio.sleep(0.05)
-                assert storage.cache.entry(url["a"]) is not None
+                assert {e.url for e in storage.cache.entries().values()} == {url["a"], url["e"]}
             await storage.cache.evict()
-            keys = {e.url for e in storage.cache.entries().values()}
-            assert url["a"] not in keys or len(keys) <= 2
-            assert storage.cache.total_bytes() <= 1000
+            assert storage.cache.total_bytes() == 800
             on_disk = sorted(p.name for p in storage.cache.dir.iterdir() if p.name != INDEX_NAME)
             assert on_disk == sorted(e.file for e in storage.cache.entries().values())
         finally:
             await storage.close()
         deleted = [d["url"] for n, d in events if n == "file_deleted"]
-        assert deleted[0] == url["b"]
+        assert deleted == [url["b"], url["c"], url["d"]]
+
+    asyncio.run(main())
+
+
+def test_lru_order_of_an_old_index_is_kept(tmp_path: Path) -> None:
+    """Entries of a version-1 index (no ``last_use``) and adopted comfyui-api files are
+    ordered by their last-use time (ms; a file's mtime); the order survives a restart."""
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    urls = {n: f"https://example.com/{n}.bin" for n in "xyz"}
+    used_ms = {"x": 3000, "y": 1000, "z": 2000}
+    entries = {}
+    for n, u in urls.items():
+        (cache_dir / cache_name(u)).write_bytes(b"0" * 400)
+        entries[cache_key(u)] = {
+            "file": cache_name(u),
+            "url": u,
+            "size": 400,
+            "created_ms": 500,
+            "last_used_ms": used_ms[n],
+            "auth_required": False,
+            "links": [],
+        }
+    (cache_dir / INDEX_NAME).write_text(json.dumps({"version": 1, "entries": entries}))
+    adopted = cache_name("https://example.com/adopted.bin")
+    (cache_dir / adopted).write_bytes(b"0" * 400)
+    os.utime(cache_dir / adopted, (1.5, 1.5))  # used between y and z
+
+    async def main() -> None:
+        cache = DownloadCache(cache_dir, max_bytes=0)
+        await cache.start()
+        order = sorted(cache.entries().values(), key=lambda e: e.last_use)
+        names = [cache_name(urls["y"]), adopted, cache_name(urls["z"]), cache_name(urls["x"])]
+        assert [e.file for e in order] == names
+        await cache.close()
+        again = DownloadCache(cache_dir, max_bytes=1000)
+        await again.start()  # evicts down to 1000 bytes: the two least recently used go
+        assert {e.url for e in again.entries().values()} == {urls["z"], urls["x"]}
+        assert {p.name for p in cache_dir.iterdir()} == {INDEX_NAME, *names[2:]}
+        await again.close()
 
     asyncio.run(main())
 
@@ -369,9 +416,8 @@ def test_link_replaces_other_urls_link_but_not_foreign_files(
             assert dest.read_bytes() == b"two"
             foreign = tmp_path / "models" / "checkpoints" / "user.bin"
             foreign.write_bytes(b"user's own file")
-            with pytest.raises(Exception) as err:
+            with pytest.raises(CacheConflictError):
                 await storage.link(http_server.url("/files/one.bin"), None, foreign)
-            assert getattr(err.value, "status", None) == 409
             assert foreign.read_bytes() == b"user's own file"
         finally:
             await storage.close()

@@ -7,7 +7,7 @@ final URL, Content-Type). A file name chosen by the caller only ever names a *li
 Differences from comfyui-api (its W-A2, W-A3, W-A5, W-B1, W-S5): downloads go to a private
 temp directory and are renamed into place only when complete; concurrent requests for one URL
 share one download; metadata lives in an index (``.comfy-sidecar-index.json``, written
-atomically, never evicted) instead of ``.meta`` files; LRU order is our own last-use time, not
+atomically, never evicted) instead of ``.meta`` files; LRU order is our own use counter, not
 atime; leased entries are never evicted; inputs are hardlinked (copied when that fails) so
 ComfyUI >= 0.28's realpath check passes. Existing comfyui-api volumes are adopted at start
 (``<hash><ext>`` files, with their ``.meta`` when present).
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
@@ -27,7 +28,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -35,15 +36,13 @@ from typing import Any
 import msgspec
 
 from comfy_sidecar.schemas import DownloadAuth
-from comfy_sidecar.storage.base import (
+from comfy_sidecar.storage.base import Backend, check_name, strip_credentials, url_extname
+from comfy_sidecar.storage.errors import (
     BackendError,
     BadRequestError,
-    FetchResult,
+    CacheConflictError,
+    DiskFullError,
     StorageError,
-    check_name,
-    strip_credentials,
-    tree_size,
-    url_extname,
 )
 
 log = logging.getLogger("comfy_sidecar.cache")
@@ -52,10 +51,6 @@ INDEX_NAME = ".comfy-sidecar-index.json"
 PARTIAL_PREFIX = ".partial-"
 _CACHE_NAME = re.compile(r"^[A-Za-z0-9_-]{32}(\..*)?$")
 
-FetchFn = Callable[[str, Path, DownloadAuth | None], Awaitable[FetchResult]]
-"""``fetch(url, dest, auth)``: download ``url`` into ``dest`` (see ``Backend.download``)."""
-CheckFn = Callable[[str, DownloadAuth | None], Awaitable[None]]
-"""``check(url, auth)``: raise unless ``auth`` may read ``url`` now (``Backend.check_auth``)."""
 EventFn = Callable[[str, dict[str, Any]], None]
 """``on_event(name, data)``: ``file_downloaded`` / ``file_uploaded`` / ``file_deleted`` with
 ``{url, local_path, size, duration}`` (url without credentials, size in bytes, seconds)."""
@@ -76,19 +71,25 @@ def cache_name(url: str, fallback_ext: str = "") -> str:
 
 
 class CacheEntry(msgspec.Struct, kw_only=True):
-    """One cached file, as kept in the index. Times are ms since the epoch, size in bytes."""
+    """One cached file, as kept in the index. Times are ms since the epoch, size in bytes.
+
+    ``last_use`` is the LRU order: a counter taken from the cache's clock at each use, so two
+    uses in one millisecond still have an order (eviction takes the lowest first). Indexes
+    written before it existed (version 1) load with 0 and are ordered by ``last_used_ms``.
+    """
 
     file: str
     url: str
     size: int
     created_ms: int
     last_used_ms: int
+    last_use: int = 0
     auth_required: bool
     links: list[str] = []
 
 
 class _Index(msgspec.Struct):
-    version: int = 1
+    version: int = 2
     entries: dict[str, CacheEntry] = {}
 
 
@@ -100,7 +101,7 @@ class Lease:
     """Keeps cache entries from eviction while a job uses them.
 
     Get one from :meth:`DownloadCache.lease`, pass it to ``get``/``stage_*``/``link``, and call
-    :meth:`release` (or use it as a context manager, sync or async) when the job ends.
+    :meth:`release` (or use it as a ``with`` context manager) when the job ends.
     Releasing twice is harmless.
     """
 
@@ -119,10 +120,6 @@ class Lease:
             if self._counts[key] <= 0:
                 del self._counts[key]
 
-    @property
-    def keys(self) -> set[str]:
-        return {k for k, n in self._held.items() if n > 0}
-
     def release(self) -> None:
         for key, n in list(self._held.items()):
             for _ in range(n):
@@ -136,20 +133,13 @@ class Lease:
     ) -> None:
         self.release()
 
-    async def __aenter__(self) -> Lease:
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
-
 
 class DownloadCache:
     """URL-keyed file cache in ``cache_dir`` with in-flight dedup, an index, LRU and leases.
 
-    ``max_bytes`` 0 means no limit (``LRU_CACHE_SIZE_GB`` x 1024^3). ``fetch`` and ``check``
-    are the routed backend calls. All public coroutines raise :class:`StorageError`.
+    ``max_bytes`` 0 means no limit (``LRU_CACHE_SIZE_GB`` x 1024^3). The methods that may
+    download take the ``backend`` that serves the URL (the caller routes); the cache calls only
+    its ``download`` and ``check_auth``. All public coroutines raise :class:`StorageError`.
     """
 
     def __init__(
@@ -157,19 +147,17 @@ class DownloadCache:
         cache_dir: Path,
         *,
         max_bytes: int,
-        fetch: FetchFn,
-        check: CheckFn,
         on_event: EventFn | None = None,
         progress_interval_s: float = 5.0,
     ) -> None:
         self.dir = Path(cache_dir).absolute()
         self.max_bytes = max_bytes
-        self._fetch = fetch
-        self._check = check
         self._on_event = on_event
         self._progress_interval = progress_interval_s
         self._entries: dict[str, CacheEntry] = {}
+        self._clock = 0  # the last ``CacheEntry.last_use`` handed out
         self._inflight: dict[str, asyncio.Task[CacheEntry]] = {}
+        self._partials: dict[str, Path] = {}  # key -> temp directory of its download
         self._leases: Counter[str] = Counter()
         self._index_lock = asyncio.Lock()
         self._evict_lock = asyncio.Lock()
@@ -250,6 +238,12 @@ class DownloadCache:
                 last_used_ms=int(st.st_mtime * 1000),
                 auth_required=auth_required,
             )
+        # Renumber the LRU order 1..n: keeps a version-2 order; entries without a counter
+        # (a version-1 index, adopted files) come first, ordered by their last-use time.
+        ordered = sorted(self._entries.values(), key=lambda e: (e.last_use, e.last_used_ms))
+        for n, entry in enumerate(ordered, 1):
+            entry.last_use = n
+        self._clock = len(ordered)
 
     # --- index ---------------------------------------------------------------------------
 
@@ -273,8 +267,13 @@ class DownloadCache:
                 os.unlink(tmp)
             raise
 
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
     def _touch(self, entry: CacheEntry) -> None:
-        entry.last_used_ms = max(_now_ms(), entry.last_used_ms + 1)
+        entry.last_used_ms = _now_ms()
+        entry.last_use = self._tick()
         if self._flush_task is None or self._flush_task.done():
             self._flush_task = asyncio.create_task(self._flush_later())
 
@@ -296,28 +295,42 @@ class DownloadCache:
         """A copy of the index: key -> entry."""
         return dict(self._entries)
 
-    def path_of(self, entry: CacheEntry) -> Path:
-        return self.dir / entry.file
+    def progress(self, url: str) -> int | None:
+        """Bytes of ``url`` downloaded so far, or None when no download of it is in flight.
+        Works for every backend: it counts the download's private temp directory (Hugging
+        Face and S3 write their own part files there). The total is not known to the cache."""
+        return self.progress_by_key(cache_key(url))
 
-    async def get(self, url: str, auth: DownloadAuth | None, lease: Lease | None = None) -> Path:
-        """Path of ``url``'s cache file, downloading it once if needed.
+    def progress_by_key(self, key: str) -> int | None:
+        """:meth:`progress` by cache key (:func:`cache_key`, e.g. ``GET /download/{key}``)."""
+        tmpdir = self._partials.get(key)
+        return None if tmpdir is None else _tree_size(tmpdir)
+
+    async def get(
+        self,
+        url: str,
+        auth: DownloadAuth | None,
+        backend: Backend,
+        lease: Lease | None = None,
+    ) -> Path:
+        """Path of ``url``'s cache file, downloading it once through ``backend`` if needed.
 
         Concurrent calls for one URL share a single download. An entry that needed caller
-        auth is served only after ``check(url, auth)`` accepts the caller's auth. With
-        ``lease`` the entry is held until the lease is released (the hold is dropped again
+        auth is served only after ``backend.check_auth(url, auth)`` accepts the caller's auth.
+        With ``lease`` the entry is held until the lease is released (the hold is dropped again
         when this raises). Raises :class:`StorageError`.
         """
         key = cache_key(url)
         if lease is not None:
             lease.hold(key)
         try:
-            return await self._get(key, url, auth)
+            return await self._get(key, url, auth, backend)
         except BaseException:
             if lease is not None:
                 lease.drop(key)
             raise
 
-    async def _get(self, key: str, url: str, auth: DownloadAuth | None) -> Path:
+    async def _get(self, key: str, url: str, auth: DownloadAuth | None, backend: Backend) -> Path:
         while True:
             entry = self._entries.get(key)
             if entry is not None:
@@ -326,7 +339,7 @@ class DownloadCache:
                     self._entries.pop(key, None)
                     continue
                 if entry.auth_required:
-                    await self._check(url, auth)
+                    await backend.check_auth(url, auth)
                 self._touch(entry)
                 return path
             task = self._inflight.get(key)
@@ -334,7 +347,7 @@ class DownloadCache:
                 await asyncio.shield(task)
                 continue
             # Registered before any await: every later caller finds it.
-            task = asyncio.create_task(self._download(key, url, auth))
+            task = asyncio.create_task(self._download(key, url, auth, backend))
             self._inflight[key] = task
             task.add_done_callback(functools.partial(self._download_done, key))
             entry = await asyncio.shield(task)
@@ -346,22 +359,27 @@ class DownloadCache:
         if not task.cancelled():
             task.exception()  # mark retrieved; callers re-raise it
 
-    async def _download(self, key: str, url: str, auth: DownloadAuth | None) -> CacheEntry:
+    async def _download(
+        self, key: str, url: str, auth: DownloadAuth | None, backend: Backend
+    ) -> CacheEntry:
         self.downloads_started += 1
         clean = strip_credentials(url)
         tmpdir = Path(
             await asyncio.to_thread(tempfile.mkdtemp, f"{key}-", PARTIAL_PREFIX, self.dir)
         )
+        self._partials[key] = tmpdir
         dest = tmpdir / "data"
         started = time.monotonic()
         log.info("downloading %s", clean)
-        monitor = asyncio.create_task(self._report_progress(clean, tmpdir, started))
+        monitor = asyncio.create_task(self._report_progress(key, clean, started))
         try:
             try:
-                result = await self._fetch(url, dest, auth)
+                result = await backend.download(url, dest, auth)
             except StorageError:
                 raise
             except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFullError(f"download failed: no space left in {self.dir}") from None
                 raise BackendError(
                     f"download failed: {exc.strerror or type(exc).__name__}"
                 ) from None
@@ -371,23 +389,20 @@ class DownloadCache:
             os.replace(dest, final)
             duration = time.monotonic() - started
             now = _now_ms()
-            old = self._entries.get(key)
-            if old is not None and old.file != name:
-                with contextlib.suppress(OSError):
-                    (self.dir / old.file).unlink()
             entry = CacheEntry(
                 file=name,
                 url=clean,
                 size=size,
                 created_ms=now,
                 last_used_ms=now,
+                last_use=self._tick(),
                 auth_required=result.used_caller_auth,
             )
             self._entries[key] = entry
             await self._save_index()
             mbps = size / 1e6 / duration if duration > 0 else 0.0
             log.info("downloaded %s: %d bytes in %.2f s (%.1f MB/s)", clean, size, duration, mbps)
-            self._emit(
+            self.emit(
                 "file_downloaded",
                 {"url": clean, "local_path": str(final), "size": size, "duration": duration},
             )
@@ -395,12 +410,13 @@ class DownloadCache:
             return entry
         finally:
             monitor.cancel()
+            self._partials.pop(key, None)
             await asyncio.to_thread(shutil.rmtree, tmpdir, True)
 
-    async def _report_progress(self, clean: str, tmpdir: Path, started: float) -> None:
+    async def _report_progress(self, key: str, clean: str, started: float) -> None:
         while True:
             await asyncio.sleep(self._progress_interval)
-            done = tree_size(tmpdir)
+            done = self.progress_by_key(key) or 0
             elapsed = time.monotonic() - started
             log.info(
                 "downloading %s: %.1f MB so far (%.1f MB/s)",
@@ -409,7 +425,9 @@ class DownloadCache:
                 done / 1e6 / elapsed if elapsed > 0 else 0.0,
             )
 
-    def _emit(self, name: str, data: dict[str, Any]) -> None:
+    def emit(self, name: str, data: dict[str, Any]) -> None:
+        """Pass a storage event to ``on_event`` (see :data:`EventFn`); a failing handler is
+        logged, never raised. Storage sends its ``file_uploaded`` through here too."""
         if self._on_event is None:
             return
         try:
@@ -449,7 +467,7 @@ class DownloadCache:
         evicted: list[str] = []
         async with self._evict_lock:
             total = self.total_bytes()
-            order = sorted(self._entries.items(), key=lambda kv: kv[1].last_used_ms)
+            order = sorted(self._entries.items(), key=lambda kv: kv[1].last_use)
             for key, entry in order:
                 if total <= self.max_bytes:
                     break
@@ -462,7 +480,7 @@ class DownloadCache:
                 total -= entry.size
                 evicted.append(key)
                 log.info("evicted %s (%d bytes)", entry.url, entry.size)
-                self._emit(
+                self.emit(
                     "file_deleted",
                     {
                         "url": entry.url,
@@ -481,6 +499,7 @@ class DownloadCache:
         self,
         url: str,
         auth: DownloadAuth | None,
+        backend: Backend,
         input_dir: Path,
         name: str,
         lease: Lease | None = None,
@@ -493,52 +512,61 @@ class DownloadCache:
         if name.startswith("/") or not name.strip("/"):
             raise BadRequestError("input name: must be a relative file name")
         dest = Path(input_dir) / name
-        await self._stage(url, auth, dest, lease, allow_symlink=False, replace="any", record=False)
+        await self._stage(url, auth, backend, lambda _src: dest, lease, job_input=True)
         return name
 
     async def stage_model(
-        self, url: str, auth: DownloadAuth | None, folder_dir: Path, lease: Lease | None = None
+        self,
+        url: str,
+        auth: DownloadAuth | None,
+        backend: Backend,
+        folder_dir: Path,
+        lease: Lease | None = None,
     ) -> str:
         """Link ``url``'s cache file into ``folder_dir`` under the cache file name (hardlink,
-        else symlink, else copy). Returns that file name, which ComfyUI will list."""
-        own = lease or self.lease()
-        try:
-            src = await self.get(url, auth, own)
-            dest = Path(folder_dir) / src.name
-            await self._place(src, dest, allow_symlink=True, replace="ours", record=True)
-            return src.name
-        finally:
-            if lease is None:
-                own.release()
+        else symlink, else copy). Returns that file name, which ComfyUI will list. Raises
+        :class:`CacheConflictError` when a file the cache did not make has that name."""
+        dest = await self._stage(url, auth, backend, lambda src: Path(folder_dir) / src.name, lease)
+        return dest.name
 
     async def link(
-        self, url: str, auth: DownloadAuth | None, dest: Path, lease: Lease | None = None
+        self,
+        url: str,
+        auth: DownloadAuth | None,
+        backend: Backend,
+        dest: Path,
+        lease: Lease | None = None,
     ) -> Path:
         """Link ``url``'s cache file at exactly ``dest`` (manifest ``local_path``, /download
-        ``filename``). A link there to another URL's entry is replaced; a foreign file is not
-        (409). Returns ``dest``."""
-        await self._stage(
-            url, auth, Path(dest), lease, allow_symlink=True, replace="ours", record=True
-        )
-        return Path(dest)
+        ``filename``). A link there to another URL's entry is replaced; a foreign file or a
+        directory is not (:class:`CacheConflictError`). Returns ``dest``."""
+        return await self._stage(url, auth, backend, lambda _src: Path(dest), lease)
 
     async def _stage(
         self,
         url: str,
         auth: DownloadAuth | None,
-        dest: Path,
+        backend: Backend,
+        dest_for: Callable[[Path], Path],
         lease: Lease | None,
         *,
-        allow_symlink: bool,
-        replace: str,
-        record: bool,
-    ) -> None:
+        job_input: bool = False,
+    ) -> Path:
+        """Get ``url`` and link its cache file ``src`` at ``dest_for(src)``, held by ``lease``
+        (or a lease of its own) meanwhile. A ``job_input`` link is never a symlink, replaces
+        anything and is not recorded; other links replace only ours and are recorded."""
         own = lease or self.lease()
         try:
-            src = await self.get(url, auth, own)
+            src = await self.get(url, auth, backend, own)
+            dest = dest_for(src)
             await self._place(
-                src, dest, allow_symlink=allow_symlink, replace=replace, record=record
+                src,
+                dest,
+                allow_symlink=not job_input,
+                replace="any" if job_input else "ours",
+                record=not job_input,
             )
+            return dest
         finally:
             if lease is None:
                 own.release()
@@ -589,9 +617,9 @@ def _link_file(
                 or os.path.dirname(os.path.realpath(dest)) == str(cache_dir)
             )
             if not is_ours:
-                raise StorageError(f"{dest.name}: exists and is not a cache link", status=409)
+                raise CacheConflictError(f"{dest.name}: exists and is not a cache link")
         if os.path.isdir(dest) and not os.path.islink(dest):
-            raise StorageError(f"{dest.name}: is a directory", status=409)
+            raise CacheConflictError(f"{dest.name}: is a directory")
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{time.monotonic_ns()}.tmp")
     try:
         try:
@@ -608,7 +636,22 @@ def _link_file(
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise StorageError(f"{dest.name}: cannot link ({exc.strerror})", status=502) from None
+        raise StorageError(f"{dest.name}: cannot link ({exc.strerror})") from None
+
+
+def _tree_size(path: Path) -> int:
+    """Bytes in the regular files under ``path`` (a file or directory); 0 when missing."""
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        total = 0
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                with contextlib.suppress(OSError):
+                    total += os.lstat(os.path.join(root, name)).st_size
+        return total
+    except OSError:
+        return 0
 
 
 __all__ = [

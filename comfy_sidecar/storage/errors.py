@@ -1,0 +1,64 @@
+"""The storage errors. Each case is a class; the HTTP status is decided at the edge (app.py),
+never here. ``str(err)`` is safe to show to the caller: it never contains credentials.
+
+Statuses the API answers today, for reference: :class:`BadRequestError`, :class:`AuthError`,
+:class:`NotFoundError` 400; :class:`CacheConflictError`, :class:`SupersededError` 409;
+:class:`OutputMissingError` 500; :class:`BackendError`, :class:`DiskFullError` and any other
+:class:`StorageError` 502.
+"""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """A storage operation failed (the base class; on its own: the storage side failed)."""
+
+
+class BadRequestError(StorageError):
+    """The caller's input is unusable: bad URL, unsupported scheme, path traversal."""
+
+
+class AuthError(StorageError):
+    """The backend refused the credentials in use, or a cached auth-gated entry was asked for
+    without valid auth (comfyui-api answers these download failures with 400)."""
+
+
+class NotFoundError(StorageError):
+    """The remote object does not exist (the caller gave a URL that does not resolve)."""
+
+
+class BackendError(StorageError):
+    """The backend failed: 5xx, connection cut, length mismatch, SDK error."""
+
+
+class SupersededError(StorageError):
+    """An upload was aborted because a later upload to the same URL started.
+
+    comfyui-api's "latest wins": the later upload takes over the destination.
+    """
+
+
+class CacheConflictError(StorageError):
+    """A link to a cache entry cannot be placed: a file the cache did not make, or a
+    directory, is at the destination (manifest ``local_path``, ``POST /download`` name)."""
+
+
+class OutputMissingError(StorageError):
+    """The output file to upload is not on disk (the sidecar's own fault, not the caller's)."""
+
+
+class DiskFullError(StorageError):
+    """The cache's file system is full or over quota (ENOSPC / EDQUOT) while downloading."""
+
+
+__all__ = [
+    "AuthError",
+    "BackendError",
+    "BadRequestError",
+    "CacheConflictError",
+    "DiskFullError",
+    "NotFoundError",
+    "OutputMissingError",
+    "StorageError",
+    "SupersededError",
+]
