@@ -41,10 +41,10 @@ from comfy_sidecar.storage.base import (
     FetchResult,
     StorageError,
     check_name,
-    strip_credentials,
     tree_size,
     url_extname,
 )
+from comfy_sidecar.urls import scrub_url
 
 log = logging.getLogger("comfy_sidecar.cache")
 
@@ -348,7 +348,7 @@ class DownloadCache:
 
     async def _download(self, key: str, url: str, auth: DownloadAuth | None) -> CacheEntry:
         self.downloads_started += 1
-        clean = strip_credentials(url)
+        clean = scrub_url(url)
         tmpdir = Path(
             await asyncio.to_thread(tempfile.mkdtemp, f"{key}-", PARTIAL_PREFIX, self.dir)
         )
