@@ -16,6 +16,7 @@ import logging
 
 import httpx
 
+from .backoff import backoff_delay
 from .config import Settings
 
 log = logging.getLogger(__name__)
@@ -118,4 +119,4 @@ class DeletionCost:
                 continue
             failures += 1
             self._changed.set()  # try again (with the newest value) after the pause
-            await asyncio.sleep(min(self._retry_cap_s, self._retry_base_s * 2 ** (failures - 1)))
+            await asyncio.sleep(backoff_delay(failures, self._retry_base_s, self._retry_cap_s))

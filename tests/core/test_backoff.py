@@ -39,3 +39,14 @@ def test_huge_attempt_numbers_give_the_cap() -> None:
 def test_bad_arguments(attempt: int, base_s: float, cap_s: float, jitter: float) -> None:
     with pytest.raises(ValueError):
         backoff_delay(attempt, base_s, cap_s, jitter)
+
+
+def test_restart_parameters_spread_twenty_percent_either_side() -> None:
+    # What service.Sidecar uses: 0.5 s doubling to 30 s, times a factor in [0.8, 1.2].
+    def restart(n: int, r: float) -> float:
+        return backoff_delay(n, 0.5 * 1.2, 30.0 * 1.2, jitter=1 - 0.8 / 1.2, rng=lambda: r)
+
+    for n in range(1, 12):
+        nominal = min(30.0, 0.5 * 2 ** (n - 1))
+        assert restart(n, 0.0) == pytest.approx(1.2 * nominal)
+        assert restart(n, 1.0) == pytest.approx(0.8 * nominal)
