@@ -8,14 +8,9 @@ hash, so a second boot with the same ``CACHE_DIR`` downloads nothing (comfyui-ap
 failures are logged, never fatal (comfyui-api crashes on an unhandled rejection). Unknown keys
 are refused, so a typo (``before-start``) is an error instead of a silently empty manifest.
 
-Shape (YAML or JSON)::
-
-    apt: [str | {name: str, optional: bool}]
-    pip: [str | {name: str, optional: bool}]
-    custom_nodes: [str | {url: str, optional: bool} | {name: str, optional: bool}]
-    models:
-      before_start: [{url, local_path, optional?: bool, auth?: DownloadAuth}]
-      after_start:  [{url, local_path, optional?: bool, auth?: DownloadAuth}]
+Modules: :mod:`.schema` (the shape, loading ``MANIFEST``/``MANIFEST_JSON``, the checks),
+:mod:`.commands` (running apt/pip/git/comfy, finding ComfyUI's Python), :mod:`.provision`
+(:class:`Provisioner`). This package re-exports their public names.
 
 Usage (what :class:`comfy_sidecar.service.Sidecar` does)::
 
