@@ -98,7 +98,6 @@ class WebhookDispatcher:
     def __init__(
         self,
         settings: Settings,
-        client: httpx.AsyncClient | None = None,
         *,
         prompt_workers: int = 4,
         system_workers: int = 2,
@@ -120,8 +119,7 @@ class WebhookDispatcher:
         self._comfy_events = subscribed & COMFY_EVENT_NAMES
         self._storage_events = subscribed & STORAGE_EVENT_NAMES
         self._metadata: dict[str, str] = {**settings.system_meta, **settings.salad}
-        self._client = client
-        self._own_client = client is None
+        self._client: httpx.AsyncClient | None = None  # made by start()
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
         self._prompt = _Kind("prompt", prompt_queue_size, prompt_workers)
@@ -142,14 +140,13 @@ class WebhookDispatcher:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Create the HTTP client (unless one was given) and the worker tasks."""
+        """Create the HTTP client and the worker tasks."""
         if self._state != "new":
             return
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                follow_redirects=False,
-                limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
-            )
+        self._client = httpx.AsyncClient(
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+        )
         for kind in (self._prompt, self._system):
             for i in range(kind.workers):
                 task = asyncio.create_task(self._worker(kind), name=f"webhook-{kind.name}-{i}")
@@ -190,7 +187,7 @@ class WebhookDispatcher:
             kind.lanes.clear()
             kind.droppable.clear()
             kind.room.set()  # wakes send_prompt callers waiting for room; they raise
-        if self._own_client and self._client is not None:
+        if self._client is not None:
             await self._client.aclose()
 
     @property
