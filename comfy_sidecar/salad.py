@@ -16,6 +16,7 @@ import logging
 
 import httpx
 
+from .backoff import backoff_delay
 from .config import Settings
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ class DeletionCost:
     def __init__(
         self,
         settings: Settings,
-        client: httpx.AsyncClient | None = None,
         *,
         timeout_s: float = 3.0,
         retry_base_s: float = 1.0,
@@ -42,8 +42,7 @@ class DeletionCost:
     ) -> None:
         self.enabled = settings.on_salad
         self.url = settings.salad_imds_url.rstrip("/") + "/v1/deletion-cost"
-        self._client = client
-        self._own_client = client is None
+        self._client: httpx.AsyncClient | None = None  # made by start()
         self._timeout_s = timeout_s
         self._retry_base_s = retry_base_s
         self._retry_cap_s = retry_cap_s
@@ -58,8 +57,7 @@ class DeletionCost:
         """Start the sender task (no-op when not on Salad or already started)."""
         if not self.enabled or self._task is not None or self._closed:
             return
-        if self._client is None:
-            self._client = httpx.AsyncClient(trust_env=False)
+        self._client = httpx.AsyncClient(trust_env=False)
         self._task = asyncio.create_task(self._run(), name="salad-deletion-cost")
 
     def set(self, depth: int) -> None:
@@ -81,7 +79,7 @@ class DeletionCost:
             await asyncio.gather(self._task, return_exceptions=True)
             if self.sent != 0:
                 await self._put(0)
-        if self._own_client and self._client is not None:
+        if self._client is not None:
             await self._client.aclose()
 
     async def _put(self, value: int) -> bool:
@@ -118,4 +116,4 @@ class DeletionCost:
                 continue
             failures += 1
             self._changed.set()  # try again (with the newest value) after the pause
-            await asyncio.sleep(min(self._retry_cap_s, self._retry_base_s * 2 ** (failures - 1)))
+            await asyncio.sleep(backoff_delay(failures, self._retry_base_s, self._retry_cap_s))

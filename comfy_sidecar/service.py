@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import random
 import signal
 import socket
 import sys
@@ -31,6 +30,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from comfy_sidecar import __version__
+from comfy_sidecar.backoff import backoff_delay
 from comfy_sidecar.boot import BootProbes
 from comfy_sidecar.comfy.client import ComfyClient
 from comfy_sidecar.comfy.events import EventStream
@@ -256,8 +256,8 @@ class Sidecar:
                 f"(RESTART_MAX={self.settings.restart_max}); giving up"
             )
         self.restarts.append(now)
-        base = min(30.0, 0.5 * 2 ** (len(self.restarts) - 1))
-        return float(base * (0.8 + 0.4 * random.random()))
+        # 0.5 s doubling to 30 s, times a factor in [0.8, 1.2].
+        return backoff_delay(len(self.restarts), 0.5 * 1.2, 30.0 * 1.2, jitter=1 - 0.8 / 1.2)
 
     async def _race(self, awaitable: Awaitable[T], exited: asyncio.Future[int]) -> T:
         """Await ``awaitable`` unless ComfyUI exits first (then raise :class:`ChildExited`)."""

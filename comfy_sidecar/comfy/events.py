@@ -17,6 +17,8 @@ from typing import Any
 import msgspec
 import websockets
 
+from comfy_sidecar.backoff import backoff_delay
+
 log = logging.getLogger("comfy_sidecar.events")
 
 FrameHandler = Callable[[dict[str, Any]], None]
@@ -58,7 +60,7 @@ class EventStream:
 
     async def run(self) -> None:
         """Connect and read until cancelled, reconnecting with backoff (0.1 s doubling to 2 s)."""
-        backoff = 0.1
+        failures = 0  # since the last successful connect
         while True:
             try:
                 async with websockets.connect(
@@ -74,7 +76,7 @@ class EventStream:
                     self.connected = True
                     self.last_frame_at = time.monotonic()
                     self._connected_event.set()
-                    backoff = 0.1
+                    failures = 0
                     await self._on_connect(self.connections > 1)
                     async for message in ws:
                         self.last_frame_at = time.monotonic()
@@ -92,8 +94,8 @@ class EventStream:
                     self.connected = False
                     self._connected_event.clear()
                     self._on_disconnect()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            failures += 1
+            await asyncio.sleep(backoff_delay(failures, 0.1, 2.0))
 
     def _dispatch(self, message: str) -> None:
         try:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from comfy_sidecar.pipeline.bounded import gather_bounded
+from comfy_sidecar.urls import is_url
 
 IMAGE_LOADER_FIELDS = ("image",)
 VIDEO_LOADERS = frozenset(
@@ -138,11 +139,6 @@ def decode_base64(value: str) -> bytes | None:
         return base64.urlsafe_b64decode(padded)
     except (binascii.Error, ValueError):
         return None
-
-
-def is_url(value: str) -> bool:
-    """True for http(s):// and s3:// URLs (what comfyui-api downloads)."""
-    return value.startswith(("http://", "https://", "s3://"))
 
 
 def _is_link(value: Any) -> bool:

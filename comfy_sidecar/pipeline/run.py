@@ -38,6 +38,7 @@ from comfy_sidecar.pipeline.outputs import (
 )
 from comfy_sidecar.pipeline.preprocess import InputError, Prepared, Preprocessor
 from comfy_sidecar.schemas import Credential, PromptRequest
+from comfy_sidecar.urls import scrub_url
 
 if TYPE_CHECKING:
     from comfy_sidecar.storage import Storage
@@ -133,7 +134,7 @@ class JobStaging:
             name = f"{stem}{cached.suffix}"
             return await self.storage.stage_input(url, auth, self.input_dir, name, self.lease)
         except StorageError as exc:
-            raise InputError(f"could not download {_safe(url)}: {exc}", location) from None
+            raise InputError(f"could not download {scrub_url(url)}: {exc}", location) from None
 
     async def model(self, url: str, folder: str, location: str) -> str:
         """Download ``url`` into ``MODEL_DIR/<folder>``; returns the name ComfyUI lists."""
@@ -143,21 +144,7 @@ class JobStaging:
         try:
             return await self.storage.stage_model(url, auth, self.model_dir / folder, self.lease)
         except StorageError as exc:
-            raise InputError(f"could not download {_safe(url)}: {exc}", location) from None
-
-
-def _safe(url: str) -> str:
-    """``url`` without user:password or query string, for messages."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "the URL"
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+            raise InputError(f"could not download {scrub_url(url)}: {exc}", location) from None
 
 
 @dataclass

@@ -210,12 +210,11 @@ async def _run_download(
 )
 async def download(data: DownloadRequest, state: State) -> Response[DownloadResponse]:
     """Start (or join) a model download."""
-    from comfy_sidecar.storage import Storage
-    from comfy_sidecar.storage.base import strip_credentials
     from comfy_sidecar.storage.cache import cache_key
+    from comfy_sidecar.urls import is_url, scrub_url
 
     sidecar: Sidecar = state.sidecar
-    if not Storage.is_url(data.url):
+    if not is_url(data.url):
         raise _bad("url: not a URL (http://, https:// or s3://)", "url")
     try:
         sidecar.storage.backend_for(data.url)
@@ -239,7 +238,7 @@ async def download(data: DownloadRequest, state: State) -> Response[DownloadResp
     downloads = _downloads(state)
     key = cache_key(data.url)
     record = DownloadResponse(
-        url=strip_credentials(data.url),
+        url=scrub_url(data.url),
         model_type=data.model_type,
         filename=name,
         status="started",

@@ -40,7 +40,7 @@ from comfy_sidecar.schemas import (
     S3Upload,
 )
 from comfy_sidecar.storage.azure import AzureBackend
-from comfy_sidecar.storage.base import Backend, CancelToken, glob_to_regex, strip_credentials
+from comfy_sidecar.storage.base import Backend, CancelToken, glob_to_regex
 from comfy_sidecar.storage.cache import DownloadCache, EventFn, Lease
 from comfy_sidecar.storage.errors import (
     AuthError,
@@ -56,6 +56,7 @@ from comfy_sidecar.storage.errors import (
 from comfy_sidecar.storage.hf import HFBackend
 from comfy_sidecar.storage.http import HTTPBackend
 from comfy_sidecar.storage.s3 import S3Backend
+from comfy_sidecar.urls import scrub_url
 
 if TYPE_CHECKING:
     from comfy_sidecar.config import Settings
@@ -141,17 +142,6 @@ class Storage:
                 return backend
         raise BadRequestError("no storage backend for this URL (use http(s):// or s3://)")
 
-    @staticmethod
-    def is_url(value: object) -> bool:
-        """True for a string a backend would download (``http://``, ``https://``, ``s3://``
-        with a host) — comfyui-api's ``isValidUrl``."""
-        if not isinstance(value, str):
-            return False
-        lower = value.lower()
-        for scheme in ("http://", "https://", "s3://"):
-            if lower.startswith(scheme) and len(value) > len(scheme):
-                return value[len(scheme)] not in "/?#"
-        return False
 
     # --- downloads -----------------------------------------------------------------------
 
@@ -251,7 +241,7 @@ class Storage:
         active = _ActiveUpload(CancelToken())
         previous = self._uploads.get(url)
         self._uploads[url] = active  # registered before any await
-        clean = strip_credentials(url)
+        clean = scrub_url(url)
         try:
             if previous is not None:
                 previous.cancel.cancel()

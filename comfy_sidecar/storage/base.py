@@ -111,24 +111,6 @@ class Backend(Protocol):
 # --- helpers ------------------------------------------------------------------------------
 
 
-def strip_credentials(url: str) -> str:
-    """``url`` without ``user:password@`` and without query values that look like secrets
-    (SAS ``sig``, ``token``, ``X-Amz-Signature`` ...). Used for logs, events and the index."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = parts.query
-    if query:
-        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-        secret = re.compile(r"(sig|signature|token|key|secret|password|auth|credential)", re.I)
-        query = urllib.parse.urlencode(
-            [(k, "REDACTED" if secret.search(k) else v) for k, v in pairs], safe="/:"
-        )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
 def check_name(value: str, what: str, *, allow_slash: bool) -> str:
     """Refuse path traversal in a caller-given file name or prefix.
 

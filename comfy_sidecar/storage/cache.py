@@ -36,7 +36,7 @@ from typing import Any
 import msgspec
 
 from comfy_sidecar.schemas import DownloadAuth
-from comfy_sidecar.storage.base import Backend, check_name, strip_credentials, url_extname
+from comfy_sidecar.storage.base import Backend, check_name, url_extname
 from comfy_sidecar.storage.errors import (
     BackendError,
     BadRequestError,
@@ -44,6 +44,7 @@ from comfy_sidecar.storage.errors import (
     DiskFullError,
     StorageError,
 )
+from comfy_sidecar.urls import scrub_url
 
 log = logging.getLogger("comfy_sidecar.cache")
 
@@ -363,7 +364,7 @@ class DownloadCache:
         self, key: str, url: str, auth: DownloadAuth | None, backend: Backend
     ) -> CacheEntry:
         self.downloads_started += 1
-        clean = strip_credentials(url)
+        clean = scrub_url(url)
         tmpdir = Path(
             await asyncio.to_thread(tempfile.mkdtemp, f"{key}-", PARTIAL_PREFIX, self.dir)
         )

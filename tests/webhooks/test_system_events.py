@@ -11,7 +11,8 @@ from typing import Any
 
 from standardwebhooks import Webhook
 
-from comfy_sidecar.webhooks import WebhookDispatcher, rewrite_prompt_ids, strip_credentials
+from comfy_sidecar.urls import scrub_url
+from comfy_sidecar.webhooks import WebhookDispatcher, rewrite_prompt_ids
 
 from .conftest import Receiver, make_settings
 
@@ -55,13 +56,13 @@ def test_progress_state_nodes_are_rewritten_and_input_untouched() -> None:
     assert frame["data"]["nodes"]["3"]["prompt_id"] == "comfy-1"
 
 
-def test_strip_credentials() -> None:
-    assert strip_credentials("https://user:pw@host.example/a/b.safetensors?x=1") == (
+def test_storage_event_urls_are_scrubbed() -> None:
+    assert scrub_url("https://user:pw@host.example/a/b.safetensors?x=1") == (
         "https://host.example/a/b.safetensors?x=1"
     )
-    stripped = strip_credentials("https://acct.blob.core.windows.net/c/m.bin?sv=2022&sig=abc%2B")
+    stripped = scrub_url("https://acct.blob.core.windows.net/c/m.bin?sv=2022&sig=abc%2B")
     assert "abc" not in stripped and "sig=REDACTED" in stripped and "sv=2022" in stripped
-    assert strip_credentials("s3://bucket/key.png") == "s3://bucket/key.png"
+    assert scrub_url("s3://bucket/key.png") == "s3://bucket/key.png"
 
 
 def test_only_subscribed_events_are_sent_with_metadata(receiver: Any, tmp_path: Any) -> None:

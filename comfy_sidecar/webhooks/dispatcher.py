@@ -1,18 +1,4 @@
-"""Webhooks: Standard Webhooks signing, one bounded delivery queue, prompt and system events.
-
-Wire format copies SaladTechnologies/comfyui-api (behaviour doc B17/B18):
-
-* Headers ``content-type: application/json``, ``webhook-id``, ``webhook-timestamp`` (seconds since
-  the epoch) and ``webhook-signature: v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">``.
-  The key is ``WEBHOOK_SECRET`` decoded like Node's ``Buffer.from(secret, "base64")`` (lenient:
-  missing padding, URL-safe alphabet, junk skipped, stops at the first ``=``); a ``whsec_`` prefix
-  is stripped first (comfyui-api does not strip it). With no secret the key is empty and bodies
-  are still signed, as comfyui-api does.
-* Prompt webhooks: v1 ``{"event": "output.complete", "image", "id", "filename", "prompt",
-  "stats"}`` per output and ``{"event": "prompt.failed", "id", "prompt", "error"}``; v2
-  ``{"type": "prompt.complete", "timestamp", ...200 body}`` and ``{"type": "prompt.failed",
-  "timestamp", "id", "prompt", "error"}`` with the structured error.
-* System events ``{"event": "comfy.<type>" | "storage.<type>", "data", "metadata"}``.
+"""The webhook dispatcher: one bounded delivery queue for prompt webhooks and system events.
 
 Unlike comfyui-api (unbounded fire-and-forget POSTs, fixed 1 s retry delay, no timeout), every
 delivery goes through :class:`WebhookDispatcher`: one bounded queue with fixed worker tasks,
@@ -24,29 +10,27 @@ prompt webhooks) when full, and a flush on shutdown.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
 import logging
 import os
-import random
-import re
-import secrets
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
-import msgspec
 
-from .config import SYSTEM_EVENT_NAMES, ConfigError, Settings
+from comfy_sidecar.backoff import backoff_delay
+from comfy_sidecar.config import SYSTEM_EVENT_NAMES, ConfigError, Settings
+from comfy_sidecar.urls import scrub_url
 
-log = logging.getLogger(__name__)
+from .body import JsonBody
+from .payloads import rewrite_prompt_ids
+from .signing import decode_secret
+
+log = logging.getLogger("comfy_sidecar.webhooks")
 
 #: ComfyUI websocket frame types that may be forwarded as ``comfy.<type>``.
 COMFY_EVENT_NAMES: frozenset[str] = frozenset(n for n in SYSTEM_EVENT_NAMES if "file_" not in n)
@@ -56,354 +40,7 @@ STORAGE_EVENT_NAMES: frozenset[str] = frozenset(n for n in SYSTEM_EVENT_NAMES if
 DROPPABLE_EVENTS: frozenset[str] = frozenset(
     {"comfy.progress", "comfy.progress_state", "comfy.status"}
 )
-
-# --- secret decoding and signing ------------------------------------------------------------
-
-_B64_VALUES: dict[str, int] = {
-    ch: i for i, ch in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
-}
-_B64_VALUES["-"] = 62
-_B64_VALUES["_"] = 63
-
-
-def node_base64_decode(text: str) -> bytes:
-    """Decode ``text`` exactly as Node's ``Buffer.from(text, "base64")`` does (Node 20).
-
-    Both alphabets are accepted (``+/`` and ``-_``), characters outside them are skipped, the
-    first ``=`` ends the input, and a trailing group of 2 or 3 characters yields 1 or 2 bytes
-    (a lone trailing character yields nothing). Characters above U+00FF are taken modulo 256, as
-    Node does for two-byte strings. Never raises. ``"testsecret"`` -> ``b5 eb 2d b1 e7 2b 7a``.
-    """
-    sextets: list[int] = []
-    for ch in text:
-        if ch == "=":
-            break
-        value = _B64_VALUES.get(chr(ord(ch) & 0xFF))
-        if value is not None:
-            sextets.append(value)
-    out = bytearray()
-    whole = len(sextets) - len(sextets) % 4
-    for i in range(0, whole, 4):
-        a, b, c, d = sextets[i : i + 4]
-        out += ((a << 18) | (b << 12) | (c << 6) | d).to_bytes(3, "big")
-    rest = sextets[whole:]
-    if len(rest) >= 2:
-        out.append(((rest[0] << 2) | (rest[1] >> 4)) & 0xFF)
-    if len(rest) == 3:
-        out.append(((rest[1] << 4) | (rest[2] >> 2)) & 0xFF)
-    return bytes(out)
-
-
-def decode_secret(secret: str | None) -> bytes:
-    """HMAC key for ``WEBHOOK_SECRET``: strip a ``whsec_`` prefix, then :func:`node_base64_decode`.
-
-    ``None`` or ``""`` gives ``b""`` (comfyui-api signs with an empty key when the secret is unset).
-    """
-    if not secret:
-        return b""
-    if secret.startswith("whsec_"):
-        secret = secret[len("whsec_") :]
-    return node_base64_decode(secret)
-
-
-def sign(key: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
-    """``webhook-signature`` value for one message: ``v1,<base64 HMAC-SHA256>``.
-
-    The signed content is ``f"{webhook_id}.{timestamp}.".encode() + body`` (Standard Webhooks).
-    """
-    mac = hmac.new(key, f"{webhook_id}.{timestamp}.".encode(), hashlib.sha256)
-    mac.update(body)
-    return "v1," + base64.b64encode(mac.digest()).decode("ascii")
-
-
-# --- bodies ---------------------------------------------------------------------------------
-
-_FILE_CHUNK = 3 * 256 * 1024  # raw bytes per read; a multiple of 3 so base64 pieces concatenate
-
-
-class Base64File:
-    """A file whose contents appear in a JSON body as one base64 string, read in chunks.
-
-    The file is opened at construction (``OSError`` if it cannot be), so the caller may unlink it
-    afterwards; its size is fixed then (``size``, bytes). The owner of the :class:`JsonBody`
-    closes it; reading fewer bytes than ``size`` later raises ``OSError``.
-    """
-
-    __slots__ = ("_fd", "path", "size")
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        self._fd: int | None = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self.size = os.fstat(self._fd).st_size
-
-    @property
-    def encoded_length(self) -> int:
-        """Length of the base64 text, in bytes."""
-        return 4 * ((self.size + 2) // 3)
-
-    def read_encoded(self, offset: int) -> bytes:
-        """Base64 of up to one chunk of raw bytes from ``offset`` (blocking; call in a thread)."""
-        if self._fd is None:
-            raise OSError(f"{self.path}: already closed")
-        want = min(_FILE_CHUNK, self.size - offset)
-        data = os.pread(self._fd, want, offset)
-        if len(data) != want:
-            raise OSError(f"{self.path}: file shrank while being sent")
-        return base64.b64encode(data)
-
-    def encoded_chunks(self) -> Iterator[bytes]:
-        """All base64 text in chunks (blocking)."""
-        for offset in range(0, self.size, _FILE_CHUNK):
-            yield self.read_encoded(offset)
-
-    def close(self) -> None:
-        """Close the file descriptor (idempotent)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-_MARK = "\u2063b64f\u2063"
 _MIN_RATE = 1024 * 1024  # bytes/s a receiver must at least take a body at (extends the timeout)
-
-
-class JsonBody:
-    """A JSON request body, encoded once with msgspec (compact, UTF-8, like ``JSON.stringify``).
-
-    ``obj`` is any msgspec-encodable value (dicts keep their key order; msgspec Structs and
-    ``os.PathLike`` are accepted); :class:`Base64File` values anywhere inside become base64
-    strings streamed from disk, so a large output is never held in memory. ``length`` is the
-    exact body size in bytes. ``TypeError`` for values msgspec cannot encode.
-    """
-
-    __slots__ = ("_files", "_parts", "length")
-
-    def __init__(self, obj: Any) -> None:
-        files: list[Base64File] = []
-        token = secrets.token_hex(8)
-
-        def hook(value: Any) -> Any:
-            if isinstance(value, Base64File):
-                files.append(value)
-                return f"{_MARK}{token}:{len(files) - 1}{_MARK}"
-            if isinstance(value, os.PathLike):
-                return os.fspath(value)
-            raise TypeError(f"cannot encode {type(value).__name__} in a webhook body")
-
-        raw = msgspec.json.encode(obj, enc_hook=hook)
-        self._files = files
-        self._parts: list[bytes | Base64File] = []
-        if not files:
-            self._parts.append(raw)
-        else:
-            mark = _MARK.encode()
-            pattern = re.compile(
-                re.escape(mark + token.encode() + b":") + rb"(\d+)" + re.escape(mark)
-            )
-            pos = 0
-            for match in pattern.finditer(raw):
-                self._parts.append(raw[pos : match.start()])
-                self._parts.append(files[int(match.group(1))])
-                pos = match.end()
-            self._parts.append(raw[pos:])
-        self.length = sum(
-            p.encoded_length if isinstance(p, Base64File) else len(p) for p in self._parts
-        )
-
-    @property
-    def static(self) -> bytes | None:
-        """The whole body when it has no file parts, else ``None``."""
-        if len(self._parts) == 1 and isinstance(self._parts[0], bytes):
-            return self._parts[0]
-        return None
-
-    def chunks(self) -> Iterator[bytes]:
-        """The body in pieces (blocking file reads; run in a thread for file bodies)."""
-        for part in self._parts:
-            if isinstance(part, Base64File):
-                yield from part.encoded_chunks()
-            elif part:
-                yield part
-
-    async def achunks(self) -> AsyncIterator[bytes]:
-        """The body in pieces; file reads run in a worker thread one chunk at a time."""
-        for part in self._parts:
-            if isinstance(part, Base64File):
-                for offset in range(0, part.size, _FILE_CHUNK):
-                    yield await asyncio.to_thread(part.read_encoded, offset)
-            elif part:
-                yield part
-
-    def read(self) -> bytes:
-        """The whole body as bytes (loads files into memory; for tests and small bodies)."""
-        return b"".join(self.chunks())
-
-    async def signature(self, key: bytes, webhook_id: str, timestamp: int) -> str:
-        """Like :func:`sign`, streaming file parts through the HMAC in a worker thread."""
-        static = self.static
-        if static is not None:
-            return sign(key, webhook_id, timestamp, static)
-
-        def run() -> str:
-            mac = hmac.new(key, f"{webhook_id}.{timestamp}.".encode(), hashlib.sha256)
-            for chunk in self.chunks():
-                mac.update(chunk)
-            return "v1," + base64.b64encode(mac.digest()).decode("ascii")
-
-        return await asyncio.to_thread(run)
-
-    def close(self) -> None:
-        """Close the files of :class:`Base64File` parts (idempotent)."""
-        for f in self._files:
-            f.close()
-
-
-def iso_timestamp(now: datetime | None = None) -> str:
-    """UTC time as JavaScript's ``Date.toISOString()`` writes it: ``2026-01-02T03:04:05.678Z``."""
-    now = now or datetime.now(UTC)
-    return now.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def v1_output_body(
-    *,
-    id: str,
-    filename: str,
-    prompt: Any,
-    stats: Any,
-    image_path: str | os.PathLike[str],
-) -> JsonBody:
-    """Deprecated v1 ``output.complete`` body for one output file (comfyui-api B17).
-
-    Shape ``{"event": "output.complete", "image": <base64 of the file>, "id", "filename",
-    "prompt", "stats"}``. The file is opened now and streamed when sent (it may be unlinked once
-    this returns). Logs the deprecation warning comfyui-api logs. ``OSError`` if unreadable.
-    """
-    log.warning("job %s: the `webhook` field is deprecated; use `webhook_v2`", id)
-    return JsonBody(
-        {
-            "event": "output.complete",
-            "image": Base64File(image_path),
-            "id": id,
-            "filename": filename,
-            "prompt": prompt,
-            "stats": stats,
-        }
-    )
-
-
-def v1_failed_body(*, id: str, prompt: Any, error: str | Mapping[str, Any]) -> JsonBody:
-    """Deprecated v1 ``prompt.failed`` body ``{"event": "prompt.failed", "id", "prompt", "error"}``.
-
-    ``error`` is a string as in comfyui-api; given the structured error dict, its ``"error"``
-    message is used.
-    """
-    log.warning("job %s: the `webhook` field is deprecated; use `webhook_v2`", id)
-    message = str(error.get("error", error)) if isinstance(error, Mapping) else error
-    return JsonBody({"event": "prompt.failed", "id": id, "prompt": prompt, "error": message})
-
-
-def v2_complete_body(result: Mapping[str, Any], *, timestamp: str | None = None) -> JsonBody:
-    """v2 ``prompt.complete`` body: ``{"type": "prompt.complete", "timestamp", **result}``.
-
-    ``result`` is the sync 200 body (``id, prompt, images, filenames, stats``; ``images`` holds
-    base64 strings, upload URLs, or :class:`Base64File` objects to stream). A ``credentials`` key
-    is never sent (comfyui-api echoes it: W-S3). ``timestamp`` defaults to now (ISO-8601).
-    """
-    body: dict[str, Any] = {"type": "prompt.complete", "timestamp": timestamp or iso_timestamp()}
-    body.update((k, v) for k, v in result.items() if k != "credentials")
-    return JsonBody(body)
-
-
-def v2_failed_body(
-    *, id: str, prompt: Any, error: Mapping[str, Any] | str, timestamp: str | None = None
-) -> JsonBody:
-    """v2 failure body ``{"type": "prompt.failed", "timestamp", "id", "prompt", "error"}``.
-
-    ``error`` is the structured error the sync call would have answered, e.g. ``{"error": msg,
-    "node_id", "node_type", "exception_type", "exception_message"}`` (comfyui-api sends only a
-    generic string here: W-B9).
-    """
-    return JsonBody(
-        {
-            "type": "prompt.failed",
-            "timestamp": timestamp or iso_timestamp(),
-            "id": id,
-            "prompt": prompt,
-            "error": error,
-        }
-    )
-
-
-# --- helpers for system events --------------------------------------------------------------
-
-_SECRET_QUERY = re.compile(r"sig|token|key|secret|password|credential|auth", re.IGNORECASE)
-
-
-def strip_credentials(url: str) -> str:
-    """``url`` without userinfo and with secret-looking query values replaced by ``REDACTED``.
-
-    Query parameters whose name contains sig, token, key, secret, password, credential or auth
-    (e.g. ``X-Amz-Signature``, Azure SAS ``sig``) are redacted; others are kept as given.
-    """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "unknown"
-    netloc = parts.netloc.rpartition("@")[2]
-    query = parts.query
-    if query and _SECRET_QUERY.search(query):
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = "&".join(
-            f"{quote(k, safe='')}={'REDACTED' if _SECRET_QUERY.search(k) else quote(v, safe='')}"
-            for k, v in pairs
-        )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def rewrite_prompt_ids(
-    frame: Mapping[str, Any], api_id_for: Callable[[str], str | None]
-) -> tuple[dict[str, Any], str | None]:
-    """Copy of a ComfyUI frame ``{"type", "data"}`` with ComfyUI prompt ids replaced by API ids.
-
-    Rewrites ``data.prompt_id`` and the ``prompt_id`` of each entry of ``data.nodes`` (the
-    ``progress_state`` frame). Ids ``api_id_for`` does not know (returns ``None``) are kept, as
-    comfyui-api keeps them. The input is not modified. Returns ``(frame, api id or ComfyUI id of
-    data.prompt_id or None)``.
-    """
-    out = dict(frame)
-    data = frame.get("data")
-    if not isinstance(data, Mapping):
-        return out, None
-    new_data = dict(data)
-    seen: dict[str, str] = {}
-
-    def mapped(value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        if value not in seen:
-            seen[value] = api_id_for(value) or value
-        return seen[value]
-
-    key: str | None = None
-    if "prompt_id" in new_data:
-        new_data["prompt_id"] = mapped(new_data["prompt_id"])
-        if isinstance(new_data["prompt_id"], str):
-            key = new_data["prompt_id"]
-    nodes = new_data.get("nodes")
-    if isinstance(nodes, Mapping):
-        new_data["nodes"] = {
-            k: (
-                {**v, "prompt_id": mapped(v["prompt_id"])}
-                if isinstance(v, Mapping) and "prompt_id" in v
-                else v
-            )
-            for k, v in nodes.items()
-        }
-    out["data"] = new_data
-    return out, key
-
-
-# --- delivery -------------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
@@ -461,7 +98,6 @@ class WebhookDispatcher:
     def __init__(
         self,
         settings: Settings,
-        client: httpx.AsyncClient | None = None,
         *,
         prompt_workers: int = 4,
         system_workers: int = 2,
@@ -483,8 +119,7 @@ class WebhookDispatcher:
         self._comfy_events = subscribed & COMFY_EVENT_NAMES
         self._storage_events = subscribed & STORAGE_EVENT_NAMES
         self._metadata: dict[str, str] = {**settings.system_meta, **settings.salad}
-        self._client = client
-        self._own_client = client is None
+        self._client: httpx.AsyncClient | None = None  # made by start()
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
         self._prompt = _Kind("prompt", prompt_queue_size, prompt_workers)
@@ -505,14 +140,13 @@ class WebhookDispatcher:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Create the HTTP client (unless one was given) and the worker tasks."""
+        """Create the HTTP client and the worker tasks."""
         if self._state != "new":
             return
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                follow_redirects=False,
-                limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
-            )
+        self._client = httpx.AsyncClient(
+            follow_redirects=False,
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+        )
         for kind in (self._prompt, self._system):
             for i in range(kind.workers):
                 task = asyncio.create_task(self._worker(kind), name=f"webhook-{kind.name}-{i}")
@@ -553,7 +187,7 @@ class WebhookDispatcher:
             kind.lanes.clear()
             kind.droppable.clear()
             kind.room.set()  # wakes send_prompt callers waiting for room; they raise
-        if self._own_client and self._client is not None:
+        if self._client is not None:
             await self._client.aclose()
 
     @property
@@ -680,7 +314,7 @@ class WebhookDispatcher:
             return
         out: dict[str, Any] = {}
         url = data.get("url")
-        out["url"] = strip_credentials(url) if isinstance(url, str) else "unknown"
+        out["url"] = scrub_url(url) if isinstance(url, str) else "unknown"
         local_path = data.get("local_path")
         if isinstance(local_path, str | os.PathLike):
             out["local_path"] = os.fspath(local_path)
@@ -768,8 +402,7 @@ class WebhookDispatcher:
                     kind.lanes.pop(lane_key, None)
 
     def _backoff(self, attempt: int) -> float:
-        delay = min(self._backoff_cap_s, self._backoff_base_s * 2 ** (attempt - 1))
-        return float(delay * (0.75 + 0.25 * random.random()))
+        return backoff_delay(attempt, self._backoff_base_s, self._backoff_cap_s, jitter=0.25)
 
     async def _deliver(self, job: _Job) -> bool:
         assert self._client is not None
