@@ -27,10 +27,11 @@ import httpx
 import pytest
 
 from tests.receiver import Receiver
+from tests.tiny_model import NAME as TINY_MODEL_NAME
+from tests.tiny_model import write_tiny_upscale_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DOUBLE = ROOT / "tests" / "comfy_double.py"
-TINY_MODEL = ROOT.parent / "shared" / "models" / "tiny-compact-x2.safetensors"
 REAL_HOME = os.environ.get("COMFY_HOME", "")
 REAL_AVAILABLE = bool(REAL_HOME) and (Path(REAL_HOME) / "main.py").is_file()
 REAL_REASON = (
@@ -82,17 +83,19 @@ class Backend:
             f"{home / '.venv/bin/python'} {home / 'main.py'} --cpu --listen 127.0.0.1 "
             f"--port {port} --disable-auto-launch --input-directory {self.input_dir} "
             f"--output-directory {self.output_dir} --temp-directory {self.base / 'temp'} "
-            f"{extra}"
+            f"--extra-model-paths-config {self.base / 'extra_model_paths.yaml'} {extra}"
         )
 
     def prepare(self) -> None:
         for sub in ("input", "output", "temp"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
-        if self.kind == "double":
-            models = self.base / "models" / "upscale_models"
-            models.mkdir(parents=True, exist_ok=True)
-            if TINY_MODEL.is_file():
-                (models / TINY_MODEL.name).write_bytes(TINY_MODEL.read_bytes())
+        # The generated test model in this backend's own model folder; a real ComfyUI reads it
+        # through --extra-model-paths-config, so its COMFY_HOME needs no copy.
+        write_tiny_upscale_model(self.base / "models" / "upscale_models" / TINY_MODEL_NAME)
+        if self.kind == "real":
+            (self.base / "extra_model_paths.yaml").write_text(
+                f"tests:\n  base_path: {self.base / 'models'}\n  upscale_models: upscale_models\n"
+            )
 
 
 @dataclass
@@ -221,6 +224,12 @@ BACKENDS = [
 ]
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated tiny x2 upscale model (tests/tiny_model.py), written once per session."""
+    return write_tiny_upscale_model(tmp_path_factory.mktemp("models") / TINY_MODEL_NAME)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     """A fresh ComfyUI backend directory per test."""
@@ -292,7 +301,7 @@ def upscale_prompt(size: int = 256) -> dict[str, Any]:
         },
         "2": {
             "class_type": "UpscaleModelLoader",
-            "inputs": {"model_name": "tiny-compact-x2.safetensors"},
+            "inputs": {"model_name": TINY_MODEL_NAME},
         },
         "3": {
             "class_type": "ImageUpscaleWithModel",

@@ -1,5 +1,5 @@
 """POST /prompt and /interrupt end to end, against the ComfyUI double and (with COMFY_HOME) a real
-ComfyUI: the scenarios of shared/comfyui-transcripts seen through the sidecar."""
+ComfyUI: the scenarios of tests/transcripts seen through the sidecar."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BACKENDS, TINY_MODEL, Sidecar, running_sidecar
+from tests.conftest import BACKENDS, Sidecar, running_sidecar
 from tests.conftest import png_bytes as make_png
 from tests.storage.conftest import azurite  # noqa: F401 - fixture
 from tests.storage.hf_hub_server import HubServer
@@ -22,22 +22,22 @@ CONTAINER = "sidecar"
 
 
 @pytest.fixture(scope="module")
-def hub() -> Iterator[HubServer]:
+def hub(tiny_model: Path) -> Iterator[HubServer]:
     server = HubServer(token="hf_e2e")
-    server.repos[("model", "org/upscalers", "tiny x2.safetensors")] = TINY_MODEL.read_bytes()
+    server.repos[("model", "org/upscalers", "tiny x2.safetensors")] = tiny_model.read_bytes()
     server.repos[("dataset", "org/images", "green.png")] = make_png((11, 5), (0, 200, 0))
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def blobs(azurite: str) -> Any:  # noqa: F811
+def blobs(azurite: str, tiny_model: Path) -> Any:  # noqa: F811
     from azure.storage.blob import BlobServiceClient
 
     service = BlobServiceClient.from_connection_string(azurite)
     container = service.create_container(CONTAINER)
     container.upload_blob("in/yellow.png", make_png((7, 13), (250, 250, 0)))
-    container.upload_blob("models/tiny.safetensors", TINY_MODEL.read_bytes())
+    container.upload_blob("models/tiny.safetensors", tiny_model.read_bytes())
     return container
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BACKENDS, TINY_MODEL, Sidecar, running_sidecar
+from tests.conftest import BACKENDS, Sidecar, running_sidecar
 from tests.conftest import png_bytes as make_png
 from tests.receiver import Receiver
 from tests.storage.conftest import moto_server  # noqa: F401 - fixture
@@ -24,10 +24,10 @@ BUCKET = "sidecar-e2e"
 
 
 @pytest.fixture(scope="module")
-def files() -> Iterator[FileServer]:
+def files(tiny_model: Path) -> Iterator[FileServer]:
     server = FileServer()
     server.files["red.png"] = make_png((18, 10), (200, 30, 10))
-    server.files["tiny.safetensors"] = TINY_MODEL.read_bytes()
+    server.files["tiny.safetensors"] = tiny_model.read_bytes()
     yield server
     server.stop()
 
