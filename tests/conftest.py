@@ -29,6 +29,7 @@ import pytest
 from tests.receiver import Receiver
 from tests.tiny_model import NAME as TINY_MODEL_NAME
 from tests.tiny_model import write_tiny_upscale_model
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DOUBLE = ROOT / "tests" / "comfy_double.py"
@@ -116,11 +117,14 @@ class Sidecar:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, binary: Path | None = None, python: str | None = None) -> Sidecar:
-        """Start ``python -m comfy_sidecar`` (this interpreter, or ``python``), or the frozen
+    def start(
+        self, binary: Path | None = None, python: str | None = None, module: str = "comfy_sidecar"
+    ) -> Sidecar:
+        """Start ``python -m <module>`` (this interpreter, or ``python``; ``module`` is
+        ``comfy_sidecar`` or a test launcher such as ``tests.quick_sidecar``), or the frozen
         ``binary``."""
         log = self.log_path.open("ab")
-        argv = [str(binary)] if binary else [python or sys.executable, "-m", "comfy_sidecar"]
+        argv = [str(binary)] if binary else [python or sys.executable, "-m", module]
         self.proc = subprocess.Popen(
             argv,
             env=self.env,
@@ -156,6 +160,15 @@ class Sidecar:
                 last = exc
             time.sleep(0.05)
         raise AssertionError(f"{path} never answered {code} (last: {last}):\n{self.log()[-4000:]}")
+
+    def comfy_running(self) -> bool:
+        """Whether ComfyUI (double or real) is running a prompt now, from its ``GET /queue``."""
+        queue = httpx.get(f"http://127.0.0.1:{self.comfy_port}/queue", timeout=5).json()
+        return bool(queue["queue_running"])
+
+    def wait_comfy_running(self, timeout: float = 30) -> None:
+        """Wait until ComfyUI runs a prompt (one this test posted from another thread)."""
+        wait_for(self.comfy_running, timeout=timeout, interval=0.05, what="ComfyUI to run a prompt")
 
     def wait_ready(self, timeout: float | None = None) -> None:
         self.wait_status("/ready", 200, timeout or (120 if self.backend.kind == "real" else 30))
@@ -264,14 +277,15 @@ def shared_sidecar(
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Any]:
-    """``spawn(backend, **env) -> Sidecar`` started; every one is stopped at teardown."""
+    """``spawn(backend, module="comfy_sidecar", **env) -> Sidecar`` started (``python -m
+    module``); every one is stopped at teardown."""
     started: list[Sidecar] = []
 
-    def _spawn(backend: Backend, **env: str) -> Sidecar:
+    def _spawn(backend: Backend, module: str = "comfy_sidecar", **env: str) -> Sidecar:
         sub = tmp_path / f"sc{len(started)}"
         sub.mkdir()
         sidecar = make_sidecar(backend, sub, **env)
-        started.append(sidecar.start())
+        started.append(sidecar.start(module=module))
         return sidecar
 
     yield _spawn
