@@ -27,6 +27,7 @@ class EventStream:
 
     Attributes: ``connected`` (bool), ``queue_remaining`` (int, from the last ``status`` frame:
     ComfyUI's pending + running count), ``last_frame_at`` (``time.monotonic()`` seconds).
+    Reconnects wait ``backoff_s`` seconds, doubling after each failure up to ``max_backoff_s``.
     """
 
     def __init__(
@@ -36,8 +37,13 @@ class EventStream:
         on_frame: FrameHandler,
         on_connect: Callable[[bool], Awaitable[None]],
         on_disconnect: Callable[[], None],
+        *,
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 2.0,
     ) -> None:
         self._url = f"{ws_url}?clientId={client_id}"
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
         self._on_frame = on_frame
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
@@ -57,8 +63,9 @@ class EventStream:
         return True
 
     async def run(self) -> None:
-        """Connect and read until cancelled, reconnecting with backoff (0.1 s doubling to 2 s)."""
-        backoff = 0.1
+        """Connect and read until cancelled, reconnecting with backoff (``backoff_s`` doubling
+        to ``max_backoff_s``)."""
+        backoff = self._backoff_s
         while True:
             try:
                 async with websockets.connect(
@@ -74,7 +81,7 @@ class EventStream:
                     self.connected = True
                     self.last_frame_at = time.monotonic()
                     self._connected_event.set()
-                    backoff = 0.1
+                    backoff = self._backoff_s
                     await self._on_connect(self.connections > 1)
                     async for message in ws:
                         self.last_frame_at = time.monotonic()
@@ -93,7 +100,7 @@ class EventStream:
                     self._connected_event.clear()
                     self._on_disconnect()
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            backoff = min(backoff * 2, self._max_backoff_s)
 
     def _dispatch(self, message: str) -> None:
         try:
