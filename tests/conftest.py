@@ -161,10 +161,16 @@ class Sidecar:
             time.sleep(0.05)
         raise AssertionError(f"{path} never answered {code} (last: {last}):\n{self.log()[-4000:]}")
 
+    def comfy_queue(self) -> dict[str, list[Any]]:
+        """ComfyUI's ``GET /queue`` (``queue_running``, ``queue_pending``), double or real."""
+        queue: dict[str, list[Any]] = httpx.get(
+            f"http://127.0.0.1:{self.comfy_port}/queue", timeout=5
+        ).json()
+        return queue
+
     def comfy_running(self) -> bool:
-        """Whether ComfyUI (double or real) is running a prompt now, from its ``GET /queue``."""
-        queue = httpx.get(f"http://127.0.0.1:{self.comfy_port}/queue", timeout=5).json()
-        return bool(queue["queue_running"])
+        """Whether ComfyUI is running a prompt now."""
+        return bool(self.comfy_queue()["queue_running"])
 
     def wait_comfy_running(self, timeout: float = 30) -> None:
         """Wait until ComfyUI runs a prompt (one this test posted from another thread)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from tests.conftest import BACKENDS, Sidecar, running_sidecar
 from tests.conftest import png_bytes as make_png
 from tests.storage.conftest import azurite  # noqa: F401 - fixture
 from tests.storage.hf_hub_server import HubServer
+from tests.waiting import wait_for
 
 CONTAINER = "sidecar"
 
@@ -193,9 +193,4 @@ def test_async_upload_to_hf(sidecar: Sidecar, hub: HubServer) -> None:
 
 
 def wait_until(predicate: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("the async upload never arrived")
+    wait_for(predicate, timeout=timeout, interval=0.05, what="the async upload")
