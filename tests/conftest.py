@@ -1,9 +1,9 @@
 """Shared test harness: start the sidecar as a real process in front of a ComfyUI.
 
 The ComfyUI is the double in ``tests/comfy_double.py`` (always), or a real ComfyUI when the
-``COMFY_HOME`` environment variable points at one laid out by
-``shared/scripts/real-comfyui.sh`` (its ``.venv`` and ``main.py``); without it the ``real``
-parametrisations are skipped with that reason.
+``COMFY_HOME`` environment variable points at a ComfyUI checkout with its own ``.venv``
+(``main.py`` and ``.venv/bin/python``); without it the ``real`` parametrisations are skipped
+with that reason.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ DOUBLE = ROOT / "tests" / "comfy_double.py"
 REAL_HOME = os.environ.get("COMFY_HOME", "")
 REAL_AVAILABLE = bool(REAL_HOME) and (Path(REAL_HOME) / "main.py").is_file()
 REAL_REASON = (
-    "COMFY_HOME is not set to a real ComfyUI (shared/scripts/real-comfyui.sh lays one out); "
+    "COMFY_HOME is not set to a real ComfyUI checkout with its own .venv; "
     "real-ComfyUI scenarios skipped"
 )
 
