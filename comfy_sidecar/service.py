@@ -49,8 +49,6 @@ log = logging.getLogger("comfy_sidecar")
 
 T = TypeVar("T")
 
-QUIET_RECONCILE_S = 10.0
-
 
 class Phase(enum.StrEnum):
     """Lifecycle phase, reported by the probes."""
@@ -78,10 +76,16 @@ class ChildExited(Exception):
 
 
 class Sidecar:
-    """Everything one sidecar process owns. Build it inside the running event loop."""
+    """Everything one sidecar process owns. Build it inside the running event loop.
 
-    def __init__(self, settings: Settings) -> None:
+    ``quiet_reconcile_s``: seconds without a websocket frame, while jobs are in flight, after
+    which the jobs are reconciled through ``/queue`` and ``/history`` (a socket that stays open
+    but went silent); checked every half of it.
+    """
+
+    def __init__(self, settings: Settings, *, quiet_reconcile_s: float = 10.0) -> None:
         self.settings = settings
+        self.quiet_reconcile_s = quiet_reconcile_s
         self.version = __version__
         self.client_id = f"comfy-sidecar-{uuid.uuid4()}"
         self.client = ComfyClient(settings.comfy_url)
@@ -169,9 +173,9 @@ class Sidecar:
 
     async def _watch_quiet_socket(self) -> None:
         while True:
-            await asyncio.sleep(QUIET_RECONCILE_S / 2)
+            await asyncio.sleep(self.quiet_reconcile_s / 2)
             quiet = time.monotonic() - self.events.last_frame_at
-            if len(self.registry) and quiet > QUIET_RECONCILE_S:
+            if len(self.registry) and quiet > self.quiet_reconcile_s:
                 await self.registry.reconcile()
 
     # --- lifecycle ----------------------------------------------------------------------------

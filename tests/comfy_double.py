@@ -1,5 +1,5 @@
 """A double of ComfyUI 0.8.0's HTTP + websocket API for CI, replaying the behaviour recorded in
-shared/comfyui-transcripts: the same routes, status codes, 400 bodies, frame types and order
+tests/transcripts: the same routes, status codes, 400 bodies, frame types and order
 (status, execution_start, execution_cached, progress_state, executing, progress, executed,
 execution_success | execution_error | execution_interrupted, status, executing{node: null}),
 interrupts that take effect at the next node boundary, POST /queue delete of pending prompts,

@@ -1,9 +1,9 @@
 """Shared test harness: start the sidecar as a real process in front of a ComfyUI.
 
 The ComfyUI is the double in ``tests/comfy_double.py`` (always), or a real ComfyUI when the
-``COMFY_HOME`` environment variable points at one laid out by
-``shared/scripts/real-comfyui.sh`` (its ``.venv`` and ``main.py``); without it the ``real``
-parametrisations are skipped with that reason.
+``COMFY_HOME`` environment variable points at a ComfyUI checkout with its own ``.venv``
+(``main.py`` and ``.venv/bin/python``); without it the ``real`` parametrisations are skipped
+with that reason.
 """
 
 from __future__ import annotations
@@ -27,14 +27,16 @@ import httpx
 import pytest
 
 from tests.receiver import Receiver
+from tests.tiny_model import NAME as TINY_MODEL_NAME
+from tests.tiny_model import write_tiny_upscale_model
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DOUBLE = ROOT / "tests" / "comfy_double.py"
-TINY_MODEL = ROOT.parent / "shared" / "models" / "tiny-compact-x2.safetensors"
 REAL_HOME = os.environ.get("COMFY_HOME", "")
 REAL_AVAILABLE = bool(REAL_HOME) and (Path(REAL_HOME) / "main.py").is_file()
 REAL_REASON = (
-    "COMFY_HOME is not set to a real ComfyUI (shared/scripts/real-comfyui.sh lays one out); "
+    "COMFY_HOME is not set to a real ComfyUI checkout with its own .venv; "
     "real-ComfyUI scenarios skipped"
 )
 
@@ -82,17 +84,19 @@ class Backend:
             f"{home / '.venv/bin/python'} {home / 'main.py'} --cpu --listen 127.0.0.1 "
             f"--port {port} --disable-auto-launch --input-directory {self.input_dir} "
             f"--output-directory {self.output_dir} --temp-directory {self.base / 'temp'} "
-            f"{extra}"
+            f"--extra-model-paths-config {self.base / 'extra_model_paths.yaml'} {extra}"
         )
 
     def prepare(self) -> None:
         for sub in ("input", "output", "temp"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
-        if self.kind == "double":
-            models = self.base / "models" / "upscale_models"
-            models.mkdir(parents=True, exist_ok=True)
-            if TINY_MODEL.is_file():
-                (models / TINY_MODEL.name).write_bytes(TINY_MODEL.read_bytes())
+        # The generated test model in this backend's own model folder; a real ComfyUI reads it
+        # through --extra-model-paths-config, so its COMFY_HOME needs no copy.
+        write_tiny_upscale_model(self.base / "models" / "upscale_models" / TINY_MODEL_NAME)
+        if self.kind == "real":
+            (self.base / "extra_model_paths.yaml").write_text(
+                f"tests:\n  base_path: {self.base / 'models'}\n  upscale_models: upscale_models\n"
+            )
 
 
 @dataclass
@@ -113,11 +117,14 @@ class Sidecar:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, binary: Path | None = None, python: str | None = None) -> Sidecar:
-        """Start ``python -m comfy_sidecar`` (this interpreter, or ``python``), or the frozen
+    def start(
+        self, binary: Path | None = None, python: str | None = None, module: str = "comfy_sidecar"
+    ) -> Sidecar:
+        """Start ``python -m <module>`` (this interpreter, or ``python``; ``module`` is
+        ``comfy_sidecar`` or a test launcher such as ``tests.quick_sidecar``), or the frozen
         ``binary``."""
         log = self.log_path.open("ab")
-        argv = [str(binary)] if binary else [python or sys.executable, "-m", "comfy_sidecar"]
+        argv = [str(binary)] if binary else [python or sys.executable, "-m", module]
         self.proc = subprocess.Popen(
             argv,
             env=self.env,
@@ -153,6 +160,21 @@ class Sidecar:
                 last = exc
             time.sleep(0.05)
         raise AssertionError(f"{path} never answered {code} (last: {last}):\n{self.log()[-4000:]}")
+
+    def comfy_queue(self) -> dict[str, list[Any]]:
+        """ComfyUI's ``GET /queue`` (``queue_running``, ``queue_pending``), double or real."""
+        queue: dict[str, list[Any]] = httpx.get(
+            f"http://127.0.0.1:{self.comfy_port}/queue", timeout=5
+        ).json()
+        return queue
+
+    def comfy_running(self) -> bool:
+        """Whether ComfyUI is running a prompt now."""
+        return bool(self.comfy_queue()["queue_running"])
+
+    def wait_comfy_running(self, timeout: float = 30) -> None:
+        """Wait until ComfyUI runs a prompt (one this test posted from another thread)."""
+        wait_for(self.comfy_running, timeout=timeout, interval=0.05, what="ComfyUI to run a prompt")
 
     def wait_ready(self, timeout: float | None = None) -> None:
         self.wait_status("/ready", 200, timeout or (120 if self.backend.kind == "real" else 30))
@@ -221,6 +243,12 @@ BACKENDS = [
 ]
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generated tiny x2 upscale model (tests/tiny_model.py), written once per session."""
+    return write_tiny_upscale_model(tmp_path_factory.mktemp("models") / TINY_MODEL_NAME)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     """A fresh ComfyUI backend directory per test."""
@@ -255,14 +283,15 @@ def shared_sidecar(
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Any]:
-    """``spawn(backend, **env) -> Sidecar`` started; every one is stopped at teardown."""
+    """``spawn(backend, module="comfy_sidecar", **env) -> Sidecar`` started (``python -m
+    module``); every one is stopped at teardown."""
     started: list[Sidecar] = []
 
-    def _spawn(backend: Backend, **env: str) -> Sidecar:
+    def _spawn(backend: Backend, module: str = "comfy_sidecar", **env: str) -> Sidecar:
         sub = tmp_path / f"sc{len(started)}"
         sub.mkdir()
         sidecar = make_sidecar(backend, sub, **env)
-        started.append(sidecar.start())
+        started.append(sidecar.start(module=module))
         return sidecar
 
     yield _spawn
@@ -292,7 +321,7 @@ def upscale_prompt(size: int = 256) -> dict[str, Any]:
         },
         "2": {
             "class_type": "UpscaleModelLoader",
-            "inputs": {"model_name": "tiny-compact-x2.safetensors"},
+            "inputs": {"model_name": TINY_MODEL_NAME},
         },
         "3": {
             "class_type": "ImageUpscaleWithModel",

@@ -91,7 +91,7 @@ class Receiver:
                     return
                 delay = receiver.delay_s() if callable(receiver.delay_s) else receiver.delay_s
                 if delay:
-                    time.sleep(delay)
+                    time.sleep(delay)  # a slow receiver, for tests that need one
                 payload = b"{}"
                 try:
                     self.send_response(status)

@@ -1,6 +1,6 @@
 """HTTP calls to ComfyUI (httpx, one pooled client per sidecar).
 
-Shapes follow ComfyUI 0.8.0 (see shared/comfyui-transcripts): ``POST /prompt`` answers 200
+Shapes follow ComfyUI 0.8.0 (see tests/transcripts): ``POST /prompt`` answers 200
 ``{prompt_id, number, node_errors}`` or 400 ``{error: {type, message, details, extra_info},
 node_errors}``; ``GET /history/{id}`` is ``{}`` until the prompt finished; ``POST /queue
 {"delete": [...]}`` removes pending prompts only; ``POST /interrupt {"prompt_id"}`` stops that

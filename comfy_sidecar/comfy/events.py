@@ -29,6 +29,7 @@ class EventStream:
 
     Attributes: ``connected`` (bool), ``queue_remaining`` (int, from the last ``status`` frame:
     ComfyUI's pending + running count), ``last_frame_at`` (``time.monotonic()`` seconds).
+    Reconnects wait ``backoff_s`` seconds, doubling after each failure up to ``max_backoff_s``.
     """
 
     def __init__(
@@ -38,8 +39,13 @@ class EventStream:
         on_frame: FrameHandler,
         on_connect: Callable[[bool], Awaitable[None]],
         on_disconnect: Callable[[], None],
+        *,
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 2.0,
     ) -> None:
         self._url = f"{ws_url}?clientId={client_id}"
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
         self._on_frame = on_frame
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
@@ -59,7 +65,8 @@ class EventStream:
         return True
 
     async def run(self) -> None:
-        """Connect and read until cancelled, reconnecting with backoff (0.1 s doubling to 2 s)."""
+        """Connect and read until cancelled, reconnecting with backoff (``backoff_s`` doubling
+        to ``max_backoff_s``)."""
         failures = 0  # since the last successful connect
         while True:
             try:
@@ -95,7 +102,7 @@ class EventStream:
                     self._connected_event.clear()
                     self._on_disconnect()
             failures += 1
-            await asyncio.sleep(backoff_delay(failures, 0.1, 2.0))
+            await asyncio.sleep(backoff_delay(failures, self._backoff_s, self._max_backoff_s))
 
     def _dispatch(self, message: str) -> None:
         try:

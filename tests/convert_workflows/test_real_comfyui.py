@@ -26,10 +26,11 @@ from PIL import Image
 from comfy_sidecar.convert import convert_image, is_convertible
 from comfy_sidecar.schemas import ConvertOutput
 from comfy_sidecar.workflows import WorkflowContext, load_workflows
+from tests.tiny_model import NAME as TINY_MODEL_NAME
+from tests.tiny_model import write_tiny_upscale_model
 
 HOME = Path(os.environ.get("COMFY_HOME", "/nonexistent"))
 ROOT = Path(__file__).resolve().parents[2]
-TINY_MODEL = ROOT.parent / "shared" / "models" / "tiny-compact-x2.safetensors"
 
 pytestmark = [
     pytest.mark.real_comfyui,
@@ -45,6 +46,11 @@ def comfy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]
     base = tmp_path_factory.mktemp("real-comfy")
     for sub in ("input", "output", "temp", "user"):
         (base / sub).mkdir()
+    # The generated test model, in a model folder of this test's own (not in COMFY_HOME).
+    write_tiny_upscale_model(base / "models" / "upscale_models" / TINY_MODEL_NAME)
+    (base / "extra_model_paths.yaml").write_text(
+        f"tests:\n  base_path: {base / 'models'}\n  upscale_models: upscale_models\n"
+    )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -67,6 +73,8 @@ def comfy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]
             str(base / "temp"),
             "--user-directory",
             str(base / "user"),
+            "--extra-model-paths-config",
+            str(base / "extra_model_paths.yaml"),
         ],
         cwd=HOME,
         stdout=log,
@@ -111,7 +119,7 @@ async def submit_all(url: str, input_dir: Path) -> dict[str, tuple[int, Any, str
         for name, wf in workflows.items():
             input_: dict[str, Any] = {"prompt": "a cat", "image": "cat.png"}
             if name == "upscale":
-                input_ = {"image": "cat.png", "model": "tiny-compact-x2.safetensors"}
+                input_ = {"image": "cat.png", "model": TINY_MODEL_NAME}
             elif "img2img" not in name:
                 input_.pop("image")
             if name != "upscale":
@@ -136,9 +144,6 @@ async def submit_all(url: str, input_dir: Path) -> dict[str, tuple[int, Any, str
 
 def test_shipped_workflows_on_real_comfyui(comfy: tuple[str, Path]) -> None:
     url, base = comfy
-    models = HOME / "models" / "upscale_models"
-    if not (models / TINY_MODEL.name).is_file():
-        pytest.skip(f"{TINY_MODEL.name} is not in {models}")
     results = asyncio.run(submit_all(url, base / "input"))
 
     for name in ("sd1.5/txt2img", "sd1.5/img2img", "sdxl/txt2img", "sdxl/img2img", "flux/txt2img"):

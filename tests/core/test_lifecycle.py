@@ -23,6 +23,7 @@ from tests.conftest import (
     free_port,
     slow_prompt,
 )
+from tests.waiting import wait_for
 
 
 def test_probes_answer_503_starting_before_comfyui(spawn: Any, tmp_path: Path) -> None:
@@ -109,7 +110,7 @@ def test_sigkill_mid_job_fails_fast_and_restarts(spawn: Any, backend: Backend) -
 
     thread = threading.Thread(target=run)
     thread.start()
-    time.sleep(2.0)
+    sidecar.wait_comfy_running()
     killed_at = time.monotonic()
     os.kill(first_child, signal.SIGKILL)
     thread.join(timeout=60)
@@ -148,12 +149,11 @@ def test_sigterm_drains_job_in_flight(spawn: Any, backend: Backend) -> None:
         )
     )
     thread.start()
-    time.sleep(1.0)
+    sidecar.wait_comfy_running()
     assert sidecar.proc is not None
     sidecar.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
     # New work is refused while draining, and the probes say so.
-    assert sidecar.get("/ready").status_code == 503
+    sidecar.wait_status("/ready", 503, 10)
     assert sidecar.post("/prompt", json={"prompt": basic_prompt()}).status_code == 503
     thread.join(timeout=90)
     assert result["response"].status_code == 200, result["response"].text
@@ -172,7 +172,7 @@ def test_sigterm_grace_expires(spawn: Any, tmp_path: Path) -> None:
         )
     )
     thread.start()
-    time.sleep(1.0)
+    sidecar.wait_comfy_running()
     assert sidecar.proc is not None
     sidecar.proc.send_signal(signal.SIGTERM)
     assert sidecar.wait_exit(30) == 0
@@ -221,7 +221,7 @@ def test_max_queue_depth_turns_ready_503(spawn: Any, tmp_path: Path) -> None:
 
 def test_lost_websocket_does_not_hang_a_job(spawn: Any, tmp_path: Path) -> None:
     """comfyui-api's issue #186: the socket drops mid-job; the job still completes."""
-    sidecar: Sidecar = spawn(Backend("double", tmp_path / "comfy"))
+    sidecar: Sidecar = spawn(Backend("double", tmp_path / "comfy"), module="tests.quick_sidecar")
     sidecar.wait_ready()
     comfy = f"http://127.0.0.1:{sidecar.comfy_port}"
     result: dict[str, Any] = {}
@@ -231,11 +231,11 @@ def test_lost_websocket_does_not_hang_a_job(spawn: Any, tmp_path: Path) -> None:
         )
     )
     thread.start()
-    time.sleep(0.8)
+    sidecar.wait_comfy_running()
     # Mute the double (frames are lost) and drop the socket; the job ends while we are away.
     httpx.post(comfy + "/__double__/mute", json={"muted": True})
     httpx.post(comfy + "/__double__/drop_websockets")
-    time.sleep(4.0)
+    wait_for(lambda: not sidecar.comfy_running(), timeout=30, what="the job to end in ComfyUI")
     httpx.post(comfy + "/__double__/mute", json={"muted": False})
     thread.join(timeout=30)
     assert not thread.is_alive(), "the job hung"
@@ -246,11 +246,11 @@ def test_lost_websocket_does_not_hang_a_job(spawn: Any, tmp_path: Path) -> None:
 
 def test_zombie_socket_is_reconciled(spawn: Any, tmp_path: Path) -> None:
     """The socket stays open but goes silent: the quiet-socket check settles the job."""
-    sidecar: Sidecar = spawn(Backend("double", tmp_path / "comfy"))
+    sidecar: Sidecar = spawn(Backend("double", tmp_path / "comfy"), module="tests.quick_sidecar")
     sidecar.wait_ready()
     comfy = f"http://127.0.0.1:{sidecar.comfy_port}"
     httpx.post(comfy + "/__double__/mute", json={"muted": True})
     started = time.monotonic()
     response = sidecar.post("/prompt", json={"prompt": basic_prompt(batch=1)}, timeout=60)
     assert response.status_code == 200, response.text
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 5  # the quiet interval is 0.4 s (tests.quick_sidecar)

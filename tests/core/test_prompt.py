@@ -1,11 +1,10 @@
 """POST /prompt and /interrupt end to end, against the ComfyUI double and (with COMFY_HOME) a real
-ComfyUI: the scenarios of shared/comfyui-transcripts seen through the sidecar."""
+ComfyUI: the scenarios of tests/transcripts seen through the sidecar."""
 
 from __future__ import annotations
 
 import base64
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ from tests.conftest import (
     slow_prompt,
     upscale_prompt,
 )
+from tests.waiting import wait_for
 
 
 def close(a: tuple[int, ...], b: tuple[int, ...], tolerance: int = 2) -> bool:
@@ -280,19 +280,19 @@ def _post_in_thread(
     return thread
 
 
-def _wait_job_running(sidecar: Sidecar, seconds: float) -> None:
-    time.sleep(seconds)
-
-
 def test_interrupt_running_and_pending(shared_sidecar: Sidecar) -> None:
     running: dict[str, Any] = {}
     pending: dict[str, Any] = {}
     t1 = _post_in_thread(shared_sidecar, {"prompt": slow_prompt(8), "id": "slow-running"}, running)
-    time.sleep(1.5)
+    shared_sidecar.wait_comfy_running()
     t2 = _post_in_thread(
         shared_sidecar, {"prompt": basic_prompt(size=48), "id": "pending-one"}, pending
     )
-    time.sleep(0.5)
+    wait_for(
+        lambda: shared_sidecar.comfy_queue()["queue_pending"],
+        interval=0.05,
+        what="the second prompt to wait in ComfyUI's queue",
+    )
     assert shared_sidecar.post("/interrupt", json={"id": "pending-one"}).json() == {
         "id": "pending-one",
         "interrupted": "success",
@@ -331,7 +331,7 @@ def test_concurrent_prompts_all_succeed(shared_sidecar: Sidecar) -> None:
 def test_duplicate_running_id_is_409(shared_sidecar: Sidecar) -> None:
     first: dict[str, Any] = {}
     thread = _post_in_thread(shared_sidecar, {"prompt": slow_prompt(2), "id": "dup"}, first)
-    time.sleep(0.7)
+    shared_sidecar.wait_comfy_running()
     second = shared_sidecar.post("/prompt", json={"prompt": basic_prompt(), "id": "dup"})
     assert second.status_code == 409
     assert second.json()["location"] == "id"

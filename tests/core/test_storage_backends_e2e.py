@@ -6,38 +6,38 @@ from __future__ import annotations
 
 import base64
 import io
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import BACKENDS, TINY_MODEL, Sidecar, running_sidecar
+from tests.conftest import BACKENDS, Sidecar, running_sidecar
 from tests.conftest import png_bytes as make_png
 from tests.storage.conftest import azurite  # noqa: F401 - fixture
 from tests.storage.hf_hub_server import HubServer
+from tests.waiting import wait_for
 
 CONTAINER = "sidecar"
 
 
 @pytest.fixture(scope="module")
-def hub() -> Iterator[HubServer]:
+def hub(tiny_model: Path) -> Iterator[HubServer]:
     server = HubServer(token="hf_e2e")
-    server.repos[("model", "org/upscalers", "tiny x2.safetensors")] = TINY_MODEL.read_bytes()
+    server.repos[("model", "org/upscalers", "tiny x2.safetensors")] = tiny_model.read_bytes()
     server.repos[("dataset", "org/images", "green.png")] = make_png((11, 5), (0, 200, 0))
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def blobs(azurite: str) -> Any:  # noqa: F811
+def blobs(azurite: str, tiny_model: Path) -> Any:  # noqa: F811
     from azure.storage.blob import BlobServiceClient
 
     service = BlobServiceClient.from_connection_string(azurite)
     container = service.create_container(CONTAINER)
     container.upload_blob("in/yellow.png", make_png((7, 13), (250, 250, 0)))
-    container.upload_blob("models/tiny.safetensors", TINY_MODEL.read_bytes())
+    container.upload_blob("models/tiny.safetensors", tiny_model.read_bytes())
     return container
 
 
@@ -193,9 +193,4 @@ def test_async_upload_to_hf(sidecar: Sidecar, hub: HubServer) -> None:
 
 
 def wait_until(predicate: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError("the async upload never arrived")
+    wait_for(predicate, timeout=timeout, interval=0.05, what="the async upload")

@@ -7,27 +7,27 @@ from __future__ import annotations
 import base64
 import io
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import BACKENDS, TINY_MODEL, Sidecar, running_sidecar
+from tests.conftest import BACKENDS, Sidecar, running_sidecar
 from tests.conftest import png_bytes as make_png
 from tests.receiver import Receiver
 from tests.storage.conftest import moto_server  # noqa: F401 - fixture
 from tests.storage.servers import FileServer
+from tests.waiting import wait_for
 
 BUCKET = "sidecar-e2e"
 
 
 @pytest.fixture(scope="module")
-def files() -> Iterator[FileServer]:
+def files(tiny_model: Path) -> Iterator[FileServer]:
     server = FileServer()
     server.files["red.png"] = make_png((18, 10), (200, 30, 10))
-    server.files["tiny.safetensors"] = TINY_MODEL.read_bytes()
+    server.files["tiny.safetensors"] = tiny_model.read_bytes()
     yield server
     server.stop()
 
@@ -237,8 +237,11 @@ def test_upload_failure_is_502(sidecar: Sidecar, files: FileServer) -> None:
     assert "up-fail_url_00001_.png" in response.json()["error"]
     assert response.json()["location"] == "http_upload"
     # The failed job's output was still cleaned up.
-    time.sleep(0.2)
-    assert not any(sidecar.backend.output_dir.rglob("up-fail*"))
+    wait_for(
+        lambda: not any(sidecar.backend.output_dir.rglob("up-fail*")),
+        timeout=5,
+        what="the failed job's outputs to be removed",
+    )
 
 
 def test_traversal_in_upload_prefix_is_refused(sidecar: Sidecar) -> None:

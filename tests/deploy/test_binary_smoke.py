@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from standardwebhooks import Webhook
 
-from tests.conftest import TINY_MODEL, Backend, make_sidecar, png_bytes
+from tests.conftest import Backend, make_sidecar, png_bytes
 from tests.deploy.test_binary import BINARY, REASON
 from tests.receiver import Receiver
 from tests.storage.conftest import moto_server  # noqa: F401 - fixture
@@ -30,14 +30,16 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 SECRET = base64.b64encode(b"binary smoke secret").decode()
 
 
-def test_frozen_binary_end_to_end(tmp_path: Path, moto_server: str) -> None:  # noqa: F811
+def test_frozen_binary_end_to_end(
+    tmp_path: Path, moto_server: str, tiny_model: Path  # noqa: F811
+) -> None:
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=moto_server, aws_access_key_id="testing",
                       aws_secret_access_key="testing", region_name="us-east-1")
     s3.create_bucket(Bucket="smoke")
     files = FileServer()
-    files.files["tiny.safetensors"] = TINY_MODEL.read_bytes()
+    files.files["tiny.safetensors"] = tiny_model.read_bytes()
     hook = Receiver()
     backend = Backend("double", tmp_path / "comfy")
     manifest = {"models": {"before_start": [{

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import pytest
 
 from tests.conftest import Backend, Sidecar, make_sidecar
 from tests.storage.servers import FileServer
+from tests.waiting import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +46,11 @@ def models_dir(sidecar: Sidecar) -> Path:
 
 
 def poll(sidecar: Sidecar, key: str, timeout: float = 20) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def finished() -> dict[str, Any] | None:
         body: dict[str, Any] = sidecar.get(f"/download/{key}").json()
-        if body["status"] != "started":
-            return body
-        time.sleep(0.05)
-    raise AssertionError("download never finished")
+        return body if body["status"] != "started" else None
+
+    return wait_for(finished, timeout=timeout, interval=0.05, what=f"download {key} to finish")
 
 
 def test_async_download_then_status(sidecar: Sidecar, server: FileServer) -> None:

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from tests.manifest.conftest import (
     watch_probes,
 )
 from tests.storage.servers import FileServer
+from tests.waiting import wait_for
 
 
 def test_full_manifest_then_warm_second_boot(
@@ -133,13 +133,12 @@ def test_full_manifest_then_warm_second_boot(
     assert not (models / "loras" / "absent.bin").exists()
     # after_start: one failure (logged, not fatal), one file that arrives.
     first.wait_status("/ready", 200, 10)
-    listing: dict[str, list[str]] = {}
-    for _ in range(100):
-        listing = first.get("/models").json()
-        if "three.pt" in listing.get("loras", []):
-            break
-        time.sleep(0.1)
-    assert "three.pt" in listing["loras"]
+
+    def listing_with_three() -> dict[str, list[str]] | None:
+        listing: dict[str, list[str]] = first.get("/models").json()
+        return listing if "three.pt" in listing.get("loras", []) else None
+
+    listing = wait_for(listing_with_three, timeout=10, interval=0.05, what="three.pt in /models")
     assert "one.safetensors" in listing["checkpoints"]
     assert "models.after_start[0]" in first.log() and "missing.pt" in first.log()
     assert first.get("/ready").status_code == 200

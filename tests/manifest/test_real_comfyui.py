@@ -11,7 +11,6 @@ import pytest
 from tests.conftest import (
     REAL_AVAILABLE,
     REAL_REASON,
-    TINY_MODEL,
     Backend,
     decode_image,
     upscale_prompt,
@@ -22,8 +21,10 @@ from tests.storage.servers import FileServer
 pytestmark = [pytest.mark.real_comfyui, pytest.mark.skipif(not REAL_AVAILABLE, reason=REAL_REASON)]
 
 
-def test_before_start_model_then_upscale(spawn: Any, tmp_path: Path, files: FileServer) -> None:
-    files.files["tiny.safetensors"] = TINY_MODEL.read_bytes()
+def test_before_start_model_then_upscale(
+    spawn: Any, tmp_path: Path, files: FileServer, tiny_model: Path
+) -> None:
+    files.files["tiny.safetensors"] = tiny_model.read_bytes()
     name = f"manifest-{uuid.uuid4().hex[:12]}.safetensors"
     backend = Backend("real", tmp_path / "comfy")
     link = backend.comfy_home / "models" / "upscale_models" / name

@@ -21,7 +21,6 @@ from tests.storage.hf_hub_server import HubServer
 from tests.storage.servers import FileServer
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL = Path("/work/shared/models/tiny-compact-x2.safetensors")
 AZURITE_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
@@ -56,8 +55,8 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="session")
-def model_bytes() -> bytes:
-    return MODEL.read_bytes()
+def model_bytes(tiny_model: Path) -> bytes:
+    return tiny_model.read_bytes()
 
 
 @pytest.fixture(scope="session")

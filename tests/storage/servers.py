@@ -35,6 +35,8 @@ class FileServer(QuietServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files: dict[str, bytes] = {}
         self.uploads: dict[str, bytes] = {}
+        #: Bytes received so far of each PUT still arriving, by name.
+        self.receiving: dict[str, int] = {}
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.delay_s = 0.0
         self.put_delay_s = 0.0
@@ -123,7 +125,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"not found")
             return
         if self.server.delay_s:
-            time.sleep(self.server.delay_s)
+            time.sleep(self.server.delay_s)  # a slow server, for tests that need one
         if self.headers.get("Range") == "bytes=0-0":
             self._send(206, data[:1], headers)
             return
@@ -140,8 +142,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return  # client went away (aborted upload): store nothing
             received += chunk
+            self.server.receiving[name] = len(received)
             if self.server.put_delay_s:
-                time.sleep(self.server.put_delay_s)
+                time.sleep(self.server.put_delay_s)  # a slow server, for tests that need one
         if kind == "fail":
             self._send(500, b"boom")
             return

@@ -31,6 +31,7 @@ from comfy_sidecar.storage import (
 from comfy_sidecar.storage.cache import cache_key
 from tests.storage.hf_hub_server import HubServer
 from tests.storage.servers import FileServer
+from tests.waiting import async_wait_for
 
 
 def _bucket(s3_client: Any) -> str:
@@ -305,7 +306,9 @@ def test_second_upload_supersedes_first(
         try:
             spec = HTTPUpload(url_prefix=http_server.url("/upload"))
             one = asyncio.create_task(storage.upload(first, spec, "same.png"))
-            await asyncio.sleep(0.15)
+            await async_wait_for(
+                lambda: http_server.receiving.get("same.png"), what="the first upload to stream"
+            )
             two = asyncio.create_task(storage.upload(second, spec, "same.png"))
             results = await asyncio.gather(one, two, return_exceptions=True)
         finally:
@@ -333,7 +336,13 @@ def test_s3_second_upload_supersedes_first(
         try:
             spec = S3Upload(bucket=bucket, prefix="x")
             one = asyncio.create_task(storage.upload(first, spec, "f.bin"))
-            await asyncio.sleep(0.3)
+
+            def multipart_started() -> bool:
+                return bool(s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads"))
+
+            await async_wait_for(
+                lambda: asyncio.to_thread(multipart_started), what="the first upload to stream"
+            )
             two = asyncio.create_task(storage.upload(second, spec, "f.bin"))
             results = await asyncio.gather(one, two, return_exceptions=True)
         finally:

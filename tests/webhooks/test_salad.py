@@ -7,13 +7,15 @@ import time
 from typing import Any
 
 from comfy_sidecar.salad import DeletionCost
+from tests.waiting import async_wait_for
 
 from .conftest import Receiver, make_settings
 
 
-async def settle(imds: Receiver, count: int) -> None:
+async def settle(cost: DeletionCost, imds: Receiver, count: int, value: int) -> None:
+    """Wait until the IMDS got ``count`` PUTs and the client saw ``value`` acknowledged."""
     await asyncio.to_thread(imds.wait_for, count)
-    await asyncio.sleep(0.05)  # let the client see the answer
+    await async_wait_for(lambda: cost.sent == value, timeout=5, what=f"{value} acknowledged")
 
 
 def test_only_changes_are_sent_and_zero_on_close(receiver: Any) -> None:
@@ -24,14 +26,14 @@ def test_only_changes_are_sent_and_zero_on_close(receiver: Any) -> None:
         cost = DeletionCost(settings)
         cost.start()
         cost.set(3)
-        await settle(imds, 1)
+        await settle(cost, imds, 1, 3)
         cost.set(3)
         cost.set(3)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # time to (wrongly) resend the unchanged value: nothing to poll
         cost.set(5)
-        await settle(imds, 2)
+        await settle(cost, imds, 2, 5)
         cost.set(5)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # as above
         await cost.close()
         cost.set(7)  # ignored after close
 
@@ -60,11 +62,11 @@ def test_bursts_coalesce_to_the_latest_value(receiver: Any) -> None:
             t0 = time.monotonic()
             cost.set(depth)
             took += time.monotonic() - t0
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the burst: a new queue depth every 10 ms
         await asyncio.to_thread(
             imds.wait_until, lambda reqs: reqs[-1].json() == {"deletion_cost": 10}
         )
-        await asyncio.sleep(0.05)
+        await async_wait_for(lambda: cost.sent == 10, timeout=5, what="10 acknowledged")
         await cost.close()
         return took
 
@@ -86,7 +88,7 @@ def test_unreachable_imds_never_blocks(refused_url: str) -> None:
         for depth in range(100):
             cost.set(depth)
         set_time = time.monotonic() - t0
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # the behaviour under test: close() while PUTs are retried
         t1 = time.monotonic()
         await cost.close()
         return set_time, time.monotonic() - t1
@@ -105,7 +107,7 @@ def test_nothing_is_sent_off_salad(receiver: Any) -> None:
         assert not cost.enabled
         cost.start()
         cost.set(4)
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # time to (wrongly) send something: nothing to poll for
         await cost.close()
 
     asyncio.run(go())

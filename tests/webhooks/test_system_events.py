@@ -203,7 +203,7 @@ def test_progress_flood_to_slow_receiver_is_bounded(receiver: Any) -> None:
                 d.handle_comfy_frame(progress(f"c{p}", step), lambda cid: "api-" + cid)
                 peak = max(peak, d.pending["system"])
             extra_tasks = max(extra_tasks, len(asyncio.all_tasks()) - tasks_at_start)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one loop turn per prompt, as frames arrive from a socket
         # the queue is full of progress ticks: a terminal event still gets in
         d.handle_comfy_frame(
             {"type": "execution_success", "data": {"prompt_id": "c199"}}, lambda cid: "api-" + cid
