@@ -175,6 +175,7 @@ def test_help_lists_every_variable_with_its_default_and_description() -> None:
         timeout=30,
     )
     assert out.returncode == 0
+    assert "README" in out.stdout
     for var in VARS:
         default = "(not set)" if var.default is None else repr(var.default)
         assert f"  {var.name} " in out.stdout and f"default {default}" in out.stdout, var.name
