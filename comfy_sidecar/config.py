@@ -1,357 +1,62 @@
 """Settings: every environment variable the sidecar reads, parsed once into one typed object.
 
+:class:`Settings` is the one declaration. Each field is annotated with its :class:`Var`
+(variable name, default, parser, whether comfyui-api lacks it) and its description, as in
+``port: Annotated[int, Var("PORT", "3000", int_at_least(1)), "Port the API listens on."]``.
+:func:`load_settings`, ``comfy-sidecar --help`` and the README's table
+(:func:`markdown_table`, written by ``scripts/settings_table.py``) are derived from it.
+
 Names and defaults copy SaladTechnologies/comfyui-api (its README's table); variables that
-comfyui-api does not have are marked *new* in their doc line. A bad value raises
+comfyui-api does not have are marked ``new`` (*New.* in the README). A bad value raises
 :class:`ConfigError` whose message is one line naming the variable; ``__main__`` prints it and
 exits with status 2.
 """
 
-from __future__ import annotations
-
 import os
-import shlex
+import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Annotated, Any
 
 import msgspec
+
+from comfy_sidecar.config_parsers import (
+    boolean,
+    comma_list,
+    command,
+    float_above,
+    float_at_least,
+    int_at_least,
+    log_level,
+    optional_http_url,
+    optional_text,
+    text,
+)
 
 
 class ConfigError(Exception):
     """A variable has a value the sidecar cannot use. ``str(err)`` is one line naming it."""
 
 
-def _bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("true", "1", "yes", "on"):
-        return True
-    if value in ("false", "0", "no", "off", ""):
-        return False
-    raise ValueError("expected true or false")
-
-
-def _int(minimum: int | None = None) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ValueError("expected a whole number") from None
-        if minimum is not None and value < minimum:
-            raise ValueError(f"must be >= {minimum}")
-        return value
-
-    return parse
-
-
-def _float(minimum: float | None = None, exclusive: bool = False) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise ValueError("expected a number") from None
-        if value != value:  # NaN
-            raise ValueError("expected a number")
-        if minimum is not None and (value <= minimum if exclusive else value < minimum):
-            raise ValueError(f"must be {'>' if exclusive else '>='} {minimum}")
-        return value
-
-    return parse
-
-
-def _str(raw: str) -> str:
-    return raw
-
-
-def _opt_str(raw: str) -> str | None:
-    return raw if raw.strip() else None
-
-
-def _cmd(raw: str) -> list[str]:
-    try:
-        argv = shlex.split(raw)
-    except ValueError as exc:
-        raise ValueError(f"cannot split like a shell: {exc}") from None
-    if not argv:
-        raise ValueError("is empty")
-    return argv
-
-
-def _csv(raw: str) -> list[str]:
-    return [part.strip() for part in raw.split(",") if part.strip()]
-
-
-_LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "fatal")
-
-
-def _log_level(raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in _LOG_LEVELS:
-        raise ValueError(f"expected one of {', '.join(_LOG_LEVELS)}")
-    return value
-
-
 @dataclass(frozen=True)
 class Var:
-    """One environment variable: its name, default (a string, or None for unset), parser, doc."""
+    """How one :class:`Settings` field is read from the environment.
+
+    ``name`` is the environment variable. ``default`` is the raw string used when it is unset
+    or empty (``None``: the field is ``None`` then); ``${COMFY_HOME}`` and ``${HOME}`` in it
+    are expanded. ``parse`` turns the raw string into the field's value or raises
+    ``ValueError`` with a short reason (see :mod:`comfy_sidecar.config_parsers`). ``new`` marks
+    variables comfyui-api does not have. In :data:`VARS`, ``field`` is the :class:`Settings`
+    attribute and ``doc`` the description (the string after the ``Var`` in the annotation).
+    """
 
     name: str
-    field: str
     default: str | None
     parse: Callable[[str], Any]
-    doc: str
     new: bool = False
-    group: str = "core"
+    field: str = ""
+    doc: str = ""
 
-
-def _home_default(sub: str) -> str:
-    return "${COMFY_HOME}/" + sub
-
-
-VARS: tuple[Var, ...] = (
-    # --- ComfyUI child and its directories -------------------------------------------------
-    Var(
-        "CMD",
-        "cmd",
-        "init.sh",
-        _cmd,
-        "Command that launches ComfyUI, split like a shell would (quotes work).",
-    ),
-    Var("COMFY_HOME", "comfy_home", "/opt/ComfyUI", _str, "ComfyUI home directory."),
-    Var("COMFYUI_PORT_HOST", "comfyui_port", "8188", _int(1), "Port ComfyUI listens on."),
-    Var(
-        "DIRECT_ADDRESS",
-        "direct_address",
-        "127.0.0.1",
-        _str,
-        "Address the sidecar uses to reach ComfyUI.",
-    ),
-    Var("INPUT_DIR", "input_dir", _home_default("input"), _str, "ComfyUI's input directory."),
-    Var("OUTPUT_DIR", "output_dir", _home_default("output"), _str, "ComfyUI's output directory."),
-    Var("MODEL_DIR", "model_dir", _home_default("models"), _str, "ComfyUI's models directory."),
-    Var(
-        "ALWAYS_RESTART_COMFYUI",
-        "always_restart_comfyui",
-        "false",
-        _bool,
-        "Restart ComfyUI whenever it exits (any exit code); otherwise the sidecar exits non-zero.",
-    ),
-    Var(
-        "STARTUP_CHECK_INTERVAL_S",
-        "startup_check_interval_s",
-        "1",
-        _float(0, exclusive=True),
-        "Seconds between checks that ComfyUI answers at start-up.",
-    ),
-    Var(
-        "STARTUP_CHECK_MAX_TRIES",
-        "startup_check_max_tries",
-        "20",
-        _int(1),
-        "Checks before giving up; the start-up deadline is interval x tries.",
-    ),
-    Var(
-        "RESTART_MAX",
-        "restart_max",
-        "5",
-        _int(0),
-        "Restarts allowed within RESTART_WINDOW_S before the sidecar gives up (crash loop).",
-        new=True,
-    ),
-    Var(
-        "RESTART_WINDOW_S",
-        "restart_window_s",
-        "300",
-        _float(0, exclusive=True),
-        "Window, in seconds, over which RESTART_MAX is counted.",
-        new=True,
-    ),
-    Var(
-        "SHUTDOWN_GRACE_S",
-        "shutdown_grace_s",
-        "30",
-        _float(0),
-        "On SIGTERM/SIGINT, seconds jobs in flight may take to finish before ComfyUI is stopped.",
-        new=True,
-    ),
-    Var(
-        "PROMPT_TIMEOUT_S",
-        "prompt_timeout_s",
-        "3600",
-        _float(0),
-        "Longest a job may run in ComfyUI, in seconds (0 = no limit); then it is interrupted.",
-        new=True,
-    ),
-    # --- HTTP server ----------------------------------------------------------------------
-    Var("HOST", "host", "::", _str, "Address the API listens on (`::` is dual-stack)."),
-    Var("PORT", "port", "3000", _int(1), "Port the API listens on."),
-    Var(
-        "LOG_LEVEL",
-        "log_level",
-        "info",
-        _log_level,
-        "One of trace, debug, info, warn, error, fatal.",
-    ),
-    Var(
-        "MAX_QUEUE_DEPTH",
-        "max_queue_depth",
-        "0",
-        _int(0),
-        "ComfyUI queue depth at which /ready turns 503 (0 = no limit).",
-    ),
-    Var(
-        "MAX_BODY_SIZE_MB",
-        "max_body_size_mb",
-        "100",
-        _int(1),
-        "Largest request body, in MB; larger bodies get 413.",
-    ),
-    Var(
-        "PREPEND_FILENAMES",
-        "prepend_filenames",
-        "true",
-        _bool,
-        "true: filename_prefix becomes `<id>_<prefix>`; false: it is replaced by `<id>`.",
-    ),
-    Var(
-        "WARMUP_PROMPT_FILE",
-        "warmup_prompt_file",
-        None,
-        _opt_str,
-        "Path to an API-format prompt run before the sidecar is first ready.",
-    ),
-    Var(
-        "WARMUP_PROMPT_URL",
-        "warmup_prompt_url",
-        None,
-        _opt_str,
-        "URL of a warmup prompt, downloaded at start-up (used when no file is given).",
-    ),
-    Var(
-        "WORKFLOW_DIR",
-        "workflow_dir",
-        "/workflows",
-        _str,
-        "Directory of Python workflow modules mounted at /workflow/...",
-        group="workflows",
-    ),
-    Var(
-        "MARKDOWN_SCHEMA_DESCRIPTIONS",
-        "markdown_schema_descriptions",
-        "true",
-        _bool,
-        "Describe workflow request fields as a Markdown table in the API docs.",
-        group="workflows",
-    ),
-    # --- cache and storage ------------------------------------------------------------------
-    Var(
-        "CACHE_DIR",
-        "cache_dir",
-        "${HOME}/.cache/comfyui-api",
-        _str,
-        "Download cache directory.",
-        group="storage",
-    ),
-    Var(
-        "LRU_CACHE_SIZE_GB",
-        "lru_cache_size_gb",
-        "0",
-        _float(0),
-        "Cache size limit in GiB; least recently used entries are evicted (0 = no limit).",
-        group="storage",
-    ),
-    Var(
-        "HTTP_AUTH_HEADER_NAME",
-        "http_auth_header_name",
-        None,
-        _opt_str,
-        "Header sent on HTTP downloads/uploads to hosts in HTTP_AUTH_HEADER_HOSTS.",
-        group="storage",
-    ),
-    Var(
-        "HTTP_AUTH_HEADER_VALUE",
-        "http_auth_header_value",
-        None,
-        _opt_str,
-        "Value for HTTP_AUTH_HEADER_NAME.",
-        group="storage",
-    ),
-    Var(
-        "HTTP_AUTH_HEADER_HOSTS",
-        "http_auth_header_hosts",
-        "",
-        _csv,
-        "Comma list of host globs that may receive HTTP_AUTH_HEADER_* (empty = none).",
-        new=True,
-        group="storage",
-    ),
-    Var(
-        "MANIFEST",
-        "manifest",
-        None,
-        _opt_str,
-        "Path to a manifest (.yml, .yaml or .json) installed at start-up.",
-        group="manifest",
-    ),
-    Var(
-        "MANIFEST_JSON",
-        "manifest_json",
-        None,
-        _opt_str,
-        "Inline manifest JSON; wins over MANIFEST.",
-        group="manifest",
-    ),
-    # --- webhooks and Salad -------------------------------------------------------------------
-    Var(
-        "WEBHOOK_SECRET",
-        "webhook_secret",
-        None,
-        _opt_str,
-        "Key for Standard Webhooks signatures (base64, `whsec_` prefix accepted).",
-        group="webhooks",
-    ),
-    Var(
-        "PROMPT_WEBHOOK_RETRIES",
-        "prompt_webhook_retries",
-        "3",
-        _int(1),
-        "Total delivery attempts per webhook (>= 1).",
-        group="webhooks",
-    ),
-    Var(
-        "WEBHOOK_TIMEOUT_S",
-        "webhook_timeout_s",
-        "10",
-        _float(0, exclusive=True),
-        "Timeout of one webhook delivery attempt, in seconds.",
-        new=True,
-        group="webhooks",
-    ),
-    Var(
-        "SYSTEM_WEBHOOK_URL",
-        "system_webhook_url",
-        None,
-        _opt_str,
-        "Where ComfyUI and storage events are sent.",
-        group="webhooks",
-    ),
-    Var(
-        "SYSTEM_WEBHOOK_EVENTS",
-        "system_webhook_events",
-        "",
-        _csv,
-        "Comma list of event names to send, or `all`.",
-        group="webhooks",
-    ),
-    Var(
-        "SALAD_IMDS_URL",
-        "salad_imds_url",
-        "http://169.254.169.254",
-        _str,
-        "Salad instance metadata service, for the deletion cost.",
-        new=True,
-        group="webhooks",
-    ),
-)
 
 SALAD_VARS: tuple[str, ...] = (
     "SALAD_CONTAINER_GROUP_ID",
@@ -368,43 +73,179 @@ SALAD_VARS: tuple[str, ...] = (
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
     """Every setting, parsed. Paths are as given (``${COMFY_HOME}`` and ``${HOME}`` expanded)."""
 
-    cmd: list[str]
-    comfy_home: str
-    comfyui_port: int
-    direct_address: str
-    input_dir: str
-    output_dir: str
-    model_dir: str
-    always_restart_comfyui: bool
-    startup_check_interval_s: float
-    startup_check_max_tries: int
-    restart_max: int
-    restart_window_s: float
-    shutdown_grace_s: float
-    prompt_timeout_s: float
-    host: str
-    port: int
-    log_level: str
-    max_queue_depth: int
-    max_body_size_mb: int
-    prepend_filenames: bool
-    warmup_prompt_file: str | None
-    warmup_prompt_url: str | None
-    workflow_dir: str
-    markdown_schema_descriptions: bool
-    cache_dir: str
-    lru_cache_size_gb: float
-    http_auth_header_name: str | None
-    http_auth_header_value: str | None
-    http_auth_header_hosts: list[str]
-    manifest: str | None
-    manifest_json: str | None
-    webhook_secret: str | None
-    prompt_webhook_retries: int
-    webhook_timeout_s: float
-    system_webhook_url: str | None
-    system_webhook_events: list[str]
-    salad_imds_url: str
+    # --- ComfyUI child and its directories ----------------------------------------------------
+    cmd: Annotated[
+        list[str],
+        Var("CMD", "init.sh", command),
+        "Command that launches ComfyUI, split like a shell would (quotes work).",
+    ]
+    comfy_home: Annotated[str, Var("COMFY_HOME", "/opt/ComfyUI", text), "ComfyUI home directory."]
+    comfyui_port: Annotated[
+        int, Var("COMFYUI_PORT_HOST", "8188", int_at_least(1)), "Port ComfyUI listens on."
+    ]
+    direct_address: Annotated[
+        str, Var("DIRECT_ADDRESS", "127.0.0.1", text), "Address the sidecar uses to reach ComfyUI."
+    ]
+    input_dir: Annotated[
+        str, Var("INPUT_DIR", "${COMFY_HOME}/input", text), "ComfyUI's input directory."
+    ]
+    output_dir: Annotated[
+        str, Var("OUTPUT_DIR", "${COMFY_HOME}/output", text), "ComfyUI's output directory."
+    ]
+    model_dir: Annotated[
+        str, Var("MODEL_DIR", "${COMFY_HOME}/models", text), "ComfyUI's models directory."
+    ]
+    always_restart_comfyui: Annotated[
+        bool,
+        Var("ALWAYS_RESTART_COMFYUI", "false", boolean),
+        "Restart ComfyUI whenever it exits (any exit code); otherwise the sidecar exits non-zero.",
+    ]
+    startup_check_interval_s: Annotated[
+        float,
+        Var("STARTUP_CHECK_INTERVAL_S", "1", float_above(0)),
+        "Seconds between checks that ComfyUI answers at start-up.",
+    ]
+    startup_check_max_tries: Annotated[
+        int,
+        Var("STARTUP_CHECK_MAX_TRIES", "20", int_at_least(1)),
+        "Checks before giving up; the start-up deadline is interval x tries.",
+    ]
+    restart_max: Annotated[
+        int,
+        Var("RESTART_MAX", "5", int_at_least(0), new=True),
+        "Restarts allowed within RESTART_WINDOW_S before the sidecar gives up (crash loop).",
+    ]
+    restart_window_s: Annotated[
+        float,
+        Var("RESTART_WINDOW_S", "300", float_above(0), new=True),
+        "Window, in seconds, over which RESTART_MAX is counted.",
+    ]
+    shutdown_grace_s: Annotated[
+        float,
+        Var("SHUTDOWN_GRACE_S", "30", float_at_least(0), new=True),
+        "On SIGTERM/SIGINT, seconds jobs in flight may take to finish before ComfyUI is stopped.",
+    ]
+    prompt_timeout_s: Annotated[
+        float,
+        Var("PROMPT_TIMEOUT_S", "3600", float_at_least(0), new=True),
+        "Longest a job may run in ComfyUI, in seconds (0 = no limit); then it is interrupted.",
+    ]
+
+    # --- HTTP server --------------------------------------------------------------------------
+    host: Annotated[
+        str, Var("HOST", "::", text), "Address the API listens on (`::` is dual-stack)."
+    ]
+    port: Annotated[int, Var("PORT", "3000", int_at_least(1)), "Port the API listens on."]
+    log_level: Annotated[
+        str, Var("LOG_LEVEL", "info", log_level), "One of trace, debug, info, warn, error, fatal."
+    ]
+    max_queue_depth: Annotated[
+        int,
+        Var("MAX_QUEUE_DEPTH", "0", int_at_least(0)),
+        "ComfyUI queue depth at which /ready turns 503 (0 = no limit).",
+    ]
+    max_body_size_mb: Annotated[
+        int,
+        Var("MAX_BODY_SIZE_MB", "100", int_at_least(1)),
+        "Largest request body, in MB; larger bodies get 413.",
+    ]
+    prepend_filenames: Annotated[
+        bool,
+        Var("PREPEND_FILENAMES", "true", boolean),
+        "true: filename_prefix becomes `<id>_<prefix>`; false: it is replaced by `<id>`.",
+    ]
+    warmup_prompt_file: Annotated[
+        str | None,
+        Var("WARMUP_PROMPT_FILE", None, optional_text),
+        "Path to an API-format prompt run before the sidecar is first ready.",
+    ]
+    warmup_prompt_url: Annotated[
+        str | None,
+        Var("WARMUP_PROMPT_URL", None, optional_text),
+        "URL of a warmup prompt, downloaded at start-up (used when no file is given).",
+    ]
+
+    # --- workflows ----------------------------------------------------------------------------
+    workflow_dir: Annotated[
+        str,
+        Var("WORKFLOW_DIR", "/workflows", text),
+        "Directory of Python workflow modules mounted at /workflow/...",
+    ]
+    markdown_schema_descriptions: Annotated[
+        bool,
+        Var("MARKDOWN_SCHEMA_DESCRIPTIONS", "true", boolean),
+        "Describe workflow request fields as a Markdown table in the API docs.",
+    ]
+
+    # --- cache and storage --------------------------------------------------------------------
+    cache_dir: Annotated[
+        str, Var("CACHE_DIR", "${HOME}/.cache/comfyui-api", text), "Download cache directory."
+    ]
+    lru_cache_size_gb: Annotated[
+        float,
+        Var("LRU_CACHE_SIZE_GB", "0", float_at_least(0)),
+        "Cache size limit in GiB; least recently used entries are evicted (0 = no limit).",
+    ]
+    http_auth_header_name: Annotated[
+        str | None,
+        Var("HTTP_AUTH_HEADER_NAME", None, optional_text),
+        "Header sent on HTTP downloads/uploads to hosts in HTTP_AUTH_HEADER_HOSTS.",
+    ]
+    http_auth_header_value: Annotated[
+        str | None,
+        Var("HTTP_AUTH_HEADER_VALUE", None, optional_text),
+        "Value for HTTP_AUTH_HEADER_NAME.",
+    ]
+    http_auth_header_hosts: Annotated[
+        list[str],
+        Var("HTTP_AUTH_HEADER_HOSTS", "", comma_list, new=True),
+        "Comma list of host globs that may receive HTTP_AUTH_HEADER_* (empty = none).",
+    ]
+
+    # --- manifest -----------------------------------------------------------------------------
+    manifest: Annotated[
+        str | None,
+        Var("MANIFEST", None, optional_text),
+        "Path to a manifest (.yml, .yaml or .json) installed at start-up.",
+    ]
+    manifest_json: Annotated[
+        str | None,
+        Var("MANIFEST_JSON", None, optional_text),
+        "Inline manifest JSON; wins over MANIFEST.",
+    ]
+
+    # --- webhooks and Salad -------------------------------------------------------------------
+    webhook_secret: Annotated[
+        str | None,
+        Var("WEBHOOK_SECRET", None, optional_text),
+        "Key for Standard Webhooks signatures (base64, `whsec_` prefix accepted).",
+    ]
+    prompt_webhook_retries: Annotated[
+        int,
+        Var("PROMPT_WEBHOOK_RETRIES", "3", int_at_least(1)),
+        "Total delivery attempts per webhook (>= 1).",
+    ]
+    webhook_timeout_s: Annotated[
+        float,
+        Var("WEBHOOK_TIMEOUT_S", "10", float_above(0), new=True),
+        "Timeout of one webhook delivery attempt, in seconds.",
+    ]
+    system_webhook_url: Annotated[
+        str | None,
+        Var("SYSTEM_WEBHOOK_URL", None, optional_http_url),
+        "Where ComfyUI and storage events are sent.",
+    ]
+    system_webhook_events: Annotated[
+        list[str],
+        Var("SYSTEM_WEBHOOK_EVENTS", "", comma_list),
+        "Comma list of event names to send, or `all`.",
+    ]
+    salad_imds_url: Annotated[
+        str,
+        Var("SALAD_IMDS_URL", "http://169.254.169.254", text, new=True),
+        "Salad instance metadata service, for the deletion cost.",
+    ]
+
     #: ``SYSTEM_META_<key>`` values, keyed by ``<key>``.
     system_meta: dict[str, str] = {}
     #: Salad variables that are set, keyed ``salad_<snake name>`` (e.g. ``salad_machine_id``).
@@ -429,6 +270,22 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         return bool(self.salad)
 
 
+def _vars() -> tuple[Var, ...]:
+    hints = typing.get_type_hints(Settings, include_extras=True)
+    found = []
+    for field in Settings.__struct_fields__:
+        meta = getattr(hints[field], "__metadata__", ())
+        if meta:  # (Var, description)
+            var, doc = meta
+            found.append(replace(var, field=field, doc=doc))
+    return tuple(found)
+
+
+#: Every variable :class:`Settings` declares, in declaration order.
+VARS: tuple[Var, ...] = _vars()
+_COMFY_HOME = next(var for var in VARS if var.field == "comfy_home")
+
+
 def _expand(value: str, env: Mapping[str, str], comfy_home: str) -> str:
     home = env.get("HOME") or os.path.expanduser("~")
     return value.replace("${COMFY_HOME}", comfy_home).replace("${HOME}", home)
@@ -442,7 +299,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
-    comfy_home = env.get("COMFY_HOME") or "/opt/ComfyUI"
+    comfy_home = env.get("COMFY_HOME") or str(_COMFY_HOME.default)
     for var in VARS:
         raw = env.get(var.name)
         if raw is None or (raw == "" and var.default is not None):
@@ -505,8 +362,8 @@ def _check_combinations(values: dict[str, Any]) -> None:
         raise ConfigError(f"MANIFEST: must end in .yml, .yaml or .json (got {manifest!r})")
 
 
-def settings_table() -> str:
-    """The README's table of variables, as Markdown: variable, default, meaning."""
+def markdown_table() -> str:
+    """The README's table of variables, as Markdown: variable, default, meaning (*New.*)."""
     lines = ["| Variable | Default | Meaning |", "|---|---|---|"]
     for var in VARS:
         default = "(not set)" if var.default is None else f"`{var.default}`"
@@ -514,4 +371,4 @@ def settings_table() -> str:
             default = "(empty)"
         doc = var.doc + (" *New.*" if var.new else "")
         lines.append(f"| `{var.name}` | {default} | {doc} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"

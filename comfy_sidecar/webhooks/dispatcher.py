@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from comfy_sidecar.backoff import backoff_delay
-from comfy_sidecar.config import SYSTEM_EVENT_NAMES, ConfigError, Settings
+from comfy_sidecar.config import SYSTEM_EVENT_NAMES, Settings
 from comfy_sidecar.urls import scrub_url
 
 from .body import JsonBody
@@ -91,8 +91,7 @@ class WebhookDispatcher:
     signed with a fresh ``webhook-timestamp`` (so a late retry still passes the 5-minute
     tolerance of Standard Webhooks verifiers). Redirects are not followed.
 
-    ``ConfigError`` at construction if ``SYSTEM_WEBHOOK_URL`` is not an http(s) URL or
-    ``PROMPT_WEBHOOK_RETRIES`` < 1.
+    ``settings`` come validated from :func:`~comfy_sidecar.config.load_settings`.
     """
 
     def __init__(
@@ -106,11 +105,7 @@ class WebhookDispatcher:
         backoff_base_s: float = 1.0,
         backoff_cap_s: float = 30.0,
     ) -> None:
-        if settings.prompt_webhook_retries < 1:
-            raise ConfigError("PROMPT_WEBHOOK_RETRIES: must be >= 1")
-        url = settings.system_webhook_url
-        if url is not None and urlsplit(url).scheme not in ("http", "https"):
-            raise ConfigError(f"SYSTEM_WEBHOOK_URL: must be an http(s) URL (got {url!r})")
+        url = settings.system_webhook_url  # validated by load_settings: http(s) or None
         self._key = decode_secret(settings.webhook_secret)
         self._attempts = settings.prompt_webhook_retries
         self._timeout_s = settings.webhook_timeout_s

@@ -70,20 +70,6 @@ def test_openapi_document_is_valid_and_complete(documented: Sidecar) -> None:
     assert documented.get("/docs").headers["content-type"].startswith("text/html")
 
 
-def test_help_lists_every_variable() -> None:
-    from comfy_sidecar.config import VARS
-
-    out = subprocess.run(
-        [sys.executable, "-m", "comfy_sidecar", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 0
-    assert all(var.name in out.stdout for var in VARS)
-    assert "README" in out.stdout
-
-
 def test_schemathesis_finds_no_server_error_or_schema_break(
     documented: Sidecar, tmp_path: Path
 ) -> None:

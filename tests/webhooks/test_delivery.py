@@ -175,7 +175,7 @@ def test_settings_are_validated() -> None:
     with pytest.raises(ConfigError, match=r"SYSTEM_WEBHOOK_EVENTS.*'progres'"):
         make_settings(SYSTEM_WEBHOOK_EVENTS="progress,progres")
     with pytest.raises(ConfigError, match="SYSTEM_WEBHOOK_URL"):
-        WebhookDispatcher(make_settings(SYSTEM_WEBHOOK_URL="ftp://x/y"))
+        make_settings(SYSTEM_WEBHOOK_URL="ftp://x/y")
     assert make_settings(SYSTEM_WEBHOOK_EVENTS=" progress , executed ").system_webhook_events == [
         "progress",
         "executed",
