@@ -2,6 +2,8 @@
 
 Every error body is JSON with ``error`` (what is wrong) and, for a caller's mistake, ``location``
 (which field, e.g. ``prompt.3.inputs.image`` or ``convert_output.options.effort``).
+HTTP statuses of errors are decided here and nowhere else: :data:`STATUS` maps each domain error
+class (:mod:`comfy_sidecar.errors`) and each storage error class to one status.
 """
 
 from __future__ import annotations
@@ -18,11 +20,31 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from comfy_sidecar import __version__
-from comfy_sidecar.pipeline.run import PipelineError
+from comfy_sidecar.errors import (
+    Conflict,
+    ExecutionFailed,
+    InputError,
+    Interrupted,
+    NotFound,
+    SidecarError,
+    TimedOut,
+    Unavailable,
+    UpstreamFailed,
+)
 from comfy_sidecar.routes.models import download, download_status, models
 from comfy_sidecar.routes.probes import health, ready
 from comfy_sidecar.routes.prompt import interrupt, prompt
 from comfy_sidecar.routes.workflows import workflow_route
+
+# TODO(lead): import these from comfy_sidecar.storage.errors once it exists.
+from comfy_sidecar.storage.base import (
+    AuthError,
+    BackendError,
+    BadRequestError,
+    NotFoundError,
+    StorageError,
+    SupersededError,
+)
 
 if TYPE_CHECKING:
     from comfy_sidecar.service import Sidecar
@@ -98,9 +120,63 @@ def _validation_error(
     return Response({"error": error, "location": location}, status_code=400)
 
 
-def _pipeline_error(_: Request[Any, Any, Any], exc: PipelineError) -> Response[dict[str, Any]]:
-    headers = {"retry-after": "1"} if exc.status == 503 else {}
-    return Response(exc.body, status_code=exc.status, headers=headers)
+#: The HTTP status of each error class; a class not listed takes its nearest listed base's.
+STATUS: dict[type[Exception], int] = {
+    # the domain errors (comfy_sidecar.errors)
+    InputError: 400,  # with ValidationFailed, ComfyUI's own validation
+    NotFound: 404,
+    Conflict: 409,
+    Interrupted: 499,
+    ExecutionFailed: 500,
+    UpstreamFailed: 502,
+    Unavailable: 503,
+    TimedOut: 504,
+    # storage errors that reach a request (an upload's is an UpstreamFailed's cause)
+    BadRequestError: 400,
+    AuthError: 400,
+    NotFoundError: 400,
+    SupersededError: 409,
+    BackendError: 502,
+    StorageError: 502,
+    # TODO(lead), at the merge with storage/errors.py: add CacheConflictError: 409 (today
+    # StorageError(status=409), "exists and is not a cache link") and OutputMissingError: 500
+    # (today StorageError(status=500), "output file missing"), and drop _legacy_status.
+}
+
+#: Headers added to every error answer with that status.
+HEADERS: dict[int, dict[str, str]] = {503: {"retry-after": "1"}}
+
+
+def status_of(exc: Exception) -> int:
+    """The HTTP status for ``exc``: :data:`STATUS` of its class or nearest listed base class;
+    an :class:`UpstreamFailed` with a ``cause`` takes the cause's status; 500 otherwise."""
+    if isinstance(exc, UpstreamFailed) and exc.cause is not None:
+        return status_of(exc.cause)
+    legacy = _legacy_status(exc)
+    if legacy is not None:
+        return legacy
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def _legacy_status(exc: Exception) -> int | None:
+    """The 409 and 500 a bare StorageError still carries until storage/errors.py gives them
+    classes (see the TODO in :data:`STATUS`)."""
+    if type(exc) is StorageError and getattr(exc, "status", None) in (409, 500):
+        return int(exc.status)
+    return None
+
+
+def _sidecar_error(_: Request[Any, Any, Any], exc: SidecarError) -> Response[dict[str, Any]]:
+    status = status_of(exc)
+    return Response(exc.body(), status_code=status, headers=HEADERS.get(status, {}))
+
+
+def _storage_error(_: Request[Any, Any, Any], exc: StorageError) -> Response[dict[str, Any]]:
+    status = status_of(exc)
+    return Response({"error": str(exc)}, status_code=status, headers=HEADERS.get(status, {}))
 
 
 def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
@@ -151,7 +227,8 @@ def create_app(sidecar: Sidecar) -> Litestar:
         request_max_body_size=settings.max_body_size_mb * 1024 * 1024,
         exception_handlers={
             ValidationException: _validation_error,
-            PipelineError: _pipeline_error,
+            SidecarError: _sidecar_error,
+            StorageError: _storage_error,
             HTTPException: _http_error,
             Exception: _internal_error,
         },
