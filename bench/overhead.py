@@ -231,8 +231,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--python", help="interpreter that has comfy-sidecar installed (e.g. a "
-                        "clean venv with only its dependencies); default: this one")
+    parser.add_argument(
+        "--python",
+        help="interpreter that has comfy-sidecar installed (e.g. a "
+        "clean venv with only its dependencies); default: this one",
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 

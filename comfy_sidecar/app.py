@@ -2,6 +2,8 @@
 
 Every error body is JSON with ``error`` (what is wrong) and, for a caller's mistake, ``location``
 (which field, e.g. ``prompt.3.inputs.image`` or ``convert_output.options.effort``).
+HTTP statuses of errors are decided here and nowhere else: :data:`STATUS` maps each domain error
+class (:mod:`comfy_sidecar.errors`) and each storage error class to one status.
 """
 
 from __future__ import annotations
@@ -17,12 +19,33 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from comfy_sidecar import __version__
+from comfy_sidecar.errors import (
+    Conflict,
+    ExecutionFailed,
+    InputError,
+    Interrupted,
+    NotFound,
+    SidecarError,
+    TimedOut,
+    Unavailable,
+    UpstreamFailed,
+)
 from comfy_sidecar.locations import msgspec_location
-from comfy_sidecar.pipeline.run import PipelineError
 from comfy_sidecar.routes.models import download, download_status, models
 from comfy_sidecar.routes.probes import health, ready
 from comfy_sidecar.routes.prompt import interrupt, prompt
 from comfy_sidecar.routes.workflows import workflow_route
+from comfy_sidecar.storage.errors import (
+    AuthError,
+    BackendError,
+    BadRequestError,
+    CacheConflictError,
+    DiskFullError,
+    NotFoundError,
+    OutputMissingError,
+    StorageError,
+    SupersededError,
+)
 
 if TYPE_CHECKING:
     from comfy_sidecar.service import Sidecar
@@ -73,9 +96,52 @@ def _validation_error(
     return Response({"error": error, "location": location}, status_code=400)
 
 
-def _pipeline_error(_: Request[Any, Any, Any], exc: PipelineError) -> Response[dict[str, Any]]:
-    headers = {"retry-after": "1"} if exc.status == 503 else {}
-    return Response(exc.body, status_code=exc.status, headers=headers)
+#: The HTTP status of each error class; a class not listed takes its nearest listed base's.
+STATUS: dict[type[Exception], int] = {
+    # the domain errors (comfy_sidecar.errors)
+    InputError: 400,  # with ValidationFailed, ComfyUI's own validation
+    NotFound: 404,
+    Conflict: 409,
+    Interrupted: 499,
+    ExecutionFailed: 500,
+    UpstreamFailed: 502,
+    Unavailable: 503,
+    TimedOut: 504,
+    # storage errors that reach a request (an upload's is an UpstreamFailed's cause)
+    BadRequestError: 400,
+    AuthError: 400,
+    NotFoundError: 400,
+    SupersededError: 409,
+    CacheConflictError: 409,  # a file the cache did not make is where a link should go
+    OutputMissingError: 500,
+    DiskFullError: 507,  # the sidecar's disk, not the caller's mistake
+    BackendError: 502,
+    StorageError: 502,
+}
+
+#: Headers added to every error answer with that status.
+HEADERS: dict[int, dict[str, str]] = {503: {"retry-after": "1"}}
+
+
+def status_of(exc: Exception) -> int:
+    """The HTTP status for ``exc``: :data:`STATUS` of its class or nearest listed base class;
+    an :class:`UpstreamFailed` with a ``cause`` takes the cause's status; 500 otherwise."""
+    if isinstance(exc, UpstreamFailed) and exc.cause is not None:
+        return status_of(exc.cause)
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def _sidecar_error(_: Request[Any, Any, Any], exc: SidecarError) -> Response[dict[str, Any]]:
+    status = status_of(exc)
+    return Response(exc.body(), status_code=status, headers=HEADERS.get(status, {}))
+
+
+def _storage_error(_: Request[Any, Any, Any], exc: StorageError) -> Response[dict[str, Any]]:
+    status = status_of(exc)
+    return Response({"error": str(exc)}, status_code=status, headers=HEADERS.get(status, {}))
 
 
 def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
@@ -126,7 +192,8 @@ def create_app(sidecar: Sidecar) -> Litestar:
         request_max_body_size=settings.max_body_size_mb * 1024 * 1024,
         exception_handlers={
             ValidationException: _validation_error,
-            PipelineError: _pipeline_error,
+            SidecarError: _sidecar_error,
+            StorageError: _storage_error,
             HTTPException: _http_error,
             Exception: _internal_error,
         },

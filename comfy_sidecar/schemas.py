@@ -248,21 +248,47 @@ class Stats(msgspec.Struct, kw_only=True):
     total_time: int
 
 
-class PromptResponse(msgspec.Struct, kw_only=True):
-    """200 body of a synchronous `/prompt`: outputs as base64, or uploaded URLs."""
+class Echoed(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The request fields every result body repeats, the ones the request gave (comfyui-api
+    echoes the whole request; `credentials` never are), and `input` on workflow endpoints."""
+
+    webhook: str | None = None
+    webhook_v2: str | None = None
+    convert_output: ConvertOutput | None = None
+    s3: S3Upload | None = None
+    hf_upload: HFUpload | None = None
+    azure_blob_upload: AzureBlobUpload | None = None
+    http_upload: HTTPUpload | None = None
+    input: Annotated[
+        dict[str, Any] | None, Meta(description="The workflow's `input` (workflow endpoints).")
+    ] = None
+
+
+class ResultHead(Echoed, kw_only=True, omit_defaults=True):
+    """The fields of a 200 body that come before the outputs (a streamed body starts so)."""
 
     id: str
-    prompt: dict[str, Any]
-    images: list[str]
+    prompt: Annotated[dict[str, Any], Meta(description="The prompt as ComfyUI ran it.")]
+    conversion_errors: Annotated[
+        dict[str, str] | None,
+        Meta(description="Output files `convert_output` could not convert (kept as they are)."),
+    ] = None
+
+
+class PromptResponse(ResultHead, kw_only=True, omit_defaults=True):
+    """200 body of a synchronous `/prompt`: outputs as base64, or uploaded URLs."""
+
     filenames: list[str]
+    images: Annotated[
+        list[str], Meta(description="Base64 of each output file, or its uploaded URL.")
+    ]
     stats: Stats
-    conversion_errors: dict[str, str] | None = None
 
 
-class AcceptedResponse(msgspec.Struct, kw_only=True):
+class AcceptedResponse(Echoed, kw_only=True, omit_defaults=True):
     """202 body when the result is delivered by webhook or async upload."""
 
-    status: Literal["ok"] = "ok"
+    status: Literal["ok"]
     id: str
     prompt: dict[str, Any]
 

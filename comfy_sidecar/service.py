@@ -35,10 +35,11 @@ from comfy_sidecar.boot import BootProbes
 from comfy_sidecar.comfy.client import ComfyClient
 from comfy_sidecar.comfy.events import EventStream
 from comfy_sidecar.config import ConfigError, Settings
+from comfy_sidecar.errors import SidecarError
 from comfy_sidecar.logs import setup_logging
 from comfy_sidecar.pipeline.deliver import Delivery
 from comfy_sidecar.pipeline.jobs import JobRegistry
-from comfy_sidecar.pipeline.run import Pipeline, PipelineError
+from comfy_sidecar.pipeline.run import Pipeline
 from comfy_sidecar.salad import DeletionCost
 from comfy_sidecar.schemas import Prompt, PromptRequest
 from comfy_sidecar.storage import Storage
@@ -358,10 +359,8 @@ class Sidecar:
         started = time.monotonic()
         try:
             result = await self.pipeline.run(request)
-        except PipelineError as exc:
-            raise Fatal(
-                f"the warmup prompt failed ({exc.status}): {exc.body.get('error')}"
-            ) from None
+        except SidecarError as exc:
+            raise Fatal(f"the warmup prompt failed ({type(exc).__name__}): {exc.message}") from None
         result.release()
         log.info("warmup finished in %.2f s", time.monotonic() - started)
 

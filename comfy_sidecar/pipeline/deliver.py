@@ -13,24 +13,29 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from litestar import Response
-from litestar.response import Stream
 
+from comfy_sidecar.errors import InputError, SidecarError, Unavailable, UpstreamFailed
 from comfy_sidecar.pipeline.bounded import gather_bounded
 from comfy_sidecar.pipeline.outputs import (
     INLINE_LIMIT,
     OutputFile,
-    render_result,
+    result_body,
     stream_result,
 )
-from comfy_sidecar.pipeline.run import JobResult, PendingJob, Pipeline, PipelineError
+from comfy_sidecar.pipeline.run import JobResult, PendingJob, Pipeline
 from comfy_sidecar.schemas import (
+    AcceptedResponse,
+    Echoed,
     PromptOptions,
     PromptRequest,
+    PromptResponse,
+    ResultHead,
+    Stats,
 )
 
 if TYPE_CHECKING:
@@ -38,30 +43,44 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("comfy_sidecar.deliver")
 
-ECHOED = (
-    "webhook",
-    "webhook_v2",
-    "convert_output",
-    "s3",
-    "hf_upload",
-    "azure_blob_upload",
-    "http_upload",
-)
+ECHOED = tuple(name for name in Echoed.__struct_fields__ if name != "input")
 UPLOAD_KEYS = ("s3", "hf_upload", "azure_blob_upload", "http_upload")
 
 Uploader = Callable[[JobResult, str, Any], Awaitable[list[str]]]
 """``upload(result, key, spec) -> URLs``, one per output file (``key`` is the request field,
-e.g. ``s3``); raises PipelineError (502)."""
+e.g. ``s3``); raises :class:`~comfy_sidecar.errors.UpstreamFailed`."""
 
 
 def echo(options: PromptOptions) -> dict[str, Any]:
-    """The request fields comfyui-api echoes in its bodies, minus ``credentials``."""
-    out: dict[str, Any] = {}
-    for name in ECHOED:
-        value = getattr(options, name)
-        if value is not None:
-            out[name] = msgspec.to_builtins(value)
-    return out
+    """The request fields comfyui-api echoes in its bodies (:class:`Echoed`'s), minus
+    ``credentials``: ``{field: value}`` for those the request gave."""
+    return {name: value for name in ECHOED if (value := getattr(options, name)) is not None}
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Answer 202 with ``body`` now; the job goes on in the background."""
+
+    body: AcceptedResponse
+
+
+@dataclass(frozen=True)
+class Answered:
+    """Answer 200 with ``body`` (small outputs, or uploaded URLs)."""
+
+    body: PromptResponse
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """Answer 200 with the JSON ``chunks`` of a :class:`PromptResponse` (outputs above
+    INLINE_LIMIT bytes, base64-encoded while they are written)."""
+
+    chunks: AsyncIterator[bytes]
+
+
+Delivered = Accepted | Answered | Streamed
+"""What :meth:`Delivery.handle` decided to answer; the route makes it a response."""
 
 
 def upload_target(options: PromptOptions) -> tuple[str, Any] | None:
@@ -96,27 +115,30 @@ class Delivery:
         self.uploader = uploader
 
     async def handle(
-        self, request: PromptRequest, extra: dict[str, Any] | None = None
-    ) -> Response[Any]:
-        """Answer one request: 200 (stream), or 202 and continue in the background.
+        self, request: PromptRequest, workflow_input: dict[str, Any] | None = None
+    ) -> Delivered:
+        """Answer one request: :class:`Answered` or :class:`Streamed` (200) once the job is
+        done, or :class:`Accepted` (202) at once when it is asynchronous (:func:`is_async`).
 
-        ``extra`` fields (``input`` for workflow endpoints) are added to every body.
-        Raises :class:`PipelineError` for everything that goes wrong before the answer.
+        ``workflow_input`` (a workflow endpoint's ``input``) is added to every body as
+        ``input``. Raises the :mod:`comfy_sidecar.errors` classes for everything that goes
+        wrong before the answer (see :meth:`Pipeline.run`; :class:`UpstreamFailed` for an
+        upload).
         """
         target = upload_target(request)
         if target is not None and self.uploader is None:
             key = target[0]
-            raise PipelineError(
-                400, {"error": f"`{key}` uploads are not supported by this build", "location": key}
-            )
+            raise InputError(f"`{key}` uploads are not supported by this build", key)
         if (request.webhook or request.webhook_v2) and self.webhooks is None:
-            raise PipelineError(503, {"error": "webhooks are not available"})
+            raise Unavailable("webhooks are not available")
         pending = await self.pipeline.prepare(request)
-        head = {**echo(request), **(extra or {})}
+        echoed = Echoed(**echo(request), input=workflow_input)
         if is_async(request):
-            self.spawn(self._background(pending, request, head))
-            body = {**head, "status": "ok", "id": pending.job.id, "prompt": pending.prompt}
-            return Response(body, status_code=202)
+            self.spawn(self._background(pending, request, echoed))
+            fields = msgspec.structs.asdict(echoed)
+            return Accepted(
+                AcceptedResponse(**fields, status="ok", id=pending.job.id, prompt=pending.prompt)
+            )
         result = await self.pipeline.complete(pending)
         try:
             await self.postprocess(result, request)
@@ -124,29 +146,28 @@ class Delivery:
         except BaseException:
             result.release()
             raise
-        return self.stream(result, head, urls)
+        return self.answer(result, echoed, urls)
 
-    def stream(
-        self, result: JobResult, head: dict[str, Any], urls: list[str] | None
-    ) -> Response[Any]:
+    @staticmethod
+    def answer(result: JobResult, echoed: Echoed, urls: list[str] | None) -> Delivered:
         """The 200 body: built at once when the outputs are small (at most INLINE_LIMIT
-        bytes), else streamed; output files are removed once it is written."""
-        body_head = {**head, "id": result.job.id, "prompt": result.prompt}
-        if result.conversion_errors:
-            body_head["conversion_errors"] = result.conversion_errors
+        bytes) or uploaded, else streamed; output files are removed once it is written."""
+        body_head = ResultHead(
+            **msgspec.structs.asdict(echoed),
+            id=result.job.id,
+            prompt=result.prompt,
+            conversion_errors=result.conversion_errors or None,
+        )
+
+        def stats() -> Stats:
+            return msgspec.convert(result.stats(), Stats)
+
         if urls is not None or sum(item.size for item in result.files) <= INLINE_LIMIT:
             try:
-                content = render_result(body_head, result.files, urls, {"stats": result.stats()})
+                return Answered(result_body(body_head, result.files, urls, stats()))
             finally:
                 result.release()
-            return Response(content, media_type="application/json", status_code=200)
-        return Stream(
-            stream_result(
-                body_head, result.files, lambda: {"stats": result.stats()}, result.release
-            ),
-            media_type="application/json",
-            status_code=200,
-        )
+        return Streamed(stream_result(body_head, result.files, stats, result.release))
 
     async def postprocess(self, result: JobResult, options: PromptOptions) -> None:
         """Convert image outputs (``convert_output``) off the event loop; a file that cannot
@@ -177,29 +198,21 @@ class Delivery:
     @staticmethod
     def storage_uploader(storage: Any, concurrency: int = 4) -> Uploader:
         """An :data:`Uploader` over the storage facade: every output file streamed from disk,
-        ``concurrency`` at a time; any failure is a :class:`PipelineError` naming the file
-        (502 for the backend, 400 for a bad prefix, 409 when superseded)."""
-        from comfy_sidecar.storage import (
-            BadRequestError,
-            OutputMissingError,
-            StorageError,
-            SupersededError,
-        )
-
-        statuses = {BadRequestError: 400, SupersededError: 409, OutputMissingError: 500}
+        ``concurrency`` at a time; any failure is an :class:`UpstreamFailed` naming the file,
+        the request field (``location``) and the job, its ``cause`` the storage error (which
+        says whose fault it was: a bad prefix, a failing backend, a later upload)."""
+        from comfy_sidecar.storage import StorageError
 
         async def upload(result: JobResult, key: str, spec: Any) -> list[str]:
             async def one(item: OutputFile) -> str:
                 try:
                     url: str = await storage.upload(item.path, spec, item.filename)
                 except StorageError as exc:
-                    raise PipelineError(
-                        statuses.get(type(exc), 502),
-                        {
-                            "error": f"upload of {item.filename} failed: {exc}",
-                            "location": key,
-                            "id": result.job.id,
-                        },
+                    raise UpstreamFailed(
+                        f"upload of {item.filename} failed: {exc}",
+                        cause=exc,
+                        location=key,
+                        id=result.job.id,
                     ) from None
                 return url
 
@@ -218,7 +231,7 @@ class Delivery:
         return urls
 
     async def _background(
-        self, pending: PendingJob, request: PromptRequest, head: dict[str, Any]
+        self, pending: PendingJob, request: PromptRequest, echoed: Echoed
     ) -> None:
         """Finish an async job: run, convert, upload, then the webhooks (success or failure)."""
         job_id = pending.job.id
@@ -231,10 +244,10 @@ class Delivery:
             else:
                 urls = await self._upload(result, upload_target(request))
                 if request.webhook_v2:
-                    await self._send_v2(request.webhook_v2, result, head, urls)
-        except PipelineError as exc:
-            log.warning("job %s failed (%d): %s", job_id, exc.status, exc.body.get("error"))
-            await self._send_failure(request, job_id, pending.prompt, exc.body)
+                    await self._send_v2(request.webhook_v2, result, echoed, urls)
+        except SidecarError as exc:
+            log.warning("job %s failed (%s): %s", job_id, type(exc).__name__, exc.message)
+            await self._send_failure(request, job_id, pending.prompt, exc.body())
         except Exception as exc:
             log.exception("job %s failed", job_id)
             await self._send_failure(
@@ -265,7 +278,7 @@ class Delivery:
             )
 
     async def _send_v2(
-        self, url: str, result: JobResult, head: dict[str, Any], urls: list[str] | None
+        self, url: str, result: JobResult, echoed: Echoed, urls: list[str] | None
     ) -> None:
         from comfy_sidecar.webhooks import Base64File, v2_complete_body
 
@@ -274,7 +287,7 @@ class Delivery:
             list(urls) if urls is not None else [Base64File(item.path) for item in result.files]
         )
         body: dict[str, Any] = {
-            **head,
+            **msgspec.to_builtins(echoed),
             "id": result.job.id,
             "prompt": result.prompt,
             "images": images,

@@ -1,4 +1,5 @@
-"""Collect a finished job's output files and stream them back as comfyui-api's JSON body.
+"""Collect a finished job's output files and stream them back as comfyui-api's JSON body
+(:class:`~comfy_sidecar.schemas.PromptResponse`).
 
 Every entry of ``outputs[node][key][]`` that has a ``filename`` and ``type`` ``output`` is a file
 at ``OUTPUT_DIR/<subfolder>/<filename>`` (``temp`` outputs, e.g. PreviewImage, are left out;
@@ -20,6 +21,7 @@ from typing import Any
 import msgspec
 
 from comfy_sidecar.nodes import node_order_key
+from comfy_sidecar.schemas import PromptResponse, ResultHead, Stats
 
 log = logging.getLogger("comfy_sidecar.outputs")
 
@@ -113,16 +115,17 @@ def base64_chunks(path: Path) -> AsyncIterator[bytes]:
 
 
 async def stream_result(
-    head: dict[str, Any],
+    head: ResultHead,
     files: list[OutputFile],
-    tail: Callable[[], dict[str, Any]],
+    stats: Callable[[], Stats],
     finish: Callable[[], None],
 ) -> AsyncIterator[bytes]:
-    """Yield the JSON body ``{...head, "filenames", "images", ...tail()}``.
+    """Yield the JSON of the :class:`PromptResponse` that ``head``, ``files`` and ``stats()``
+    make, byte for byte what :func:`result_body` encodes to.
 
     ``images`` holds the base64 of each file, encoded while streaming (results with upload
-    URLs are small and go through :func:`render_result`).
-    ``tail()`` is called after the images are written (so timings include them); ``finish()``
+    URLs are small and go through :func:`result_body`).
+    ``stats()`` is called after the images are written (so timings include them); ``finish()``
     runs last, even if the client goes away (it removes the files).
     """
     encode = msgspec.json.encode
@@ -134,21 +137,24 @@ async def stream_result(
             async for chunk in base64_chunks(item.path):
                 yield chunk
             yield b'"'
-        yield b"]," + encode(tail())[1:]
+        yield b'],"stats":' + encode(stats()) + b"}"
     finally:
         finish()
 
 
-def render_result(
-    head: dict[str, Any], files: list[OutputFile], urls: list[str] | None, tail: dict[str, Any]
-) -> bytes:
-    """The same JSON body as :func:`stream_result`, built at once (for small results only:
-    the caller checks the files add up to at most :data:`INLINE_LIMIT` bytes)."""
-    body = dict(head)
-    body["filenames"] = [f.filename for f in files]
+def result_body(
+    head: ResultHead, files: list[OutputFile], urls: list[str] | None, stats: Stats
+) -> PromptResponse:
+    """The 200 body built at once: ``images`` are ``urls``, else the base64 of each file (for
+    small results only: the caller checks the files add up to at most :data:`INLINE_LIMIT`
+    bytes; larger ones go through :func:`stream_result`)."""
     if urls is not None:
-        body["images"] = urls
+        images = urls
     else:
-        body["images"] = [base64.b64encode(f.path.read_bytes()).decode("ascii") for f in files]
-    body.update(tail)
-    return msgspec.json.encode(body)
+        images = [base64.b64encode(f.path.read_bytes()).decode("ascii") for f in files]
+    return PromptResponse(
+        **msgspec.structs.asdict(head),
+        filenames=[f.filename for f in files],
+        images=images,
+        stats=stats,
+    )

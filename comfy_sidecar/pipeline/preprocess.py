@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from comfy_sidecar.errors import InputError
 from comfy_sidecar.pipeline.bounded import gather_bounded
 from comfy_sidecar.urls import is_url
 
@@ -87,16 +88,6 @@ _MIME_EXT = {
     "audio/mp4": "m4a",
     "audio/x-m4a": "m4a",
 }
-
-
-class InputError(Exception):
-    """A caller's mistake in the prompt: answered 400 with ``location`` naming the field."""
-
-    def __init__(self, message: str, location: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.location = location
-        self.status = status
 
 
 def sniff_extension(head: bytes) -> str | None:
@@ -212,6 +203,36 @@ class Prepared:
                 pass
 
 
+def media_fields(class_type: str, inputs: dict[str, Any]) -> list[str]:
+    """The node's inputs that take media: a non-empty ``image`` of any node, ``video`` and
+    ``file`` of the video loaders, ``audio`` of the audio loaders (string values only)."""
+    fields: list[str] = []
+    if isinstance(inputs.get("image"), str) and inputs["image"]:
+        fields.append("image")
+    if class_type in VIDEO_LOADERS:
+        fields += [f for f in ("video", "file") if isinstance(inputs.get(f), str)]
+    if class_type in AUDIO_LOADERS and isinstance(inputs.get("audio"), str):
+        fields.append("audio")
+    return fields
+
+
+@dataclass
+class _Walk:
+    """One :meth:`Preprocessor.prepare` call: the prompt being rewritten, its job, the
+    downloads queued so far and a counter that names each media input's file."""
+
+    prepared: Prepared
+    job_id: str
+    staging: Staging | None
+    downloads: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    counter: int = 0
+
+    def next_stem(self) -> str:
+        """``<job id>_<n>``: the file name (without extension) of the next media input."""
+        self.counter += 1
+        return f"{self.job_id}_{self.counter}"
+
+
 class Preprocessor:
     """Prepares prompts for one sidecar. ``is_output_node(class_type)`` asks ComfyUI."""
 
@@ -244,81 +265,99 @@ class Preprocessor:
         return prepared
 
     async def _prepare(self, prepared: Prepared, job_id: str, staging: Staging | None) -> None:
+        """Walk the nodes in prompt order, then run the downloads and check for an output."""
+        walk = _Walk(prepared, job_id, staging)
         has_output = False
-        counter = 0
-        downloads: list[Callable[[], Awaitable[None]]] = []
         for node_id, node in prepared.prompt.items():
             inputs = node.get("inputs")
             if not isinstance(inputs, dict):
                 continue
             class_type = str(node.get("class_type", ""))
-            prefix = inputs.get("filename_prefix")
-            if isinstance(prefix, str) and prefix:
-                inputs["filename_prefix"] = rewrite_prefix(prefix, job_id, self.prepend_filenames)
-                if inputs.get("save_output", True) not in (False, 0, "false", "False"):
-                    has_output = True
-            fields: list[str] = []
-            if isinstance(inputs.get("image"), str) and inputs["image"]:
-                fields.append("image")
-            if class_type in VIDEO_LOADERS:
-                fields += [f for f in ("video", "file") if isinstance(inputs.get(f), str)]
-            if class_type in AUDIO_LOADERS and isinstance(inputs.get("audio"), str):
-                fields.append("audio")
-            for name in fields:
-                counter += 1
-                location = f"prompt.{node_id}.inputs.{name}"
-                stem = f"{job_id}_{counter}"
-                if is_url(inputs[name]):
-                    downloads.append(
-                        self._stage_input(
-                            staging,
-                            inputs[name],
-                            stem,
-                            location,
-                            prepared,
-                            assign=functools.partial(inputs.__setitem__, name),
-                        )
-                    )
-                else:
-                    inputs[name] = await self._resolve(
-                        inputs[name], location, stem, prepared, self.input_dir
-                    )
-            for name, folder in MODEL_LOADERS.get(class_type, {}).items():
-                if isinstance(inputs.get(name), str) and is_url(inputs[name]):
-                    location = f"prompt.{node_id}.inputs.{name}"
-                    downloads.append(self._stage_model(staging, inputs, name, folder, location))
-            directory = inputs.get("directory")
-            if class_type in IMAGE_DIR_LOADERS and isinstance(directory, list):
-                target = self.input_dir / job_id
-                target.mkdir(parents=True, exist_ok=True)
-                prepared.input_dirs.append(target)
-                for index, item in enumerate(directory):
-                    location = f"prompt.{node_id}.inputs.directory[{index}]"
-                    if not isinstance(item, str):
-                        raise InputError("expected a string", location)
-                    if is_url(item):
-                        downloads.append(
-                            self._stage_input(
-                                staging, item, f"{job_id}/{index:05d}", location, prepared
-                            )
-                        )
-                    else:
-                        await self._resolve(
-                            item, location, f"{index:05d}", prepared, target, copy_local=True
-                        )
-                inputs["directory"] = job_id
-        await gather_bounded(downloads, MAX_CONCURRENT_DOWNLOADS)
-        if not has_output:
-            for node in prepared.prompt.values():
-                if await self._is_output_node(str(node.get("class_type", ""))):
-                    has_output = True
-                    break
-        if not has_output:
+            has_output = self._rewrite_prefix(inputs, job_id) or has_output
+            await self._media_inputs(walk, node_id, class_type, inputs)
+            self._model_inputs(walk, node_id, class_type, inputs)
+            await self._image_directory(walk, node_id, class_type, inputs)
+        await gather_bounded(walk.downloads, MAX_CONCURRENT_DOWNLOADS)
+        if not has_output and not await self._any_output_node(prepared.prompt):
             raise InputError(
                 'Prompt must contain an output node, such as "SaveImage" (a node with a '
                 '"filename_prefix" input, or one ComfyUI marks as an output node)',
                 "prompt",
             )
+
+    def _rewrite_prefix(self, inputs: dict[str, Any], job_id: str) -> bool:
+        """Rewrite the node's ``filename_prefix``; True when that makes it an output node
+        (it has a prefix and ``save_output`` is not false)."""
+        prefix = inputs.get("filename_prefix")
+        if not isinstance(prefix, str) or not prefix:
+            return False
+        inputs["filename_prefix"] = rewrite_prefix(prefix, job_id, self.prepend_filenames)
+        return inputs.get("save_output", True) not in (False, 0, "false", "False")
+
+    async def _media_inputs(
+        self, walk: _Walk, node_id: str, class_type: str, inputs: dict[str, Any]
+    ) -> None:
+        """Resolve the node's media inputs now, or queue their downloads when they are URLs."""
+        for name in media_fields(class_type, inputs):
+            location = f"prompt.{node_id}.inputs.{name}"
+            stem = walk.next_stem()
+            if is_url(inputs[name]):
+                assign = functools.partial(inputs.__setitem__, name)
+                walk.downloads.append(
+                    self._stage_input(
+                        walk.staging, inputs[name], stem, location, walk.prepared, assign
+                    )
+                )
+            else:
+                inputs[name] = await self._resolve(
+                    inputs[name], location, stem, walk.prepared, self.input_dir
+                )
+
+    def _model_inputs(
+        self, walk: _Walk, node_id: str, class_type: str, inputs: dict[str, Any]
+    ) -> None:
+        """Queue the downloads of a model loader's URL inputs into their model folders."""
+        for name, folder in MODEL_LOADERS.get(class_type, {}).items():
+            if isinstance(inputs.get(name), str) and is_url(inputs[name]):
+                location = f"prompt.{node_id}.inputs.{name}"
+                walk.downloads.append(
+                    self._stage_model(walk.staging, inputs, name, folder, location)
+                )
+
+    async def _image_directory(
+        self, walk: _Walk, node_id: str, class_type: str, inputs: dict[str, Any]
+    ) -> None:
+        """``VHS_LoadImages*`` given a list: each item becomes a file in ``INPUT_DIR/<job id>``
+        (``00000.<ext>``, ...) and ``directory`` becomes that folder's name."""
+        directory = inputs.get("directory")
+        if class_type not in IMAGE_DIR_LOADERS or not isinstance(directory, list):
+            return
+        job_id, prepared = walk.job_id, walk.prepared
+        target = self.input_dir / job_id
+        target.mkdir(parents=True, exist_ok=True)
+        prepared.input_dirs.append(target)
+        for index, item in enumerate(directory):
+            location = f"prompt.{node_id}.inputs.directory[{index}]"
+            if not isinstance(item, str):
+                raise InputError("expected a string", location)
+            if is_url(item):
+                walk.downloads.append(
+                    self._stage_input(
+                        walk.staging, item, f"{job_id}/{index:05d}", location, prepared
+                    )
+                )
+            else:
+                await self._resolve(
+                    item, location, f"{index:05d}", prepared, target, copy_local=True
+                )
+        inputs["directory"] = job_id
+
+    async def _any_output_node(self, prompt: dict[str, Any]) -> bool:
+        """True when ComfyUI marks one of the prompt's class_types as an output node."""
+        for node in prompt.values():
+            if await self._is_output_node(str(node.get("class_type", ""))):
+                return True
+        return False
 
     def _stage_input(
         self,

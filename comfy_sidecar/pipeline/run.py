@@ -21,6 +21,15 @@ import msgspec
 
 from comfy_sidecar.comfy.client import ComfyClient, ComfyUnavailable, PromptRejected
 from comfy_sidecar.config import Settings
+from comfy_sidecar.errors import (
+    Conflict,
+    ExecutionFailed,
+    InputError,
+    Interrupted,
+    TimedOut,
+    Unavailable,
+    ValidationFailed,
+)
 from comfy_sidecar.pipeline.jobs import (
     DuplicateJob,
     Job,
@@ -36,7 +45,7 @@ from comfy_sidecar.pipeline.outputs import (
     collect_outputs,
     remove_outputs,
 )
-from comfy_sidecar.pipeline.preprocess import InputError, Prepared, Preprocessor
+from comfy_sidecar.pipeline.preprocess import Prepared, Preprocessor
 from comfy_sidecar.schemas import Credential, PromptRequest
 from comfy_sidecar.urls import scrub_url
 
@@ -45,16 +54,6 @@ if TYPE_CHECKING:
     from comfy_sidecar.storage.cache import Lease
 
 log = logging.getLogger("comfy_sidecar.pipeline")
-
-
-class PipelineError(Exception):
-    """A job that cannot succeed: ``status`` is the HTTP status to answer, ``body`` the JSON
-    body (always with ``error``; ``location`` for a caller's mistake)."""
-
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        super().__init__(body.get("error", ""))
-        self.status = status
-        self.body = body
 
 
 @dataclass
@@ -109,7 +108,7 @@ class JobStaging:
     """Downloads for one job through the storage facade: credentials matched per URL
     (``credentials``, first glob wins), files leased from eviction until the job ends.
     A download that fails is the request's problem, as in comfyui-api: :class:`InputError`
-    (400) naming the prompt field and saying why (not found, refused, unreachable, cut)."""
+    naming the prompt field and saying why (not found, refused, unreachable, cut)."""
 
     def __init__(
         self,
@@ -223,16 +222,18 @@ class Pipeline:
 
     async def run(self, request: PromptRequest) -> JobResult:
         """Run ``request.prompt``; returns a :class:`JobResult` whose files the caller must
-        :meth:`~JobResult.release`. Raises :class:`PipelineError` (400 caller mistake or ComfyUI
-        validation, 409 duplicate id, 499 interrupted, 500 execution error, 503 ComfyUI down or
-        gone, 504 timeout)."""
+        :meth:`~JobResult.release`. Raises the :mod:`comfy_sidecar.errors` classes:
+        :class:`InputError` (a caller's mistake; :class:`ValidationFailed` when ComfyUI's
+        validation refuses the prompt), :class:`Conflict` (id in use), :class:`Interrupted`,
+        :class:`ExecutionFailed`, :class:`Unavailable` (ComfyUI down or gone) and
+        :class:`TimedOut` (PROMPT_TIMEOUT_S)."""
         return await self.complete(await self.prepare(request))
 
     async def prepare(self, request: PromptRequest) -> PendingJob:
         """Register the job and preprocess its prompt (media inputs, prefixes, output check).
 
-        Raises :class:`PipelineError` (400, 409); on success the caller must pass the result to
-        :meth:`complete` (or call its ``abandon``)."""
+        Raises :class:`InputError` (with the job's ``id``) and :class:`Conflict`; on success the
+        caller must pass the result to :meth:`complete` (or call its ``abandon``)."""
         started = time.monotonic()
         job_id = request.id or str(uuid.uuid4())
         prompt: dict[str, Any] = msgspec.to_builtins(request.prompt)
@@ -240,13 +241,8 @@ class Pipeline:
         try:
             self.registry.add(job)
         except DuplicateJob:
-            raise PipelineError(
-                409,
-                {
-                    "error": f"a job with id {job_id!r} is already running",
-                    "location": "id",
-                    "id": job_id,
-                },
+            raise Conflict(
+                f"a job with id {job_id!r} is already running", location="id", id=job_id
             ) from None
         self._begin()
         ended = False
@@ -270,9 +266,7 @@ class Pipeline:
             prepared = await self.preprocessor.prepare(prompt, job_id, staging)
         except InputError as exc:
             end()
-            raise PipelineError(
-                exc.status, {"error": exc.message, "location": exc.location, "id": job_id}
-            ) from None
+            raise InputError(exc.message, exc.location, id=job_id) from None
         except BaseException:
             end()
             raise
@@ -296,7 +290,7 @@ class Pipeline:
             try:
                 files = collect_outputs(outcome.outputs, self.settings.output_dir)
             except OutputError as exc:
-                raise PipelineError(500, {"error": str(exc), "id": job.id}) from None
+                raise ExecutionFailed(str(exc), id=job.id) from None
             return JobResult(
                 job,
                 prepared.prompt,
@@ -321,11 +315,9 @@ class Pipeline:
                 bust_output_cache(prompt, job.prompt_id), job.prompt_id, self.client_id
             )
         except PromptRejected as exc:
-            raise PipelineError(400, _validation_body(job.id, exc.body)) from None
+            raise _validation_failed(job.id, exc.body) from None
         except ComfyUnavailable as exc:
-            raise PipelineError(
-                503, {"error": f"ComfyUI is not answering: {exc}", "id": job.id}
-            ) from None
+            raise Unavailable(f"ComfyUI is not answering: {exc}", id=job.id) from None
         if job.state is JobState.PREPROCESSING:
             job.state = JobState.QUEUED
         job.queued_ms = now_ms()
@@ -339,13 +331,10 @@ class Pipeline:
             log.warning("job %s exceeded PROMPT_TIMEOUT_S; interrupting it", job.id)
             job.interrupt_requested = True
             await self._stop_in_comfy(job)
-            raise PipelineError(
-                504,
-                {
-                    "error": f"the job ran longer than PROMPT_TIMEOUT_S "
-                    f"({self.settings.prompt_timeout_s:g} s) and was interrupted",
-                    "id": job.id,
-                },
+            raise TimedOut(
+                f"the job ran longer than PROMPT_TIMEOUT_S "
+                f"({self.settings.prompt_timeout_s:g} s) and was interrupted",
+                id=job.id,
             ) from None
 
     def _raise_for(self, job: Job, outcome: JobOutcome) -> None:
@@ -353,36 +342,28 @@ class Pipeline:
         if outcome.kind is OutcomeKind.SUCCESS:
             return
         if outcome.kind is OutcomeKind.INTERRUPTED:
-            body: dict[str, Any] = {"error": "the job was interrupted", "id": job.id}
+            where: dict[str, Any] = {}
             if error.get("node_id") is not None:
-                body["node_id"] = error.get("node_id")
-                body["node_type"] = error.get("node_type")
-            raise PipelineError(499, body)
+                where = {"node_id": error.get("node_id"), "node_type": error.get("node_type")}
+            raise Interrupted("the job was interrupted", id=job.id, **where)
         if outcome.kind is OutcomeKind.COMFY_LOST:
-            raise PipelineError(
-                503,
-                {
-                    "error": f"ComfyUI went away while the job was running: "
-                    f"{error.get('message', 'unknown')}",
-                    "id": job.id,
-                    "comfyui_log_tail": self._log_tail(30),
-                },
+            raise Unavailable(
+                f"ComfyUI went away while the job was running: {error.get('message', 'unknown')}",
+                id=job.id,
+                comfyui_log_tail=self._log_tail(30),
             )
         exc_type = error.get("exception_type", "")
         exc_msg = str(error.get("exception_message", error.get("message", ""))).strip()
-        raise PipelineError(
-            500,
-            {
-                "error": f"Prompt execution failed in node {error.get('node_id')} "
-                f"({error.get('node_type')}): {exc_type}: {exc_msg}",
-                "id": job.id,
-                "node_id": error.get("node_id"),
-                "node_type": error.get("node_type"),
-                "exception_type": exc_type,
-                "exception_message": exc_msg,
-                "traceback": error.get("traceback", []),
-                "comfyui_log_tail": self._log_tail(30),
-            },
+        raise ExecutionFailed(
+            f"Prompt execution failed in node {error.get('node_id')} "
+            f"({error.get('node_type')}): {exc_type}: {exc_msg}",
+            id=job.id,
+            node_id=error.get("node_id"),
+            node_type=error.get("node_type"),
+            exception_type=exc_type,
+            exception_message=exc_msg,
+            traceback=error.get("traceback", []),
+            comfyui_log_tail=self._log_tail(30),
         )
 
     async def _stop_in_comfy(self, job: Job) -> None:
@@ -427,9 +408,10 @@ def bust_output_cache(prompt: dict[str, Any], prompt_id: str) -> dict[str, Any]:
     return copy
 
 
-def _validation_body(job_id: str, comfy: dict[str, Any]) -> dict[str, Any]:
-    """Our 400 body for ComfyUI's validation failure; ``location`` is as precise as ComfyUI's
-    ``node_errors`` allow (``prompt.<node>.inputs.<input>``, ``prompt.<node>``, ``prompt``)."""
+def _validation_failed(job_id: str, comfy: dict[str, Any]) -> ValidationFailed:
+    """Our error for ComfyUI's validation failure (``comfy`` is its 400 body); ``location`` is
+    as precise as ComfyUI's ``node_errors`` allow (``prompt.<node>.inputs.<input>``,
+    ``prompt.<node>``, ``prompt``)."""
     error = comfy.get("error")
     node_errors = comfy.get("node_errors") or {}
     if isinstance(error, dict):
@@ -450,10 +432,6 @@ def _validation_body(job_id: str, comfy: dict[str, Any]) -> dict[str, Any]:
             if input_name:
                 location = f"prompt.{node_id}.inputs.{input_name}"
             message = f"{message}; node {node_id}: {first.get('message')}: {first.get('details')}"
-    return {
-        "error": message,
-        "location": location,
-        "id": job_id,
-        "comfyui_error": error,
-        "node_errors": node_errors,
-    }
+    return ValidationFailed(
+        message, location, id=job_id, comfyui_error=error, node_errors=node_errors
+    )

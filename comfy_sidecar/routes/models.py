@@ -25,7 +25,7 @@ from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 from msgspec import Meta
 
-from comfy_sidecar.pipeline.run import PipelineError
+from comfy_sidecar.errors import Conflict, InputError, NotFound, Unavailable
 from comfy_sidecar.schemas import DownloadAuth, ErrorResponse
 
 if TYPE_CHECKING:
@@ -130,10 +130,6 @@ def _downloads(state: State) -> Downloads:
     return found
 
 
-def _bad(error: str, location: str, status: int = 400) -> PipelineError:
-    return PipelineError(status, {"error": error, "location": location})
-
-
 def _default_name(url: str) -> str:
     """The URL path's last segment, percent-decoded (comfyui-api's ``basename(pathname)``)."""
     path = urllib.parse.urlsplit(url).path
@@ -142,7 +138,7 @@ def _default_name(url: str) -> str:
 
 def _check_filename(name: str, location: str) -> None:
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
-        raise _bad("filename: must be a plain file name (no path)", location)
+        raise InputError("filename: must be a plain file name (no path)", location)
 
 
 def _final_name(name: str, cache_file: Path) -> str:
@@ -160,21 +156,22 @@ async def _known_folders(sidecar: Sidecar) -> list[str]:
     try:
         return await sidecar.client.model_folders()
     except ComfyUnavailable as exc:
-        raise PipelineError(503, {"error": f"ComfyUI is not answering: {exc}"}) from None
+        raise Unavailable(f"ComfyUI is not answering: {exc}") from None
 
 
 async def _run_download(
     sidecar: Sidecar, record: DownloadResponse, auth: DownloadAuth | None, url: str, name: str
-) -> tuple[DownloadResponse, int]:
+) -> tuple[DownloadResponse, bool]:
     """Fetch ``url`` into the cache and link it as ``name`` (extension fixed) in the folder;
-    updates ``record`` and returns it with the HTTP status a waiting caller gets (200; 409 for
-    a foreign file in the way; 400 for any other failure, as comfyui-api). Never raises."""
+    updates ``record`` and returns it with whether a file the cache did not make is in the
+    way (a waiting caller then gets a :class:`Conflict`; any other failure is its
+    :class:`InputError`, as comfyui-api). Never raises."""
     from comfy_sidecar.storage import CacheConflictError, StorageError
 
     storage = sidecar.storage
     folder = Path(sidecar.settings.model_dir) / record.model_type
     started = time.monotonic()
-    status = 200
+    in_the_way = False
     try:
         with storage.lease() as lease:
             cached = await storage.fetch(url, auth, lease)
@@ -185,13 +182,13 @@ async def _run_download(
         log.info("download %s -> %s (%d bytes)", record.url, dest, record.size)
     except StorageError as exc:
         record.status, record.error = "failed", str(exc)
-        status = 409 if isinstance(exc, CacheConflictError) else 400
+        in_the_way = isinstance(exc, CacheConflictError)
     except Exception as exc:
-        record.status, record.error, status = "failed", f"{type(exc).__name__}: {exc}", 400
+        record.status, record.error = "failed", f"{type(exc).__name__}: {exc}"
     record.duration = time.monotonic() - started
     if record.error is not None:
         log.warning("download %s failed: %s", record.url, record.error)
-    return record, status
+    return record, in_the_way
 
 
 @post(
@@ -215,11 +212,11 @@ async def download(data: DownloadRequest, state: State) -> Response[DownloadResp
 
     sidecar: Sidecar = state.sidecar
     if not is_url(data.url):
-        raise _bad("url: not a URL (http://, https:// or s3://)", "url")
+        raise InputError("url: not a URL (http://, https:// or s3://)", "url")
     try:
         sidecar.storage.backend_for(data.url)
     except Exception as exc:
-        raise _bad(f"url: {exc}", "url") from None
+        raise InputError(f"url: {exc}", "url") from None
     if data.filename is not None:
         _check_filename(data.filename, "filename")
         name = data.filename
@@ -230,7 +227,7 @@ async def download(data: DownloadRequest, state: State) -> Response[DownloadResp
         _check_filename(name, "url")
     folders = await _known_folders(sidecar)
     if data.model_type not in folders:
-        raise _bad(
+        raise InputError(
             f"model_type: ComfyUI has no model folder {data.model_type!r} "
             f"(it has: {', '.join(sorted(folders)) or 'none'})",
             "model_type",
@@ -248,9 +245,10 @@ async def download(data: DownloadRequest, state: State) -> Response[DownloadResp
     task = sidecar.spawn(_run_download(sidecar, record, data.auth, data.url, name))
     if not data.wait:
         return Response(record, status_code=202)
-    done, status = await asyncio.shield(task)
-    if status != 200:
-        raise PipelineError(status, {"error": done.error, "location": "url"})
+    done, in_the_way = await asyncio.shield(task)
+    if done.status == "failed":
+        failure = Conflict if in_the_way else InputError
+        raise failure(done.error or "the download failed", location="url")
     return Response(done, status_code=200)
 
 
@@ -268,7 +266,7 @@ def download_status(key: str, state: State) -> DownloadResponse:
     sidecar: Sidecar = state.sidecar
     record = _downloads(state).records.get(key)
     if record is None:
-        raise PipelineError(404, {"error": f"no download with key {key!r}", "location": "key"})
+        raise NotFound(f"no download with key {key!r}", location="key")
     if record.status == "started":
         done = sidecar.storage.cache.progress_by_key(key) or 0
         return msgspec.structs.replace(record, bytes_done=done)
@@ -292,7 +290,7 @@ async def models(state: State) -> ModelsResponse:
     try:
         listed = await asyncio.gather(*(sidecar.client.models_in(f) for f in folders))
     except ComfyUnavailable as exc:
-        raise PipelineError(503, {"error": f"ComfyUI is not answering: {exc}"}) from None
+        raise Unavailable(f"ComfyUI is not answering: {exc}") from None
     pairs = zip(folders, listed, strict=True)
     return {folder: files for folder, files in pairs if files is not None}
 

@@ -7,8 +7,10 @@ from typing import TYPE_CHECKING, Any
 from litestar import Response, post
 from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.response import Stream
 
-from comfy_sidecar.pipeline.run import PipelineError
+from comfy_sidecar.errors import Unavailable
+from comfy_sidecar.pipeline.deliver import Accepted, Answered, Delivered
 from comfy_sidecar.schemas import (
     AcceptedResponse,
     ErrorResponse,
@@ -54,12 +56,22 @@ RESULT_RESPONSES = {
 
 
 def admit(sidecar: Sidecar) -> None:
-    """Raise 503 unless the sidecar can take work now."""
+    """Raise :class:`~comfy_sidecar.errors.Unavailable` unless the sidecar can take work now."""
     if sidecar.phase.value == "stopping":
-        raise PipelineError(503, {"error": "the sidecar is shutting down"})
+        raise Unavailable("the sidecar is shutting down")
     if sidecar.phase.value != "ready" or not sidecar.events.connected:
         _, reason = sidecar.readiness()
-        raise PipelineError(503, {"error": f"ComfyUI is not ready ({reason})"})
+        raise Unavailable(f"ComfyUI is not ready ({reason})")
+
+
+def respond(delivered: Delivered) -> Response[Any]:
+    """The HTTP answer for what the delivery decided: 202 :class:`AcceptedResponse`, 200
+    :class:`PromptResponse`, or 200 with the same JSON streamed."""
+    if isinstance(delivered, Accepted):
+        return Response(delivered.body, status_code=202)
+    if isinstance(delivered, Answered):
+        return Response(delivered.body, status_code=200)
+    return Stream(delivered.chunks, media_type="application/json", status_code=200)
 
 
 @post(
@@ -77,7 +89,7 @@ async def prompt(data: PromptRequest, state: State) -> Response[Any]:
     """Run a prompt."""
     sidecar: Sidecar = state.sidecar
     admit(sidecar)
-    return await sidecar.delivery.handle(data)
+    return respond(await sidecar.delivery.handle(data))
 
 
 @post(

@@ -16,8 +16,8 @@ from litestar import Response, post
 from litestar.datastructures import State
 from litestar.handlers import HTTPRouteHandler
 
-from comfy_sidecar.pipeline.run import PipelineError
-from comfy_sidecar.routes.prompt import RESULT_RESPONSES, admit
+from comfy_sidecar.errors import InputError, UpstreamFailed
+from comfy_sidecar.routes.prompt import RESULT_RESPONSES, admit, respond
 
 if TYPE_CHECKING:
     from comfy_sidecar.service import Sidecar
@@ -26,7 +26,12 @@ if TYPE_CHECKING:
 
 def workflow_route(workflow: Workflow, markdown: bool) -> HTTPRouteHandler:
     """A Litestar handler for ``workflow``, documented with its body type."""
-    from comfy_sidecar.workflows import WorkflowContext, WorkflowError, prompt_checkpoint
+    from comfy_sidecar.workflows import (
+        WorkflowContext,
+        WorkflowContextError,
+        WorkflowError,
+        prompt_checkpoint,
+    )
 
     async def handler(data: Any, state: State) -> Response[Any]:
         sidecar: Sidecar = state.sidecar
@@ -35,9 +40,13 @@ def workflow_route(workflow: Workflow, markdown: bool) -> HTTPRouteHandler:
         ctx = WorkflowContext(sidecar.client.get_json, warmup_checkpoint=warmup_checkpoint)
         try:
             request, input_ = await workflow.prepare(data, ctx)
+        # TODO(lead): once WorkflowError subclasses comfy_sidecar.errors, drop this translation.
+        except WorkflowContextError as exc:
+            raise UpstreamFailed(exc.error, location=exc.location) from None
         except WorkflowError as exc:
-            raise PipelineError(exc.status, msgspec.to_builtins(exc.to_response())) from None
-        return await sidecar.delivery.handle(request, {"input": msgspec.to_builtins(input_)})
+            raise InputError(exc.error, exc.location or "input") from None
+        delivered = await sidecar.delivery.handle(request, msgspec.to_builtins(input_))
+        return respond(delivered)
 
     handler.__annotations__ = {"data": workflow.body_type, "state": State, "return": Response[Any]}
     handler.__name__ = "workflow_" + workflow.name.replace("/", "_").replace(".", "_").replace(

@@ -142,7 +142,6 @@ class Storage:
                 return backend
         raise BadRequestError("no storage backend for this URL (use http(s):// or s3://)")
 
-
     # --- downloads -----------------------------------------------------------------------
 
     def lease(self) -> Lease:

@@ -31,25 +31,46 @@ SECRET = base64.b64encode(b"binary smoke secret").decode()
 
 
 def test_frozen_binary_end_to_end(
-    tmp_path: Path, moto_server: str, tiny_model: Path  # noqa: F811
+    tmp_path: Path,
+    moto_server: str,  # noqa: F811 - the imported fixture
+    tiny_model: Path,
 ) -> None:
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=moto_server, aws_access_key_id="testing",
-                      aws_secret_access_key="testing", region_name="us-east-1")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=moto_server,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     s3.create_bucket(Bucket="smoke")
     files = FileServer()
     files.files["tiny.safetensors"] = tiny_model.read_bytes()
     hook = Receiver()
     backend = Backend("double", tmp_path / "comfy")
-    manifest = {"models": {"before_start": [{
-        "url": files.url("/files/tiny.safetensors"),
-        "local_path": str(backend.base / "models" / "upscale_models" / "from-manifest.safetensors"),
-    }]}}
-    sidecar = make_sidecar(backend, tmp_path, MANIFEST_JSON=json.dumps(manifest),
-                           WEBHOOK_SECRET=SECRET, AWS_ACCESS_KEY_ID="testing",
-                           AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1",
-                           AWS_ENDPOINT_URL=moto_server)
+    manifest = {
+        "models": {
+            "before_start": [
+                {
+                    "url": files.url("/files/tiny.safetensors"),
+                    "local_path": str(
+                        backend.base / "models" / "upscale_models" / "from-manifest.safetensors"
+                    ),
+                }
+            ]
+        }
+    }
+    sidecar = make_sidecar(
+        backend,
+        tmp_path,
+        MANIFEST_JSON=json.dumps(manifest),
+        WEBHOOK_SECRET=SECRET,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_REGION="us-east-1",
+        AWS_ENDPOINT_URL=moto_server,
+    )
     sidecar.start(binary=BINARY)
     try:
         sidecar.wait_ready(60)
@@ -57,29 +78,40 @@ def test_frozen_binary_end_to_end(
         image = base64.b64encode(png_bytes((10, 6))).decode()
         prompt = {
             "1": {"class_type": "LoadImage", "inputs": {"image": image}},
-            "2": {"class_type": "UpscaleModelLoader",
-                  "inputs": {"model_name": "from-manifest.safetensors"}},
-            "3": {"class_type": "ImageUpscaleWithModel",
-                  "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
-            "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0],
-                                                        "filename_prefix": "bin"}},
+            "2": {
+                "class_type": "UpscaleModelLoader",
+                "inputs": {"model_name": "from-manifest.safetensors"},
+            },
+            "3": {
+                "class_type": "ImageUpscaleWithModel",
+                "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]},
+            },
+            "4": {
+                "class_type": "SaveImage",
+                "inputs": {"images": ["3", 0], "filename_prefix": "bin"},
+            },
         }
-        sync = sidecar.post("/prompt", json={"prompt": prompt, "id": "bin-sync",
-                                             "convert_output": {"format": "webp"}})
+        sync = sidecar.post(
+            "/prompt",
+            json={"prompt": prompt, "id": "bin-sync", "convert_output": {"format": "webp"}},
+        )
         assert sync.status_code == 200, sync.text
         from PIL import Image
 
         out = Image.open(io.BytesIO(base64.b64decode(sync.json()["images"][0])))
         assert out.format == "WEBP" and out.size == (20, 12)
 
-        uploaded = sidecar.post("/prompt", json={"prompt": prompt, "id": "bin-s3",
-                                                 "s3": {"bucket": "smoke", "prefix": "o"}})
+        uploaded = sidecar.post(
+            "/prompt",
+            json={"prompt": prompt, "id": "bin-s3", "s3": {"bucket": "smoke", "prefix": "o"}},
+        )
         assert uploaded.status_code == 200, uploaded.text
         assert uploaded.json()["images"] == ["s3://smoke/o/bin-s3_bin_00001_.png"]
         assert s3.head_object(Bucket="smoke", Key="o/bin-s3_bin_00001_.png")["ContentLength"] > 0
 
-        accepted = sidecar.post("/prompt", json={"prompt": prompt, "id": "bin-hook",
-                                                 "webhook_v2": hook.url})
+        accepted = sidecar.post(
+            "/prompt", json={"prompt": prompt, "id": "bin-hook", "webhook_v2": hook.url}
+        )
         assert accepted.status_code == 202
         (request,) = hook.wait_for(1, timeout=60)
         body: dict[str, Any] = Webhook(SECRET).verify(request.body, request.headers)

@@ -1,0 +1,96 @@
+"""The sidecar's domain errors: what went wrong, by meaning, with the JSON body's fields.
+
+No class here knows an HTTP status: :mod:`comfy_sidecar.app` maps classes to statuses once, in
+its exception handlers (the way httpx keeps transport errors apart from responses). Every body
+is ``{"error": message, "location": ..., **fields}``, ``location`` only when one was given::
+
+    raise InputError("expected a string", "prompt.3.inputs.image", id=job_id)
+    # -> 400 {"error": "expected a string", "location": "prompt.3.inputs.image", "id": "..."}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SidecarError(Exception):
+    """Base of the domain errors. ``message`` says what is wrong in words; ``location`` names
+    the request field at fault (``prompt.3.inputs.image``, ``id``, ``url``), when there is
+    one; ``fields`` are further body fields, in order (``id``, ``node_id``, ...)."""
+
+    def __init__(self, message: str, *, location: str | None = None, **fields: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.location = location
+        self.fields = fields
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body: ``error``, then ``location`` (when given), then ``fields``."""
+        body: dict[str, Any] = {"error": self.message}
+        if self.location is not None:
+            body["location"] = self.location
+        body.update(self.fields)
+        return body
+
+
+class InputError(SidecarError):
+    """A caller's mistake: a bad field value, a download that failed, a prompt without an
+    output node. ``location`` names the field (required)."""
+
+    location: str
+
+    def __init__(self, message: str, location: str, **fields: Any) -> None:
+        super().__init__(message, location=location, **fields)
+
+
+class ValidationFailed(InputError):
+    """ComfyUI's validation refused the prompt (its ``POST /prompt`` answered 400): fields
+    ``id``, ``comfyui_error`` (ComfyUI's ``error``) and ``node_errors``; ``location`` is
+    ``prompt.<node>.inputs.<input>``, ``prompt.<node>`` or ``prompt``."""
+
+
+class NotFound(SidecarError):
+    """What the request names does not exist (a download key)."""
+
+
+class Conflict(SidecarError):
+    """The request collides with existing state: a job id in use, a file the cache did not
+    make where a link should go."""
+
+
+class Interrupted(SidecarError):
+    """The job was interrupted (``POST /interrupt``): fields ``id`` and, when ComfyUI said
+    where, ``node_id`` and ``node_type``."""
+
+
+class ExecutionFailed(SidecarError):
+    """The job ran but produced no result: ComfyUI's execution error (fields ``id``,
+    ``node_id``, ``node_type``, ``exception_type``, ``exception_message``, ``traceback``,
+    ``comfyui_log_tail``), or an output it reported that cannot be read (``id``)."""
+
+
+class UpstreamFailed(SidecarError):
+    """A backend the request depends on failed: an output upload, ComfyUI's model lookup for a
+    workflow. ``cause``, when given, is the storage error behind it; the app answers with the
+    status of that error's class (a refused credential is the caller's, a later upload to the
+    same URL supersedes this one) instead of the status of this class."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        cause: Exception | None = None,
+        location: str | None = None,
+        **fields: Any,
+    ) -> None:
+        super().__init__(message, location=location, **fields)
+        self.cause = cause
+
+
+class Unavailable(SidecarError):
+    """The sidecar cannot take the work now: ComfyUI not ready, not answering or gone while
+    the job ran, the sidecar draining, a feature missing from this build. Worth a retry."""
+
+
+class TimedOut(SidecarError):
+    """The job ran longer than PROMPT_TIMEOUT_S and was interrupted (field ``id``)."""
