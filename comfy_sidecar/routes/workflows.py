@@ -16,7 +16,6 @@ from litestar import Response, post
 from litestar.datastructures import State
 from litestar.handlers import HTTPRouteHandler
 
-from comfy_sidecar.errors import InputError, UpstreamFailed
 from comfy_sidecar.routes.prompt import RESULT_RESPONSES, admit, respond
 
 if TYPE_CHECKING:
@@ -26,25 +25,14 @@ if TYPE_CHECKING:
 
 def workflow_route(workflow: Workflow, markdown: bool) -> HTTPRouteHandler:
     """A Litestar handler for ``workflow``, documented with its body type."""
-    from comfy_sidecar.workflows import (
-        WorkflowContext,
-        WorkflowContextError,
-        WorkflowError,
-        prompt_checkpoint,
-    )
+    from comfy_sidecar.workflows import WorkflowContext, prompt_checkpoint
 
     async def handler(data: Any, state: State) -> Response[Any]:
         sidecar: Sidecar = state.sidecar
         admit(sidecar)
         warmup_checkpoint = prompt_checkpoint(sidecar.warmup_prompt)
         ctx = WorkflowContext(sidecar.client.get_json, warmup_checkpoint=warmup_checkpoint)
-        try:
-            request, input_ = await workflow.prepare(data, ctx)
-        # TODO(lead): once WorkflowError subclasses comfy_sidecar.errors, drop this translation.
-        except WorkflowContextError as exc:
-            raise UpstreamFailed(exc.error, location=exc.location) from None
-        except WorkflowError as exc:
-            raise InputError(exc.error, exc.location or "input") from None
+        request, input_ = await workflow.prepare(data, ctx)  # WorkflowError: answered by app.py
         delivered = await sidecar.delivery.handle(request, msgspec.to_builtins(input_))
         return respond(delivered)
 

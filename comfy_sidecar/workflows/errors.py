@@ -1,13 +1,15 @@
 """Errors of workflow requests and the :class:`InputError` workflow modules raise.
 
-Bodies copy comfyui-api's: a bad ``input`` -> 400 ``{"error", "location": "input.<field>"}``;
-``generate`` raising -> 400 ``{"error": "Failed to generate workflow prompt: <msg>", "location":
-"input"}``; ComfyUI unreachable while a workflow reads its context -> 502.
+Each is a :mod:`comfy_sidecar.errors` class, so ``app.py`` answers it like any other: bodies copy
+comfyui-api's (a bad ``input`` -> 400 ``{"error", "location": "input.<field>"}``; ``generate``
+raising -> 400 ``{"error": "Failed to generate workflow prompt: <msg>", "location": "input"}``;
+ComfyUI unreachable while a workflow reads its context -> 502).
 """
 
 from __future__ import annotations
 
-from comfy_sidecar.schemas import ErrorResponse
+from comfy_sidecar import errors
+from comfy_sidecar.errors import SidecarError
 
 __all__ = [
     "InputError",
@@ -18,48 +20,45 @@ __all__ = [
 ]
 
 
-class WorkflowError(Exception):
-    """A workflow request failed; ``status`` is the HTTP status, :meth:`to_response` the body."""
+class WorkflowError(SidecarError):
+    """A workflow request failed. The class says how (mapped to a status in ``app.py``, as
+    every :mod:`comfy_sidecar.errors` class is); ``error`` is the message."""
 
-    status = 400
-
-    def __init__(self, error: str, location: str | None = None) -> None:
-        super().__init__(error)
-        self.error = error
-        self.location = location
-
-    def to_response(self) -> ErrorResponse:
-        """``{"error": ..., "location": ...}`` like comfyui-api's 400 bodies."""
-        return ErrorResponse(error=self.error, location=self.location)
+    @property
+    def error(self) -> str:
+        """The message (the body's ``error``)."""
+        return self.message
 
 
-class WorkflowInputError(WorkflowError):
-    """The body (usually its ``input``) is invalid; ``location`` names the field, e.g.
-    ``input.width`` or ``convert_output.options.quality``."""
+class WorkflowInputError(errors.InputError, WorkflowError):
+    """The body (usually its ``input``) is invalid (400); ``location`` names the field, e.g.
+    ``input.width`` or ``convert_output.options.quality``, and is ``body`` when the body is
+    not JSON at all."""
+
+    def __init__(self, error: str, location: str = "body") -> None:
+        super().__init__(error, location)
 
 
-class WorkflowGenerateError(WorkflowError):
-    """``generate`` raised or returned something that is not an API-format prompt.
+class WorkflowGenerateError(errors.InputError, WorkflowError):
+    """``generate`` raised or returned something that is not an API-format prompt (400).
 
     ``error`` is ``"Failed to generate workflow prompt: <msg>"``, ``location`` is ``"input"``
     (comfyui-api's body for the same case).
     """
 
 
-class WorkflowContextError(WorkflowError):
-    """ComfyUI could not be asked for models/samplers while generating (HTTP 502)."""
-
-    status = 502
+class WorkflowContextError(errors.UpstreamFailed, WorkflowError):
+    """ComfyUI could not be asked for models/samplers while generating (502)."""
 
 
-class InputError(Exception):
+class InputError(errors.InputError):
     """Raise from ``generate`` to reject one input field: answered 400 with
-    ``location: "input.<field>"`` instead of the generic generate failure.
+    ``location: "input.<field>"`` instead of the generic generate failure. The author API's
+    spelling of :class:`comfy_sidecar.errors.InputError` (field first, as comfyui-api's).
 
     ``InputError("checkpoint", "no such checkpoint: x.safetensors")``
     """
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
+        super().__init__(message, f"input.{field}")
         self.field = field
-        self.message = message

@@ -78,13 +78,13 @@ class Workflow:
         """Decode a JSON body into ``body_type``.
 
         Raises :class:`WorkflowInputError` naming the field (``location="input.width"``), or
-        with ``location=None`` when the body is not JSON.
+        with ``location="body"`` when the body is not JSON or msgspec names no field.
         """
         try:
             return msgspec.json.decode(raw, type=self.body_type)
         except msgspec.ValidationError as err:
             message, location = validation_error_location(err)
-            raise WorkflowInputError(message, location) from None
+            raise WorkflowInputError(message, location or "body") from None
         except msgspec.DecodeError as err:
             raise WorkflowInputError(f"Invalid JSON body: {err}") from None
 
@@ -94,7 +94,7 @@ class Workflow:
             return msgspec.convert(obj, type=self.body_type)
         except msgspec.ValidationError as err:
             message, location = validation_error_location(err)
-            raise WorkflowInputError(message, location) from None
+            raise WorkflowInputError(message, location or "body") from None
 
     def split_body(self, body: PromptOptions) -> tuple[msgspec.Struct, PromptOptions]:
         """``(input, options)``: the ``RequestSchema`` instance and a plain ``PromptOptions``."""

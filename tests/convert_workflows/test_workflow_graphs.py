@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from comfy_sidecar.app import status_of
 from comfy_sidecar.workflows import (
     ImageNodes,
     InputError,
@@ -270,4 +271,4 @@ def test_shipped_errors_still_name_the_field(
     request = request_of(wf, prompt="x", image=CAT, scheduler="beta57")
     with pytest.raises(WorkflowInputError) as info:
         asyncio.run(wf.generate(request, WorkflowContext(comfy.get_json)))
-    assert (info.value.status, info.value.location) == (400, "input.scheduler")
+    assert (status_of(info.value), info.value.location) == (400, "input.scheduler")

@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from comfy_sidecar.app import status_of
 from comfy_sidecar.schemas import ConvertWebp, PromptOptions, PromptRequest, S3Upload
 from comfy_sidecar.workflows import (
     Workflow,
@@ -233,18 +234,18 @@ def test_bad_body_names_the_field(
         good.decode_body(msgspec.json.encode(body))
     assert info.value.location == location
     assert location in info.value.error
-    assert info.value.status == 400
+    assert status_of(info.value) == 400
     with pytest.raises(WorkflowInputError) as info2:
         good.convert_body(body)
     assert info2.value.location == location
-    response = msgspec.to_builtins(info.value.to_response())
+    response = info.value.body()
     assert response["location"] == location and response["error"].startswith("Invalid ")
 
 
 def test_invalid_json_body(loaded: dict[str, Workflow]) -> None:
     with pytest.raises(WorkflowInputError) as info:
         loaded["good"].decode_body(b"{not json")
-    assert info.value.location is None and "JSON" in info.value.error
+    assert info.value.location == "body" and "JSON" in info.value.error
 
 
 def test_generate_that_raises(loaded: dict[str, Workflow], comfy: FakeComfy) -> None:
@@ -252,7 +253,7 @@ def test_generate_that_raises(loaded: dict[str, Workflow], comfy: FakeComfy) -> 
     body = wf.decode_body(b'{"input": {"n": 13}}')
     with pytest.raises(WorkflowGenerateError) as info:
         run(wf.prepare(body, WorkflowContext(comfy.get_json)))
-    assert msgspec.to_builtins(info.value.to_response()) == {
+    assert info.value.body() == {
         "error": "Failed to generate workflow prompt: n=13 is unlucky",
         "location": "input",
     }
@@ -312,7 +313,7 @@ def test_comfyui_unreachable_is_a_502(loaded: dict[str, Workflow], comfy: FakeCo
     wf = loaded["deep/er/nested"]
     with pytest.raises(WorkflowContextError) as info:
         run(wf.prepare(wf.decode_body(b'{"input": {}}'), WorkflowContext(comfy.get_json)))
-    assert info.value.status == 502 and "connection refused" in info.value.error
+    assert status_of(info.value) == 502 and "connection refused" in info.value.error
 
 
 def test_modules_with_the_same_file_name_do_not_collide(
