@@ -34,7 +34,7 @@ from comfy_sidecar.backoff import backoff_delay
 from comfy_sidecar.boot import BootProbes
 from comfy_sidecar.comfy.client import ComfyClient
 from comfy_sidecar.comfy.events import EventStream
-from comfy_sidecar.config import ConfigError, Settings
+from comfy_sidecar.config import Settings
 from comfy_sidecar.errors import SidecarError
 from comfy_sidecar.logs import setup_logging
 from comfy_sidecar.pipeline.deliver import Delivery
@@ -99,7 +99,6 @@ class Sidecar:
             self._on_connect,
             self.registry.mark_missed_frames,
         )
-        self.frame_listeners: list[Callable[[dict[str, Any]], None]] = []
         self.process: ComfyProcess | None = None
         self.webhooks = WebhookDispatcher(settings)
         self.storage = Storage(settings, on_event=self.webhooks.storage_event)
@@ -107,7 +106,6 @@ class Sidecar:
             settings, self.client, self.registry, self.client_id, self.log_tail, self.storage
         )
         self.deletion_cost = DeletionCost(settings)
-        self.frame_listeners.append(self._forward_frame)
         self.delivery = Delivery(
             self.pipeline, self.webhooks, self.spawn, Delivery.storage_uploader(self.storage)
         )
@@ -152,10 +150,6 @@ class Sidecar:
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
         self.registry.on_frame(frame)
-        for listener in self.frame_listeners:
-            listener(frame)
-
-    def _forward_frame(self, frame: dict[str, Any]) -> None:
         self.webhooks.handle_comfy_frame(frame, self.registry.api_id_for)
         if frame.get("type") == "status":
             self.deletion_cost.set(self.events.queue_remaining)
@@ -399,11 +393,7 @@ async def serve(settings: Settings, sock: socket.socket, boot: BootProbes) -> in
 
     from comfy_sidecar.app import create_app
 
-    try:
-        sidecar = Sidecar(settings)
-    except ConfigError as exc:
-        print(f"comfy-sidecar: {exc}", file=sys.stderr)
-        return 2
+    sidecar = Sidecar(settings)
     sidecar.workflows = await asyncio.to_thread(load_workflows_from, settings.workflow_dir)
     app = create_app(sidecar)
 

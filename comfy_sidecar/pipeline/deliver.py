@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from comfy_sidecar.errors import InputError, SidecarError, Unavailable, UpstreamFailed
+from comfy_sidecar.errors import SidecarError, UpstreamFailed
 from comfy_sidecar.pipeline.bounded import gather_bounded
 from comfy_sidecar.pipeline.outputs import (
     INLINE_LIMIT,
@@ -105,9 +105,9 @@ class Delivery:
     def __init__(
         self,
         pipeline: Pipeline,
-        webhooks: WebhookDispatcher | None,
+        webhooks: WebhookDispatcher,
         spawn: Callable[[Awaitable[None]], Any],
-        uploader: Uploader | None = None,
+        uploader: Uploader,
     ) -> None:
         self.pipeline = pipeline
         self.webhooks = webhooks
@@ -126,11 +126,6 @@ class Delivery:
         upload).
         """
         target = upload_target(request)
-        if target is not None and self.uploader is None:
-            key = target[0]
-            raise InputError(f"`{key}` uploads are not supported by this build", key)
-        if (request.webhook or request.webhook_v2) and self.webhooks is None:
-            raise Unavailable("webhooks are not available")
         pending = await self.pipeline.prepare(request)
         echoed = Echoed(**echo(request), input=workflow_input)
         if is_async(request):
@@ -223,7 +218,7 @@ class Delivery:
         return upload
 
     async def _upload(self, result: JobResult, target: tuple[str, Any] | None) -> list[str] | None:
-        if target is None or self.uploader is None:
+        if target is None:
             return None
         started = time.monotonic()
         urls = await self.uploader(result, *target)
@@ -263,7 +258,6 @@ class Delivery:
     async def _send_v1(self, url: str, result: JobResult) -> None:
         from comfy_sidecar.webhooks import v1_output_body
 
-        assert self.webhooks is not None
         stats = result.stats()
         for item in result.files:
             body = v1_output_body(
@@ -282,7 +276,6 @@ class Delivery:
     ) -> None:
         from comfy_sidecar.webhooks import Base64File, v2_complete_body
 
-        assert self.webhooks is not None
         images: list[Any] = (
             list(urls) if urls is not None else [Base64File(item.path) for item in result.files]
         )
@@ -305,8 +298,6 @@ class Delivery:
     ) -> None:
         from comfy_sidecar.webhooks import v1_failed_body, v2_failed_body
 
-        if self.webhooks is None:
-            return
         if request.webhook_v2:
             await self.webhooks.send_prompt(
                 request.webhook_v2,

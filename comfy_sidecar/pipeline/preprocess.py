@@ -223,7 +223,7 @@ class _Walk:
 
     prepared: Prepared
     job_id: str
-    staging: Staging | None
+    staging: Staging
     downloads: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     counter: int = 0
 
@@ -246,13 +246,11 @@ class Preprocessor:
         self.prepend_filenames = prepend_filenames
         self._is_output_node = is_output_node
 
-    async def prepare(
-        self, prompt: dict[str, Any], job_id: str, staging: Staging | None = None
-    ) -> Prepared:
+    async def prepare(self, prompt: dict[str, Any], job_id: str, staging: Staging) -> Prepared:
         """Rewrite ``prompt`` (a plain dict, modified in place) for job ``job_id``.
 
         URL values (media inputs, model loader inputs) are downloaded through ``staging``, all
-        of one prompt at once (at most 8 at a time); without ``staging`` they are refused.
+        of one prompt at once (at most 8 at a time).
         Returns :class:`Prepared`. Raises :class:`InputError` for a caller's mistake; files it
         wrote before the error are removed.
         """
@@ -264,7 +262,7 @@ class Preprocessor:
             raise
         return prepared
 
-    async def _prepare(self, prepared: Prepared, job_id: str, staging: Staging | None) -> None:
+    async def _prepare(self, prepared: Prepared, job_id: str, staging: Staging) -> None:
         """Walk the nodes in prompt order, then run the downloads and check for an output."""
         walk = _Walk(prepared, job_id, staging)
         has_output = False
@@ -361,7 +359,7 @@ class Preprocessor:
 
     def _stage_input(
         self,
-        staging: Staging | None,
+        staging: Staging,
         url: str,
         stem: str,
         location: str,
@@ -372,8 +370,6 @@ class Preprocessor:
         to ``assign`` (when given) and removed with the job's other inputs."""
 
         async def download() -> None:
-            if staging is None:
-                raise InputError("URL inputs are not supported by this build", location)
             name = await staging.input(url, stem, location)
             prepared.input_files.append(self.input_dir / name)
             if assign is not None:
@@ -383,11 +379,9 @@ class Preprocessor:
 
     @staticmethod
     def _stage_model(
-        staging: Staging | None, inputs: dict[str, Any], name: str, folder: str, location: str
+        staging: Staging, inputs: dict[str, Any], name: str, folder: str, location: str
     ) -> Callable[[], Awaitable[None]]:
         async def download() -> None:
-            if staging is None:
-                raise InputError("model URLs are not supported by this build", location)
             inputs[name] = await staging.model(str(inputs[name]), folder, location)
 
         return download

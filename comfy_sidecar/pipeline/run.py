@@ -181,7 +181,7 @@ class Pipeline:
         registry: JobRegistry,
         client_id: str,
         log_tail: Callable[[int], list[str]],
-        storage: Storage | None = None,
+        storage: Storage,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -246,19 +246,14 @@ class Pipeline:
             ) from None
         self._begin()
         ended = False
-        lease = self.storage.lease() if self.storage is not None else None
-        staging = (
-            JobStaging(self.storage, request.credentials, lease, self.settings)
-            if self.storage is not None and lease is not None
-            else None
-        )
+        lease = self.storage.lease()
+        staging = JobStaging(self.storage, request.credentials, lease, self.settings)
 
         def end() -> None:
             nonlocal ended
             if not ended:
                 ended = True
-                if lease is not None:
-                    lease.release()
+                lease.release()
                 self.registry.remove(job)
                 self._end()
 

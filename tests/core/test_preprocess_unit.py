@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from comfy_sidecar.app import status_of
 from comfy_sidecar.pipeline.preprocess import InputError, Prepared, Preprocessor
 from tests.conftest import png_bytes
 from tests.transcripts import posted_prompts
@@ -22,11 +23,35 @@ async def is_output_node(class_type: str) -> bool:
     return class_type in OUTPUT_NODES
 
 
+class RecordingStaging:
+    """A :class:`~comfy_sidecar.pipeline.preprocess.Staging` that fetches nothing: it records
+    each URL it is asked for and names the input ``<stem>.png`` (models keep their name)."""
+
+    def __init__(self, input_dir: Path) -> None:
+        self.input_dir = input_dir
+        self.asked: list[tuple[str, str, str]] = []
+
+    async def input(self, url: str, stem: str, location: str) -> str:
+        self.asked.append((url, stem, location))
+        (self.input_dir / f"{stem}.png").parent.mkdir(parents=True, exist_ok=True)
+        (self.input_dir / f"{stem}.png").write_bytes(png_bytes())
+        return f"{stem}.png"
+
+    async def model(self, url: str, folder: str, location: str) -> str:
+        self.asked.append((url, folder, location))
+        return url.rsplit("/", 1)[-1]
+
+
 def prepare(
-    tmp_path: Path, prompt: dict[str, Any], job_id: str = "job1", prepend: bool = True
+    tmp_path: Path,
+    prompt: dict[str, Any],
+    job_id: str = "job1",
+    prepend: bool = True,
+    staging: RecordingStaging | None = None,
 ) -> Prepared:
     pre = Preprocessor(str(tmp_path / "input"), prepend, is_output_node)
-    return asyncio.run(pre.prepare(prompt, job_id))
+    staging = staging or RecordingStaging(tmp_path / "input")
+    return asyncio.run(pre.prepare(prompt, job_id, staging))
 
 
 def recorded(scenario: str) -> dict[str, Any]:
@@ -137,7 +162,7 @@ def test_bad_media_input_names_its_field(tmp_path: Path, value: str, message: st
     with pytest.raises(InputError) as caught:
         prepare(tmp_path, load_image_prompt(value))
     assert caught.value.location == "prompt.1.inputs.image"
-    assert caught.value.status == 400
+    assert status_of(caught.value) == 400
     assert message in str(caught.value)
 
 
@@ -150,7 +175,12 @@ def test_files_written_before_an_error_are_removed(tmp_path: Path) -> None:
     assert list((tmp_path / "input").iterdir()) == []
 
 
-def test_url_inputs_without_staging_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(InputError) as caught:
-        prepare(tmp_path, load_image_prompt("https://example.com/cat.png"))
-    assert caught.value.location == "prompt.1.inputs.image"
+def test_url_inputs_go_through_staging_and_are_removed_by_cleanup(tmp_path: Path) -> None:
+    staging = RecordingStaging(tmp_path / "input")
+    prepared = prepare(tmp_path, load_image_prompt("https://example.com/cat.png"), staging=staging)
+    ((url, stem, location),) = staging.asked
+    assert (url, location) == ("https://example.com/cat.png", "prompt.1.inputs.image")
+    assert image_value(prepared.prompt) == f"{stem}.png"
+    assert (tmp_path / "input" / f"{stem}.png").is_file()
+    prepared.cleanup()
+    assert not (tmp_path / "input" / f"{stem}.png").exists()
