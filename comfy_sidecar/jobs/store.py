@@ -1,0 +1,370 @@
+"""The job store: every job from submission to expiry, with its event log for status and SSE.
+
+One :class:`JobRecord` per job, whatever submitted it (``/prompt``, ``/jobs``, a workflow
+endpoint, an adapter, the warmup). The record holds what ``GET /jobs/{id}`` shows — status,
+timestamps, progress, outputs' metadata, the error body, stats — and an append-only log of
+events (``status``, ``progress``, ``output``, ``done``; ``preview`` kept out of the log) with
+increasing ids, which Server-Sent Events replay from ``Last-Event-ID`` with no gap and no
+duplicate. Subscribers wait on one future per record that each append resolves.
+
+Ended jobs are kept ``retention_s`` seconds, at most ``max_jobs`` of them; their output files
+live under ``jobs_dir/<id>/`` and are deleted with the record. The store is in memory: a
+restarted sidecar starts empty (and clears ``jobs_dir``).
+
+Status names are those of ComfyUI's own ``/api/jobs``: pending, in_progress, completed,
+failed, cancelled, timed_out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import shutil
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from comfy_sidecar.jobs.progress import Progress
+
+log = logging.getLogger("comfy_sidecar.jobs")
+
+
+class JobStatus(enum.StrEnum):
+    """Where a job is (ComfyUI ``/api/jobs`` names). The last four are terminal."""
+
+    PENDING = "pending"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def terminal(self) -> bool:
+        """True once the job has ended."""
+        return self not in (JobStatus.PENDING, JobStatus.IN_PROGRESS)
+
+
+def iso(ms: int | None) -> str | None:
+    """``ms`` since the epoch as an ISO 8601 UTC timestamp with milliseconds, or None."""
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def now_ms() -> int:
+    """Milliseconds since the epoch."""
+    return int(time.time() * 1000)
+
+
+class OutputInfo(msgspec.Struct, kw_only=True):
+    """One output file of a job. ``url`` is the upload URL, or ``/jobs/{id}/outputs/{n}``."""
+
+    node_id: str
+    filename: str
+    media_type: str
+    mime_type: str
+    size_bytes: int
+    url: str
+
+
+@dataclass(slots=True)
+class JobEvent:
+    """One entry of a job's event log: ``id`` increases by one per event of the job;
+    ``data`` is the JSON text of the event's body."""
+
+    id: int
+    type: str
+    data: bytes
+
+
+@dataclass
+class JobRecord:
+    """One job as the store holds it. Times are ms since the epoch."""
+
+    id: str
+    endpoint: str
+    fingerprint: bytes = b""
+    status: JobStatus = JobStatus.PENDING
+    created_ms: int = field(default_factory=now_ms)
+    started_ms: int | None = None
+    completed_ms: int | None = None
+    last_event_ms: int | None = None
+    prompt_id: str | None = None
+    instance: str | None = None
+    progress: Progress | None = None
+    queue_position: int | None = None
+    outputs: list[OutputInfo] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    stats: dict[str, Any] | None = None
+    events: list[JobEvent] = field(default_factory=list)
+    retain_outputs: bool = True
+    _changed: asyncio.Future[None] | None = None
+    expires_at: float = 0.0  # monotonic seconds, set when the job ends
+
+    # --- events ---------------------------------------------------------------------------
+
+    def publish(self, kind: str, body: Any, *, log_it: bool = True) -> JobEvent:
+        """Append an event (``log_it`` False: previews, sent live but not replayed) and wake
+        every subscriber."""
+        event = JobEvent(len(self.events) + 1, kind, msgspec.json.encode(body))
+        if log_it:
+            self.events.append(event)
+        self.last_event_ms = now_ms()
+        self._wake(event if not log_it else None)
+        return event
+
+    _live: JobEvent | None = None
+
+    def _wake(self, live: JobEvent | None) -> None:
+        self._live = live
+        changed = self._changed
+        self._changed = None
+        if changed is not None and not changed.done():
+            changed.set_result(None)
+
+    def changed(self) -> asyncio.Future[None]:
+        """A future that resolves at the next event."""
+        if self._changed is None or self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
+        return self._changed
+
+    async def follow(
+        self, after: int = 0, heartbeat_s: float = 15.0, previews: bool = False
+    ) -> AsyncIterator[JobEvent | None]:
+        """Events with ids above ``after``, as they come; None every ``heartbeat_s`` seconds
+        of silence. Ends after the ``done`` event."""
+        sent = after
+        while True:
+            while sent < len(self.events):
+                event = self.events[sent]
+                sent += 1
+                yield event
+                if event.type == "done":
+                    return
+            if self.status.terminal and sent >= len(self.events):
+                return
+            waiter = self.changed()
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), heartbeat_s)
+            except TimeoutError:
+                yield None
+                continue
+            live = self._live
+            if previews and live is not None:
+                yield live
+
+    # --- views ----------------------------------------------------------------------------
+
+    def view(self, base_url: str = "") -> dict[str, Any]:
+        """The ``GET /jobs/{id}`` body (without outputs' data)."""
+        body: dict[str, Any] = {
+            "id": self.id,
+            "status": self.status.value,
+            "endpoint": self.endpoint,
+            "created_at": iso(self.created_ms),
+            "started_at": iso(self.started_ms),
+            "completed_at": iso(self.completed_ms),
+            "prompt_id": self.prompt_id,
+            "instance": self.instance,
+            "queue_position": self.queue_position,
+            "last_event_time": iso(self.last_event_ms),
+        }
+        body.update(
+            self.progress.view()
+            if self.progress is not None
+            else {
+                "progress": 100.0 if self.status is JobStatus.COMPLETED else 0.0,
+                "progress_value": 0.0,
+                "progress_max": 0.0,
+                "nodes_total": 0,
+                "nodes_done": 0,
+                "nodes_cached": 0,
+                "current_node": None,
+                "current_node_type": None,
+            }
+        )
+        body["urls"] = urls(self.id, base_url)
+        body["outputs"] = [msgspec.to_builtins(o) for o in self.outputs]
+        body["error"] = self.error
+        body["stats"] = self.stats
+        return body
+
+    def summary(self, base_url: str = "") -> dict[str, Any]:
+        """A listing entry: the view without outputs, error details or stats."""
+        body = self.view(base_url)
+        for key in ("outputs", "stats"):
+            body.pop(key)
+        if self.error is not None:
+            body["error"] = {"error": self.error.get("error")}
+        return body
+
+
+def urls(job_id: str, base_url: str = "") -> dict[str, str]:
+    """``{self, events, cancel}`` links of a job."""
+    root = f"{base_url}/jobs/{job_id}"
+    return {"self": root, "events": f"{root}/events", "cancel": f"{root}/cancel"}
+
+
+class UnknownJob(LookupError):
+    """No job with this id is retained."""
+
+
+class DifferentBody(Exception):
+    """A job with this id exists with a different request body."""
+
+
+class JobStore:
+    """Jobs by id, newest last; ended jobs expire after ``retention_s`` seconds (at most
+    ``max_jobs`` kept). ``jobs_dir`` holds retained output files, one folder per job."""
+
+    def __init__(self, jobs_dir: str | Path, retention_s: float, max_jobs: int) -> None:
+        self.dir = Path(jobs_dir)
+        self.retention_s = retention_s
+        self.max_jobs = max_jobs
+        self._jobs: dict[str, JobRecord] = {}
+        self._seq = 0
+        self._order: dict[str, int] = {}
+
+    def clear_leftovers(self) -> None:
+        """Remove what a previous sidecar left in ``jobs_dir`` (the store starts empty)."""
+        if self.dir.is_dir():
+            for child in self.dir.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def __iter__(self) -> Iterator[JobRecord]:
+        return iter(list(self._jobs.values()))
+
+    def get(self, job_id: str) -> JobRecord:
+        """The retained job ``job_id``. Raises :class:`UnknownJob`."""
+        self.expire()
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise UnknownJob(job_id) from None
+
+    def find(self, job_id: str) -> JobRecord | None:
+        """The retained job ``job_id``, or None."""
+        return self._jobs.get(job_id)
+
+    def add(self, record: JobRecord) -> tuple[JobRecord, bool]:
+        """Store ``record``; returns (the stored record, created).
+
+        An id already retained with the same ``fingerprint`` returns that job (created False);
+        with a different fingerprint raises :class:`DifferentBody`.
+        """
+        self.expire()
+        existing = self._jobs.get(record.id)
+        if existing is not None:
+            if existing.fingerprint != record.fingerprint or not record.fingerprint:
+                raise DifferentBody(record.id)
+            return existing, False
+        self._seq += 1
+        self._order[record.id] = self._seq
+        self._jobs[record.id] = record
+        record.publish("status", {"status": record.status.value})
+        return record, True
+
+    def job_dir(self, job_id: str) -> Path:
+        """Where job ``job_id``'s retained output files go (created on demand)."""
+        path = self.dir / job_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # --- transitions ----------------------------------------------------------------------
+
+    def set_status(self, record: JobRecord, status: JobStatus) -> None:
+        """Move a job that has not ended to ``status`` and publish it."""
+        if record.status.terminal or record.status is status:
+            return
+        record.status = status
+        if status is JobStatus.IN_PROGRESS and record.started_ms is None:
+            record.started_ms = now_ms()
+        record.publish("status", {"status": status.value})
+
+    def finish(
+        self,
+        record: JobRecord,
+        status: JobStatus,
+        *,
+        error: dict[str, Any] | None = None,
+        stats: dict[str, Any] | None = None,
+    ) -> bool:
+        """End a job (once; later calls return False), publish ``done`` with its final body
+        and start its retention clock."""
+        if record.status.terminal:
+            return False
+        record.status = status
+        record.completed_ms = now_ms()
+        record.error = error
+        record.stats = stats
+        record.queue_position = None
+        if status is JobStatus.COMPLETED and record.progress is not None:
+            record.progress.complete()
+        record.expires_at = time.monotonic() + self.retention_s
+        record.publish("done", record.view())
+        self._enforce_max()
+        return True
+
+    # --- listing and expiry ---------------------------------------------------------------
+
+    def page(
+        self, status: JobStatus | None, limit: int, cursor: int | None
+    ) -> tuple[list[JobRecord], int | None]:
+        """Newest first: up to ``limit`` jobs (with ``status``, when given) older than
+        ``cursor`` (an opaque sequence number from a previous page). Returns (jobs, next
+        cursor or None)."""
+        self.expire()
+        found: list[JobRecord] = []
+        for record in reversed(self._jobs.values()):
+            seq = self._order[record.id]
+            if cursor is not None and seq >= cursor:
+                continue
+            if status is not None and record.status is not status:
+                continue
+            found.append(record)
+            if len(found) > limit:
+                break
+        more = len(found) > limit
+        found = found[:limit]
+        return found, (self._order[found[-1].id] if more and found else None)
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop ended jobs past their retention; returns how many went."""
+        now = time.monotonic() if now is None else now
+        gone = [r for r in self._jobs.values() if r.status.terminal and r.expires_at <= now]
+        for record in gone:
+            self.drop(record)
+        return len(gone)
+
+    def _enforce_max(self) -> None:
+        ended = [r for r in self._jobs.values() if r.status.terminal]
+        for record in ended[: max(0, len(ended) - self.max_jobs)]:
+            self.drop(record)
+
+    def drop(self, record: JobRecord) -> None:
+        """Forget ``record`` and delete its retained files."""
+        self._jobs.pop(record.id, None)
+        self._order.pop(record.id, None)
+        if record.files:
+            shutil.rmtree(self.dir / record.id, ignore_errors=True)
+            record.files = []
+
+    def close(self) -> None:
+        """Forget everything and delete every retained file."""
+        for record in list(self._jobs.values()):
+            self.drop(record)

@@ -1,0 +1,127 @@
+"""The job store: idempotent ids, newest-first pages, retention, event replay and resume."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from comfy_sidecar.jobs.store import (
+    DifferentBody,
+    JobRecord,
+    JobStatus,
+    JobStore,
+    UnknownJob,
+)
+
+
+def make(store: JobStore, job_id: str, fingerprint: bytes = b"a") -> JobRecord:
+    record, _ = store.add(JobRecord(id=job_id, endpoint="jobs", fingerprint=fingerprint))
+    return record
+
+
+def test_same_id_same_body_returns_the_job_and_a_different_body_conflicts(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        store = JobStore(tmp_path, 60, 10)
+        first = make(store, "j1", b"body")
+        again, created = store.add(JobRecord(id="j1", endpoint="jobs", fingerprint=b"body"))
+        assert again is first and created is False
+        with pytest.raises(DifferentBody):
+            store.add(JobRecord(id="j1", endpoint="jobs", fingerprint=b"other"))
+
+    asyncio.run(main())
+
+
+def test_pages_are_newest_first_with_a_cursor_and_a_status_filter(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = JobStore(tmp_path, 60, 100)
+        records = [make(store, f"j{i}") for i in range(7)]
+        for record in records[::2]:
+            store.finish(record, JobStatus.COMPLETED)
+        page, cursor = store.page(None, 3, None)
+        assert [r.id for r in page] == ["j6", "j5", "j4"]
+        page, cursor = store.page(None, 3, cursor)
+        assert [r.id for r in page] == ["j3", "j2", "j1"]
+        page, cursor = store.page(None, 3, cursor)
+        assert [r.id for r in page] == ["j0"] and cursor is None
+        done, _ = store.page(JobStatus.COMPLETED, 10, None)
+        assert [r.id for r in done] == ["j6", "j4", "j2", "j0"]
+
+    asyncio.run(main())
+
+
+def test_ended_jobs_expire_with_their_files(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = JobStore(tmp_path, 30, 100)
+        record = make(store, "j1")
+        folder = store.job_dir("j1")
+        (folder / "out.png").write_bytes(b"x")
+        record.files = [folder / "out.png"]
+        running = make(store, "j2")
+        store.finish(record, JobStatus.COMPLETED)
+        assert store.expire(time.monotonic() + 29) == 0
+        assert store.expire(time.monotonic() + 31) == 1
+        assert not folder.exists()
+        with pytest.raises(UnknownJob):
+            store.get("j1")
+        assert store.get("j2") is running  # a running job never expires
+
+    asyncio.run(main())
+
+
+def test_at_most_max_jobs_ended_jobs_are_kept(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = JobStore(tmp_path, 3600, 2)
+        records = [make(store, f"j{i}") for i in range(4)]
+        for record in records:
+            store.finish(record, JobStatus.FAILED, error={"error": "x"})
+        assert [r.id for r in store] == ["j2", "j3"]
+
+    asyncio.run(main())
+
+
+def test_follow_replays_then_resumes_after_last_event_id(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = JobStore(tmp_path, 60, 10)
+        record = make(store, "j1")
+        store.set_status(record, JobStatus.IN_PROGRESS)
+        record.publish("progress", {"progress": 50})
+
+        async def collect(after: int) -> list[tuple[int, str]]:
+            return [(e.id, e.type) async for e in record.follow(after) if e is not None]
+
+        task = asyncio.ensure_future(collect(0))
+        await asyncio.sleep(0)  # let the subscriber catch up and wait (it must not end early)
+        assert not task.done()
+        store.finish(record, JobStatus.COMPLETED)
+        events = await asyncio.wait_for(task, 5)
+        assert events == [(1, "status"), (2, "status"), (3, "progress"), (4, "done")]
+        assert await collect(2) == [(3, "progress"), (4, "done")]
+        done = msgspec.json.decode(record.events[-1].data)
+        assert done["status"] == "completed" and done["progress"] == 100.0
+
+    asyncio.run(main())
+
+
+def test_follow_sends_heartbeats_while_nothing_happens(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = JobStore(tmp_path, 60, 10)
+        record = make(store, "j1")
+        stream = record.follow(1, heartbeat_s=0.01)
+        assert await asyncio.wait_for(stream.__anext__(), 5) is None
+        await stream.aclose()
+
+    asyncio.run(main())
+
+
+def test_clear_leftovers_empties_the_jobs_dir(tmp_path: Path) -> None:
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "f").write_bytes(b"1")
+    (tmp_path / "stray").write_bytes(b"1")
+    JobStore(tmp_path, 1, 1).clear_leftovers()
+    assert list(tmp_path.iterdir()) == []
