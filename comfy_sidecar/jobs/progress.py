@@ -96,7 +96,7 @@ class Progress:
 
     @property
     def percent(self) -> float:
-        """0–100, never decreasing; 100 only after :meth:`complete`."""
+        """0 to 100, never decreasing; 100 only after :meth:`complete`."""
         return self._percent
 
     def _finish_node(self, node_id: str | None) -> None:
@@ -144,9 +144,9 @@ class Progress:
     def _recompute(self) -> None:
         total = max(1, len(self.to_run))
         partial = 0.0
-        if self.current_node is not None and self.current_node not in self.done:
-            if self.step_max > 0:
-                partial = min(1.0, self.step_value / self.step_max)
+        running = self.current_node is not None and self.current_node not in self.done
+        if running and self.step_max > 0:
+            partial = min(1.0, self.step_value / self.step_max)
         value = 100.0 * (len(self.done & self.to_run) + partial) / total
         self._percent = max(self._percent, min(BEFORE_COMPLETION, value))
 
