@@ -1,0 +1,112 @@
+"""The dispatcher: jobs wait in the sidecar until an instance is ready and has a free slot.
+
+Each instance holds at most ``per_instance`` jobs (default 2, so the next prompt is already in
+ComfyUI's queue when one ends and the GPU does not idle between them). A waiting job goes, in
+arrival order, to the ready instance with the fewest jobs; ties go round robin. An instance
+that restarts, recycles or reconnects simply stops being ready: jobs keep waiting here instead
+of being refused, and :meth:`Dispatcher.poke` hands them out again when it is back.
+
+This is the sidecar-side queue that ai-dock's wrapper keeps per backend
+(``COMFYUI_BACKENDS``) and that comfyui-api does not have (it forwards straight to ComfyUI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Protocol
+
+
+class Slotted(Protocol):
+    """What the dispatcher needs of an instance."""
+
+    @property
+    def name(self) -> str:
+        """The instance's label (``"0"``, ``"1"``, …)."""
+        ...
+
+    @property
+    def accepting(self) -> bool:
+        """True while the instance is ready to be given new jobs."""
+        ...
+
+
+class Dispatcher:
+    """Hands instances out to waiting jobs; ``per_instance`` slots each."""
+
+    def __init__(self, instances: list[Slotted], per_instance: int = 2) -> None:
+        self.instances = list(instances)
+        self.per_instance = max(1, per_instance)
+        self.in_flight: dict[str, int] = {i.name: 0 for i in self.instances}
+        self._waiters: collections.deque[asyncio.Future[Slotted]] = collections.deque()
+        self._next = 0
+
+    @property
+    def waiting(self) -> int:
+        """Jobs waiting for a slot."""
+        return sum(1 for w in self._waiters if not w.done())
+
+    @property
+    def running(self) -> int:
+        """Jobs holding a slot."""
+        return sum(self.in_flight.values())
+
+    def free_slots(self) -> int:
+        """Slots free on instances that accept work now."""
+        return sum(
+            max(0, self.per_instance - self.in_flight[i.name])
+            for i in self.instances
+            if i.accepting
+        )
+
+    def _pick(self) -> Slotted | None:
+        best: Slotted | None = None
+        count = len(self.instances)
+        for offset in range(count):
+            instance = self.instances[(self._next + offset) % count]
+            load = self.in_flight[instance.name]
+            if not instance.accepting or load >= self.per_instance:
+                continue
+            if best is None or load < self.in_flight[best.name]:
+                best = instance
+        if best is not None:
+            self._next = (self.instances.index(best) + 1) % count
+            self.in_flight[best.name] += 1
+        return best
+
+    async def acquire(self) -> Slotted:
+        """Wait (in arrival order) for a slot; returns the instance holding it. The caller
+        must :meth:`release` it. Cancelling the wait gives nothing up."""
+        if not any(not w.done() for w in self._waiters):
+            instance = self._pick()
+            if instance is not None:
+                return instance
+        waiter: asyncio.Future[Slotted] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(waiter.result())  # handed a slot just as the wait was cancelled
+            raise
+        finally:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass
+
+    def release(self, instance: Slotted) -> None:
+        """Give back ``instance``'s slot and hand it to the next waiting job."""
+        if self.in_flight.get(instance.name, 0) > 0:
+            self.in_flight[instance.name] -= 1
+        self.poke()
+
+    def poke(self) -> None:
+        """Hand free slots to waiting jobs (call when an instance becomes ready)."""
+        for waiter in list(self._waiters):
+            if waiter.done():
+                continue
+            instance = self._pick()
+            if instance is None:
+                return
+            waiter.set_result(instance)

@@ -1,0 +1,93 @@
+"""The dispatcher: slots per instance, fewest jobs first, round robin, FIFO, waiting on restarts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from comfy_sidecar.dispatch import Dispatcher
+
+
+async def settle(condition: Callable[[], bool]) -> None:
+    """Let other tasks run until ``condition`` holds (at most 100 loop turns)."""
+    for _ in range(100):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
+
+
+@dataclass
+class Inst:
+    name: str
+    accepting: bool = True
+
+
+def test_fewest_jobs_first_with_round_robin_ties() -> None:
+    async def main() -> None:
+        a, b = Inst("0"), Inst("1")
+        d = Dispatcher([a, b], per_instance=2)
+        got = [(await d.acquire()).name for _ in range(4)]
+        assert got == ["0", "1", "0", "1"]
+        assert d.running == 4 and d.free_slots() == 0
+        d.release(a)
+        assert (await d.acquire()).name == "0"
+
+    asyncio.run(main())
+
+
+def test_jobs_wait_in_order_while_no_instance_accepts() -> None:
+    async def main() -> None:
+        a = Inst("0", accepting=False)
+        d = Dispatcher([a], per_instance=1)
+        order: list[int] = []
+
+        async def job(n: int) -> None:
+            inst = await d.acquire()
+            order.append(n)
+            d.release(inst)
+
+        tasks = [asyncio.ensure_future(job(n)) for n in range(3)]
+        await settle(lambda: d.waiting == 3)
+        assert order == []  # nobody refused, nobody run
+        a.accepting = True
+        d.poke()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert order == [0, 1, 2]
+        assert d.running == 0
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_wait_gives_up_nothing() -> None:
+    async def main() -> None:
+        a = Inst("0")
+        d = Dispatcher([a], per_instance=1)
+        held = await d.acquire()
+        waiting = asyncio.ensure_future(d.acquire())
+        await settle(lambda: d.waiting == 1)
+        waiting.cancel()
+        d.release(held)  # the slot is handed to the cancelled waiter, which gives it back
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert d.running == 0 and d.waiting == 0
+        assert (await d.acquire()).name == "0"
+
+    asyncio.run(main())
+
+
+def test_an_instance_that_stops_accepting_gets_no_new_jobs() -> None:
+    async def main() -> None:
+        a, b = Inst("0"), Inst("1")
+        d = Dispatcher([a, b], per_instance=2)
+        a.accepting = False
+        got = [(await d.acquire()).name for _ in range(2)]
+        assert got == ["1", "1"]
+        pending = asyncio.ensure_future(d.acquire())
+        await asyncio.sleep(0)
+        assert not pending.done()
+        a.accepting = True
+        d.poke()
+        assert (await asyncio.wait_for(pending, 5)).name == "0"
+
+    asyncio.run(main())
