@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from litestar import Litestar, Request, Response, get
 from litestar.datastructures import State
+from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
@@ -31,6 +32,7 @@ from comfy_sidecar.errors import (
     UpstreamFailed,
 )
 from comfy_sidecar.locations import msgspec_location
+from comfy_sidecar.routes.jobs import ROUTES as JOB_ROUTES
 from comfy_sidecar.routes.models import download, download_status, models
 from comfy_sidecar.routes.probes import health, ready
 from comfy_sidecar.routes.prompt import interrupt, prompt
@@ -183,12 +185,14 @@ def create_app(sidecar: Sidecar) -> Litestar:
             download,
             download_status,
             models,
+            *JOB_ROUTES,
             *(
                 workflow_route(wf, settings.markdown_schema_descriptions)
                 for wf in sidecar.workflows
             ),
         ],
         state=State({"sidecar": sidecar}),
+        dependencies={"jobs": Provide(lambda: sidecar.jobs, sync_to_thread=False)},
         request_max_body_size=settings.max_body_size_mb * 1024 * 1024,
         exception_handlers={
             ValidationException: _validation_error,

@@ -43,8 +43,8 @@ class Var:
     """How one :class:`Settings` field is read from the environment.
 
     ``name`` is the environment variable. ``default`` is the raw string used when it is unset
-    or empty (``None``: the field is ``None`` then); ``${COMFY_HOME}`` and ``${HOME}`` in it
-    are expanded. ``parse`` turns the raw string into the field's value or raises
+    or empty (``None``: the field is ``None`` then); ``${COMFY_HOME}``, ``${HOME}`` and
+    ``${PORT}`` in it are expanded. ``parse`` turns the raw string into the field's value or raises
     ``ValueError`` with a short reason (see :mod:`comfy_sidecar.config_parsers`). ``new`` marks
     variables comfyui-api does not have. In :data:`VARS`, ``field`` is the :class:`Settings`
     attribute and ``doc`` the description (the string after the ``Var`` in the annotation).
@@ -71,7 +71,8 @@ SALAD_VARS: tuple[str, ...] = (
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
-    """Every setting, parsed. Paths are as given (``${COMFY_HOME}`` and ``${HOME}`` expanded)."""
+    """Every setting, parsed. Paths are as given (``${COMFY_HOME}``, ``${HOME}``, ``${PORT}``
+    expanded)."""
 
     # --- ComfyUI child and its directories ----------------------------------------------------
     cmd: Annotated[
@@ -129,6 +130,24 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         float,
         Var("PROMPT_TIMEOUT_S", "3600", float_at_least(0), new=True),
         "Longest a job may run in ComfyUI, in seconds (0 = no limit); then it is interrupted.",
+    ]
+
+    # --- jobs -------------------------------------------------------------------------------
+    jobs_dir: Annotated[
+        str,
+        Var("JOBS_DIR", "${HOME}/.cache/comfy-sidecar/jobs-${PORT}", text, new=True),
+        "Where ended jobs' output files are kept for GET /jobs/{id}/outputs/{n} (one directory "
+        "per sidecar; emptied at start-up).",
+    ]
+    job_retention_s: Annotated[
+        float,
+        Var("JOB_RETENTION_S", "3600", float_at_least(0), new=True),
+        "Seconds an ended job (status, events, output files) is kept.",
+    ]
+    job_retention_max: Annotated[
+        int,
+        Var("JOB_RETENTION_MAX", "1000", int_at_least(1), new=True),
+        "Most ended jobs kept; the oldest go first.",
     ]
 
     # --- HTTP server --------------------------------------------------------------------------
@@ -288,7 +307,9 @@ _COMFY_HOME = next(var for var in VARS if var.field == "comfy_home")
 
 def _expand(value: str, env: Mapping[str, str], comfy_home: str) -> str:
     home = env.get("HOME") or os.path.expanduser("~")
-    return value.replace("${COMFY_HOME}", comfy_home).replace("${HOME}", home)
+    port = env.get("PORT") or "3000"
+    value = value.replace("${COMFY_HOME}", comfy_home).replace("${HOME}", home)
+    return value.replace("${PORT}", port)
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:

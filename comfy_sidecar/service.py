@@ -36,6 +36,8 @@ from comfy_sidecar.comfy.client import ComfyClient
 from comfy_sidecar.comfy.events import EventStream
 from comfy_sidecar.config import Settings
 from comfy_sidecar.errors import SidecarError
+from comfy_sidecar.jobs.runner import JobService
+from comfy_sidecar.jobs.store import JobStore
 from comfy_sidecar.logs import setup_logging
 from comfy_sidecar.pipeline.deliver import Delivery
 from comfy_sidecar.pipeline.jobs import JobRegistry
@@ -106,9 +108,17 @@ class Sidecar:
             settings, self.client, self.registry, self.client_id, self.log_tail, self.storage
         )
         self.deletion_cost = DeletionCost(settings)
-        self.delivery = Delivery(
-            self.pipeline, self.webhooks, self.spawn, Delivery.storage_uploader(self.storage)
+        self.store = JobStore(
+            settings.jobs_dir, settings.job_retention_s, settings.job_retention_max
         )
+        self.delivery = Delivery(
+            self.pipeline,
+            self.webhooks,
+            self.spawn,
+            Delivery.storage_uploader(self.storage),
+            self.store,
+        )
+        self.jobs = JobService(self.store, self.delivery)
         self.workflows: list[Any] = []
         self.phase = Phase.STARTING
         self.detail = "starting"
@@ -173,11 +183,22 @@ class Sidecar:
             if len(self.registry) and quiet > self.quiet_reconcile_s:
                 await self.registry.reconcile()
 
+    async def _expire_jobs(self) -> None:
+        """Drop ended jobs past JOB_RETENTION_S (reads expire them too; this frees files)."""
+        interval = max(1.0, min(60.0, self.settings.job_retention_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.store.expire()
+
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def lifecycle(self) -> int:
         """Provision, launch, warm, serve, restart; returns 1 when the sidecar must exit."""
         try:
+            try:
+                await asyncio.to_thread(self.store.clear_leftovers)
+            except (OSError, ValueError) as exc:
+                raise Fatal(f"JOBS_DIR: {exc}") from None
             await self.webhooks.start()
             await self.storage.start()
             self.deletion_cost.start()
@@ -185,6 +206,7 @@ class Sidecar:
             await self.provision()
             self.spawn(self.events.run())
             self.spawn(self._watch_quiet_socket())
+            self.spawn(self._expire_jobs())
             await self._supervise()
         except Fatal as exc:
             self.set_phase(Phase.FAILED, str(exc))
@@ -352,10 +374,9 @@ class Sidecar:
         )
         started = time.monotonic()
         try:
-            result = await self.pipeline.run(request)
+            await self.delivery.run(request, "warmup")
         except SidecarError as exc:
             raise Fatal(f"the warmup prompt failed ({type(exc).__name__}): {exc.message}") from None
-        result.release()
         log.info("warmup finished in %.2f s", time.monotonic() - started)
 
     # --- shutdown -----------------------------------------------------------------------------

@@ -155,6 +155,12 @@ class ComfyClient:
             self._object_info[class_type] = info if isinstance(info, dict) else None
         return self._object_info[class_type]
 
+    def known_output_node(self, class_type: str) -> bool:
+        """True when ComfyUI already said (cached :meth:`object_info`) that ``class_type`` is an
+        output node; no request is made."""
+        info = self._object_info.get(class_type)
+        return bool(info and info.get("output_node"))
+
     async def model_folders(self) -> list[str]:
         """ComfyUI's model folder names (``GET /models``)."""
         answer = await self.get_json("/models")

@@ -35,6 +35,10 @@ from comfy_sidecar.jobs.progress import Progress
 log = logging.getLogger("comfy_sidecar.jobs")
 
 
+#: The file that marks a directory as the store's own (so start-up may empty it).
+MARKER = ".comfy-sidecar-jobs"
+
+
 class JobStatus(enum.StrEnum):
     """Where a job is (ComfyUI ``/api/jobs`` names). The last four are terminal."""
 
@@ -64,14 +68,15 @@ def now_ms() -> int:
 
 
 class OutputInfo(msgspec.Struct, kw_only=True):
-    """One output file of a job. ``url`` is the upload URL, or ``/jobs/{id}/outputs/{n}``."""
+    """One output file of a job. ``url`` is the upload URL, or ``/jobs/{id}/outputs/{n}`` for a
+    retained file, or None when the file was answered inline (``/prompt``) and is gone."""
 
     node_id: str
     filename: str
     media_type: str
     mime_type: str
     size_bytes: int
-    url: str
+    url: str | None
 
 
 @dataclass(slots=True)
@@ -234,14 +239,24 @@ class JobStore:
         self._order: dict[str, int] = {}
 
     def clear_leftovers(self) -> None:
-        """Remove what a previous sidecar left in ``jobs_dir`` (the store starts empty)."""
-        if self.dir.is_dir():
-            for child in self.dir.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink(missing_ok=True)
+        """Remove what a previous sidecar left in ``jobs_dir`` (the store starts empty).
+
+        Only a directory the store made (it holds the :data:`MARKER` file) or an empty one is
+        used; raises ValueError for any other non-empty directory, so a mistyped JOBS_DIR never
+        deletes anyone's files, and OSError when it cannot be created.
+        """
+        marker = self.dir / MARKER
+        if self.dir.is_dir() and not marker.exists() and any(self.dir.iterdir()):
+            raise ValueError(f"{self.dir} is not empty and is not a comfy-sidecar jobs directory")
         self.dir.mkdir(parents=True, exist_ok=True)
+        for child in self.dir.iterdir():
+            if child.name == MARKER:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        marker.write_text("comfy-sidecar jobs directory: emptied at every start-up\n")
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -278,6 +293,23 @@ class JobStore:
         self._jobs[record.id] = record
         record.publish("status", {"status": record.status.value})
         return record, True
+
+    def queue_position(self, record: JobRecord) -> int | None:
+        """0 for the oldest pending job, 1 for the next, …; None once it runs or ended."""
+        if record.status is not JobStatus.PENDING:
+            return None
+        position = 0
+        for other in self._jobs.values():
+            if other is record:
+                return position
+            if other.status is JobStatus.PENDING:
+                position += 1
+        return None
+
+    def view(self, record: JobRecord) -> dict[str, Any]:
+        """``record``'s ``GET /jobs/{id}`` body, with its current queue position."""
+        record.queue_position = self.queue_position(record)
+        return record.view()
 
     def job_dir(self, job_id: str) -> Path:
         """Where job ``job_id``'s retained output files go (created on demand)."""

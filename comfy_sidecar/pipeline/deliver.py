@@ -13,6 +13,7 @@ import asyncio
 import functools
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from comfy_sidecar.errors import SidecarError, UpstreamFailed
+from comfy_sidecar.jobs.runner import JobTracker, error_body, open_job
+from comfy_sidecar.jobs.store import JobRecord, JobStore
 from comfy_sidecar.pipeline.bounded import gather_bounded
 from comfy_sidecar.pipeline.outputs import (
     INLINE_LIMIT,
@@ -108,14 +111,62 @@ class Delivery:
         webhooks: WebhookDispatcher,
         spawn: Callable[[Awaitable[None]], Any],
         uploader: Uploader,
+        store: JobStore,
     ) -> None:
         self.pipeline = pipeline
         self.webhooks = webhooks
         self.spawn = spawn
         self.uploader = uploader
+        self.store = store
+
+    async def _open(
+        self, request: PromptRequest, endpoint: str, fingerprint: bytes = b""
+    ) -> tuple[JobTracker, PendingJob | None, PromptRequest]:
+        """The job's record and, when it is new, the preprocessed pipeline job (None for a
+        resubmission of a retained job). A request refused here leaves no record."""
+        if request.id is None:
+            request = msgspec.structs.replace(request, id=str(uuid.uuid4()))
+        assert request.id is not None
+        tracker, created = open_job(self.store, request.id, endpoint, fingerprint)
+        if not created:
+            return tracker, None, request
+        try:
+            pending = await self.pipeline.prepare(request)
+        except BaseException:
+            tracker.forget()
+            raise
+        tracker.attach(pending, self.pipeline.output_nodes(pending.prompt))
+        return tracker, pending, request
+
+    async def run(self, request: PromptRequest, endpoint: str) -> None:
+        """Run a job for the sidecar itself (the warmup): recorded like any job, its outputs
+        removed at once. Raises what :meth:`Pipeline.run` raises."""
+        tracker, pending, request = await self._open(request, endpoint)
+        assert pending is not None
+        try:
+            result = await self.pipeline.complete(pending)
+        except BaseException as exc:
+            tracker.failed(exc)
+            raise
+        tracker.completed(result.files, None, result.stats(), retain=False)
+        result.release()
+
+    async def submit(self, request: PromptRequest, endpoint: str, fingerprint: bytes) -> JobRecord:
+        """A job of the job APIs: preprocessed now (a caller's mistake raises, and nothing is
+        kept), then run in the background; outputs are kept under JOBS_DIR unless the request
+        uploads them. Resubmitting a retained id with the same ``fingerprint`` returns that
+        job; another body raises :class:`~comfy_sidecar.errors.Conflict`."""
+        tracker, pending, request = await self._open(request, endpoint, fingerprint)
+        if pending is not None:
+            echoed = Echoed(**echo(request), input=None)
+            self.spawn(self._background(pending, request, echoed, tracker, retain=True))
+        return tracker.record
 
     async def handle(
-        self, request: PromptRequest, workflow_input: dict[str, Any] | None = None
+        self,
+        request: PromptRequest,
+        workflow_input: dict[str, Any] | None = None,
+        endpoint: str = "prompt",
     ) -> Delivered:
         """Answer one request: :class:`Answered` or :class:`Streamed` (200) once the job is
         done, or :class:`Accepted` (202) at once when it is asynchronous (:func:`is_async`).
@@ -126,21 +177,26 @@ class Delivery:
         upload).
         """
         target = upload_target(request)
-        pending = await self.pipeline.prepare(request)
+        tracker, pending, request = await self._open(request, endpoint)
+        assert pending is not None
         echoed = Echoed(**echo(request), input=workflow_input)
         if is_async(request):
-            self.spawn(self._background(pending, request, echoed))
+            self.spawn(self._background(pending, request, echoed, tracker, retain=False))
             fields = msgspec.structs.asdict(echoed)
             return Accepted(
                 AcceptedResponse(**fields, status="ok", id=pending.job.id, prompt=pending.prompt)
             )
-        result = await self.pipeline.complete(pending)
+        result: JobResult | None = None
         try:
+            result = await self.pipeline.complete(pending)
             await self.postprocess(result, request)
             urls = await self._upload(result, target)
-        except BaseException:
-            result.release()
+        except BaseException as exc:
+            tracker.failed(exc)
+            if result is not None:
+                result.release()
             raise
+        tracker.completed(result.files, urls, result.stats(), retain=False)
         return self.answer(result, echoed, urls)
 
     @staticmethod
@@ -226,34 +282,47 @@ class Delivery:
         return urls
 
     async def _background(
-        self, pending: PendingJob, request: PromptRequest, echoed: Echoed
+        self,
+        pending: PendingJob,
+        request: PromptRequest,
+        echoed: Echoed,
+        tracker: JobTracker,
+        *,
+        retain: bool,
     ) -> None:
-        """Finish an async job: run, convert, upload, then the webhooks (success or failure)."""
-        job_id = pending.job.id
+        """Finish a job in the background: run, convert, upload, the webhooks (success or
+        failure), then its record (outputs kept under JOBS_DIR when ``retain``)."""
         result: JobResult | None = None
         try:
             result = await self.pipeline.complete(pending)
             await self.postprocess(result, request)
+            urls: list[str] | None = None
             if request.webhook:
                 await self._send_v1(request.webhook, result)
             else:
                 urls = await self._upload(result, upload_target(request))
                 if request.webhook_v2:
                     await self._send_v2(request.webhook_v2, result, echoed, urls)
-        except SidecarError as exc:
-            log.warning("job %s failed (%s): %s", job_id, type(exc).__name__, exc.message)
-            await self._send_failure(request, job_id, pending.prompt, exc.body())
-        except Exception as exc:
-            log.exception("job %s failed", job_id)
-            await self._send_failure(
-                request,
-                job_id,
-                pending.prompt,
-                {"error": f"internal error: {type(exc).__name__}: {exc}", "id": job_id},
-            )
+            tracker.completed(result.files, urls, result.stats(), retain=retain)
+        except BaseException as exc:
+            tracker.failed(exc)
+            if not isinstance(exc, Exception):
+                raise
+            await self._report_failure(pending, request, exc)
         finally:
             if result is not None:
                 result.release()
+
+    async def _report_failure(
+        self, pending: PendingJob, request: PromptRequest, exc: Exception
+    ) -> None:
+        """Log a background job's failure and send its failure webhook."""
+        job_id = pending.job.id
+        if isinstance(exc, SidecarError):
+            log.warning("job %s failed (%s): %s", job_id, type(exc).__name__, exc.message)
+        else:
+            log.error("job %s failed", job_id, exc_info=exc)
+        await self._send_failure(request, job_id, pending.prompt, error_body(exc, job_id))
 
     async def _send_v1(self, url: str, result: JobResult) -> None:
         from comfy_sidecar.webhooks import v1_output_body

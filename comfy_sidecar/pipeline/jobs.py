@@ -15,6 +15,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +82,8 @@ class Job:
     step_max: float = 0.0
     interrupt_requested: bool = False
     missed_frames: bool = False
+    #: Called with (frame type, data) for each of the job's frames, after the job took it.
+    listener: Callable[[str, dict[str, Any]], None] | None = None
     done: asyncio.Future[JobOutcome] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -201,6 +204,8 @@ class JobRegistry:
         elif kind == "execution_interrupted":
             job.exec_end_ms = _int(data.get("timestamp")) or now_ms()
             job.finish(JobOutcome(OutcomeKind.INTERRUPTED, error=dict(data)))
+        if job.listener is not None and isinstance(kind, str):
+            job.listener(kind, data)
 
     def _finished(self, job: Job) -> None:
         if job.missed_frames:

@@ -196,6 +196,20 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
 
+    def output_nodes(self, prompt: dict[str, Any]) -> set[str]:
+        """Ids of the nodes of a preprocessed ``prompt`` known to be output nodes: those with a
+        ``filename_prefix``, and those whose class_type ComfyUI already said is an output node
+        (from the client's cache: no request is made)."""
+        found: set[str] = set()
+        for node_id, node in prompt.items():
+            if not isinstance(node, dict):
+                continue
+            inputs = node.get("inputs")
+            saves = isinstance(inputs, dict) and isinstance(inputs.get("filename_prefix"), str)
+            if saves or self.client.known_output_node(str(node.get("class_type", ""))):
+                found.add(node_id)
+        return found
+
     async def _is_output_node(self, class_type: str) -> bool:
         try:
             info = await self.client.object_info(class_type)

@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from comfy_sidecar.jobs.store import (
+    MARKER,
     DifferentBody,
     JobRecord,
     JobStatus,
@@ -120,8 +121,17 @@ def test_follow_sends_heartbeats_while_nothing_happens(tmp_path: Path) -> None:
 
 
 def test_clear_leftovers_empties_the_jobs_dir(tmp_path: Path) -> None:
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "f").write_bytes(b"1")
-    (tmp_path / "stray").write_bytes(b"1")
-    JobStore(tmp_path, 1, 1).clear_leftovers()
-    assert list(tmp_path.iterdir()) == []
+    jobs = tmp_path / "jobs"
+    JobStore(jobs, 1, 1).clear_leftovers()  # a new directory becomes the store's
+    (jobs / "old").mkdir()
+    (jobs / "old" / "f").write_bytes(b"1")
+    (jobs / "stray").write_bytes(b"1")
+    JobStore(jobs, 1, 1).clear_leftovers()
+    assert [p.name for p in jobs.iterdir()] == [MARKER]
+
+
+def test_clear_leftovers_refuses_a_directory_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "precious").write_bytes(b"1")
+    with pytest.raises(ValueError, match="not a comfy-sidecar jobs directory"):
+        JobStore(tmp_path, 1, 1).clear_leftovers()
+    assert (tmp_path / "precious").exists()

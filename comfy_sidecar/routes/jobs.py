@@ -1,0 +1,311 @@
+"""The native job API: ``/jobs`` to submit, watch (poll, long-poll or SSE), cancel, list and fetch
+outputs of jobs that outlive their request.
+
+Status names are ComfyUI's own ``/api/jobs`` ones; progress fields are the Modal jobs API's
+(``progress``, ``progress_value``, ``progress_max``, ``nodes_total``, ``nodes_done``,
+``current_node``, ``last_event_time``). comfyui-api has no job status at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Request, Response, delete, get, post
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
+from litestar.response import ServerSentEvent, Stream
+from litestar.response.sse import ServerSentEventMessage
+
+from comfy_sidecar.errors import InputError, NotFound
+from comfy_sidecar.jobs.ranges import Unsatisfiable, parse_range, read_slice
+from comfy_sidecar.jobs.runner import JobService
+from comfy_sidecar.jobs.store import JobRecord, JobStatus, UnknownJob
+from comfy_sidecar.routes.prompt import ERROR_RESPONSES
+from comfy_sidecar.schemas import ErrorResponse, PromptRequest
+
+#: Longest ``?wait=`` long-poll, in seconds.
+MAX_WAIT_S = 60.0
+#: Seconds between SSE comment heartbeats.
+HEARTBEAT_S = 15.0
+
+
+class JobLinks(msgspec.Struct, kw_only=True):
+    """Where to watch and cancel a job."""
+
+    self: str
+    events: str
+    cancel: str
+
+
+class JobAccepted(msgspec.Struct, kw_only=True):
+    """``POST /jobs`` answer."""
+
+    id: str
+    status: str
+    created_at: str
+    urls: JobLinks
+
+
+class CancelResponse(msgspec.Struct, kw_only=True):
+    """``POST /jobs/{id}/cancel`` answer: ``cancelled`` is False when the job had already
+    ended (``status`` says how)."""
+
+    id: str
+    cancelled: bool
+    status: str
+
+
+class JobList(msgspec.Struct, kw_only=True):
+    """A page of jobs, newest first; pass ``next_cursor`` as ``cursor`` for the next one."""
+
+    jobs: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+def job_of(jobs: JobService, job_id: str) -> JobRecord:
+    """The retained job ``job_id``; :class:`NotFound` (404) otherwise."""
+    try:
+        return jobs.store.get(job_id)
+    except UnknownJob:
+        raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id) from None
+
+
+def fingerprint(data: PromptRequest) -> bytes:
+    """What makes two submissions with one id "the same body"."""
+    return msgspec.json.encode(data)
+
+
+@post(
+    "/jobs",
+    summary="Submit a job",
+    tags=["jobs"],
+    status_code=202,
+    responses={
+        202: ResponseSpec(JobAccepted, description="Accepted; watch it at `urls`."),
+        400: ERROR_RESPONSES[400],
+        409: ResponseSpec(ErrorResponse, description="This id is retained with another body."),
+        503: ERROR_RESPONSES[503],
+    },
+    description="Takes the `/prompt` body. The prompt is checked and its inputs fetched before "
+    "the answer, so a caller's mistake is a 400 and nothing is kept. Resubmitting the same id "
+    "with the same body while the job is retained returns that job.",
+)
+async def submit_job(data: PromptRequest, jobs: JobService) -> Response[JobAccepted]:
+    """Submit a job."""
+    record = await jobs.submit(data, endpoint="jobs", fingerprint=fingerprint(data))
+    view = jobs.store.view(record)
+    body = JobAccepted(
+        id=record.id,
+        status=view["status"],
+        created_at=view["created_at"],
+        urls=JobLinks(**view["urls"]),
+    )
+    return Response(body, status_code=202)
+
+
+async def _wait_terminal(record: JobRecord, wait_s: float) -> None:
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while not record.status.terminal:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(record.changed()), remaining)
+        except TimeoutError:
+            return
+
+
+def with_data(jobs: JobService, record: JobRecord, body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` with each retained output's bytes as base64 ``data``."""
+    for index, output in enumerate(body.get("outputs") or []):
+        path = jobs.output_path(record, index)
+        if path is not None:
+            output["data"] = base64.b64encode(path.read_bytes()).decode("ascii")
+    return body
+
+
+@get(
+    "/jobs/{job_id:str}",
+    summary="A job's status, progress and outputs",
+    tags=["jobs"],
+    responses={404: ResponseSpec(ErrorResponse, description="No such job is retained.")},
+    description="`?wait=S` (at most 60) waits until the job has ended; `?include=data` adds "
+    "each output's bytes as base64 `data`.",
+)
+async def get_job(
+    job_id: str,
+    jobs: JobService,
+    wait: Annotated[float, Parameter(ge=0, le=MAX_WAIT_S, description="Long-poll seconds.")] = 0,
+    include: Annotated[
+        str | None, Parameter(description="`data`: add outputs' base64 bytes.")
+    ] = None,
+) -> dict[str, Any]:
+    """Job status."""
+    if include not in (None, "data"):
+        raise InputError("include must be `data`", "include")
+    record = job_of(jobs, job_id)
+    if wait > 0:
+        await _wait_terminal(record, wait)
+    body = jobs.store.view(record)
+    if include == "data":
+        body = await asyncio.to_thread(with_data, jobs, record, body)
+    return body
+
+
+@get(
+    "/jobs",
+    summary="List jobs",
+    tags=["jobs"],
+    description="Newest first, without outputs. `cursor` is the previous page's `next_cursor`.",
+    responses={400: ERROR_RESPONSES[400]},
+)
+async def list_jobs(
+    jobs: JobService,
+    status: Annotated[str | None, Parameter(description="Only jobs with this status.")] = None,
+    limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size.")] = 50,
+    cursor: Annotated[str | None, Parameter(description="From a previous page.")] = None,
+) -> JobList:
+    """List jobs."""
+    wanted: JobStatus | None = None
+    if status is not None:
+        try:
+            wanted = JobStatus(status)
+        except ValueError:
+            names = ", ".join(s.value for s in JobStatus)
+            raise InputError(f"status must be one of {names}", "status") from None
+    after: int | None = None
+    if cursor is not None:
+        if not cursor.isascii() or not cursor.isdigit():
+            raise InputError("not a cursor from a previous page", "cursor")
+        after = int(cursor)
+    page, next_cursor = jobs.store.page(wanted, limit, after)
+    return JobList(
+        jobs=[record.summary() for record in page],
+        next_cursor=None if next_cursor is None else str(next_cursor),
+    )
+
+
+async def _cancel(job_id: str, jobs: JobService) -> CancelResponse:
+    record = job_of(jobs, job_id)
+    cancelled = await jobs.cancel(record)
+    return CancelResponse(id=record.id, cancelled=cancelled, status=record.status.value)
+
+
+CANCEL_DOC = (
+    "Idempotent. A pending job is removed from ComfyUI's queue, a running one interrupted; it "
+    "ends `cancelled`. A job that already ended answers `cancelled: false` with its status."
+)
+
+
+@post(
+    "/jobs/{job_id:str}/cancel",
+    summary="Cancel a job",
+    tags=["jobs"],
+    status_code=200,
+    description=CANCEL_DOC,
+)
+async def cancel_job(job_id: str, jobs: JobService) -> CancelResponse:
+    """Cancel a job."""
+    return await _cancel(job_id, jobs)
+
+
+@delete(
+    "/jobs/{job_id:str}",
+    summary="Cancel a job (alias)",
+    tags=["jobs"],
+    status_code=200,
+    description=CANCEL_DOC,
+)
+async def delete_job(job_id: str, jobs: JobService) -> CancelResponse:
+    """Cancel a job (alias of POST /jobs/{id}/cancel)."""
+    return await _cancel(job_id, jobs)
+
+
+def _last_event_id(request: Request[Any, Any, Any]) -> int:
+    raw = request.headers.get("last-event-id", "")
+    return int(raw) if raw.isascii() and raw.isdigit() else 0
+
+
+@get(
+    "/jobs/{job_id:str}/events",
+    summary="A job's events (Server-Sent Events)",
+    tags=["jobs"],
+    description="Events `status`, `progress`, `output` and `done` (its data is the final job "
+    "body), each with an `id:`; `Last-Event-ID` resumes after that event. `preview` (base64 "
+    "image with its node id) only with `?previews=true`. A comment every 15 s keeps the "
+    "connection open; the stream ends after `done`.",
+)
+async def job_events(
+    job_id: str,
+    jobs: JobService,
+    request: Request[Any, Any, Any],
+    previews: Annotated[bool, Parameter(description="Also send preview images.")] = False,
+) -> ServerSentEvent:
+    """Follow a job."""
+    record = job_of(jobs, job_id)
+    after = _last_event_id(request)
+
+    async def messages() -> Any:
+        async for event in record.follow(after, HEARTBEAT_S, previews):
+            if event is None:
+                yield ServerSentEventMessage(comment="keep-alive")
+            elif event.type == "preview":
+                yield ServerSentEventMessage(data=event.data.decode(), event="preview")
+            else:
+                yield ServerSentEventMessage(
+                    data=event.data.decode(), event=event.type, id=event.id
+                )
+
+    return ServerSentEvent(messages())
+
+
+@get(
+    "/jobs/{job_id:str}/outputs/{index:int}",
+    summary="One output file of a job",
+    tags=["jobs"],
+    responses={
+        206: ResponseSpec(None, description="The requested byte range."),
+        404: ResponseSpec(ErrorResponse, description="No such job or output."),
+        416: ResponseSpec(ErrorResponse, description="The range starts past the end."),
+    },
+    description="The file itself, streamed with its content type and length (never base64). "
+    "A single `Range: bytes=` range is answered 206.",
+)
+async def job_output(
+    job_id: str, index: int, jobs: JobService, request: Request[Any, Any, Any]
+) -> Response[Any]:
+    """Download an output."""
+    record = job_of(jobs, job_id)
+    path = jobs.output_path(record, index)
+    if path is None:
+        raise NotFound(f"job {job_id!r} has no retained output {index}", location="index")
+    output = record.outputs[index]
+    size = path.stat().st_size
+    headers = {
+        "accept-ranges": "bytes",
+        "content-disposition": f'inline; filename="{output.filename}"',
+    }
+    try:
+        span = parse_range(request.headers.get("range"), size)
+    except Unsatisfiable:
+        return Response(
+            {"error": f"the range starts past the end ({size} bytes)", "location": "range"},
+            status_code=416,
+            headers={"content-range": f"bytes */{size}"},
+        )
+    first, last = span if span is not None else (0, size - 1)
+    headers["content-length"] = str(max(0, last - first + 1))
+    if span is not None:
+        headers["content-range"] = f"bytes {first}-{last}/{size}"
+    return Stream(
+        read_slice(path, first, last) if size else iter(()),
+        media_type=output.mime_type,
+        status_code=206 if span is not None else 200,
+        headers=headers,
+    )
+
+
+ROUTES = [submit_job, get_job, list_jobs, cancel_job, delete_job, job_events, job_output]
