@@ -67,6 +67,8 @@ _MAGIC: tuple[tuple[int, bytes, str], ...] = (
     (0, b"ID3", "mp3"),
     (0, b"FLV", "flv"),
 )
+# RIFF containers: form type (bytes 8-12) -> extension.
+_RIFF_FORMS = {b"WEBP": "webp", b"WAVE": "wav", b"AVI ": "avi"}
 _MIME_EXT = {
     "image/png": "png",
     "image/jpeg": "jpg",
@@ -95,12 +97,8 @@ def sniff_extension(head: bytes) -> str | None:
     for offset, magic, ext in _MAGIC:
         if head[offset : offset + len(magic)] == magic:
             return ext
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return "wav"
-    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
-        return "avi"
+    if head[:4] == b"RIFF" and head[8:12] in _RIFF_FORMS:
+        return _RIFF_FORMS[head[8:12]]
     if head[4:8] == b"ftyp":
         brand = head[8:12]
         if brand.startswith(b"qt"):

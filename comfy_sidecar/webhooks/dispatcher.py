@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from comfy_sidecar.backoff import backoff_delay
+from comfy_sidecar.backoff import attempt_failure, backoff_delay
 from comfy_sidecar.config import SYSTEM_EVENT_NAMES, Settings
 from comfy_sidecar.urls import scrub_url
 
@@ -434,10 +434,8 @@ class WebhookDispatcher:
                 if 200 <= status < 300:
                     return True
                 reason = f"HTTP {status}"
-            except TimeoutError:
-                reason = f"no answer within {self._timeout_s:g} s"
-            except httpx.HTTPError as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+            except (TimeoutError, httpx.HTTPError) as exc:
+                reason = attempt_failure(exc, self._timeout_s)
             except OSError as exc:
                 log.error(
                     "%s %s to %s: cannot read body: %s", job.label, job.webhook_id, job.url, exc
