@@ -1,4 +1,5 @@
-"""What every storage backend shares: the backend Protocol, URL and name helpers.
+"""What every storage backend shares: the backend Protocol, SDK call runners, URL and name
+helpers.
 
 Nothing here imports a cloud SDK; backends import theirs lazily inside their methods.
 """
