@@ -1,8 +1,9 @@
-"""The one retry-delay formula: capped exponential backoff with optional jitter.
+"""What retries share: the one retry-delay formula (capped exponential backoff with optional
+jitter) and the one-line reason an HTTP attempt failed.
 
-Used by the webhook dispatcher (between delivery attempts), Salad's deletion-cost sender
-(between failed PUTs), the ComfyUI websocket (between reconnects) and the supervisor (between
-ComfyUI restarts).
+The delay is used by the webhook dispatcher (between delivery attempts), Salad's deletion-cost
+sender (between failed PUTs), the ComfyUI websocket (between reconnects) and the supervisor
+(between ComfyUI restarts); the reason by the first two, in their retry warnings.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-__all__ = ["backoff_delay"]
+import httpx
+
+__all__ = ["attempt_failure", "backoff_delay"]
 
 # 2.0 ** 1024 overflows a float; past this exponent every delay is the cap anyway.
 _MAX_EXPONENT = 1000
@@ -44,3 +47,12 @@ def backoff_delay(
     if jitter:
         delay *= 1.0 - jitter * rng()
     return float(delay)
+
+
+def attempt_failure(exc: TimeoutError | httpx.HTTPError, timeout_s: float) -> str:
+    """Why an HTTP attempt failed, for a log line: ``"no answer within <timeout_s> s"`` when
+    the caller's ``asyncio.timeout`` fired (``exc`` a :class:`TimeoutError`), else
+    ``"<httpx exception class>: <message>"``."""
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout_s:g} s"
+    return f"{type(exc).__name__}: {exc}"

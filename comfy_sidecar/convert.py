@@ -195,6 +195,14 @@ def _flatten(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return base.convert("L" if grey else "RGB")
 
 
+def _log_ignored(encoder: str, options: list[tuple[str, bool]]) -> None:
+    """Debug-log the sharp ``options`` (name, set) that are set but that ``encoder`` cannot
+    honour; the image is encoded without them."""
+    ignored = [name for name, on in options if on]
+    if ignored:
+        log.debug("convert_output: %s cannot honour %s; ignored", encoder, ", ".join(ignored))
+
+
 # --- JPEG ---------------------------------------------------------------------------------
 
 
@@ -221,18 +229,15 @@ def jpeg_params(options: JpegOptions) -> dict[str, Any]:
     table = 3 if options.mozjpeg and options.quantisationTable == 0 else options.quantisationTable
     if table == 1:
         params["qtables"] = [_FLAT_QTABLE, _FLAT_QTABLE]
-    ignored = [
-        name
-        for name, on in (
+    _log_ignored(
+        "libjpeg-turbo",
+        [
             ("mozjpeg", options.mozjpeg),
             ("trellisQuantisation", options.trellisQuantisation),
             ("overshootDeringing", options.overshootDeringing),
             (f"quantisationTable={table}", table >= 2),
-        )
-        if on
-    ]
-    if ignored:
-        log.debug("convert_output: libjpeg-turbo cannot honour %s; ignored", ", ".join(ignored))
+        ],
+    )
     return params
 
 
@@ -276,17 +281,14 @@ def webp_params(options: WebpOptions) -> dict[str, Any]:
         # exact; lossless here means every RGBA value survives (sharp leaves `exact` off).
         "exact": lossless,
     }
-    ignored = [
-        name
-        for name, on in (
+    _log_ignored(
+        "Pillow's WebP encoder",
+        [
             ("nearLossless (encoded lossless)", options.nearLossless and not options.lossless),
             ("smartSubsample", options.smartSubsample),
             (f"preset={options.preset}", options.preset != "default"),
-        )
-        if on
-    ]
-    if ignored:
-        log.debug("convert_output: Pillow's WebP encoder cannot honour %s", ", ".join(ignored))
+        ],
+    )
     return params
 
 

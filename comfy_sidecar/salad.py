@@ -16,7 +16,7 @@ import logging
 
 import httpx
 
-from .backoff import backoff_delay
+from .backoff import attempt_failure, backoff_delay
 from .config import Settings
 
 log = logging.getLogger(__name__)
@@ -96,10 +96,8 @@ class DeletionCost:
                 self.sent = value
                 return True
             reason = f"HTTP {response.status_code}"
-        except TimeoutError:
-            reason = f"no answer within {self._timeout_s:g} s"
-        except httpx.HTTPError as exc:
-            reason = f"{type(exc).__name__}: {exc}"
+        except (TimeoutError, httpx.HTTPError) as exc:
+            reason = attempt_failure(exc, self._timeout_s)
         log.warning("Salad deletion cost %d not set at %s: %s", value, self.url, reason)
         return False
 

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from comfy_sidecar.pipeline.bounded import gather_bounded
 from comfy_sidecar.urls import scrub_url
 
 from .commands import CommandFailed, PythonTarget, run_command
@@ -255,60 +256,63 @@ class Provisioner:
         """Download and link ``entries``, at most :data:`MAX_PARALLEL_DOWNLOADS` at once.
         With ``fatal`` the first required failure raises :class:`ManifestError` (the other
         downloads are cancelled); otherwise failures are logged."""
-        gate = asyncio.Semaphore(MAX_PARALLEL_DOWNLOADS)
         done = 0
         self._progress.clear()
 
-        async def one(i: int, entry: ModelEntry) -> None:
-            nonlocal done
-            where = f"{step}[{i}]"
-            dest = self.roots.resolve(entry.local_path)
-            async with gate:
-                self._progress[where] = entry.url
-                started = time.monotonic()
+        def download(i: int, entry: ModelEntry) -> Callable[[], Awaitable[None]]:
+            async def run() -> None:
+                nonlocal done
                 try:
-                    await storage.link(entry.url, entry.auth, dest)
-                except Exception as exc:
-                    message = f"{entry.url} -> {dest}: {exc}"
-                    if fatal and not entry.optional:
-                        raise self._fail(where, message) from None
-                    log.warning(
-                        "%s%s failed: %s", where, " (optional)" if entry.optional else "", message
-                    )
-                    return
+                    await self._model(f"{step}[{i}]", entry, storage, fatal)
                 finally:
-                    self._progress.pop(where, None)
                     done += 1
-                log.info("%s: %s ready (%.2f s)", where, dest, time.monotonic() - started)
 
-        def progress() -> str:
-            parts = [f"{step}: {done}/{len(entries)} done"]
-            for url in list(self._progress.values())[:3]:
-                got = _partial_bytes(storage, url)
-                parts.append(f"downloading {scrub_url(url)}" + (f" ({got} bytes)" if got else ""))
-            return "; ".join(parts)
+            return run
 
         async def reporter() -> None:
             while True:
-                self._report(progress())
+                self._report(self._models_line(step, done, len(entries), storage))
                 await asyncio.sleep(0.25)
 
         ticker = asyncio.ensure_future(reporter()) if fatal else None
-        tasks = [asyncio.ensure_future(one(i, e)) for i, e in enumerate(entries)]
+        work = [download(i, entry) for i, entry in enumerate(entries)]
         try:
-            await asyncio.gather(*tasks)
+            await gather_bounded(work, MAX_PARALLEL_DOWNLOADS)
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
             if ticker is not None:
                 ticker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await ticker
         if fatal:
             self._report(f"{step}: {done}/{len(entries)} done")
+
+    async def _model(self, where: str, entry: ModelEntry, storage: Storage, fatal: bool) -> None:
+        """Download and link one model (``where``: its place in the manifest, for logs). A
+        failure raises :class:`ManifestError` when ``fatal`` and the entry is required, else
+        it is logged."""
+        dest = self.roots.resolve(entry.local_path)
+        self._progress[where] = entry.url
+        started = time.monotonic()
+        try:
+            await storage.link(entry.url, entry.auth, dest)
+        except Exception as exc:
+            message = f"{entry.url} -> {dest}: {exc}"
+            if fatal and not entry.optional:
+                raise self._fail(where, message) from None
+            log.warning("%s%s failed: %s", where, " (optional)" if entry.optional else "", message)
+            return
+        finally:
+            self._progress.pop(where, None)
+        log.info("%s: %s ready (%.2f s)", where, dest, time.monotonic() - started)
+
+    def _models_line(self, step: str, done: int, total: int, storage: Storage) -> str:
+        """The progress line: ``<step>: <done>/<total> done`` and up to three downloads in
+        flight with their bytes so far."""
+        parts = [f"{step}: {done}/{total} done"]
+        for url in list(self._progress.values())[:3]:
+            got = _partial_bytes(storage, url)
+            parts.append(f"downloading {scrub_url(url)}" + (f" ({got} bytes)" if got else ""))
+        return "; ".join(parts)
 
     # --- after ComfyUI is up ------------------------------------------------------------
 

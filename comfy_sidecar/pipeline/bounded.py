@@ -1,5 +1,5 @@
-"""Run a job's I/O concurrently with a cap: the downloads of one prompt, the uploads of one
-result."""
+"""Run I/O concurrently with a cap: the downloads of one prompt, the uploads of one result,
+the model downloads of a manifest step."""
 
 from __future__ import annotations
 

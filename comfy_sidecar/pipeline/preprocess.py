@@ -17,8 +17,6 @@ Copies comfyui-api's ``preprocessNodes`` where it is right and fixes it where it
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import os
 import re
@@ -29,6 +27,7 @@ from typing import Any, Protocol
 
 from comfy_sidecar.errors import InputError
 from comfy_sidecar.pipeline.bounded import gather_bounded
+from comfy_sidecar.pipeline.media import decode_base64, decode_data_url, sniff_extension
 from comfy_sidecar.urls import is_url
 
 IMAGE_LOADER_FIELDS = ("image",)
@@ -44,92 +43,7 @@ VIDEO_LOADERS = frozenset(
 AUDIO_LOADERS = frozenset({"LoadAudio", "VHS_LoadAudio", "VHS_LoadAudioUpload"})
 IMAGE_DIR_LOADERS = frozenset({"VHS_LoadImages", "VHS_LoadImagesPath"})
 
-_BASE64 = re.compile(r"^[A-Za-z0-9+/]+={0,2}$")
-_BASE64URL = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
-_DATA_URL = re.compile(
-    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?),(?P<data>.*)$", re.DOTALL
-)
 _ANNOTATION = re.compile(r" \[(input|output|temp)\]$")
-
-# (offset, magic bytes, extension); checked in order.
-_MAGIC: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"\x89PNG\r\n\x1a\n", "png"),
-    (0, b"\xff\xd8\xff", "jpg"),
-    (0, b"GIF87a", "gif"),
-    (0, b"GIF89a", "gif"),
-    (0, b"BM", "bmp"),
-    (0, b"II*\x00", "tiff"),
-    (0, b"MM\x00*", "tiff"),
-    (0, b"\x00\x00\x01\x00", "ico"),
-    (0, b"\x1aE\xdf\xa3", "webm"),
-    (0, b"fLaC", "flac"),
-    (0, b"OggS", "ogg"),
-    (0, b"ID3", "mp3"),
-    (0, b"FLV", "flv"),
-)
-_MIME_EXT = {
-    "image/png": "png",
-    "image/jpeg": "jpg",
-    "image/jpg": "jpg",
-    "image/gif": "gif",
-    "image/webp": "webp",
-    "image/bmp": "bmp",
-    "image/tiff": "tiff",
-    "video/mp4": "mp4",
-    "video/webm": "webm",
-    "video/quicktime": "mov",
-    "video/x-matroska": "mkv",
-    "audio/wav": "wav",
-    "audio/x-wav": "wav",
-    "audio/wave": "wav",
-    "audio/mpeg": "mp3",
-    "audio/ogg": "ogg",
-    "audio/flac": "flac",
-    "audio/mp4": "m4a",
-    "audio/x-m4a": "m4a",
-}
-
-
-def sniff_extension(head: bytes) -> str | None:
-    """File extension (no dot) guessed from the first bytes of a file, or None."""
-    for offset, magic, ext in _MAGIC:
-        if head[offset : offset + len(magic)] == magic:
-            return ext
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return "wav"
-    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
-        return "avi"
-    if head[4:8] == b"ftyp":
-        brand = head[8:12]
-        if brand.startswith(b"qt"):
-            return "mov"
-        if brand in (b"M4A ", b"M4B "):
-            return "m4a"
-        return "mp4"
-    if len(head) > 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0:
-        return "mp3"
-    return None
-
-
-def decode_base64(value: str) -> bytes | None:
-    """Strictly decode standard or URL-safe base64 (whitespace ignored); None if it is not."""
-    compact = "".join(value.split())
-    if len(compact) < 8:
-        return None
-    pattern = _BASE64 if _BASE64.match(compact) else None
-    if pattern is None and _BASE64URL.match(compact):
-        pattern = _BASE64URL
-    if pattern is None:
-        return None
-    padded = compact + "=" * (-len(compact) % 4)
-    try:
-        if pattern is _BASE64:
-            return base64.b64decode(padded, validate=True)
-        return base64.urlsafe_b64decode(padded)
-    except (binascii.Error, ValueError):
-        return None
 
 
 def _is_link(value: Any) -> bool:
@@ -397,14 +311,8 @@ class Preprocessor:
     ) -> str:
         """Resolve one media value; returns what ComfyUI should see (a name in INPUT_DIR)."""
         if value.startswith("data:"):
-            match = _DATA_URL.match(value)
-            if not match or ";base64" not in (match.group("params") or ""):
-                raise InputError("a data: URL must be base64 (data:<mime>;base64,<data>)", location)
-            data = decode_base64(match.group("data"))
-            if data is None:
-                raise InputError("the data: URL's payload is not valid base64", location)
-            ext = _MIME_EXT.get((match.group("mime") or "").lower()) or sniff_extension(data[:64])
-            return self._write(data, ext, location, stem, prepared, target)
+            payload, ext = decode_data_url(value, location)
+            return self._write(payload, ext, location, stem, prepared, target)
         if _ANNOTATION.search(value):
             return value  # "name.png [output]": ComfyUI resolves annotated names itself
         local = self._existing_input(value)

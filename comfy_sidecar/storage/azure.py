@@ -14,7 +14,6 @@ SAS, and its Azure downloads never resolve.)
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import urllib.parse
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from comfy_sidecar.storage.base import (
     check_name,
     check_prefix,
     join_key,
+    run_sdk,
     run_upload,
 )
 from comfy_sidecar.storage.errors import (
@@ -174,9 +174,6 @@ class AzureBackend:
 
         return BlobClient.from_blob_url(url, **CLIENT_KWARGS)
 
-    async def _run(self, fn: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-
     async def download(self, url: str, dest: Path, auth: DownloadAuth | None) -> FetchResult:
         def run() -> None:
             client = self._blob_client(url)
@@ -186,17 +183,16 @@ class AzureBackend:
             if written != stream.size:
                 raise BackendError(f"download incomplete: {written} of {stream.size} bytes")
 
-        try:
-            await self._run(run)
-        except Exception as exc:
-            raise _map_error(exc, "download") from None
+        await run_sdk(self._executor, run, _map_error, "download")
         return FetchResult(used_caller_auth=bool(urllib.parse.urlsplit(url).query))
 
     async def check_auth(self, url: str, auth: DownloadAuth | None) -> None:
-        try:
-            await self._run(lambda: self._blob_client(url).get_blob_properties())
-        except Exception as exc:
-            raise _map_error(exc, "auth check") from None
+        await run_sdk(
+            self._executor,
+            lambda: self._blob_client(url).get_blob_properties(),
+            _map_error,
+            "auth check",
+        )
 
     def _target(self, spec: object, filename: str) -> tuple[str, str]:
         assert isinstance(spec, AzureBlobUpload)
@@ -228,4 +224,4 @@ class AzureBackend:
                     content_settings=ContentSettings(content_type=content_type_for(filename)),
                 )
 
-        await run_upload(cancel, lambda: self._run(run), _map_error)
+        await run_upload(cancel, self._executor, run, _map_error)

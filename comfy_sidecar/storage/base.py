@@ -1,17 +1,20 @@
-"""What every storage backend shares: the backend Protocol, URL and name helpers.
+"""What every storage backend shares: the backend Protocol, SDK call runners, URL and name
+helpers.
 
 Nothing here imports a cloud SDK; backends import theirs lazily inside their methods.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from comfy_sidecar.schemas import DownloadAuth
 from comfy_sidecar.storage.errors import BadRequestError, StorageError, SupersededError
@@ -52,17 +55,31 @@ class CancelToken:
             raise SupersededError("upload superseded by a later upload to the same URL")
 
 
+T = TypeVar("T")
+#: A backend's SDK-exception mapper: ``(exc, what)`` -> the :class:`StorageError` to raise,
+#: ``what`` being "download", "auth check" or "upload"; messages carry no secrets.
+MapError = Callable[[Exception, str], StorageError]
+
+
+async def run_sdk(executor: Executor, call: Callable[[], T], map_error: MapError, what: str) -> T:
+    """Run the blocking SDK ``call`` on ``executor`` (the backend's thread pool) and return
+    its result; any failure raises ``map_error(exc, what)``, not chained (an SDK traceback
+    may hold credentials)."""
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, call)
+    except Exception as exc:
+        raise map_error(exc, what) from None
+
+
 async def run_upload(
-    cancel: CancelToken,
-    call: Callable[[], Awaitable[None]],
-    map_error: Callable[[Exception, str], StorageError],
+    cancel: CancelToken, executor: Executor, call: Callable[[], None], map_error: MapError
 ) -> None:
-    """Run an SDK upload ``call`` under ``cancel``: a superseded upload raises
-    :class:`SupersededError` (also when the SDK failed because it was stopped), any other
-    failure raises ``map_error(exc, "upload")``; never passes silently."""
+    """Run the blocking SDK upload ``call`` on ``executor`` under ``cancel``: a superseded
+    upload raises :class:`SupersededError` (also when the SDK failed because it was stopped),
+    any other failure raises ``map_error(exc, "upload")``; never passes silently."""
     try:
         cancel.check()
-        await call()
+        await asyncio.get_running_loop().run_in_executor(executor, call)
     except SupersededError:
         raise
     except Exception as exc:

@@ -135,6 +135,20 @@ class Lease:
         self.release()
 
 
+def _read_meta(meta: Path) -> tuple[str, bool]:
+    """(url, auth_required) from comfyui-api's ``<file>.meta`` sidecar
+    ``{"authRequired", "url", "cachedAt"}``; ``("unknown", False)`` when missing or unreadable."""
+    url, auth_required = "unknown", False
+    if meta.is_file():
+        try:
+            data = msgspec.json.decode(meta.read_bytes())
+            url = str(data.get("url", url))
+            auth_required = bool(data.get("authRequired", False))
+        except (msgspec.DecodeError, OSError, AttributeError):
+            pass
+    return url, auth_required
+
+
 class DownloadCache:
     """URL-keyed file cache in ``cache_dir`` with in-flight dedup, an index, LRU and leases.
 
@@ -188,32 +202,59 @@ class DownloadCache:
         await self._save_index()
 
     def _load(self) -> None:
+        """Rebuild the in-memory state from ``CACHE_DIR`` at start-up: drop partial downloads,
+        read the index (dropping truncated entries), adopt unindexed cache files (comfyui-api's
+        or a lost index's), then renumber the LRU order."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._remove_partials()
+        for key, entry in self._read_index().entries.items():
+            if self._intact(entry):
+                self._entries[key] = entry
+        self._adopt_unindexed()
+        # Renumber the LRU order 1..n: keeps a version-2 order; entries without a counter
+        # (a version-1 index, adopted files) come first, ordered by their last-use time.
+        ordered = sorted(self._entries.values(), key=lambda e: (e.last_use, e.last_used_ms))
+        for n, entry in enumerate(ordered, 1):
+            entry.last_use = n
+        self._clock = len(ordered)
+
+    def _remove_partials(self) -> None:
+        """Delete what interrupted downloads left (``PARTIAL_PREFIX`` files and directories)."""
         for child in self.dir.iterdir():
             if child.name.startswith(PARTIAL_PREFIX):
                 if child.is_dir() and not child.is_symlink():
                     shutil.rmtree(child, ignore_errors=True)
                 else:
                     child.unlink(missing_ok=True)
-        index = _Index()
+
+    def _read_index(self) -> _Index:
+        """The index file, or an empty index when it is missing or unreadable."""
         path = self.dir / INDEX_NAME
         if path.exists():
             try:
-                index = msgspec.json.decode(path.read_bytes(), type=_Index)
+                return msgspec.json.decode(path.read_bytes(), type=_Index)
             except (msgspec.DecodeError, OSError) as exc:
                 log.warning("cache index unreadable, rebuilding it: %s", exc)
-        for key, entry in index.entries.items():
-            try:
-                size = (self.dir / entry.file).stat().st_size
-            except OSError:
-                continue
-            if size != entry.size:  # truncated by a crash: never serve it
-                log.warning(
-                    "cache entry %s has %d of %d bytes; dropping it", entry.file, size, entry.size
-                )
-                (self.dir / entry.file).unlink(missing_ok=True)
-                continue
-            self._entries[key] = entry
+        return _Index()
+
+    def _intact(self, entry: CacheEntry) -> bool:
+        """True when the entry's file exists with the indexed size; a truncated file (a crash
+        mid-write) is deleted, never served."""
+        try:
+            size = (self.dir / entry.file).stat().st_size
+        except OSError:
+            return False
+        if size != entry.size:
+            log.warning(
+                "cache entry %s has %d of %d bytes; dropping it", entry.file, size, entry.size
+            )
+            (self.dir / entry.file).unlink(missing_ok=True)
+            return False
+        return True
+
+    def _adopt_unindexed(self) -> None:
+        """Add an entry for every cache-named file the index does not know, with the URL and
+        auth flag of its comfyui-api ``.meta`` sidecar when there is one (else url "unknown")."""
         known = {e.file for e in self._entries.values()}
         for child in sorted(self.dir.iterdir()):
             name = child.name
@@ -221,15 +262,7 @@ class DownloadCache:
                 continue
             if not child.is_file() or child.is_symlink() or name[:32] in self._entries:
                 continue
-            url, auth_required = "unknown", False
-            meta = child.with_name(name + ".meta")
-            if meta.is_file():  # comfyui-api's sidecar: {"authRequired", "url", "cachedAt"}
-                try:
-                    data = msgspec.json.decode(meta.read_bytes())
-                    url = str(data.get("url", url))
-                    auth_required = bool(data.get("authRequired", False))
-                except (msgspec.DecodeError, OSError, AttributeError):
-                    pass
+            url, auth_required = _read_meta(child.with_name(name + ".meta"))
             st = child.stat()
             self._entries[name[:32]] = CacheEntry(
                 file=name,
@@ -239,12 +272,6 @@ class DownloadCache:
                 last_used_ms=int(st.st_mtime * 1000),
                 auth_required=auth_required,
             )
-        # Renumber the LRU order 1..n: keeps a version-2 order; entries without a counter
-        # (a version-1 index, adopted files) come first, ordered by their last-use time.
-        ordered = sorted(self._entries.values(), key=lambda e: (e.last_use, e.last_used_ms))
-        for n, entry in enumerate(ordered, 1):
-            entry.last_use = n
-        self._clock = len(ordered)
 
     # --- index ---------------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ move through Xet storage, as the ``hf`` CLI would.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import urllib.parse
@@ -17,7 +16,7 @@ from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from comfy_sidecar.schemas import BearerAuth, DownloadAuth, HFUpload
 from comfy_sidecar.storage.base import (
@@ -26,6 +25,7 @@ from comfy_sidecar.storage.base import (
     check_name,
     check_prefix,
     join_key,
+    run_sdk,
 )
 from comfy_sidecar.storage.errors import (
     AuthError,
@@ -33,10 +33,19 @@ from comfy_sidecar.storage.errors import (
     BadRequestError,
     NotFoundError,
     StorageError,
-    SupersededError,
 )
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+class HubFile(TypedDict):
+    """Keyword arguments naming one file on the Hub, as huggingface_hub spells them."""
+
+    repo_id: str
+    filename: str
+    repo_type: str
+    revision: str
+    endpoint: str
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,16 @@ class HFTarget:
     repo_type: str
     revision: str
     path: str
+
+    def hub_file(self) -> HubFile:
+        """The file as huggingface_hub's ``hf_hub_url``/``hf_hub_download`` arguments."""
+        return HubFile(
+            repo_id=self.repo_id,
+            filename=self.path,
+            repo_type=self.repo_type,
+            revision=self.revision,
+            endpoint=self.endpoint,
+        )
 
 
 def _map_error(exc: BaseException, what: str) -> StorageError:
@@ -118,9 +137,6 @@ class HFBackend:
             return auth.token
         return self._token
 
-    async def _run(self, fn: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-
     async def download(self, url: str, dest: Path, auth: DownloadAuth | None) -> FetchResult:
         target = self.parse(url)
         token = self._token_for(auth)
@@ -129,22 +145,11 @@ class HFBackend:
         def run() -> None:
             from huggingface_hub import hf_hub_download
 
-            local = hf_hub_download(
-                target.repo_id,
-                target.path,
-                repo_type=target.repo_type,
-                revision=target.revision,
-                local_dir=work,
-                token=token,
-                endpoint=target.endpoint,
-            )
+            local = hf_hub_download(**target.hub_file(), local_dir=work, token=token)
             os.replace(str(local), dest)
             shutil.rmtree(work, ignore_errors=True)
 
-        try:
-            await self._run(run)
-        except Exception as exc:
-            raise _map_error(exc, "download") from None
+        await run_sdk(self._executor, run, _map_error, "download")
         return FetchResult(used_caller_auth=isinstance(auth, BearerAuth))
 
     async def check_auth(self, url: str, auth: DownloadAuth | None) -> None:
@@ -154,19 +159,10 @@ class HFBackend:
         def run() -> None:
             from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-            file_url = hf_hub_url(
-                target.repo_id,
-                target.path,
-                repo_type=target.repo_type,
-                revision=target.revision,
-                endpoint=target.endpoint,
-            )
+            file_url = hf_hub_url(**target.hub_file())
             get_hf_file_metadata(file_url, token=token, endpoint=target.endpoint)
 
-        try:
-            await self._run(run)
-        except Exception as exc:
-            raise _map_error(exc, "auth check") from None
+        await run_sdk(self._executor, run, _map_error, "auth check")
 
     def _target(self, spec: object, filename: str) -> tuple[HFUpload, str]:
         assert isinstance(spec, HFUpload)
@@ -199,13 +195,8 @@ class HFBackend:
                 commit_message=f"Upload {filename}",
             )
 
-        try:
-            cancel.check()
-            # huggingface_hub cannot abort a commit half-way: a superseded upload finishes
-            # first (the later one waits for it), then its caller is told it was superseded.
-            await self._run(run)
-        except SupersededError:
-            raise
-        except Exception as exc:
-            raise _map_error(exc, "upload") from None
+        # huggingface_hub cannot abort a commit half-way: a superseded upload finishes first
+        # (the later one waits for it), then its caller is told it was superseded.
+        cancel.check()
+        await run_sdk(self._executor, run, _map_error, "upload")
         cancel.check()

@@ -10,7 +10,6 @@ provider exists even when no region is set, and upload errors are raised, never 
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import urllib.parse
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from comfy_sidecar.storage.base import (
     check_name,
     check_prefix,
     join_key,
+    run_sdk,
     run_upload,
 )
 from comfy_sidecar.storage.errors import (
@@ -132,9 +132,6 @@ class S3Backend:
                 self._default = self._make_client(None)
             return self._default
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-
     def handles(self, url: str) -> bool:
         return url.lower().startswith("s3://")
 
@@ -150,18 +147,17 @@ class S3Backend:
             )
             client.download_file(bucket, key, str(dest), Config=cfg)
 
-        try:
-            await self._run(run)
-        except Exception as exc:
-            raise _map_error(exc, "download") from None
+        await run_sdk(self._executor, run, _map_error, "download")
         return FetchResult(used_caller_auth=isinstance(auth, S3Auth))
 
     async def check_auth(self, url: str, auth: DownloadAuth | None) -> None:
         bucket, key = parse_s3_url(url)
-        try:
-            await self._run(lambda: self._client(auth).head_object(Bucket=bucket, Key=key))
-        except Exception as exc:
-            raise _map_error(exc, "auth check") from None
+        await run_sdk(
+            self._executor,
+            lambda: self._client(auth).head_object(Bucket=bucket, Key=key),
+            _map_error,
+            "auth check",
+        )
 
     def _target(self, spec: object, filename: str) -> tuple[str, str]:
         assert isinstance(spec, S3Upload)
@@ -196,4 +192,4 @@ class S3Backend:
                 Callback=progress,
             )
 
-        await run_upload(cancel, lambda: self._run(run), _map_error)
+        await run_upload(cancel, self._executor, run, _map_error)

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from comfy_sidecar.backoff import backoff_delay
+from comfy_sidecar.backoff import attempt_failure, backoff_delay
 from comfy_sidecar.config import SYSTEM_EVENT_NAMES, Settings
 from comfy_sidecar.urls import scrub_url
 
@@ -400,44 +400,18 @@ class WebhookDispatcher:
         return backoff_delay(attempt, self._backoff_base_s, self._backoff_cap_s, jitter=0.25)
 
     async def _deliver(self, job: _Job) -> bool:
-        assert self._client is not None
+        """POST ``job`` until an attempt gets a 2xx answer, at most ``PROMPT_WEBHOOK_RETRIES``
+        attempts with backoff between them. False when none did or its body cannot be read."""
         reason = ""
         for attempt in range(1, self._attempts + 1):
             self.counters["attempts"] += 1
-            timestamp = round(time.time())
             try:
-                signature = await job.body.signature(self._key, job.webhook_id, timestamp)
-                headers = {
-                    "content-type": "application/json",
-                    "content-length": str(job.body.length),
-                    "webhook-id": job.webhook_id,
-                    "webhook-timestamp": str(timestamp),
-                    "webhook-signature": signature,
-                }
-                static = job.body.static
-                content: bytes | AsyncIterator[bytes] = (
-                    static if static is not None else job.body.achunks()
-                )
-                # A large body (a video's base64) gets 1 s more per MiB on top of the limit.
-                limit = self._timeout_s + job.body.length / _MIN_RATE
-                async with (
-                    asyncio.timeout(limit),
-                    self._client.stream(
-                        "POST",
-                        job.url,
-                        content=content,
-                        headers=headers,
-                        timeout=self._timeout_s,
-                    ) as response,
-                ):
-                    status = response.status_code
+                status = await self._post(job)
                 if 200 <= status < 300:
                     return True
                 reason = f"HTTP {status}"
-            except TimeoutError:
-                reason = f"no answer within {self._timeout_s:g} s"
-            except httpx.HTTPError as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+            except (TimeoutError, httpx.HTTPError) as exc:
+                reason = attempt_failure(exc, self._timeout_s)
             except OSError as exc:
                 log.error(
                     "%s %s to %s: cannot read body: %s", job.label, job.webhook_id, job.url, exc
@@ -463,3 +437,29 @@ class WebhookDispatcher:
             reason,
         )
         return False
+
+    async def _post(self, job: _Job) -> int:
+        """One attempt: sign ``job``'s body with a fresh ``webhook-timestamp`` and POST it;
+        returns the HTTP status. Raises :class:`TimeoutError` past the time limit (the timeout
+        plus 1 s per MiB), ``httpx.HTTPError``, or ``OSError`` when the body cannot be read."""
+        assert self._client is not None
+        timestamp = round(time.time())
+        signature = await job.body.signature(self._key, job.webhook_id, timestamp)
+        headers = {
+            "content-type": "application/json",
+            "content-length": str(job.body.length),
+            "webhook-id": job.webhook_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": signature,
+        }
+        static = job.body.static
+        content: bytes | AsyncIterator[bytes] = static if static is not None else job.body.achunks()
+        # A large body (a video's base64) gets 1 s more per MiB on top of the limit.
+        limit = self._timeout_s + job.body.length / _MIN_RATE
+        async with (
+            asyncio.timeout(limit),
+            self._client.stream(
+                "POST", job.url, content=content, headers=headers, timeout=self._timeout_s
+            ) as response,
+        ):
+            return response.status_code
