@@ -153,10 +153,12 @@ class HTTPBackend:
         self._env_hosts = list(settings.http_auth_header_hosts)
         self._client: httpx.AsyncClient | None = None
         #: Ranged downloads: connections per file, the smallest file (bytes), the piece size
-        #: (bytes; None = ranged.fetch's default). Tests lower the last two.
+        #: (bytes; None = ranged.fetch's default), the one-stream speed (bytes/s; None =
+        #: always ranged). Tests lower the sizes and turn the last off.
         self.connections = settings.download_connections
         self.ranged_min_bytes = ranged.MIN_BYTES
         self.ranged_piece_bytes: int | None = None
+        self.ranged_one_stream_bps: float | None = ranged.ONE_STREAM_BPS
 
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -367,6 +369,7 @@ class HTTPBackend:
             stop=stop,
             limits=limits or ranged.Limits(idle_timeout_s=TIMEOUT.read or 60.0),
             piece_bytes=self.ranged_piece_bytes,
+            one_stream_bps=self.ranged_one_stream_bps,
         )
 
     async def _download_httpx(self, url: str, dest: Path, auth: DownloadAuth | None) -> FetchResult:

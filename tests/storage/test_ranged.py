@@ -34,6 +34,7 @@ def run(make_storage: Any, body: Callable[[Storage], Awaitable[None]], **env: st
         storage = make_storage(**env)
         storage.http.ranged_min_bytes = 1 << 20
         storage.http.ranged_piece_bytes = PIECE
+        storage.http.ranged_one_stream_bps = None
         await storage.start()
         try:
             await body(storage)
@@ -113,6 +114,18 @@ def test_cuts_beyond_retries_fail(make_storage: Any, http_server: FileServer) ->
         assert_nothing_left(storage, url)
 
     run(make_storage, body)
+
+
+def test_fast_first_stream_stays_one_stream(make_storage: Any, http_server: FileServer) -> None:
+    data = os.urandom(SIZE)
+    http_server.files["m.bin"] = data
+
+    async def body(storage: Storage) -> None:
+        storage.http.ranged_one_stream_bps = 1.0  # any link is "fast"
+        assert (await storage.fetch(http_server.url("/ranged/m.bin"), None)).read_bytes() == data
+
+    run(make_storage, body)
+    assert ranged_gets(http_server) == []
 
 
 def test_server_ignoring_range_falls_back_to_one_stream(
