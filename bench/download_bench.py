@@ -20,13 +20,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from cache_bench import RssSampler, rss_bytes  # noqa: E402  (bench/ is sys.path[0])
 
 from comfy_sidecar.config import load_settings  # noqa: E402
 from comfy_sidecar.storage import Storage  # noqa: E402
@@ -41,35 +42,6 @@ server.throttle_bps = float(sys.argv[2])
 print(server.port, flush=True)
 server.thread.join()
 """
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class RssSampler:
-    """Peak RSS of this process, sampled every 10 ms in a thread."""
-
-    def __init__(self) -> None:
-        self.peak = rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, rss_bytes())
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def start_server(path: Path, rate_bps: float) -> tuple[subprocess.Popen[str], str]:
