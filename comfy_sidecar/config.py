@@ -221,6 +221,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         "Comma list of host globs that may receive HTTP_AUTH_HEADER_* (empty = none).",
     ]
 
+    download_connections: Annotated[
+        int,
+        Var("DOWNLOAD_CONNECTIONS", "8", int_at_least(1), new=True),
+        "Parallel ranged GETs for an HTTP(S) download of 64 MB or more (1 = one stream).",
+    ]
+
     # --- manifest -----------------------------------------------------------------------------
     manifest: Annotated[
         str | None,

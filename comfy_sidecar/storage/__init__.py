@@ -101,7 +101,7 @@ class Storage:
         # HTTP bodies get their own threads so long downloads never queue SDK calls.
         self._http_executor = ThreadPoolExecutor(max_workers, thread_name_prefix="storage-http")
         self.http = HTTPBackend(settings, self._http_executor)
-        self.s3 = S3Backend(env, self._executor)
+        self.s3 = S3Backend(env, self._executor, settings.download_connections)
         self.hf = HFBackend(env, self._executor)
         self.azure = AzureBackend(env, self._executor)
         #: Download routing order (comfyui-api's provider order; HTTP is the catch-all).

@@ -668,18 +668,24 @@ def _link_file(
 
 
 def _tree_size(path: Path) -> int:
-    """Bytes in the regular files under ``path`` (a file or directory); 0 when missing."""
+    """Bytes written to the regular files under ``path`` (a file or directory); 0 when
+    missing. A sparse file (ranged downloads write pieces out of order into one) counts its
+    allocated blocks, not its length."""
     try:
         if path.is_file():
-            return path.stat().st_size
+            return _written(path.stat())
         total = 0
         for root, _dirs, files in os.walk(path):
             for name in files:
                 with contextlib.suppress(OSError):
-                    total += os.lstat(os.path.join(root, name)).st_size
+                    total += _written(os.lstat(os.path.join(root, name)))
         return total
     except OSError:
         return 0
+
+
+def _written(st: os.stat_result) -> int:
+    return min(st.st_size, st.st_blocks * 512)
 
 
 __all__ = [

@@ -3,12 +3,14 @@ downloads and ``hf_upload`` uploads, through ``huggingface_hub`` (no CLI, unlike
 
 ``HF_TOKEN`` is the default token; a per-request ``bearer`` auth overrides it. ``HF_ENDPOINT``
 (a mirror or a private hub) is where requests go, and URLs on its host route here too.
-Path segments are percent-decoded (comfyui-api #125). With ``hf_xet`` installed, large files
-move through Xet storage, as the ``hf`` CLI would.
+Path segments are percent-decoded (comfyui-api #125). Large files take the fastest transfer
+installed (:func:`fast_transfers`): ``hf_xet`` for Xet-backed repos, as the ``hf`` CLI would,
+else ``hf_transfer`` on huggingface_hub versions that still support it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import urllib.parse
@@ -67,6 +69,29 @@ class HFTarget:
             revision=self.revision,
             endpoint=self.endpoint,
         )
+
+
+def fast_transfers() -> list[str]:
+    """Turn on the parallel transfer packages that are installed; returns their names.
+
+    - ``hf_xet``: huggingface_hub uses it by itself for files in Xet-backed repos (chunks
+      fetched in parallel) unless ``HF_HUB_DISABLE_XET`` is set; ``HF_XET_HIGH_PERFORMANCE=1``
+      raises its concurrency further (operators' choice: it takes more memory and CPU).
+    - ``hf_transfer``: parallel ranged GETs of LFS files, only in huggingface_hub < 1.0 (later
+      versions dropped it for hf_xet); enabled here when installed, as
+      ``HF_HUB_ENABLE_HF_TRANSFER=1`` would.
+
+    Neither is a dependency: without them, files come over one connection.
+    """
+    from huggingface_hub import constants
+
+    found: list[str] = []
+    if importlib.util.find_spec("hf_xet") is not None and not constants.HF_HUB_DISABLE_XET:
+        found.append("hf_xet")
+    if hasattr(constants, "HF_HUB_ENABLE_HF_TRANSFER") and importlib.util.find_spec("hf_transfer"):
+        constants.HF_HUB_ENABLE_HF_TRANSFER = True
+        found.append("hf_transfer")
+    return found
 
 
 def _map_error(exc: BaseException, what: str) -> StorageError:
@@ -145,6 +170,7 @@ class HFBackend:
         def run() -> None:
             from huggingface_hub import hf_hub_download
 
+            fast_transfers()
             local = hf_hub_download(**target.hub_file(), local_dir=work, token=token)
             os.replace(str(local), dest)
             shutil.rmtree(work, ignore_errors=True)

@@ -32,6 +32,7 @@ from comfy_sidecar.schemas import (
     HTTPUpload,
     QueryAuth,
 )
+from comfy_sidecar.storage import ranged
 from comfy_sidecar.storage.base import (
     CancelToken,
     FetchResult,
@@ -151,6 +152,13 @@ class HTTPBackend:
             self._env_header = (settings.http_auth_header_name, settings.http_auth_header_value)
         self._env_hosts = list(settings.http_auth_header_hosts)
         self._client: httpx.AsyncClient | None = None
+        #: Ranged downloads: connections per file, the smallest file (bytes), the piece size
+        #: (bytes; None = ranged.fetch's default), the one-stream speed (bytes/s; None =
+        #: always ranged). Tests lower the sizes and turn the last off.
+        self.connections = settings.download_connections
+        self.ranged_min_bytes = ranged.MIN_BYTES
+        self.ranged_piece_bytes: int | None = None
+        self.ranged_one_stream_bps: float | None = ranged.ONE_STREAM_BPS
 
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -283,14 +291,7 @@ class HTTPBackend:
         than curl. Used when no proxy applies. Returns the extension fallback."""
         current = first
         for _ in range(MAX_REDIRECTS + 1):
-            port = current.port or (443 if current.scheme == "https" else 80)
-            conn: http.client.HTTPConnection
-            if current.scheme == "https":
-                conn = http.client.HTTPSConnection(
-                    current.host, port, timeout=TIMEOUT.connect, context=_ssl_context()
-                )
-            else:
-                conn = http.client.HTTPConnection(current.host, port, timeout=TIMEOUT.connect)
+            conn = _connection(current)
             try:
                 try:
                     conn.connect()
@@ -313,6 +314,11 @@ class HTTPBackend:
                 raise_for_status(resp.status, "download")
                 if resp.getheader("content-encoding", "identity").lower() != "identity":
                     raise BackendError("download: server sent a compressed body")
+                if self.connections > 1:
+                    total = ranged.ranged_length(resp.status, resp.headers, self.ranged_min_bytes)
+                    if total is not None:
+                        self._download_ranged(resp, current, first, caller_headers, dest, stop)
+                        return ext_from_headers(resp.headers, current.path)
                 written = 0
                 buf = bytearray(DIRECT_CHUNK)
                 view = memoryview(buf)
@@ -337,6 +343,34 @@ class HTTPBackend:
             finally:
                 conn.close()
         raise BackendError("too many redirects")
+
+    def _download_ranged(
+        self,
+        resp: http.client.HTTPResponse,
+        current: httpx.URL,
+        first: httpx.URL,
+        caller_headers: dict[str, str],
+        dest: Path,
+        stop: threading.Event,
+        limits: ranged.Limits | None = None,
+    ) -> None:
+        """Hand a large file whose first response (``resp``, a 200 from ``current``) allows
+        ranges to :func:`ranged.fetch`: ranged GETs on ``self.connections`` connections with
+        the headers this origin gets. Raises what ``ranged.fetch`` raises."""
+        total = int(resp.getheader("content-length") or 0)
+        ranged.fetch(
+            resp,
+            current,
+            self._headers_for(current, first, caller_headers),
+            dest,
+            total,
+            connect=_connection,
+            connections=self.connections,
+            stop=stop,
+            limits=limits or ranged.Limits(idle_timeout_s=TIMEOUT.read or 60.0),
+            piece_bytes=self.ranged_piece_bytes,
+            one_stream_bps=self.ranged_one_stream_bps,
+        )
 
     async def _download_httpx(self, url: str, dest: Path, auth: DownloadAuth | None) -> FetchResult:
         """GET through httpx (honours HTTP(S)_PROXY / NO_PROXY), streamed to ``dest``."""
@@ -429,6 +463,16 @@ def _proxied(url: httpx.URL) -> bool:
     if not (proxies.get(url.scheme) or proxies.get("all")):
         return False
     return not urllib.request.proxy_bypass(url.host)
+
+
+def _connection(url: httpx.URL) -> http.client.HTTPConnection:
+    """An HTTP(S) connection to ``url``'s origin, not yet connected (connect timeout)."""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    if url.scheme == "https":
+        return http.client.HTTPSConnection(
+            url.host, port, timeout=TIMEOUT.connect, context=_ssl_context()
+        )
+    return http.client.HTTPConnection(url.host, port, timeout=TIMEOUT.connect)
 
 
 _SSL: ssl.SSLContext | None = None

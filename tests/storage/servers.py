@@ -10,6 +10,12 @@
 - ``/auth/<name>``: 401 unless ``Authorization: Bearer secret``, Basic ``user:pass``,
   ``X-Key: k`` or ``?key=k``.
 - ``/cut/<name>``: announces the full length, sends half, closes the connection.
+- ``/ranged/<name>``: ``Accept-Ranges: bytes``, 206 to ``Range: bytes=a-b`` / ``bytes=a-``;
+  the bytes come from ``files[name]`` or the file ``paths[name]`` (sent with ``sendfile``),
+  with ``headers[name]`` added (checksums). Knobs: ``range_mode`` ``"ok"``, ``"ignore"``
+  (200 with the whole file to a ranged GET) or ``"wrong_total"`` (206s claim one byte more);
+  ``cut_ranges`` (that many ranged responses send half their body and close); ``throttle_bps``
+  (each connection sends at most that many bytes per second).
 - ``PUT /upload/<name>``: stores the body in ``uploads[name]`` (``put_delay_s`` per 64 KiB
   read, to make uploads slow); ``PUT /fail/<name>``: 500.
 
@@ -18,10 +24,12 @@ Every request is recorded in ``requests`` as ``(method, path, headers)``.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 
 from tests.receiver import QuietServer
@@ -40,6 +48,11 @@ class FileServer(QuietServer):
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.delay_s = 0.0
         self.put_delay_s = 0.0
+        self.paths: dict[str, Path] = {}
+        self.headers: dict[str, dict[str, str]] = {}
+        self.range_mode = "ok"
+        self.cut_ranges = 0
+        self.throttle_bps = 0.0
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
@@ -92,6 +105,9 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "redirect":
             self._send(302, headers={"Location": query["to"][0]})
             return
+        if kind == "ranged":
+            self._ranged(name)
+            return
         data = self.server.files.get(name)
         if data is None:
             self._send(404, b"not found")
@@ -130,6 +146,72 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(206, data[:1], headers)
             return
         self._send(200, data, headers)
+
+    def _ranged(self, name: str) -> None:
+        server = self.server
+        data = server.files.get(name)
+        path = server.paths.get(name)
+        if data is None and path is None:
+            self._send(404, b"not found")
+            return
+        size = len(data) if data is not None else path.stat().st_size  # type: ignore[union-attr]
+        start, end, code = 0, size, 200
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        cut = False
+        if match and server.range_mode != "ignore":
+            start = int(match.group(1))
+            end = min(int(match.group(2)) + 1, size) if match.group(2) else size
+            code = 206
+            with server.lock:
+                if start > 0 and server.cut_ranges > 0:
+                    server.cut_ranges -= 1
+                    cut = True
+        self.send_response(code)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(end - start))
+        if code == 206:
+            claimed = size + 1 if server.range_mode == "wrong_total" else size
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{claimed}")
+        else:
+            for k, v in server.headers.get(name, {}).items():
+                self.send_header(k, v)
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        stop = start + (end - start) // 2 if cut else end
+        self._body(data, path, start, stop)
+        if cut:
+            self.close_connection = True
+
+    def _body(self, data: bytes | None, path: Path | None, start: int, end: int) -> None:
+        """Send ``[start, end)`` of ``data`` or the file at ``path``, paced to
+        ``throttle_bps`` per connection."""
+        rate = self.server.throttle_bps
+        step = max(64 << 10, min(1 << 20, int(rate / 20))) if rate else max(end - start, 1)
+        began, sent = time.monotonic(), 0
+        fh = open(path, "rb") if path is not None else None  # noqa: SIM115
+        try:
+            pos = start
+            while pos < end:
+                n = min(step, end - pos)
+                if fh is not None:
+                    self.wfile.flush()
+                    self.connection.sendfile(fh, pos, n)
+                else:
+                    assert data is not None
+                    self.wfile.write(memoryview(data)[pos : pos + n])
+                pos += n
+                sent += n
+                if rate:
+                    ahead = began + sent / rate - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)  # pacing a throttled connection
+        except ConnectionError:
+            self.close_connection = True
+        finally:
+            if fh is not None:
+                fh.close()
 
     def do_PUT(self) -> None:
         path, _ = self._record()

@@ -396,3 +396,28 @@ def test_upload_traversal_refused(
             await storage.close()
 
     asyncio.run(main())
+
+
+def test_hf_fast_transfers_follow_what_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hf_xet is reported when installed (huggingface_hub uses it by itself); hf_transfer is
+    switched on when installed and the huggingface_hub version still knows it."""
+    import importlib.util
+
+    from huggingface_hub import constants
+
+    from comfy_sidecar.storage.hf import fast_transfers
+
+    real = importlib.util.find_spec
+    xet = ["hf_xet"] if real("hf_xet") is not None else []
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    monkeypatch.setattr(constants, "HF_HUB_ENABLE_HF_TRANSFER", False, raising=False)
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "hf_transfer" else real(name, *a),
+    )
+    assert fast_transfers() == [*xet, "hf_transfer"]
+    assert constants.HF_HUB_ENABLE_HF_TRANSFER is True
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.delattr(constants, "HF_HUB_ENABLE_HF_TRANSFER")  # huggingface_hub >= 1.0
+    assert fast_transfers() == []
