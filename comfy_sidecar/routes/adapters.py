@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from comfy_sidecar.errors import InputError
+from comfy_sidecar.errors import InputError, SidecarError
 from comfy_sidecar.jobs.runner import JobService
 from comfy_sidecar.jobs.store import JobRecord, JobStatus, JobStore
 from comfy_sidecar.routes.jobs import with_data
@@ -53,6 +53,23 @@ def fingerprint(request: PromptRequest, *extra: Any) -> bytes:
     """What makes two submissions with one id "the same body": the request and any fields the
     adapter adds of its own (a webhook URL)."""
     return msgspec.json.encode([request, *extra])
+
+
+async def submit(
+    jobs: JobService, request: PromptRequest, endpoint: str, location: str, *extra: Any
+) -> JobRecord:
+    """``jobs.submit`` for an adapter: the fingerprint is :func:`fingerprint` of ``request``
+    and ``extra``, and an error naming the prompt (``prompt.9.inputs.image``) names it where
+    the adapter's body has it (``location``: ``workflow.9.inputs.image``)."""
+    try:
+        return await jobs.submit(
+            request, endpoint=endpoint, fingerprint=fingerprint(request, *extra)
+        )
+    except SidecarError as exc:
+        where = exc.location or ""
+        if where == "prompt" or where.startswith("prompt."):
+            exc.location = location + where.removeprefix("prompt")
+        raise
 
 
 def check_http_url(url: str, location: str) -> None:

@@ -39,9 +39,9 @@ from comfy_sidecar.routes.adapters import (
     check_http_url,
     error_message,
     estimated_wait_s,
-    fingerprint,
     new_job_id,
     prompt_request,
+    submit,
 )
 from comfy_sidecar.routes.jobs import HEARTBEAT_S, job_of
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
@@ -158,9 +158,7 @@ async def _submit(data: GenerateRequest, jobs: JobService, state: State) -> JobR
     request = prompt_request(
         given.workflow_json, given.request_id or new_job_id(), "input.workflow_json", **options
     )
-    record = await jobs.submit(
-        request, endpoint="aidock", fingerprint=fingerprint(request, given.webhook)
-    )
+    record = await submit(jobs, request, "aidock", "input.workflow_json", given.webhook)
     if given.webhook is not None:
         jobs.when_ended(record, _send_webhook(state, jobs, given.webhook))
     return record

@@ -38,10 +38,10 @@ from comfy_sidecar.routes.adapters import (
     check_http_url,
     error_message,
     estimated_wait_s,
-    fingerprint,
     new_job_id,
     outputs_with_data,
     prompt_request,
+    submit,
 )
 from comfy_sidecar.routes.jobs import job_of
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
@@ -292,9 +292,7 @@ async def submit_modal_job(
     try:
         workflow, _ = await prepare_workflow(data, folder)
         request = prompt_request(workflow, job_id, "workflow")
-        record = await jobs.submit(
-            request, endpoint="modal_jobs", fingerprint=fingerprint(request, data.webhook_url)
-        )
+        record = await submit(jobs, request, "modal_jobs", "workflow", data.webhook_url)
     except BaseException:
         folder.remove()
         raise

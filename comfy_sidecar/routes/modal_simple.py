@@ -25,10 +25,10 @@ from comfy_sidecar.jobs.runner import JobService
 from comfy_sidecar.jobs.store import JobStatus, UnknownJob
 from comfy_sidecar.routes.adapters import (
     error_message,
-    fingerprint,
     new_job_id,
     outputs_with_data,
     prompt_request,
+    submit,
 )
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
 from comfy_sidecar.schemas import ErrorResponse
@@ -105,7 +105,7 @@ async def submit_workflow(data: SubmitWorkflow, jobs: JobService) -> Response[Ru
         request = prompt_request(data.workflow, new_job_id(), "workflow")
     except InputError as exc:
         raise InputError(exc.message, exc.location, detail=exc.message) from None
-    record = await jobs.submit(request, endpoint="modal_simple", fingerprint=fingerprint(request))
+    record = await submit(jobs, request, "modal_simple", "workflow")
     return Response(Running(id=record.id, call_id=record.id), status_code=202)
 
 

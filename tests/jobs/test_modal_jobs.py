@@ -152,6 +152,7 @@ def test_cancel_ends_failed_and_sends_the_webhooks(shared_sidecar: Sidecar, rece
         ({"workflow": {}}, "workflow"),
         ({"workflow": {"1": {"inputs": {}}}}, "workflow.1.class_type"),
         ({"webhook_url": "ftp://x"}, "webhook_url"),
+        ({"workflow": image_workflow("not base64!")}, "workflow.107.inputs.image"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_field_and_leaves_nothing(
