@@ -85,7 +85,7 @@ def test_async_request_webhook_and_queue_info(shared_sidecar: Sidecar, receiver:
     hook = receiver()
     payload = {
         "input": {
-            "workflow_json": slow_prompt(4),
+            "workflow_json": slow_prompt(2, 1024),
             "webhook": {"url": hook.url, "extra_params": {"custom_field": "value"}},
         }
     }
@@ -93,23 +93,24 @@ def test_async_request_webhook_and_queue_info(shared_sidecar: Sidecar, receiver:
     assert accepted.status_code == 202, accepted.text
     result = accepted.json()
     assert set(result) == RESULT_KEYS and result["status"] in ("queued", "generating")
-    second = shared_sidecar.post("/generate", json={"input": {"workflow_json": slow_prompt(4)}})
-    assert second.json()["status"] == "queued"
+    second = shared_sidecar.post("/generate", json={"input": {"workflow_json": basic_prompt(1)}})
+    assert second.json()["status"] in ("queued", "generating")
     info = shared_sidecar.get("/queue-info").json()
-    assert info["generation_queue_size"] >= 1
     assert set(info) == {"preprocess_queue_size", "generation_queue_size", "postprocess_queue_size"}
-    [delivered] = hook.wait_for(1, timeout=120)
+    assert all(isinstance(size, int) and size >= 0 for size in info.values())
+    [delivered] = hook.wait_for(1, timeout=300)
     body = delivered.json()
     assert (body["id"], body["status"], body["custom_field"]) == (
         result["id"],
         "completed",
         "value",
     )
-    assert body["output"] and body["output"][0]["node_id"] == "6"
+    assert body["output"] and body["output"][0]["node_id"] == "4"
     deadline = time.monotonic() + 120
     while shared_sidecar.get(f"/result/{second.json()['id']}").json()["status"] != "completed":
         assert time.monotonic() < deadline, "the second job did not complete"
         time.sleep(0.05)
+    assert shared_sidecar.get("/queue-info").json()["generation_queue_size"] == 0
 
 
 def test_sync_timeout_answers_202_with_the_running_result(shared_sidecar: Sidecar) -> None:
