@@ -32,6 +32,7 @@ from comfy_sidecar.errors import (
     UpstreamFailed,
 )
 from comfy_sidecar.locations import msgspec_location
+from comfy_sidecar.routes import aidock, modal_jobs, modal_simple
 from comfy_sidecar.routes.jobs import ROUTES as JOB_ROUTES
 from comfy_sidecar.routes.models import download, download_status, models
 from comfy_sidecar.routes.probes import health, ready
@@ -186,6 +187,9 @@ def create_app(sidecar: Sidecar) -> Litestar:
             download_status,
             models,
             *JOB_ROUTES,
+            *modal_jobs.ROUTES,
+            *modal_simple.ROUTES,
+            *aidock.ROUTES,
             *(
                 workflow_route(wf, settings.markdown_schema_descriptions)
                 for wf in sidecar.workflows

@@ -15,7 +15,7 @@ import logging
 import mimetypes
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -218,6 +218,23 @@ class JobService:
         if interrupted:
             await _wait_ended(record, 10.0)
         return interrupted or record.status is JobStatus.CANCELLED
+
+    def when_ended(
+        self, record: JobRecord, callback: Callable[[JobRecord], Awaitable[None]]
+    ) -> None:
+        """Run ``callback(record)`` once ``record`` has ended (a background task of the
+        sidecar's, cancelled with it): what the job adapters send their webhooks and clean up
+        their per-job files with. An exception from ``callback`` is logged, never raised."""
+
+        async def watch() -> None:
+            while not record.status.terminal:
+                await record.changed()
+            try:
+                await callback(record)
+            except Exception:
+                log.exception("job %s: after-end callback failed", record.id)
+
+        self.delivery.spawn(watch())
 
     def output_path(self, record: JobRecord, index: int) -> Path | None:
         """The retained file of output ``index``, or None."""

@@ -131,7 +131,10 @@ def with_data(jobs: JobService, record: JobRecord, body: dict[str, Any]) -> dict
     "/jobs/{job_id:str}",
     summary="A job's status, progress and outputs",
     tags=["jobs"],
-    responses={404: ResponseSpec(ErrorResponse, description="No such job is retained.")},
+    responses={
+        400: ERROR_RESPONSES[400],
+        404: ResponseSpec(ErrorResponse, description="No such job is retained."),
+    },
     description="`?wait=S` (at most 60) waits until the job has ended; `?include=data` adds "
     "each output's bytes as base64 `data`.",
 )
@@ -233,6 +236,10 @@ def _last_event_id(request: Request[Any, Any, Any]) -> int:
     "/jobs/{job_id:str}/events",
     summary="A job's events (Server-Sent Events)",
     tags=["jobs"],
+    responses={
+        400: ERROR_RESPONSES[400],
+        404: ResponseSpec(ErrorResponse, description="No such job is retained."),
+    },
     description="Events `status`, `progress`, `output` and `done` (its data is the final job "
     "body), each with an `id:`; `Last-Event-ID` resumes after that event. `preview` (base64 "
     "image with its node id) only with `?previews=true`. A comment every 15 s keeps the "

@@ -1,0 +1,126 @@
+"""What the job adapters (Modal jobs, Modal simple, ai-dock) share: one job store, one view.
+
+Each adapter translates its own request into a :class:`~comfy_sidecar.schemas.PromptRequest`,
+submits it through :class:`~comfy_sidecar.jobs.runner.JobService` and translates the
+:class:`~comfy_sidecar.jobs.store.JobRecord` back; the helpers here are the parts of that they
+have in common.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+
+from comfy_sidecar.errors import InputError, SidecarError
+from comfy_sidecar.jobs.runner import JobService
+from comfy_sidecar.jobs.store import JobRecord, JobStatus, JobStore
+from comfy_sidecar.routes.jobs import with_data
+from comfy_sidecar.schemas import PromptNode, PromptRequest
+
+#: Completed jobs the wait estimate averages over (the most recent ones).
+ESTIMATE_SAMPLE = 20
+
+
+def new_job_id() -> str:
+    """A fresh job id (a UUID4), for the APIs whose client never names its job."""
+    return str(uuid.uuid4())
+
+
+def prompt_request(workflow: Any, job_id: str, location: str, **options: Any) -> PromptRequest:
+    """``workflow`` (an API-format graph) as a :class:`PromptRequest` with id ``job_id`` and
+    the other /prompt fields in ``options``. Raises :class:`InputError` naming the node field
+    at fault under ``location`` (``workflow.3.class_type``), or ``location`` itself when the
+    workflow is not a non-empty object of nodes."""
+    if not isinstance(workflow, dict) or not workflow:
+        raise InputError("Invalid workflow format: must be a non-empty JSON object", location)
+    for node_id, node in workflow.items():
+        try:
+            msgspec.convert(node, PromptNode)
+        except msgspec.ValidationError as exc:
+            from comfy_sidecar.locations import msgspec_location
+
+            what, where = msgspec_location(exc)
+            suffix = f".{where}" if where else ""
+            raise InputError(what, f"{location}.{node_id}{suffix}") from None
+    return msgspec.convert({"prompt": workflow, "id": job_id, **options}, PromptRequest)
+
+
+def fingerprint(request: PromptRequest, *extra: Any) -> bytes:
+    """What makes two submissions with one id "the same body": the request and any fields the
+    adapter adds of its own (a webhook URL)."""
+    return msgspec.json.encode([request, *extra])
+
+
+async def submit(
+    jobs: JobService, request: PromptRequest, endpoint: str, location: str, *extra: Any
+) -> JobRecord:
+    """``jobs.submit`` for an adapter: the fingerprint is :func:`fingerprint` of ``request``
+    and ``extra``, and an error naming the prompt (``prompt.9.inputs.image``) names it where
+    the adapter's body has it (``location``: ``workflow.9.inputs.image``)."""
+    try:
+        return await jobs.submit(
+            request, endpoint=endpoint, fingerprint=fingerprint(request, *extra)
+        )
+    except SidecarError as exc:
+        where = exc.location or ""
+        if where == "prompt" or where.startswith("prompt."):
+            exc.location = location + where.removeprefix("prompt")
+        raise
+
+
+def check_http_url(url: str, location: str) -> None:
+    """Raise :class:`InputError` at ``location`` unless ``url`` is an http(s) URL with a host
+    (what a webhook may be sent to)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InputError("must be an http(s) URL", location)
+
+
+def estimated_wait_s(store: JobStore, record: JobRecord | None = None) -> int | None:
+    """Seconds until ``record`` (or a job submitted now) is likely done: the mean run time of
+    the last completed jobs times the jobs ahead of it plus one. None before any job ran."""
+    durations: list[int] = []
+    pending = 0
+    for other in reversed(list(store)):
+        if other is record:
+            pending = 0  # count only the jobs ahead of it
+            continue
+        if other.status in (JobStatus.PENDING, JobStatus.IN_PROGRESS):
+            pending += 1
+        elif (
+            other.status is JobStatus.COMPLETED
+            and other.started_ms is not None
+            and other.completed_ms is not None
+            and len(durations) < ESTIMATE_SAMPLE
+        ):
+            durations.append(other.completed_ms - other.started_ms)
+    if not durations:
+        return None
+    if record is not None and record.status.terminal:
+        return 0
+    mean_s = sum(durations) / len(durations) / 1000
+    return max(1, round(mean_s * (pending + 1)))
+
+
+async def outputs_with_data(jobs: JobService, record: JobRecord) -> list[dict[str, Any]]:
+    """``record``'s outputs as plain dicts, each retained file's bytes as base64 ``data``
+    (read off the event loop)."""
+    body = {"outputs": [msgspec.to_builtins(output) for output in record.outputs]}
+    outputs: list[dict[str, Any]] = (await asyncio.to_thread(with_data, jobs, record, body))[
+        "outputs"
+    ]
+    return outputs
+
+
+def error_message(record: JobRecord) -> str | None:
+    """The one-line reason a job did not complete: ``Cancelled by user`` for a cancel, else
+    the ``error`` of its error body; None for a job that has not failed."""
+    if record.status is JobStatus.CANCELLED:
+        return "Cancelled by user"
+    if record.error is None:
+        return None
+    return str(record.error.get("error", "failed"))

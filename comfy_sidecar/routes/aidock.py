@@ -1,0 +1,362 @@
+"""The ai-dock ComfyUI API wrapper's routes: ``/generate`` (async, sync, stream), ``/result/{id}``
+and ``/queue-info``, over the same jobs as ``/jobs``.
+
+Copies the wrapper's README. Requests are ``{input: {request_id, workflow_json, webhook: {url,
+extra_params}, s3: {...}}}``; every answer is its result object ``{id, status, message,
+output: [{filename, url, type: "output", node_id, output_type}]}`` with status ``queued``
+(pending), ``generating`` (running), ``completed`` or ``failed`` (failed, cancelled, timed out).
+An output's ``url`` is its upload URL, or ``/jobs/{id}/outputs/{n}``; ``output_type`` is the
+ComfyUI output key its media type gives (``images``, ``videos``, ``audio``, ``text``,
+``files``). The stream sends its progress objects (``request_id, status, message,
+elapsed_time, queue_position, queue_info``) and ends with ``status: "final_result"`` carrying
+``result``. The webhook gets the result object plus ``extra_params`` when the job ends.
+
+What is not copied: ``modifier``/``modifications`` (we run no modifier classes: 400 naming
+``input.modifier`` unless ``workflow_json`` is given) and per-request S3 credentials (uploads
+use the sidecar's own AWS credentials: an ``s3`` block with keys is a 400 naming ``input.s3``;
+``{bucket_name, prefix?}`` maps to our ``s3`` upload block).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Response, get, post
+from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
+from litestar.response import ServerSentEvent
+from litestar.response.sse import ServerSentEventMessage
+from msgspec import Meta
+
+from comfy_sidecar.errors import InputError
+from comfy_sidecar.jobs.runner import JobService
+from comfy_sidecar.jobs.store import JobRecord, JobStatus
+from comfy_sidecar.routes.adapters import (
+    check_http_url,
+    error_message,
+    estimated_wait_s,
+    new_job_id,
+    prompt_request,
+    submit,
+)
+from comfy_sidecar.routes.jobs import HEARTBEAT_S, job_of
+from comfy_sidecar.routes.prompt import ERROR_RESPONSES
+from comfy_sidecar.schemas import ErrorResponse, JobId, S3Upload
+
+#: ``/generate/sync``'s default and longest wait, in seconds.
+SYNC_TIMEOUT_S = 300.0
+MAX_SYNC_TIMEOUT_S = 3600.0
+
+STATUS = {
+    JobStatus.PENDING: "queued",
+    JobStatus.IN_PROGRESS: "generating",
+    JobStatus.COMPLETED: "completed",
+    JobStatus.FAILED: "failed",
+    JobStatus.CANCELLED: "failed",
+    JobStatus.TIMED_OUT: "failed",
+}
+OUTPUT_TYPE = {"image": "images", "video": "videos", "audio": "audio", "text": "text"}
+
+
+class Webhook(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Where the result object goes when the job ends, with ``extra_params`` merged in."""
+
+    url: str
+    extra_params: dict[str, Any] = {}
+
+
+class S3Block(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """ai-dock's ``s3``. Only ``bucket_name`` (and ``prefix``) are used: uploads take the
+    sidecar's AWS credentials, so a block with keys is refused."""
+
+    bucket_name: str
+    prefix: str = ""
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+class GenerateInput(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """ai-dock's ``input``."""
+
+    request_id: JobId | None = None
+    workflow_json: Annotated[
+        dict[str, Any] | None, Meta(description="ComfyUI API-format workflow.")
+    ] = None
+    modifier: Annotated[str | None, Meta(description="Not supported: give `workflow_json`.")] = None
+    modifications: dict[str, Any] | None = None
+    webhook: Webhook | None = None
+    s3: S3Block | None = None
+
+
+class GenerateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /generate``, ``/generate/sync`` and ``/generate/stream``."""
+
+    input: GenerateInput
+
+
+class ResultOutput(msgspec.Struct, kw_only=True):
+    """One output file of a result."""
+
+    filename: str
+    url: str | None
+    type: str
+    node_id: str
+    output_type: str
+
+
+class Result(msgspec.Struct, kw_only=True):
+    """ai-dock's result object."""
+
+    id: str
+    status: str
+    message: str
+    output: list[ResultOutput]
+
+
+class QueueInfo(msgspec.Struct, kw_only=True):
+    """``GET /queue-info``: jobs waiting per stage (we queue only for generation)."""
+
+    preprocess_queue_size: int
+    generation_queue_size: int
+    postprocess_queue_size: int
+
+
+def _s3_upload(block: S3Block) -> S3Upload:
+    keys = ("access_key_id", "secret_access_key", "endpoint_url", "region")
+    given = [name for name in keys if getattr(block, name) is not None]
+    if given:
+        raise InputError(
+            f"per-request S3 credentials ({', '.join(given)}) are not supported for uploads: "
+            "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL, AWS_REGION) in "
+            "the sidecar's environment and send only bucket_name and prefix",
+            "input.s3",
+        )
+    return S3Upload(bucket=block.bucket_name, prefix=block.prefix)
+
+
+async def _submit(data: GenerateRequest, jobs: JobService, state: State) -> JobRecord:
+    """Translate and submit; the webhook (when given) is sent when the job ends."""
+    given = data.input
+    if given.workflow_json is None:
+        if given.modifier is not None or given.modifications is not None:
+            raise InputError(
+                "modifier classes are not supported here: send the workflow as workflow_json",
+                "input.modifier",
+            )
+        raise InputError("required: the ComfyUI workflow", "input.workflow_json")
+    if given.webhook is not None:
+        check_http_url(given.webhook.url, "input.webhook.url")
+    options: dict[str, Any] = {}
+    if given.s3 is not None:
+        options["s3"] = _s3_upload(given.s3)
+    request = prompt_request(
+        given.workflow_json, given.request_id or new_job_id(), "input.workflow_json", **options
+    )
+    record = await submit(jobs, request, "aidock", "input.workflow_json", given.webhook)
+    if given.webhook is not None:
+        jobs.when_ended(record, _send_webhook(state, jobs, given.webhook))
+    return record
+
+
+def _send_webhook(state: State, jobs: JobService, webhook: Webhook) -> Any:
+    async def send(record: JobRecord) -> None:
+        body = {**msgspec.to_builtins(result_of(jobs, record)), **webhook.extra_params}
+        await state.sidecar.webhooks.send_prompt(webhook.url, body, record.id, order_key=record.id)
+
+    return send
+
+
+def _message(jobs: JobService, record: JobRecord) -> str:
+    status = record.status
+    if status is JobStatus.PENDING:
+        position = jobs.store.queue_position(record)
+        return f"Queued for generation (position {(position or 0) + 1})"
+    if status is JobStatus.IN_PROGRESS:
+        progress = record.progress.view()["progress"] if record.progress is not None else 0.0
+        return f"Generating: {progress:.0f}%"
+    if status is JobStatus.COMPLETED:
+        return "Generation complete"
+    return error_message(record) or "failed"
+
+
+def result_of(jobs: JobService, record: JobRecord) -> Result:
+    """``record`` as ai-dock's result object."""
+    return Result(
+        id=record.id,
+        status=STATUS[record.status],
+        message=_message(jobs, record),
+        output=[
+            ResultOutput(
+                filename=o.filename,
+                url=o.url,
+                type="output",
+                node_id=o.node_id,
+                output_type=OUTPUT_TYPE.get(o.media_type, "files"),
+            )
+            for o in record.outputs
+        ],
+    )
+
+
+RESULT_RESPONSES = {
+    400: ResponseSpec(ErrorResponse, description="A bad field; `location` names it."),
+    409: ResponseSpec(ErrorResponse, description="This request_id is retained with another body."),
+    503: ERROR_RESPONSES[503],
+}
+
+
+@post(
+    "/generate",
+    summary="Submit a generation (ai-dock)",
+    tags=["ai-dock"],
+    status_code=202,
+    responses={202: ResponseSpec(Result, description="Queued."), **RESULT_RESPONSES},
+    description="`{input: {request_id?, workflow_json, webhook?, s3?}}`; answers 202 with the "
+    "result object. Resubmitting a retained `request_id` with the same body returns that job.",
+)
+async def generate(data: GenerateRequest, jobs: JobService, state: State) -> Response[Result]:
+    """Submit a generation."""
+    record = await _submit(data, jobs, state)
+    return Response(result_of(jobs, record), status_code=202)
+
+
+async def _wait_end(record: JobRecord, timeout_s: float) -> bool:
+    """Wait up to ``timeout_s`` seconds for ``record`` to end; whether it has."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not record.status.terminal:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        try:
+            await asyncio.wait_for(asyncio.shield(record.changed()), remaining)
+        except TimeoutError:
+            return False
+    return True
+
+
+@post(
+    "/generate/sync",
+    summary="Run a generation and wait (ai-dock)",
+    tags=["ai-dock"],
+    status_code=200,
+    responses={
+        200: ResponseSpec(Result, description="The final result object."),
+        202: ResponseSpec(Result, description="Still running after `timeout`; poll /result."),
+        **RESULT_RESPONSES,
+    },
+    description="Waits up to `timeout` seconds (default 300, at most 3600) and answers 200 with "
+    "the final result object; a job still running then answers 202 with its current result "
+    "(the job goes on: poll `/result/{id}`).",
+)
+async def generate_sync(
+    data: GenerateRequest,
+    jobs: JobService,
+    state: State,
+    wait_s: Annotated[
+        float,
+        Parameter(query="timeout", gt=0, le=MAX_SYNC_TIMEOUT_S, description="Seconds to wait."),
+    ] = SYNC_TIMEOUT_S,
+) -> Response[Result]:
+    """Run a generation and wait."""
+    record = await _submit(data, jobs, state)
+    ended = await _wait_end(record, wait_s)
+    return Response(result_of(jobs, record), status_code=200 if ended else 202)
+
+
+def progress_message(jobs: JobService, record: JobRecord, started: float) -> dict[str, Any]:
+    """One item of the stream: ai-dock's streaming data format."""
+    position = jobs.store.queue_position(record)
+    waiting = sum(1 for r in jobs.store if r.status is JobStatus.PENDING)
+    return {
+        "request_id": record.id,
+        "status": STATUS[record.status],
+        "message": _message(jobs, record),
+        "elapsed_time": round(time.monotonic() - started, 3),
+        "queue_position": {
+            "current_queue": "generation",
+            "position": None if position is None else position + 1,
+            "queue_size": waiting,
+            "estimated_wait_time": estimated_wait_s(jobs.store, record),
+        },
+        "queue_info": _queue_info(jobs),
+    }
+
+
+@post(
+    "/generate/stream",
+    summary="Run a generation and stream its progress (ai-dock)",
+    tags=["ai-dock"],
+    status_code=200,
+    responses=RESULT_RESPONSES,
+    description="Server-Sent Events in ai-dock's streaming format (`request_id`, `status`, "
+    "`message`, `elapsed_time`, `queue_position`, `queue_info`), one per status or progress "
+    "change; the last has `status: final_result` and the result object as `result`.",
+)
+async def generate_stream(data: GenerateRequest, jobs: JobService, state: State) -> ServerSentEvent:
+    """Run a generation and stream its progress."""
+    started = time.monotonic()
+    record = await _submit(data, jobs, state)
+
+    async def messages() -> Any:
+        yield ServerSentEventMessage(data=_json(progress_message(jobs, record, started)))
+        async for event in record.follow(len(record.events), HEARTBEAT_S):
+            if event is None:
+                yield ServerSentEventMessage(comment="keep-alive")
+            elif event.type in ("status", "progress"):
+                yield ServerSentEventMessage(data=_json(progress_message(jobs, record, started)))
+        final = {
+            "request_id": record.id,
+            "status": "final_result",
+            "message": _message(jobs, record),
+            "elapsed_time": round(time.monotonic() - started, 3),
+            "result": msgspec.to_builtins(result_of(jobs, record)),
+        }
+        yield ServerSentEventMessage(data=_json(final))
+
+    return ServerSentEvent(messages())
+
+
+def _json(body: Any) -> str:
+    return msgspec.json.encode(body).decode()
+
+
+@get(
+    "/result/{request_id:str}",
+    summary="A generation's result (ai-dock)",
+    tags=["ai-dock"],
+    responses={404: ResponseSpec(ErrorResponse, description="No such request is retained.")},
+    description="The result object of any retained job.",
+)
+async def get_result(request_id: str, jobs: JobService) -> Result:
+    """A generation's result."""
+    return result_of(jobs, job_of(jobs, request_id))
+
+
+def _queue_info(jobs: JobService) -> dict[str, int]:
+    pending = sum(1 for r in jobs.store if r.status is JobStatus.PENDING)
+    return {
+        "preprocess_queue_size": 0,
+        "generation_queue_size": pending,
+        "postprocess_queue_size": 0,
+    }
+
+
+@get(
+    "/queue-info",
+    summary="Queue sizes (ai-dock)",
+    tags=["ai-dock"],
+    description="Jobs waiting per stage: ours wait only for generation (ComfyUI's queue).",
+)
+async def queue_info(jobs: JobService) -> QueueInfo:
+    """Queue sizes."""
+    return QueueInfo(**_queue_info(jobs))
+
+
+ROUTES = [generate, generate_sync, generate_stream, get_result, queue_info]

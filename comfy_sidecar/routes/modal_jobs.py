@@ -1,0 +1,430 @@
+"""The Modal jobs API (``/v1/jobs``), over the same jobs as ``/jobs``.
+
+Copies the "ComfyUI Modal API" operator guide: ``POST /v1/jobs {workflow, inputs[], media[],
+webhook_url, priority}`` answers ``{job_id, status: "queued", created_at, estimated_time}``;
+``GET /v1/jobs/{id}`` gives status and progress under its names and, once completed, the outputs
+with base64 ``data``; ``DELETE /v1/jobs/{id}`` cancels (the job ends ``failed`` with ``Cancelled
+by user``); ``GET /v1/jobs?status=&limit=`` lists newest first. Its status names map ours:
+pending → queued, in_progress → running, completed, and failed, cancelled, timed_out → failed.
+Webhooks ``job.completed`` and ``job.failed`` (``{event, job_id, timestamp[, error]}``, no
+outputs) go to ``webhook_url`` through the webhook dispatcher when the job ends.
+
+Unlike Modal, each job's ``media`` (and ``image_base64``/``image_url`` overrides) are written
+into a folder of their own, ``INPUT_DIR/<job id>-media/``, and the workflow's inputs naming a
+media item are pointed there, so two jobs sending ``input.png`` never overwrite each other; the
+folder is removed when the job ends (or at once when the request is refused).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import msgspec
+from litestar import delete, get, post
+from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Parameter
+from msgspec import Meta
+
+from comfy_sidecar.errors import InputError
+from comfy_sidecar.jobs.runner import JobService
+from comfy_sidecar.jobs.store import JobRecord, JobStatus, iso, now_ms
+from comfy_sidecar.pipeline.preprocess import decode_base64, sniff_extension
+from comfy_sidecar.routes.adapters import (
+    check_http_url,
+    error_message,
+    estimated_wait_s,
+    new_job_id,
+    outputs_with_data,
+    prompt_request,
+    submit,
+)
+from comfy_sidecar.routes.jobs import job_of
+from comfy_sidecar.routes.prompt import ERROR_RESPONSES
+from comfy_sidecar.schemas import ErrorResponse
+
+if TYPE_CHECKING:
+    from comfy_sidecar.service import Sidecar
+    from comfy_sidecar.storage.cache import Lease
+
+log = logging.getLogger("comfy_sidecar.jobs")
+
+#: Most ``media`` items per job, and most bytes per item (the guide's limits).
+MAX_MEDIA_ITEMS = 10
+MAX_MEDIA_BYTES = 50 * 1024 * 1024
+
+#: Our status -> the Modal jobs API's.
+MODAL_STATUS = {
+    JobStatus.PENDING: "queued",
+    JobStatus.IN_PROGRESS: "running",
+    JobStatus.COMPLETED: "completed",
+    JobStatus.FAILED: "failed",
+    JobStatus.CANCELLED: "failed",
+    JobStatus.TIMED_OUT: "failed",
+}
+
+PROGRESS_FIELDS = (
+    "progress",
+    "progress_value",
+    "progress_max",
+    "nodes_total",
+    "nodes_done",
+    "nodes_cached",
+    "current_node",
+    "current_node_type",
+    "queue_position",
+    "prompt_id",
+    "last_event_time",
+)
+
+
+class InputOverride(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Set ``workflow[node].inputs[field]`` before the job runs. ``image_base64``: ``value``
+    is base64 (or a ``data:`` URL) of an image, written into the job's media folder;
+    ``image_url``: ``value`` is a URL downloaded there; ``raw``: ``value`` as it is."""
+
+    node: Annotated[str | int, Meta(description="Node id (a number is made a string).")]
+    field: str
+    value: Any = None
+    type: Literal["raw", "image_base64", "image_url"] = "raw"
+
+
+class MediaItem(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A file the workflow names: ``data`` (base64) or ``url``; at most 50 MB."""
+
+    name: Annotated[str, Meta(description="File name the workflow's inputs use, no folders.")]
+    data: str | None = None
+    url: str | None = None
+
+
+class ModalJobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/jobs``."""
+
+    workflow: Annotated[dict[str, Any], Meta(description="ComfyUI API-format workflow.")]
+    inputs: list[InputOverride] = []
+    media: Annotated[list[MediaItem], Meta(max_length=MAX_MEDIA_ITEMS)] = []
+    webhook_url: Annotated[str | None, Meta(description="Gets `job.completed` / `job.failed`.")] = (
+        None
+    )
+    priority: Annotated[int, Meta(description="Reserved; accepted and ignored.")] = 0
+
+
+class ModalJobAccepted(msgspec.Struct, kw_only=True):
+    """``POST /v1/jobs`` answer. ``estimated_time``: seconds, from recent jobs (None before
+    any job ran)."""
+
+    job_id: str
+    status: str
+    created_at: str
+    estimated_time: int | None
+
+
+class ModalCancelled(msgspec.Struct, kw_only=True):
+    """``DELETE /v1/jobs/{id}`` answer."""
+
+    job_id: str
+    status: str
+    message: str
+
+
+class ModalJobList(msgspec.Struct, kw_only=True):
+    """``GET /v1/jobs``: newest first."""
+
+    jobs: list[dict[str, Any]]
+
+
+class MediaFolder:
+    """One job's ``INPUT_DIR/<job id>-media/`` folder: media items and image overrides."""
+
+    def __init__(self, sidecar: Sidecar, job_id: str) -> None:
+        self.input_dir = Path(sidecar.settings.input_dir)
+        self.name = f"{job_id}-media"
+        self.path = self.input_dir / self.name
+        self.sidecar = sidecar
+        self._lease: Lease | None = None
+        self._counter = 0
+
+    def _staging(self) -> Any:
+        from comfy_sidecar.pipeline.run import JobStaging
+
+        if self._lease is None:
+            self._lease = self.sidecar.storage.lease()
+        return JobStaging(self.sidecar.storage, None, self._lease, self.sidecar.settings)
+
+    def _write(self, name: str, data: bytes) -> str:
+        self.path.mkdir(parents=True, exist_ok=True)
+        target = self.path / name
+        part = target.with_name(f".{name}.part")
+        part.write_bytes(data)
+        os.replace(part, target)
+        return f"{self.name}/{name}"
+
+    async def _download(self, url: str, location: str) -> str:
+        """Download ``url`` through the storage layer into the folder; its name there."""
+        self._counter += 1
+        self.path.mkdir(parents=True, exist_ok=True)
+        staged: str = await self._staging().input(
+            url, f"{self.name}/.download-{self._counter}", location
+        )
+        if (self.input_dir / staged).stat().st_size > MAX_MEDIA_BYTES:
+            raise InputError(f"larger than {MAX_MEDIA_BYTES} bytes", location)
+        return staged
+
+    async def add_media(self, index: int, item: MediaItem) -> str:
+        """Write media item ``index`` as ``<folder>/<name>``; returns that name."""
+        where = f"media.{index}"
+        name = item.name
+        if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+            raise InputError("must be a file name without folders", f"{where}.name")
+        if (item.data is None) == (item.url is None):
+            raise InputError("give exactly one of `data` and `url`", where)
+        if item.url is not None:
+            staged = await self._download(item.url, f"{where}.url")
+            os.replace(self.input_dir / staged, self.path / name)
+            return f"{self.name}/{name}"
+        assert item.data is not None
+        return self._write(name, _decode(item.data, f"{where}.data"))
+
+    async def add_image(self, index: int, override: InputOverride) -> str:
+        """The image of an ``image_base64``/``image_url`` override, in the folder; its name."""
+        where = f"inputs.{index}.value"
+        if not isinstance(override.value, str):
+            raise InputError("expected a string", where)
+        if override.type == "image_url":
+            return await self._download(override.value, where)
+        data = _decode(override.value, where)
+        ext = sniff_extension(data[:64])
+        if ext is None:
+            raise InputError("decoded the base64 but it is not an image", where)
+        return self._write(f"input-{index}.{ext}", data)
+
+    def remove(self) -> None:
+        """Delete the folder and end the download lease (idempotent)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+
+
+def _decode(value: str, location: str) -> bytes:
+    """Base64 (or a ``data:...;base64,`` URL) of at most MAX_MEDIA_BYTES bytes."""
+    if value.startswith("data:") and ";base64," in value[:200]:
+        value = value.split(",", 1)[1]
+    if len(value) > (MAX_MEDIA_BYTES // 3 + 1) * 4 + 1024:
+        raise InputError(f"larger than {MAX_MEDIA_BYTES} bytes", location)
+    data = decode_base64(value)
+    if data is None:
+        raise InputError("not valid base64", location)
+    if len(data) > MAX_MEDIA_BYTES:
+        raise InputError(f"larger than {MAX_MEDIA_BYTES} bytes", location)
+    return data
+
+
+def _node_inputs(workflow: dict[str, Any], node: str, location: str) -> dict[str, Any]:
+    entry = workflow.get(node)
+    if not isinstance(entry, dict):
+        raise InputError(f"the workflow has no node {node!r}", location)
+    inputs = entry.setdefault("inputs", {})
+    if not isinstance(inputs, dict):
+        raise InputError(f"node {node!r} has no inputs object", location)
+    return inputs
+
+
+async def prepare_workflow(
+    data: ModalJobRequest, folder: MediaFolder
+) -> tuple[dict[str, Any], list[str]]:
+    """The workflow with its media and overrides applied, and the names the media got.
+    Raises :class:`InputError` naming ``inputs.N.*`` or ``media.N.*``."""
+    workflow = msgspec.json.decode(msgspec.json.encode(data.workflow))  # a copy
+    if not isinstance(workflow, dict) or not workflow:
+        raise InputError("Invalid workflow format: must be a non-empty JSON object", "workflow")
+    targets = [
+        _node_inputs(workflow, str(o.node), f"inputs.{i}.node") for i, o in enumerate(data.inputs)
+    ]
+    seen: set[str] = set()
+    renamed: dict[str, str] = {}
+    for index, item in enumerate(data.media):
+        if item.name in seen:
+            raise InputError("a media item with this name came earlier", f"media.{index}.name")
+        seen.add(item.name)
+        renamed[item.name] = await folder.add_media(index, item)
+    if renamed:
+        for node in workflow.values():
+            inputs = node.get("inputs") if isinstance(node, dict) else None
+            if isinstance(inputs, dict):
+                for key, value in inputs.items():
+                    if isinstance(value, str) and value in renamed:
+                        inputs[key] = renamed[value]
+    for index, (override, inputs) in enumerate(zip(data.inputs, targets, strict=True)):
+        if override.type == "raw":
+            inputs[override.field] = override.value
+        else:
+            inputs[override.field] = await folder.add_image(index, override)
+    return workflow, list(renamed.values())
+
+
+@post(
+    "/v1/jobs",
+    summary="Submit a job (Modal jobs API)",
+    tags=["modal jobs"],
+    status_code=200,
+    responses={
+        200: ResponseSpec(ModalJobAccepted, description="Queued."),
+        400: ERROR_RESPONSES[400],
+        503: ERROR_RESPONSES[503],
+    },
+    description="`{workflow, inputs[], media[], webhook_url, priority}`: `inputs` override "
+    "node inputs (`raw`, `image_base64`, `image_url`), `media` (at most 10, 50 MB each) are "
+    "files the workflow names. Checked before the answer: a bad field is a 400 naming it.",
+)
+async def submit_modal_job(
+    data: ModalJobRequest, jobs: JobService, state: State
+) -> ModalJobAccepted:
+    """Submit a job."""
+    if data.webhook_url is not None:
+        check_http_url(data.webhook_url, "webhook_url")
+    job_id = new_job_id()
+    folder = MediaFolder(state.sidecar, job_id)
+    try:
+        workflow, _ = await prepare_workflow(data, folder)
+        request = prompt_request(workflow, job_id, "workflow")
+        record = await submit(jobs, request, "modal_jobs", "workflow", data.webhook_url)
+    except BaseException:
+        folder.remove()
+        raise
+    jobs.when_ended(record, _on_end(state.sidecar, folder, data.webhook_url))
+    return ModalJobAccepted(
+        job_id=record.id,
+        status=MODAL_STATUS[record.status],
+        created_at=iso(record.created_ms) or "",
+        estimated_time=estimated_wait_s(jobs.store, record),
+    )
+
+
+def _on_end(sidecar: Sidecar, folder: MediaFolder, webhook_url: str | None) -> Any:
+    async def ended(record: JobRecord) -> None:
+        folder.remove()
+        if webhook_url is None:
+            return
+        body: dict[str, Any] = {
+            "event": "job.completed" if record.status is JobStatus.COMPLETED else "job.failed",
+            "job_id": record.id,
+            "timestamp": iso(record.completed_ms or now_ms()),
+        }
+        if record.status is not JobStatus.COMPLETED:
+            body["error"] = error_message(record)
+        await sidecar.webhooks.send_prompt(webhook_url, body, record.id, order_key=record.id)
+
+    return ended
+
+
+def modal_view(jobs: JobService, record: JobRecord) -> dict[str, Any]:
+    """A job under the Modal jobs API's names (without outputs)."""
+    view = jobs.store.view(record)
+    body: dict[str, Any] = {
+        "job_id": record.id,
+        "status": MODAL_STATUS[record.status],
+        "created_at": view["created_at"],
+        "started_at": view["started_at"],
+        "completed_at": view["completed_at"],
+    }
+    body.update({name: view[name] for name in PROGRESS_FIELDS})
+    if record.status.terminal and record.status is not JobStatus.COMPLETED:
+        body["error"] = error_message(record)
+        body["error_log_tail"] = (record.error or {}).get("comfyui_log_tail") or []
+    return body
+
+
+@get(
+    "/v1/jobs/{job_id:str}",
+    summary="A job's status, progress and outputs (Modal jobs API)",
+    tags=["modal jobs"],
+    responses={404: ResponseSpec(ErrorResponse, description="No such job is retained.")},
+    description="Status `queued | running | completed | failed`, the progress fields, and once "
+    "completed `outputs` with base64 `data` (`filename`, `type`, `size_bytes`, `node_id`); a "
+    "failed job has `error` (`Cancelled by user` for a cancel) and `error_log_tail`.",
+)
+async def get_modal_job(job_id: str, jobs: JobService) -> dict[str, Any]:
+    """Job status."""
+    record = job_of(jobs, job_id)
+    body = modal_view(jobs, record)
+    if record.status is JobStatus.COMPLETED:
+        body["outputs"] = [
+            {
+                "filename": output["filename"],
+                "type": output["media_type"],
+                "mime_type": output["mime_type"],
+                "size_bytes": output["size_bytes"],
+                "node_id": output["node_id"],
+                "url": output["url"],
+                "data": output.get("data"),
+            }
+            for output in await outputs_with_data(jobs, record)
+        ]
+    return body
+
+
+@delete(
+    "/v1/jobs/{job_id:str}",
+    summary="Cancel a job (Modal jobs API)",
+    tags=["modal jobs"],
+    status_code=200,
+    responses={404: ResponseSpec(ErrorResponse, description="No such job is retained.")},
+    description="A queued job leaves ComfyUI's queue, a running one is interrupted; it ends "
+    "`failed` with `Cancelled by user` (and `job.failed` goes to its webhook). A job that "
+    "already ended answers 200 saying so.",
+)
+async def cancel_modal_job(job_id: str, jobs: JobService) -> ModalCancelled:
+    """Cancel a job."""
+    record = job_of(jobs, job_id)
+    if record.status.terminal:
+        message = f"job already finalised ({MODAL_STATUS[record.status]})"
+    else:
+        await jobs.cancel(record)
+        message = "Cancelled by user"
+    return ModalCancelled(job_id=record.id, status=MODAL_STATUS[record.status], message=message)
+
+
+@get(
+    "/v1/jobs",
+    summary="List jobs (Modal jobs API)",
+    tags=["modal jobs"],
+    responses={400: ERROR_RESPONSES[400]},
+    description="Newest first: `job_id`, `status`, `created_at`, `progress`.",
+)
+async def list_modal_jobs(
+    jobs: JobService,
+    status: Annotated[
+        Literal["queued", "running", "completed", "failed"] | None,
+        Parameter(description="Only jobs with this status."),
+    ] = None,
+    limit: Annotated[int, Parameter(ge=1, le=1000, description="At most this many.")] = 50,
+) -> ModalJobList:
+    """List jobs."""
+    jobs.store.expire()
+    found: list[dict[str, Any]] = []
+    for record in reversed(list(jobs.store)):
+        modal_status = MODAL_STATUS[record.status]
+        if status is not None and modal_status != status:
+            continue
+        progress = record.progress.view()["progress"] if record.progress is not None else 0.0
+        if record.status is JobStatus.COMPLETED:
+            progress = 100.0
+        found.append(
+            {
+                "job_id": record.id,
+                "status": modal_status,
+                "created_at": iso(record.created_ms),
+                "progress": progress,
+            }
+        )
+        if len(found) >= limit:
+            break
+    return ModalJobList(jobs=found)
+
+
+ROUTES = [submit_modal_job, get_modal_job, cancel_modal_job, list_modal_jobs]
