@@ -55,6 +55,7 @@ from comfy_sidecar.storage.errors import (
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Receive, Scope, Send
 
+    from comfy_sidecar.config import Settings
     from comfy_sidecar.service import Sidecar
 
 log = logging.getLogger("comfy_sidecar.app")
@@ -245,10 +246,11 @@ def _trace_context(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
-def _protect(handlers: list[Any], keys: ApiKeys, settings: Any) -> list[Any]:
+def _protect(handlers: list[Any], keys: ApiKeys, settings: Settings) -> list[Any]:
     """``handlers`` with those outside :func:`~comfy_sidecar.auth.open_paths` on one router
     that needs an API key and says so in the OpenAPI document (unchanged when no key is set:
-    then the API is open and one warning says so)."""
+    then the API is open and one warning says so). A new route is protected by being listed in
+    ``create_app``'s ``handlers``; the docs routes (``openapi_json``, the assets) stay open."""
     if not keys.enabled:
         log.warning("API_KEYS and API_KEYS_FILE are not set: the API is open to every caller")
         return handlers
