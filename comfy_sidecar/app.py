@@ -12,14 +12,18 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from litestar import Litestar, Request, Response, get
-from litestar.datastructures import State
+from litestar import Litestar, Request, Response, Router, get
+from litestar.datastructures import CacheControlHeader, State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components
+from litestar.static_files import create_static_files_router
 
 from comfy_sidecar import __version__
+from comfy_sidecar.apikeys import ApiKeys
+from comfy_sidecar.auth import SECURITY, SECURITY_SCHEMES, ApiKeyMiddleware, open_paths
 from comfy_sidecar.errors import (
     Conflict,
     ExecutionFailed,
@@ -32,6 +36,7 @@ from comfy_sidecar.errors import (
     UpstreamFailed,
 )
 from comfy_sidecar.locations import msgspec_location
+from comfy_sidecar.logs import bind_traceparent
 from comfy_sidecar.routes import aidock, modal_jobs, modal_simple
 from comfy_sidecar.routes.jobs import ROUTES as JOB_ROUTES
 from comfy_sidecar.routes.models import download, download_status, models
@@ -51,6 +56,9 @@ from comfy_sidecar.storage.errors import (
 )
 
 if TYPE_CHECKING:
+    from litestar.types import ASGIApp, Receive, Scope, Send
+
+    from comfy_sidecar.config import Settings
     from comfy_sidecar.service import Sidecar
 
 log = logging.getLogger("comfy_sidecar.app")
@@ -151,6 +159,8 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[
     body: dict[str, Any] = {"error": str(exc.detail)}
     if exc.status_code == 400:
         body["location"] = "body"
+    elif exc.status_code == 401:  # comfy_sidecar.auth: no API key, or a wrong one
+        body["location"] = "authorization"
     return Response(body, status_code=exc.status_code, headers=exc.headers or {})
 
 
@@ -166,6 +176,100 @@ def openapi_json(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return schema
 
 
+# --- /docs without the internet: Swagger UI's files from the swagger-ui-py package ------------
+
+#: Where /docs loads Swagger UI's files from (served by the sidecar, no CDN).
+DOCS_ASSETS_PATH = "/docs/assets"
+#: The files /docs needs, from the package's ``swagger_ui/static`` (also what build.spec freezes).
+DOCS_ASSETS = (
+    "swagger-ui-bundle.js",
+    "swagger-ui-standalone-preset.js",
+    "swagger-ui.css",
+    "favicon-32x32.png",
+)
+
+
+def docs_assets_dir() -> str:
+    """The directory holding :data:`DOCS_ASSETS`: ``swagger_ui/static`` of the swagger-ui-py
+    package, found without importing it (it would import Jinja); in the frozen binary the
+    same relative directory under the bundle. ``RuntimeError`` when it is missing."""
+    import importlib.util
+    import os
+    import sys
+
+    bundle = getattr(sys, "_MEIPASS", None)
+    if bundle is not None:
+        directory = os.path.join(bundle, "swagger_ui", "static")
+    else:
+        spec = importlib.util.find_spec("swagger_ui")
+        if spec is None or not spec.submodule_search_locations:
+            raise RuntimeError("the swagger-ui-py package is not installed (needed for /docs)")
+        directory = os.path.join(next(iter(spec.submodule_search_locations)), "static")
+    if not os.path.isfile(os.path.join(directory, DOCS_ASSETS[0])):
+        raise RuntimeError(f"Swagger UI's files are missing from {directory}")
+    return directory
+
+
+def _swagger_plugin() -> SwaggerRenderPlugin:
+    base = DOCS_ASSETS_PATH
+    return SwaggerRenderPlugin(
+        path="/",
+        js_url=f"{base}/swagger-ui-bundle.js",
+        css_url=f"{base}/swagger-ui.css",
+        standalone_preset_js_url=f"{base}/swagger-ui-standalone-preset.js",
+        favicon=f"<link rel='icon' type='image/png' href='{base}/favicon-32x32.png'>",
+    )
+
+
+def _docs_assets_router() -> Router:
+    return create_static_files_router(
+        path=DOCS_ASSETS_PATH,
+        directories=[docs_assets_dir()],
+        name="docs-assets",
+        cache_control=CacheControlHeader(max_age=86400, public=True),
+        include_in_schema=False,
+    )
+
+
+# --- request context and API keys -----------------------------------------------------------
+
+
+def _trace_context(app: ASGIApp) -> ASGIApp:
+    """Middleware: a W3C ``traceparent`` header tags the request's logs and webhooks
+    (:func:`comfy_sidecar.logs.bind_traceparent`). Not reset at the end: each request runs in
+    its own task, so the binding ends with it, after the error handlers have logged."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        for name, value in scope.get("headers", ()):
+            if name == b"traceparent":
+                bind_traceparent(value.decode("latin-1"))
+                break
+        await app(scope, receive, send)
+
+    return middleware
+
+
+def _protect(handlers: list[Any], keys: ApiKeys, settings: Settings) -> list[Any]:
+    """``handlers`` with those outside :func:`~comfy_sidecar.auth.open_paths` on one router
+    that needs an API key and says so in the OpenAPI document (unchanged when no key is set:
+    then the API is open and one warning says so). A new route is protected by being listed in
+    ``create_app``'s ``handlers``; the docs routes (``openapi_json``, the assets) stay open."""
+    if not keys.enabled:
+        log.warning("API_KEYS and API_KEYS_FILE are not set: the API is open to every caller")
+        return handlers
+    log.info("API keys required (%d configured) on every route but the probes", len(keys))
+    exempt = open_paths(settings)
+    open_ = [h for h in handlers if set(h.paths) <= exempt]
+    protected = [h for h in handlers if not set(h.paths) <= exempt]
+    router = Router(
+        "/",
+        route_handlers=protected,
+        middleware=[ApiKeyMiddleware],
+        security=SECURITY,
+    )
+    return [*open_, router]
+
+
 DESCRIPTION = (
     "A drop-in, Python re-creation of SaladTechnologies/comfyui-api: it supervises ComfyUI and "
     "serves a stateless API. Every error body is JSON with `error` and, for a caller's mistake, "
@@ -176,26 +280,29 @@ DESCRIPTION = (
 def create_app(sidecar: Sidecar) -> Litestar:
     """Build the ASGI app for ``sidecar`` (reachable in handlers as ``state.sidecar``)."""
     settings = sidecar.settings
+    api_keys = ApiKeys.from_settings(settings)
+    handlers: list[Any] = [
+        health,
+        ready,
+        prompt,
+        interrupt,
+        download,
+        download_status,
+        models,
+        *JOB_ROUTES,
+        *modal_jobs.ROUTES,
+        *modal_simple.ROUTES,
+        *aidock.ROUTES,
+        *(workflow_route(wf, settings.markdown_schema_descriptions) for wf in sidecar.workflows),
+    ]
     return Litestar(
         route_handlers=[
-            health,
-            ready,
             openapi_json,
-            prompt,
-            interrupt,
-            download,
-            download_status,
-            models,
-            *JOB_ROUTES,
-            *modal_jobs.ROUTES,
-            *modal_simple.ROUTES,
-            *aidock.ROUTES,
-            *(
-                workflow_route(wf, settings.markdown_schema_descriptions)
-                for wf in sidecar.workflows
-            ),
+            _docs_assets_router(),
+            *_protect(handlers, api_keys, settings),
         ],
-        state=State({"sidecar": sidecar}),
+        middleware=[_trace_context],
+        state=State({"sidecar": sidecar, "api_keys": api_keys}),
         dependencies={"jobs": Provide(lambda: sidecar.jobs, sync_to_thread=False)},
         request_max_body_size=settings.max_body_size_mb * 1024 * 1024,
         exception_handlers={
@@ -210,7 +317,10 @@ def create_app(sidecar: Sidecar) -> Litestar:
             version=__version__,
             description=DESCRIPTION,
             path="/docs",
-            render_plugins=[SwaggerRenderPlugin(path="/")],
+            render_plugins=[_swagger_plugin()],
+            components=Components(
+                security_schemes=dict(SECURITY_SCHEMES) if api_keys.enabled else None
+            ),
         ),
         logging_config=None,
         debug=False,

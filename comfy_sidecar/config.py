@@ -28,6 +28,7 @@ from comfy_sidecar.config_parsers import (
     float_at_least,
     int_at_least,
     log_level,
+    one_of,
     optional_http_url,
     optional_text,
     text,
@@ -158,6 +159,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     log_level: Annotated[
         str, Var("LOG_LEVEL", "info", log_level), "One of trace, debug, info, warn, error, fatal."
     ]
+    log_format: Annotated[
+        str,
+        Var("LOG_FORMAT", "text", one_of("text", "json"), new=True),
+        "`text` (one readable line a record) or `json` (one object a line: ts, level, logger, "
+        "msg, job_id, prompt_id, instance, trace_id).",
+    ]
     max_queue_depth: Annotated[
         int,
         Var("MAX_QUEUE_DEPTH", "0", int_at_least(0)),
@@ -182,6 +189,25 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         str | None,
         Var("WARMUP_PROMPT_URL", None, optional_text),
         "URL of a warmup prompt, downloaded at start-up (used when no file is given).",
+    ]
+
+    # --- access -------------------------------------------------------------------------------
+    api_keys: Annotated[
+        list[str],
+        Var("API_KEYS", "", comma_list, new=True),
+        "Comma list of API keys; when any key is set (here or in API_KEYS_FILE), every route "
+        "but /health and /ready needs one (`Authorization: Bearer <key>` or `X-API-Key`).",
+    ]
+    api_keys_file: Annotated[
+        str | None,
+        Var("API_KEYS_FILE", None, optional_text, new=True),
+        "File of API keys, one a line (blank lines and `#` comments ignored), re-read on "
+        "SIGHUP; its keys add to API_KEYS.",
+    ]
+    metrics_require_auth: Annotated[
+        bool,
+        Var("METRICS_REQUIRE_AUTH", "false", boolean, new=True),
+        "true: /metrics needs an API key too (when keys are set).",
     ]
 
     # --- workflows ----------------------------------------------------------------------------
@@ -384,6 +410,14 @@ def _check_combinations(values: dict[str, Any]) -> None:
                     f"SYSTEM_WEBHOOK_EVENTS: unknown event {event!r} "
                     f"(known: {', '.join(SYSTEM_EVENT_NAMES)}, or all)"
                 )
+    keys_file = values["api_keys_file"]
+    if keys_file is not None:
+        from comfy_sidecar.apikeys import read_key_file
+
+        try:
+            read_key_file(keys_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"API_KEYS_FILE: {exc}") from None
     manifest = values["manifest"]
     if manifest and not manifest.lower().endswith((".yml", ".yaml", ".json")):
         raise ConfigError(f"MANIFEST: must end in .yml, .yaml or .json (got {manifest!r})")

@@ -106,6 +106,18 @@ def comma_list(raw: str) -> list[str]:
     return [part.strip() for part in raw.split(",") if part.strip()]
 
 
+def one_of(*choices: str) -> Callable[[str], str]:
+    """A parser for one of ``choices``, lower-cased, surrounding blanks ignored."""
+
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
 def log_level(raw: str) -> str:
     """One of :data:`LOG_LEVELS`, lower-cased."""
     value = raw.strip().lower()

@@ -437,6 +437,7 @@ async def serve(settings: Settings, sock: socket.socket, boot: BootProbes) -> in
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, sidecar.stop_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, app.state.api_keys.reload)  # re-read API_KEYS_FILE
     boot.stop()
     server_task = asyncio.ensure_future(server.serve(sockets=[sock]))
     lifecycle = asyncio.ensure_future(sidecar.lifecycle())
@@ -481,7 +482,7 @@ def load_workflows_from(directory: str) -> list[Any]:
 
 def run(settings: Settings, sock: socket.socket, boot: BootProbes) -> int:
     """Entry for ``__main__``: set up logging and run :func:`serve` in a new event loop."""
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     try:
         try:
             import uvloop  # ~15% less CPU per request than the default loop (bench/overhead.py)

@@ -2,8 +2,9 @@
 
 The child runs ``CMD`` (already split like a shell would) in its own process group, so stopping
 it reaches whatever it started (``comfy launch`` wraps python, shell scripts wrap both). Its stdout
-and stderr lines go to the sidecar's log under the ``comfyui`` logger and into a ring buffer whose
-tail is attached to execution errors.
+and stderr lines go to the sidecar's log under the ``comfyui`` logger, tagged with the child's
+``instance`` (:data:`comfy_sidecar.logs.INSTANCE`), and into a ring buffer whose tail is attached
+to execution errors.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import contextlib
 import logging
 import os
 import signal
+
+from comfy_sidecar.logs import INSTANCE
 
 log = logging.getLogger("comfy_sidecar.supervisor")
 child_log = logging.getLogger("comfyui")
@@ -26,10 +29,12 @@ class LaunchError(Exception):
 
 
 class ComfyProcess:
-    """One run of the ComfyUI child. ``ring`` keeps its last ``ring_size`` output lines."""
+    """One run of the ComfyUI child. ``ring`` keeps its last ``ring_size`` output lines;
+    ``instance`` names the child in log records (``"0"`` for the first)."""
 
-    def __init__(self, argv: list[str], ring_size: int = 500) -> None:
+    def __init__(self, argv: list[str], ring_size: int = 500, instance: str = "0") -> None:
         self.argv = argv
+        self.instance = instance
         self.ring: collections.deque[str] = collections.deque(maxlen=ring_size)
         self.process: asyncio.subprocess.Process | None = None
         self.listening = asyncio.Event()
@@ -52,7 +57,12 @@ class ComfyProcess:
             )
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
             raise LaunchError(f"cannot run {self.argv[0]!r}: {exc.strerror}") from None
-        log.info("started ComfyUI (pid %d): %s", self.process.pid, " ".join(self.argv))
+        log.info(
+            "started ComfyUI (pid %d): %s",
+            self.process.pid,
+            " ".join(self.argv),
+            extra={"instance": self.instance},
+        )
         assert self.process.stdout is not None and self.process.stderr is not None
         self._readers = [
             asyncio.create_task(self._pump(self.process.stdout, "out")),
@@ -60,6 +70,7 @@ class ComfyProcess:
         ]
 
     async def _pump(self, stream: asyncio.StreamReader, tag: str) -> None:
+        INSTANCE.set(self.instance)  # this reader task's records name the child
         while True:
             try:
                 raw = await stream.readline()

@@ -14,6 +14,11 @@ fi
 if [ ! -x node_modules/.bin/azurite-blob ]; then
   npm install --no-save --no-audit --no-fund --silent azurite >/dev/null
 fi
+# Headless Chromium for the /docs browser test (tests/core/test_docs_browser.py).
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+    || echo "chromium could not be installed; the /docs browser test will be skipped"
+fi
 export PATH="$PWD/$venv/bin:$PWD/node_modules/.bin:$PATH"
 echo "== ruff"; ruff check comfy_sidecar tests bench
 echo "== mypy"; mypy

@@ -30,6 +30,7 @@ from comfy_sidecar.errors import (
     Unavailable,
     ValidationFailed,
 )
+from comfy_sidecar.logs import bind_job, job_scope
 from comfy_sidecar.pipeline.jobs import (
     DuplicateJob,
     Job,
@@ -241,7 +242,8 @@ class Pipeline:
         validation refuses the prompt), :class:`Conflict` (id in use), :class:`Interrupted`,
         :class:`ExecutionFailed`, :class:`Unavailable` (ComfyUI down or gone) and
         :class:`TimedOut` (PROMPT_TIMEOUT_S)."""
-        return await self.complete(await self.prepare(request))
+        with job_scope():  # the caller's log records go back to its own job ids after
+            return await self.complete(await self.prepare(request))
 
     async def prepare(self, request: PromptRequest) -> PendingJob:
         """Register the job and preprocess its prompt (media inputs, prefixes, output check).
@@ -252,6 +254,7 @@ class Pipeline:
         job_id = request.id or str(uuid.uuid4())
         prompt: dict[str, Any] = msgspec.to_builtins(request.prompt)
         job = Job(id=job_id, prompt_id=str(uuid.uuid4()))
+        bind_job(job.id, job.prompt_id)
         try:
             self.registry.add(job)
         except DuplicateJob:

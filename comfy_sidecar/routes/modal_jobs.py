@@ -33,7 +33,7 @@ from msgspec import Meta
 from comfy_sidecar.errors import InputError
 from comfy_sidecar.jobs.runner import JobService
 from comfy_sidecar.jobs.store import JobRecord, JobStatus, iso, now_ms
-from comfy_sidecar.pipeline.preprocess import decode_base64, sniff_extension
+from comfy_sidecar.pipeline.media import decode_base64, sniff_extension
 from comfy_sidecar.routes.adapters import (
     check_http_url,
     error_message,

@@ -24,6 +24,7 @@ import httpx
 
 from comfy_sidecar.backoff import attempt_failure, backoff_delay
 from comfy_sidecar.config import SYSTEM_EVENT_NAMES, Settings
+from comfy_sidecar.logs import TRACEPARENT
 from comfy_sidecar.urls import scrub_url
 
 from .body import JsonBody
@@ -54,6 +55,7 @@ class _Job:
     future: asyncio.Future[bool] | None = None
     started: bool = False
     cancelled: bool = False
+    traceparent: str | None = None  # the W3C traceparent of the request that made it
 
 
 @dataclass(eq=False)
@@ -235,6 +237,7 @@ class WebhookDispatcher:
             lane=order_key or webhook_id,
             label="prompt webhook",
             future=future,
+            traceparent=TRACEPARENT.get(),
         )
         self._put(kind, job)
         return future
@@ -452,6 +455,8 @@ class WebhookDispatcher:
             "webhook-timestamp": str(timestamp),
             "webhook-signature": signature,
         }
+        if job.traceparent:
+            headers["traceparent"] = job.traceparent
         static = job.body.static
         content: bytes | AsyncIterator[bytes] = static if static is not None else job.body.achunks()
         # A large body (a video's base64) gets 1 s more per MiB on top of the limit.

@@ -12,11 +12,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import msgspec
 import pytest
 from litestar import get
 from litestar.testing import TestClient
 
 from comfy_sidecar.app import create_app
+from comfy_sidecar.config import load_settings
 from comfy_sidecar.errors import (
     Conflict,
     ExecutionFailed,
@@ -135,7 +137,9 @@ CASES: list[tuple[Exception, int, dict[str, Any]]] = [
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[TestClient[Any]]:
-    settings = SimpleNamespace(markdown_schema_descriptions=False, max_body_size_mb=1)
+    settings = msgspec.structs.replace(
+        load_settings({}), markdown_schema_descriptions=False, max_body_size_mb=1
+    )
     app = create_app(cast(Any, SimpleNamespace(settings=settings, workflows=[])))
 
     @get("/raise/{case:int}", sync_to_thread=False)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from standardwebhooks import Webhook
 
+from comfy_sidecar.app import DOCS_ASSETS, DOCS_ASSETS_PATH
 from tests.conftest import Backend, make_sidecar, png_bytes
 from tests.deploy.test_binary import BINARY, REASON
 from tests.receiver import Receiver
@@ -118,6 +119,8 @@ def test_frozen_binary_end_to_end(
         assert body["type"] == "prompt.complete" and body["id"] == "bin-hook"
 
         assert sidecar.get("/docs").status_code == 200
+        for name in DOCS_ASSETS:  # Swagger UI's files, frozen in: /docs works offline
+            assert sidecar.get(f"{DOCS_ASSETS_PATH}/{name}").status_code == 200, name
         assert sidecar.get("/openapi.json").json()["info"]["title"] == "comfy-sidecar"
         assert sidecar.proc is not None
         sidecar.proc.send_signal(signal.SIGTERM)
