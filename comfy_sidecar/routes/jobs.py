@@ -131,7 +131,10 @@ def with_data(jobs: JobService, record: JobRecord, body: dict[str, Any]) -> dict
     "/jobs/{job_id:str}",
     summary="A job's status, progress and outputs",
     tags=["jobs"],
-    responses={404: ResponseSpec(ErrorResponse, description="No such job is retained.")},
+    responses={
+        400: ERROR_RESPONSES[400],
+        404: ResponseSpec(ErrorResponse, description="No such job is retained."),
+    },
     description="`?wait=S` (at most 60) waits until the job has ended; `?include=data` adds "
     "each output's bytes as base64 `data`.",
 )
@@ -205,6 +208,7 @@ CANCEL_DOC = (
     summary="Cancel a job",
     tags=["jobs"],
     status_code=200,
+    responses={404: ResponseSpec(ErrorResponse, description="No such job is retained.")},
     description=CANCEL_DOC,
 )
 async def cancel_job(job_id: str, jobs: JobService) -> CancelResponse:
@@ -217,6 +221,7 @@ async def cancel_job(job_id: str, jobs: JobService) -> CancelResponse:
     summary="Cancel a job (alias)",
     tags=["jobs"],
     status_code=200,
+    responses={404: ResponseSpec(ErrorResponse, description="No such job is retained.")},
     description=CANCEL_DOC,
 )
 async def delete_job(job_id: str, jobs: JobService) -> CancelResponse:
@@ -233,6 +238,10 @@ def _last_event_id(request: Request[Any, Any, Any]) -> int:
     "/jobs/{job_id:str}/events",
     summary="A job's events (Server-Sent Events)",
     tags=["jobs"],
+    responses={
+        400: ERROR_RESPONSES[400],
+        404: ResponseSpec(ErrorResponse, description="No such job is retained."),
+    },
     description="Events `status`, `progress`, `output` and `done` (its data is the final job "
     "body), each with an `id:`; `Last-Event-ID` resumes after that event. `preview` (base64 "
     "image with its node id) only with `?previews=true`. A comment every 15 s keeps the "
@@ -268,6 +277,7 @@ async def job_events(
     tags=["jobs"],
     responses={
         206: ResponseSpec(None, description="The requested byte range."),
+        400: ERROR_RESPONSES[400],
         404: ResponseSpec(ErrorResponse, description="No such job or output."),
         416: ResponseSpec(ErrorResponse, description="The range starts past the end."),
     },
