@@ -30,6 +30,7 @@ from comfy_sidecar.errors import (
     InputError,
     Interrupted,
     NotFound,
+    Overloaded,
     SidecarError,
     TimedOut,
     Unavailable,
@@ -116,6 +117,7 @@ STATUS: dict[type[Exception], int] = {
     Interrupted: 499,
     ExecutionFailed: 500,
     UpstreamFailed: 502,
+    Overloaded: 429,  # MAX_QUEUE_DEPTH: a load balancer or the Salad queue tries elsewhere
     Unavailable: 503,
     TimedOut: 504,
     # storage errors that reach a request (an upload's is an UpstreamFailed's cause)
@@ -131,7 +133,7 @@ STATUS: dict[type[Exception], int] = {
 }
 
 #: Headers added to every error answer with that status.
-HEADERS: dict[int, dict[str, str]] = {503: {"retry-after": "1"}}
+HEADERS: dict[int, dict[str, str]] = {429: {"retry-after": "1"}, 503: {"retry-after": "1"}}
 
 
 def status_of(exc: Exception) -> int:

@@ -29,6 +29,7 @@ from comfy_sidecar.config_parsers import (
     int_at_least,
     log_level,
     one_of,
+    optional_count,
     optional_http_url,
     optional_text,
     text,
@@ -84,6 +85,35 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     comfy_home: Annotated[str, Var("COMFY_HOME", "/opt/ComfyUI", text), "ComfyUI home directory."]
     comfyui_port: Annotated[
         int, Var("COMFYUI_PORT_HOST", "8188", int_at_least(1)), "Port ComfyUI listens on."
+    ]
+    comfyui_instances: Annotated[
+        int | None,
+        Var("COMFYUI_INSTANCES", None, optional_count, new=True),
+        "How many ComfyUI children to run (one per GPU); unset: one per COMFYUI_GPUS entry, "
+        "else 1. With more than one, CMD must hold `{port}`.",
+    ]
+    comfyui_gpus: Annotated[
+        list[str],
+        Var("COMFYUI_GPUS", "", comma_list, new=True),
+        "GPUs for the instances (`0,1,2,3`, or `auto`: nvidia-smi / CUDA_VISIBLE_DEVICES); "
+        "instance i gets CUDA_VISIBLE_DEVICES=<its GPU> and `{gpu}` in CMD.",
+    ]
+    max_jobs_per_instance: Annotated[
+        int,
+        Var("MAX_JOBS_PER_INSTANCE", "2", int_at_least(1), new=True),
+        "Jobs one instance holds at once (running + queued in ComfyUI); the rest wait in the "
+        "sidecar's queue.",
+    ]
+    ready_min_instances: Annotated[
+        int,
+        Var("READY_MIN_INSTANCES", "1", int_at_least(1), new=True),
+        "Ready instances needed for /ready to answer 200.",
+    ]
+    quiet_reconcile_s: Annotated[
+        float,
+        Var("COMFYUI_QUIET_RECONCILE_S", "10", float_above(0), new=True),
+        "Seconds without a websocket frame, with jobs in flight, after which they are "
+        "reconciled through /queue and /history.",
     ]
     direct_address: Annotated[
         str, Var("DIRECT_ADDRESS", "127.0.0.1", text), "Address the sidecar uses to reach ComfyUI."
@@ -418,6 +448,14 @@ def _check_combinations(values: dict[str, Any]) -> None:
             read_key_file(keys_file)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"API_KEYS_FILE: {exc}") from None
+    instances = values["comfyui_instances"] or max(1, len(values["comfyui_gpus"]))
+    if values["comfyui_gpus"] == ["auto"] and values["comfyui_instances"] is None:
+        instances = 1  # decided at start-up, when the GPUs are known
+    if instances > 1 and not any("{port}" in part for part in values["cmd"]):
+        raise ConfigError(
+            "CMD: must hold {port} when more than one ComfyUI instance runs "
+            f"(COMFYUI_INSTANCES/COMFYUI_GPUS give {instances})"
+        )
     manifest = values["manifest"]
     if manifest and not manifest.lower().endswith((".yml", ".yaml", ".json")):
         raise ConfigError(f"MANIFEST: must end in .yml, .yaml or .json (got {manifest!r})")

@@ -72,6 +72,13 @@ def float_above(minimum: float) -> Callable[[str], float]:
     return parse
 
 
+def optional_count(raw: str) -> int | None:
+    """A whole number >= 1, or None when empty."""
+    if not raw.strip():
+        return None
+    return int_at_least(1)(raw)
+
+
 def text(raw: str) -> str:
     """The value as given."""
     return raw

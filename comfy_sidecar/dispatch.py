@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Sequence
 from typing import Protocol
 
 
@@ -34,7 +35,7 @@ class Slotted(Protocol):
 class Dispatcher:
     """Hands instances out to waiting jobs; ``per_instance`` slots each."""
 
-    def __init__(self, instances: list[Slotted], per_instance: int = 2) -> None:
+    def __init__(self, instances: Sequence[Slotted], per_instance: int = 2) -> None:
         self.instances = list(instances)
         self.per_instance = max(1, per_instance)
         self.in_flight: dict[str, int] = {i.name: 0 for i in self.instances}

@@ -92,5 +92,9 @@ class Unavailable(SidecarError):
     the job ran, the sidecar draining, a feature missing from this build. Worth a retry."""
 
 
+class Overloaded(SidecarError):
+    """The sidecar's queue is full (MAX_QUEUE_DEPTH): try again later or elsewhere."""
+
+
 class TimedOut(SidecarError):
     """The job ran longer than PROMPT_TIMEOUT_S and was interrupted (field ``id``)."""

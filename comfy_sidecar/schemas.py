@@ -329,13 +329,31 @@ class ErrorResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     ] = None
 
 
+class InstanceStatus(msgspec.Struct, kw_only=True):
+    """One ComfyUI instance, as the probes list it."""
+
+    name: str
+    phase: str
+    detail: str
+    port: int
+    gpu: str | None
+    connected: bool
+    jobs: Annotated[int, Meta(description="Jobs it holds (running and queued in ComfyUI).")]
+    pid: Annotated[int | None, Meta(description="The ComfyUI child's process id.")]
+
+
 class ProbeResponse(msgspec.Struct, kw_only=True):
-    """Body of `/health` and `/ready` (comfyui-api's plus `phase` and `detail`)."""
+    """Body of `/health` and `/ready` (comfyui-api's plus `phase`, `detail`, the sidecar's
+    queue and each instance's phase)."""
 
     version: str
     status: str
     phase: str
     detail: str
+    queue: Annotated[
+        dict[str, int], Meta(description="`waiting` in the sidecar, `running` on instances.")
+    ]
+    instances: list[InstanceStatus]
 
 
 class InterruptRequest(msgspec.Struct, forbid_unknown_fields=True):

@@ -1,113 +1,117 @@
-"""The sidecar process: state machine, ComfyUI lifecycle, warmup, drain, HTTP server.
+"""The sidecar process: start-up, provisioning once, its ComfyUI instances, warmup, drain and
+the HTTP server.
 
-Phases (what ``/health`` and ``/ready`` report)::
-
-    starting -> provisioning -> launching -> warming -> ready
-                                    ^                     |
-                                    +---- restarting <----+   (child exited, ALWAYS_RESTART_COMFYUI)
-    any -> stopping (SIGTERM/SIGINT)        any -> failed (exit 1)
-
-``/health`` is 200 from the first time the sidecar is ready until it exits (comfyui-api's
-``wasEverWarm``); ``/ready`` is 200 only in ``ready`` with the websocket connected and the queue
-below ``MAX_QUEUE_DEPTH``.
+Phases (what ``/health`` and ``/ready`` report) are in :mod:`comfy_sidecar.phase`: the sidecar
+is ``starting`` then ``provisioning``; after that its phase is its instances' (``ready`` while
+at least READY_MIN_INSTANCES of them are). ``/health`` is 200 from the first time the sidecar
+is ready until it exits (comfyui-api's ``wasEverWarm``); ``/ready`` is 200 while enough
+instances are ready and the sidecar's queue is below ``MAX_QUEUE_DEPTH``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
+import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
 
 from comfy_sidecar import __version__
-from comfy_sidecar.backoff import backoff_delay
 from comfy_sidecar.boot import BootProbes
 from comfy_sidecar.comfy.client import ComfyClient
-from comfy_sidecar.comfy.events import EventStream
-from comfy_sidecar.config import Settings
-from comfy_sidecar.errors import SidecarError
+from comfy_sidecar.config import ConfigError, Settings
+from comfy_sidecar.dispatch import Dispatcher
+from comfy_sidecar.errors import Overloaded, SidecarError, Unavailable
+from comfy_sidecar.instance import ComfyInstance
 from comfy_sidecar.jobs.runner import JobService
 from comfy_sidecar.jobs.store import JobStore
 from comfy_sidecar.logs import setup_logging
+from comfy_sidecar.phase import Fatal, Phase
 from comfy_sidecar.pipeline.deliver import Delivery
-from comfy_sidecar.pipeline.jobs import JobRegistry
 from comfy_sidecar.pipeline.run import Pipeline
 from comfy_sidecar.salad import DeletionCost
 from comfy_sidecar.schemas import Prompt, PromptRequest
 from comfy_sidecar.storage import Storage
-from comfy_sidecar.supervisor import ComfyProcess, LaunchError
 from comfy_sidecar.webhooks import WebhookDispatcher
 
 log = logging.getLogger("comfy_sidecar")
 
 T = TypeVar("T")
 
-
-class Phase(enum.StrEnum):
-    """Lifecycle phase, reported by the probes."""
-
-    STARTING = "starting"
-    PROVISIONING = "provisioning"
-    LAUNCHING = "launching"
-    WARMING = "warming"
-    READY = "ready"
-    RESTARTING = "restarting"
-    STOPPING = "stopping"
-    FAILED = "failed"
+__all__ = ["Fatal", "Phase", "Sidecar", "plan_instances", "run", "serve"]
 
 
-class Fatal(Exception):
-    """The sidecar cannot go on; the message is logged as one line and the exit status is 1."""
+def detect_gpus() -> list[str]:
+    """The GPUs ``COMFYUI_GPUS=auto`` means: CUDA_VISIBLE_DEVICES when set, else one per line of
+    ``nvidia-smi -L``; empty when neither says anything."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible:
+        return [part.strip() for part in visible.split(",") if part.strip()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        listing = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU ")]
 
 
-class ChildExited(Exception):
-    """ComfyUI exited; ``code`` is its exit status."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(f"ComfyUI exited with code {code}")
-        self.code = code
+def plan_instances(settings: Settings) -> list[tuple[int, str | None]]:
+    """``(port, gpu)`` of each instance: COMFYUI_INSTANCES of them (default one per GPU, else
+    one) on COMFYUI_PORT_HOST + i, GPUs handed out in turn. Raises :class:`ConfigError` naming
+    CMD when more than one would run and CMD has no ``{port}``."""
+    gpus = detect_gpus() if settings.comfyui_gpus == ["auto"] else list(settings.comfyui_gpus)
+    count = settings.comfyui_instances or max(1, len(gpus))
+    if count > 1 and not any("{port}" in part for part in settings.cmd):
+        raise ConfigError(
+            f"CMD: must hold {{port}} when more than one ComfyUI instance runs ({count})"
+        )
+    return [
+        (settings.comfyui_port + i, gpus[i % len(gpus)] if gpus else None) for i in range(count)
+    ]
 
 
 class Sidecar:
     """Everything one sidecar process owns. Build it inside the running event loop.
 
-    ``quiet_reconcile_s``: seconds without a websocket frame, while jobs are in flight, after
-    which the jobs are reconciled through ``/queue`` and ``/history`` (a socket that stays open
-    but went silent); checked every half of it.
+    Raises :class:`ConfigError` when the instances cannot be planned (see
+    :func:`plan_instances`).
     """
 
-    def __init__(self, settings: Settings, *, quiet_reconcile_s: float = 10.0) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.quiet_reconcile_s = quiet_reconcile_s
         self.version = __version__
-        self.client_id = f"comfy-sidecar-{uuid.uuid4()}"
-        self.client = ComfyClient(settings.comfy_url)
-        self.registry = JobRegistry()
-        self.registry.attach(self.client)
-        self.events = EventStream(
-            settings.comfy_ws_url,
-            self.client_id,
-            self._on_frame,
-            self._on_connect,
-            self.registry.mark_missed_frames,
-        )
-        self.process: ComfyProcess | None = None
         self.webhooks = WebhookDispatcher(settings)
         self.storage = Storage(settings, on_event=self.webhooks.storage_event)
-        self.pipeline = Pipeline(
-            settings, self.client, self.registry, self.client_id, self.log_tail, self.storage
-        )
         self.deletion_cost = DeletionCost(settings)
+        plan = plan_instances(settings)
+        self.instances = [
+            ComfyInstance(
+                index,
+                settings,
+                port=port,
+                gpu=gpu,
+                label=str(index) if len(plan) > 1 else "",
+                on_frame=self._on_frame,
+                warmup=None,
+                on_ready=self._instance_ready,
+            )
+            for index, (port, gpu) in enumerate(plan)
+        ]
+        self.dispatcher = Dispatcher(self.instances, settings.max_jobs_per_instance)
+        self.pipeline = Pipeline(settings, self.instances, self.dispatcher, self.storage)
         self.store = JobStore(
             settings.jobs_dir, settings.job_retention_s, settings.job_retention_max
         )
@@ -118,22 +122,62 @@ class Sidecar:
             Delivery.storage_uploader(self.storage),
             self.store,
         )
-        self.jobs = JobService(self.store, self.delivery)
+        self.jobs = JobService(self.store, self.delivery, self.admit)
         self.workflows: list[Any] = []
-        self.phase = Phase.STARTING
-        self.detail = "starting"
+        self._phase = Phase.STARTING
+        self._detail = "starting"
         self.ever_ready = False
         self.stop_requested = asyncio.Event()
-        self.restarts: deque[float] = deque()
         self.warmup_prompt: dict[str, Any] | None = None
+        self.after_start: Callable[[], None] = lambda: None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- probes -------------------------------------------------------------------------------
 
     def set_phase(self, phase: Phase, detail: str) -> None:
-        """Move to ``phase`` and log it."""
-        self.phase, self.detail = phase, detail
+        """Move the sidecar itself to ``phase`` (before and after its instances run) and log it."""
+        self._phase, self._detail = phase, detail
         log.info("phase %s: %s", phase.value, detail)
+
+    @property
+    def client(self) -> ComfyClient:
+        """A ComfyUI client for questions any instance answers (models, object_info)."""
+        return self.pipeline.client()
+
+    def ready_count(self) -> int:
+        """Instances that accept jobs now."""
+        return sum(1 for instance in self.instances if instance.accepting)
+
+    @property
+    def phase(self) -> Phase:
+        """The sidecar's phase: its own before and after the instances run, else theirs."""
+        if self._phase is not Phase.LAUNCHING:
+            return self._phase
+        if self.ready_count() >= self._ready_needed():
+            return Phase.READY
+        if len(self.instances) == 1:
+            only = self.instances[0].phase
+            return Phase.LAUNCHING if only is Phase.READY else only
+        for phase in (Phase.WARMING, Phase.LAUNCHING, Phase.RESTARTING, Phase.READY):
+            if any(instance.phase is phase for instance in self.instances):
+                return Phase.RESTARTING if phase is Phase.READY else phase
+        return Phase.FAILED
+
+    @property
+    def detail(self) -> str:
+        """Words for the phase (the one instance's detail, when there is one)."""
+        if self._phase is not Phase.LAUNCHING:
+            return self._detail
+        if len(self.instances) == 1:
+            return self.instances[0].detail
+        return f"{self.ready_count()} of {len(self.instances)} ComfyUI instances ready"
+
+    def _ready_needed(self) -> int:
+        return min(self.settings.ready_min_instances, len(self.instances))
+
+    def queue_depth(self) -> int:
+        """Jobs waiting in the sidecar's queue plus jobs held by instances."""
+        return self.dispatcher.waiting + self.dispatcher.running
 
     def health(self) -> tuple[bool, str]:
         """(healthy, detail) for ``/health``."""
@@ -142,32 +186,52 @@ class Sidecar:
         return False, self.detail
 
     def readiness(self) -> tuple[bool, str]:
-        """(ready, reason) for ``/ready`` and for admitting ``/prompt``."""
-        if self.phase is not Phase.READY:
-            return False, f"{self.phase.value}: {self.detail}"
-        if not self.events.connected:
-            return False, "the websocket to ComfyUI is disconnected"
+        """(ready, reason) for ``/ready``."""
+        phase = self.phase
+        if phase is not Phase.READY:
+            if len(self.instances) == 1 and self.instances[0].phase is Phase.READY:
+                return False, "the websocket to ComfyUI is disconnected"
+            return False, f"{phase.value}: {self.detail}"
         limit = self.settings.max_queue_depth
-        if limit and self.events.queue_remaining >= limit:
-            return False, f"ComfyUI's queue depth {self.events.queue_remaining} >= {limit}"
-        return True, "ComfyUI is up, warm and connected"
+        if limit and self.queue_depth() >= limit:
+            return False, f"queue depth {self.queue_depth()} >= MAX_QUEUE_DEPTH {limit}"
+        return True, self.detail
 
-    def log_tail(self, lines: int) -> list[str]:
-        """The last ``lines`` lines ComfyUI printed."""
-        return self.process.tail(lines) if self.process else []
+    def admit(self) -> None:
+        """Take a new job, or raise: :class:`Unavailable` (503) while draining, before the
+        first ready or when every instance failed; :class:`Overloaded` (429) when the queue is
+        at MAX_QUEUE_DEPTH. A restart, recycle or websocket reconnect refuses nothing: the job
+        waits in the sidecar's queue."""
+        phase = self.phase
+        if phase is Phase.STOPPING:
+            raise Unavailable("the sidecar is shutting down")
+        if not self.ever_ready or phase is Phase.FAILED:
+            _, reason = self.readiness()
+            raise Unavailable(f"ComfyUI is not ready ({reason})")
+        limit = self.settings.max_queue_depth
+        if limit and self.queue_depth() >= limit:
+            raise Overloaded(
+                f"the queue is full: {self.queue_depth()} job(s) >= MAX_QUEUE_DEPTH {limit}"
+            )
+
+    def instance_status(self) -> list[dict[str, Any]]:
+        """Each instance's ``{name, phase, detail, port, gpu, connected, jobs}``."""
+        return [instance.status() for instance in self.instances]
 
     # --- events -------------------------------------------------------------------------------
 
-    def _on_frame(self, frame: dict[str, Any]) -> None:
-        self.registry.on_frame(frame)
-        self.webhooks.handle_comfy_frame(frame, self.registry.api_id_for)
+    def _on_frame(self, instance: ComfyInstance, frame: dict[str, Any]) -> None:
+        self.webhooks.handle_comfy_frame(frame, instance.registry.api_id_for)
         if frame.get("type") == "status":
-            self.deletion_cost.set(self.events.queue_remaining)
+            queued = sum(i.events.queue_remaining for i in self.instances)
+            self.deletion_cost.set(queued + self.dispatcher.waiting)
 
-    async def _on_connect(self, reconnected: bool) -> None:
-        if reconnected:
-            log.info("websocket to ComfyUI re-established; reconciling jobs in flight")
-            self.spawn(self.registry.reconcile())
+    async def _instance_ready(self, instance: ComfyInstance) -> None:
+        first = not self.ever_ready
+        self.ever_ready = True
+        self.dispatcher.poke()
+        if first:
+            self.after_start()  # manifest models.after_start, in the background
 
     def spawn(self, coro: Awaitable[T]) -> asyncio.Task[T]:
         """Run ``coro`` as a task owned by the sidecar (cancelled at shutdown)."""
@@ -176,13 +240,6 @@ class Sidecar:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _watch_quiet_socket(self) -> None:
-        while True:
-            await asyncio.sleep(self.quiet_reconcile_s / 2)
-            quiet = time.monotonic() - self.events.last_frame_at
-            if len(self.registry) and quiet > self.quiet_reconcile_s:
-                await self.registry.reconcile()
-
     async def _expire_jobs(self) -> None:
         """Drop ended jobs past JOB_RETENTION_S (reads expire them too; this frees files)."""
         interval = max(1.0, min(60.0, self.settings.job_retention_s / 4))
@@ -190,10 +247,18 @@ class Sidecar:
             await asyncio.sleep(interval)
             self.store.expire()
 
+    async def _poke_dispatcher(self) -> None:
+        """Hand slots to waiting jobs when an instance's websocket comes back (an instance
+        becomes ready through :meth:`_instance_ready`; a reconnect does not pass there)."""
+        while True:
+            await asyncio.sleep(0.05)
+            if self.dispatcher.waiting and self.dispatcher.free_slots():
+                self.dispatcher.poke()
+
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def lifecycle(self) -> int:
-        """Provision, launch, warm, serve, restart; returns 1 when the sidecar must exit."""
+        """Provision once, then run every instance; returns 1 when the sidecar must exit."""
         try:
             try:
                 await asyncio.to_thread(self.store.clear_leftovers)
@@ -204,15 +269,41 @@ class Sidecar:
             self.deletion_cost.start()
             self.warmup_prompt = await self._load_warmup()
             await self.provision()
-            self.spawn(self.events.run())
-            self.spawn(self._watch_quiet_socket())
             self.spawn(self._expire_jobs())
-            await self._supervise()
+            self.spawn(self._poke_dispatcher())
+            return await self._run_instances()
         except Fatal as exc:
             self.set_phase(Phase.FAILED, str(exc))
             log.error("fatal: %s", exc)
             return 1
-        return 1
+
+    async def _run_instances(self) -> int:
+        """Run the instances until one fails for good (with ALWAYS_RESTART_COMFYUI=false) or all
+        have; returns 1 then."""
+        for instance in self.instances:
+            instance.warmup = self._run_warmup if self.warmup_prompt is not None else None
+        self.set_phase(Phase.LAUNCHING, "starting ComfyUI")
+        running = {asyncio.ensure_future(i.run()): i for i in self.instances}
+        try:
+            while running:
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    instance = running.pop(task)
+                    error = task.exception()
+                    log.error("instance %s stopped: %s", instance.name, error)
+                    if not self.settings.always_restart_comfyui or not running:
+                        raise (
+                            Fatal(str(error))
+                            if isinstance(error, Fatal)
+                            else Fatal(f"ComfyUI instance {instance.name} stopped: {error}")
+                        )
+            return 1
+        finally:
+            for task in running:
+                task.cancel()
+            for task in running:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     async def provision(self) -> None:
         """Install the manifest (apt, pip, custom nodes, models) before ComfyUI starts."""
@@ -222,118 +313,19 @@ class Sidecar:
             provisioner = Provisioner.from_settings(self.settings)
         except ManifestError as exc:
             raise Fatal(str(exc)) from None
-        self.after_start: Callable[[], None] = lambda: provisioner.start_after(
-            self.storage, self.spawn
-        )
+        self.after_start = lambda: provisioner.start_after(self.storage, self.spawn)
         if provisioner.empty:
             self.set_phase(Phase.PROVISIONING, "nothing to install")
             return
         self.set_phase(Phase.PROVISIONING, f"installing the {provisioner.source} manifest")
 
         def report(detail: str) -> None:
-            self.detail = detail
+            self._detail = detail
 
         try:
             await provisioner.before_start(self.storage, report)
         except ManifestError as exc:
             raise Fatal(str(exc)) from None
-
-    async def _supervise(self) -> None:
-        while True:
-            process = ComfyProcess(self.settings.cmd)
-            self.process = process
-            try:
-                await process.start()
-            except LaunchError as exc:
-                raise Fatal(f"CMD: {exc}") from None
-            exited = asyncio.ensure_future(process.wait())
-            try:
-                await self._bring_up(process, exited)
-                first_ready = not self.ever_ready
-                self.ever_ready = True
-                self.set_phase(Phase.READY, "ComfyUI is up, warm and connected")
-                if first_ready:
-                    self.after_start()  # manifest models.after_start, in the background
-                code = await exited
-                raise ChildExited(code)
-            except ChildExited as exc:
-                self.registry.fail_all(f"ComfyUI exited with code {exc.code}")
-                log.error("%s", exc)
-                if not self.settings.always_restart_comfyui:
-                    raise Fatal(f"{exc}; ALWAYS_RESTART_COMFYUI is false") from None
-            await process.stop(timeout_s=5)
-            delay = self._next_restart_delay()
-            self.set_phase(Phase.RESTARTING, f"restarting ComfyUI in {delay:.1f} s")
-            await asyncio.sleep(delay)
-
-    def _next_restart_delay(self) -> float:
-        now = time.monotonic()
-        window = self.settings.restart_window_s
-        while self.restarts and now - self.restarts[0] > window:
-            self.restarts.popleft()
-        if len(self.restarts) >= self.settings.restart_max:
-            raise Fatal(
-                f"ComfyUI exited {len(self.restarts) + 1} times within {window:g} s "
-                f"(RESTART_MAX={self.settings.restart_max}); giving up"
-            )
-        self.restarts.append(now)
-        # 0.5 s doubling to 30 s, times a factor in [0.8, 1.2].
-        return backoff_delay(len(self.restarts), 0.5 * 1.2, 30.0 * 1.2, jitter=1 - 0.8 / 1.2)
-
-    async def _race(self, awaitable: Awaitable[T], exited: asyncio.Future[int]) -> T:
-        """Await ``awaitable`` unless ComfyUI exits first (then raise :class:`ChildExited`)."""
-        task = asyncio.ensure_future(awaitable)
-        waiting: set[asyncio.Future[Any]] = {task, exited}
-        try:
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-        finished = task.done() and not task.cancelled()
-        if finished and (task.exception() is None or not exited.done()):
-            return task.result()  # its value, or its own exception while ComfyUI still runs
-        raise ChildExited(exited.result())
-
-    async def _bring_up(self, process: ComfyProcess, exited: asyncio.Future[int]) -> None:
-        settings = self.settings
-        deadline = settings.startup_check_interval_s * settings.startup_check_max_tries
-        if self.phase is not Phase.RESTARTING:
-            self.set_phase(Phase.LAUNCHING, f"waiting up to {deadline:g} s for ComfyUI")
-        started = time.monotonic()
-        up = await self._race(self._wait_answering(deadline, process.listening), exited)
-        if not up:
-            await process.stop()
-            raise Fatal(
-                f"STARTUP_CHECK_MAX_TRIES: ComfyUI did not answer within {deadline:g} s "
-                f"(STARTUP_CHECK_INTERVAL_S x STARTUP_CHECK_MAX_TRIES)"
-            )
-        self.client.forget_process_state()
-        remaining = max(5.0, deadline - (time.monotonic() - started))
-        if not await self._race(self.events.wait_connected(remaining), exited):
-            await process.stop()
-            raise Fatal("the websocket to ComfyUI could not be opened")
-        log.info("ComfyUI answered after %.1f s", time.monotonic() - started)
-        if self.warmup_prompt is not None:
-            self.set_phase(Phase.WARMING, "running the warmup prompt")
-            await self._race(self._run_warmup(), exited)
-
-    async def _wait_answering(self, deadline_s: float, listening: asyncio.Event) -> bool:
-        """Ping ComfyUI every STARTUP_CHECK_INTERVAL_S, and at once when it logs that its
-        socket is bound; False when ``deadline_s`` passed."""
-        interval = self.settings.startup_check_interval_s
-        end = time.monotonic() + deadline_s
-        while True:
-            if await self.client.ping():
-                return True
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(listening.wait(), min(interval, remaining))
-            if listening.is_set():
-                await asyncio.sleep(0.02)  # the marker may precede accept() by a moment
 
     async def _load_warmup(self) -> dict[str, Any] | None:
         settings = self.settings
@@ -367,22 +359,25 @@ class Sidecar:
         result: dict[str, Any] = msgspec.to_builtins(prompt)
         return result
 
-    async def _run_warmup(self) -> None:
+    async def _run_warmup(self, instance: ComfyInstance) -> None:
+        """Run the warmup prompt on ``instance``. Raises :class:`Fatal` when it fails."""
         assert self.warmup_prompt is not None
         request = PromptRequest(
             prompt=msgspec.convert(self.warmup_prompt, Prompt), id=f"warmup-{uuid.uuid4()}"
         )
         started = time.monotonic()
         try:
-            await self.delivery.run(request, "warmup")
+            await self.delivery.run(request, "warmup", instance=instance)
         except SidecarError as exc:
             raise Fatal(f"the warmup prompt failed ({type(exc).__name__}): {exc.message}") from None
-        log.info("warmup finished in %.2f s", time.monotonic() - started)
+        took = time.monotonic() - started
+        log.info("warmup finished in %.2f s (instance %s)", took, instance.name)
 
     # --- shutdown -----------------------------------------------------------------------------
 
     async def drain(self) -> None:
-        """Stop admitting work, let jobs in flight finish within SHUTDOWN_GRACE_S, stop ComfyUI."""
+        """Stop admitting work, let jobs in flight (waiting ones too) finish within
+        SHUTDOWN_GRACE_S."""
         grace = self.settings.shutdown_grace_s
         self.set_phase(Phase.STOPPING, f"draining: {self.pipeline.active} job(s) in flight")
         if not await self.pipeline.wait_idle(grace):
@@ -391,12 +386,11 @@ class Sidecar:
             )
 
     async def close(self, grace_s: float = 5.0) -> None:
-        """Stop ComfyUI, flush webhooks within ``grace_s`` seconds, reset the deletion cost,
-        and cancel every task the sidecar owns."""
-        if self.process is not None:
-            code = await self.process.stop()
-            log.info("ComfyUI stopped (exit code %s)", code)
-        self.registry.fail_all("the sidecar is shutting down")
+        """Stop every ComfyUI, flush webhooks within ``grace_s`` seconds, reset the deletion
+        cost, and cancel every task the sidecar owns."""
+        await asyncio.gather(*(instance.stop() for instance in self.instances))
+        for instance in self.instances:
+            instance.registry.fail_all("the sidecar is shutting down")
         await self.webhooks.close(grace_s)
         await self.storage.close()
         await self.deletion_cost.close()
@@ -405,7 +399,8 @@ class Sidecar:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await self.client.aclose()
+        for instance in self.instances:
+            await instance.aclose()
 
 
 async def serve(settings: Settings, sock: socket.socket, boot: BootProbes) -> int:
@@ -414,7 +409,11 @@ async def serve(settings: Settings, sock: socket.socket, boot: BootProbes) -> in
 
     from comfy_sidecar.app import create_app
 
-    sidecar = Sidecar(settings)
+    try:
+        sidecar = Sidecar(settings)
+    except ConfigError as exc:
+        print(f"comfy-sidecar: {exc}", file=sys.stderr)
+        return 2
     sidecar.workflows = await asyncio.to_thread(load_workflows_from, settings.workflow_dir)
     app = create_app(sidecar)
 

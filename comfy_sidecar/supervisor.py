@@ -1,4 +1,4 @@
-"""The ComfyUI child process: spawn, log capture, stop.
+"""The ComfyUI child process (mechanism: spawn, log capture, stop) and its restart policy.
 
 The child runs ``CMD`` (already split like a shell would) in its own process group, so stopping
 it reaches whatever it started (``comfy launch`` wraps python, shell scripts wrap both). Its stdout
@@ -15,7 +15,9 @@ import contextlib
 import logging
 import os
 import signal
+import time
 
+from comfy_sidecar.backoff import backoff_delay
 from comfy_sidecar.logs import INSTANCE
 
 log = logging.getLogger("comfy_sidecar.supervisor")
@@ -32,9 +34,18 @@ class ComfyProcess:
     """One run of the ComfyUI child. ``ring`` keeps its last ``ring_size`` output lines;
     ``instance`` names the child in log records (``"0"`` for the first)."""
 
-    def __init__(self, argv: list[str], ring_size: int = 500, instance: str = "0") -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        ring_size: int = 500,
+        env: dict[str, str] | None = None,
+        instance: str = "0",
+        label: str = "",
+    ) -> None:
         self.argv = argv
+        self.env = env
         self.instance = instance
+        self.label = label  # shown before each line in text logs when several instances run
         self.ring: collections.deque[str] = collections.deque(maxlen=ring_size)
         self.process: asyncio.subprocess.Process | None = None
         self.listening = asyncio.Event()
@@ -54,6 +65,7 @@ class ComfyProcess:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
+                env=None if self.env is None else {**os.environ, **self.env},
             )
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
             raise LaunchError(f"cannot run {self.argv[0]!r}: {exc.strerror}") from None
@@ -80,7 +92,7 @@ class ComfyProcess:
                 return
             line = raw.decode("utf-8", "replace").rstrip()
             self.ring.append(line)
-            child_log.info("[%s] %s", tag, line)
+            child_log.info("[%s] %s", f"{self.label} {tag}" if self.label else tag, line)
             if GUI_MARKER in line:
                 self.listening.set()
 
@@ -124,3 +136,32 @@ class ComfyProcess:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, sig)
+
+
+class CrashLoop(Exception):
+    """ComfyUI exited more than RESTART_MAX times within RESTART_WINDOW_S."""
+
+
+class RestartPolicy:
+    """When to restart a ComfyUI child (the policy half, as uvicorn's ``Multiprocess`` is to its
+    ``Process``): exponential backoff with jitter, and a crash-loop cap of ``max_restarts``
+    restarts within ``window_s`` seconds."""
+
+    def __init__(self, max_restarts: int, window_s: float) -> None:
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self.restarts: collections.deque[float] = collections.deque()
+
+    def next_delay(self, now: float | None = None) -> float:
+        """Seconds to wait before the next restart: 0.5 s doubling to 30 s, times a factor in
+        [0.8, 1.2]. Raises :class:`CrashLoop` past the cap."""
+        now = time.monotonic() if now is None else now
+        while self.restarts and now - self.restarts[0] > self.window_s:
+            self.restarts.popleft()
+        if len(self.restarts) >= self.max_restarts:
+            raise CrashLoop(
+                f"ComfyUI exited {len(self.restarts) + 1} times within {self.window_s:g} s "
+                f"(RESTART_MAX={self.max_restarts}); giving up"
+            )
+        self.restarts.append(now)
+        return backoff_delay(len(self.restarts), 0.5 * 1.2, 30.0 * 1.2, jitter=1 - 0.8 / 1.2)

@@ -121,7 +121,7 @@ class Sidecar:
         self, binary: Path | None = None, python: str | None = None, module: str = "comfy_sidecar"
     ) -> Sidecar:
         """Start ``python -m <module>`` (this interpreter, or ``python``; ``module`` is
-        ``comfy_sidecar`` or a test launcher such as ``tests.quick_sidecar``), or the frozen
+        ``comfy_sidecar``), or the frozen
         ``binary``."""
         log = self.log_path.open("ab")
         argv = [str(binary)] if binary else [python or sys.executable, "-m", module]

@@ -9,6 +9,7 @@ reconnect ``on_connect`` runs so in-flight prompts can be reconciled through ``/
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -50,11 +51,18 @@ class EventStream:
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
         self._connected_event = asyncio.Event()
+        self._kick = asyncio.Event()
         self._decoder = msgspec.json.Decoder()
         self.connected = False
         self.queue_remaining = 0
         self.last_frame_at = time.monotonic()
         self.connections = 0
+
+    def connect_now(self) -> None:
+        """Skip the reconnect backoff: ComfyUI was just seen answering, so the next connect
+        attempt starts at once (no effect while connected)."""
+        if not self.connected:
+            self._kick.set()
 
     async def wait_connected(self, timeout_s: float) -> bool:
         """Wait until connected; False after ``timeout_s`` seconds."""
@@ -102,7 +110,16 @@ class EventStream:
                     self._connected_event.clear()
                     self._on_disconnect()
             failures += 1
-            await asyncio.sleep(backoff_delay(failures, self._backoff_s, self._max_backoff_s))
+            if self._kick.is_set():
+                self._kick.clear()
+                failures = 0
+                continue
+            delay = backoff_delay(failures, self._backoff_s, self._max_backoff_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), delay)
+            if self._kick.is_set():  # ComfyUI answers now: connect at once
+                self._kick.clear()
+                failures = 0
 
     def _dispatch(self, message: str) -> None:
         try:

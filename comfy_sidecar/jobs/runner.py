@@ -99,7 +99,10 @@ class JobTracker:
         record = self.record
         if record.status.terminal:
             return
-        if kind == "execution_start":
+        if kind == "sidecar_queued":  # sent to an instance (again, after it lost the job)
+            record.prompt_id = str(data.get("prompt_id"))
+            record.instance = str(data.get("instance"))
+        elif kind == "execution_start":
             self.store.set_status(record, JobStatus.IN_PROGRESS)
         elif kind in PROGRESS_FRAMES and record.progress is not None:
             if record.status is JobStatus.PENDING:
@@ -197,9 +200,12 @@ def open_job(
 class JobService:
     """What the job routes use: :meth:`submit`, :meth:`cancel`, :meth:`output_path`."""
 
-    def __init__(self, store: JobStore, delivery: Any) -> None:
+    def __init__(
+        self, store: JobStore, delivery: Any, admit: Callable[[], None] = lambda: None
+    ) -> None:
         self.store = store
         self.delivery = delivery
+        self.admit = admit
 
     async def submit(self, request: Any, *, endpoint: str, fingerprint: bytes) -> JobRecord:
         """Check and preprocess ``request`` (a :class:`~comfy_sidecar.schemas.PromptRequest`)
@@ -207,6 +213,9 @@ class JobService:
         uploaded when it names an upload target) and its webhooks fire as for ``/prompt``.
         Returns the job (the retained one for a resubmission). Raises what ``/prompt`` raises
         before its answer; then nothing of the job is kept."""
+        existing = self.store.find(request.id) if request.id else None
+        if existing is None or existing.fingerprint != fingerprint:
+            self.admit()  # a resubmission of a retained job needs no room
         record: JobRecord = await self.delivery.submit(request, endpoint, fingerprint)
         return record
 

@@ -42,6 +42,7 @@ from comfy_sidecar.schemas import (
 )
 
 if TYPE_CHECKING:
+    from comfy_sidecar.instance import ComfyInstance
     from comfy_sidecar.webhooks import WebhookDispatcher
 
 log = logging.getLogger("comfy_sidecar.deliver")
@@ -138,13 +139,15 @@ class Delivery:
         tracker.attach(pending, self.pipeline.output_nodes(pending.prompt))
         return tracker, pending, request
 
-    async def run(self, request: PromptRequest, endpoint: str) -> None:
-        """Run a job for the sidecar itself (the warmup): recorded like any job, its outputs
-        removed at once. Raises what :meth:`Pipeline.run` raises."""
+    async def run(
+        self, request: PromptRequest, endpoint: str, instance: ComfyInstance | None = None
+    ) -> None:
+        """Run a job for the sidecar itself (the warmup, on ``instance``): recorded like any
+        job, its outputs removed at once. Raises what :meth:`Pipeline.run` raises."""
         tracker, pending, request = await self._open(request, endpoint)
         assert pending is not None
         try:
-            result = await self.pipeline.complete(pending)
+            result = await self.pipeline.complete(pending, instance)
         except BaseException as exc:
             tracker.failed(exc)
             raise

@@ -82,11 +82,26 @@ class Job:
     step_max: float = 0.0
     interrupt_requested: bool = False
     missed_frames: bool = False
-    #: Called with (frame type, data) for each of the job's frames, after the job took it.
+    #: Called with (frame type, data) for each of the job's frames, after the job took it,
+    #: and with ``("sidecar_queued", {"prompt_id", "instance"})`` when it is sent to ComfyUI.
     listener: Callable[[str, dict[str, Any]], None] | None = None
+    #: Set by an interrupt, so a job still waiting for an instance stops waiting.
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Future[JobOutcome] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+
+    def again(self, prompt_id: str) -> Job:
+        """A fresh job for the same request, to send again under ``prompt_id`` (its instance
+        lost it before it started); the listener and interrupt state carry over."""
+        return Job(
+            id=self.id,
+            prompt_id=prompt_id,
+            created_ms=self.created_ms,
+            interrupt_requested=self.interrupt_requested,
+            listener=self.listener,
+            stop_requested=self.stop_requested,
+        )
 
     def finish(self, outcome: JobOutcome) -> None:
         """Resolve ``done`` with ``outcome`` (later calls are ignored) and set the state."""

@@ -9,13 +9,14 @@ is covered by reconciliation through ``/queue`` and ``/history``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
@@ -32,10 +33,8 @@ from comfy_sidecar.errors import (
 )
 from comfy_sidecar.logs import bind_job, job_scope
 from comfy_sidecar.pipeline.jobs import (
-    DuplicateJob,
     Job,
     JobOutcome,
-    JobRegistry,
     JobState,
     OutcomeKind,
     now_ms,
@@ -51,6 +50,8 @@ from comfy_sidecar.schemas import Credential, PromptRequest
 from comfy_sidecar.urls import scrub_url
 
 if TYPE_CHECKING:
+    from comfy_sidecar.dispatch import Dispatcher
+    from comfy_sidecar.instance import ComfyInstance
     from comfy_sidecar.storage import Storage
     from comfy_sidecar.storage.cache import Lease
 
@@ -173,47 +174,61 @@ def _ms(seconds: float) -> int:
 
 
 class Pipeline:
-    """Runs prompts for one sidecar against one ComfyUI."""
+    """Runs prompts for one sidecar on its ComfyUI instances.
+
+    A prepared job waits in the sidecar's queue (the :class:`~comfy_sidecar.dispatch.Dispatcher`)
+    for a slot on a ready instance, is queued there under a prompt_id chosen before queueing,
+    and is followed through that instance's job registry. A job the instance lost before it
+    started running (the instance died or was restarted with it still in ComfyUI's queue) is
+    sent again, to whichever instance is ready next: nothing that did not start is lost.
+    """
 
     def __init__(
         self,
         settings: Settings,
-        client: ComfyClient,
-        registry: JobRegistry,
-        client_id: str,
-        log_tail: Callable[[int], list[str]],
+        instances: Sequence[ComfyInstance],
+        dispatcher: Dispatcher,
         storage: Storage,
     ) -> None:
         self.settings = settings
-        self.client = client
-        self.registry = registry
-        self.client_id = client_id
-        self._log_tail = log_tail
+        self.instances = list(instances)
+        self.dispatcher = dispatcher
         self.storage = storage
         self.preprocessor = Preprocessor(
             settings.input_dir, settings.prepend_filenames, self._is_output_node
         )
+        self._active: dict[str, Job] = {}
+        self._where: dict[str, ComfyInstance] = {}
         self.active = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
+    def client(self) -> ComfyClient:
+        """A ComfyUI client for questions any instance can answer (object_info, models): a
+        ready instance's, else the first instance's."""
+        for instance in self.instances:
+            if instance.accepting:
+                return instance.client
+        return self.instances[0].client
+
     def output_nodes(self, prompt: dict[str, Any]) -> set[str]:
         """Ids of the nodes of a preprocessed ``prompt`` known to be output nodes: those with a
         ``filename_prefix``, and those whose class_type ComfyUI already said is an output node
-        (from the client's cache: no request is made)."""
+        (from the clients' caches: no request is made)."""
         found: set[str] = set()
         for node_id, node in prompt.items():
             if not isinstance(node, dict):
                 continue
             inputs = node.get("inputs")
             saves = isinstance(inputs, dict) and isinstance(inputs.get("filename_prefix"), str)
-            if saves or self.client.known_output_node(str(node.get("class_type", ""))):
+            class_type = str(node.get("class_type", ""))
+            if saves or any(i.client.known_output_node(class_type) for i in self.instances):
                 found.add(node_id)
         return found
 
     async def _is_output_node(self, class_type: str) -> bool:
         try:
-            info = await self.client.object_info(class_type)
+            info = await self.client().object_info(class_type)
         except ComfyUnavailable:
             return False
         return bool(info and info.get("output_node"))
@@ -255,12 +270,9 @@ class Pipeline:
         prompt: dict[str, Any] = msgspec.to_builtins(request.prompt)
         job = Job(id=job_id, prompt_id=str(uuid.uuid4()))
         bind_job(job.id, job.prompt_id)
-        try:
-            self.registry.add(job)
-        except DuplicateJob:
-            raise Conflict(
-                f"a job with id {job_id!r} is already running", location="id", id=job_id
-            ) from None
+        if job_id in self._active:
+            raise Conflict(f"a job with id {job_id!r} is already running", location="id", id=job_id)
+        self._active[job_id] = job
         self._begin()
         ended = False
         lease = self.storage.lease()
@@ -271,7 +283,8 @@ class Pipeline:
             if not ended:
                 ended = True
                 lease.release()
-                self.registry.remove(job)
+                self._active.pop(job_id, None)
+                self._where.pop(job_id, None)
                 self._end()
 
         try:
@@ -284,11 +297,15 @@ class Pipeline:
             raise
         return PendingJob(job, prepared, started, time.monotonic(), end)
 
-    async def complete(self, pending: PendingJob) -> JobResult:
-        """Queue a prepared job, wait for ComfyUI and collect its outputs (see :meth:`run`)."""
-        job, prepared = pending.job, pending.prepared
+    async def complete(
+        self, pending: PendingJob, instance: ComfyInstance | None = None
+    ) -> JobResult:
+        """Queue a prepared job, wait for ComfyUI and collect its outputs (see :meth:`run`).
+        ``instance`` pins the job to one instance, past the dispatcher (the warmup)."""
+        prepared = pending.prepared
         try:
-            outcome = await self._execute(job, prepared.prompt)
+            outcome, ran_on = await self._run_somewhere(pending, instance)
+            job = pending.job
             finished = time.monotonic()
             log.debug(
                 "job %s: preprocess %.1f ms, queue+run %.1f ms (queued after %.1f ms)",
@@ -298,7 +315,7 @@ class Pipeline:
                 (job.queued_at - pending.preprocessed) * 1000,
             )
             prepared.cleanup()
-            self._raise_for(job, outcome)
+            self._raise_for(job, outcome, ran_on)
             try:
                 files = collect_outputs(outcome.outputs, self.settings.output_dir)
             except OutputError as exc:
@@ -317,14 +334,82 @@ class Pipeline:
             pending.abandon()
             raise
 
-    async def _execute(self, job: Job, prompt: dict[str, Any]) -> JobOutcome:
+    async def _run_somewhere(
+        self, pending: PendingJob, pinned: ComfyInstance | None
+    ) -> tuple[JobOutcome, ComfyInstance | None]:
+        """Run the job on ``pinned`` or on the instances the dispatcher hands out, again
+        elsewhere when an instance lost it before it started; (outcome, instance)."""
+        while True:
+            job = pending.job
+            instance = pinned or await self._acquire(job)
+            if instance is None:
+                return JobOutcome(
+                    OutcomeKind.INTERRUPTED, error={"message": "interrupted before it ran"}
+                ), None
+            try:
+                outcome = await self._execute(instance, job, pending.prompt)
+            finally:
+                if pinned is None:
+                    self.dispatcher.release(instance)
+            lost_unstarted = (
+                outcome.kind is OutcomeKind.COMFY_LOST
+                and job.exec_start_ms is None
+                and not job.interrupt_requested
+            )
+            if not lost_unstarted or pinned is not None:
+                return outcome, instance
+            log.warning(
+                "job %s had not started when instance %s lost it; queueing it again",
+                job.id,
+                instance.name,
+            )
+            pending.job = job.again(str(uuid.uuid4()))
+            self._active[job.id] = pending.job
+
+    async def _acquire(self, job: Job) -> ComfyInstance | None:
+        """Wait for a slot on a ready instance; None when the job is interrupted first."""
+        if job.interrupt_requested:
+            return None
+        slot = asyncio.ensure_future(self.dispatcher.acquire())
+        stop = asyncio.ensure_future(job.stop_requested.wait())
+        try:
+            await asyncio.wait({slot, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not slot.done():
+                slot.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await slot
+        if slot.cancelled():
+            return None
+        instance = cast("ComfyInstance", slot.result())
+        if job.interrupt_requested:
+            self.dispatcher.release(instance)
+            return None
+        return instance
+
+    async def _execute(
+        self, instance: ComfyInstance, job: Job, prompt: dict[str, Any]
+    ) -> JobOutcome:
         if job.interrupt_requested:
             return JobOutcome(
                 OutcomeKind.INTERRUPTED, error={"message": "interrupted before it was queued"}
             )
+        instance.registry.add(job)
+        self._where[job.id] = instance
         try:
-            await self.client.queue_prompt(
-                bust_output_cache(prompt, job.prompt_id), job.prompt_id, self.client_id
+            return await self._queue_and_wait(instance, job, prompt)
+        finally:
+            instance.registry.remove(job)
+
+    async def _queue_and_wait(
+        self, instance: ComfyInstance, job: Job, prompt: dict[str, Any]
+    ) -> JobOutcome:
+        if job.listener is not None:
+            job.listener("sidecar_queued", {"prompt_id": job.prompt_id, "instance": instance.name})
+        try:
+            await instance.client.queue_prompt(
+                bust_output_cache(prompt, job.prompt_id), job.prompt_id, instance.client_id
             )
         except PromptRejected as exc:
             raise _validation_failed(job.id, exc.body) from None
@@ -335,21 +420,21 @@ class Pipeline:
         job.queued_ms = now_ms()
         job.queued_at = time.monotonic()
         if job.interrupt_requested:
-            await self._stop_in_comfy(job)
+            await self._stop_in_comfy(instance, job)
         timeout = self.settings.prompt_timeout_s or None
         try:
             return await asyncio.wait_for(asyncio.shield(job.done), timeout)
         except TimeoutError:
             log.warning("job %s exceeded PROMPT_TIMEOUT_S; interrupting it", job.id)
             job.interrupt_requested = True
-            await self._stop_in_comfy(job)
+            await self._stop_in_comfy(instance, job)
             raise TimedOut(
                 f"the job ran longer than PROMPT_TIMEOUT_S "
                 f"({self.settings.prompt_timeout_s:g} s) and was interrupted",
                 id=job.id,
             ) from None
 
-    def _raise_for(self, job: Job, outcome: JobOutcome) -> None:
+    def _raise_for(self, job: Job, outcome: JobOutcome, instance: ComfyInstance | None) -> None:
         error = outcome.error or {}
         if outcome.kind is OutcomeKind.SUCCESS:
             return
@@ -358,11 +443,12 @@ class Pipeline:
             if error.get("node_id") is not None:
                 where = {"node_id": error.get("node_id"), "node_type": error.get("node_type")}
             raise Interrupted("the job was interrupted", id=job.id, **where)
+        tail = instance.log_tail(30) if instance is not None else []
         if outcome.kind is OutcomeKind.COMFY_LOST:
             raise Unavailable(
                 f"ComfyUI went away while the job was running: {error.get('message', 'unknown')}",
                 id=job.id,
-                comfyui_log_tail=self._log_tail(30),
+                comfyui_log_tail=tail,
             )
         exc_type = error.get("exception_type", "")
         exc_msg = str(error.get("exception_message", error.get("message", ""))).strip()
@@ -375,28 +461,31 @@ class Pipeline:
             exception_type=exc_type,
             exception_message=exc_msg,
             traceback=error.get("traceback", []),
-            comfyui_log_tail=self._log_tail(30),
+            comfyui_log_tail=tail,
         )
 
-    async def _stop_in_comfy(self, job: Job) -> None:
+    async def _stop_in_comfy(self, instance: ComfyInstance, job: Job) -> None:
         """Remove ``job`` from ComfyUI's pending queue, or interrupt it if it is running."""
         try:
-            await self.client.delete_pending([job.prompt_id])
-            await self.client.interrupt(job.prompt_id)
+            await instance.client.delete_pending([job.prompt_id])
+            await instance.client.interrupt(job.prompt_id)
         except ComfyUnavailable as exc:
             log.warning("could not stop job %s in ComfyUI: %s", job.id, exc)
             return
-        await self.registry.reconcile()
+        await instance.registry.reconcile()
 
     async def interrupt(self, job_id: str) -> bool:
-        """Stop job ``job_id``: removed from ComfyUI's queue if pending, interrupted by
-        prompt_id if running (effective at the next node boundary). False if unknown."""
-        job = self.registry.by_id(job_id)
+        """Stop job ``job_id`` wherever it is: still waiting in the sidecar's queue, pending in
+        an instance's ComfyUI queue (removed), or running (interrupted by prompt_id, effective
+        at the next node boundary). False when no such job is in flight."""
+        job = self._active.get(job_id)
         if job is None or job.done.done():
             return False
         job.interrupt_requested = True
-        if job.state is not JobState.PREPROCESSING:
-            await self._stop_in_comfy(job)
+        job.stop_requested.set()
+        instance = self._where.get(job_id)
+        if instance is not None and job.state is not JobState.PREPROCESSING:
+            await self._stop_in_comfy(instance, job)
         return True
 
 

@@ -208,6 +208,7 @@ CANCEL_DOC = (
     summary="Cancel a job",
     tags=["jobs"],
     status_code=200,
+    responses={404: ResponseSpec(ErrorResponse, description="No such job is retained.")},
     description=CANCEL_DOC,
 )
 async def cancel_job(job_id: str, jobs: JobService) -> CancelResponse:
@@ -220,6 +221,7 @@ async def cancel_job(job_id: str, jobs: JobService) -> CancelResponse:
     summary="Cancel a job (alias)",
     tags=["jobs"],
     status_code=200,
+    responses={404: ResponseSpec(ErrorResponse, description="No such job is retained.")},
     description=CANCEL_DOC,
 )
 async def delete_job(job_id: str, jobs: JobService) -> CancelResponse:
@@ -275,6 +277,7 @@ async def job_events(
     tags=["jobs"],
     responses={
         206: ResponseSpec(None, description="The requested byte range."),
+        400: ERROR_RESPONSES[400],
         404: ResponseSpec(ErrorResponse, description="No such job or output."),
         416: ResponseSpec(ErrorResponse, description="The range starts past the end."),
     },

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from litestar import Response, get
 from litestar.datastructures import State
 
-from comfy_sidecar.schemas import ProbeResponse
+from comfy_sidecar.schemas import InstanceStatus, ProbeResponse
 
 if TYPE_CHECKING:
     from comfy_sidecar.service import Sidecar
@@ -19,6 +19,8 @@ def _probe(sidecar: Sidecar, ok: bool, detail: str, good: str, bad: str) -> Resp
         status=good if ok else bad,
         phase=sidecar.phase.value,
         detail=detail,
+        queue={"waiting": sidecar.dispatcher.waiting, "running": sidecar.dispatcher.running},
+        instances=[InstanceStatus(**status) for status in sidecar.instance_status()],
     )
     headers = {} if ok else {"retry-after": "1"}
     return Response(body, status_code=200 if ok else 503, headers=headers)

@@ -11,7 +11,6 @@ from litestar.openapi.spec import Example
 from litestar.params import Body
 from litestar.response import Stream
 
-from comfy_sidecar.errors import Unavailable
 from comfy_sidecar.pipeline.deliver import Accepted, Answered, Delivered
 from comfy_sidecar.schemas import (
     AcceptedResponse,
@@ -66,12 +65,8 @@ PROMPT_EXAMPLE = Example(
 
 
 def admit(sidecar: Sidecar) -> None:
-    """Raise :class:`~comfy_sidecar.errors.Unavailable` unless the sidecar can take work now."""
-    if sidecar.phase.value == "stopping":
-        raise Unavailable("the sidecar is shutting down")
-    if sidecar.phase.value != "ready" or not sidecar.events.connected:
-        _, reason = sidecar.readiness()
-        raise Unavailable(f"ComfyUI is not ready ({reason})")
+    """Raise unless the sidecar takes work now (see :meth:`Sidecar.admit`)."""
+    sidecar.admit()
 
 
 def respond(delivered: Delivered) -> Response[Any]:

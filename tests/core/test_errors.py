@@ -25,6 +25,7 @@ from comfy_sidecar.errors import (
     InputError,
     Interrupted,
     NotFound,
+    Overloaded,
     SidecarError,
     TimedOut,
     Unavailable,
@@ -114,6 +115,7 @@ CASES: list[tuple[Exception, int, dict[str, Any]]] = [
         {"error": "ComfyUI is not ready (starting)"},
     ),
     (TimedOut("ran too long", id="j"), 504, {"error": "ran too long", "id": "j"}),
+    (Overloaded("the queue is full"), 429, {"error": "the queue is full"}),
     (SidecarError("unclassified"), 500, {"error": "unclassified"}),
     (BadRequestError("bad URL"), 400, {"error": "bad URL"}),
     (AuthError("refused"), 400, {"error": "refused"}),
@@ -160,7 +162,7 @@ def test_error_class_maps_to_status_and_body(client: TestClient[Any], case: int)
     assert response.status_code == status, response.text
     assert list(response.json().items()) == list(body.items())
     assert response.headers.get("content-type") == "application/json"
-    assert response.headers.get("retry-after") == ("1" if status == 503 else None)
+    assert response.headers.get("retry-after") == ("1" if status in (429, 503) else None)
 
 
 def test_every_domain_class_has_a_case() -> None:

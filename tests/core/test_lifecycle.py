@@ -221,7 +221,7 @@ def test_max_queue_depth_turns_ready_503(spawn: Any, tmp_path: Path) -> None:
 
 def test_lost_websocket_does_not_hang_a_job(spawn: Any, tmp_path: Path) -> None:
     """comfyui-api's issue #186: the socket drops mid-job; the job still completes."""
-    sidecar: Sidecar = spawn(Backend("double", tmp_path / "comfy"), module="tests.quick_sidecar")
+    sidecar: Sidecar = spawn(Backend("double", tmp_path / "comfy"), COMFYUI_QUIET_RECONCILE_S="0.4")
     sidecar.wait_ready()
     comfy = f"http://127.0.0.1:{sidecar.comfy_port}"
     result: dict[str, Any] = {}
@@ -246,11 +246,11 @@ def test_lost_websocket_does_not_hang_a_job(spawn: Any, tmp_path: Path) -> None:
 
 def test_zombie_socket_is_reconciled(spawn: Any, tmp_path: Path) -> None:
     """The socket stays open but goes silent: the quiet-socket check settles the job."""
-    sidecar: Sidecar = spawn(Backend("double", tmp_path / "comfy"), module="tests.quick_sidecar")
+    sidecar: Sidecar = spawn(Backend("double", tmp_path / "comfy"), COMFYUI_QUIET_RECONCILE_S="0.4")
     sidecar.wait_ready()
     comfy = f"http://127.0.0.1:{sidecar.comfy_port}"
     httpx.post(comfy + "/__double__/mute", json={"muted": True})
     started = time.monotonic()
     response = sidecar.post("/prompt", json={"prompt": basic_prompt(batch=1)}, timeout=60)
     assert response.status_code == 200, response.text
-    assert time.monotonic() - started < 5  # the quiet interval is 0.4 s (tests.quick_sidecar)
+    assert time.monotonic() - started < 5  # the quiet interval is 0.4 s (COMFYUI_QUIET_RECONCILE_S)

@@ -344,7 +344,10 @@ def test_probe_bodies(shared_sidecar: Sidecar) -> None:
     ready = shared_sidecar.get("/ready").json()
     assert health["status"] == "healthy" and health["phase"] == "ready"
     assert ready["status"] == "ready"
-    assert set(health) == {"version", "status", "phase", "detail"}
+    assert set(health) == {"version", "status", "phase", "detail", "queue", "instances"}
+    (instance,) = health["instances"]  # one ComfyUI by default
+    assert (instance["name"], instance["phase"], instance["connected"]) == ("0", "ready", True)
+    assert health["queue"] == {"waiting": 0, "running": 0}
 
 
 def test_same_id_and_prompt_twice(shared_sidecar: Sidecar) -> None:

@@ -1,0 +1,304 @@
+"""One supervised ComfyUI: its child process, HTTP client, websocket, jobs in flight and phase.
+
+A sidecar runs one :class:`ComfyInstance` per GPU (``COMFYUI_INSTANCES``/``COMFYUI_GPUS``), like
+ai-dock's ``COMFYUI_BACKENDS``. Each is brought up on its own port (``COMFYUI_PORT_HOST + i``,
+``{port}`` in CMD), warmed up, and restarted alone when it exits, under the
+:class:`~comfy_sidecar.supervisor.RestartPolicy`; the others keep serving. Jobs reach it through
+the dispatcher (:mod:`comfy_sidecar.dispatch`) only while it is :attr:`accepting`.
+
+Bring-up does not wait on a fixed poll: the port is pinged with a short backoff (20 ms doubling
+up to STARTUP_CHECK_INTERVAL_S) and at once when ComfyUI prints that it listens, and the
+websocket is opened as soon as the port answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from comfy_sidecar.comfy.client import ComfyClient
+from comfy_sidecar.comfy.events import EventStream
+from comfy_sidecar.config import Settings
+from comfy_sidecar.phase import Fatal, Phase
+from comfy_sidecar.pipeline.jobs import JobRegistry
+from comfy_sidecar.supervisor import ComfyProcess, CrashLoop, LaunchError, RestartPolicy
+
+log = logging.getLogger("comfy_sidecar.instance")
+
+T = TypeVar("T")
+
+#: First ping interval while waiting for ComfyUI's port, in seconds (doubles up to
+#: STARTUP_CHECK_INTERVAL_S).
+FIRST_PING_S = 0.02
+
+
+class ChildExited(Exception):
+    """ComfyUI exited; ``code`` is its exit status."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"ComfyUI exited with code {code}")
+        self.code = code
+
+
+def expand_cmd(argv: list[str], port: int, index: int, gpu: str | None) -> list[str]:
+    """CMD with ``{port}``, ``{instance}`` and ``{gpu}`` filled in (``{gpu}`` is empty without
+    one)."""
+    values = {"{port}": str(port), "{instance}": str(index), "{gpu}": gpu or ""}
+    out = []
+    for part in argv:
+        for key, value in values.items():
+            part = part.replace(key, value)
+        out.append(part)
+    return out
+
+
+def base_url(address: str, port: int) -> str:
+    """``http://<address>:<port>`` (IPv6 addresses bracketed)."""
+    if ":" in address and not address.startswith("["):
+        address = f"[{address}]"
+    return f"http://{address}:{port}"
+
+
+FrameHook = Callable[["ComfyInstance", dict[str, Any]], None]
+InstanceHook = Callable[["ComfyInstance"], Awaitable[None]]
+
+
+class ComfyInstance:
+    """One ComfyUI child, numbered ``index``, on ``port`` (and ``gpu``, when given).
+
+    ``on_frame(instance, frame)`` sees every websocket frame after the instance's job registry
+    took it; ``warmup(instance)`` runs the warmup prompt on this instance (None: no warmup);
+    ``on_ready(instance)`` runs each time it becomes ready.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        settings: Settings,
+        *,
+        port: int,
+        gpu: str | None,
+        label: str,
+        on_frame: FrameHook,
+        warmup: InstanceHook | None,
+        on_ready: InstanceHook,
+    ) -> None:
+        self.index = index
+        self.name = str(index)
+        self.settings = settings
+        self.port = port
+        self.gpu = gpu
+        self.label = label
+        self.argv = expand_cmd(settings.cmd, port, index, gpu)
+        url = base_url(settings.direct_address, port)
+        self.client = ComfyClient(url)
+        self.client_id = f"comfy-sidecar-{uuid.uuid4()}"
+        self.registry = JobRegistry()
+        self.registry.attach(self.client)
+        self.events = EventStream(
+            "ws" + url[len("http") :] + "/ws",
+            self.client_id,
+            self._on_frame,
+            self._on_connect,
+            self.registry.mark_missed_frames,
+        )
+        self.policy = RestartPolicy(settings.restart_max, settings.restart_window_s)
+        self.process: ComfyProcess | None = None
+        self.phase = Phase.LAUNCHING
+        self.detail = "not started"
+        self.ever_ready = False
+        self.draining = False
+        self._on_frame_hook = on_frame
+        #: Runs the warmup prompt on this instance after each start (None: no warmup).
+        self.warmup = warmup
+        self._on_ready = on_ready
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def __repr__(self) -> str:
+        return f"<ComfyInstance {self.name} port={self.port} {self.phase.value}>"
+
+    # --- state ------------------------------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        """True while new jobs may be sent to it: ready, connected, not draining."""
+        return self.phase is Phase.READY and self.events.connected and not self.draining
+
+    def set_phase(self, phase: Phase, detail: str) -> None:
+        """Move to ``phase`` and log it."""
+        self.phase, self.detail = phase, detail
+        log.info("%sphase %s: %s", self._prefix(), phase.value, detail)
+
+    def _prefix(self) -> str:
+        return f"instance {self.name}: " if self.label else ""
+
+    def log_tail(self, lines: int) -> list[str]:
+        """The last ``lines`` lines this ComfyUI printed."""
+        return self.process.tail(lines) if self.process else []
+
+    def status(self) -> dict[str, Any]:
+        """``{name, phase, detail, port, gpu, connected, jobs, pid}`` for the probe bodies."""
+        return {
+            "name": self.name,
+            "phase": self.phase.value,
+            "detail": self.detail,
+            "port": self.port,
+            "gpu": self.gpu,
+            "connected": self.events.connected,
+            "jobs": len(self.registry),
+            "pid": self.process.pid if self.process is not None else None,
+        }
+
+    # --- events -----------------------------------------------------------------------------
+
+    def _on_frame(self, frame: dict[str, Any]) -> None:
+        self.registry.on_frame(frame)
+        self._on_frame_hook(self, frame)
+
+    async def _on_connect(self, reconnected: bool) -> None:
+        if reconnected:
+            log.info("%swebsocket re-established; reconciling jobs in flight", self._prefix())
+            self._spawn(self.registry.reconcile())
+
+    def _spawn(self, coro: Awaitable[T]) -> asyncio.Task[T]:
+        task: asyncio.Task[T] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _watch_quiet_socket(self) -> None:
+        quiet_s = self.settings.quiet_reconcile_s
+        while True:
+            await asyncio.sleep(quiet_s / 2)
+            quiet = time.monotonic() - self.events.last_frame_at
+            if len(self.registry) and quiet > quiet_s:
+                await self.registry.reconcile()
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Launch, warm and keep this ComfyUI running until cancelled. Raises :class:`Fatal`
+        when it cannot go on (CMD cannot run, no answer within the start-up deadline, a crash
+        loop, or an exit with ALWAYS_RESTART_COMFYUI=false)."""
+        self._spawn(self.events.run())
+        self._spawn(self._watch_quiet_socket())
+        try:
+            await self._supervise()
+        except Fatal as exc:
+            self.set_phase(Phase.FAILED, str(exc))
+            raise
+
+    async def _supervise(self) -> None:
+        while True:
+            process = ComfyProcess(
+                self.argv,
+                env={"CUDA_VISIBLE_DEVICES": self.gpu} if self.gpu is not None else None,
+                instance=self.name,
+                label=self.label,
+            )
+            self.process = process
+            try:
+                await process.start()
+            except LaunchError as exc:
+                raise Fatal(f"CMD: {exc}") from None
+            exited = asyncio.ensure_future(process.wait())
+            try:
+                await self._bring_up(process, exited)
+                self.ever_ready = True
+                self.set_phase(Phase.READY, "ComfyUI is up, warm and connected")
+                await self._on_ready(self)
+                raise ChildExited(await exited)
+            except ChildExited as exc:
+                self.registry.fail_all(f"ComfyUI exited with code {exc.code}")
+                log.error("%s%s", self._prefix(), exc)
+                if not self.settings.always_restart_comfyui:
+                    raise Fatal(f"{exc}; ALWAYS_RESTART_COMFYUI is false") from None
+            await process.stop(timeout_s=5)
+            try:
+                delay = self.policy.next_delay()
+            except CrashLoop as exc:
+                raise Fatal(str(exc)) from None
+            self.set_phase(Phase.RESTARTING, f"restarting ComfyUI in {delay:.1f} s")
+            await asyncio.sleep(delay)
+
+    async def _race(self, awaitable: Awaitable[T], exited: asyncio.Future[int]) -> T:
+        """Await ``awaitable`` unless ComfyUI exits first (then raise :class:`ChildExited`)."""
+        task = asyncio.ensure_future(awaitable)
+        waiting: set[asyncio.Future[Any]] = {task, exited}
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        finished = task.done() and not task.cancelled()
+        if finished and (task.exception() is None or not exited.done()):
+            return task.result()  # its value, or its own exception while ComfyUI still runs
+        raise ChildExited(exited.result())
+
+    async def _bring_up(self, process: ComfyProcess, exited: asyncio.Future[int]) -> None:
+        settings = self.settings
+        deadline = settings.startup_check_interval_s * settings.startup_check_max_tries
+        if self.phase is not Phase.RESTARTING:
+            self.set_phase(Phase.LAUNCHING, f"waiting up to {deadline:g} s for ComfyUI")
+        started = time.monotonic()
+        up = await self._race(self._wait_answering(deadline, process.listening), exited)
+        if not up:
+            await process.stop()
+            raise Fatal(
+                f"STARTUP_CHECK_MAX_TRIES: ComfyUI did not answer within {deadline:g} s "
+                f"(STARTUP_CHECK_INTERVAL_S x STARTUP_CHECK_MAX_TRIES)"
+            )
+        self.client.forget_process_state()
+        self.events.connect_now()
+        remaining = max(5.0, deadline - (time.monotonic() - started))
+        if not await self._race(self.events.wait_connected(remaining), exited):
+            await process.stop()
+            raise Fatal("the websocket to ComfyUI could not be opened")
+        log.info("%sComfyUI answered after %.2f s", self._prefix(), time.monotonic() - started)
+        if self.warmup is not None:
+            self.set_phase(Phase.WARMING, "running the warmup prompt")
+            await self._race(self.warmup(self), exited)
+
+    async def _wait_answering(self, deadline_s: float, listening: asyncio.Event) -> bool:
+        """Ping ComfyUI with a short backoff (FIRST_PING_S doubling up to
+        STARTUP_CHECK_INTERVAL_S), and at once when it prints that its socket is bound; False
+        when ``deadline_s`` passed."""
+        ceiling = self.settings.startup_check_interval_s
+        interval = min(FIRST_PING_S, ceiling)
+        end = time.monotonic() + deadline_s
+        while True:
+            if await self.client.ping():
+                return True
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                return False
+            was_listening = listening.is_set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(listening.wait(), min(interval, remaining))
+            if was_listening or not listening.is_set():
+                interval = min(interval * 2, ceiling)
+            # else: the marker just appeared: ping again at once
+
+    async def stop(self) -> int | None:
+        """Stop the child (SIGTERM, then SIGKILL); returns its exit code."""
+        if self.process is None:
+            return None
+        code = await self.process.stop()
+        log.info("%sComfyUI stopped (exit code %s)", self._prefix(), code)
+        return code
+
+    async def aclose(self) -> None:
+        """Cancel the instance's own tasks and close its HTTP client."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.client.aclose()
