@@ -193,6 +193,8 @@ class Pipeline:
             settings.input_dir, settings.prepend_filenames, self._is_output_node
         )
         self.active = 0
+        #: Preprocess tasks of jobs still downloading their inputs, by job id.
+        self._preparing: dict[str, asyncio.Task[Prepared]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -236,6 +238,10 @@ class Pipeline:
         caller must pass the result to :meth:`complete` (or call its ``abandon``)."""
         started = time.monotonic()
         job_id = request.id or str(uuid.uuid4())
+        try:
+            await self.storage.check_request(request)  # SSRF guard: webhooks, uploads, creds
+        except InputError as exc:
+            raise InputError(exc.message, exc.location, id=job_id) from None
         prompt: dict[str, Any] = msgspec.to_builtins(request.prompt)
         job = Job(id=job_id, prompt_id=str(uuid.uuid4()))
         try:
@@ -258,7 +264,7 @@ class Pipeline:
                 self._end()
 
         try:
-            prepared = await self.preprocessor.prepare(prompt, job_id, staging)
+            prepared = await self._preprocess(job, prompt, staging)
         except InputError as exc:
             end()
             raise InputError(exc.message, exc.location, id=job_id) from None
@@ -266,6 +272,30 @@ class Pipeline:
             end()
             raise
         return PendingJob(job, prepared, started, time.monotonic(), end)
+
+    async def _preprocess(self, job: Job, prompt: dict[str, Any], staging: JobStaging) -> Prepared:
+        """Preprocess under the job's deadline (PROMPT_TIMEOUT_S) and :meth:`interrupt`:
+        either stops the downloads' wait at once. Raises :class:`TimedOut`,
+        :class:`Interrupted` and what :meth:`Preprocessor.prepare` raises."""
+        task = asyncio.ensure_future(self.preprocessor.prepare(prompt, job.id, staging))
+        self._preparing[job.id] = task
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.settings.prompt_timeout_s or None)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            self._preparing.pop(job.id, None)
+        if not done:
+            task.cancel()
+            raise TimedOut(
+                f"preprocessing (downloads) took longer than PROMPT_TIMEOUT_S "
+                f"({self.settings.prompt_timeout_s:g} s)",
+                id=job.id,
+            )
+        if task.cancelled():
+            raise Interrupted("the job was interrupted while its inputs downloaded", id=job.id)
+        return task.result()
 
     async def complete(self, pending: PendingJob) -> JobResult:
         """Queue a prepared job, wait for ComfyUI and collect its outputs (see :meth:`run`)."""
@@ -378,7 +408,10 @@ class Pipeline:
         if job is None or job.done.done():
             return False
         job.interrupt_requested = True
-        if job.state is not JobState.PREPROCESSING:
+        preparing = self._preparing.get(job_id)
+        if preparing is not None:
+            preparing.cancel()  # releases the caller now, even mid-download
+        elif job.state is not JobState.PREPROCESSING:
             await self._stop_in_comfy(job)
         return True
 

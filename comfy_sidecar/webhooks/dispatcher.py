@@ -10,6 +10,7 @@ prompt webhooks) when full, and a flush on shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -24,6 +25,8 @@ import httpx
 
 from comfy_sidecar.backoff import backoff_delay
 from comfy_sidecar.config import SYSTEM_EVENT_NAMES, Settings
+from comfy_sidecar.netguard import NetGuard, trusted
+from comfy_sidecar.storage.errors import URLRefused
 from comfy_sidecar.urls import scrub_url
 
 from .body import JsonBody
@@ -54,6 +57,7 @@ class _Job:
     future: asyncio.Future[bool] | None = None
     started: bool = False
     cancelled: bool = False
+    trusted: bool = False  # the operator's SYSTEM_WEBHOOK_URL: not checked by the SSRF guard
 
 
 @dataclass(eq=False)
@@ -115,6 +119,7 @@ class WebhookDispatcher:
         self._storage_events = subscribed & STORAGE_EVENT_NAMES
         self._metadata: dict[str, str] = {**settings.system_meta, **settings.salad}
         self._client: httpx.AsyncClient | None = None  # made by start()
+        self._guard = NetGuard(settings)
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
         self._prompt = _Kind("prompt", prompt_queue_size, prompt_workers)
@@ -138,9 +143,11 @@ class WebhookDispatcher:
         """Create the HTTP client and the worker tasks."""
         if self._state != "new":
             return
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=8)
+        # Prompt webhooks are callers' URLs: every connection is checked and pinned by the
+        # SSRF guard. SYSTEM_WEBHOOK_URL is the operator's, delivered inside trusted().
         self._client = httpx.AsyncClient(
-            follow_redirects=False,
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+            follow_redirects=False, transport=self._guard.transport(limits=limits)
         )
         for kind in (self._prompt, self._system):
             for i in range(kind.workers):
@@ -217,7 +224,7 @@ class WebhookDispatcher:
             body = JsonBody(body)
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if urlsplit(url).scheme not in ("http", "https"):
-            log.error("job %s: webhook URL %r is not http(s); not sent", webhook_id, url)
+            log.error("job %s: webhook URL %s is not http(s); not sent", webhook_id, scrub_url(url))
             body.close()
             future.set_result(False)
             return future
@@ -271,6 +278,7 @@ class WebhookDispatcher:
             lane=order_key,
             label=event,
             droppable=droppable,
+            trusted=True,
         )
         self._put(kind, job)
         if droppable:
@@ -386,7 +394,8 @@ class WebhookDispatcher:
             try:
                 if not job.cancelled:
                     job.started = True
-                    ok = await self._deliver(job)
+                    with trusted() if job.trusted else contextlib.nullcontext():
+                        ok = await self._deliver(job)
                     self._finish(kind, job, ok)
             finally:
                 if job.started and not job.cancelled:  # cancelled mid-delivery by close()
@@ -438,16 +447,23 @@ class WebhookDispatcher:
                 reason = f"no answer within {self._timeout_s:g} s"
             except httpx.HTTPError as exc:
                 reason = f"{type(exc).__name__}: {exc}"
+            except URLRefused as exc:  # the SSRF guard: no retry can change that
+                log.error("%s %s to %s: %s", job.label, job.webhook_id, scrub_url(job.url), exc)
+                return False
             except OSError as exc:
                 log.error(
-                    "%s %s to %s: cannot read body: %s", job.label, job.webhook_id, job.url, exc
+                    "%s %s to %s: cannot read body: %s",
+                    job.label,
+                    job.webhook_id,
+                    scrub_url(job.url),
+                    exc,
                 )
                 return False
             log.warning(
                 "%s %s to %s: attempt %d/%d failed: %s",
                 job.label,
                 job.webhook_id,
-                job.url,
+                scrub_url(job.url),
                 attempt,
                 self._attempts,
                 reason,
@@ -458,7 +474,7 @@ class WebhookDispatcher:
             "failed to send %s %s to %s after %d attempts: %s",
             job.label,
             job.webhook_id,
-            job.url,
+            scrub_url(job.url),
             self._attempts,
             reason,
         )
