@@ -70,9 +70,9 @@ def is_trusted() -> bool:
 
 
 def embedded(ip: IPAddress) -> list[IPAddress]:
-    """``ip`` and every IPv4 address carried inside it (IPv4-mapped, 6to4, Teredo server and
-    client, NAT64, IPv4-compatible)."""
-    found: list[IPAddress] = [ip]
+    """Every IPv4 address carried inside ``ip`` (IPv4-mapped, 6to4, Teredo server and client,
+    NAT64, IPv4-compatible), then ``ip`` itself."""
+    found: list[IPAddress] = []
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             found.append(ip.ipv4_mapped)
@@ -82,6 +82,7 @@ def embedded(ip: IPAddress) -> list[IPAddress]:
             found.extend(ip.teredo)
         if any(ip in net for net in _NAT64) or (ip in _COMPAT and int(ip) > 1):
             found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    found.append(ip)
     return found
 
 
