@@ -170,11 +170,15 @@ class Storage:
         self, url: str, auth: DownloadAuth | None = None, backend: Backend | None = None
     ) -> None:
         """Refuse a caller's download URL the guard forbids: a scheme other than http(s)/s3,
-        or an HTTP host (not Hugging Face's or Azure's configured endpoints, which the
-        operator chose) resolving to a refused address; an ``s3`` auth ``endpoint`` is
+        or a host the caller chose (HTTP, an Azure account other than the configured one; not
+        Hugging Face's or S3's endpoints, which the operator chose) resolving to a refused
+        address; an ``s3`` auth ``endpoint`` is
         checked the same way. Raises :class:`URLRefused` (a :class:`BadRequestError`)."""
         backend = backend or self.backend_for(url)
-        await self.guard.check_url(url, resolve=backend is self.http)
+        caller_host = backend is self.http or (
+            backend is self.azure and not self.azure.uses_configured_endpoint(url)
+        )
+        await self.guard.check_url(url, resolve=caller_host)
         if isinstance(auth, S3Auth) and auth.endpoint:
             await self.guard.check_url(auth.endpoint)
 
