@@ -151,7 +151,7 @@ class NetGuard:
         host = host.strip("[]")
         try:
             addresses = _addresses(host, port)
-        except (OSError, UnicodeError):
+        except (OSError, UnicodeError, ValueError):
             raise URLRefused(f"cannot resolve host {host!r}") from None
         self.check_addresses(host, port, addresses)
         return addresses[0]
@@ -192,7 +192,7 @@ class NetGuard:
         port = port or (443 if scheme == "https" else 80)
         try:
             addresses = await asyncio.to_thread(_addresses, parts.hostname, port)
-        except (OSError, UnicodeError):
+        except (OSError, UnicodeError, ValueError):
             return  # nothing to reach: the download itself fails (and is checked at connect)
         self.check_addresses(parts.hostname, port, addresses)
 
@@ -201,7 +201,10 @@ class NetGuard:
     ) -> None:
         """:meth:`check_url` for a request field: raises :class:`InputError` naming
         ``location`` (e.g. ``webhook_v2``, ``http_upload.url_prefix``)."""
-        scheme = urllib.parse.urlsplit(url).scheme.lower() if isinstance(url, str) else ""
+        try:
+            scheme = urllib.parse.urlsplit(url).scheme.lower()
+        except (ValueError, AttributeError):
+            scheme = ""
         if scheme not in tuple(schemes):
             raise InputError(
                 f"{location}: URL refused: scheme must be one of {', '.join(schemes)}", location
@@ -281,7 +284,7 @@ def _local_addresses(extra: Iterable[str]) -> set[IPAddress]:
     for name in names:
         try:
             infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError):
+        except (OSError, UnicodeError, ValueError):
             continue
         for info in infos:
             with contextlib.suppress(ValueError):
