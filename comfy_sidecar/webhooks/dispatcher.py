@@ -27,6 +27,7 @@ from comfy_sidecar.backoff import backoff_delay
 from comfy_sidecar.config import SYSTEM_EVENT_NAMES, Settings
 from comfy_sidecar.netguard import NetGuard, trusted
 from comfy_sidecar.storage.errors import URLRefused
+from comfy_sidecar.storage.http import proxied
 from comfy_sidecar.urls import scrub_url
 
 from .body import JsonBody
@@ -119,6 +120,7 @@ class WebhookDispatcher:
         self._storage_events = subscribed & STORAGE_EVENT_NAMES
         self._metadata: dict[str, str] = {**settings.system_meta, **settings.salad}
         self._client: httpx.AsyncClient | None = None  # made by start()
+        self._proxy_client: httpx.AsyncClient | None = None
         self._guard = NetGuard(settings)
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
@@ -149,6 +151,8 @@ class WebhookDispatcher:
         self._client = httpx.AsyncClient(
             follow_redirects=False, transport=self._guard.transport(limits=limits)
         )
+        # Through HTTP(S)_PROXY (when it applies to a URL) the proxy resolves the name.
+        self._proxy_client = httpx.AsyncClient(follow_redirects=False, limits=limits)
         for kind in (self._prompt, self._system):
             for i in range(kind.workers):
                 task = asyncio.create_task(self._worker(kind), name=f"webhook-{kind.name}-{i}")
@@ -189,8 +193,9 @@ class WebhookDispatcher:
             kind.lanes.clear()
             kind.droppable.clear()
             kind.room.set()  # wakes send_prompt callers waiting for room; they raise
-        if self._client is not None:
-            await self._client.aclose()
+        for client in (self._client, self._proxy_client):
+            if client is not None:
+                await client.aclose()
 
     @property
     def dropped(self) -> int:
@@ -409,7 +414,12 @@ class WebhookDispatcher:
         return backoff_delay(attempt, self._backoff_base_s, self._backoff_cap_s, jitter=0.25)
 
     async def _deliver(self, job: _Job) -> bool:
-        assert self._client is not None
+        assert self._client is not None and self._proxy_client is not None
+        try:
+            via_proxy = proxied(httpx.URL(job.url))
+        except (httpx.InvalidURL, ValueError):
+            via_proxy = False  # the request itself reports the bad URL
+        client = self._proxy_client if via_proxy else self._client
         reason = ""
         for attempt in range(1, self._attempts + 1):
             self.counters["attempts"] += 1
@@ -431,7 +441,7 @@ class WebhookDispatcher:
                 limit = self._timeout_s + job.body.length / _MIN_RATE
                 async with (
                     asyncio.timeout(limit),
-                    self._client.stream(
+                    client.stream(
                         "POST",
                         job.url,
                         content=content,
