@@ -175,7 +175,7 @@ class HTTPBackend:
     def client(self, url: httpx.URL | None = None) -> httpx.AsyncClient:
         """The httpx client for ``url``: through HTTP(S)_PROXY when one applies (the proxy
         resolves the name), else one whose connections the SSRF guard checks and pins."""
-        if url is not None and proxied(url):
+        if url is not None and _proxied(url):
             if self._proxy_client is None:
                 self._proxy_client = httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False)
             return self._proxy_client
@@ -277,7 +277,7 @@ class HTTPBackend:
 
     async def download(self, url: str, dest: Path, auth: DownloadAuth | None) -> FetchResult:
         first, caller_headers, used = self._prepare(url, auth)
-        if not proxied(first):
+        if not _proxied(first):
             watch = _Watch(netguard.is_trusted())
             job = functools.partial(self._download_direct, first, caller_headers, dest, watch)
             future = asyncio.get_running_loop().run_in_executor(self._executor, job)
@@ -588,7 +588,16 @@ class _Watch:
             raise BackendError(self.reason)
 
 
-def proxied(url: httpx.URL) -> bool:
+def uses_proxy(url: str) -> bool:
+    """True when HTTP(S)_PROXY applies to the http(s) URL ``url`` (the proxy then resolves the
+    name: the SSRF guard cannot pin it). False for a URL httpx cannot parse. Never raises."""
+    try:
+        return _proxied(httpx.URL(url))
+    except (httpx.InvalidURL, ValueError):
+        return False
+
+
+def _proxied(url: httpx.URL) -> bool:
     """True when HTTP(S)_PROXY applies to ``url`` (and NO_PROXY does not exempt it): then
     httpx with its proxy is used, and the proxy resolves the name."""
     proxies = urllib.request.getproxies()

@@ -27,7 +27,7 @@ from comfy_sidecar.backoff import backoff_delay
 from comfy_sidecar.config import SYSTEM_EVENT_NAMES, Settings
 from comfy_sidecar.netguard import NetGuard, trusted
 from comfy_sidecar.storage.errors import URLRefused
-from comfy_sidecar.storage.http import proxied
+from comfy_sidecar.storage.http import uses_proxy
 from comfy_sidecar.urls import scrub_url
 
 from .body import JsonBody
@@ -415,11 +415,7 @@ class WebhookDispatcher:
 
     async def _deliver(self, job: _Job) -> bool:
         assert self._client is not None and self._proxy_client is not None
-        try:
-            via_proxy = proxied(httpx.URL(job.url))
-        except (httpx.InvalidURL, ValueError):
-            via_proxy = False  # the request itself reports the bad URL
-        client = self._proxy_client if via_proxy else self._client
+        client = self._proxy_client if uses_proxy(job.url) else self._client
         reason = ""
         for attempt in range(1, self._attempts + 1):
             self.counters["attempts"] += 1
