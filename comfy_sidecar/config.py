@@ -276,6 +276,30 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         Var("HTTP_AUTH_HEADER_HOSTS", "", comma_list, new=True),
         "Comma list of host globs that may receive HTTP_AUTH_HEADER_* (empty = none).",
     ]
+    max_download_gb: Annotated[
+        float,
+        Var("MAX_DOWNLOAD_GB", "100", float_at_least(0), new=True),
+        "Largest download in GiB; a longer body is cut and nothing is cached (0 = no limit).",
+    ]
+    download_idle_timeout_s: Annotated[
+        float,
+        Var("DOWNLOAD_IDLE_TIMEOUT_S", "60", float_above(0), new=True),
+        "A download that receives less than 256 KiB in this many seconds is cut.",
+    ]
+
+    # --- SSRF guard ---------------------------------------------------------------------------
+    allowed_url_hosts: Annotated[
+        list[str],
+        Var("ALLOWED_URL_HOSTS", "", comma_list, new=True),
+        "Comma list of host globs and CIDRs a caller's URL may reach even when private "
+        "(e.g. `*.internal,10.0.0.0/8`).",
+    ]
+    allow_private_urls: Annotated[
+        bool,
+        Var("ALLOW_PRIVATE_URLS", "false", boolean, new=True),
+        "Let callers' URLs reach loopback, private and link-local addresses (never the "
+        "sidecar's or ComfyUI's port).",
+    ]
 
     download_connections: Annotated[
         int,

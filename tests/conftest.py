@@ -222,6 +222,9 @@ def make_sidecar(backend: Backend, tmp: Path, **env_overrides: str) -> Sidecar:
             "CACHE_DIR": str(tmp / "cache"),
             "LOG_LEVEL": "debug",
             "SHUTDOWN_GRACE_S": "30",
+            # The test servers run on loopback: allowed explicitly (the SSRF guard's own
+            # tests, tests/core/test_netguard.py, override this to prove the refusals).
+            "ALLOWED_URL_HOSTS": "127.0.0.0/8,::1,localhost",
         }
     )
     env.update(env_overrides)

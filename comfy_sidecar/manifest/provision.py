@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from comfy_sidecar.netguard import trusted
 from comfy_sidecar.pipeline.bounded import gather_bounded
 from comfy_sidecar.urls import scrub_url
 
@@ -294,7 +295,8 @@ class Provisioner:
         self._progress[where] = entry.url
         started = time.monotonic()
         try:
-            await storage.link(entry.url, entry.auth, dest)
+            with trusted():  # the operator's manifest: not checked by the SSRF guard
+                await storage.link(entry.url, entry.auth, dest)
         except Exception as exc:
             message = f"{entry.url} -> {dest}: {exc}"
             if fatal and not entry.optional:

@@ -200,6 +200,8 @@ class Pipeline:
         self._active: dict[str, Job] = {}
         self._where: dict[str, ComfyInstance] = {}
         self.active = 0
+        #: Preprocess tasks of jobs still downloading their inputs, by job id.
+        self._preparing: dict[str, asyncio.Task[Prepared]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -267,6 +269,10 @@ class Pipeline:
         caller must pass the result to :meth:`complete` (or call its ``abandon``)."""
         started = time.monotonic()
         job_id = request.id or str(uuid.uuid4())
+        try:
+            await self.storage.check_request(request)  # SSRF guard: webhooks, uploads, creds
+        except InputError as exc:
+            raise InputError(exc.message, exc.location, id=job_id) from None
         prompt: dict[str, Any] = msgspec.to_builtins(request.prompt)
         job = Job(id=job_id, prompt_id=str(uuid.uuid4()))
         bind_job(job.id, job.prompt_id)
@@ -288,7 +294,7 @@ class Pipeline:
                 self._end()
 
         try:
-            prepared = await self.preprocessor.prepare(prompt, job_id, staging)
+            prepared = await self._preprocess(job, prompt, staging)
         except InputError as exc:
             end()
             raise InputError(exc.message, exc.location, id=job_id) from None
@@ -296,6 +302,30 @@ class Pipeline:
             end()
             raise
         return PendingJob(job, prepared, started, time.monotonic(), end)
+
+    async def _preprocess(self, job: Job, prompt: dict[str, Any], staging: JobStaging) -> Prepared:
+        """Preprocess under the job's deadline (PROMPT_TIMEOUT_S) and :meth:`interrupt`:
+        either stops the downloads' wait at once. Raises :class:`TimedOut`,
+        :class:`Interrupted` and what :meth:`Preprocessor.prepare` raises."""
+        task = asyncio.ensure_future(self.preprocessor.prepare(prompt, job.id, staging))
+        self._preparing[job.id] = task
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.settings.prompt_timeout_s or None)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            self._preparing.pop(job.id, None)
+        if not done:
+            task.cancel()
+            raise TimedOut(
+                f"preprocessing (downloads) took longer than PROMPT_TIMEOUT_S "
+                f"({self.settings.prompt_timeout_s:g} s)",
+                id=job.id,
+            )
+        if task.cancelled():
+            raise Interrupted("the job was interrupted while its inputs downloaded", id=job.id)
+        return task.result()
 
     async def complete(
         self, pending: PendingJob, instance: ComfyInstance | None = None
@@ -483,8 +513,11 @@ class Pipeline:
             return False
         job.interrupt_requested = True
         job.stop_requested.set()
+        preparing = self._preparing.get(job_id)
         instance = self._where.get(job_id)
-        if instance is not None and job.state is not JobState.PREPROCESSING:
+        if preparing is not None:
+            preparing.cancel()  # releases the caller now, even mid-download
+        elif instance is not None and job.state is not JobState.PREPROCESSING:
             await self._stop_in_comfy(instance, job)
         return True
 

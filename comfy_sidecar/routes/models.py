@@ -214,7 +214,7 @@ async def download(data: DownloadRequest, state: State) -> Response[DownloadResp
     if not is_url(data.url):
         raise InputError("url: not a URL (http://, https:// or s3://)", "url")
     try:
-        sidecar.storage.backend_for(data.url)
+        await sidecar.storage.check_url(data.url, data.auth)  # the SSRF guard
     except Exception as exc:
         raise InputError(f"url: {exc}", "url") from None
     if data.filename is not None:

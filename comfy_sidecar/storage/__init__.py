@@ -31,16 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from comfy_sidecar import netguard
+from comfy_sidecar.errors import InputError
 from comfy_sidecar.schemas import (
     AzureBlobUpload,
     Credential,
     DownloadAuth,
     HFUpload,
     HTTPUpload,
+    PromptOptions,
+    S3Auth,
     S3Upload,
 )
 from comfy_sidecar.storage.azure import AzureBackend
-from comfy_sidecar.storage.base import Backend, CancelToken, glob_to_regex
+from comfy_sidecar.storage.base import Backend, CancelToken, compile_glob, glob_problem
 from comfy_sidecar.storage.cache import DownloadCache, EventFn, Lease
 from comfy_sidecar.storage.errors import (
     AuthError,
@@ -52,6 +56,7 @@ from comfy_sidecar.storage.errors import (
     OutputMissingError,
     StorageError,
     SupersededError,
+    URLRefused,
 )
 from comfy_sidecar.storage.hf import HFBackend
 from comfy_sidecar.storage.http import HTTPBackend
@@ -65,6 +70,9 @@ log = logging.getLogger("comfy_sidecar.storage")
 
 UploadSpec = S3Upload | HFUpload | AzureBlobUpload | HTTPUpload
 
+#: Threads for HTTP download bodies: one per download in flight (threads are made on demand;
+#: each blocks on its socket, holding a 256 KiB buffer).
+HTTP_DOWNLOAD_THREADS = 64
 #: How long a superseding upload waits for the one it aborted to stop, in seconds.
 SUPERSEDE_WAIT_S = 120.0
 
@@ -98,9 +106,16 @@ class Storage:
     ) -> None:
         env = os.environ if env is None else env
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix="storage")
-        # HTTP bodies get their own threads so long downloads never queue SDK calls.
-        self._http_executor = ThreadPoolExecutor(max_workers, thread_name_prefix="storage-http")
-        self.http = HTTPBackend(settings, self._http_executor)
+        # HTTP bodies get their own threads so long downloads never queue SDK calls, and one
+        # thread per download (up to HTTP_DOWNLOAD_THREADS): a slow server can hold its own
+        # thread, never another job's turn; the watchdog frees it when the body stalls for
+        # DOWNLOAD_IDLE_TIMEOUT_S or the download is cancelled.
+        self._http_executor = ThreadPoolExecutor(
+            HTTP_DOWNLOAD_THREADS, thread_name_prefix="storage-http"
+        )
+        #: The SSRF guard every caller's URL passes (see :mod:`comfy_sidecar.netguard`).
+        self.guard = netguard.NetGuard(settings)
+        self.http = HTTPBackend(settings, self._http_executor, self.guard)
         self.s3 = S3Backend(env, self._executor, settings.download_connections)
         self.hf = HFBackend(env, self._executor)
         self.azure = AzureBackend(env, self._executor)
@@ -143,6 +158,52 @@ class Storage:
         raise BadRequestError("no storage backend for this URL (use http(s):// or s3://)")
 
     # --- downloads -----------------------------------------------------------------------
+    async def _route(self, url: str, auth: DownloadAuth | None) -> Backend:
+        """:meth:`backend_for` after :meth:`check_url` (skipped inside
+        :func:`~comfy_sidecar.netguard.trusted`)."""
+        backend = self.backend_for(url)
+        if not netguard.is_trusted():
+            await self.check_url(url, auth, backend)
+        return backend
+
+    async def check_url(
+        self, url: str, auth: DownloadAuth | None = None, backend: Backend | None = None
+    ) -> None:
+        """Refuse a caller's download URL the guard forbids: a scheme other than http(s)/s3,
+        or a host the caller chose (HTTP, an Azure account other than the configured one; not
+        Hugging Face's or S3's endpoints, which the operator chose) resolving to a refused
+        address; an ``s3`` auth ``endpoint`` is
+        checked the same way. Raises :class:`URLRefused` (a :class:`BadRequestError`)."""
+        backend = backend or self.backend_for(url)
+        caller_host = backend is self.http or (
+            backend is self.azure and not self.azure.uses_configured_endpoint(url)
+        )
+        await self.guard.check_url(url, resolve=caller_host)
+        if isinstance(auth, S3Auth) and auth.endpoint:
+            await self.guard.check_url(auth.endpoint)
+
+    async def check_request(self, options: PromptOptions) -> None:
+        """Check a request's URLs before its job starts: ``webhook`` and ``webhook_v2``
+        (http(s), reachable), ``http_upload.url_prefix``, each ``credentials[i]``'s
+        ``url_pattern`` bounds and s3 ``auth.endpoint``. Raises :class:`InputError` naming
+        the field (``webhook_v2``, ``credentials[0].url_pattern``, ...)."""
+        web = ("http", "https")
+        if options.webhook is not None:
+            await self.guard.check_field(options.webhook, "webhook", schemes=web)
+        if options.webhook_v2 is not None:
+            await self.guard.check_field(options.webhook_v2, "webhook_v2", schemes=web)
+        if options.http_upload is not None:
+            await self.guard.check_field(
+                options.http_upload.url_prefix, "http_upload.url_prefix", schemes=web
+            )
+        for index, cred in enumerate(options.credentials or ()):
+            problem = glob_problem(cred.url_pattern)
+            if problem is not None:
+                where = f"credentials[{index}].url_pattern"
+                raise InputError(f"{where}: {problem}", where)
+            if isinstance(cred.auth, S3Auth) and cred.auth.endpoint:
+                where = f"credentials[{index}].auth.endpoint"
+                await self.guard.check_field(cred.auth.endpoint, where, schemes=web)
 
     def lease(self) -> Lease:
         """A lease for one job: pass it to the staging calls; release it when the job ends."""
@@ -150,7 +211,7 @@ class Storage:
 
     async def fetch(self, url: str, auth: DownloadAuth | None, lease: Lease | None = None) -> Path:
         """Path of ``url``'s cache file (downloaded once). Read it; do not move it."""
-        return await self.cache.get(url, auth, self.backend_for(url), lease)
+        return await self.cache.get(url, auth, await self._route(url, auth), lease)
 
     async def stage_input(
         self,
@@ -164,7 +225,7 @@ class Storage:
         fail; never a symlink, ComfyUI >= 0.28 rejects those). Returns ``name``, the value for
         the ``LoadImage``/``LoadAudio``/... input. Raises :class:`StorageError`."""
         return await self.cache.stage_input(
-            url, auth, self.backend_for(url), Path(input_dir), name, lease
+            url, auth, await self._route(url, auth), Path(input_dir), name, lease
         )
 
     async def stage_model(
@@ -178,7 +239,7 @@ class Storage:
         ``MODEL_DIR/upscale_models``) under its cache name. Returns that file name, e.g.
         ``Pk6VSKLStckZydwGhX0bM8TqaqHEW9yt.safetensors``, the loader input's new value."""
         return await self.cache.stage_model(
-            url, auth, self.backend_for(url), Path(folder_dir), lease
+            url, auth, await self._route(url, auth), Path(folder_dir), lease
         )
 
     async def link(
@@ -192,15 +253,19 @@ class Storage:
         ``local_path``, ``POST /download`` ``filename``), replacing a link to another URL's
         entry; a foreign file there raises :class:`CacheConflictError`. The caller checks
         ``dest_path`` is where it may write. Returns ``dest_path``."""
-        return await self.cache.link(url, auth, self.backend_for(url), Path(dest_path), lease)
+        return await self.cache.link(
+            url, auth, await self._route(url, auth), Path(dest_path), lease
+        )
 
     @staticmethod
     def credentials_for(url: str, credentials: list[Credential] | None) -> DownloadAuth | None:
         """comfyui-api's credential resolver: the ``auth`` of the first entry whose
         ``url_pattern`` glob (``**`` any, ``*`` any but ``/``, ``?`` one character) matches
-        the whole URL, else None."""
+        the whole URL, else None. Matching is linear in the URL's length (see
+        :class:`~comfy_sidecar.storage.base.Glob`); a pattern over the bounds raises
+        :class:`BadRequestError` (:meth:`check_request` refuses those at submission)."""
         for cred in credentials or ():
-            if glob_to_regex(cred.url_pattern).match(url):
+            if compile_glob(cred.url_pattern).match(url):
                 return cred.auth
         return None
 
@@ -290,5 +355,6 @@ __all__ = [
     "Storage",
     "StorageError",
     "SupersededError",
+    "URLRefused",
     "UploadSpec",
 ]

@@ -166,9 +166,18 @@ class AzureBackend:
             raise BadRequestError("invalid Azure Blob URL: expected <account>/<container>/<blob>")
         return account, segs[0], "/".join(segs[1:])
 
+    def uses_configured_endpoint(self, url: str) -> bool:
+        """True when ``url`` is read through the operator's configured endpoint (its account
+        is the configured one); other accounts' URLs are fetched from the URL's own host."""
+        try:
+            account = self.parse(url)[0]
+        except BadRequestError:
+            return False
+        return self.configured and account == self._account
+
     def _blob_client(self, url: str) -> Any:
-        account, container, blob = self.parse(url)
-        if self.configured and account == self._account:
+        _, container, blob = self.parse(url)
+        if self.uses_configured_endpoint(url):
             return self.service().get_blob_client(container, blob)
         from azure.storage.blob import BlobClient
 

@@ -18,6 +18,11 @@ class BadRequestError(StorageError):
     """The caller's input is unusable: bad URL, unsupported scheme, path traversal."""
 
 
+class URLRefused(BadRequestError):
+    """The SSRF guard (:mod:`comfy_sidecar.netguard`) refused a URL: its scheme, an address
+    its host resolves to, or its port. ``str(err)`` says why."""
+
+
 class AuthError(StorageError):
     """The backend refused the credentials in use, or a cached auth-gated entry was asked for
     without valid auth (comfyui-api answers these download failures with 400)."""
@@ -61,4 +66,5 @@ __all__ = [
     "OutputMissingError",
     "StorageError",
     "SupersededError",
+    "URLRefused",
 ]

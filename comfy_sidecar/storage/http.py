@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import http.client
 import mimetypes
+import socket
 import ssl
 import threading
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Mapping
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from comfy_sidecar import netguard
 from comfy_sidecar.schemas import (
     BasicAuth,
     BearerAuth,
@@ -48,6 +52,7 @@ from comfy_sidecar.storage.errors import (
     NotFoundError,
     StorageError,
     SupersededError,
+    URLRefused,
 )
 
 if TYPE_CHECKING:
@@ -57,7 +62,13 @@ CHUNK = 1 << 20
 #: Body buffer of the direct GET path. 256 KiB stays in the CPU cache between the socket read
 #: and the file write; 1 MiB costs 3.5x the CPU (measured: 3.7 s vs 1.0 s per GiB).
 DIRECT_CHUNK = 256 << 10
-MAX_REDIRECTS = 10
+#: Redirect hops followed; each hop is checked by the SSRF guard again.
+MAX_REDIRECTS = 5
+#: A download must receive at least this many bytes per DOWNLOAD_IDLE_TIMEOUT_S (the direct
+#: path's buffer: a read that has not filled it in time is the same rule).
+MIN_PROGRESS = DIRECT_CHUNK
+#: How often, in seconds, the watchdog of a direct download looks at it.
+WATCH_INTERVAL_S = 0.25
 TIMEOUT = httpx.Timeout(connect=10.0, read=60.0, write=60.0, pool=30.0)
 
 #: Content-Type -> extension, the last cache-name fallback (comfyui-api has a similar table).
@@ -145,8 +156,17 @@ class HTTPBackend:
 
     name = "http"
 
-    def __init__(self, settings: Settings, executor: Executor | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        executor: Executor | None = None,
+        guard: netguard.NetGuard | None = None,
+    ) -> None:
         self._executor = executor
+        self._guard = guard or netguard.NetGuard(settings)
+        self._max_bytes = int(settings.max_download_gb * 1024**3) or None
+        self._idle_s = settings.download_idle_timeout_s
+        self._proxy_client: httpx.AsyncClient | None = None
         self._env_header: tuple[str, str] | None = None
         if settings.http_auth_header_name and settings.http_auth_header_value:
             self._env_header = (settings.http_auth_header_name, settings.http_auth_header_value)
@@ -160,15 +180,24 @@ class HTTPBackend:
         self.ranged_piece_bytes: int | None = None
         self.ranged_one_stream_bps: float | None = ranged.ONE_STREAM_BPS
 
-    def client(self) -> httpx.AsyncClient:
+    def client(self, url: httpx.URL | None = None) -> httpx.AsyncClient:
+        """The httpx client for ``url``: through HTTP(S)_PROXY when one applies (the proxy
+        resolves the name), else one whose connections the SSRF guard checks and pins."""
+        if url is not None and _proxied(url):
+            if self._proxy_client is None:
+                self._proxy_client = httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False)
+            return self._proxy_client
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False)
+            self._client = httpx.AsyncClient(
+                timeout=TIMEOUT, follow_redirects=False, transport=self._guard.transport()
+            )
         return self._client
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        for client in (self._client, self._proxy_client):
+            if client is not None:
+                await client.aclose()
+        self._client = self._proxy_client = None
 
     def handles(self, url: str) -> bool:
         return url.lower().startswith(("http://", "https://"))
@@ -229,12 +258,13 @@ class HTTPBackend:
         auth: DownloadAuth | None,
         extra: dict[str, str] | None = None,
     ) -> tuple[httpx.Response, bool]:
-        """Send ``method`` following up to 10 redirects by hand (so caller credentials stay on
-        the first origin). Returns the streamed final response (caller closes it)."""
+        """Send ``method`` following up to 5 redirects by hand (so caller credentials stay on
+        the first origin, and the guard checks every hop). Returns the streamed final response
+        (caller closes it). Raises :class:`URLRefused` for a refused hop."""
         first, caller_headers, used = self._prepare(url, auth)
-        client = self.client()
         current = first
         for _ in range(MAX_REDIRECTS + 1):
+            client = self.client(current)
             headers = {**self._headers_for(current, first, caller_headers), **(extra or {})}
             try:
                 resp = await client.send(
@@ -244,31 +274,41 @@ class HTTPBackend:
                 raise BackendError(f"request failed: {type(exc).__name__}") from None
             if resp.is_redirect and "location" in resp.headers:
                 await resp.aclose()
-                try:
-                    current = current.join(resp.headers["location"])
-                except (httpx.InvalidURL, ValueError):
-                    raise BackendError("bad redirect location") from None
+                current = next_hop(current, resp.headers["location"])
                 if method not in ("GET", "HEAD") and resp.status_code in (301, 302, 303):
                     method = "GET"
                 continue
             return resp, used
-        raise BackendError("too many redirects")
+        raise BackendError(f"more than {MAX_REDIRECTS} redirects")
 
     # --- the Backend protocol ------------------------------------------------------------
 
     async def download(self, url: str, dest: Path, auth: DownloadAuth | None) -> FetchResult:
         first, caller_headers, used = self._prepare(url, auth)
         if not _proxied(first):
-            stop = threading.Event()
-            try:
-                ext = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._download_direct, first, caller_headers, dest, stop
-                )
-            except asyncio.CancelledError:
-                stop.set()
-                raise
+            watch = _Watch(netguard.is_trusted())
+            job = functools.partial(self._download_direct, first, caller_headers, dest, watch)
+            future = asyncio.get_running_loop().run_in_executor(self._executor, job)
+            ext = await self._watch(future, watch)
             return FetchResult(ext=ext, used_caller_auth=used)
         return await self._download_httpx(url, dest, auth)
+
+    async def _watch(self, future: asyncio.Future[str], watch: _Watch) -> str:
+        """Await a direct download, cutting it (socket shut down, so the thread is freed at
+        once) when no read completed for DOWNLOAD_IDLE_TIMEOUT_S or the caller is cancelled."""
+        try:
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=WATCH_INTERVAL_S)
+                if done:
+                    return future.result()
+                if watch.idle_for() > self._idle_s:
+                    watch.abort(
+                        f"download stalled: less than {MIN_PROGRESS // 1024} KiB in "
+                        f"{self._idle_s:g} s (DOWNLOAD_IDLE_TIMEOUT_S)"
+                    )
+        except asyncio.CancelledError:
+            watch.abort("download cancelled")
+            raise
 
     def _headers_for(
         self, current: httpx.URL, first: httpx.URL, caller_headers: dict[str, str]
@@ -279,70 +319,109 @@ class HTTPBackend:
         headers.update(self._env_headers_for(current, caller_headers))
         return headers
 
+    def _connection(self, url: httpx.URL, trusted: bool) -> http.client.HTTPConnection:
+        """An http.client connection to ``url``'s origin that connects to the address the
+        SSRF guard resolved and checked (unless ``trusted``); TLS SNI and ``Host`` keep the
+        name. Raises :class:`URLRefused` at ``connect()``."""
+        port = url.port or (443 if url.scheme == "https" else 80)
+        conn: http.client.HTTPConnection
+        if url.scheme == "https":
+            conn = http.client.HTTPSConnection(
+                url.host, port, timeout=TIMEOUT.connect, context=_ssl_context()
+            )
+        else:
+            conn = http.client.HTTPConnection(url.host, port, timeout=TIMEOUT.connect)
+        if not trusted:
+            guard = self._guard
+
+            def create(
+                address: tuple[str, int],
+                timeout: float | None = None,
+                source_address: tuple[str, int] | None = None,
+            ) -> socket.socket:
+                pinned = guard.resolve(address[0], address[1])
+                return socket.create_connection((pinned, address[1]), timeout, source_address)
+
+            conn._create_connection = create  # type: ignore[attr-defined]
+        return conn
+
     def _download_direct(
         self,
         first: httpx.URL,
         caller_headers: dict[str, str],
         dest: Path,
-        stop: threading.Event,
+        watch: _Watch,
     ) -> str:
         """GET with http.client in a worker thread, reading the body with ``readinto`` into
         one 256 KiB buffer: about 3x the throughput of httpx's async stream, and less CPU
-        than curl. Used when no proxy applies. Returns the extension fallback."""
+        than curl. Used when no proxy applies. Returns the extension fallback. ``watch``
+        (see :meth:`_watch`) can cut it from the event loop."""
         current = first
         for _ in range(MAX_REDIRECTS + 1):
-            conn = _connection(current)
+            conn = self._connection(current, watch.trusted)
             try:
                 try:
+                    watch.attach(conn)
                     conn.connect()
                     if conn.sock is not None:
-                        conn.sock.settimeout(TIMEOUT.read)
+                        conn.sock.settimeout(self._idle_s)
                     target = current.raw_path.decode("ascii")
                     conn.request(
                         "GET", target, headers=self._headers_for(current, first, caller_headers)
                     )
                     resp = conn.getresponse()
                 except (OSError, http.client.HTTPException) as exc:
+                    watch.check()
                     raise BackendError(f"request failed: {type(exc).__name__}") from None
                 location = resp.getheader("location")
                 if resp.status in (301, 302, 303, 307, 308) and location:
-                    try:
-                        current = current.join(location)
-                    except (httpx.InvalidURL, ValueError):
-                        raise BackendError("bad redirect location") from None
+                    current = next_hop(current, location)
                     continue
                 raise_for_status(resp.status, "download")
                 if resp.getheader("content-encoding", "identity").lower() != "identity":
                     raise BackendError("download: server sent a compressed body")
+                declared = resp.getheader("content-length")
                 if self.connections > 1:
                     total = ranged.ranged_length(resp.status, resp.headers, self.ranged_min_bytes)
                     if total is not None:
-                        self._download_ranged(resp, current, first, caller_headers, dest, stop)
+                        _Limit(self._max_bytes).check(total)
+                        self._download_ranged(resp, current, first, caller_headers, dest, watch)
                         return ext_from_headers(resp.headers, current.path)
-                written = 0
-                buf = bytearray(DIRECT_CHUNK)
-                view = memoryview(buf)
-                with open(dest, "wb") as fh:
-                    while True:
-                        if stop.is_set():
-                            raise BackendError("download cancelled")
-                        try:
-                            n = resp.readinto(view)
-                        except (OSError, http.client.HTTPException) as exc:
-                            raise BackendError(
-                                f"download interrupted after {written} bytes: {type(exc).__name__}"
-                            ) from None
-                        if not n:
-                            break
-                        fh.write(view[:n])
-                        written += n
+                written = self._read_body(resp, dest, watch, declared)
                 declared = resp.getheader("content-length")
                 if declared is not None and declared.isdigit() and written != int(declared):
                     raise BackendError(f"download incomplete: {written} of {declared} bytes")
                 return ext_from_headers(resp.headers, current.path)
             finally:
                 conn.close()
-        raise BackendError("too many redirects")
+        raise BackendError(f"more than {MAX_REDIRECTS} redirects")
+
+    def _read_body(
+        self, resp: http.client.HTTPResponse, dest: Path, watch: _Watch, declared: str | None
+    ) -> int:
+        """Stream ``resp``'s body into ``dest`` within MAX_DOWNLOAD_GB; returns the bytes
+        written. Raises :class:`BackendError` (too large, cut, stalled, cancelled)."""
+        limit = _Limit(self._max_bytes)
+        if declared is not None and declared.isdigit():
+            limit.check(int(declared))
+        written = 0
+        view = memoryview(bytearray(DIRECT_CHUNK))
+        with open(dest, "wb") as fh:
+            while True:
+                watch.check()
+                try:
+                    n = resp.readinto(view)
+                except (OSError, http.client.HTTPException) as exc:
+                    watch.check()
+                    raise BackendError(
+                        f"download interrupted after {written} bytes: {type(exc).__name__}"
+                    ) from None
+                watch.progress()
+                if not n:
+                    return written
+                written += n
+                limit.check(written)
+                fh.write(view[:n])
 
     def _download_ranged(
         self,
@@ -351,8 +430,7 @@ class HTTPBackend:
         first: httpx.URL,
         caller_headers: dict[str, str],
         dest: Path,
-        stop: threading.Event,
-        limits: ranged.Limits | None = None,
+        watch: _Watch,
     ) -> None:
         """Hand a large file whose first response (``resp``, a 200 from ``current``) allows
         ranges to :func:`ranged.fetch`: ranged GETs on ``self.connections`` connections with
@@ -364,12 +442,13 @@ class HTTPBackend:
             self._headers_for(current, first, caller_headers),
             dest,
             total,
-            connect=_connection,
+            connect=lambda url: self._connection(url, watch.trusted),
             connections=self.connections,
-            stop=stop,
-            limits=limits or ranged.Limits(idle_timeout_s=TIMEOUT.read or 60.0),
+            stop=watch.stopped,
+            limits=ranged.Limits(max_bytes=self._max_bytes, idle_timeout_s=self._idle_s),
             piece_bytes=self.ranged_piece_bytes,
             one_stream_bps=self.ranged_one_stream_bps,
+            on_write=watch.progress,
         )
 
     async def _download_httpx(self, url: str, dest: Path, auth: DownloadAuth | None) -> FetchResult:
@@ -385,14 +464,19 @@ class HTTPBackend:
                 except ValueError:
                     expected = None
             written = 0
-            chunks = resp.aiter_bytes(CHUNK) if encoded else resp.aiter_raw(CHUNK)
+            limit = _Limit(self._max_bytes)
+            limit.check(expected or 0)
+            stall = _Stall(self._idle_s)
+            chunks = resp.aiter_bytes() if encoded else resp.aiter_raw()
             # Writes go to the page cache (about 1 ms per MiB); doing them here avoids a
             # thread hop per chunk, which costs more throughput than it saves latency.
             with open(dest, "wb") as fh:
                 try:
                     async for chunk in chunks:
-                        fh.write(chunk)
                         written += len(chunk)
+                        limit.check(written)
+                        stall.add(len(chunk))
+                        fh.write(chunk)
                 except httpx.HTTPError as exc:
                     raise BackendError(
                         f"download interrupted after {written} bytes: {type(exc).__name__}"
@@ -444,7 +528,7 @@ class HTTPBackend:
                     yield chunk
 
         try:
-            resp = await self.client().put(target, content=body(), headers=headers)
+            resp = await self.client(target).put(target, content=body(), headers=headers)
         except SupersededError:
             raise
         except httpx.HTTPError as exc:
@@ -457,22 +541,113 @@ class HTTPBackend:
             raise BackendError(f"upload failed: HTTP {resp.status_code}")
 
 
+def next_hop(current: httpx.URL, location: str) -> httpx.URL:
+    """The URL a redirect's ``Location`` points at, relative to ``current``. Raises
+    :class:`BackendError` for an unparseable one and :class:`URLRefused` for a scheme other
+    than http(s) (``gopher:``, ``file:``, ...); the guard checks its host at connect."""
+    try:
+        target = current.join(location)
+    except (httpx.InvalidURL, ValueError):
+        raise BackendError("bad redirect location") from None
+    if target.scheme not in ("http", "https"):
+        raise URLRefused(f"URL refused: redirect to a {target.scheme or 'relative'!r} URL")
+    return target
+
+
+class _Limit:
+    """MAX_DOWNLOAD_GB for one body (``max_bytes`` None = no limit)."""
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self.max_bytes = max_bytes
+
+    def check(self, size: int) -> None:
+        """Raise :class:`BackendError` when ``size`` bytes exceed the limit."""
+        if self.max_bytes is not None and size > self.max_bytes:
+            raise BackendError(
+                f"download larger than MAX_DOWNLOAD_GB ({self.max_bytes / 1024**3:g} GiB); stopped"
+            )
+
+
+class _Stall:
+    """The idle-read rule for an async body: at least MIN_PROGRESS bytes per ``idle_s``."""
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self.mark = time.monotonic()
+        self.since = 0
+
+    def add(self, n: int) -> None:
+        """Count ``n`` bytes received; raise :class:`BackendError` when stalled."""
+        self.since += n
+        now = time.monotonic()
+        if self.since >= MIN_PROGRESS:
+            self.mark, self.since = now, 0
+        elif now - self.mark > self.idle_s:
+            raise BackendError(
+                f"download stalled: less than {MIN_PROGRESS // 1024} KiB in {self.idle_s:g} s "
+                "(DOWNLOAD_IDLE_TIMEOUT_S)"
+            )
+
+
+class _Watch:
+    """Shared by a direct download's thread and its watchdog on the event loop: when the last
+    read completed, the connection in use, and why it was cut (if it was)."""
+
+    def __init__(self, trusted: bool) -> None:
+        self.trusted = trusted
+        self.last = time.monotonic()
+        self.reason: str | None = None
+        self.stopped = threading.Event()  # set when cut: a ranged download's workers stop
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
+
+    def attach(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._conn = conn
+            self.last = time.monotonic()
+        self.check()
+
+    def progress(self) -> None:
+        self.last = time.monotonic()
+
+    def idle_for(self) -> float:
+        return time.monotonic() - self.last
+
+    def abort(self, reason: str) -> None:
+        """Cut the download: the blocked read returns at once with an error."""
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            sock = self._conn.sock if self._conn is not None else None
+        self.stopped.set()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def check(self) -> None:
+        """Raise :class:`BackendError` with the reason when the download was cut."""
+        if self.reason is not None:
+            raise BackendError(self.reason)
+
+
+def uses_proxy(url: str) -> bool:
+    """True when HTTP(S)_PROXY applies to the http(s) URL ``url`` (the proxy then resolves the
+    name: the SSRF guard cannot pin it). False for a URL httpx cannot parse. Never raises."""
+    try:
+        return _proxied(httpx.URL(url))
+    except (httpx.InvalidURL, ValueError):
+        return False
+
+
 def _proxied(url: httpx.URL) -> bool:
-    """True when HTTP(S)_PROXY applies to ``url`` (then httpx, which honours it, is used)."""
+    """True when HTTP(S)_PROXY applies to ``url`` (and NO_PROXY does not exempt it): then
+    httpx with its proxy is used, and the proxy resolves the name."""
     proxies = urllib.request.getproxies()
     if not (proxies.get(url.scheme) or proxies.get("all")):
         return False
     return not urllib.request.proxy_bypass(url.host)
-
-
-def _connection(url: httpx.URL) -> http.client.HTTPConnection:
-    """An HTTP(S) connection to ``url``'s origin, not yet connected (connect timeout)."""
-    port = url.port or (443 if url.scheme == "https" else 80)
-    if url.scheme == "https":
-        return http.client.HTTPSConnection(
-            url.host, port, timeout=TIMEOUT.connect, context=_ssl_context()
-        )
-    return http.client.HTTPConnection(url.host, port, timeout=TIMEOUT.connect)
 
 
 _SSL: ssl.SSLContext | None = None

@@ -182,6 +182,8 @@ class _Transfer:
         self.decided = threading.Event()  # set once ranges_ok is known (or on failure)
         self.done = threading.Event()  # set on failure and cancellation: everyone stops
         self.socks: set[socket.socket] = set()
+        #: Called after every write (the caller's stall watchdog counts it as progress).
+        self.on_write: Callable[[], None] | None = None
 
     def stopped(self) -> bool:
         """True when workers must stop: a failure, or the server ignores ranges."""
@@ -216,6 +218,8 @@ class _Transfer:
         os.pwrite(self.fd, view, offset)
         with self.lock:
             self.written += len(view)
+        if self.on_write is not None:
+            self.on_write()
 
 
 def fetch(
@@ -231,6 +235,7 @@ def fetch(
     limits: Limits | None = None,
     piece_bytes: int | None = None,
     one_stream_bps: float | None = ONE_STREAM_BPS,
+    on_write: Callable[[], None] | None = None,
 ) -> None:
     """Fetch the ``total`` bytes of ``url`` into ``dest`` over ``connections`` connections.
 
@@ -255,6 +260,7 @@ def fetch(
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         state = _Transfer(fd, total, pieces)
+        state.on_write = on_write
         watcher = threading.Thread(target=_watch, args=(state, stop, limits), daemon=True)
         watcher.start()
         probe = min(PROBE_BYTES, piece, total)

@@ -10,6 +10,7 @@ prompt webhooks) when full, and a flush on shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -25,6 +26,9 @@ import httpx
 from comfy_sidecar.backoff import attempt_failure, backoff_delay
 from comfy_sidecar.config import SYSTEM_EVENT_NAMES, Settings
 from comfy_sidecar.logs import TRACEPARENT
+from comfy_sidecar.netguard import NetGuard, trusted
+from comfy_sidecar.storage.errors import URLRefused
+from comfy_sidecar.storage.http import uses_proxy
 from comfy_sidecar.urls import scrub_url
 
 from .body import JsonBody
@@ -56,6 +60,7 @@ class _Job:
     started: bool = False
     cancelled: bool = False
     traceparent: str | None = None  # the W3C traceparent of the request that made it
+    trusted: bool = False  # the operator's SYSTEM_WEBHOOK_URL: not checked by the SSRF guard
 
 
 @dataclass(eq=False)
@@ -117,6 +122,8 @@ class WebhookDispatcher:
         self._storage_events = subscribed & STORAGE_EVENT_NAMES
         self._metadata: dict[str, str] = {**settings.system_meta, **settings.salad}
         self._client: httpx.AsyncClient | None = None  # made by start()
+        self._proxy_client: httpx.AsyncClient | None = None
+        self._guard = NetGuard(settings)
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
         self._prompt = _Kind("prompt", prompt_queue_size, prompt_workers)
@@ -140,10 +147,14 @@ class WebhookDispatcher:
         """Create the HTTP client and the worker tasks."""
         if self._state != "new":
             return
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=8)
+        # Prompt webhooks are callers' URLs: every connection is checked and pinned by the
+        # SSRF guard. SYSTEM_WEBHOOK_URL is the operator's, delivered inside trusted().
         self._client = httpx.AsyncClient(
-            follow_redirects=False,
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+            follow_redirects=False, transport=self._guard.transport(limits=limits)
         )
+        # Through HTTP(S)_PROXY (when it applies to a URL) the proxy resolves the name.
+        self._proxy_client = httpx.AsyncClient(follow_redirects=False, limits=limits)
         for kind in (self._prompt, self._system):
             for i in range(kind.workers):
                 task = asyncio.create_task(self._worker(kind), name=f"webhook-{kind.name}-{i}")
@@ -184,8 +195,9 @@ class WebhookDispatcher:
             kind.lanes.clear()
             kind.droppable.clear()
             kind.room.set()  # wakes send_prompt callers waiting for room; they raise
-        if self._client is not None:
-            await self._client.aclose()
+        for client in (self._client, self._proxy_client):
+            if client is not None:
+                await client.aclose()
 
     @property
     def dropped(self) -> int:
@@ -219,7 +231,7 @@ class WebhookDispatcher:
             body = JsonBody(body)
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if urlsplit(url).scheme not in ("http", "https"):
-            log.error("job %s: webhook URL %r is not http(s); not sent", webhook_id, url)
+            log.error("job %s: webhook URL %s is not http(s); not sent", webhook_id, scrub_url(url))
             body.close()
             future.set_result(False)
             return future
@@ -274,6 +286,7 @@ class WebhookDispatcher:
             lane=order_key,
             label=event,
             droppable=droppable,
+            trusted=True,
         )
         self._put(kind, job)
         if droppable:
@@ -389,7 +402,8 @@ class WebhookDispatcher:
             try:
                 if not job.cancelled:
                     job.started = True
-                    ok = await self._deliver(job)
+                    with trusted() if job.trusted else contextlib.nullcontext():
+                        ok = await self._deliver(job)
                     self._finish(kind, job, ok)
             finally:
                 if job.started and not job.cancelled:  # cancelled mid-delivery by close()
@@ -405,26 +419,35 @@ class WebhookDispatcher:
     async def _deliver(self, job: _Job) -> bool:
         """POST ``job`` until an attempt gets a 2xx answer, at most ``PROMPT_WEBHOOK_RETRIES``
         attempts with backoff between them. False when none did or its body cannot be read."""
+        assert self._client is not None and self._proxy_client is not None
+        client = self._proxy_client if uses_proxy(job.url) else self._client
         reason = ""
         for attempt in range(1, self._attempts + 1):
             self.counters["attempts"] += 1
             try:
-                status = await self._post(job)
+                status = await self._post(job, client)
                 if 200 <= status < 300:
                     return True
                 reason = f"HTTP {status}"
             except (TimeoutError, httpx.HTTPError) as exc:
                 reason = attempt_failure(exc, self._timeout_s)
+            except URLRefused as exc:  # the SSRF guard: no retry can change that
+                log.error("%s %s to %s: %s", job.label, job.webhook_id, scrub_url(job.url), exc)
+                return False
             except OSError as exc:
                 log.error(
-                    "%s %s to %s: cannot read body: %s", job.label, job.webhook_id, job.url, exc
+                    "%s %s to %s: cannot read body: %s",
+                    job.label,
+                    job.webhook_id,
+                    scrub_url(job.url),
+                    exc,
                 )
                 return False
             log.warning(
                 "%s %s to %s: attempt %d/%d failed: %s",
                 job.label,
                 job.webhook_id,
-                job.url,
+                scrub_url(job.url),
                 attempt,
                 self._attempts,
                 reason,
@@ -435,17 +458,16 @@ class WebhookDispatcher:
             "failed to send %s %s to %s after %d attempts: %s",
             job.label,
             job.webhook_id,
-            job.url,
+            scrub_url(job.url),
             self._attempts,
             reason,
         )
         return False
 
-    async def _post(self, job: _Job) -> int:
+    async def _post(self, job: _Job, client: httpx.AsyncClient) -> int:
         """One attempt: sign ``job``'s body with a fresh ``webhook-timestamp`` and POST it;
         returns the HTTP status. Raises :class:`TimeoutError` past the time limit (the timeout
         plus 1 s per MiB), ``httpx.HTTPError``, or ``OSError`` when the body cannot be read."""
-        assert self._client is not None
         timestamp = round(time.time())
         signature = await job.body.signature(self._key, job.webhook_id, timestamp)
         headers = {
@@ -463,7 +485,7 @@ class WebhookDispatcher:
         limit = self._timeout_s + job.body.length / _MIN_RATE
         async with (
             asyncio.timeout(limit),
-            self._client.stream(
+            client.stream(
                 "POST", job.url, content=content, headers=headers, timeout=self._timeout_s
             ) as response,
         ):

@@ -144,11 +144,17 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
     server.stop()
 
 
+#: ALLOWED_URL_HOSTS for tests whose servers listen on loopback.
+LOOPBACK_ALLOWED = "127.0.0.0/8,::1,localhost"
+
+
 def make_settings(tmp_path: Path, **env: str) -> Settings:
     base = {
         "HOME": str(tmp_path),
         "COMFY_HOME": str(tmp_path / "comfy"),
         "CACHE_DIR": str(tmp_path / "cache"),
+        # The test servers run on loopback: allowed explicitly (test_netguard proves refusals).
+        "ALLOWED_URL_HOSTS": LOOPBACK_ALLOWED,
     }
     base.update(env)
     return load_settings(base)

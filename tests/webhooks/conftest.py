@@ -23,4 +23,5 @@ def refused_url() -> str:
 
 def make_settings(**env: str) -> Settings:
     """Settings from a clean environment plus ``env``."""
-    return load_settings({"HOME": "/tmp", **env})
+    # The receivers run on loopback: allowed explicitly (test_netguard proves refusals).
+    return load_settings({"HOME": "/tmp", "ALLOWED_URL_HOSTS": "127.0.0.0/8,::1,localhost", **env})
