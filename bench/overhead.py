@@ -270,7 +270,8 @@ LIBRARIES = {
     "uvicorn": "uvicorn",
     "msgspec": "msgspec",
     "comfy_sidecar": "comfy_sidecar",
-    "asyncio": "asyncio",
+    "uvloop": "event loop",
+    "asyncio": "event loop",
 }
 
 
