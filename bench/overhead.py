@@ -1,6 +1,14 @@
 """Sidecar overhead against the floor: a client talking to the same ComfyUI directly.
 
     COMFY_HOME=~/.cache/real-comfyui python bench/overhead.py [--iterations 60] [--seconds 20]
+    COMFY_HOME=~/.cache/real-comfyui python bench/overhead.py local [--reps 5] [--profile]
+
+``local`` is the co-located floor side by side with the sidecar, repeated: each repetition runs
+--iterations jobs at concurrency 1 alternating floor and sidecar, then a block of --seconds at
+concurrency 4 for each (the order swaps every repetition), and reads the sidecar's CPU time
+(utime + stime from /proc/<pid>/stat, all threads) around its block: CPU ms per job. It prints
+one row per repetition and the medians of the ratios. ``--profile`` then samples the sidecar with
+py-spy during --profile-jobs sequential jobs and prints CPU ms per job by library.
 
 Starts the sidecar (python -m comfy_sidecar) with a real ComfyUI as its child (COMFY_HOME, laid
 out by shared/scripts/real-comfyui.sh) or, without COMFY_HOME, the test double. The prompt is
@@ -21,6 +29,7 @@ import base64
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,11 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import websockets
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from comfy_sidecar.comfy.client import ComfyClient  # noqa: E402
 from tests.conftest import Backend, free_port, make_sidecar  # noqa: E402
 
 
@@ -55,7 +66,10 @@ def prompt(prefix: str) -> dict[str, Any]:
 
 
 class Floor:
-    """The direct client: one websocket, prompt_id chosen up front, file read from disk."""
+    """The co-located client: one websocket with its own client_id, prompt_id chosen up front,
+    ``POST /prompt`` through the sidecar's own :class:`ComfyClient` (so both sides pay the same
+    HTTP client), outputs taken from ``executed`` frames, files read (base64, as the response
+    carries them) and deleted from ComfyUI's output directory."""
 
     def __init__(self, comfy: str, output_dir: Path) -> None:
         self.comfy = comfy
@@ -63,18 +77,19 @@ class Floor:
         self.client_id = f"floor-{uuid.uuid4()}"
         self.waiters: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
         self.outputs: dict[str, list[dict[str, Any]]] = {}
-        self.http = httpx.AsyncClient(base_url=comfy, timeout=60)
+        self.http = ComfyClient(comfy, timeout_s=60)
+        self.decoder = msgspec.json.Decoder()
 
     async def start(self) -> None:
         ws_url = self.comfy.replace("http", "ws", 1) + f"/ws?clientId={self.client_id}"
-        self.ws = await websockets.connect(ws_url, max_size=None, compression=None)
+        self.ws = await websockets.connect(ws_url, max_size=None, compression=None, proxy=None)
         self.reader = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
         async for message in self.ws:
             if not isinstance(message, str):
                 continue
-            frame = json.loads(message)
+            frame = self.decoder.decode(message)
             data = frame.get("data") or {}
             pid = data.get("prompt_id")
             if frame["type"] == "executed" and pid in self.waiters:
@@ -87,11 +102,7 @@ class Floor:
         pid = str(uuid.uuid4())
         future: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
         self.waiters[pid] = future
-        response = await self.http.post(
-            "/prompt",
-            json={"prompt": prompt(f"floor_{pid}"), "client_id": self.client_id, "prompt_id": pid},
-        )
-        response.raise_for_status()
+        await self.http.queue_prompt(prompt(f"floor_{pid}"), pid, self.client_id)
         images = await future
         for image in images:
             path = self.output_dir / image["subfolder"] / image["filename"]
@@ -227,16 +238,189 @@ async def main_async(args: argparse.Namespace) -> None:
     )
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread, living or gone) the process ``pid`` used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def counted_throughput(runner: Any, concurrency: int, seconds: float) -> tuple[int, float]:
+    """(jobs done, seconds taken) with ``concurrency`` workers running jobs for ``seconds``."""
+    done = 0
+    end = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < end:
+            await runner.run()
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return done, time.perf_counter() - started
+
+
+LIBRARIES = {
+    "httpx": "httpx",
+    "httpcore": "httpcore",
+    "h11": "h11",
+    "aiohttp": "aiohttp",
+    "websockets": "websockets",
+    "litestar": "litestar",
+    "uvicorn": "uvicorn",
+    "msgspec": "msgspec",
+    "comfy_sidecar": "comfy_sidecar",
+    "uvloop": "event loop",
+    "asyncio": "event loop",
+}
+
+
+def profile_summary(path: Path) -> list[tuple[str, float]]:
+    """Shares of the samples by library in a py-spy speedscope file, largest first: a sample
+    counts for the innermost listed library on its stack (``other`` when none)."""
+    doc = json.loads(path.read_text())
+    frames = doc["shared"]["frames"]
+    owner = []
+    for frame in frames:
+        where = frame.get("file", "") + " " + frame.get("name", "")
+        owner.append(next((lib for key, lib in LIBRARIES.items() if f"/{key}/" in where), None))
+    totals: dict[str, float] = {}
+    for profile in doc["profiles"]:
+        for stack, weight in zip(profile["samples"], profile["weights"], strict=True):
+            lib = next((owner[i] for i in reversed(stack) if owner[i]), "other")
+            totals[lib] = totals.get(lib, 0.0) + weight
+    whole = sum(totals.values()) or 1.0
+    return sorted(((k, v / whole) for k, v in totals.items()), key=lambda kv: -kv[1])
+
+
+async def local_async(args: argparse.Namespace) -> None:
+    """The ``local`` mode: floor and sidecar side by side, ``--reps`` times."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-local-"))
+    kind = "real" if os.environ.get("COMFY_HOME") else "double"
+    sidecar = make_sidecar(Backend(kind, tmp / "comfy"), tmp, LOG_LEVEL="warn")
+    sidecar.start(python=args.python)
+    rows = []
+    profile: list[tuple[str, float]] = []
+    profile_cpu = 0.0
+    try:
+        sidecar.wait_ready()
+        pid = sidecar.proc.pid  # type: ignore[union-attr]
+        floor = Floor(f"http://127.0.0.1:{sidecar.comfy_port}", sidecar.backend.output_dir)
+        await floor.start()
+        via = ViaSidecar(sidecar.url)
+        for _ in range(5):  # warm both paths
+            await floor.run()
+            await via.run()
+        for rep in range(args.reps):
+            floor_lat, side_lat = [], []
+            for i in range(args.iterations):
+                pair = (floor, via) if (i + rep) % 2 else (via, floor)
+                for runner in pair:
+                    (floor_lat if runner is floor else side_lat).append(await runner.run())
+            blocks: dict[str, float] = {}
+            cpu_per_job = 0.0
+            for name in ("floor", "sidecar") if rep % 2 else ("sidecar", "floor"):
+                cpu_before = cpu_s(pid)
+                done, took = await counted_throughput(
+                    floor if name == "floor" else via, 4, args.seconds
+                )
+                blocks[name] = done / took
+                if name == "sidecar":
+                    cpu_per_job = (cpu_s(pid) - cpu_before) * 1000 / done
+            rows.append(
+                (
+                    statistics.median(floor_lat) * 1000,
+                    statistics.median(side_lat) * 1000,
+                    blocks["floor"],
+                    blocks["sidecar"],
+                    cpu_per_job,
+                )
+            )
+            f50, s50, ftp, stp, cpu = rows[-1]
+            print(
+                f"rep {rep + 1}: p50 floor {f50:6.1f} ms sidecar {s50:6.1f} ms "
+                f"({s50 / f50:.3f}x) | c=4 floor {ftp:5.2f}/s sidecar {stp:5.2f}/s "
+                f"({stp / ftp:.3f}x) | sidecar CPU {cpu:.2f} ms/job",
+                flush=True,
+            )
+        if args.profile:
+            cpu_before = cpu_s(pid)
+            profile = await profile_sidecar(via, pid, args.profile_jobs, tmp / "profile.json")
+            profile_cpu = (cpu_s(pid) - cpu_before) * 1000 / args.profile_jobs
+        await floor.close()
+        await via.close()
+    finally:
+        sidecar.stop()
+    med = statistics.median
+    print(f"backend: {kind} ComfyUI; prompt EmptyImage 256x256 -> ImageInvert -> SaveImage")
+    print(f"{args.reps} repetitions of {args.iterations} sequential jobs each side (alternating)")
+    print(f"and {args.seconds:g} s at c=4 each side; medians over repetitions:")
+    print(f"  p50 latency   floor {med(r[0] for r in rows):6.1f} ms  sidecar ", end="")
+    print(
+        f"{med(r[1] for r in rows):6.1f} ms  ratio {med(r[1] / r[0] for r in rows):.3f} (<= 1.15)"
+    )
+    print(f"  c=4 jobs/s    floor {med(r[2] for r in rows):6.2f}     sidecar ", end="")
+    print(
+        f"{med(r[3] for r in rows):6.2f}     ratio {med(r[3] / r[2] for r in rows):.3f} (>= 0.90)"
+    )
+    print(f"  sidecar CPU   {med(r[4] for r in rows):.2f} ms/job (/proc/<pid>/stat, c=4 blocks)")
+    if profile:
+        print(
+            f"py-spy, {args.profile_jobs} sequential jobs: {profile_cpu:.2f} ms CPU/job "
+            "(/proc/<pid>/stat); samples by innermost library:"
+        )
+        for lib, share in profile:
+            print(f"  {lib:14s} {share:4.0%}  {share * profile_cpu:5.2f} ms")
+
+
+async def profile_sidecar(
+    via: ViaSidecar, pid: int, jobs: int, out: Path
+) -> list[tuple[str, float]]:
+    """Run ``jobs`` sequential jobs under ``py-spy record``; CPU ms per job by library."""
+    rate = 250
+    spy = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "py-spy"),
+        "record",
+        "--format",
+        "speedscope",
+        "--rate",
+        str(rate),
+        "--nonblocking",
+        "-o",
+        str(out),
+        "-p",
+        str(pid),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    await asyncio.sleep(1)  # py-spy attaches
+    for _ in range(jobs):
+        await via.run()
+    spy.send_signal(signal.SIGINT)
+    await asyncio.wait_for(spy.wait(), 60)
+    return profile_summary(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=60)
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("mode", nargs="?", choices=["full", "local"], default="full")
+    parser.add_argument("--iterations", type=int, help="sequential jobs each side (60; local: 30)")
+    parser.add_argument("--seconds", type=float, help="c=4 seconds each side (20; local: 8)")
+    parser.add_argument("--reps", type=int, default=5, help="local: repetitions")
+    parser.add_argument("--profile", action="store_true", help="local: py-spy the sidecar")
+    parser.add_argument("--profile-jobs", type=int, default=200)
     parser.add_argument(
         "--python",
         help="interpreter that has comfy-sidecar installed (e.g. a "
         "clean venv with only its dependencies); default: this one",
     )
-    asyncio.run(main_async(parser.parse_args()))
+    args = parser.parse_args()
+    local = args.mode == "local"
+    args.iterations = args.iterations or (30 if local else 60)
+    args.seconds = args.seconds or (8.0 if local else 20.0)
+    asyncio.run(local_async(args) if local else main_async(args))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 One connection per sidecar, opened with the sidecar's ``client_id`` before anything is queued, so
 every per-prompt frame of our prompts reaches it (ComfyUI routes them by ``client_id``). Text frames
 are decoded and handed to ``on_frame`` in order; binary frames (previews) are ignored. After a
-reconnect ``on_connect`` runs so in-flight prompts can be reconciled through ``/history``.
+reconnect ``on_connect`` runs so in-flight prompts can be reconciled through ``/history``. The
+connection never goes through a proxy, whatever HTTP(S)_PROXY says (ComfyUI is on loopback).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class EventStream:
                     self._url,
                     max_size=None,
                     compression=None,
+                    proxy=None,  # loopback: HTTP(S)_PROXY must never apply
                     ping_interval=20,
                     ping_timeout=20,
                     open_timeout=5,
