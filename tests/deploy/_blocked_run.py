@@ -18,6 +18,16 @@ from collections.abc import Sequence
 from types import ModuleType
 
 
+class Missing(importlib.abc.Loader):
+    """Loads nothing: importing the module raises ModuleNotFoundError, as in the binary."""
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        raise ModuleNotFoundError(f"No module named {spec.name!r} (excluded)", name=spec.name)
+
+    def exec_module(self, module: ModuleType) -> None:  # never reached
+        raise ModuleNotFoundError(module.__name__)
+
+
 class Blocker(importlib.abc.MetaPathFinder):
     def __init__(self, roots: set[str], log: str | None) -> None:
         self.roots = roots
@@ -33,7 +43,9 @@ class Blocker(importlib.abc.MetaPathFinder):
             if self.log:
                 with open(self.log, "a", encoding="utf-8") as fh:
                     fh.write(fullname + "\n")
-            raise ModuleNotFoundError(f"No module named {fullname!r} (excluded)", name=fullname)
+            # A spec whose loader fails: ``import x`` raises ModuleNotFoundError as in the binary,
+            # while ``importlib.util.find_spec`` probes (yarl's for pydantic_core) do not raise.
+            return importlib.machinery.ModuleSpec(fullname, Missing())
         return None
 
 
