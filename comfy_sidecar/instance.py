@@ -106,6 +106,7 @@ class ComfyInstance:
             self._on_frame,
             self._on_connect,
             self.registry.mark_missed_frames,
+            on_preview=self.registry.on_preview,
         )
         self.policy = RestartPolicy(settings.restart_max, settings.restart_window_s)
         self.process: ComfyProcess | None = None

@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import heapq
+import io
 import itertools
 import json
 import os
 import random
 import string
+import struct
 import sys
 import threading
 import time
@@ -90,6 +92,8 @@ class Double:
             d.mkdir(parents=True, exist_ok=True)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.clients: dict[str, WebSocket[Any, Any, Any]] = {}
+        #: Client ids that sent ``feature_flags`` with ``supports_preview_metadata``.
+        self.preview_metadata: set[str] = set()
         self.queue: list[tuple[float, str, dict[str, Any], dict[str, Any], list[str]]] = []
         self.running: tuple[float, str, dict[str, Any], dict[str, Any], list[str]] | None = None
         self.history: dict[str, dict[str, Any]] = {}
@@ -124,6 +128,23 @@ class Double:
         await self.send(
             "status", {"status": {"exec_info": {"queue_remaining": self.queue_remaining()}}}, None
         )
+
+    async def send_preview(self, image: bytes, meta: dict[str, Any], sid: str | None) -> None:
+        """A binary preview frame, as ComfyUI sends while a node runs: type 4
+        (PREVIEW_IMAGE_WITH_METADATA: 4-byte JSON length, the JSON, the image) to a client that
+        announced ``supports_preview_metadata``, else type 1 (4-byte format 2 = PNG, the image)."""
+        ws = self.clients.get(sid or "")
+        if ws is None or self.muted:
+            return
+        if sid in self.preview_metadata:
+            head = json.dumps({**meta, "image_type": "image/png"}).encode()
+            frame = struct.pack(">II", 4, len(head)) + head + image
+        else:
+            frame = struct.pack(">II", 1, 2) + image
+        try:
+            await ws.send_data(frame, mode="binary")
+        except Exception:
+            pass
 
     def send_threadsafe(self, kind: str, data: dict[str, Any], sid: str | None) -> None:
         assert self.loop is not None
@@ -397,7 +418,7 @@ class Double:
                 for k, v in inputs.items()
             }
             try:
-                value, ui = self.run_node(class_type, resolved, prompt_id, node_id, emit)
+                value, ui = self.run_node(class_type, resolved, prompt_id, node_id, emit, sid)
             except NodeFailure as exc:
                 emit(
                     "execution_error",
@@ -477,7 +498,13 @@ class Double:
         return result
 
     def run_node(
-        self, class_type: str, inputs: dict[str, Any], prompt_id: str, node_id: str, emit: Any
+        self,
+        class_type: str,
+        inputs: dict[str, Any],
+        prompt_id: str,
+        node_id: str,
+        emit: Any,
+        sid: str | None = None,
     ) -> tuple[Any, dict[str, Any] | None]:
         if class_type == "EmptyImage":
             color = int(inputs["color"])
@@ -531,6 +558,13 @@ class Double:
             images = inputs["image"]
             time.sleep(0.02)
             emit("progress", {"value": 1, "max": 1, "prompt_id": prompt_id, "node": node_id})
+            preview = io.BytesIO()
+            images[0].resize((16, 16)).save(preview, "PNG")
+            meta = {"node_id": node_id, "display_node_id": node_id, "prompt_id": prompt_id}
+            assert self.loop is not None
+            asyncio.run_coroutine_threadsafe(
+                self.send_preview(preview.getvalue(), meta, sid), self.loop
+            ).result()
             return [i.resize((i.width * 2, i.height * 2)) for i in images], None
         if class_type == "DoubleExit":
             sys.stderr.flush()
@@ -685,12 +719,16 @@ class Double:
             )
             try:
                 while True:
-                    await socket.receive_data(mode="text")
+                    message = json.loads(await socket.receive_data(mode="text"))
+                    flags = message.get("data") if message.get("type") == "feature_flags" else None
+                    if isinstance(flags, dict) and flags.get("supports_preview_metadata"):
+                        double.preview_metadata.add(sid)
             except Exception:
                 pass
             finally:
                 if double.clients.get(sid) is socket:
                     del double.clients[sid]
+                    double.preview_metadata.discard(sid)
 
         return Litestar(
             [

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -24,6 +25,59 @@ from comfy_sidecar.backoff import backoff_delay
 log = logging.getLogger("comfy_sidecar.events")
 
 FrameHandler = Callable[[dict[str, Any]], None]
+
+#: Sent first on every connection: ComfyUI then sends previews as type 4 frames, which carry
+#: the prompt_id and node id (``PREVIEW_IMAGE_WITH_METADATA``).
+FEATURE_FLAGS = msgspec.json.encode(
+    {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
+).decode()
+
+IMAGE_TYPES = {1: "image/jpeg", 2: "image/png"}
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    """A decoded preview frame: the image bytes, its MIME type, and (type 4 frames) the
+    prompt_id and node id it belongs to."""
+
+    image: bytes
+    mime_type: str
+    prompt_id: str | None = None
+    node_id: str | None = None
+
+
+PreviewHandler = Callable[[Preview], None]
+
+
+def decode_preview(frame: bytes) -> Preview | None:
+    """A ComfyUI binary frame as a :class:`Preview`, or None for other binary events.
+
+    Type 1 (``PREVIEW_IMAGE``): a 4-byte big-endian format (1 JPEG, 2 PNG), then the image.
+    Type 4 (``PREVIEW_IMAGE_WITH_METADATA``): a 4-byte JSON length, the JSON (``prompt_id``,
+    ``node_id``, ``display_node_id``, ``image_type``), then the image. Malformed frames give
+    None."""
+    if len(frame) < 8:
+        return None
+    kind = int.from_bytes(frame[:4], "big")
+    if kind == 1:
+        mime = IMAGE_TYPES.get(int.from_bytes(frame[4:8], "big"), "application/octet-stream")
+        return Preview(frame[8:], mime)
+    if kind == 4:
+        length = int.from_bytes(frame[4:8], "big")
+        try:
+            meta = msgspec.json.decode(frame[8 : 8 + length])
+        except msgspec.DecodeError:
+            return None
+        if not isinstance(meta, dict):
+            return None
+        node = meta.get("display_node_id") or meta.get("node_id")
+        return Preview(
+            frame[8 + length :],
+            str(meta.get("image_type") or "image/png"),
+            str(meta["prompt_id"]) if meta.get("prompt_id") else None,
+            str(node) if node is not None else None,
+        )
+    return None
 
 
 class EventStream:
@@ -44,8 +98,10 @@ class EventStream:
         *,
         backoff_s: float = 0.1,
         max_backoff_s: float = 2.0,
+        on_preview: PreviewHandler | None = None,
     ) -> None:
         self._url = f"{ws_url}?clientId={client_id}"
+        self._on_preview = on_preview
         self._backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
         self._on_frame = on_frame
@@ -94,11 +150,14 @@ class EventStream:
                     self.last_frame_at = time.monotonic()
                     self._connected_event.set()
                     failures = 0
+                    await ws.send(FEATURE_FLAGS)  # previews with their prompt_id and node id
                     await self._on_connect(self.connections > 1)
                     async for message in ws:
                         self.last_frame_at = time.monotonic()
                         if isinstance(message, str):
                             self._dispatch(message)
+                        elif self._on_preview is not None:
+                            self._preview(message)
             except asyncio.CancelledError:
                 raise
             except (OSError, websockets.WebSocketException, TimeoutError) as exc:
@@ -122,6 +181,15 @@ class EventStream:
             if self._kick.is_set():  # ComfyUI answers now: connect at once
                 self._kick.clear()
                 failures = 0
+
+    def _preview(self, frame: bytes) -> None:
+        preview = decode_preview(frame)
+        if preview is None or self._on_preview is None:
+            return
+        try:
+            self._on_preview(preview)
+        except Exception:
+            log.exception("error handling a preview frame")
 
     def _dispatch(self, message: str) -> None:
         try:

@@ -11,6 +11,7 @@ cancel, and the path of a retained output.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import mimetypes
 import os
@@ -99,7 +100,16 @@ class JobTracker:
         record = self.record
         if record.status.terminal:
             return
-        if kind == "sidecar_queued":  # sent to an instance (again, after it lost the job)
+        if kind == "preview":  # live only: not kept in the event log, sent with ?previews=true
+            image = data.get("image")
+            if isinstance(image, bytes):
+                body = {
+                    "node_id": data.get("node_id"),
+                    "mime_type": data.get("mime_type"),
+                    "data": base64.b64encode(image).decode("ascii"),
+                }
+                record.publish("preview", body, log_it=False)
+        elif kind == "sidecar_queued":  # sent to an instance (again, after it lost the job)
             record.prompt_id = str(data.get("prompt_id"))
             record.instance = str(data.get("instance"))
         elif kind == "execution_start":

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from comfy_sidecar.comfy.client import ComfyClient, ComfyUnavailable
+from comfy_sidecar.comfy.events import Preview
 
 log = logging.getLogger("comfy_sidecar.jobs")
 
@@ -221,6 +222,21 @@ class JobRegistry:
             job.finish(JobOutcome(OutcomeKind.INTERRUPTED, error=dict(data)))
         if job.listener is not None and isinstance(kind, str):
             job.listener(kind, data)
+
+    def on_preview(self, preview: Preview) -> None:
+        """Hand a preview image to its job: the one its metadata names, else (a type 1 frame)
+        the job running now. Sent to the job's listener as ``("preview", {"node_id",
+        "mime_type", "image"})``."""
+        job = self._by_prompt.get(preview.prompt_id) if preview.prompt_id else None
+        if job is None and preview.prompt_id is None:
+            running = [j for j in self._by_prompt.values() if j.state is JobState.RUNNING]
+            job = running[0] if len(running) == 1 else None
+        if job is None or job.done.done() or job.listener is None:
+            return
+        node = preview.node_id or job.current_node
+        job.listener(
+            "preview", {"node_id": node, "mime_type": preview.mime_type, "image": preview.image}
+        )
 
     def _finished(self, job: Job) -> None:
         if job.missed_frames:

@@ -13,9 +13,11 @@ import httpx
 import pytest
 
 from tests.conftest import (
+    TINY_MODEL_NAME,
     Backend,
     Sidecar,
     basic_prompt,
+    running_sidecar,
     slow_prompt,
     upscale_prompt,
 )
@@ -238,3 +240,49 @@ def test_comfyui_killed_mid_job_fails_the_job_with_its_log_tail(spawn: Any, tmp_
     assert job["status"] == "failed"
     assert "went away" in job["error"]["error"]
     assert isinstance(job["error"]["comfyui_log_tail"], list)
+
+
+def sse_raw_events(sidecar: Sidecar, path: str) -> list[dict[str, Any]]:
+    """Like :func:`sse_events` for any events URL (query included), ids kept as given."""
+    import msgspec
+
+    events: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    with httpx.stream("GET", f"{sidecar.url}{path}", timeout=120) as response:
+        for line in response.iter_lines():
+            if not line:
+                if "data" in current:
+                    current["data"] = msgspec.json.decode(current["data"])
+                    events.append(current)
+                current = {}
+            elif not line.startswith(":"):
+                field, _, value = line.partition(":")
+                current[field] = value.removeprefix(" ")
+    return events
+
+
+def test_previews_are_sent_only_when_asked(tmp_path: Path) -> None:
+    """The double sends a preview frame (type 4, with prompt_id and node id, as ComfyUI does
+    for a client that announced ``supports_preview_metadata``) while the upscale node runs. A
+    real ComfyUI sends previews only from samplers, which the model-free test prompts lack."""
+    import base64
+
+    prompt = slow_prompt(blurs=3, size=1024)  # seconds of blurs first: the stream is open
+    last = str(len(prompt) - 1)  # the last blur; the upscale model takes its image
+    prompt[str(len(prompt))]["inputs"]["images"] = ["u2", 0]
+    prompt["u1"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": TINY_MODEL_NAME}}
+    prompt["u2"] = {
+        "class_type": "ImageUpscaleWithModel",
+        "inputs": {"upscale_model": ["u1", 0], "image": [last, 0]},
+    }
+    with running_sidecar("double", tmp_path) as sidecar:
+        job_id = submit(sidecar, prompt)["id"]
+        live = sse_raw_events(sidecar, f"/jobs/{job_id}/events?previews=true")
+        replay = sse_raw_events(sidecar, f"/jobs/{job_id}/events?previews=true")
+    previews = [e for e in live if e["event"] == "preview"]
+    assert previews, [e["event"] for e in live]
+    first = previews[0]
+    assert "id" not in first  # previews are live only: not part of the resumable log
+    assert (first["data"]["node_id"], first["data"]["mime_type"]) == ("u2", "image/png")
+    assert base64.b64decode(first["data"]["data"]).startswith(b"\x89PNG")
+    assert all(e["event"] != "preview" for e in replay)  # an ended job replays its log only
