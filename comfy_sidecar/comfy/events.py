@@ -150,7 +150,8 @@ class EventStream:
                     self.last_frame_at = time.monotonic()
                     self._connected_event.set()
                     failures = 0
-                    await ws.send(FEATURE_FLAGS)  # previews with their prompt_id and node id
+                    with contextlib.suppress(websockets.ConnectionClosed):
+                        await ws.send(FEATURE_FLAGS)  # previews with their prompt_id, node id
                     await self._on_connect(self.connections > 1)
                     async for message in ws:
                         self.last_frame_at = time.monotonic()
