@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import itertools
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -149,6 +150,7 @@ async def main_async(args: argparse.Namespace) -> None:
         gap_load = loadavg()
     finally:
         one.stop()
+        shutil.rmtree(root, ignore_errors=True)
     spans = sorted(
         (j["stats"]["comfy_execution"]["start"], j["stats"]["comfy_execution"]["end"])
         for j in gap_jobs

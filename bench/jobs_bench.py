@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -228,6 +229,7 @@ async def main_async(args: argparse.Namespace) -> None:
         get_load = loadavg()
     finally:
         sidecar.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     print("backend: ComfyUI double; sidecar: python -m comfy_sidecar (LOG_LEVEL=warn)")
     print(
         f"1. frame -> SSE progress event, {args.subscribers} subscribers x {args.ticks} ticks "
