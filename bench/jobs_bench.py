@@ -46,18 +46,13 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from overhead import rss_mb  # noqa: E402  (bench/ is sys.path[0])
+
 from tests.conftest import Backend, Sidecar, make_sidecar  # noqa: E402
 
 
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def tiny_prompt(n: int) -> dict[str, Any]:

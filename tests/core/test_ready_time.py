@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import Backend, make_sidecar
+from tests.conftest import Backend, basic_prompt, make_sidecar
 
 INTERVAL_S = 60.0
 
@@ -67,21 +67,7 @@ def test_ready_before_the_next_startup_tick(tmp_path: Path) -> None:
         )
         assert ready - listening < 5, f"ready {ready - listening:.2f} s after listening\n{log}"
         # The websocket is open (the job path works at once).
-        job = sidecar.post(
-            "/prompt",
-            json={
-                "prompt": {
-                    "1": {
-                        "class_type": "EmptyImage",
-                        "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1},
-                    },
-                    "2": {
-                        "class_type": "SaveImage",
-                        "inputs": {"images": ["1", 0], "filename_prefix": "rt"},
-                    },
-                }
-            },
-        )
+        job = sidecar.post("/prompt", json={"prompt": basic_prompt(batch=1, size=8)})
         assert job.status_code == 200, job.text
         assert len(job.json()["images"]) == 1
     finally:
