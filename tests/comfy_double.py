@@ -10,7 +10,9 @@ Run it like ComfyUI: ``python tests/comfy_double.py --listen 127.0.0.1 --port 81
 --input-directory/--output-directory/--temp-directory). Nodes: EmptyImage, LoadImage,
 LoadImageMask, ImageInvert, ImageBlur (slow: ~1.5 s per 2048x2048 image), SaveImage,
 PreviewImage, SaveAnimatedWEBP, SaveAnimatedPNG, UpscaleModelLoader, ImageUpscaleWithModel
-(emits ``progress``), and ``DoubleExit`` (exits the process with ``code``, for crash tests).
+(emits ``progress``), ``DoubleExit`` (exits the process with ``code``, for crash tests), and
+``DoubleTicks`` (test-only: ``steps`` timed ``progress`` frames whose send times
+``GET /__double__/tick_times/{prompt_id}`` returns, for bench/jobs_bench.py).
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ NODES: dict[str, tuple[dict[str, Any], bool]] = {
     "CheckpointLoaderSimple": ({"ckpt_name": "STRING"}, False),
     "ImageUpscaleWithModel": ({"upscale_model": "UPSCALE_MODEL", "image": "IMAGE"}, False),
     "DoubleExit": ({"code": "INT"}, True),
+    # Test-only (bench/jobs_bench.py): timed progress frames, see Double.run_node.
+    "DoubleTicks": ({"image": "IMAGE", "steps": "INT", "interval_ms": "INT"}, False),
 }
 OPTIONAL_DEFAULTS = {"LoadImageMask": {"channel": "alpha"}, "ImageBlur": {"sigma": 1.0}}
 
@@ -102,6 +106,8 @@ class Double:
         self.interrupt_flag = threading.Event()
         self.cache: dict[str, tuple[Any, dict[str, Any] | None]] = {}
         self.muted = False
+        #: Test-only (DoubleTicks): prompt_id -> wall-clock send time (s) of each tick.
+        self.tick_times: dict[str, list[float]] = {}
         self.temp_tag = "".join(random.choices(string.ascii_lowercase, k=5))
 
     # --- websocket --------------------------------------------------------------------------
@@ -566,6 +572,19 @@ class Double:
                 self.send_preview(preview.getvalue(), meta, sid), self.loop
             ).result()
             return [i.resize((i.width * 2, i.height * 2)) for i in images], None
+        if class_type == "DoubleTicks":
+            # Test-only knob for bench/jobs_bench.py: ``steps`` progress frames (value 1..steps)
+            # ``interval_ms`` apart; the wall-clock time just before each is sent is kept for
+            # GET /__double__/tick_times/{prompt_id}.
+            steps, sent = int(inputs["steps"]), self.tick_times.setdefault(prompt_id, [])
+            for value in range(1, steps + 1):
+                time.sleep(int(inputs["interval_ms"]) / 1000)
+                sent.append(time.time())
+                emit(
+                    "progress",
+                    {"value": value, "max": steps, "prompt_id": prompt_id, "node": node_id},
+                )
+            return inputs["image"], None
         if class_type == "DoubleExit":
             sys.stderr.flush()
             os._exit(int(inputs["code"]))
@@ -701,6 +720,11 @@ class Double:
             double.muted = bool((await request.json()).get("muted", True))
             return {"muted": double.muted}
 
+        @get("/__double__/tick_times/{prompt_id:str}", sync_to_thread=False)
+        def tick_times(prompt_id: str) -> list[float]:
+            """Test-only: send times (s since epoch) of a DoubleTicks node's progress frames."""
+            return double.tick_times.get(prompt_id, [])
+
         @websocket("/ws")
         async def ws(socket: WebSocket[Any, Any, Any]) -> None:
             await socket.accept()
@@ -749,6 +773,7 @@ class Double:
                 features,
                 drop_websockets,
                 mute,
+                tick_times,
                 ws,
             ],
             openapi_config=None,
