@@ -22,6 +22,7 @@ from litestar.response.sse import ServerSentEventMessage
 from comfy_sidecar.errors import InputError, NotFound
 from comfy_sidecar.jobs.ranges import Unsatisfiable, parse_range, read_slice
 from comfy_sidecar.jobs.runner import JobService
+from comfy_sidecar.jobs.shared import SharedJobs
 from comfy_sidecar.jobs.store import JobRecord, JobStatus, UnknownJob
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
 from comfy_sidecar.schemas import ErrorResponse, PromptRequest
@@ -95,15 +96,21 @@ def fingerprint(data: PromptRequest) -> bytes:
 )
 async def submit_job(data: PromptRequest, jobs: JobService) -> Response[JobAccepted]:
     """Submit a job."""
+    if jobs.shared is not None:
+        view = await jobs.shared.submit(data, fingerprint(data))
+        return Response(accepted(view), status_code=202)
     record = await jobs.submit(data, endpoint="jobs", fingerprint=fingerprint(data))
-    view = jobs.store.view(record)
-    body = JobAccepted(
-        id=record.id,
+    return Response(accepted(jobs.store.view(record)), status_code=202)
+
+
+def accepted(view: dict[str, Any]) -> JobAccepted:
+    """The ``POST /jobs`` answer for a job's body."""
+    return JobAccepted(
+        id=view["id"],
         status=view["status"],
         created_at=view["created_at"],
         urls=JobLinks(**view["urls"]),
     )
-    return Response(body, status_code=202)
 
 
 async def _wait_terminal(record: JobRecord, wait_s: float) -> None:
@@ -149,6 +156,8 @@ async def get_job(
     """Job status."""
     if include not in (None, "data"):
         raise InputError("include must be `data`", "include")
+    if jobs.shared is not None:
+        return await shared_job(jobs.shared, job_id, wait, include == "data")
     record = job_of(jobs, job_id)
     if wait > 0:
         await _wait_terminal(record, wait)
@@ -184,6 +193,12 @@ async def list_jobs(
         if not cursor.isascii() or not cursor.isdigit():
             raise InputError("not a cursor from a previous page", "cursor")
         after = int(cursor)
+    if jobs.shared is not None:
+        views, following = await jobs.shared.page(wanted, limit, after)
+        for view in views:
+            view.pop("outputs", None)
+            view.pop("stats", None)
+        return JobList(jobs=views, next_cursor=None if following is None else str(following))
     page, next_cursor = jobs.store.page(wanted, limit, after)
     return JobList(
         jobs=[record.summary() for record in page],
@@ -192,6 +207,12 @@ async def list_jobs(
 
 
 async def _cancel(job_id: str, jobs: JobService) -> CancelResponse:
+    if jobs.shared is not None:
+        view = await jobs.shared.get(job_id)
+        if view is None:
+            raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id)
+        cancelled, status = await jobs.shared.cancel(job_id, view)
+        return CancelResponse(id=job_id, cancelled=cancelled, status=status)
     record = job_of(jobs, job_id)
     cancelled = await jobs.cancel(record)
     return CancelResponse(id=record.id, cancelled=cancelled, status=record.status.value)
@@ -254,11 +275,16 @@ async def job_events(
     previews: Annotated[bool, Parameter(description="Also send preview images.")] = False,
 ) -> ServerSentEvent:
     """Follow a job."""
-    record = job_of(jobs, job_id)
     after = _last_event_id(request)
+    if jobs.shared is not None:
+        if await jobs.shared.get(job_id) is None:
+            raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id)
+        events = jobs.shared.follow(job_id, after, HEARTBEAT_S)
+    else:
+        events = job_of(jobs, job_id).follow(after, HEARTBEAT_S, previews)
 
     async def messages() -> Any:
-        async for event in record.follow(after, HEARTBEAT_S, previews):
+        async for event in events:
             if event is None:
                 yield ServerSentEventMessage(comment="keep-alive")
             elif event.type == "preview":
@@ -288,6 +314,8 @@ async def job_output(
     job_id: str, index: int, jobs: JobService, request: Request[Any, Any, Any]
 ) -> Response[Any]:
     """Download an output."""
+    if jobs.shared is not None:
+        return await shared_output(jobs.shared, job_id, index, request)
     record = job_of(jobs, job_id)
     path = jobs.output_path(record, index)
     if path is None:
@@ -313,6 +341,53 @@ async def job_output(
     return Stream(
         read_slice(path, first, last) if size else iter(()),
         media_type=output.mime_type,
+        status_code=206 if span is not None else 200,
+        headers=headers,
+    )
+
+
+async def shared_job(shared: SharedJobs, job_id: str, wait: float, data: bool) -> dict[str, Any]:
+    """``GET /jobs/{id}`` of a job kept in Redis."""
+    view = await (shared.wait(job_id, wait) if wait > 0 else shared.get(job_id))
+    if view is None:
+        raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id)
+    if data:
+        for index, output in enumerate(view.get("outputs") or []):
+            raw = await shared.output(job_id, index)
+            if raw is not None:
+                output["data"] = base64.b64encode(raw).decode("ascii")
+    return view
+
+
+async def shared_output(
+    shared: SharedJobs, job_id: str, index: int, request: Request[Any, Any, Any]
+) -> Response[Any]:
+    """``GET /jobs/{id}/outputs/{n}`` of a job kept in Redis (its bytes are inline)."""
+    view = await shared.get(job_id)
+    outputs = (view or {}).get("outputs") or []
+    raw = await shared.output(job_id, index) if 0 <= index < len(outputs) else None
+    if view is None or raw is None:
+        raise NotFound(f"job {job_id!r} has no retained output {index}", location="index")
+    output = outputs[index]
+    size = len(raw)
+    headers = {
+        "accept-ranges": "bytes",
+        "content-disposition": f'inline; filename="{output["filename"]}"',
+    }
+    try:
+        span = parse_range(request.headers.get("range"), size)
+    except Unsatisfiable:
+        return Response(
+            {"error": f"the range starts past the end ({size} bytes)", "location": "range"},
+            status_code=416,
+            headers={"content-range": f"bytes */{size}"},
+        )
+    first, last = span if span is not None else (0, size - 1)
+    if span is not None:
+        headers["content-range"] = f"bytes {first}-{last}/{size}"
+    return Response(
+        raw[first : last + 1],
+        media_type=output["mime_type"],
         status_code=206 if span is not None else 200,
         headers=headers,
     )
