@@ -32,7 +32,11 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from comfy_sidecar.jobs.store import JobEvent, JobStatus, iso, now_ms
 
@@ -85,8 +89,14 @@ class RedisJobs:
         self, url: str, replica: str, *, retention_s: float, lease_s: float, max_attempts: int
     ) -> None:
         # Any: redis-py's reply types are unions over RESP2/RESP3 that every call narrows.
+        # A pooled connection that Redis closed (a restart) is retried on a new one.
         self.redis: Any = aioredis.Redis.from_url(
-            url, socket_timeout=None, socket_connect_timeout=5, health_check_interval=10
+            url,
+            socket_timeout=None,
+            socket_connect_timeout=5,
+            health_check_interval=10,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         self.replica = replica
         self.retention_s = retention_s
