@@ -407,10 +407,13 @@ class Sidecar:
         if self.queue is not None:
             self.queue.stop()
         self.set_phase(Phase.STOPPING, f"draining: {self.pipeline.active} job(s) in flight")
+        started = time.monotonic()
         if not await self.pipeline.wait_idle(grace):
             log.warning(
                 "%d job(s) still in flight after SHUTDOWN_GRACE_S=%g s", self.pipeline.active, grace
             )
+        if self.queue is not None:  # claimed jobs' ends written to Redis before closing
+            await self.queue.wait_idle(max(0.0, grace - (time.monotonic() - started)))
 
     async def close(self, grace_s: float = 5.0) -> None:
         """Stop every ComfyUI, flush webhooks within ``grace_s`` seconds, reset the deletion

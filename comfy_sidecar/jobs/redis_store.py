@@ -15,7 +15,8 @@ Keys (``P`` = :data:`PREFIX`):
   a restart from the AOF with the rest.
 - ``P:out:{id}:{n}``: output ``n``'s bytes when kept inline (at most ``inline_bytes`` per job).
 - ``P:done:{id}``: set once (SET NX) by the attempt that ends the job: only it writes the end.
-- ``P:index``: a sorted set of job ids by submission order (listing pages).
+- ``P:index``: a sorted set of job ids scored by submission number (``P:order``, INCR): the
+  listing's pages, whose cursor is that number.
 - ``P:cancel``: a pub/sub channel of job ids to interrupt wherever they run.
 
 Ended jobs' keys expire after ``retention_s`` seconds; pending and running jobs never do.
@@ -46,6 +47,7 @@ PREFIX = "comfy-sidecar"
 WORK = f"{PREFIX}:jobs"
 GROUP = f"{PREFIX}:workers"
 INDEX = f"{PREFIX}:index"
+ORDER = f"{PREFIX}:order"
 CANCEL = f"{PREFIX}:cancel"
 #: Most events kept per job (approximate trimming).
 EVENTS_MAX = 10_000
@@ -146,10 +148,11 @@ class RedisJobs:
             existing = await self.get(job_id)
             if existing is not None:
                 return existing, False
+        order = int(await self.redis.incr(ORDER))
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={"view": msgspec.json.encode(view), "request": request})
             pipe.hset(key, "attempts", b"[]")
-            pipe.zadd(INDEX, {job_id: now_ms()})
+            pipe.zadd(INDEX, {job_id: order})
             await pipe.execute()
         await self.publish(job_id, "status", {"status": view["status"]})
         await self.redis.xadd(WORK, {"id": job_id})
@@ -231,7 +234,7 @@ class RedisJobs:
         self, status: JobStatus | None, limit: int, cursor: int | None
     ) -> tuple[list[dict[str, Any]], int | None]:
         """Newest first: up to ``limit`` job bodies (with ``status``, when given) submitted
-        before ``cursor`` (ms since the epoch, from a previous page); (bodies, next cursor)."""
+        before ``cursor`` (a submission number from a previous page); (bodies, next cursor)."""
         top = f"({cursor}" if cursor is not None else "+inf"
         found: list[dict[str, Any]] = []
         last = None

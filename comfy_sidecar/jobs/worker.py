@@ -12,6 +12,7 @@ replica did is lost across a Redis restart; the end is written once (:meth:`Redi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -56,6 +57,8 @@ class QueueWorker:
         self.running: set[str] = set()  # job ids
         self.stopping = False
         self.problem: str | None = None  # why Redis cannot be used now
+        self._idle = asyncio.Event()  # set while no claim is held
+        self._idle.set()
 
     # --- loops ----------------------------------------------------------------------------
 
@@ -83,11 +86,19 @@ class QueueWorker:
                     await self._retry(functools.partial(self.jobs.release, claim.entry))
                     return
                 self.held[claim.entry] = claim
+                self._idle.clear()
                 self.spawn(self._attempt(claim))
 
     def stop(self) -> None:
         """Claim nothing more (SIGTERM); jobs in flight go on."""
         self.stopping = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` seconds until no claimed job is left (its end written to
+        Redis and its entry acknowledged); True when none is."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return not self.held
 
     def _room(self) -> bool:
         capacity = self.dispatcher.per_instance * sum(
@@ -152,6 +163,8 @@ class QueueWorker:
             log.exception("job %s: queue attempt failed", claim.job_id)
         finally:
             self.held.pop(claim.entry, None)
+            if not self.held:
+                self._idle.set()
 
     async def _run_claimed(self, claim: Claim) -> None:
         from comfy_sidecar.schemas import PromptRequest

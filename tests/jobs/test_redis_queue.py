@@ -24,15 +24,16 @@ LEASE_S = 2.0
 
 
 def replicas(
-    spawn: Callable[..., Sidecar], tmp_path: Path, url: str, count: int = 2
+    spawn: Callable[..., Sidecar], tmp_path: Path, url: str, count: int = 2, **env: str
 ) -> list[Sidecar]:
-    """``count`` ready sidecars sharing the queue at ``url``."""
+    """``count`` ready sidecars sharing the queue at ``url`` (``env``: more settings)."""
     started = [
         spawn(
             Backend("double", tmp_path / f"comfy{i}"),
             JOB_QUEUE_URL=url,
             JOB_LEASE_S=str(LEASE_S),
             SHUTDOWN_GRACE_S="5",
+            **env,
         )
         for i in range(count)
     ]
@@ -131,6 +132,36 @@ def test_a_killed_replicas_job_is_taken_over_within_the_lease(
     assert runs_on([survivor], view) is survivor
     assert [attempt["replica"] for attempt in view["attempts"]][1] == view["replica"]
     assert executions(survivor) == 1
+
+
+def test_a_job_longer_than_the_lease_is_not_taken_over_while_heartbeating(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    a, b = replicas(spawn, tmp_path, redis_server.url)
+    job_id = submit(a, slow_prompt(blurs=3, size=2048))  # ~4.5 s, over twice the lease
+    view = job(b, job_id, wait=60)
+    assert view["status"] == "completed", view
+    assert len(view["attempts"]) == 1, view["attempts"]
+    assert executions(a) + executions(b) == 1
+
+
+def test_a_job_fails_listing_its_attempts_after_job_max_attempts(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    a, b = replicas(spawn, tmp_path, redis_server.url, JOB_MAX_ATTEMPTS="1")
+    job_id = submit(a, slow_prompt(blurs=3, size=2048))
+    victim = runs_on([a, b], running_view(a, job_id))
+    survivor = b if victim is a else a
+    comfy_pid = victim.child_pid()
+    assert victim.proc is not None
+    victim.proc.kill()
+    os.kill(comfy_pid, signal.SIGKILL)
+    view = job(survivor, job_id, wait=LEASE_S + 10)
+    assert view["status"] == "failed", view
+    assert "JOB_MAX_ATTEMPTS=1" in view["error"]["error"]
+    assert view["error"]["attempts"] == view["attempts"] and len(view["attempts"]) == 1
+    assert f"-{victim.proc.pid}-" in view["attempts"][0]["replica"]
+    assert executions(survivor) == 0
 
 
 def test_every_accepted_job_completes_across_a_redis_restart(
