@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -322,9 +323,29 @@ async def job_output(
         raise NotFound(f"job {job_id!r} has no retained output {index}", location="index")
     output = record.outputs[index]
     size = path.stat().st_size
+
+    def stream(first: int, last: int, status: int, headers: dict[str, str]) -> Response[Any]:
+        headers["content-length"] = str(max(0, last - first + 1))
+        return Stream(
+            read_slice(path, first, last) if size else iter(()),
+            media_type=output.mime_type,
+            status_code=status,
+            headers=headers,
+        )
+
+    return ranged(request, size, output.filename, stream)
+
+
+Body = Callable[[int, int, int, dict[str, str]], Response[Any]]
+"""``body(first, last, status, headers)``: the response for bytes first..last (inclusive)."""
+
+
+def ranged(request: Request[Any, Any, Any], size: int, filename: str, body: Body) -> Response[Any]:
+    """An output file's answer: whole (200) or the single ``Range: bytes=`` range asked for
+    (206), or 416 when the range starts past ``size`` bytes."""
     headers = {
         "accept-ranges": "bytes",
-        "content-disposition": f'inline; filename="{output.filename}"',
+        "content-disposition": f'inline; filename="{filename}"',
     }
     try:
         span = parse_range(request.headers.get("range"), size)
@@ -335,15 +356,9 @@ async def job_output(
             headers={"content-range": f"bytes */{size}"},
         )
     first, last = span if span is not None else (0, size - 1)
-    headers["content-length"] = str(max(0, last - first + 1))
     if span is not None:
         headers["content-range"] = f"bytes {first}-{last}/{size}"
-    return Stream(
-        read_slice(path, first, last) if size else iter(()),
-        media_type=output.mime_type,
-        status_code=206 if span is not None else 200,
-        headers=headers,
-    )
+    return body(first, last, 206 if span is not None else 200, headers)
 
 
 async def shared_job(shared: SharedJobs, job_id: str, wait: float, data: bool) -> dict[str, Any]:
@@ -369,28 +384,16 @@ async def shared_output(
     if view is None or raw is None:
         raise NotFound(f"job {job_id!r} has no retained output {index}", location="index")
     output = outputs[index]
-    size = len(raw)
-    headers = {
-        "accept-ranges": "bytes",
-        "content-disposition": f'inline; filename="{output["filename"]}"',
-    }
-    try:
-        span = parse_range(request.headers.get("range"), size)
-    except Unsatisfiable:
+
+    def whole(first: int, last: int, status: int, headers: dict[str, str]) -> Response[Any]:
         return Response(
-            {"error": f"the range starts past the end ({size} bytes)", "location": "range"},
-            status_code=416,
-            headers={"content-range": f"bytes */{size}"},
+            raw[first : last + 1],
+            media_type=output["mime_type"],
+            status_code=status,
+            headers=headers,
         )
-    first, last = span if span is not None else (0, size - 1)
-    if span is not None:
-        headers["content-range"] = f"bytes {first}-{last}/{size}"
-    return Response(
-        raw[first : last + 1],
-        media_type=output["mime_type"],
-        status_code=206 if span is not None else 200,
-        headers=headers,
-    )
+
+    return ranged(request, len(raw), output["filename"], whole)
 
 
 ROUTES = [submit_job, get_job, list_jobs, cancel_job, delete_job, job_events, job_output]

@@ -79,6 +79,17 @@ def running_view(sidecar: Sidecar, job_id: str) -> dict[str, Any]:
     )
 
 
+def kill_runner(pair: list[Sidecar], job_id: str) -> tuple[Sidecar, Sidecar]:
+    """SIGKILL the sidecar running ``job_id`` (and its ComfyUI); returns (it, the other)."""
+    victim = runs_on(pair, running_view(pair[0], job_id))
+    survivor = pair[1] if victim is pair[0] else pair[0]
+    comfy_pid = victim.child_pid()
+    assert victim.proc is not None
+    victim.proc.kill()
+    os.kill(comfy_pid, signal.SIGKILL)
+    return victim, survivor
+
+
 def test_two_replicas_share_jobs_and_answer_for_each_other(
     redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
 ) -> None:
@@ -104,6 +115,9 @@ def test_two_replicas_share_jobs_and_answer_for_each_other(
     output = other.get(view["outputs"][0]["url"])
     assert output.status_code == 200 and output.content.startswith(b"\x89PNG")
     assert len(output.content) == view["outputs"][0]["size_bytes"]
+    head = other.get(view["outputs"][0]["url"], headers={"range": "bytes=0-3"})
+    assert head.status_code == 206 and head.content == b"\x89PNG"
+    assert head.headers["content-range"] == f"bytes 0-3/{len(output.content)}"
     listed = a.get("/jobs", params={"limit": 100}).json()["jobs"]
     assert {entry["id"] for entry in listed} >= set(ids)
 
@@ -113,12 +127,7 @@ def test_a_killed_replicas_job_is_taken_over_within_the_lease(
 ) -> None:
     a, b = replicas(spawn, tmp_path, redis_server.url)
     job_id = submit(a, slow_prompt(blurs=3, size=2048))
-    victim = runs_on([a, b], running_view(a, job_id))
-    survivor = b if victim is a else a
-    comfy_pid = victim.child_pid()
-    assert victim.proc is not None
-    victim.proc.kill()
-    os.kill(comfy_pid, signal.SIGKILL)
+    victim, survivor = kill_runner([a, b], job_id)
     killed = time.monotonic()
     wait_for(
         lambda: len(job(survivor, job_id).get("attempts") or []) == 2,
@@ -130,7 +139,9 @@ def test_a_killed_replicas_job_is_taken_over_within_the_lease(
     view = job(survivor, job_id, wait=60)
     assert view["status"] == "completed", view
     assert runs_on([survivor], view) is survivor
-    assert [attempt["replica"] for attempt in view["attempts"]][1] == view["replica"]
+    first, second = (attempt["replica"] for attempt in view["attempts"])
+    assert victim.proc is not None and f"-{victim.proc.pid}-" in first
+    assert second == view["replica"]
     assert executions(survivor) == 1
 
 
@@ -150,12 +161,7 @@ def test_a_job_fails_listing_its_attempts_after_job_max_attempts(
 ) -> None:
     a, b = replicas(spawn, tmp_path, redis_server.url, JOB_MAX_ATTEMPTS="1")
     job_id = submit(a, slow_prompt(blurs=3, size=2048))
-    victim = runs_on([a, b], running_view(a, job_id))
-    survivor = b if victim is a else a
-    comfy_pid = victim.child_pid()
-    assert victim.proc is not None
-    victim.proc.kill()
-    os.kill(comfy_pid, signal.SIGKILL)
+    victim, survivor = kill_runner([a, b], job_id)
     view = job(survivor, job_id, wait=LEASE_S + 10)
     assert view["status"] == "failed", view
     assert "JOB_MAX_ATTEMPTS=1" in view["error"]["error"]
@@ -184,6 +190,22 @@ def test_every_accepted_job_completes_across_a_redis_restart(
     redis_server.start()
     views = [job(a, job_id, wait=60) for job_id in ids]
     assert [v["status"] for v in views] == ["completed"] * 6, views
+
+
+def test_a_sigtermed_replica_loses_and_repeats_no_job(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    a, b = replicas(spawn, tmp_path, redis_server.url)
+    ids = [submit((a, b)[i % 2], slow_prompt(blurs=1, size=2048)) for i in range(8)]
+    running_view(a, ids[0])
+    b.stop()  # SIGTERM: b finishes what it holds, claims nothing more
+    assert b.proc is not None and b.proc.returncode == 0
+    views = [job(a, job_id, wait=60) for job_id in ids]
+    assert [v["status"] for v in views] == ["completed"] * 8, views
+    assert [len(v["attempts"]) for v in views] == [1] * 8
+    assert any(runs_on([a, b], v) is b for v in views), "b held jobs when it was stopped"
+    # b's double is gone with b: a ran exactly the jobs that name it, none of b's again.
+    assert executions(a) == sum(1 for v in views if runs_on([a, b], v) is a)
 
 
 def test_cancel_from_another_replica(
