@@ -290,6 +290,18 @@ class RedisJobs:
         """Ask whichever replica runs job ``job_id`` to interrupt it."""
         await self.redis.publish(CANCEL, job_id)
 
+    async def cancels(self) -> AsyncIterator[str]:
+        """Job ids whose cancel was asked on any replica (pub/sub), as they come. Raises
+        when the connection is lost (subscribe again then)."""
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(CANCEL)
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    yield message["data"].decode()
+        finally:
+            await pubsub.aclose()
+
     # --- the work stream ------------------------------------------------------------------
 
     async def claim(self, block_s: float) -> Claim | None:

@@ -16,7 +16,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from comfy_sidecar.errors import Conflict, Unavailable
-from comfy_sidecar.jobs.redis_store import RedisJobs
+from comfy_sidecar.jobs.backend import SharedQueue
 from comfy_sidecar.jobs.store import DifferentBody, JobEvent, JobRecord, JobStatus, iso, now_ms
 
 T = TypeVar("T")
@@ -34,10 +34,10 @@ async def guarded(call: Awaitable[T]) -> T:
 
 
 class SharedJobs:
-    """The job routes' operations over :class:`RedisJobs`. ``check(request)`` is what a
+    """The job routes' operations over :class:`SharedQueue`. ``check(request)`` is what a
     submission must pass on the replica that takes it (raises a 4xx error)."""
 
-    def __init__(self, jobs: RedisJobs, check: Callable[[Any], Awaitable[None]]) -> None:
+    def __init__(self, jobs: SharedQueue, check: Callable[[Any], Awaitable[None]]) -> None:
         self.jobs = jobs
         self.check = check
 
@@ -78,7 +78,7 @@ class SharedJobs:
             await asyncio.sleep(POLL_S)
 
     def follow(self, job_id: str, after: int, heartbeat_s: float) -> AsyncIterator[JobEvent | None]:
-        """Job ``job_id``'s events after ``after`` (see :meth:`RedisJobs.follow`)."""
+        """Job ``job_id``'s events after ``after`` (see :meth:`SharedQueue.follow`)."""
         return self.jobs.follow(job_id, after, heartbeat_s)
 
     async def cancel(self, job_id: str, view: dict[str, Any]) -> tuple[bool, str]:
@@ -104,5 +104,5 @@ class SharedJobs:
     async def page(
         self, status: JobStatus | None, limit: int, cursor: int | None
     ) -> tuple[list[dict[str, Any]], int | None]:
-        """A listing page (see :meth:`RedisJobs.page`)."""
+        """A listing page (see :meth:`SharedQueue.page`)."""
         return await guarded(self.jobs.page(status, limit, cursor))

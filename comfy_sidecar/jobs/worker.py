@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 from redis.exceptions import RedisError
 
-from comfy_sidecar.jobs.redis_store import CANCEL, Claim, RedisJobs
+from comfy_sidecar.jobs.backend import SharedQueue
+from comfy_sidecar.jobs.redis_store import Claim
 from comfy_sidecar.jobs.runner import error_body
 from comfy_sidecar.jobs.store import JobEvent, JobRecord, JobStatus, iso, now_ms
 
@@ -42,7 +43,7 @@ class QueueWorker:
 
     def __init__(
         self,
-        jobs: RedisJobs,
+        jobs: SharedQueue,
         delivery: Delivery,
         dispatcher: Dispatcher,
         spawn: Callable[[Awaitable[Any]], Any],
@@ -139,12 +140,7 @@ class QueueWorker:
     async def _cancels(self) -> None:
         while True:
             try:
-                pubsub = self.jobs.redis.pubsub()
-                await pubsub.subscribe(CANCEL)
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    job_id = message["data"].decode()
+                async for job_id in self.jobs.cancels():
                     if job_id in self.running:
                         await self.delivery.pipeline.interrupt(job_id)
             except (RedisError, OSError) as exc:
@@ -280,7 +276,7 @@ class Mirror:
             view = self.worker.view(record, self.attempts)
             await self._write_one(jobs, event, view)
 
-    async def _write_one(self, jobs: RedisJobs, event: JobEvent, view: dict[str, Any]) -> None:
+    async def _write_one(self, jobs: SharedQueue, event: JobEvent, view: dict[str, Any]) -> None:
         body = msgspec.json.decode(event.data)
         if event.id:
             await self.worker._retry(lambda: jobs.publish(self.job_id, event.type, body))
