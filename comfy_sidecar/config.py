@@ -31,6 +31,7 @@ from comfy_sidecar.config_parsers import (
     one_of,
     optional_count,
     optional_http_url,
+    optional_redis_url,
     optional_text,
     text,
 )
@@ -179,6 +180,28 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         int,
         Var("JOB_RETENTION_MAX", "1000", int_at_least(1), new=True),
         "Most ended jobs kept; the oldest go first.",
+    ]
+    job_queue_url: Annotated[
+        str | None,
+        Var("JOB_QUEUE_URL", None, optional_redis_url, new=True),
+        "`redis://[user:pass@]host:port/db` (`rediss://` for TLS): keep jobs and their queue "
+        "in Redis, so every replica takes and answers for any `/jobs` job. Unset: in-process.",
+    ]
+    job_lease_s: Annotated[
+        float,
+        Var("JOB_LEASE_S", "30", float_above(0), new=True),
+        "With JOB_QUEUE_URL: seconds without a heartbeat after which another replica takes a "
+        "job over.",
+    ]
+    job_max_attempts: Annotated[
+        int,
+        Var("JOB_MAX_ATTEMPTS", "3", int_at_least(1), new=True),
+        "With JOB_QUEUE_URL: runs of a job (the first and each take-over) before it fails.",
+    ]
+    job_inline_output_mb: Annotated[
+        float,
+        Var("JOB_INLINE_OUTPUT_MB", "8", float_at_least(0), new=True),
+        "With JOB_QUEUE_URL: outputs up to this many MB (total per job) are kept in Redis.",
     ]
 
     # --- HTTP server --------------------------------------------------------------------------

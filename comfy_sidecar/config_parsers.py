@@ -97,6 +97,14 @@ def optional_http_url(raw: str) -> str | None:
     return url
 
 
+def optional_redis_url(raw: str) -> str | None:
+    """A ``redis://`` or ``rediss://`` URL as given, or ``None`` when blank."""
+    url = optional_text(raw)
+    if url is not None and urlsplit(url).scheme not in ("redis", "rediss"):
+        raise ValueError("must be a redis:// or rediss:// URL")
+    return url
+
+
 def command(raw: str) -> list[str]:
     """An argv, split like a shell would (quotes work); empty is refused."""
     try:

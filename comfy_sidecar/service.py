@@ -123,6 +123,7 @@ class Sidecar:
             self.store,
         )
         self.jobs = JobService(self.store, self.delivery, self.admit)
+        self.queue = self._shared_queue() if settings.job_queue_url else None
         self.workflows: list[Any] = []
         self._phase = Phase.STARTING
         self._detail = "starting"
@@ -131,6 +132,26 @@ class Sidecar:
         self.warmup_prompt: dict[str, Any] | None = None
         self.after_start: Callable[[], None] = lambda: None
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    def _shared_queue(self) -> Any:
+        """JOB_QUEUE_URL: jobs of the job API kept in Redis, claimed by free replicas."""
+        from comfy_sidecar.jobs.redis_store import RedisJobs
+        from comfy_sidecar.jobs.shared import SharedJobs
+        from comfy_sidecar.jobs.worker import QueueWorker
+
+        settings = self.settings
+        assert settings.job_queue_url is not None
+        replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        redis_jobs = RedisJobs(
+            settings.job_queue_url,
+            replica,
+            retention_s=settings.job_retention_s,
+            lease_s=settings.job_lease_s,
+            max_attempts=settings.job_max_attempts,
+        )
+        self.jobs.shared = SharedJobs(redis_jobs, self.storage.check_request)
+        inline = int(settings.job_inline_output_mb * 1024 * 1024)
+        return QueueWorker(redis_jobs, self.delivery, self.dispatcher, self.spawn, inline)
 
     # --- probes -------------------------------------------------------------------------------
 
@@ -195,6 +216,8 @@ class Sidecar:
         limit = self.settings.max_queue_depth
         if limit and self.queue_depth() >= limit:
             return False, f"queue depth {self.queue_depth()} >= MAX_QUEUE_DEPTH {limit}"
+        if self.queue is not None and self.queue.problem:  # sync /prompt still works
+            return True, f"{self.detail}; /jobs unavailable: {self.queue.problem}"
         return True, self.detail
 
     def admit(self) -> None:
@@ -271,6 +294,8 @@ class Sidecar:
             await self.provision()
             self.spawn(self._expire_jobs())
             self.spawn(self._poke_dispatcher())
+            if self.queue is not None:
+                self.spawn(self.queue.run())
             return await self._run_instances()
         except Fatal as exc:
             self.set_phase(Phase.FAILED, str(exc))
@@ -379,11 +404,16 @@ class Sidecar:
         """Stop admitting work, let jobs in flight (waiting ones too) finish within
         SHUTDOWN_GRACE_S."""
         grace = self.settings.shutdown_grace_s
+        if self.queue is not None:
+            self.queue.stop()
         self.set_phase(Phase.STOPPING, f"draining: {self.pipeline.active} job(s) in flight")
+        started = time.monotonic()
         if not await self.pipeline.wait_idle(grace):
             log.warning(
                 "%d job(s) still in flight after SHUTDOWN_GRACE_S=%g s", self.pipeline.active, grace
             )
+        if self.queue is not None:  # claimed jobs' ends written to Redis before closing
+            await self.queue.wait_idle(max(0.0, grace - (time.monotonic() - started)))
 
     async def close(self, grace_s: float = 5.0) -> None:
         """Stop every ComfyUI, flush webhooks within ``grace_s`` seconds, reset the deletion
@@ -401,6 +431,8 @@ class Sidecar:
                 await task
         for instance in self.instances:
             await instance.aclose()
+        if self.queue is not None:
+            await self.queue.jobs.close()
 
 
 async def serve(settings: Settings, sock: socket.socket, boot: BootProbes) -> int:

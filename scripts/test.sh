@@ -19,6 +19,11 @@ if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && [ "$
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
     || echo "chromium could not be installed; the /docs browser test will be skipped"
 fi
+# redis-server for the shared job queue tests (tests/jobs/test_redis_queue.py).
+if ! command -v redis-server >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null \
+    || echo "redis-server could not be installed; the Redis job queue tests will be skipped"
+fi
 export PATH="$PWD/$venv/bin:$PWD/node_modules/.bin:$PATH"
 echo "== ruff"; ruff check comfy_sidecar tests bench
 echo "== mypy"; mypy

@@ -31,6 +31,7 @@ from comfy_sidecar.jobs.store import (
 )
 
 if TYPE_CHECKING:
+    from comfy_sidecar.jobs.shared import SharedJobs
     from comfy_sidecar.pipeline.outputs import OutputFile
     from comfy_sidecar.pipeline.run import PendingJob
 
@@ -216,6 +217,8 @@ class JobService:
         self.store = store
         self.delivery = delivery
         self.admit = admit
+        #: Set when jobs live in Redis (JOB_QUEUE_URL): the routes go through it instead.
+        self.shared: SharedJobs | None = None
 
     async def submit(self, request: Any, *, endpoint: str, fingerprint: bytes) -> JobRecord:
         """Check and preprocess ``request`` (a :class:`~comfy_sidecar.schemas.PromptRequest`)

@@ -22,7 +22,7 @@ import enum
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,6 +111,8 @@ class JobRecord:
     stats: dict[str, Any] | None = None
     events: list[JobEvent] = field(default_factory=list)
     retain_outputs: bool = True
+    #: Also given every logged event (the shared queue mirrors a job to Redis with it).
+    sink: Callable[[JobRecord, JobEvent], None] | None = None
     _changed: asyncio.Future[None] | None = None
     expires_at: float = 0.0  # monotonic seconds, set when the job ends
 
@@ -122,6 +124,8 @@ class JobRecord:
         event = JobEvent(len(self.events) + 1, kind, msgspec.json.encode(body))
         if log_it:
             self.events.append(event)
+            if self.sink is not None:
+                self.sink(self, event)
         self.last_event_ms = now_ms()
         self._wake(event if not log_it else None)
         return event

@@ -165,6 +165,19 @@ class Delivery:
             self.spawn(self._background(pending, request, echoed, tracker, retain=True))
         return tracker.record
 
+    async def run_claimed(
+        self, request: PromptRequest, endpoint: str, bind: Callable[[JobRecord], None]
+    ) -> JobRecord:
+        """Run a job taken from the shared queue (``JOB_QUEUE_URL``) here, to its end, as
+        :meth:`submit` would in the background; ``bind(record)`` is called once its record
+        exists. Raises what :meth:`Pipeline.prepare` raises (nothing is kept then)."""
+        tracker, pending, request = await self._open(request, endpoint)
+        assert pending is not None
+        bind(tracker.record)
+        echoed = Echoed(**echo(request), input=None)
+        await self._background(pending, request, echoed, tracker, retain=True)
+        return tracker.record
+
     async def handle(
         self,
         request: PromptRequest,

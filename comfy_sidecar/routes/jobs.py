@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -22,6 +23,7 @@ from litestar.response.sse import ServerSentEventMessage
 from comfy_sidecar.errors import InputError, NotFound
 from comfy_sidecar.jobs.ranges import Unsatisfiable, parse_range, read_slice
 from comfy_sidecar.jobs.runner import JobService
+from comfy_sidecar.jobs.shared import SharedJobs
 from comfy_sidecar.jobs.store import JobRecord, JobStatus, UnknownJob
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
 from comfy_sidecar.schemas import ErrorResponse, PromptRequest
@@ -95,15 +97,21 @@ def fingerprint(data: PromptRequest) -> bytes:
 )
 async def submit_job(data: PromptRequest, jobs: JobService) -> Response[JobAccepted]:
     """Submit a job."""
+    if jobs.shared is not None:
+        view = await jobs.shared.submit(data, fingerprint(data))
+        return Response(accepted(view), status_code=202)
     record = await jobs.submit(data, endpoint="jobs", fingerprint=fingerprint(data))
-    view = jobs.store.view(record)
-    body = JobAccepted(
-        id=record.id,
+    return Response(accepted(jobs.store.view(record)), status_code=202)
+
+
+def accepted(view: dict[str, Any]) -> JobAccepted:
+    """The ``POST /jobs`` answer for a job's body."""
+    return JobAccepted(
+        id=view["id"],
         status=view["status"],
         created_at=view["created_at"],
         urls=JobLinks(**view["urls"]),
     )
-    return Response(body, status_code=202)
 
 
 async def _wait_terminal(record: JobRecord, wait_s: float) -> None:
@@ -149,6 +157,8 @@ async def get_job(
     """Job status."""
     if include not in (None, "data"):
         raise InputError("include must be `data`", "include")
+    if jobs.shared is not None:
+        return await shared_job(jobs.shared, job_id, wait, include == "data")
     record = job_of(jobs, job_id)
     if wait > 0:
         await _wait_terminal(record, wait)
@@ -184,6 +194,12 @@ async def list_jobs(
         if not cursor.isascii() or not cursor.isdigit():
             raise InputError("not a cursor from a previous page", "cursor")
         after = int(cursor)
+    if jobs.shared is not None:
+        views, following = await jobs.shared.page(wanted, limit, after)
+        for view in views:
+            view.pop("outputs", None)
+            view.pop("stats", None)
+        return JobList(jobs=views, next_cursor=None if following is None else str(following))
     page, next_cursor = jobs.store.page(wanted, limit, after)
     return JobList(
         jobs=[record.summary() for record in page],
@@ -192,6 +208,12 @@ async def list_jobs(
 
 
 async def _cancel(job_id: str, jobs: JobService) -> CancelResponse:
+    if jobs.shared is not None:
+        view = await jobs.shared.get(job_id)
+        if view is None:
+            raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id)
+        cancelled, status = await jobs.shared.cancel(job_id, view)
+        return CancelResponse(id=job_id, cancelled=cancelled, status=status)
     record = job_of(jobs, job_id)
     cancelled = await jobs.cancel(record)
     return CancelResponse(id=record.id, cancelled=cancelled, status=record.status.value)
@@ -254,11 +276,16 @@ async def job_events(
     previews: Annotated[bool, Parameter(description="Also send preview images.")] = False,
 ) -> ServerSentEvent:
     """Follow a job."""
-    record = job_of(jobs, job_id)
     after = _last_event_id(request)
+    if jobs.shared is not None:
+        if await jobs.shared.get(job_id) is None:
+            raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id)
+        events = jobs.shared.follow(job_id, after, HEARTBEAT_S)
+    else:
+        events = job_of(jobs, job_id).follow(after, HEARTBEAT_S, previews)
 
     async def messages() -> Any:
-        async for event in record.follow(after, HEARTBEAT_S, previews):
+        async for event in events:
             if event is None:
                 yield ServerSentEventMessage(comment="keep-alive")
             elif event.type == "preview":
@@ -288,15 +315,37 @@ async def job_output(
     job_id: str, index: int, jobs: JobService, request: Request[Any, Any, Any]
 ) -> Response[Any]:
     """Download an output."""
+    if jobs.shared is not None:
+        return await shared_output(jobs.shared, job_id, index, request)
     record = job_of(jobs, job_id)
     path = jobs.output_path(record, index)
     if path is None:
         raise NotFound(f"job {job_id!r} has no retained output {index}", location="index")
     output = record.outputs[index]
     size = path.stat().st_size
+
+    def stream(first: int, last: int, status: int, headers: dict[str, str]) -> Response[Any]:
+        headers["content-length"] = str(max(0, last - first + 1))
+        return Stream(
+            read_slice(path, first, last) if size else iter(()),
+            media_type=output.mime_type,
+            status_code=status,
+            headers=headers,
+        )
+
+    return ranged(request, size, output.filename, stream)
+
+
+Body = Callable[[int, int, int, dict[str, str]], Response[Any]]
+"""``body(first, last, status, headers)``: the response for bytes first..last (inclusive)."""
+
+
+def ranged(request: Request[Any, Any, Any], size: int, filename: str, body: Body) -> Response[Any]:
+    """An output file's answer: whole (200) or the single ``Range: bytes=`` range asked for
+    (206), or 416 when the range starts past ``size`` bytes."""
     headers = {
         "accept-ranges": "bytes",
-        "content-disposition": f'inline; filename="{output.filename}"',
+        "content-disposition": f'inline; filename="{filename}"',
     }
     try:
         span = parse_range(request.headers.get("range"), size)
@@ -307,15 +356,44 @@ async def job_output(
             headers={"content-range": f"bytes */{size}"},
         )
     first, last = span if span is not None else (0, size - 1)
-    headers["content-length"] = str(max(0, last - first + 1))
     if span is not None:
         headers["content-range"] = f"bytes {first}-{last}/{size}"
-    return Stream(
-        read_slice(path, first, last) if size else iter(()),
-        media_type=output.mime_type,
-        status_code=206 if span is not None else 200,
-        headers=headers,
-    )
+    return body(first, last, 206 if span is not None else 200, headers)
+
+
+async def shared_job(shared: SharedJobs, job_id: str, wait: float, data: bool) -> dict[str, Any]:
+    """``GET /jobs/{id}`` of a job kept in Redis."""
+    view = await (shared.wait(job_id, wait) if wait > 0 else shared.get(job_id))
+    if view is None:
+        raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id)
+    if data:
+        for index, output in enumerate(view.get("outputs") or []):
+            raw = await shared.output(job_id, index)
+            if raw is not None:
+                output["data"] = base64.b64encode(raw).decode("ascii")
+    return view
+
+
+async def shared_output(
+    shared: SharedJobs, job_id: str, index: int, request: Request[Any, Any, Any]
+) -> Response[Any]:
+    """``GET /jobs/{id}/outputs/{n}`` of a job kept in Redis (its bytes are inline)."""
+    view = await shared.get(job_id)
+    outputs = (view or {}).get("outputs") or []
+    raw = await shared.output(job_id, index) if 0 <= index < len(outputs) else None
+    if view is None or raw is None:
+        raise NotFound(f"job {job_id!r} has no retained output {index}", location="index")
+    output = outputs[index]
+
+    def whole(first: int, last: int, status: int, headers: dict[str, str]) -> Response[Any]:
+        return Response(
+            raw[first : last + 1],
+            media_type=output["mime_type"],
+            status_code=status,
+            headers=headers,
+        )
+
+    return ranged(request, len(raw), output["filename"], whole)
 
 
 ROUTES = [submit_job, get_job, list_jobs, cancel_job, delete_job, job_events, job_output]

@@ -1,0 +1,345 @@
+"""Jobs, their events and their queue in Redis (``JOB_QUEUE_URL``), shared by every replica.
+
+Keys (``P`` = :data:`PREFIX`):
+
+- ``P:jobs``: the work stream, one entry ``{id}`` per submitted job, read by the consumer group
+  ``P:workers`` (XREADGROUP); an entry stays pending until the replica that ran it ACKs it.
+  A replica heartbeats the entries it holds (XCLAIM to itself, which resets their idle time);
+  one idle longer than ``lease_s`` is taken over by another replica (XAUTOCLAIM).
+- ``P:job:{id}``: a hash: ``view`` (the ``GET /jobs/{id}`` body, JSON), ``request`` (the
+  ``/prompt`` body, JSON), ``fingerprint``, ``attempts`` (JSON list of ``{replica, started_at}``),
+  ``seq`` (the last event id).
+- ``P:events:{id}``: the job's event stream (XADD with MAXLEN; entries ``{n, type, data}``, ``n``
+  the SSE id). Chosen over pub/sub + a list because one stream both replays from
+  ``Last-Event-ID`` and blocks for the next event (XREAD BLOCK), on every replica, and survives
+  a restart from the AOF with the rest.
+- ``P:out:{id}:{n}``: output ``n``'s bytes when kept inline (at most ``inline_bytes`` per job).
+- ``P:done:{id}``: set once (SET NX) by the attempt that ends the job: only it writes the end.
+- ``P:index``: a sorted set of job ids scored by submission number (``P:order``, INCR): the
+  listing's pages, whose cursor is that number.
+- ``P:cancel``: a pub/sub channel of job ids to interrupt wherever they run.
+
+Ended jobs' keys expire after ``retention_s`` seconds; pending and running jobs never do.
+Every method raises :class:`redis.exceptions.RedisError` (``ConnectionError`` while Redis is
+unreachable) unless it says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from comfy_sidecar.jobs.store import JobEvent, JobStatus, iso, now_ms
+
+log = logging.getLogger("comfy_sidecar.jobs.redis")
+
+PREFIX = "comfy-sidecar"
+WORK = f"{PREFIX}:jobs"
+GROUP = f"{PREFIX}:workers"
+INDEX = f"{PREFIX}:index"
+ORDER = f"{PREFIX}:order"
+CANCEL = f"{PREFIX}:cancel"
+#: Most events kept per job (approximate trimming).
+EVENTS_MAX = 10_000
+
+
+def job_key(job_id: str) -> str:
+    """The hash of job ``job_id``."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def events_key(job_id: str) -> str:
+    """The event stream of job ``job_id``."""
+    return f"{PREFIX}:events:{job_id}"
+
+
+def output_key(job_id: str, index: int) -> str:
+    """Output ``index`` of job ``job_id`` kept inline."""
+    return f"{PREFIX}:out:{job_id}:{index}"
+
+
+def done_key(job_id: str) -> str:
+    """Set once by the attempt that ends job ``job_id``."""
+    return f"{PREFIX}:done:{job_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One work-stream entry this replica holds: ``entry`` (the stream id), the job's id, and
+    ``deliveries`` (how many times the entry has been handed out, this one included)."""
+
+    entry: str
+    job_id: str
+    deliveries: int
+
+
+class RedisJobs:
+    """The Redis side of the job store and queue for one replica (``replica`` names it: the
+    consumer name in the group, and the ``replica`` of its attempts)."""
+
+    def __init__(
+        self, url: str, replica: str, *, retention_s: float, lease_s: float, max_attempts: int
+    ) -> None:
+        # Any: redis-py's reply types are unions over RESP2/RESP3 that every call narrows.
+        # A pooled connection that Redis closed (a restart) is retried on a new one.
+        self.redis: Any = aioredis.Redis.from_url(
+            url,
+            socket_timeout=None,
+            socket_connect_timeout=5,
+            health_check_interval=10,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        )
+        self.replica = replica
+        self.retention_s = retention_s
+        self.lease_s = lease_s
+        self.max_attempts = max_attempts
+
+    @property
+    def _ttl(self) -> int:
+        return max(1, int(self.retention_s))
+
+    async def ensure_group(self) -> None:
+        """Create the work stream and its consumer group when missing."""
+        try:
+            await self.redis.xgroup_create(WORK, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def ping(self) -> bool:
+        """True when Redis answers (never raises)."""
+        try:
+            return bool(await self.redis.ping())
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        """Close the connections."""
+        await self.redis.aclose()
+
+    # --- records --------------------------------------------------------------------------
+
+    async def enqueue(
+        self, view: dict[str, Any], request: bytes, fingerprint: bytes
+    ) -> tuple[dict[str, Any], bool]:
+        """Store a new job (``view`` its first body, ``request`` its ``/prompt`` JSON) and
+        append it to the work stream; returns (the stored view, created). An id already kept
+        with the same ``fingerprint`` returns that job (created False); another fingerprint
+        raises :class:`~comfy_sidecar.jobs.store.DifferentBody`."""
+        from comfy_sidecar.jobs.store import DifferentBody
+
+        job_id = view["id"]
+        key = job_key(job_id)
+        if not await self.redis.hsetnx(key, "fingerprint", fingerprint):
+            kept = await self.redis.hget(key, "fingerprint")
+            if kept != fingerprint or not fingerprint:
+                raise DifferentBody(job_id)
+            existing = await self.get(job_id)
+            if existing is not None:
+                return existing, False
+        order = int(await self.redis.incr(ORDER))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"view": msgspec.json.encode(view), "request": request})
+            pipe.hset(key, "attempts", b"[]")
+            pipe.zadd(INDEX, {job_id: order})
+            await pipe.execute()
+        await self.publish(job_id, "status", {"status": view["status"]})
+        await self.redis.xadd(WORK, {"id": job_id})
+        return view, True
+
+    async def get(self, job_id: str) -> dict[str, Any] | None:
+        """Job ``job_id``'s ``GET /jobs/{id}`` body, or None when it is not kept."""
+        raw = await self.redis.hget(job_key(job_id), "view")
+        if raw is None:
+            return None
+        view: dict[str, Any] = msgspec.json.decode(raw)
+        return view
+
+    async def request(self, job_id: str) -> bytes | None:
+        """Job ``job_id``'s ``/prompt`` body (JSON), or None."""
+        raw: bytes | None = await self.redis.hget(job_key(job_id), "request")
+        return raw
+
+    async def attempts(self, job_id: str) -> list[dict[str, Any]]:
+        """Job ``job_id``'s attempts so far: ``[{replica, started_at}]``."""
+        raw = await self.redis.hget(job_key(job_id), "attempts")
+        found: list[dict[str, Any]] = msgspec.json.decode(raw) if raw else []
+        return found
+
+    async def begin_attempt(self, job_id: str) -> list[dict[str, Any]]:
+        """Record that this replica starts a run of ``job_id``; returns every attempt."""
+        found = await self.attempts(job_id)
+        found.append({"replica": self.replica, "started_at": iso(now_ms())})
+        await self.redis.hset(job_key(job_id), "attempts", msgspec.json.encode(found))
+        return found
+
+    async def update(self, job_id: str, view: dict[str, Any]) -> None:
+        """Replace job ``job_id``'s body (while it has not ended)."""
+        if await self.redis.exists(done_key(job_id)):
+            return
+        await self.redis.hset(job_key(job_id), "view", msgspec.json.encode(view))
+
+    async def publish(self, job_id: str, kind: str, body: Any) -> int:
+        """Append an event to job ``job_id``'s stream; returns its id (the SSE ``id``)."""
+        n = int(await self.redis.hincrby(job_key(job_id), "seq", 1))
+        await self.redis.xadd(
+            events_key(job_id),
+            {"n": n, "type": kind, "data": msgspec.json.encode(body)},
+            maxlen=EVENTS_MAX,
+            approximate=True,
+        )
+        return n
+
+    async def finish(self, job_id: str, view: dict[str, Any], outputs: list[bytes]) -> bool:
+        """End job ``job_id`` with its final body ``view`` (and inline ``outputs``), once: the
+        first caller wins (SET NX on its done key) and returns True; later ones write nothing
+        and return False. Every key of the job then expires after the retention."""
+        if not await self.redis.set(done_key(job_id), self.replica, nx=True, ex=self._ttl):
+            return False
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for index, data in enumerate(outputs):
+                pipe.set(output_key(job_id, index), data, ex=self._ttl)
+            pipe.hset(job_key(job_id), "view", msgspec.json.encode(view))
+            await pipe.execute()
+        await self.publish(job_id, "done", view)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.expire(job_key(job_id), self._ttl)
+            pipe.expire(events_key(job_id), self._ttl)
+            await pipe.execute()
+        return True
+
+    async def ended(self, job_id: str) -> bool:
+        """True once job ``job_id`` has ended (or is not kept at all)."""
+        if await self.redis.exists(done_key(job_id)):
+            return True
+        return not await self.redis.exists(job_key(job_id))
+
+    async def output(self, job_id: str, index: int) -> bytes | None:
+        """Inline output ``index`` of job ``job_id``, or None."""
+        data: bytes | None = await self.redis.get(output_key(job_id, index))
+        return data
+
+    async def page(
+        self, status: JobStatus | None, limit: int, cursor: int | None
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """Newest first: up to ``limit`` job bodies (with ``status``, when given) submitted
+        before ``cursor`` (a submission number from a previous page); (bodies, next cursor)."""
+        top = f"({cursor}" if cursor is not None else "+inf"
+        found: list[dict[str, Any]] = []
+        last = None
+        while len(found) <= limit:
+            batch = await self.redis.zrevrangebyscore(
+                INDEX, top, "-inf", start=0, num=limit + 1, withscores=True
+            )
+            if not batch:
+                break
+            for member, score in batch:
+                job_id = member.decode()
+                view = await self.get(job_id)
+                top = f"({int(score)}"
+                if view is None:
+                    await self.redis.zrem(INDEX, job_id)
+                    continue
+                if status is None or view["status"] == status.value:
+                    found.append(view)
+                    last = int(score)
+                    if len(found) > limit:
+                        break
+        more = len(found) > limit
+        return found[:limit], (last if more else None)
+
+    # --- events ---------------------------------------------------------------------------
+
+    async def follow(
+        self, job_id: str, after: int = 0, heartbeat_s: float = 15.0
+    ) -> AsyncIterator[JobEvent | None]:
+        """Job ``job_id``'s events with ids above ``after``, as they come (XREAD BLOCK); None
+        every ``heartbeat_s`` seconds of silence. Ends after ``done``."""
+        position = "0-0"
+        while True:
+            answer = await self.redis.xread(
+                {events_key(job_id): position}, count=100, block=int(heartbeat_s * 1000)
+            )
+            if not answer:
+                if await self.ended(job_id) and not await self.redis.exists(events_key(job_id)):
+                    return
+                yield None
+                continue
+            for entry_id, fields in answer[0][1]:
+                position = entry_id
+                n = int(fields[b"n"])
+                if n <= after:
+                    continue
+                kind = fields[b"type"].decode()
+                yield JobEvent(n, kind, fields[b"data"])
+                if kind == "done":
+                    return
+
+    async def request_cancel(self, job_id: str) -> None:
+        """Ask whichever replica runs job ``job_id`` to interrupt it."""
+        await self.redis.publish(CANCEL, job_id)
+
+    async def cancels(self) -> AsyncIterator[str]:
+        """Job ids whose cancel was asked on any replica (pub/sub), as they come. Raises
+        when the connection is lost (subscribe again then)."""
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(CANCEL)
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    yield message["data"].decode()
+        finally:
+            await pubsub.aclose()
+
+    # --- the work stream ------------------------------------------------------------------
+
+    async def claim(self, block_s: float) -> Claim | None:
+        """One job for this replica: first one whose holder stopped heartbeating for
+        ``lease_s`` (XAUTOCLAIM), else a new one (XREADGROUP, waiting up to ``block_s``)."""
+        reclaimed = await self.redis.xautoclaim(
+            WORK, GROUP, self.replica, int(self.lease_s * 1000), "0-0", count=1
+        )
+        for entry, fields in reclaimed[1]:
+            if fields:
+                return await self._with_deliveries(entry, fields)
+            await self.redis.xack(WORK, GROUP, entry)  # its entry was trimmed away
+        answer = await self.redis.xreadgroup(
+            GROUP, self.replica, {WORK: ">"}, count=1, block=max(1, int(block_s * 1000))
+        )
+        if not answer or not answer[0][1]:
+            return None
+        entry, fields = answer[0][1][0]
+        return Claim(entry.decode(), fields[b"id"].decode(), 1)
+
+    async def _with_deliveries(self, entry: bytes, fields: dict[bytes, bytes]) -> Claim:
+        detail = await self.redis.xpending_range(WORK, GROUP, min=entry, max=entry, count=1)
+        deliveries = int(detail[0]["times_delivered"]) if detail else 1
+        return Claim(entry.decode(), fields[b"id"].decode(), deliveries)
+
+    async def heartbeat(self, entries: list[str]) -> None:
+        """Renew this replica's lease on ``entries`` (their idle time restarts)."""
+        if entries:
+            await self.redis.xclaim(WORK, GROUP, self.replica, 0, entries, justid=True)
+
+    async def release(self, entry: str) -> None:
+        """Give ``entry`` back at once (claimed, not started): another replica takes it at its
+        next claim."""
+        await self.redis.xclaim(WORK, GROUP, self.replica, 0, [entry], idle=10**9, justid=True)
+
+    async def ack(self, entry: str) -> None:
+        """The job of ``entry`` has ended: drop it from the work stream."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(WORK, GROUP, entry)
+            pipe.xdel(WORK, entry)
+            await pipe.execute()

@@ -1,0 +1,108 @@
+"""What the job routes do when jobs live in Redis (``JOB_QUEUE_URL``): submit to the shared
+queue, read, wait for, follow, cancel and list any replica's jobs, fetch their inline outputs.
+
+Every method raises :class:`~comfy_sidecar.errors.Unavailable` (503, with ``Retry-After``)
+while Redis cannot be reached, so a caller retries; nothing is accepted that Redis did not
+store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from redis.exceptions import RedisError
+
+from comfy_sidecar.errors import Conflict, Unavailable
+from comfy_sidecar.jobs.backend import SharedQueue
+from comfy_sidecar.jobs.store import DifferentBody, JobEvent, JobRecord, JobStatus, iso, now_ms
+
+T = TypeVar("T")
+
+#: Seconds between looks at a job's status while a long-poll waits.
+POLL_S = 0.1
+
+
+async def guarded(call: Awaitable[T]) -> T:
+    """``await call``, a Redis failure raised as :class:`Unavailable`."""
+    try:
+        return await call
+    except (RedisError, OSError) as exc:
+        raise Unavailable(f"the job queue (Redis) is unreachable: {exc}") from None
+
+
+class SharedJobs:
+    """The job routes' operations over :class:`SharedQueue`. ``check(request)`` is what a
+    submission must pass on the replica that takes it (raises a 4xx error)."""
+
+    def __init__(self, jobs: SharedQueue, check: Callable[[Any], Awaitable[None]]) -> None:
+        self.jobs = jobs
+        self.check = check
+
+    async def submit(self, request: Any, fingerprint: bytes) -> dict[str, Any]:
+        """Store the job and append it to the work stream; returns its body. A retained id
+        with the same body returns that job; another body raises :class:`Conflict`."""
+        import uuid
+
+        if request.id is None:
+            request = msgspec.structs.replace(request, id=str(uuid.uuid4()))
+        await self.check(request)
+        view = JobRecord(id=request.id, endpoint="jobs").view()
+        view["attempts"] = []
+        try:
+            stored, _ = await guarded(
+                self.jobs.enqueue(view, msgspec.json.encode(request), fingerprint)
+            )
+        except DifferentBody:
+            raise Conflict(
+                f"a job with id {request.id!r} exists with a different body",
+                location="id",
+                id=request.id,
+            ) from None
+        return stored
+
+    async def get(self, job_id: str) -> dict[str, Any] | None:
+        """Job ``job_id``'s body, or None when it is not kept."""
+        return await guarded(self.jobs.get(job_id))
+
+    async def wait(self, job_id: str, wait_s: float) -> dict[str, Any] | None:
+        """Job ``job_id``'s body once it has ended or ``wait_s`` seconds have passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while True:
+            view = await self.get(job_id)
+            if view is None or JobStatus(view["status"]).terminal or loop.time() >= deadline:
+                return view
+            await asyncio.sleep(POLL_S)
+
+    def follow(self, job_id: str, after: int, heartbeat_s: float) -> AsyncIterator[JobEvent | None]:
+        """Job ``job_id``'s events after ``after`` (see :meth:`SharedQueue.follow`)."""
+        return self.jobs.follow(job_id, after, heartbeat_s)
+
+    async def cancel(self, job_id: str, view: dict[str, Any]) -> tuple[bool, str]:
+        """Cancel job ``job_id`` (body ``view``) wherever it is: a pending one ends
+        ``cancelled`` at once, a running one is interrupted by its replica. Returns
+        (cancelled, status)."""
+        status = JobStatus(view["status"])
+        if status.terminal:
+            return False, status.value
+        if status is JobStatus.PENDING:
+            ended = dict(view, status=JobStatus.CANCELLED.value, completed_at=iso(now_ms()))
+            if await guarded(self.jobs.finish(job_id, ended, [])):
+                await guarded(self.jobs.request_cancel(job_id))
+                return True, JobStatus.CANCELLED.value
+        await guarded(self.jobs.request_cancel(job_id))
+        final = await self.wait(job_id, 10.0) or view
+        return final["status"] == JobStatus.CANCELLED.value, final["status"]
+
+    async def output(self, job_id: str, index: int) -> bytes | None:
+        """Inline output ``index`` of job ``job_id``, or None."""
+        return await guarded(self.jobs.output(job_id, index))
+
+    async def page(
+        self, status: JobStatus | None, limit: int, cursor: int | None
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """A listing page (see :meth:`SharedQueue.page`)."""
+        return await guarded(self.jobs.page(status, limit, cursor))

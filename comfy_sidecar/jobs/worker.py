@@ -1,0 +1,283 @@
+"""The replica's side of the shared queue: claim jobs while an instance slot is free, run them
+here, mirror their events and end to Redis, heartbeat their leases, obey cancels.
+
+A job is claimed (:meth:`RedisJobs.claim`) only while the dispatcher has a free slot and no
+local job waits for one, and at most as many as the instances hold, so work goes to whichever
+replica is free. Each run is one attempt; a job handed out for the ``max_attempts``-th time
+more fails, listing them. The run's :class:`JobRecord` (in this replica's store) gets a sink
+that copies every logged event to Redis in order, retrying while Redis is away, so nothing a
+replica did is lost across a Redis restart; the end is written once (:meth:`RedisJobs.finish`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+from redis.exceptions import RedisError
+
+from comfy_sidecar.jobs.backend import SharedQueue
+from comfy_sidecar.jobs.redis_store import Claim
+from comfy_sidecar.jobs.runner import error_body
+from comfy_sidecar.jobs.store import JobEvent, JobRecord, JobStatus, iso, now_ms
+
+if TYPE_CHECKING:
+    from comfy_sidecar.dispatch import Dispatcher
+    from comfy_sidecar.pipeline.deliver import Delivery
+
+log = logging.getLogger("comfy_sidecar.jobs.worker")
+
+T = TypeVar("T")
+
+#: Seconds between retries of a Redis write while Redis is unreachable.
+RETRY_S = 0.5
+
+
+class QueueWorker:
+    """Claims, runs and reports the shared queue's jobs on this replica."""
+
+    def __init__(
+        self,
+        jobs: SharedQueue,
+        delivery: Delivery,
+        dispatcher: Dispatcher,
+        spawn: Callable[[Awaitable[Any]], Any],
+        inline_bytes: int,
+    ) -> None:
+        self.jobs = jobs
+        self.delivery = delivery
+        self.dispatcher = dispatcher
+        self.spawn = spawn
+        self.inline_bytes = inline_bytes
+        self.held: dict[str, Claim] = {}  # entry id -> claim
+        self.running: set[str] = set()  # job ids
+        self.stopping = False
+        self.problem: str | None = None  # why Redis cannot be used now
+        self._idle = asyncio.Event()  # set while no claim is held
+        self._idle.set()
+
+    # --- loops ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Claim jobs until :meth:`stop`; never raises (Redis errors are retried)."""
+        self.spawn(self._heartbeat())
+        self.spawn(self._cancels())
+        grouped = False
+        while not self.stopping:
+            if not self._room():
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                if not grouped:
+                    await self.jobs.ensure_group()
+                    grouped = True
+                claim = await self.jobs.claim(1.0)
+                self.problem = None
+            except (RedisError, OSError) as exc:
+                self._down(exc)
+                await asyncio.sleep(RETRY_S)
+                continue
+            if claim is not None:
+                if self.stopping:
+                    await self._retry(functools.partial(self.jobs.release, claim.entry))
+                    return
+                self.held[claim.entry] = claim
+                self._idle.clear()
+                self.spawn(self._attempt(claim))
+
+    def stop(self) -> None:
+        """Claim nothing more (SIGTERM); jobs in flight go on."""
+        self.stopping = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` seconds until no claimed job is left (its end written to
+        Redis and its entry acknowledged); True when none is."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        return not self.held
+
+    def _room(self) -> bool:
+        capacity = self.dispatcher.per_instance * sum(
+            1 for instance in self.dispatcher.instances if instance.accepting
+        )
+        return (
+            self.dispatcher.free_slots() > 0
+            and not self.dispatcher.waiting
+            and len(self.held) < capacity
+        )
+
+    def _down(self, exc: BaseException) -> None:
+        if self.problem is None:
+            log.warning("the job queue (Redis) is unreachable: %s", exc)
+        self.problem = f"the job queue (Redis) is unreachable: {exc}"
+
+    async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()`` until Redis answers."""
+        while True:
+            try:
+                result = await call()
+            except (RedisError, OSError) as exc:
+                self._down(exc)
+                await asyncio.sleep(RETRY_S)
+                continue
+            self.problem = None
+            return result
+
+    async def _heartbeat(self) -> None:
+        interval = max(0.1, self.jobs.lease_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.jobs.heartbeat(list(self.held))
+            except (RedisError, OSError) as exc:
+                self._down(exc)
+
+    async def _cancels(self) -> None:
+        while True:
+            try:
+                async for job_id in self.jobs.cancels():
+                    if job_id in self.running:
+                        await self.delivery.pipeline.interrupt(job_id)
+            except (RedisError, OSError) as exc:
+                self._down(exc)
+                await asyncio.sleep(RETRY_S)
+
+    # --- one attempt ----------------------------------------------------------------------
+
+    async def _attempt(self, claim: Claim) -> None:
+        try:
+            await self._run_claimed(claim)
+            await self._retry(lambda: self.jobs.ack(claim.entry))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("job %s: queue attempt failed", claim.job_id)
+        finally:
+            self.held.pop(claim.entry, None)
+            if not self.held:
+                self._idle.set()
+
+    async def _run_claimed(self, claim: Claim) -> None:
+        from comfy_sidecar.schemas import PromptRequest
+
+        job_id = claim.job_id
+        jobs = self.jobs
+        if await self._retry(lambda: jobs.ended(job_id)):
+            return
+        attempts = await self._retry(lambda: jobs.attempts(job_id))
+        if len(attempts) >= jobs.max_attempts:
+            await self._give_up(job_id, attempts)
+            return
+        raw = await self._retry(lambda: jobs.request(job_id))
+        if raw is None:
+            return
+        attempts = await self._retry(lambda: jobs.begin_attempt(job_id))
+        request = msgspec.json.decode(raw, type=PromptRequest)
+        mirror = Mirror(self, job_id, attempts)
+        self.running.add(job_id)
+        try:
+            record = await self.delivery.run_claimed(request, "jobs", mirror.bind)
+        except Exception as exc:  # refused before it ran: the caller's mistake, reported
+            view = await self._retry(lambda: jobs.get(job_id)) or {"id": job_id}
+            view.update(
+                status=JobStatus.FAILED.value,
+                completed_at=iso(now_ms()),
+                error=error_body(exc, job_id),
+                attempts=attempts,
+            )
+            await self._retry(lambda: jobs.finish(job_id, view, []))
+            return
+        finally:
+            self.running.discard(job_id)
+        await mirror.drained()
+        await self._finish(record, attempts)
+
+    async def _give_up(self, job_id: str, attempts: list[dict[str, Any]]) -> None:
+        view = await self._retry(lambda: self.jobs.get(job_id)) or {"id": job_id}
+        error = {
+            "error": f"the job was taken over {len(attempts)} time(s) without ending "
+            f"(JOB_MAX_ATTEMPTS={self.jobs.max_attempts})",
+            "id": job_id,
+            "attempts": attempts,
+        }
+        view.update(
+            status=JobStatus.FAILED.value,
+            completed_at=iso(now_ms()),
+            error=error,
+            attempts=attempts,
+        )
+        await self._retry(lambda: self.jobs.finish(job_id, view, []))
+
+    async def _finish(self, record: JobRecord, attempts: list[dict[str, Any]]) -> None:
+        """Write the end of ``record`` to Redis (its retained files inline, when they fit),
+        then forget it here."""
+        view = self.view(record, attempts)
+        outputs: list[bytes] = []
+        size = sum(path.stat().st_size for path in record.files if path.is_file())
+        if size > self.inline_bytes:
+            view.update(
+                status=JobStatus.FAILED.value,
+                error={
+                    "error": f"the outputs ({size} bytes) exceed JOB_INLINE_OUTPUT_MB and the "
+                    "job names no upload target (JOB_OUTPUT_URL is not supported yet)",
+                    "id": record.id,
+                },
+            )
+        else:
+            outputs = [await asyncio.to_thread(path.read_bytes) for path in record.files]
+        await self._retry(lambda: self.jobs.finish(record.id, view, outputs))
+        self.delivery.store.drop(record)
+
+    def view(self, record: JobRecord, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+        """``record``'s body as Redis keeps it: with ``replica`` and ``attempts``."""
+        body = record.view()
+        body["replica"] = self.jobs.replica
+        body["attempts"] = attempts
+        return body
+
+
+class Mirror:
+    """Copies one running job's logged events to Redis, in order, retrying while Redis is
+    away. The ``done`` event is left to :meth:`QueueWorker._finish` (written once)."""
+
+    def __init__(self, worker: QueueWorker, job_id: str, attempts: list[dict[str, Any]]) -> None:
+        self.worker = worker
+        self.job_id = job_id
+        self.attempts = attempts
+        self.queue: asyncio.Queue[tuple[JobRecord, JobEvent] | None] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+
+    def bind(self, record: JobRecord) -> None:
+        """Start mirroring ``record`` (its sink is set; its current status is written)."""
+        record.sink = self.push
+        self.task = asyncio.ensure_future(self._write())
+        self.push(record, JobEvent(0, "status", msgspec.json.encode({"status": "pending"})))
+
+    def push(self, record: JobRecord, event: JobEvent) -> None:
+        """One event of the job (from :meth:`JobRecord.publish`)."""
+        if event.type != "done":
+            self.queue.put_nowait((record, event))
+
+    async def drained(self) -> None:
+        """Wait until every event pushed so far is in Redis."""
+        self.queue.put_nowait(None)
+        if self.task is not None:
+            await self.task
+
+    async def _write(self) -> None:
+        jobs = self.worker.jobs
+        while (item := await self.queue.get()) is not None:
+            record, event = item
+            view = self.worker.view(record, self.attempts)
+            await self._write_one(jobs, event, view)
+
+    async def _write_one(self, jobs: SharedQueue, event: JobEvent, view: dict[str, Any]) -> None:
+        body = msgspec.json.decode(event.data)
+        if event.id:
+            await self.worker._retry(lambda: jobs.publish(self.job_id, event.type, body))
+        await self.worker._retry(lambda: jobs.update(self.job_id, view))
