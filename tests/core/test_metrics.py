@@ -122,11 +122,7 @@ def test_route_of_is_the_template_or_other() -> None:
 
 def test_every_family_is_exposed_with_its_type(sidecar: Sidecar) -> None:
     found = scrape(sidecar)
-    missing = {
-        name: kind
-        for name, kind in FAMILIES.items()
-        if found.types.get(name) != kind and name not in OPTIONAL_UNTIL_OBSERVED
-    }
+    missing = {name: kind for name, kind in FAMILIES.items() if found.types.get(name) != kind}
     assert not missing, f"missing or mistyped: {missing}\n{found.text}"
     assert found.value("comfyui_instance_up", instance="0") == 1
     assert found.value("comfyui_instance_ready", instance="0") == 1
@@ -134,14 +130,6 @@ def test_every_family_is_exposed_with_its_type(sidecar: Sidecar) -> None:
     assert found.value("comfyui_startup_duration_seconds", phase="launch") > 0
     assert found.value("comfyui_startup_duration_seconds", phase="provision") >= 0
     assert "_created" not in found.text
-
-
-#: Families with labels only get a sample once something happened (a restart, a download).
-OPTIONAL_UNTIL_OBSERVED = {
-    "comfyui_process_restarts",
-    "comfyui_download_bytes",
-    "comfyui_download_duration_seconds",
-}
 
 
 def test_info_names_comfyui_version_and_gpu_gauges_per_instance(sidecar: Sidecar) -> None:
