@@ -21,7 +21,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components
 from litestar.static_files import create_static_files_router
 
-from comfy_sidecar import __version__
+from comfy_sidecar import __version__, metrics
 from comfy_sidecar.apikeys import ApiKeys
 from comfy_sidecar.auth import SECURITY, SECURITY_SCHEMES, ApiKeyMiddleware, open_paths
 from comfy_sidecar.errors import (
@@ -291,13 +291,14 @@ def create_app(sidecar: Sidecar) -> Litestar:
         download,
         download_status,
         models,
+        metrics.metrics_route,
         *JOB_ROUTES,
         *modal_jobs.ROUTES,
         *modal_simple.ROUTES,
         *aidock.ROUTES,
         *(workflow_route(wf, settings.markdown_schema_descriptions) for wf in sidecar.workflows),
     ]
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             openapi_json,
             _docs_assets_router(),
@@ -327,3 +328,4 @@ def create_app(sidecar: Sidecar) -> Litestar:
         logging_config=None,
         debug=False,
     )
+    return metrics.instrument(app)  # http_server_request_duration_seconds, 404s included

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from comfy_sidecar import metrics
 from comfy_sidecar.comfy.client import ComfyClient
 from comfy_sidecar.comfy.events import EventStream
 from comfy_sidecar.config import Settings
@@ -225,6 +226,7 @@ class ComfyInstance:
             except CrashLoop as exc:
                 raise Fatal(str(exc)) from None
             self.set_phase(Phase.RESTARTING, f"restarting ComfyUI in {delay:.1f} s")
+            metrics.process_restart(self.name, "exit")
             await asyncio.sleep(delay)
 
     async def _race(self, awaitable: Awaitable[T], exited: asyncio.Future[int]) -> T:
@@ -263,6 +265,7 @@ class ComfyInstance:
             await process.stop()
             raise Fatal("the websocket to ComfyUI could not be opened")
         log.info("%sComfyUI answered after %.2f s", self._prefix(), time.monotonic() - started)
+        metrics.startup_phase("launch", time.monotonic() - started)
         if self.warmup is not None:
             self.set_phase(Phase.WARMING, "running the warmup prompt")
             await self._race(self.warmup(self), exited)

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from comfy_sidecar import __version__
+from comfy_sidecar import __version__, metrics
 from comfy_sidecar.boot import BootProbes
 from comfy_sidecar.comfy.client import ComfyClient
 from comfy_sidecar.config import ConfigError, Settings
@@ -291,7 +291,7 @@ class Sidecar:
             await self.storage.start()
             self.deletion_cost.start()
             self.warmup_prompt = await self._load_warmup()
-            await self.provision()
+            await metrics.time_startup("provision", self.provision())
             self.spawn(self._expire_jobs())
             self.spawn(self._poke_dispatcher())
             if self.queue is not None:
@@ -396,6 +396,7 @@ class Sidecar:
         except SidecarError as exc:
             raise Fatal(f"the warmup prompt failed ({type(exc).__name__}): {exc.message}") from None
         took = time.monotonic() - started
+        metrics.startup_phase("warmup", took)
         log.info("warmup finished in %.2f s (instance %s)", took, instance.name)
 
     # --- shutdown -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from comfy_sidecar import metrics
 from comfy_sidecar.errors import Conflict, Interrupted, SidecarError, TimedOut
 from comfy_sidecar.jobs.progress import Progress, nodes_to_run
 from comfy_sidecar.jobs.store import (
@@ -163,6 +164,7 @@ class JobTracker:
         record.files = kept
         for output in outputs:
             record.publish("output", output)
+        metrics.job_completed(stats)
         self.store.finish(record, JobStatus.COMPLETED, stats=stats)
 
     def failed(self, exc: BaseException) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import msgspec
 
+from comfy_sidecar import metrics
 from comfy_sidecar.jobs.progress import Progress
 
 log = logging.getLogger("comfy_sidecar.jobs")
@@ -345,6 +346,7 @@ class JobStore:
         if record.status.terminal:
             return False
         record.status = status
+        metrics.job_ended(status.value, record.endpoint)
         record.completed_ms = now_ms()
         record.error = error
         record.stats = stats

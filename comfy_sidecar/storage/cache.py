@@ -35,6 +35,7 @@ from typing import Any
 
 import msgspec
 
+from comfy_sidecar import metrics
 from comfy_sidecar.schemas import DownloadAuth
 from comfy_sidecar.storage.base import Backend, check_name, url_extname
 from comfy_sidecar.storage.errors import (
@@ -369,6 +370,7 @@ class DownloadCache:
                 if entry.auth_required:
                     await backend.check_auth(url, auth)
                 self._touch(entry)
+                metrics.cache_request("hit")
                 return path
             task = self._inflight.get(key)
             if task is not None:
@@ -391,6 +393,7 @@ class DownloadCache:
         self, key: str, url: str, auth: DownloadAuth | None, backend: Backend
     ) -> CacheEntry:
         self.downloads_started += 1
+        metrics.cache_request("miss")
         clean = scrub_url(url)
         tmpdir = Path(
             await asyncio.to_thread(tempfile.mkdtemp, f"{key}-", PARTIAL_PREFIX, self.dir)
@@ -416,6 +419,7 @@ class DownloadCache:
             final = self.dir / name
             os.replace(dest, final)
             duration = time.monotonic() - started
+            metrics.download_finished(backend.name, size, duration)
             now = _now_ms()
             entry = CacheEntry(
                 file=name,

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from comfy_sidecar import metrics
 from comfy_sidecar.backoff import attempt_failure, backoff_delay
 from comfy_sidecar.config import SYSTEM_EVENT_NAMES, Settings
 from comfy_sidecar.logs import TRACEPARENT
@@ -362,6 +363,7 @@ class WebhookDispatcher:
 
     def _count_drop(self, event: str) -> None:
         self.counters["dropped"] += 1
+        metrics.system_event_dropped()
         now = time.monotonic()
         if now - self._last_drop_log >= 10.0:
             self._last_drop_log = now
@@ -385,6 +387,7 @@ class WebhookDispatcher:
         job.cancelled = True
         job.body.close()
         self._release(kind)
+        metrics.webhook_finished(kind.name, delivered)
         if delivered is None:
             self.counters["abandoned"] += 1
         else:

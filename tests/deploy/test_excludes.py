@@ -98,7 +98,7 @@ def test_sidecar_works_with_excluded_packages_blocked(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, log_path.read_text()[-4000:]
                 time.sleep(0.05)
             assert client.get(base + "/ready").status_code == 200
-            for path in ("/docs", "/docs/openapi.json"):
+            for path in ("/docs", "/docs/openapi.json", "/metrics"):
                 answer = client.get(base + path)
                 assert answer.status_code == 200, (path, log_path.read_text()[-4000:])
             spec = client.get(base + "/docs/openapi.json").json()

@@ -20,7 +20,11 @@ from tests.deploy._graph import check_prompt_graph
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "docker" / "k8s"
-RESOURCE_FILES = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+#: Monitoring and autoscaling add-ons, applied on their own (tests/deploy/test_monitoring.py).
+ADDON_FILES = {"podmonitor.yaml", "keda-scaledobject.yaml", "hpa.yaml"}
+RESOURCE_FILES = sorted(
+    p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml" and p.name not in ADDON_FILES
+)
 # 1.30: the oldest minor here with the preStop `sleep` action on by default (beta); 1.33: a
 # current one. Both are bundled with kubernetes-validate, so no schema is fetched.
 K8S_VERSIONS = ["1.30.0", "1.33.0"]
