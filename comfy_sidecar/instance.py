@@ -9,11 +9,21 @@ the dispatcher (:mod:`comfy_sidecar.dispatch`) only while it is :attr:`accepting
 Bring-up does not wait on a fixed poll: the port is pinged with a short backoff (20 ms doubling
 up to STARTUP_CHECK_INTERVAL_S) and at once when ComfyUI prints that it listens, and the
 websocket is opened as soon as the port answers.
+
+Once the port answers, a watchdog pings the child (``GET /system_stats`` with a short timeout,
+and the websocket's own ping/pong). A child that has not answered for COMFYUI_HANG_TIMEOUT_S is
+*hung*; one that holds queued jobs but runs none, with no frame of ours for
+COMFYUI_STALL_TIMEOUT_S, is *stalled* (its prompt worker died). Either way the instance stops
+being ready, its process group is SIGKILLed and it is restarted as after a crash: the running
+job fails (``reason`` ``comfyui_hung`` / ``comfyui_stalled``), the jobs that had not started go
+back to the sidecar's queue. After each job the RECYCLE_* limits are checked; when one trips the
+instance stops taking jobs, lets its jobs finish, and restarts and warms its child again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -21,11 +31,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from comfy_sidecar.comfy.client import ComfyClient
+from comfy_sidecar.comfy.client import ComfyClient, ComfyUnavailable
 from comfy_sidecar.comfy.events import EventStream
 from comfy_sidecar.config import Settings
 from comfy_sidecar.phase import Fatal, Phase
-from comfy_sidecar.pipeline.jobs import JobRegistry
+from comfy_sidecar.pipeline.jobs import JobRegistry, JobState
 from comfy_sidecar.supervisor import ComfyProcess, CrashLoop, LaunchError, RestartPolicy
 
 log = logging.getLogger("comfy_sidecar.instance")
@@ -35,6 +45,12 @@ T = TypeVar("T")
 #: First ping interval while waiting for ComfyUI's port, in seconds (doubles up to
 #: STARTUP_CHECK_INTERVAL_S).
 FIRST_PING_S = 0.02
+
+GB = 1024**3
+
+#: Restart reasons counted in :attr:`ComfyInstance.restarts` (and the restart metric):
+#: ``exit`` (ComfyUI exited), ``hang``, ``stall`` and ``recycle``.
+RESTART_REASONS = ("exit", "hang", "stall", "recycle")
 
 
 class ChildExited(Exception):
@@ -57,6 +73,37 @@ def expand_cmd(argv: list[str], port: int, index: int, gpu: str | None) -> list[
     return out
 
 
+def vram_used_bytes(stats: dict[str, Any]) -> int:
+    """Used memory of ComfyUI's first device, in bytes, from ``/system_stats``
+    (``devices[0].vram_total - devices[0].vram_free``); 0 when it does not say."""
+    devices = stats.get("devices")
+    if not isinstance(devices, list) or not devices or not isinstance(devices[0], dict):
+        return 0
+    try:
+        return max(0, int(devices[0]["vram_total"]) - int(devices[0]["vram_free"]))
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def recycle_reason(settings: Settings, jobs: int, rss_bytes: int, vram_bytes: int) -> str | None:
+    """Which RECYCLE_* limit a child that ran ``jobs`` jobs and holds ``rss_bytes`` of resident
+    memory and ``vram_bytes`` of GPU memory has reached, in words; None when none (a limit of 0
+    is off)."""
+    if settings.recycle_after_jobs and jobs >= settings.recycle_after_jobs:
+        return f"RECYCLE_AFTER_JOBS: {jobs} jobs run"
+    if settings.recycle_rss_gb and rss_bytes > settings.recycle_rss_gb * GB:
+        return f"RECYCLE_RSS_GB: resident memory {rss_bytes / GB:.2f} GB"
+    if settings.recycle_vram_gb and vram_bytes > settings.recycle_vram_gb * GB:
+        return f"RECYCLE_VRAM_GB: GPU memory in use {vram_bytes / GB:.2f} GB"
+    return None
+
+
+def _keepalive_s(hang_timeout_s: float) -> float:
+    """The websocket ping interval (and pong timeout) for a COMFYUI_HANG_TIMEOUT_S: half of it,
+    at most 20 s (websockets' default), 20 s when hang detection is off."""
+    return min(20.0, hang_timeout_s / 2) if hang_timeout_s > 0 else 20.0
+
+
 def base_url(address: str, port: int) -> str:
     """``http://<address>:<port>`` (IPv6 addresses bracketed)."""
     if ":" in address and not address.startswith("["):
@@ -66,6 +113,7 @@ def base_url(address: str, port: int) -> str:
 
 FrameHook = Callable[["ComfyInstance", dict[str, Any]], None]
 InstanceHook = Callable[["ComfyInstance"], Awaitable[None]]
+EventHook = Callable[["ComfyInstance", str, dict[str, Any]], None]
 
 
 class ComfyInstance:
@@ -73,7 +121,9 @@ class ComfyInstance:
 
     ``on_frame(instance, frame)`` sees every websocket frame after the instance's job registry
     took it; ``warmup(instance)`` runs the warmup prompt on this instance (None: no warmup);
-    ``on_ready(instance)`` runs each time it becomes ready.
+    ``on_ready(instance)`` runs each time it becomes ready; ``on_event(instance, name, data)``
+    is told of restarts (``restart``: ``{instance, reason, message}``) and recycling
+    (``recycle``: ``{instance, reason, jobs, rss_bytes, vram_bytes}``).
     """
 
     def __init__(
@@ -87,6 +137,7 @@ class ComfyInstance:
         on_frame: FrameHook,
         warmup: InstanceHook | None,
         on_ready: InstanceHook,
+        on_event: EventHook | None = None,
     ) -> None:
         self.index = index
         self.name = str(index)
@@ -106,6 +157,7 @@ class ComfyInstance:
             self._on_frame,
             self._on_connect,
             self.registry.mark_missed_frames,
+            ping_interval_s=_keepalive_s(settings.comfyui_hang_timeout_s),
         )
         self.policy = RestartPolicy(settings.restart_max, settings.restart_window_s)
         self.process: ComfyProcess | None = None
@@ -113,6 +165,18 @@ class ComfyInstance:
         self.detail = "not started"
         self.ever_ready = False
         self.draining = False
+        #: Set when a RECYCLE_* limit tripped: no new jobs until the child was restarted.
+        self.recycling = False
+        #: Jobs run (warmup aside) by the current child.
+        self.jobs_done = 0
+        #: Restarts by reason (:data:`RESTART_REASONS`), for the restart metric.
+        self.restarts: collections.Counter[str] = collections.Counter()
+        #: (restart reason, job fail reason, message) when the sidecar took the child down.
+        self._down: tuple[str, str, str] | None = None
+        self._recycle = asyncio.Event()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._last_job_frame_at = time.monotonic()
+        self._on_event = on_event
         self._on_frame_hook = on_frame
         #: Runs the warmup prompt on this instance after each start (None: no warmup).
         self.warmup = warmup
@@ -126,8 +190,13 @@ class ComfyInstance:
 
     @property
     def accepting(self) -> bool:
-        """True while new jobs may be sent to it: ready, connected, not draining."""
-        return self.phase is Phase.READY and self.events.connected and not self.draining
+        """True while new jobs may be sent to it: ready, connected, not draining or recycling."""
+        return (
+            self.phase is Phase.READY
+            and self.events.connected
+            and not self.draining
+            and not self.recycling
+        )
 
     def set_phase(self, phase: Phase, detail: str) -> None:
         """Move to ``phase`` and log it."""
@@ -157,6 +226,9 @@ class ComfyInstance:
     # --- events -----------------------------------------------------------------------------
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
+        data = frame.get("data")
+        if isinstance(data, dict) and self.registry.api_id_for(str(data.get("prompt_id"))):
+            self._last_job_frame_at = time.monotonic()
         self.registry.on_frame(frame)
         self._on_frame_hook(self, frame)
 
@@ -171,13 +243,147 @@ class ComfyInstance:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        if self._on_event is not None:
+            self._on_event(self, name, {"instance": self.name, **data})
+
     async def _watch_quiet_socket(self) -> None:
+        """Every COMFYUI_QUIET_RECONCILE_S / 2: when jobs are in flight and no frame came for
+        COMFYUI_QUIET_RECONCILE_S, reopen a socket that ComfyUI's ``/queue`` shows to be stale
+        (comfyui-api issue #186; reconciled on reconnect), else reconcile the jobs."""
         quiet_s = self.settings.quiet_reconcile_s
         while True:
             await asyncio.sleep(quiet_s / 2)
             quiet = time.monotonic() - self.events.last_frame_at
-            if len(self.registry) and quiet > quiet_s:
+            if not len(self.registry) or quiet <= quiet_s:
+                continue
+            if self.events.connected and await self._socket_missed_progress():
+                log.warning(
+                    "%swebsocket silent for %.1f s while ComfyUI's /queue moved on; reopening it",
+                    self._prefix(),
+                    quiet,
+                )
+                await self.events.reconnect()  # on_connect(True) reconciles the jobs
+            else:
                 await self.registry.reconcile()
+
+    async def _socket_missed_progress(self) -> bool:
+        """True when ComfyUI's ``/queue`` shows one of our jobs running, or no longer shows
+        one the socket never said ended: the frames did not reach us."""
+        jobs = [
+            j
+            for j in self.registry.jobs()
+            if j.state in (JobState.QUEUED, JobState.RUNNING) and not j.done.done()
+        ]
+        if not jobs:
+            return False
+        try:
+            running, pending = await self.client.queue()
+        except ComfyUnavailable:
+            return False
+        return any(j.prompt_id in running or j.prompt_id not in pending for j in jobs)
+
+    # --- hang and stall detection -----------------------------------------------------------
+
+    async def _watch_child(self, process: ComfyProcess) -> None:
+        """From the child's first answer until it ends: take it down when it hangs (no answer
+        to a ping or frame for COMFYUI_HANG_TIMEOUT_S) or stalls (see :meth:`_stalled`)."""
+        hang_s = self.settings.comfyui_hang_timeout_s
+        stall_s = self.settings.comfyui_stall_timeout_s
+        limits = [t for t in (hang_s, stall_s) if t > 0]
+        if not limits:
+            return
+        interval = min(5.0, min(limits) / 4)
+        last_answer = time.monotonic()
+        self._last_job_frame_at = last_answer
+        while True:
+            await asyncio.sleep(interval)
+            if hang_s:
+                if await self.client.ping(timeout_s=min(2.0, hang_s / 2)):
+                    last_answer = time.monotonic()
+                last_answer = max(last_answer, self.events.last_frame_at)
+                silent = time.monotonic() - last_answer
+                if silent > hang_s:
+                    message = (
+                        f"hung: ComfyUI has not answered for {silent:.1f} s "
+                        f"(COMFYUI_HANG_TIMEOUT_S={hang_s:g})"
+                    )
+                    self._take_down(process, "hang", "comfyui_hung", message)
+                    return
+            if stall_s and await self._stalled(stall_s):
+                message = (
+                    f"stalled: ComfyUI holds queued jobs but started none for {stall_s:g} s "
+                    f"(COMFYUI_STALL_TIMEOUT_S); its prompt worker looks dead"
+                )
+                self._take_down(process, "stall", "comfyui_stalled", message)
+                return
+
+    async def _stalled(self, stall_s: float) -> bool:
+        """True when jobs of ours wait in ComfyUI's queue, none runs, no frame of ours came for
+        ``stall_s`` seconds, and ``/queue`` shows nothing running."""
+        since = self.registry.waiting_since()
+        if since is None:
+            return False
+        if time.monotonic() - max(since, self._last_job_frame_at) <= stall_s:
+            return False
+        try:
+            running, _ = await self.client.queue()
+        except ComfyUnavailable:
+            return False  # not answering: the hang check's business
+        return not running
+
+    def _take_down(self, process: ComfyProcess, kind: str, reason: str, message: str) -> None:
+        """Declare the child ``kind`` (hang, stall): not ready at once, SIGKILL its process
+        group; :meth:`_supervise` fails its jobs with ``reason`` and restarts it."""
+        log.error("%s%s; killing ComfyUI (pid %s)", self._prefix(), message, process.pid)
+        self._down = (kind, reason, message)
+        self.set_phase(Phase.RESTARTING, message)
+        process.kill()
+
+    # --- recycling --------------------------------------------------------------------------
+
+    def job_ended(self) -> None:
+        """A job this instance ran (not the warmup) ended: count it and check the RECYCLE_*
+        limits (the job count and RSS at once, the VRAM through ``/system_stats``)."""
+        self.jobs_done += 1
+        settings = self.settings
+        if self.recycling or self.process is None:
+            return
+        rss = self.process.rss_bytes() if settings.recycle_rss_gb else 0
+        reason = recycle_reason(settings, self.jobs_done, rss, 0)
+        if reason is not None:
+            self._start_recycling(reason, rss, 0)
+        elif settings.recycle_vram_gb:
+            self._spawn(self._check_vram(rss))
+
+    async def _check_vram(self, rss: int) -> None:
+        try:
+            vram = vram_used_bytes(await self.client.system_stats())
+        except ComfyUnavailable:
+            return
+        reason = recycle_reason(self.settings, self.jobs_done, rss, vram)
+        if reason is not None and not self.recycling:
+            self._start_recycling(reason, rss, vram)
+
+    def _start_recycling(self, reason: str, rss: int, vram: int) -> None:
+        self.recycling = True
+        log.info(
+            "%srecycling ComfyUI (%s): no new jobs; restarting once %d job(s) finished",
+            self._prefix(),
+            reason,
+            len(self.registry),
+        )
+        self._emit(
+            "recycle",
+            {"reason": reason, "jobs": self.jobs_done, "rss_bytes": rss, "vram_bytes": vram},
+        )
+        self._recycle.set()
+
+    async def _serve_until_recycled(self) -> None:
+        """Return once a RECYCLE_* limit tripped and this instance's jobs all finished."""
+        await self._recycle.wait()
+        self.set_phase(Phase.RESTARTING, f"recycling: letting {len(self.registry)} job(s) finish")
+        await self.registry.wait_empty()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -207,17 +413,23 @@ class ComfyInstance:
             except LaunchError as exc:
                 raise Fatal(f"CMD: {exc}") from None
             exited = asyncio.ensure_future(process.wait())
+            self._down = None
+            self.jobs_done = 0
+            self.recycling = False
+            self._recycle.clear()
             try:
                 await self._bring_up(process, exited)
                 self.ever_ready = True
                 self.set_phase(Phase.READY, "ComfyUI is up, warm and connected")
                 await self._on_ready(self)
-                raise ChildExited(await exited)
+                await self._race(self._serve_until_recycled(), exited)
             except ChildExited as exc:
-                self.registry.fail_all(f"ComfyUI exited with code {exc.code}")
-                log.error("%s%s", self._prefix(), exc)
-                if not self.settings.always_restart_comfyui:
-                    raise Fatal(f"{exc}; ALWAYS_RESTART_COMFYUI is false") from None
+                self._child_lost(exc)
+            else:
+                await self._recycle_child(process)
+                continue
+            finally:
+                self._stop_watching()
             await process.stop(timeout_s=5)
             try:
                 delay = self.policy.next_delay()
@@ -225,6 +437,27 @@ class ComfyInstance:
                 raise Fatal(str(exc)) from None
             self.set_phase(Phase.RESTARTING, f"restarting ComfyUI in {delay:.1f} s")
             await asyncio.sleep(delay)
+
+    def _child_lost(self, exc: ChildExited) -> None:
+        """The child exited, or was killed as hung or stalled: fail its jobs (the pipeline
+        re-queues the ones not started), count the restart; raises :class:`Fatal` with
+        ALWAYS_RESTART_COMFYUI=false."""
+        kind, reason, message = self._down or ("exit", "comfyui_exited", str(exc))
+        self.registry.fail_all(message, reason)
+        log.error("%s%s", self._prefix(), exc if self._down is None else message)
+        if not self.settings.always_restart_comfyui:
+            raise Fatal(f"{message}; ALWAYS_RESTART_COMFYUI is false") from None
+        self.restarts[kind] += 1  # the restart metric (reason=kind) reads this counter
+        self._emit("restart", {"reason": reason, "message": message})
+
+    async def _recycle_child(self, process: ComfyProcess) -> None:
+        """Restart a child whose jobs finished after a RECYCLE_* limit tripped: SIGTERM, wait,
+        and let :meth:`_supervise` start and warm a new one (no crash backoff)."""
+        code = await process.stop(timeout_s=30)
+        self.registry.fail_all("ComfyUI was recycled", "recycle")  # none, unless one slipped in
+        log.info("%srecycled ComfyUI (exit code %s); starting a new one", self._prefix(), code)
+        self.restarts["recycle"] += 1  # the restart metric (reason=recycle) reads this counter
+        self.set_phase(Phase.RESTARTING, "recycling: starting a new ComfyUI")
 
     async def _race(self, awaitable: Awaitable[T], exited: asyncio.Future[int]) -> T:
         """Await ``awaitable`` unless ComfyUI exits first (then raise :class:`ChildExited`)."""
@@ -256,6 +489,7 @@ class ComfyInstance:
                 f"(STARTUP_CHECK_INTERVAL_S x STARTUP_CHECK_MAX_TRIES)"
             )
         self.client.forget_process_state()
+        self._watchdog = self._spawn(self._watch_child(process))
         self.events.connect_now()
         remaining = max(5.0, deadline - (time.monotonic() - started))
         if not await self._race(self.events.wait_connected(remaining), exited):
@@ -265,6 +499,11 @@ class ComfyInstance:
         if self.warmup is not None:
             self.set_phase(Phase.WARMING, "running the warmup prompt")
             await self._race(self.warmup(self), exited)
+
+    def _stop_watching(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.cancel()
 
     async def _wait_answering(self, deadline_s: float, listening: asyncio.Event) -> bool:
         """Ping ComfyUI with a short backoff (FIRST_PING_S doubling up to

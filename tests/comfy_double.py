@@ -10,7 +10,14 @@ Run it like ComfyUI: ``python tests/comfy_double.py --listen 127.0.0.1 --port 81
 --input-directory/--output-directory/--temp-directory). Nodes: EmptyImage, LoadImage,
 LoadImageMask, ImageInvert, ImageBlur (slow: ~1.5 s per 2048x2048 image), SaveImage,
 PreviewImage, SaveAnimatedWEBP, SaveAnimatedPNG, UpscaleModelLoader, ImageUpscaleWithModel
-(emits ``progress``), and ``DoubleExit`` (exits the process with ``code``, for crash tests).
+(emits ``progress``), ``DoubleExit`` (exits the process with ``code``, for crash tests) and
+``DoubleOutOfMemory`` (passes its image through, but first raises ComfyUI's out-of-memory
+execution_error, ``torch.OutOfMemoryError``, the first ``times`` times it runs for ``key``).
+
+Test-only controls under ``/__double__/``: ``drop_websockets``, ``mute`` (every socket silent),
+``stale_websockets`` (the sockets open now stay open but get no more frames; new ones do, as in
+comfyui-api issue #186) and ``stall`` (``{"stalled": true}``: the prompt worker stops taking
+prompts, as when ComfyUI's worker thread died; they stay pending).
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ NODES: dict[str, tuple[dict[str, Any], bool]] = {
     "CheckpointLoaderSimple": ({"ckpt_name": "STRING"}, False),
     "ImageUpscaleWithModel": ({"upscale_model": "UPSCALE_MODEL", "image": "IMAGE"}, False),
     "DoubleExit": ({"code": "INT"}, True),
+    "DoubleOutOfMemory": ({"image": "IMAGE", "times": "INT", "key": "STRING"}, False),
 }
 OPTIONAL_DEFAULTS = {"LoadImageMask": {"channel": "alpha"}, "ImageBlur": {"sigma": 1.0}}
 
@@ -98,6 +106,9 @@ class Double:
         self.interrupt_flag = threading.Event()
         self.cache: dict[str, tuple[Any, dict[str, Any] | None]] = {}
         self.muted = False
+        self.stale_sockets: set[int] = set()  # id() of sockets that get no more frames
+        self.stalled = False
+        self.oom_raised: dict[str, int] = {}
         self.temp_tag = "".join(random.choices(string.ascii_lowercase, k=5))
 
     # --- websocket --------------------------------------------------------------------------
@@ -115,6 +126,8 @@ class Double:
             else ([self.clients[sid]] if sid in self.clients else [])
         )
         for ws in targets:
+            if id(ws) in self.stale_sockets:
+                continue
             try:
                 await ws.send_data(message)
             except Exception:
@@ -269,7 +282,7 @@ class Double:
 
     async def worker(self) -> None:
         while True:
-            while not self.queue:
+            while not self.queue or self.stalled:
                 self.wakeup.clear()
                 await self.wakeup.wait()
             item = heapq.heappop(self.queue)
@@ -532,6 +545,17 @@ class Double:
             time.sleep(0.02)
             emit("progress", {"value": 1, "max": 1, "prompt_id": prompt_id, "node": node_id})
             return [i.resize((i.width * 2, i.height * 2)) for i in images], None
+        if class_type == "DoubleOutOfMemory":
+            key = str(inputs["key"])
+            if self.oom_raised.get(key, 0) < int(inputs["times"]):
+                self.oom_raised[key] = self.oom_raised.get(key, 0) + 1
+                raise NodeFailure(
+                    "torch.OutOfMemoryError",
+                    "Allocation on device \nThis error means you ran out of memory on your GPU."
+                    "\n\nTIPS: If the workflow worked before you might have accidentally set "
+                    "the batch_size to a large number.",
+                )
+            return inputs["image"], None
         if class_type == "DoubleExit":
             sys.stderr.flush()
             os._exit(int(inputs["code"]))
@@ -667,6 +691,19 @@ class Double:
             double.muted = bool((await request.json()).get("muted", True))
             return {"muted": double.muted}
 
+        @post("/__double__/stale_websockets", status_code=200)
+        async def stale_websockets(request: Request[Any, Any, Any]) -> dict[str, Any]:
+            """The sockets open now stay open but get no more frames (new ones do)."""
+            double.stale_sockets.update(id(sock) for sock in double.clients.values())
+            return {"stale": len(double.clients)}
+
+        @post("/__double__/stall", status_code=200)
+        async def stall(request: Request[Any, Any, Any]) -> dict[str, Any]:
+            """``{"stalled": true}``: the worker stops taking prompts (they stay pending)."""
+            double.stalled = bool((await request.json()).get("stalled", True))
+            double.wakeup.set()
+            return {"stalled": double.stalled}
+
         @websocket("/ws")
         async def ws(socket: WebSocket[Any, Any, Any]) -> None:
             await socket.accept()
@@ -711,6 +748,8 @@ class Double:
                 features,
                 drop_websockets,
                 mute,
+                stale_websockets,
+                stall,
                 ws,
             ],
             openapi_config=None,

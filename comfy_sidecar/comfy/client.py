@@ -64,10 +64,10 @@ class ComfyClient:
             raise ComfyUnavailable(f"{method} {path}: HTTP {response.status_code}")
         return response
 
-    async def ping(self) -> bool:
-        """True when ``GET /system_stats`` answers 200 within 2 s."""
+    async def ping(self, timeout_s: float = 2.0) -> bool:
+        """True when ``GET /system_stats`` answers 200 within ``timeout_s`` seconds."""
         try:
-            response = await self._http.get("/system_stats", timeout=2.0)
+            response = await self._http.get("/system_stats", timeout=timeout_s)
         except httpx.HTTPError:
             return False
         return response.status_code == 200
@@ -146,6 +146,20 @@ class ComfyClient:
         """Interrupt ``prompt_id`` if it is the running prompt (takes effect at a node boundary)."""
         body = msgspec.json.encode({"prompt_id": prompt_id})
         await self._request("POST", "/interrupt", content=body, headers=_JSON)
+
+    async def system_stats(self) -> dict[str, Any]:
+        """``GET /system_stats``: ``{system: {...}, devices: [{name, type, vram_total,
+        vram_free, ...}]}`` (bytes); ``{}`` when it is not a JSON object. Raises
+        ComfyUnavailable."""
+        answer = await self.get_json("/system_stats")
+        return answer if isinstance(answer, dict) else {}
+
+    async def free(self) -> None:
+        """``POST /free {"unload_models": true, "free_memory": true}``: ComfyUI unloads its
+        models and frees cached memory before its next prompt (ai-dock calls it after an
+        out-of-memory error). Raises ComfyUnavailable."""
+        body = msgspec.json.encode({"unload_models": True, "free_memory": True})
+        await self._request("POST", "/free", content=body, headers=_JSON)
 
     async def object_info(self, class_type: str) -> dict[str, Any] | None:
         """``/object_info/{class_type}`` for one node class, cached per ComfyUI process."""
