@@ -35,8 +35,15 @@ from comfy_sidecar.comfy.client import ComfyClient, ComfyUnavailable
 from comfy_sidecar.comfy.events import EventStream
 from comfy_sidecar.config import Settings
 from comfy_sidecar.phase import Fatal, Phase
-from comfy_sidecar.pipeline.jobs import JobRegistry, JobState
+from comfy_sidecar.pipeline.jobs import JobRegistry
 from comfy_sidecar.supervisor import ComfyProcess, CrashLoop, LaunchError, RestartPolicy
+from comfy_sidecar.watchdog import (
+    keepalive_s,
+    recycle_reason,
+    socket_missed_progress,
+    vram_used_bytes,
+    watch_child,
+)
 
 log = logging.getLogger("comfy_sidecar.instance")
 
@@ -45,8 +52,6 @@ T = TypeVar("T")
 #: First ping interval while waiting for ComfyUI's port, in seconds (doubles up to
 #: STARTUP_CHECK_INTERVAL_S).
 FIRST_PING_S = 0.02
-
-GB = 1024**3
 
 #: Restart reasons counted in :attr:`ComfyInstance.restarts` (and the restart metric):
 #: ``exit`` (ComfyUI exited), ``hang``, ``stall`` and ``recycle``.
@@ -71,37 +76,6 @@ def expand_cmd(argv: list[str], port: int, index: int, gpu: str | None) -> list[
             part = part.replace(key, value)
         out.append(part)
     return out
-
-
-def vram_used_bytes(stats: dict[str, Any]) -> int:
-    """Used memory of ComfyUI's first device, in bytes, from ``/system_stats``
-    (``devices[0].vram_total - devices[0].vram_free``); 0 when it does not say."""
-    devices = stats.get("devices")
-    if not isinstance(devices, list) or not devices or not isinstance(devices[0], dict):
-        return 0
-    try:
-        return max(0, int(devices[0]["vram_total"]) - int(devices[0]["vram_free"]))
-    except (KeyError, TypeError, ValueError):
-        return 0
-
-
-def recycle_reason(settings: Settings, jobs: int, rss_bytes: int, vram_bytes: int) -> str | None:
-    """Which RECYCLE_* limit a child that ran ``jobs`` jobs and holds ``rss_bytes`` of resident
-    memory and ``vram_bytes`` of GPU memory has reached, in words; None when none (a limit of 0
-    is off)."""
-    if settings.recycle_after_jobs and jobs >= settings.recycle_after_jobs:
-        return f"RECYCLE_AFTER_JOBS: {jobs} jobs run"
-    if settings.recycle_rss_gb and rss_bytes > settings.recycle_rss_gb * GB:
-        return f"RECYCLE_RSS_GB: resident memory {rss_bytes / GB:.2f} GB"
-    if settings.recycle_vram_gb and vram_bytes > settings.recycle_vram_gb * GB:
-        return f"RECYCLE_VRAM_GB: GPU memory in use {vram_bytes / GB:.2f} GB"
-    return None
-
-
-def _keepalive_s(hang_timeout_s: float) -> float:
-    """The websocket ping interval (and pong timeout) for a COMFYUI_HANG_TIMEOUT_S: half of it,
-    at most 20 s (websockets' default), 20 s when hang detection is off."""
-    return min(20.0, hang_timeout_s / 2) if hang_timeout_s > 0 else 20.0
 
 
 def base_url(address: str, port: int) -> str:
@@ -157,7 +131,7 @@ class ComfyInstance:
             self._on_frame,
             self._on_connect,
             self.registry.mark_missed_frames,
-            ping_interval_s=_keepalive_s(settings.comfyui_hang_timeout_s),
+            ping_interval_s=keepalive_s(settings.comfyui_hang_timeout_s),
         )
         self.policy = RestartPolicy(settings.restart_max, settings.restart_window_s)
         self.process: ComfyProcess | None = None
@@ -257,7 +231,7 @@ class ComfyInstance:
             quiet = time.monotonic() - self.events.last_frame_at
             if not len(self.registry) or quiet <= quiet_s:
                 continue
-            if self.events.connected and await self._socket_missed_progress():
+            if self.events.connected and await socket_missed_progress(self.registry, self.client):
                 log.warning(
                     "%swebsocket silent for %.1f s while ComfyUI's /queue moved on; reopening it",
                     self._prefix(),
@@ -267,70 +241,21 @@ class ComfyInstance:
             else:
                 await self.registry.reconcile()
 
-    async def _socket_missed_progress(self) -> bool:
-        """True when ComfyUI's ``/queue`` shows one of our jobs running, or no longer shows
-        one the socket never said ended: the frames did not reach us."""
-        jobs = [
-            j
-            for j in self.registry.jobs()
-            if j.state in (JobState.QUEUED, JobState.RUNNING) and not j.done.done()
-        ]
-        if not jobs:
-            return False
-        try:
-            running, pending = await self.client.queue()
-        except ComfyUnavailable:
-            return False
-        return any(j.prompt_id in running or j.prompt_id not in pending for j in jobs)
-
     # --- hang and stall detection -----------------------------------------------------------
 
     async def _watch_child(self, process: ComfyProcess) -> None:
-        """From the child's first answer until it ends: take it down when it hangs (no answer
-        to a ping or frame for COMFYUI_HANG_TIMEOUT_S) or stalls (see :meth:`_stalled`)."""
-        hang_s = self.settings.comfyui_hang_timeout_s
-        stall_s = self.settings.comfyui_stall_timeout_s
-        limits = [t for t in (hang_s, stall_s) if t > 0]
-        if not limits:
-            return
-        interval = min(5.0, min(limits) / 4)
-        last_answer = time.monotonic()
-        self._last_job_frame_at = last_answer
-        while True:
-            await asyncio.sleep(interval)
-            if hang_s:
-                if await self.client.ping(timeout_s=min(2.0, hang_s / 2)):
-                    last_answer = time.monotonic()
-                last_answer = max(last_answer, self.events.last_frame_at)
-                silent = time.monotonic() - last_answer
-                if silent > hang_s:
-                    message = (
-                        f"hung: ComfyUI has not answered for {silent:.1f} s "
-                        f"(COMFYUI_HANG_TIMEOUT_S={hang_s:g})"
-                    )
-                    self._take_down(process, "hang", "comfyui_hung", message)
-                    return
-            if stall_s and await self._stalled(stall_s):
-                message = (
-                    f"stalled: ComfyUI holds queued jobs but started none for {stall_s:g} s "
-                    f"(COMFYUI_STALL_TIMEOUT_S); its prompt worker looks dead"
-                )
-                self._take_down(process, "stall", "comfyui_stalled", message)
-                return
-
-    async def _stalled(self, stall_s: float) -> bool:
-        """True when jobs of ours wait in ComfyUI's queue, none runs, no frame of ours came for
-        ``stall_s`` seconds, and ``/queue`` shows nothing running."""
-        since = self.registry.waiting_since()
-        if since is None:
-            return False
-        if time.monotonic() - max(since, self._last_job_frame_at) <= stall_s:
-            return False
-        try:
-            running, _ = await self.client.queue()
-        except ComfyUnavailable:
-            return False  # not answering: the hang check's business
-        return not running
+        """From the child's first answer until it ends: take it down when it hangs or stalls
+        (:func:`~comfy_sidecar.watchdog.watch_child`)."""
+        self._last_job_frame_at = time.monotonic()
+        verdict = await watch_child(
+            self.settings,
+            self.client,
+            self.registry,
+            lambda: self.events.last_frame_at,
+            lambda: self._last_job_frame_at,
+        )
+        if verdict is not None:
+            self._take_down(process, *verdict)
 
     def _take_down(self, process: ComfyProcess, kind: str, reason: str, message: str) -> None:
         """Declare the child ``kind`` (hang, stall): not ready at once, SIGKILL its process
