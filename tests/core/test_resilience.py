@@ -40,6 +40,21 @@ def post_in_thread(sidecar: Sidecar, prompt: dict[str, Any]) -> tuple[threading.
     return thread, result
 
 
+def post_many(sidecar: Sidecar, count: int, prefix: str) -> list[httpx.Response]:
+    """``count`` small prompts POSTed at once; their responses, in order."""
+    with ThreadPoolExecutor(count) as pool:
+        return list(
+            pool.map(
+                lambda i: sidecar.post(
+                    "/prompt",
+                    json={"prompt": basic_prompt(batch=1, prefix=f"{prefix}{i}")},
+                    timeout=120,
+                ),
+                range(count),
+            )
+        )
+
+
 def started_pids(sidecar: Sidecar) -> list[int]:
     """Pids of every ComfyUI child the sidecar started, in order (from its log)."""
     return [int(p) for p in re.findall(r"started ComfyUI \(pid (\d+)\)", sidecar.log())]
@@ -117,15 +132,7 @@ def test_stalled_worker_is_restarted_and_jobs_requeued(spawn: Any, tmp_path: Pat
     comfy = f"http://127.0.0.1:{sidecar.comfy_port}"
     httpx.post(comfy + "/__double__/stall", json={"stalled": True})
     started = time.monotonic()
-    with ThreadPoolExecutor(2) as pool:
-        responses = list(
-            pool.map(
-                lambda i: sidecar.post(
-                    "/prompt", json={"prompt": basic_prompt(batch=1, prefix=f"st{i}")}, timeout=60
-                ),
-                range(2),
-            )
-        )
+    responses = post_many(sidecar, 2, "st")
     assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
     assert time.monotonic() - started < 20
     assert "stalled: ComfyUI holds queued jobs" in sidecar.log()
@@ -168,15 +175,7 @@ def test_recycle_after_jobs(spawn: Any, tmp_path: Path, receiver: Any) -> None:
         SYSTEM_WEBHOOK_EVENTS="recycle",
     )
     sidecar.wait_ready()
-    with ThreadPoolExecutor(7) as pool:
-        responses = list(
-            pool.map(
-                lambda i: sidecar.post(
-                    "/prompt", json={"prompt": basic_prompt(batch=1, prefix=f"r{i}")}, timeout=120
-                ),
-                range(7),
-            )
-        )
+    responses = post_many(sidecar, 7, "r")
     assert [r.status_code for r in responses] == [200] * 7, [r.text for r in responses]
     wait_for(lambda: len(started_pids(sidecar)) == 3, timeout=30, what="two recycles")
     assert len(set(started_pids(sidecar))) == 3
