@@ -116,6 +116,43 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         "Seconds without a websocket frame, with jobs in flight, after which they are "
         "reconciled through /queue and /history.",
     ]
+    comfyui_hang_timeout_s: Annotated[
+        float,
+        Var("COMFYUI_HANG_TIMEOUT_S", "60", float_at_least(0), new=True),
+        "Seconds ComfyUI may go without answering a ping (HTTP, or the websocket's ping/pong) "
+        "before it is declared hung: its running job fails 503 (`reason: comfyui_hung`), its "
+        "queued jobs go back to the sidecar's queue and it is killed and restarted (0 = never).",
+    ]
+    comfyui_stall_timeout_s: Annotated[
+        float,
+        Var("COMFYUI_STALL_TIMEOUT_S", "120", float_at_least(0), new=True),
+        "Seconds jobs may sit in ComfyUI's queue with none running and no frame before ComfyUI "
+        "is declared stalled (its prompt worker died) and restarted like a hung one, its jobs "
+        "re-queued (0 = never).",
+    ]
+    recycle_after_jobs: Annotated[
+        int,
+        Var("RECYCLE_AFTER_JOBS", "0", int_at_least(0), new=True),
+        "Restart an instance's ComfyUI after this many jobs, once its jobs finished (0 = never).",
+    ]
+    recycle_rss_gb: Annotated[
+        float,
+        Var("RECYCLE_RSS_GB", "0", float_at_least(0), new=True),
+        "Restart an instance's ComfyUI when, after a job, its process group's resident memory "
+        "exceeds this many GB (0 = never).",
+    ]
+    recycle_vram_gb: Annotated[
+        float,
+        Var("RECYCLE_VRAM_GB", "0", float_at_least(0), new=True),
+        "Restart an instance's ComfyUI when, after a job, its GPU's used memory (from "
+        "/system_stats: vram_total - vram_free) exceeds this many GB (0 = never).",
+    ]
+    oom_retry: Annotated[
+        bool,
+        Var("OOM_RETRY", "false", boolean, new=True),
+        "Run a job that failed with ComfyUI's out-of-memory error once more (after POST /free); "
+        "otherwise it answers 503 with `reason: out_of_memory`.",
+    ]
     direct_address: Annotated[
         str, Var("DIRECT_ADDRESS", "127.0.0.1", text), "Address the sidecar uses to reach ComfyUI."
     ]
@@ -469,6 +506,8 @@ SYSTEM_EVENT_NAMES: tuple[str, ...] = (
     "file_downloaded",
     "file_uploaded",
     "file_deleted",
+    "restart",
+    "recycle",
 )
 
 

@@ -89,7 +89,10 @@ class UpstreamFailed(SidecarError):
 
 class Unavailable(SidecarError):
     """The sidecar cannot take the work now: ComfyUI not ready, not answering or gone while
-    the job ran, the sidecar draining, a feature missing from this build. Worth a retry."""
+    the job ran, the sidecar draining, a feature missing from this build. Worth a retry.
+    A job's body says why in ``reason``: ``comfyui_exited``, ``comfyui_hung``,
+    ``comfyui_stalled`` (ComfyUI lost the running job; with ``comfyui_log_tail``) or
+    ``out_of_memory`` (ComfyUI's out-of-memory error; the job may fit on another worker)."""
 
 
 class Overloaded(SidecarError):

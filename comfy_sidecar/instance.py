@@ -9,11 +9,21 @@ the dispatcher (:mod:`comfy_sidecar.dispatch`) only while it is :attr:`accepting
 Bring-up does not wait on a fixed poll: the port is pinged with a short backoff (20 ms doubling
 up to STARTUP_CHECK_INTERVAL_S) and at once when ComfyUI prints that it listens, and the
 websocket is opened as soon as the port answers.
+
+Once the port answers, a watchdog pings the child (``GET /system_stats`` with a short timeout,
+and the websocket's own ping/pong). A child that has not answered for COMFYUI_HANG_TIMEOUT_S is
+*hung*; one that holds queued jobs but runs none, with no frame of ours for
+COMFYUI_STALL_TIMEOUT_S, is *stalled* (its prompt worker died). Either way the instance stops
+being ready, its process group is SIGKILLed and it is restarted as after a crash: the running
+job fails (``reason`` ``comfyui_hung`` / ``comfyui_stalled``), the jobs that had not started go
+back to the sidecar's queue. After each job the RECYCLE_* limits are checked; when one trips the
+instance stops taking jobs, lets its jobs finish, and restarts and warms its child again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -22,12 +32,19 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from comfy_sidecar import metrics
-from comfy_sidecar.comfy.client import ComfyClient
+from comfy_sidecar.comfy.client import ComfyClient, ComfyUnavailable
 from comfy_sidecar.comfy.events import EventStream
 from comfy_sidecar.config import Settings
 from comfy_sidecar.phase import Fatal, Phase
 from comfy_sidecar.pipeline.jobs import JobRegistry
 from comfy_sidecar.supervisor import ComfyProcess, CrashLoop, LaunchError, RestartPolicy
+from comfy_sidecar.watchdog import (
+    keepalive_s,
+    recycle_reason,
+    socket_missed_progress,
+    vram_used_bytes,
+    watch_child,
+)
 
 log = logging.getLogger("comfy_sidecar.instance")
 
@@ -36,6 +53,10 @@ T = TypeVar("T")
 #: First ping interval while waiting for ComfyUI's port, in seconds (doubles up to
 #: STARTUP_CHECK_INTERVAL_S).
 FIRST_PING_S = 0.02
+
+#: Restart reasons counted in :attr:`ComfyInstance.restarts` (and the restart metric):
+#: ``exit`` (ComfyUI exited), ``hang``, ``stall`` and ``recycle``.
+RESTART_REASONS = ("exit", "hang", "stall", "recycle")
 
 
 class ChildExited(Exception):
@@ -67,6 +88,7 @@ def base_url(address: str, port: int) -> str:
 
 FrameHook = Callable[["ComfyInstance", dict[str, Any]], None]
 InstanceHook = Callable[["ComfyInstance"], Awaitable[None]]
+EventHook = Callable[["ComfyInstance", str, dict[str, Any]], None]
 
 
 class ComfyInstance:
@@ -74,7 +96,9 @@ class ComfyInstance:
 
     ``on_frame(instance, frame)`` sees every websocket frame after the instance's job registry
     took it; ``warmup(instance)`` runs the warmup prompt on this instance (None: no warmup);
-    ``on_ready(instance)`` runs each time it becomes ready.
+    ``on_ready(instance)`` runs each time it becomes ready; ``on_event(instance, name, data)``
+    is told of restarts (``restart``: ``{instance, reason, message}``) and recycling
+    (``recycle``: ``{instance, reason, jobs, rss_bytes, vram_bytes}``).
     """
 
     def __init__(
@@ -88,6 +112,7 @@ class ComfyInstance:
         on_frame: FrameHook,
         warmup: InstanceHook | None,
         on_ready: InstanceHook,
+        on_event: EventHook | None = None,
     ) -> None:
         self.index = index
         self.name = str(index)
@@ -108,6 +133,7 @@ class ComfyInstance:
             self._on_connect,
             self.registry.mark_missed_frames,
             on_preview=self.registry.on_preview,
+            ping_interval_s=keepalive_s(settings.comfyui_hang_timeout_s),
         )
         self.policy = RestartPolicy(settings.restart_max, settings.restart_window_s)
         self.process: ComfyProcess | None = None
@@ -115,6 +141,18 @@ class ComfyInstance:
         self.detail = "not started"
         self.ever_ready = False
         self.draining = False
+        #: Set when a RECYCLE_* limit tripped: no new jobs until the child was restarted.
+        self.recycling = False
+        #: Jobs run (warmup aside) by the current child.
+        self.jobs_done = 0
+        #: Restarts by reason (:data:`RESTART_REASONS`), for the restart metric.
+        self.restarts: collections.Counter[str] = collections.Counter()
+        #: (restart reason, job fail reason, message) when the sidecar took the child down.
+        self._down: tuple[str, str, str] | None = None
+        self._recycle = asyncio.Event()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._last_job_frame_at = time.monotonic()
+        self._on_event = on_event
         self._on_frame_hook = on_frame
         #: Runs the warmup prompt on this instance after each start (None: no warmup).
         self.warmup = warmup
@@ -128,8 +166,13 @@ class ComfyInstance:
 
     @property
     def accepting(self) -> bool:
-        """True while new jobs may be sent to it: ready, connected, not draining."""
-        return self.phase is Phase.READY and self.events.connected and not self.draining
+        """True while new jobs may be sent to it: ready, connected, not draining or recycling."""
+        return (
+            self.phase is Phase.READY
+            and self.events.connected
+            and not self.draining
+            and not self.recycling
+        )
 
     def set_phase(self, phase: Phase, detail: str) -> None:
         """Move to ``phase`` and log it."""
@@ -159,6 +202,9 @@ class ComfyInstance:
     # --- events -----------------------------------------------------------------------------
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
+        data = frame.get("data")
+        if isinstance(data, dict) and self.registry.api_id_for(str(data.get("prompt_id"))):
+            self._last_job_frame_at = time.monotonic()
         self.registry.on_frame(frame)
         self._on_frame_hook(self, frame)
 
@@ -173,13 +219,98 @@ class ComfyInstance:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        if self._on_event is not None:
+            self._on_event(self, name, {"instance": self.name, **data})
+
     async def _watch_quiet_socket(self) -> None:
+        """Every COMFYUI_QUIET_RECONCILE_S / 2: when jobs are in flight and no frame came for
+        COMFYUI_QUIET_RECONCILE_S, reopen a socket that ComfyUI's ``/queue`` shows to be stale
+        (comfyui-api issue #186; reconciled on reconnect), else reconcile the jobs."""
         quiet_s = self.settings.quiet_reconcile_s
         while True:
             await asyncio.sleep(quiet_s / 2)
             quiet = time.monotonic() - self.events.last_frame_at
-            if len(self.registry) and quiet > quiet_s:
+            if not len(self.registry) or quiet <= quiet_s:
+                continue
+            if self.events.connected and await socket_missed_progress(self.registry, self.client):
+                log.warning(
+                    "%swebsocket silent for %.1f s while ComfyUI's /queue moved on; reopening it",
+                    self._prefix(),
+                    quiet,
+                )
+                await self.events.reconnect()  # on_connect(True) reconciles the jobs
+            else:
                 await self.registry.reconcile()
+
+    # --- hang and stall detection -----------------------------------------------------------
+
+    async def _watch_child(self, process: ComfyProcess) -> None:
+        """From the child's first answer until it ends: take it down when it hangs or stalls
+        (:func:`~comfy_sidecar.watchdog.watch_child`)."""
+        self._last_job_frame_at = time.monotonic()
+        verdict = await watch_child(
+            self.settings,
+            self.client,
+            self.registry,
+            lambda: self.events.last_frame_at,
+            lambda: self._last_job_frame_at,
+        )
+        if verdict is not None:
+            self._take_down(process, *verdict)
+
+    def _take_down(self, process: ComfyProcess, kind: str, reason: str, message: str) -> None:
+        """Declare the child ``kind`` (hang, stall): not ready at once, SIGKILL its process
+        group; :meth:`_supervise` fails its jobs with ``reason`` and restarts it."""
+        log.error("%s%s; killing ComfyUI (pid %s)", self._prefix(), message, process.pid)
+        self._down = (kind, reason, message)
+        self.set_phase(Phase.RESTARTING, message)
+        process.kill()
+
+    # --- recycling --------------------------------------------------------------------------
+
+    def job_ended(self) -> None:
+        """A job this instance ran (not the warmup) ended: count it and check the RECYCLE_*
+        limits (the job count and RSS at once, the VRAM through ``/system_stats``)."""
+        self.jobs_done += 1
+        settings = self.settings
+        if self.recycling or self.process is None:
+            return
+        rss = self.process.rss_bytes() if settings.recycle_rss_gb else 0
+        reason = recycle_reason(settings, self.jobs_done, rss, 0)
+        if reason is not None:
+            self._start_recycling(reason, rss, 0)
+        elif settings.recycle_vram_gb:
+            self._spawn(self._check_vram(rss))
+
+    async def _check_vram(self, rss: int) -> None:
+        try:
+            vram = vram_used_bytes(await self.client.system_stats())
+        except ComfyUnavailable:
+            return
+        reason = recycle_reason(self.settings, self.jobs_done, rss, vram)
+        if reason is not None and not self.recycling:
+            self._start_recycling(reason, rss, vram)
+
+    def _start_recycling(self, reason: str, rss: int, vram: int) -> None:
+        self.recycling = True
+        log.info(
+            "%srecycling ComfyUI (%s): no new jobs; restarting once %d job(s) finished",
+            self._prefix(),
+            reason,
+            len(self.registry),
+        )
+        self._emit(
+            "recycle",
+            {"reason": reason, "jobs": self.jobs_done, "rss_bytes": rss, "vram_bytes": vram},
+        )
+        self._recycle.set()
+
+    async def _serve_until_recycled(self) -> None:
+        """Return once a RECYCLE_* limit tripped and this instance's jobs all finished."""
+        await self._recycle.wait()
+        self.set_phase(Phase.RESTARTING, f"recycling: letting {len(self.registry)} job(s) finish")
+        await self.registry.wait_empty()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -209,25 +340,53 @@ class ComfyInstance:
             except LaunchError as exc:
                 raise Fatal(f"CMD: {exc}") from None
             exited = asyncio.ensure_future(process.wait())
+            self._down = None
+            self.jobs_done = 0
+            self.recycling = False
+            self._recycle.clear()
             try:
                 await self._bring_up(process, exited)
                 self.ever_ready = True
                 self.set_phase(Phase.READY, "ComfyUI is up, warm and connected")
                 await self._on_ready(self)
-                raise ChildExited(await exited)
+                await self._race(self._serve_until_recycled(), exited)
             except ChildExited as exc:
-                self.registry.fail_all(f"ComfyUI exited with code {exc.code}")
-                log.error("%s%s", self._prefix(), exc)
-                if not self.settings.always_restart_comfyui:
-                    raise Fatal(f"{exc}; ALWAYS_RESTART_COMFYUI is false") from None
+                self._child_lost(exc)
+            else:
+                await self._recycle_child(process)
+                continue
+            finally:
+                self._stop_watching()
             await process.stop(timeout_s=5)
             try:
                 delay = self.policy.next_delay()
             except CrashLoop as exc:
                 raise Fatal(str(exc)) from None
             self.set_phase(Phase.RESTARTING, f"restarting ComfyUI in {delay:.1f} s")
-            metrics.process_restart(self.name, "exit")
             await asyncio.sleep(delay)
+
+    def _child_lost(self, exc: ChildExited) -> None:
+        """The child exited, or was killed as hung or stalled: fail its jobs (the pipeline
+        re-queues the ones not started), count the restart; raises :class:`Fatal` with
+        ALWAYS_RESTART_COMFYUI=false."""
+        kind, reason, message = self._down or ("exit", "comfyui_exited", str(exc))
+        self.registry.fail_all(message, reason)
+        log.error("%s%s", self._prefix(), exc if self._down is None else message)
+        if not self.settings.always_restart_comfyui:
+            raise Fatal(f"{message}; ALWAYS_RESTART_COMFYUI is false") from None
+        self.restarts[kind] += 1
+        metrics.process_restart(self.name, kind)
+        self._emit("restart", {"reason": reason, "message": message})
+
+    async def _recycle_child(self, process: ComfyProcess) -> None:
+        """Restart a child whose jobs finished after a RECYCLE_* limit tripped: SIGTERM, wait,
+        and let :meth:`_supervise` start and warm a new one (no crash backoff)."""
+        code = await process.stop(timeout_s=30)
+        self.registry.fail_all("ComfyUI was recycled", "recycle")  # none, unless one slipped in
+        log.info("%srecycled ComfyUI (exit code %s); starting a new one", self._prefix(), code)
+        self.restarts["recycle"] += 1
+        metrics.process_restart(self.name, "recycle")
+        self.set_phase(Phase.RESTARTING, "recycling: starting a new ComfyUI")
 
     async def _race(self, awaitable: Awaitable[T], exited: asyncio.Future[int]) -> T:
         """Await ``awaitable`` unless ComfyUI exits first (then raise :class:`ChildExited`)."""
@@ -259,6 +418,7 @@ class ComfyInstance:
                 f"(STARTUP_CHECK_INTERVAL_S x STARTUP_CHECK_MAX_TRIES)"
             )
         self.client.forget_process_state()
+        self._watchdog = self._spawn(self._watch_child(process))
         self.events.connect_now()
         remaining = max(5.0, deadline - (time.monotonic() - started))
         if not await self._race(self.events.wait_connected(remaining), exited):
@@ -269,6 +429,11 @@ class ComfyInstance:
         if self.warmup is not None:
             self.set_phase(Phase.WARMING, "running the warmup prompt")
             await self._race(self.warmup(self), exited)
+
+    def _stop_watching(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.cancel()
 
     async def _wait_answering(self, deadline_s: float, listening: asyncio.Event) -> bool:
         """Ping ComfyUI with a short backoff (FIRST_PING_S doubling up to

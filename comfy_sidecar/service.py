@@ -107,6 +107,7 @@ class Sidecar:
                 on_frame=self._on_frame,
                 warmup=None,
                 on_ready=self._instance_ready,
+                on_event=self._instance_event,
             )
             for index, (port, gpu) in enumerate(plan)
         ]
@@ -248,6 +249,12 @@ class Sidecar:
         if frame.get("type") == "status":
             queued = sum(i.events.queue_remaining for i in self.instances)
             self.deletion_cost.set(queued + self.dispatcher.waiting)
+
+    def _instance_event(self, instance: ComfyInstance, name: str, data: dict[str, Any]) -> None:
+        """An instance restarted or recycled: ``sidecar.<name>`` to SYSTEM_WEBHOOK_URL when
+        subscribed (SYSTEM_WEBHOOK_EVENTS ``restart``, ``recycle``)."""
+        if name in self.settings.system_webhook_events:
+            self.webhooks.emit_system(f"sidecar.{name}", data)
 
     async def _instance_ready(self, instance: ComfyInstance) -> None:
         first = not self.ever_ready

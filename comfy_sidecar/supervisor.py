@@ -131,11 +131,50 @@ class ComfyProcess:
             reader.cancel()
         return process.returncode
 
+    def kill(self) -> None:
+        """SIGKILL the child's whole process group now (a hung child: SIGKILL also ends a
+        stopped process); :meth:`wait` then returns."""
+        self._signal(signal.SIGKILL)
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the child's process group, in bytes: the sum of ``VmRSS`` of
+        every process in it (Linux ``/proc``; 0 elsewhere or when it is not running)."""
+        if self.process is None or self.process.returncode is not None:
+            return 0
+        return group_rss_bytes(self.process.pid)
+
     def _signal(self, sig: signal.Signals) -> None:
         if self.process is None:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, sig)
+
+
+def group_rss_bytes(pgid: int, proc: str = "/proc") -> int:
+    """Sum of ``VmRSS`` (bytes) of the processes in process group ``pgid``, read from
+    ``proc``; processes that vanish while being read are skipped."""
+    total = 0
+    try:
+        entries = os.listdir(proc)
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{entry}/stat", encoding="ascii", errors="replace") as f:
+                stat = f.read()
+            # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after its ")".
+            if int(stat.rpartition(")")[2].split()[2]) != pgid:
+                continue
+            with open(f"{proc}/{entry}/status", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024  # kB
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 class CrashLoop(Exception):

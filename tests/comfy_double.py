@@ -10,9 +10,16 @@ Run it like ComfyUI: ``python tests/comfy_double.py --listen 127.0.0.1 --port 81
 --input-directory/--output-directory/--temp-directory). Nodes: EmptyImage, LoadImage,
 LoadImageMask, ImageInvert, ImageBlur (slow: ~1.5 s per 2048x2048 image), SaveImage,
 PreviewImage, SaveAnimatedWEBP, SaveAnimatedPNG, UpscaleModelLoader, ImageUpscaleWithModel
-(emits ``progress``), ``DoubleExit`` (exits the process with ``code``, for crash tests), and
+(emits ``progress``), ``DoubleExit`` (exits the process with ``code``, for crash tests),
 ``DoubleTicks`` (test-only: ``steps`` timed ``progress`` frames whose send times
-``GET /__double__/tick_times/{prompt_id}`` returns, for bench/jobs_bench.py).
+``GET /__double__/tick_times/{prompt_id}`` returns, for bench/jobs_bench.py) and
+``DoubleOutOfMemory`` (passes its image through, but first raises ComfyUI's out-of-memory
+execution_error, ``torch.OutOfMemoryError``, the first ``times`` times it runs for ``key``).
+
+Test-only controls under ``/__double__/``: ``drop_websockets``, ``mute`` (every socket silent),
+``stale_websockets`` (the sockets open now stay open but get no more frames; new ones do, as in
+comfyui-api issue #186) and ``stall`` (``{"stalled": true}``: the prompt worker stops taking
+prompts, as when ComfyUI's worker thread died; they stay pending).
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ NODES: dict[str, tuple[dict[str, Any], bool]] = {
     "DoubleExit": ({"code": "INT"}, True),
     # Test-only (bench/jobs_bench.py): timed progress frames, see Double.run_node.
     "DoubleTicks": ({"image": "IMAGE", "steps": "INT", "interval_ms": "INT"}, False),
+    "DoubleOutOfMemory": ({"image": "IMAGE", "times": "INT", "key": "STRING"}, False),
 }
 OPTIONAL_DEFAULTS = {"LoadImageMask": {"channel": "alpha"}, "ImageBlur": {"sigma": 1.0}}
 
@@ -108,6 +116,9 @@ class Double:
         self.muted = False
         #: Test-only (DoubleTicks): prompt_id -> wall-clock send time (s) of each tick.
         self.tick_times: dict[str, list[float]] = {}
+        self.stale_sockets: set[int] = set()  # id() of sockets that get no more frames
+        self.stalled = False
+        self.oom_raised: dict[str, int] = {}
         self.temp_tag = "".join(random.choices(string.ascii_lowercase, k=5))
 
     # --- websocket --------------------------------------------------------------------------
@@ -125,6 +136,8 @@ class Double:
             else ([self.clients[sid]] if sid in self.clients else [])
         )
         for ws in targets:
+            if id(ws) in self.stale_sockets:
+                continue
             try:
                 await ws.send_data(message)
             except Exception:
@@ -296,7 +309,7 @@ class Double:
 
     async def worker(self) -> None:
         while True:
-            while not self.queue:
+            while not self.queue or self.stalled:
                 self.wakeup.clear()
                 await self.wakeup.wait()
             item = heapq.heappop(self.queue)
@@ -585,6 +598,17 @@ class Double:
                     {"value": value, "max": steps, "prompt_id": prompt_id, "node": node_id},
                 )
             return inputs["image"], None
+        if class_type == "DoubleOutOfMemory":
+            key = str(inputs["key"])
+            if self.oom_raised.get(key, 0) < int(inputs["times"]):
+                self.oom_raised[key] = self.oom_raised.get(key, 0) + 1
+                raise NodeFailure(
+                    "torch.OutOfMemoryError",
+                    "Allocation on device \nThis error means you ran out of memory on your GPU."
+                    "\n\nTIPS: If the workflow worked before you might have accidentally set "
+                    "the batch_size to a large number.",
+                )
+            return inputs["image"], None
         if class_type == "DoubleExit":
             sys.stderr.flush()
             os._exit(int(inputs["code"]))
@@ -725,6 +749,19 @@ class Double:
             """Test-only: send times (s since epoch) of a DoubleTicks node's progress frames."""
             return double.tick_times.get(prompt_id, [])
 
+        @post("/__double__/stale_websockets", status_code=200)
+        async def stale_websockets(request: Request[Any, Any, Any]) -> dict[str, Any]:
+            """The sockets open now stay open but get no more frames (new ones do)."""
+            double.stale_sockets.update(id(sock) for sock in double.clients.values())
+            return {"stale": len(double.clients)}
+
+        @post("/__double__/stall", status_code=200)
+        async def stall(request: Request[Any, Any, Any]) -> dict[str, Any]:
+            """``{"stalled": true}``: the worker stops taking prompts (they stay pending)."""
+            double.stalled = bool((await request.json()).get("stalled", True))
+            double.wakeup.set()
+            return {"stalled": double.stalled}
+
         @websocket("/ws")
         async def ws(socket: WebSocket[Any, Any, Any]) -> None:
             await socket.accept()
@@ -774,6 +811,8 @@ class Double:
                 drop_websockets,
                 mute,
                 tick_times,
+                stale_websockets,
+                stall,
                 ws,
             ],
             openapi_config=None,

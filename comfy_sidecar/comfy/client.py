@@ -48,7 +48,6 @@ class ComfyClient:
     def __init__(self, base_url: str, timeout_s: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=5.0)
-        self._ping_timeout = aiohttp.ClientTimeout(total=2.0)
         self._session: aiohttp.ClientSession | None = None
         self._object_info: dict[str, dict[str, Any] | None] = {}
 
@@ -93,11 +92,11 @@ class ComfyClient:
             raise ComfyUnavailable(f"{method} {path}: HTTP {status}")
         return status, content
 
-    async def ping(self) -> bool:
-        """True when ``GET /system_stats`` answers 200 within 2 s."""
+    async def ping(self, timeout_s: float = 2.0) -> bool:
+        """True when ``GET /system_stats`` answers 200 within ``timeout_s`` seconds."""
         try:
             async with self._http().get(
-                self.base_url + "/system_stats", timeout=self._ping_timeout
+                self.base_url + "/system_stats", timeout=aiohttp.ClientTimeout(total=timeout_s)
             ) as response:
                 await response.read()
                 return response.status == 200
@@ -178,6 +177,20 @@ class ComfyClient:
         """Interrupt ``prompt_id`` if it is the running prompt (takes effect at a node boundary)."""
         body = msgspec.json.encode({"prompt_id": prompt_id})
         await self._request("POST", "/interrupt", body)
+
+    async def system_stats(self) -> dict[str, Any]:
+        """``GET /system_stats``: ``{system: {...}, devices: [{name, type, vram_total,
+        vram_free, ...}]}`` (bytes); ``{}`` when it is not a JSON object. Raises
+        ComfyUnavailable."""
+        answer = await self.get_json("/system_stats")
+        return answer if isinstance(answer, dict) else {}
+
+    async def free(self) -> None:
+        """``POST /free {"unload_models": true, "free_memory": true}``: ComfyUI unloads its
+        models and frees cached memory before its next prompt (ai-dock calls it after an
+        out-of-memory error). Raises ComfyUnavailable."""
+        body = msgspec.json.encode({"unload_models": True, "free_memory": True})
+        await self._request("POST", "/free", body)
 
     async def object_info(self, class_type: str) -> dict[str, Any] | None:
         """``/object_info/{class_type}`` for one node class, cached per ComfyUI process."""

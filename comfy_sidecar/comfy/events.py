@@ -86,6 +86,8 @@ class EventStream:
     Attributes: ``connected`` (bool), ``queue_remaining`` (int, from the last ``status`` frame:
     ComfyUI's pending + running count), ``last_frame_at`` (``time.monotonic()`` seconds).
     Reconnects wait ``backoff_s`` seconds, doubling after each failure up to ``max_backoff_s``.
+    The socket's own keepalive pings every ``ping_interval_s`` seconds and drops the connection
+    when a pong takes longer than that (None: no keepalive).
     """
 
     def __init__(
@@ -99,11 +101,14 @@ class EventStream:
         backoff_s: float = 0.1,
         max_backoff_s: float = 2.0,
         on_preview: PreviewHandler | None = None,
+        ping_interval_s: float | None = 20.0,
     ) -> None:
         self._url = f"{ws_url}?clientId={client_id}"
         self._on_preview = on_preview
         self._backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
+        self._ping_interval_s = ping_interval_s
+        self._ws: websockets.ClientConnection | None = None
         self._on_frame = on_frame
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
@@ -120,6 +125,15 @@ class EventStream:
         attempt starts at once (no effect while connected)."""
         if not self.connected:
             self._kick.set()
+
+    async def reconnect(self) -> None:
+        """Close the current socket (a stale one: open but silent) and open a new one at once;
+        ``on_disconnect`` then ``on_connect(True)`` run as after any drop."""
+        ws = self._ws
+        if ws is None:
+            return
+        self._kick.set()
+        await ws.close()
 
     async def wait_connected(self, timeout_s: float) -> bool:
         """Wait until connected; False after ``timeout_s`` seconds."""
@@ -140,11 +154,12 @@ class EventStream:
                     max_size=None,
                     compression=None,
                     proxy=None,  # loopback: HTTP(S)_PROXY must never apply
-                    ping_interval=20,
-                    ping_timeout=20,
+                    ping_interval=self._ping_interval_s,
+                    ping_timeout=self._ping_interval_s,
                     open_timeout=5,
                     close_timeout=1,
                 ) as ws:
+                    self._ws = ws
                     self.connections += 1
                     self.connected = True
                     self.last_frame_at = time.monotonic()
@@ -167,6 +182,7 @@ class EventStream:
                 else:
                     log.debug("websocket connect failed: %s", exc)
             finally:
+                self._ws = None
                 if self.connected:
                     self.connected = False
                     self._connected_event.clear()

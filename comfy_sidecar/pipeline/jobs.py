@@ -54,11 +54,13 @@ class OutcomeKind(enum.StrEnum):
 class JobOutcome:
     """The end of a job: ``outputs`` is ComfyUI's history ``outputs`` (node id -> ui dict);
     ``error`` is ComfyUI's ``execution_error`` data, or ``{"message": ...}`` when ComfyUI went
-    away."""
+    away; ``reason`` says why the sidecar lost it (``comfyui_exited``, ``comfyui_hung``,
+    ``comfyui_stalled``, ``recycle``, ``shutdown``), None otherwise."""
 
     kind: OutcomeKind
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: dict[str, Any] | None = None
+    reason: str | None = None
 
 
 @dataclass
@@ -133,6 +135,8 @@ class JobRegistry:
         # (e.g. `executing` null after an error) and are forwarded as system events.
         self._recent: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
 
     def __len__(self) -> int:
         return len(self._by_prompt)
@@ -147,6 +151,7 @@ class JobRegistry:
             raise DuplicateJob(job.id)
         self._by_id[job.id] = job
         self._by_prompt[job.prompt_id] = job
+        self._empty.clear()
 
     def remove(self, job: Job) -> None:
         """Forget ``job`` (after its result was delivered)."""
@@ -155,6 +160,12 @@ class JobRegistry:
             self._recent[job.prompt_id] = job.id
             if len(self._recent) > self.RECENT:
                 del self._recent[next(iter(self._recent))]
+        if not self._by_prompt:
+            self._empty.set()
+
+    async def wait_empty(self) -> None:
+        """Wait until no job is in flight (every one removed after its result)."""
+        await self._empty.wait()
 
     def by_id(self, job_id: str) -> Job | None:
         """The in-flight job with API id ``job_id``."""
@@ -321,11 +332,23 @@ class JobRegistry:
                     )
                 )
 
-    def fail_all(self, message: str) -> None:
-        """Fail every unfinished job at once (ComfyUI exited)."""
+    def fail_all(self, message: str, reason: str | None = None) -> None:
+        """Fail every unfinished job at once (ComfyUI exited, hung or was restarted), as
+        COMFY_LOST with ``reason``. The pipeline sends the ones that had not started
+        (no ``exec_start_ms``) to another instance; the running one fails."""
         for job in list(self._by_prompt.values()):
             if job.state is not JobState.PREPROCESSING:
-                job.finish(JobOutcome(OutcomeKind.COMFY_LOST, error={"message": message}))
+                job.finish(
+                    JobOutcome(OutcomeKind.COMFY_LOST, error={"message": message}, reason=reason)
+                )
+
+    def waiting_since(self) -> float | None:
+        """``time.monotonic()`` at which the longest-waiting job was queued in ComfyUI, when
+        jobs are queued there and none of ours runs; None otherwise (for stall detection)."""
+        queued = [j.queued_at for j in self._by_prompt.values() if j.state is JobState.QUEUED]
+        if not queued or any(j.state is JobState.RUNNING for j in self._by_prompt.values()):
+            return None
+        return min(queued)
 
 
 def outcome_from_history(entry: dict[str, Any]) -> JobOutcome:

@@ -368,7 +368,10 @@ class Pipeline:
         self, pending: PendingJob, pinned: ComfyInstance | None
     ) -> tuple[JobOutcome, ComfyInstance | None]:
         """Run the job on ``pinned`` or on the instances the dispatcher hands out, again
-        elsewhere when an instance lost it before it started; (outcome, instance)."""
+        elsewhere when an instance lost it before it started, and once more after an
+        out-of-memory error with OOM_RETRY=true (after ``POST /free`` on that instance);
+        (outcome, instance)."""
+        oom_retried = False
         while True:
             job = pending.job
             instance = pinned or await self._acquire(job)
@@ -380,7 +383,16 @@ class Pipeline:
                 outcome = await self._execute(instance, job, pending.prompt)
             finally:
                 if pinned is None:
+                    instance.job_ended()  # before its slot is handed on: recycling limits
                     self.dispatcher.release(instance)
+            if is_out_of_memory(outcome):
+                await self._free(instance, job)
+                if self.settings.oom_retry and not oom_retried and not job.interrupt_requested:
+                    oom_retried = True
+                    log.warning("job %s ran out of memory; running it once more", job.id)
+                    pending.job = job.again(str(uuid.uuid4()))
+                    self._active[job.id] = pending.job
+                    continue
             lost_unstarted = (
                 outcome.kind is OutcomeKind.COMFY_LOST
                 and job.exec_start_ms is None
@@ -395,6 +407,15 @@ class Pipeline:
             )
             pending.job = job.again(str(uuid.uuid4()))
             self._active[job.id] = pending.job
+
+    async def _free(self, instance: ComfyInstance, job: Job) -> None:
+        """``POST /free`` on ``instance`` after ``job`` ran out of memory (logged, never
+        raises)."""
+        log.warning("job %s ran out of memory; POST /free on instance %s", job.id, instance.name)
+        try:
+            await instance.client.free()
+        except ComfyUnavailable as exc:
+            log.warning("job %s: POST /free after out of memory failed: %s", job.id, exc)
 
     async def _acquire(self, job: Job) -> ComfyInstance | None:
         """Wait for a slot on a ready instance; None when the job is interrupted first."""
@@ -479,9 +500,22 @@ class Pipeline:
                 f"ComfyUI went away while the job was running: {error.get('message', 'unknown')}",
                 id=job.id,
                 comfyui_log_tail=tail,
+                **({"reason": outcome.reason} if outcome.reason else {}),
             )
         exc_type = error.get("exception_type", "")
         exc_msg = str(error.get("exception_message", error.get("message", ""))).strip()
+        if is_out_of_memory(outcome):
+            raise Unavailable(
+                f"ComfyUI ran out of memory in node {error.get('node_id')} "
+                f"({error.get('node_type')}): {exc_type}: {exc_msg}",
+                id=job.id,
+                reason="out_of_memory",
+                node_id=error.get("node_id"),
+                node_type=error.get("node_type"),
+                exception_type=exc_type,
+                exception_message=exc_msg,
+                comfyui_log_tail=tail,
+            )
         raise ExecutionFailed(
             f"Prompt execution failed in node {error.get('node_id')} "
             f"({error.get('node_type')}): {exc_type}: {exc_msg}",
@@ -520,6 +554,20 @@ class Pipeline:
         elif instance is not None and job.state is not JobState.PREPROCESSING:
             await self._stop_in_comfy(instance, job)
         return True
+
+
+#: Words in ComfyUI's execution_error (exception_type or exception_message) that mean the
+#: node ran out of memory (torch raises ``torch.OutOfMemoryError``, "CUDA out of memory";
+#: ComfyUI's message starts "Allocation on device").
+OUT_OF_MEMORY_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "Allocation on device")
+
+
+def is_out_of_memory(outcome: JobOutcome) -> bool:
+    """True when ``outcome`` is ComfyUI's out-of-memory execution error."""
+    if outcome.kind is not OutcomeKind.EXECUTION_ERROR or not outcome.error:
+        return False
+    text = f"{outcome.error.get('exception_type', '')} {outcome.error.get('exception_message', '')}"
+    return any(marker in text for marker in OUT_OF_MEMORY_MARKERS)
 
 
 CACHE_BUSTER = "comfy_sidecar_job"
