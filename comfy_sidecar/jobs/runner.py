@@ -10,7 +10,6 @@ cancel, and the path of a retained output.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import mimetypes
@@ -240,7 +239,7 @@ class JobService:
             return False
         interrupted: bool = await self.delivery.pipeline.interrupt(record.id)
         if interrupted:
-            await _wait_ended(record, 10.0)
+            await record.wait_ended(10.0)
         return interrupted or record.status is JobStatus.CANCELLED
 
     def when_ended(
@@ -266,14 +265,3 @@ class JobService:
             return None
         path = record.files[index]
         return path if path.is_file() else None
-
-
-async def _wait_ended(record: JobRecord, timeout_s: float) -> None:
-    """Wait up to ``timeout_s`` seconds for ``record`` to end."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not record.status.terminal and loop.time() < deadline:
-        try:
-            await asyncio.wait_for(asyncio.shield(record.changed()), deadline - loop.time())
-        except TimeoutError:
-            return

@@ -146,6 +146,20 @@ class JobRecord:
             self._changed = asyncio.get_running_loop().create_future()
         return self._changed
 
+    async def wait_ended(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` seconds for the job to end; True when it has."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self.status.terminal:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(asyncio.shield(self.changed()), remaining)
+            except TimeoutError:
+                return False
+        return True
+
     async def follow(
         self, after: int = 0, heartbeat_s: float = 15.0, previews: bool = False
     ) -> AsyncIterator[JobEvent | None]:

@@ -19,7 +19,6 @@ use the sidecar's own AWS credentials: an ``s3`` block with keys is a 400 naming
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated, Any
 
@@ -226,21 +225,6 @@ async def generate(data: GenerateRequest, jobs: JobService, state: State) -> Res
     return Response(result_of(jobs, record), status_code=202)
 
 
-async def _wait_end(record: JobRecord, timeout_s: float) -> bool:
-    """Wait up to ``timeout_s`` seconds for ``record`` to end; whether it has."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not record.status.terminal:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            return False
-        try:
-            await asyncio.wait_for(asyncio.shield(record.changed()), remaining)
-        except TimeoutError:
-            return False
-    return True
-
-
 @post(
     "/generate/sync",
     summary="Run a generation and wait (ai-dock)",
@@ -266,7 +250,7 @@ async def generate_sync(
 ) -> Response[Result]:
     """Run a generation and wait."""
     record = await _submit(data, jobs, state)
-    ended = await _wait_end(record, wait_s)
+    ended = await record.wait_ended(wait_s)
     return Response(result_of(jobs, record), status_code=200 if ended else 202)
 
 

@@ -114,18 +114,6 @@ def accepted(view: dict[str, Any]) -> JobAccepted:
     )
 
 
-async def _wait_terminal(record: JobRecord, wait_s: float) -> None:
-    deadline = asyncio.get_running_loop().time() + wait_s
-    while not record.status.terminal:
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(record.changed()), remaining)
-        except TimeoutError:
-            return
-
-
 def with_data(jobs: JobService, record: JobRecord, body: dict[str, Any]) -> dict[str, Any]:
     """``body`` with each retained output's bytes as base64 ``data``."""
     for index, output in enumerate(body.get("outputs") or []):
@@ -161,7 +149,7 @@ async def get_job(
         return await shared_job(jobs.shared, job_id, wait, include == "data")
     record = job_of(jobs, job_id)
     if wait > 0:
-        await _wait_terminal(record, wait)
+        await record.wait_ended(wait)
     body = jobs.store.view(record)
     if include == "data":
         body = await asyncio.to_thread(with_data, jobs, record, body)
