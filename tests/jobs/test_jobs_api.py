@@ -25,17 +25,21 @@ from tests.waiting import wait_for
 
 
 def sse_events(
-    sidecar: Sidecar, job_id: str, last_event_id: str | None = None, timeout: float = 120
+    sidecar: Sidecar,
+    job_id: str,
+    last_event_id: str | None = None,
+    timeout: float = 120,
+    query: str = "",
 ) -> list[dict[str, Any]]:
-    """Every SSE event of ``GET /jobs/{id}/events`` until the stream ends: ``{"event", "id",
-    "data"}`` (comments dropped)."""
+    """Every SSE event of ``GET /jobs/{id}/events<query>`` until the stream ends: ``{"event",
+    "id", "data"}`` (comments dropped; ``id`` absent when the event had none)."""
     import msgspec
 
     headers = {"last-event-id": last_event_id} if last_event_id else {}
     events: list[dict[str, Any]] = []
     current: dict[str, Any] = {}
     with httpx.stream(
-        "GET", f"{sidecar.url}/jobs/{job_id}/events", headers=headers, timeout=timeout
+        "GET", f"{sidecar.url}/jobs/{job_id}/events{query}", headers=headers, timeout=timeout
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -242,25 +246,6 @@ def test_comfyui_killed_mid_job_fails_the_job_with_its_log_tail(spawn: Any, tmp_
     assert isinstance(job["error"]["comfyui_log_tail"], list)
 
 
-def sse_raw_events(sidecar: Sidecar, path: str) -> list[dict[str, Any]]:
-    """Like :func:`sse_events` for any events URL (query included), ids kept as given."""
-    import msgspec
-
-    events: list[dict[str, Any]] = []
-    current: dict[str, Any] = {}
-    with httpx.stream("GET", f"{sidecar.url}{path}", timeout=120) as response:
-        for line in response.iter_lines():
-            if not line:
-                if "data" in current:
-                    current["data"] = msgspec.json.decode(current["data"])
-                    events.append(current)
-                current = {}
-            elif not line.startswith(":"):
-                field, _, value = line.partition(":")
-                current[field] = value.removeprefix(" ")
-    return events
-
-
 def test_previews_are_sent_only_when_asked(tmp_path: Path) -> None:
     """The double sends a preview frame (type 4, with prompt_id and node id, as ComfyUI does
     for a client that announced ``supports_preview_metadata``) while the upscale node runs. A
@@ -277,8 +262,8 @@ def test_previews_are_sent_only_when_asked(tmp_path: Path) -> None:
     }
     with running_sidecar("double", tmp_path) as sidecar:
         job_id = submit(sidecar, prompt)["id"]
-        live = sse_raw_events(sidecar, f"/jobs/{job_id}/events?previews=true")
-        replay = sse_raw_events(sidecar, f"/jobs/{job_id}/events?previews=true")
+        live = sse_events(sidecar, job_id, query="?previews=true")
+        replay = sse_events(sidecar, job_id, query="?previews=true")
     previews = [e for e in live if e["event"] == "preview"]
     assert previews, [e["event"] for e in live]
     first = previews[0]
