@@ -98,7 +98,9 @@ class ComfyInstance:
     took it; ``warmup(instance)`` runs the warmup prompt on this instance (None: no warmup);
     ``on_ready(instance)`` runs each time it becomes ready; ``on_event(instance, name, data)``
     is told of restarts (``restart``: ``{instance, reason, message}``) and recycling
-    (``recycle``: ``{instance, reason, jobs, rss_bytes, vram_bytes}``).
+    (``recycle``: ``{instance, reason, jobs, rss_bytes, vram_bytes}``); ``on_connected(instance)``
+    runs each time its websocket (re)connects, so jobs waiting in the sidecar queue through a
+    blip are handed out at once.
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class ComfyInstance:
         warmup: InstanceHook | None,
         on_ready: InstanceHook,
         on_event: EventHook | None = None,
+        on_connected: Callable[[ComfyInstance], None] | None = None,
     ) -> None:
         self.index = index
         self.name = str(index)
@@ -157,6 +160,7 @@ class ComfyInstance:
         #: Runs the warmup prompt on this instance after each start (None: no warmup).
         self.warmup = warmup
         self._on_ready = on_ready
+        self._on_connected = on_connected
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
@@ -209,6 +213,8 @@ class ComfyInstance:
         self._on_frame_hook(self, frame)
 
     async def _on_connect(self, reconnected: bool) -> None:
+        if self._on_connected is not None:
+            self._on_connected(self)  # it may take jobs again (a blip ended)
         if reconnected:
             log.info("%swebsocket re-established; reconciling jobs in flight", self._prefix())
             self._spawn(self.registry.reconcile())

@@ -108,6 +108,7 @@ class Sidecar:
                 warmup=None,
                 on_ready=self._instance_ready,
                 on_event=self._instance_event,
+                on_connected=lambda _instance: self.dispatcher.poke(),
             )
             for index, (port, gpu) in enumerate(plan)
         ]
@@ -277,14 +278,6 @@ class Sidecar:
             await asyncio.sleep(interval)
             self.store.expire()
 
-    async def _poke_dispatcher(self) -> None:
-        """Hand slots to waiting jobs when an instance's websocket comes back (an instance
-        becomes ready through :meth:`_instance_ready`; a reconnect does not pass there)."""
-        while True:
-            await asyncio.sleep(0.05)
-            if self.dispatcher.waiting and self.dispatcher.free_slots():
-                self.dispatcher.poke()
-
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def lifecycle(self) -> int:
@@ -300,7 +293,6 @@ class Sidecar:
             self.warmup_prompt = await self._load_warmup()
             await metrics.time_startup("provision", self.provision())
             self.spawn(self._expire_jobs())
-            self.spawn(self._poke_dispatcher())
             if self.queue is not None:
                 self.spawn(self.queue.run())
             return await self._run_instances()

@@ -16,7 +16,8 @@ PreviewImage, SaveAnimatedWEBP, SaveAnimatedPNG, UpscaleModelLoader, ImageUpscal
 ``DoubleOutOfMemory`` (passes its image through, but first raises ComfyUI's out-of-memory
 execution_error, ``torch.OutOfMemoryError``, the first ``times`` times it runs for ``key``).
 
-Test-only controls under ``/__double__/``: ``drop_websockets``, ``mute`` (every socket silent),
+Test-only controls under ``/__double__/``: ``drop_websockets``, ``refuse_websockets``
+(``{"refused": true}``: new websockets are closed at once), ``mute`` (every socket silent),
 ``stale_websockets`` (the sockets open now stay open but get no more frames; new ones do, as in
 comfyui-api issue #186) and ``stall`` (``{"stalled": true}``: the prompt worker stops taking
 prompts, as when ComfyUI's worker thread died; they stay pending).
@@ -118,6 +119,8 @@ class Double:
         self.tick_times: dict[str, list[float]] = {}
         self.stale_sockets: set[int] = set()  # id() of sockets that get no more frames
         self.stalled = False
+        #: While True, websocket upgrades are refused (a ComfyUI whose socket is down).
+        self.ws_refused = False
         self.oom_raised: dict[str, int] = {}
         self.temp_tag = "".join(random.choices(string.ascii_lowercase, k=5))
 
@@ -762,8 +765,17 @@ class Double:
             double.wakeup.set()
             return {"stalled": double.stalled}
 
+        @post("/__double__/refuse_websockets", status_code=200)
+        async def refuse_websockets(request: Request[Any, Any, Any]) -> dict[str, Any]:
+            """``{"refused": true}``: new websockets are closed at once (HTTP still answers)."""
+            double.ws_refused = bool((await request.json()).get("refused", True))
+            return {"refused": double.ws_refused}
+
         @websocket("/ws")
         async def ws(socket: WebSocket[Any, Any, Any]) -> None:
+            if double.ws_refused:
+                await socket.close(code=1013)
+                return
             await socket.accept()
             sid = socket.query_params.get("clientId") or os.urandom(16).hex()
             double.clients[sid] = socket

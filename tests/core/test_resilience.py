@@ -60,6 +60,43 @@ def started_pids(sidecar: Sidecar) -> list[int]:
     return [int(p) for p in re.findall(r"started ComfyUI \(pid (\d+)\)", sidecar.log())]
 
 
+# --- no refusals on blips ---------------------------------------------------------------------
+
+
+def test_jobs_sent_while_the_websocket_is_down_wait_and_run(spawn: Any, tmp_path: Path) -> None:
+    """Jobs arriving while the instance's websocket reconnects wait in the sidecar queue (no
+    503) and start as soon as the socket is back, without a polling delay."""
+    sidecar: Sidecar = spawn(Backend("double", tmp_path / "comfy"))
+    sidecar.wait_ready()
+    comfy = f"http://127.0.0.1:{sidecar.comfy_port}"
+    httpx.post(comfy + "/__double__/refuse_websockets", json={"refused": True})
+    httpx.post(comfy + "/__double__/drop_websockets")
+    wait_for(
+        lambda: not sidecar.get("/health").json()["instances"][0]["connected"],
+        timeout=30,
+        what="the sidecar to see its websocket down",
+    )
+    with ThreadPoolExecutor(5) as pool:
+        futures = [
+            pool.submit(
+                sidecar.post,
+                "/prompt",
+                json={"prompt": basic_prompt(batch=1, prefix=f"blip{i}")},
+                timeout=120,
+            )
+            for i in range(5)
+        ]
+        wait_for(
+            lambda: sidecar.get("/health").json()["queue"]["waiting"] == 5,
+            timeout=30,
+            what="the 5 jobs to wait in the sidecar queue",
+        )
+        assert not any(f.done() for f in futures), [f.result().text for f in futures if f.done()]
+        httpx.post(comfy + "/__double__/refuse_websockets", json={"refused": False})
+        responses = [f.result(timeout=120) for f in futures]
+    assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
+
+
 # --- hung child ------------------------------------------------------------------------------
 
 
