@@ -431,7 +431,7 @@ class DownloadCache:
                 raise
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise DiskFullError(f"download failed: no space left in {self.dir}") from None
+                    raise _disk_error(exc, "download") from None
                 raise BackendError(
                     f"download failed: {exc.strerror or type(exc).__name__}"
                 ) from None
@@ -484,7 +484,7 @@ class DownloadCache:
                 final = self.dir / found.name
                 os.replace(dest, final)
             except OSError as exc:
-                raise _disk_error(exc, "adopting a model file", self.dir) from None
+                raise _disk_error(exc, "adopting a model file") from None
             now = _now_ms()
             entry = CacheEntry(
                 file=found.name,
@@ -751,11 +751,11 @@ def _link_file(
         raise StorageError(f"{dest.name}: cannot link ({exc.strerror})") from None
 
 
-def _disk_error(exc: OSError, what: str, where: Path) -> StorageError:
+def _disk_error(exc: OSError, what: str) -> StorageError:
     """The storage error for ``exc``: :class:`DiskFullError` for ENOSPC / EDQUOT, else a
     plain :class:`StorageError`; the message names no path."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFullError(f"{what} failed: no space left on the cache's disk")
+        return DiskFullError(f"{what} failed: no space left on the cache's disk (CACHE_DIR)")
     return StorageError(f"{what} failed: {exc.strerror or type(exc).__name__}")
 
 
