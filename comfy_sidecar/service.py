@@ -38,6 +38,7 @@ from comfy_sidecar.jobs.store import JobStore
 from comfy_sidecar.logs import setup_logging
 from comfy_sidecar.phase import Fatal, Phase
 from comfy_sidecar.pipeline.deliver import Delivery
+from comfy_sidecar.pipeline.preprocess import remove_leftover_inputs
 from comfy_sidecar.pipeline.run import Pipeline
 from comfy_sidecar.salad import DeletionCost
 from comfy_sidecar.schemas import Prompt, PromptRequest
@@ -287,6 +288,7 @@ class Sidecar:
                 await asyncio.to_thread(self.store.clear_leftovers)
             except (OSError, ValueError) as exc:
                 raise Fatal(f"JOBS_DIR: {exc}") from None
+            await asyncio.to_thread(remove_leftover_inputs, self.settings.input_dir)
             await self.webhooks.start()
             await self.storage.start()
             self.deletion_cost.start()

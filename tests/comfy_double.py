@@ -7,7 +7,8 @@ history written before the final ``executing`` frame, and real image files writt
 
 Run it like ComfyUI: ``python tests/comfy_double.py --listen 127.0.0.1 --port 8188
 --base-directory DIR`` (input/, output/, temp/ and models/ live under DIR unless given with
---input-directory/--output-directory/--temp-directory). Nodes: EmptyImage, LoadImage,
+--input-directory/--output-directory; ``--temp-directory X`` means ``X/temp`` as in ComfyUI, and
+the temp dir is emptied at start as ComfyUI's ``cleanup_temp`` does). Nodes: EmptyImage, LoadImage,
 LoadImageMask, ImageInvert, ImageBlur (slow: ~1.5 s per 2048x2048 image), SaveImage,
 PreviewImage, SaveAnimatedWEBP, SaveAnimatedPNG, UpscaleModelLoader, ImageUpscaleWithModel
 (emits ``progress``), ``DoubleExit`` (exits the process with ``code``, for crash tests),
@@ -33,6 +34,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import string
 import struct
 import sys
@@ -93,7 +95,10 @@ class Double:
         base = Path(args.base_directory)
         self.input_dir = Path(args.input_directory or base / "input")
         self.output_dir = Path(args.output_directory or base / "output")
-        self.temp_dir = Path(args.temp_directory or base / "temp")
+        # ComfyUI's main.py: --temp-directory X means X/temp; the temp dir is emptied at start
+        # (its cleanup_temp), so what a killed predecessor left there is gone.
+        self.temp_dir = Path(args.temp_directory) / "temp" if args.temp_directory else base / "temp"
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
         self.models_dir = base / "models"
         for d in (
             self.input_dir,

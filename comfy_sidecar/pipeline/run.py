@@ -43,6 +43,7 @@ from comfy_sidecar.pipeline.outputs import (
     OutputError,
     OutputFile,
     collect_outputs,
+    remove_job_outputs,
     remove_outputs,
 )
 from comfy_sidecar.pipeline.preprocess import Prepared, Preprocessor
@@ -127,23 +128,27 @@ class JobStaging:
 
     async def input(self, url: str, stem: str, location: str) -> str:
         """Download ``url``; link it into INPUT_DIR as ``<stem><cache file extension>``."""
-        from comfy_sidecar.storage import StorageError
+        from comfy_sidecar.storage import DiskFullError, StorageError
 
         auth = self.storage.credentials_for(url, self.credentials)
         try:
             cached = await self.storage.fetch(url, auth, self.lease)
             name = f"{stem}{cached.suffix}"
             return await self.storage.stage_input(url, auth, self.input_dir, name, self.lease)
+        except DiskFullError:
+            raise  # the sidecar's disk, not the caller's mistake (507)
         except StorageError as exc:
             raise InputError(f"could not download {scrub_url(url)}: {exc}", location) from None
 
     async def model(self, url: str, folder: str, location: str) -> str:
         """Download ``url`` into ``MODEL_DIR/<folder>``; returns the name ComfyUI lists."""
-        from comfy_sidecar.storage import StorageError
+        from comfy_sidecar.storage import DiskFullError, StorageError
 
         auth = self.storage.credentials_for(url, self.credentials)
         try:
             return await self.storage.stage_model(url, auth, self.model_dir / folder, self.lease)
+        except DiskFullError:
+            raise  # the sidecar's disk, not the caller's mistake (507)
         except StorageError as exc:
             raise InputError(f"could not download {scrub_url(url)}: {exc}", location) from None
 
@@ -362,7 +367,16 @@ class Pipeline:
             )
         except BaseException:
             pending.abandon()
+            self._remove_outputs_of(pending)
             raise
+
+    def _remove_outputs_of(self, pending: PendingJob) -> None:
+        """A job that failed, timed out or was interrupted keeps no output files: remove what
+        ComfyUI already wrote for it (logged, never raises)."""
+        try:
+            remove_job_outputs(pending.job.outputs, pending.prompt, self.settings.output_dir)
+        except OSError as exc:
+            log.warning("job %s: could not remove its output files: %s", pending.job.id, exc)
 
     async def _run_somewhere(
         self, pending: PendingJob, pinned: ComfyInstance | None
@@ -390,6 +404,7 @@ class Pipeline:
                 if self.settings.oom_retry and not oom_retried and not job.interrupt_requested:
                     oom_retried = True
                     log.warning("job %s ran out of memory; running it once more", job.id)
+                    self._remove_outputs_of(pending)  # what the failed attempt saved
                     pending.job = job.again(str(uuid.uuid4()))
                     self._active[job.id] = pending.job
                     continue
