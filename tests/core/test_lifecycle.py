@@ -162,8 +162,10 @@ def test_sigterm_drains_job_in_flight(spawn: Any, backend: Backend) -> None:
         os.kill(child, 0)
 
 
-def test_drain_delay_fails_ready_but_serves_new_requests_first(spawn: Any, tmp_path: Path) -> None:
-    sidecar: Sidecar = spawn(Backend("double", tmp_path / "comfy"), DRAIN_DELAY_S="4")
+def test_drain_delay_fails_ready_but_serves_new_requests_first(
+    spawn: Any, backend: Backend
+) -> None:
+    sidecar: Sidecar = spawn(backend, DRAIN_DELAY_S="4")
     sidecar.wait_ready()
     assert sidecar.proc is not None
     sidecar.proc.send_signal(signal.SIGTERM)
