@@ -122,11 +122,11 @@ class Double:
         self.tick_times: dict[str, list[float]] = {}
         self.stale_sockets: set[int] = set()  # id() of sockets that get no more frames
         self.stalled = False
+        self.oom_raised: dict[str, int] = {}
+        self.temp_tag = "".join(random.choices(string.ascii_lowercase, k=5))
         #: Test-only: every prompt taken by the worker, in order (GET /__double__/executions).
         self.executions: list[dict[str, Any]] = []
         self.journal = base / "double-executions.jsonl"
-        self.oom_raised: dict[str, int] = {}
-        self.temp_tag = "".join(random.choices(string.ascii_lowercase, k=5))
 
     # --- websocket --------------------------------------------------------------------------
 
