@@ -131,6 +131,8 @@ class Sidecar:
         self._phase = Phase.STARTING
         self._detail = "starting"
         self.ever_ready = False
+        #: Set on SIGTERM for DRAIN_DELAY_S: /ready says 503, new work is still taken.
+        self.leaving = False
         self.stop_requested = asyncio.Event()
         self.warmup_prompt: dict[str, Any] | None = None
         self.after_start: Callable[[], None] = lambda: None
@@ -216,6 +218,9 @@ class Sidecar:
             if len(self.instances) == 1 and self.instances[0].phase is Phase.READY:
                 return False, "the websocket to ComfyUI is disconnected"
             return False, f"{phase.value}: {self.detail}"
+        if self.leaving:
+            delay = self.settings.drain_delay_s
+            return False, f"stopping: taking requests for DRAIN_DELAY_S={delay:g} s more"
         limit = self.settings.max_queue_depth
         if limit and self.queue_depth() >= limit:
             return False, f"queue depth {self.queue_depth()} >= MAX_QUEUE_DEPTH {limit}"
@@ -403,11 +408,20 @@ class Sidecar:
     # --- shutdown -----------------------------------------------------------------------------
 
     async def drain(self) -> None:
-        """Stop admitting work, let jobs in flight (waiting ones too) finish within
-        SHUTDOWN_GRACE_S."""
+        """Stop claiming shared-queue jobs; for DRAIN_DELAY_S seconds answer ``/ready`` 503 but
+        still admit new requests (a load balancer sees the failing check and stops sending
+        before any request is refused); then stop admitting work and let jobs in flight
+        (waiting ones too) finish within SHUTDOWN_GRACE_S."""
         grace = self.settings.shutdown_grace_s
         if self.queue is not None:
             self.queue.stop()
+        if self.settings.drain_delay_s > 0 and self.phase is Phase.READY:
+            self.leaving = True
+            log.info(
+                "/ready now fails; taking requests for DRAIN_DELAY_S=%g s",
+                self.settings.drain_delay_s,
+            )
+            await asyncio.sleep(self.settings.drain_delay_s)
         self.set_phase(Phase.STOPPING, f"draining: {self.pipeline.active} job(s) in flight")
         started = time.monotonic()
         if not await self.pipeline.wait_idle(grace):
@@ -490,7 +504,8 @@ async def serve(settings: Settings, sock: socket.socket, boot: BootProbes) -> in
     stop.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await lifecycle
-    remaining = settings.shutdown_grace_s - (time.monotonic() - drain_started)
+    budget = settings.shutdown_grace_s + settings.drain_delay_s
+    remaining = budget - (time.monotonic() - drain_started)
     await sidecar.close(grace_s=max(1.0, remaining))
     server.should_exit = True
     with contextlib.suppress(asyncio.CancelledError, Exception):

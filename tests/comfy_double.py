@@ -21,7 +21,11 @@ Test-only controls under ``/__double__/``: ``drop_websockets``, ``refuse_websock
 (``{"refused": true}``: new websockets are closed at once), ``mute`` (every socket silent),
 ``stale_websockets`` (the sockets open now stay open but get no more frames; new ones do, as in
 comfyui-api issue #186) and ``stall`` (``{"stalled": true}``: the prompt worker stops taking
-prompts, as when ComfyUI's worker thread died; they stay pending).
+prompts, as when ComfyUI's worker thread died; they stay pending). ``GET
+/__double__/executions`` lists the prompts it executed (started, in order: ``prompt_id``, the
+``filename_prefix`` of each save node, and ``status``: ``running``, ``success`` or ``error``);
+each line is also appended to ``double-executions.jsonl`` in the base directory, so the count
+survives the double being killed (tests/jobs/test_replicas.py counts executions with it).
 """
 
 from __future__ import annotations
@@ -128,6 +132,9 @@ class Double:
         self.ws_refused = False
         self.oom_raised: dict[str, int] = {}
         self.temp_tag = "".join(random.choices(string.ascii_lowercase, k=5))
+        #: Test-only: every prompt taken by the worker, in order (GET /__double__/executions).
+        self.executions: list[dict[str, Any]] = []
+        self.journal = base / "double-executions.jsonl"
 
     # --- websocket --------------------------------------------------------------------------
 
@@ -324,12 +331,38 @@ class Double:
             self.running = item
             self.interrupt_flag.clear()
             await self.send_status()
+            execution = self.record_execution(item)
             await asyncio.to_thread(self.execute, item)
+            entry = self.history.get(item[1]) or {}
+            self.record_execution(item, execution, entry.get("status", {}).get("status_str"))
             self.running = None
             await self.send_status()
             await self.send(
                 "executing", {"node": None, "prompt_id": item[1]}, item[3].get("client_id")
             )
+
+    def record_execution(
+        self,
+        item: tuple[float, str, dict[str, Any], dict[str, Any], list[str]],
+        execution: dict[str, Any] | None = None,
+        status: str | None = None,
+    ) -> dict[str, Any]:
+        """Test-only: note that prompt ``item`` starts (``execution`` None) or ended with
+        ``status``, in :attr:`executions` and the journal file; returns its entry."""
+        if execution is None:
+            prompt = item[2]
+            prefixes = [
+                str(node["inputs"]["filename_prefix"])
+                for node in prompt.values()
+                if "filename_prefix" in (node.get("inputs") or {})
+            ]
+            execution = {"prompt_id": item[1], "prefixes": prefixes, "status": "running"}
+            self.executions.append(execution)
+        else:
+            execution["status"] = status or "error"
+        with self.journal.open("a") as journal:
+            journal.write(json.dumps(execution) + "\n")
+        return execution
 
     def order(self, prompt: dict[str, Any], outputs: list[str]) -> list[str]:
         ordered: list[str] = []
@@ -757,6 +790,11 @@ class Double:
             """Test-only: send times (s since epoch) of a DoubleTicks node's progress frames."""
             return double.tick_times.get(prompt_id, [])
 
+        @get("/__double__/executions", sync_to_thread=False)
+        def executions() -> list[dict[str, Any]]:
+            """Test-only: the prompts executed so far (see :meth:`Double.record_execution`)."""
+            return double.executions
+
         @post("/__double__/stale_websockets", status_code=200)
         async def stale_websockets(request: Request[Any, Any, Any]) -> dict[str, Any]:
             """The sockets open now stay open but get no more frames (new ones do)."""
@@ -828,6 +866,7 @@ class Double:
                 drop_websockets,
                 mute,
                 tick_times,
+                executions,
                 stale_websockets,
                 stall,
                 ws,
