@@ -202,6 +202,8 @@ class Pipeline:
         self.active = 0
         #: Preprocess tasks of jobs still downloading their inputs, by job id.
         self._preparing: dict[str, asyncio.Task[Prepared]] = {}
+        #: Interrupts of timed-out jobs still being sent to ComfyUI (held until done).
+        self._stops: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -478,7 +480,11 @@ class Pipeline:
         except TimeoutError:
             log.warning("job %s exceeded PROMPT_TIMEOUT_S; interrupting it", job.id)
             job.interrupt_requested = True
-            await self._stop_in_comfy(instance, job)
+            # The caller gets its 504 now: a frozen ComfyUI must not hold it past
+            # PROMPT_TIMEOUT_S (each call to it is bounded, but several in a row add up).
+            stop = asyncio.get_running_loop().create_task(self._stop_in_comfy(instance, job))
+            self._stops.add(stop)
+            stop.add_done_callback(self._stops.discard)
             raise TimedOut(
                 f"the job ran longer than PROMPT_TIMEOUT_S "
                 f"({self.settings.prompt_timeout_s:g} s) and was interrupted",
