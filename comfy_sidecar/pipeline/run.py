@@ -43,6 +43,7 @@ from comfy_sidecar.pipeline.outputs import (
     OutputError,
     OutputFile,
     collect_outputs,
+    discard_outputs,
     remove_outputs,
 )
 from comfy_sidecar.pipeline.preprocess import Prepared, Preprocessor
@@ -347,6 +348,9 @@ class Pipeline:
                 (job.queued_at - pending.preprocessed) * 1000,
             )
             prepared.cleanup()
+            if outcome.kind is OutcomeKind.INTERRUPTED and outcome.outputs:
+                # Interrupted after some (or all) nodes saved: the caller gets 499, not them.
+                discard_outputs(outcome.outputs, self.settings.output_dir)
             self._raise_for(job, outcome, ran_on)
             try:
                 files = collect_outputs(outcome.outputs, self.settings.output_dir)
@@ -547,11 +551,12 @@ class Pipeline:
     async def interrupt(self, job_id: str) -> bool:
         """Stop job ``job_id`` wherever it is: still waiting in the sidecar's queue, pending in
         an instance's ComfyUI queue (removed), or running (interrupted by prompt_id, effective
-        at the next node boundary). False when no such job is in flight."""
+        at the next node boundary). False when no such job is in flight or its result is
+        already decided (:meth:`Job.cancel`): True means the job ends interrupted, never with
+        its outputs, even when ComfyUI finished it before the interrupt arrived."""
         job = self._active.get(job_id)
-        if job is None or job.done.done():
+        if job is None or not job.cancel():
             return False
-        job.interrupt_requested = True
         job.stop_requested.set()
         preparing = self._preparing.get(job_id)
         instance = self._where.get(job_id)
