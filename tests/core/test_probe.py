@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import Backend, Sidecar, basic_prompt, slow_prompt
+from tests.waiting import wait_for
 
 
 def pid_alive(pid: int) -> bool:
@@ -103,3 +105,43 @@ def test_interrupt_race_answers_consistently(spawn: Any, backend: Backend) -> No
     leftovers = [p.name for p in backend.output_dir.rglob("*") if p.is_file()]
     assert not leftovers, f"files of interrupted jobs left in OUTPUT_DIR: {leftovers}"
     assert seen, "no race ran"
+
+
+# --- finding 7: ComfyUI dies with the sidecar; a taken port is refused -------------------------
+
+
+def test_sigkilled_sidecar_takes_comfy_with_it(spawn: Any, backend: Backend) -> None:
+    """``kill -9`` of the sidecar ends its ComfyUI too (PR_SET_PDEATHSIG), so nothing is left
+    on the port for the next sidecar to adopt."""
+    sidecar: Sidecar = spawn(backend)
+    sidecar.wait_ready()
+    child = sidecar.child_pid()
+    assert sidecar.proc is not None
+    try:
+        sidecar.proc.kill()
+        sidecar.proc.wait(timeout=30)
+        wait_for(lambda: not pid_alive(child), timeout=30, what=f"ComfyUI (pid {child}) to end")
+        with socket.socket() as probe:
+            probe.settimeout(5)
+            taken = probe.connect_ex(("127.0.0.1", sidecar.comfy_port)) == 0
+        assert not taken, "the port still answers"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child, signal.SIGKILL)  # the orphan, if the test failed
+
+
+def test_taken_comfy_port_is_refused(spawn: Any, tmp_path: Path) -> None:
+    """A port that already answers before the sidecar started ComfyUI (a leftover ComfyUI, or
+    another program) stops the sidecar with one line naming the variable and the port, instead
+    of adopting whatever answers there."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen(64)
+        port = squatter.getsockname()[1]
+        backend = Backend("double", tmp_path / "comfy")
+        sidecar: Sidecar = spawn(backend, COMFYUI_PORT_HOST=str(port), CMD=backend.cmd(port))
+        assert sidecar.wait_exit(timeout=60) == 1
+    lines = [line for line in sidecar.log().splitlines() if "fatal:" in line]
+    assert len(lines) == 1, sidecar.log()[-3000:]
+    assert "COMFYUI_PORT_HOST" in lines[0] and f"port {port}" in lines[0], lines[0]
+    assert "started ComfyUI" not in sidecar.log()
