@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import Backend, Sidecar, basic_prompt, slow_prompt
+from tests.receiver import Receiver
 from tests.waiting import wait_for
 
 
@@ -145,3 +146,56 @@ def test_taken_comfy_port_is_refused(spawn: Any, tmp_path: Path) -> None:
     assert len(lines) == 1, sidecar.log()[-3000:]
     assert "COMFYUI_PORT_HOST" in lines[0] and f"port {port}" in lines[0], lines[0]
     assert "started ComfyUI" not in sidecar.log()
+
+
+# --- finding 5: undelivered results hold no open files, and are bounded ----------------------
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors process ``pid`` has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_undelivered_results_hold_no_files_and_are_bounded(
+    spawn: Any, receiver: Any, backend: Backend
+) -> None:
+    """40 async jobs whose receiver never answers: once all have run, the sidecar's open
+    files have not grown with them (the probe saw one per job, and EMFILE at ~1000), and the
+    41st async job gets 429 with Retry-After while sync jobs and /health still work."""
+    jobs = 40
+    sidecar: Sidecar = spawn(
+        backend,
+        MAX_PENDING_DELIVERIES=str(jobs),
+        WEBHOOK_TIMEOUT_S="300",
+        PROMPT_WEBHOOK_RETRIES="1",
+        SHUTDOWN_GRACE_S="1",
+    )
+    hook: Receiver = receiver(hang=True)
+    sidecar.wait_ready()
+    assert sidecar.proc is not None
+    pid = sidecar.proc.pid
+    warm = sidecar.post("/prompt", json={"prompt": basic_prompt(batch=1)})
+    assert warm.status_code == 200, warm.text
+    before = open_fds(pid)
+    ids = [f"undelivered-{i}" for i in range(jobs)]
+    for job_id in ids:
+        body = {"prompt": basic_prompt(batch=1, prefix="held"), "id": job_id}
+        accepted = sidecar.post("/prompt", json={**body, "webhook_v2": hook.url + "/hook"})
+        assert accepted.status_code == 202, accepted.text
+
+    def all_ran() -> bool:
+        states = [sidecar.get(f"/jobs/{job_id}").json().get("status") for job_id in ids]
+        return all(state == "completed" for state in states)
+
+    wait_for(all_ran, timeout=120, interval=0.2, what=f"the {jobs} async jobs to run")
+    hook.wait_for(1, timeout=30)  # deliveries are under way, and none is answered
+    grown = open_fds(pid) - before
+    assert grown < jobs // 4, f"{grown} more open files with {jobs} undelivered results"
+    refused = sidecar.post(
+        "/prompt", json={"prompt": basic_prompt(batch=1), "webhook_v2": hook.url + "/hook"}
+    )
+    assert refused.status_code == 429, refused.text
+    assert refused.headers["retry-after"] == "1"
+    assert "MAX_PENDING_DELIVERIES" in refused.json()["error"]
+    assert sidecar.post("/prompt", json={"prompt": basic_prompt(batch=1)}).status_code == 200
+    assert sidecar.get("/health").status_code == 200
