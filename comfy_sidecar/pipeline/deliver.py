@@ -175,7 +175,7 @@ class Delivery:
         """Output file ``path`` for a webhook body: a hard link to it in the spool (a copy when
         the spool is on another filesystem), and the call that removes it (for the body's
         ``on_close``). Raises ``OSError``."""
-        link = self.spool / f"{uuid.uuid4().hex}-{path.name}"
+        link = self.spool / uuid.uuid4().hex  # the body names the file; a long name can't fail
 
         def make() -> None:
             self.spool.mkdir(exist_ok=True)
