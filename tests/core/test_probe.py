@@ -209,3 +209,12 @@ def test_undelivered_results_hold_no_files_and_are_bounded(
     assert "MAX_PENDING_DELIVERIES" in refused.json()["error"]
     assert sidecar.post("/prompt", json={"prompt": basic_prompt(batch=1)}).status_code == 200
     assert sidecar.get("/health").status_code == 200
+    # Once the receiver is gone the deliveries fail, and their places are free again.
+    hook.stop()
+    late = {"prompt": basic_prompt(batch=1), "webhook_v2": hook.url + "/hook"}
+    wait_for(
+        lambda: sidecar.post("/prompt", json=late).status_code == 202,
+        timeout=120,
+        interval=0.5,
+        what="an async job to be admitted after the deliveries gave up",
+    )
