@@ -124,7 +124,7 @@ class Job:
     def finish(self, outcome: JobOutcome) -> None:
         """Resolve ``done`` with ``outcome`` (later calls are ignored) and set the state. A
         job that was cancelled (:meth:`cancel`) ends INTERRUPTED whatever ``outcome`` says;
-        its ``outputs`` and ``error`` are kept (the pipeline removes those files)."""
+        its ``outputs`` and ``error`` are kept."""
         if self.done.done():
             return
         if self.interrupt_requested and outcome.kind is not OutcomeKind.INTERRUPTED:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,10 +54,11 @@ class OutputError(Exception):
     """An output ComfyUI reported cannot be read."""
 
 
-def _entries(outputs: dict[str, dict[str, Any]], root: Path) -> Iterator[tuple[OutputFile, str]]:
-    """Every ``type: output`` file entry of ``outputs`` in node order, as an
-    :class:`OutputFile` at its resolved path and the name ComfyUI gave it
-    (``<subfolder>/<filename>``); the path is not checked."""
+def collect_outputs(outputs: dict[str, dict[str, Any]], output_dir: str) -> list[OutputFile]:
+    """The job's output files, in node order. Raises :class:`OutputError` if one is missing
+    or its path would leave ``output_dir``."""
+    root = Path(output_dir).resolve()
+    files: list[OutputFile] = []
     for node_id in sorted(outputs, key=node_order_key):
         ui = outputs[node_id]
         if not isinstance(ui, dict):
@@ -74,35 +75,15 @@ def _entries(outputs: dict[str, dict[str, Any]], root: Path) -> Iterator[tuple[O
                     continue
                 subfolder = str(entry.get("subfolder") or "")
                 path = (root / subfolder / str(entry["filename"])).resolve()
-                shown = f"{subfolder + '/' if subfolder else ''}{entry['filename']}"
-                yield OutputFile(path, path.name, node_id, key, animated), shown
-
-
-def collect_outputs(outputs: dict[str, dict[str, Any]], output_dir: str) -> list[OutputFile]:
-    """The job's output files, in node order. Raises :class:`OutputError` if one is missing
-    or its path would leave ``output_dir``."""
-    root = Path(output_dir).resolve()
-    files: list[OutputFile] = []
-    for item, shown in _entries(outputs, root):
-        if not item.path.is_relative_to(root):
-            raise OutputError(f"output {shown!r} is outside OUTPUT_DIR")
-        if not item.path.is_file():
-            raise OutputError(f"output {shown} of node {item.node_id} is missing from OUTPUT_DIR")
-        files.append(item)
+                if not path.is_relative_to(root):
+                    raise OutputError(f"output {entry['filename']!r} is outside OUTPUT_DIR")
+                if not path.is_file():
+                    raise OutputError(
+                        f"output {subfolder + '/' if subfolder else ''}{entry['filename']} of "
+                        f"node {node_id} is missing from OUTPUT_DIR"
+                    )
+                files.append(OutputFile(path, path.name, node_id, key, animated))
     return files
-
-
-def discard_outputs(outputs: dict[str, dict[str, Any]], output_dir: str) -> None:
-    """Delete the output files a history ``outputs`` names that exist (an interrupted job's:
-    nothing is answered with them); entries that are missing or outside ``output_dir`` are
-    skipped."""
-    root = Path(output_dir).resolve()
-    files = [
-        item
-        for item, _ in _entries(outputs, root)
-        if item.path.is_relative_to(root) and item.path.is_file()
-    ]
-    remove_outputs(files, output_dir)
 
 
 def remove_outputs(files: list[OutputFile], output_dir: str) -> None:

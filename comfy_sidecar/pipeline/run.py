@@ -43,7 +43,6 @@ from comfy_sidecar.pipeline.outputs import (
     OutputError,
     OutputFile,
     collect_outputs,
-    discard_outputs,
     remove_outputs,
 )
 from comfy_sidecar.pipeline.preprocess import Prepared, Preprocessor
@@ -348,9 +347,6 @@ class Pipeline:
                 (job.queued_at - pending.preprocessed) * 1000,
             )
             prepared.cleanup()
-            if outcome.kind is OutcomeKind.INTERRUPTED and outcome.outputs:
-                # Interrupted after some (or all) nodes saved: the caller gets 499, not them.
-                discard_outputs(outcome.outputs, self.settings.output_dir)
             self._raise_for(job, outcome, ran_on)
             try:
                 files = collect_outputs(outcome.outputs, self.settings.output_dir)

@@ -330,8 +330,8 @@ def test_history_lookup_failing_after_missed_frames_is_comfy_lost() -> None:
 
 
 def test_cancel_and_end_are_decided_once() -> None:
-    """An interrupt that wins turns any later outcome into INTERRUPTED (outputs kept, for the
-    pipeline to remove); one that comes after the end changes nothing (issue 13, finding 9)."""
+    """An interrupt that wins turns any later outcome into INTERRUPTED (outputs kept); one
+    that comes after the end changes nothing (issue 13, finding 9)."""
 
     async def scenario() -> None:
         won = Job(id="a", prompt_id="pa")
