@@ -403,6 +403,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         Var("WEBHOOK_TIMEOUT_S", "10", float_above(0), new=True),
         "Timeout of one webhook delivery attempt, in seconds.",
     ]
+    max_pending_deliveries: Annotated[
+        int,
+        Var("MAX_PENDING_DELIVERIES", "500", int_at_least(0), new=True),
+        "Most asynchronous jobs with a webhook (`webhook`, `webhook_v2`) whose result is not yet "
+        "delivered (running, or their webhook still retrying); beyond it new ones get 429 "
+        "(0 = no limit).",
+    ]
     system_webhook_url: Annotated[
         str | None,
         Var("SYSTEM_WEBHOOK_URL", None, optional_http_url),

@@ -37,7 +37,13 @@ from comfy_sidecar.comfy.events import EventStream
 from comfy_sidecar.config import Settings
 from comfy_sidecar.phase import Fatal, Phase
 from comfy_sidecar.pipeline.jobs import JobRegistry
-from comfy_sidecar.supervisor import ComfyProcess, CrashLoop, LaunchError, RestartPolicy
+from comfy_sidecar.supervisor import (
+    ComfyProcess,
+    CrashLoop,
+    LaunchError,
+    RestartPolicy,
+    port_taken,
+)
 from comfy_sidecar.watchdog import (
     keepalive_s,
     recycle_reason,
@@ -341,6 +347,7 @@ class ComfyInstance:
                 label=self.label,
             )
             self.process = process
+            await self._refuse_taken_port()
             try:
                 await process.start()
             except LaunchError as exc:
@@ -370,6 +377,18 @@ class ComfyInstance:
                 raise Fatal(str(exc)) from None
             self.set_phase(Phase.RESTARTING, f"restarting ComfyUI in {delay:.1f} s")
             await asyncio.sleep(delay)
+
+    async def _refuse_taken_port(self) -> None:
+        """Raise :class:`Fatal` when this instance's port answers before its child started:
+        another process (often a ComfyUI left by a SIGKILLed sidecar) would be taken for ours,
+        and would answer jobs whose outputs never reach OUTPUT_DIR."""
+        host = self.settings.direct_address.strip("[]")
+        if await port_taken(host, self.port):
+            raise Fatal(
+                f"COMFYUI_PORT_HOST: port {self.port} on {host} already answers before ComfyUI "
+                f"instance {self.name} was started (a ComfyUI left running by an earlier "
+                f"sidecar, or another program); stop it or choose another port"
+            )
 
     def _child_lost(self, exc: ChildExited) -> None:
         """The child exited, or was killed as hung or stalled: fail its jobs (the pipeline

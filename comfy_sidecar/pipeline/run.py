@@ -207,6 +207,8 @@ class Pipeline:
         self.active = 0
         #: Preprocess tasks of jobs still downloading their inputs, by job id.
         self._preparing: dict[str, asyncio.Task[Prepared]] = {}
+        #: Interrupts of timed-out jobs still being sent to ComfyUI (held until done).
+        self._stops: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -493,7 +495,11 @@ class Pipeline:
         except TimeoutError:
             log.warning("job %s exceeded PROMPT_TIMEOUT_S; interrupting it", job.id)
             job.interrupt_requested = True
-            await self._stop_in_comfy(instance, job)
+            # The caller gets its 504 now: a frozen ComfyUI must not hold it past
+            # PROMPT_TIMEOUT_S (each call to it is bounded, but several in a row add up).
+            stop = asyncio.get_running_loop().create_task(self._stop_in_comfy(instance, job))
+            self._stops.add(stop)
+            stop.add_done_callback(self._stops.discard)
             raise TimedOut(
                 f"the job ran longer than PROMPT_TIMEOUT_S "
                 f"({self.settings.prompt_timeout_s:g} s) and was interrupted",
@@ -556,11 +562,12 @@ class Pipeline:
     async def interrupt(self, job_id: str) -> bool:
         """Stop job ``job_id`` wherever it is: still waiting in the sidecar's queue, pending in
         an instance's ComfyUI queue (removed), or running (interrupted by prompt_id, effective
-        at the next node boundary). False when no such job is in flight."""
+        at the next node boundary). False when no such job is in flight or its result is
+        already decided (:meth:`Job.cancel`): True means the job ends interrupted, never with
+        its outputs, even when ComfyUI finished it before the interrupt arrived."""
         job = self._active.get(job_id)
-        if job is None or job.done.done():
+        if job is None or not job.cancel():
             return False
-        job.interrupt_requested = True
         job.stop_requested.set()
         preparing = self._preparing.get(job_id)
         instance = self._where.get(job_id)
