@@ -465,6 +465,14 @@ class Pipeline:
         except PromptRejected as exc:
             raise _validation_failed(job.id, exc.body) from None
         except ComfyUnavailable as exc:
+            if instance.going_down:  # killed as hung, crashed, recycling: what it took dies
+                log.warning(
+                    "job %s: POST /prompt failed as instance %s went down: %s",
+                    job.id,
+                    instance.name,
+                    exc,
+                )
+                return JobOutcome(OutcomeKind.COMFY_LOST, error={"message": str(exc)})
             raise Unavailable(f"ComfyUI is not answering: {exc}", id=job.id) from None
         if job.state is JobState.PREPROCESSING:
             job.state = JobState.QUEUED
