@@ -754,11 +754,11 @@ SCENARIOS = [
     Scenario("sigstop", sigstop_mid_job, real=True),
     Scenario("websocket_cut", websocket_cut, real=False),
     Scenario("exit_zero", exit_code_zero, real=False),
-    Scenario("crash_loop_one_of_two", crash_loop_one_of_two, real=False),
-    Scenario("crash_loop_only_instance", crash_loop_only_instance, real=False),
+    Scenario("crash_loop_one_of_two", crash_loop_one_of_two, real=True),
+    Scenario("crash_loop_only_instance", crash_loop_only_instance, real=True),
     Scenario("sigterm", sigterm_with_jobs, real=True),
-    Scenario("disk_full", disk_full_cache, real=False),
-    Scenario("webhooks", bad_webhook_receivers, real=False),
+    Scenario("disk_full", disk_full_cache, real=True),
+    Scenario("webhooks", bad_webhook_receivers, real=True),
     Scenario("recycle", recycle_under_load, real=True),
 ]
 
