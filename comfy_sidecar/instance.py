@@ -184,6 +184,14 @@ class ComfyInstance:
             and not self.recycling
         )
 
+    @property
+    def going_down(self) -> bool:
+        """True once the current child is being replaced (it exited, or was declared hung or
+        stalled, or is recycling) or is not up: a prompt it took dies with it, so a job it
+        lost before it started may run elsewhere."""
+        process = self.process.process if self.process is not None else None
+        return self.phase is not Phase.READY or process is None or process.returncode is not None
+
     def set_phase(self, phase: Phase, detail: str) -> None:
         """Move to ``phase`` and log it."""
         self.phase, self.detail = phase, detail

@@ -433,7 +433,12 @@ class Sidecar:
 
     async def close(self, grace_s: float = 5.0) -> None:
         """Stop every ComfyUI, flush webhooks within ``grace_s`` seconds, reset the deletion
-        cost, and cancel every task the sidecar owns."""
+        cost, and cancel every task the sidecar owns. Jobs still waiting for an instance get
+        503 now (no instance will take them)."""
+        if self.phase is Phase.STOPPING:
+            self.dispatcher.close("the sidecar is shutting down")
+        else:
+            self.dispatcher.close(f"ComfyUI is not ready ({self.readiness()[1]})")
         await asyncio.gather(*(instance.stop() for instance in self.instances))
         for instance in self.instances:
             instance.registry.fail_all("the sidecar is shutting down")

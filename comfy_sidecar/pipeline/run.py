@@ -482,6 +482,14 @@ class Pipeline:
         except PromptRejected as exc:
             raise _validation_failed(job.id, exc.body) from None
         except ComfyUnavailable as exc:
+            if await _going_down(instance, 2.0):  # killed, crashed, recycling: what it took dies
+                log.warning(
+                    "job %s: POST /prompt failed as instance %s went down: %s",
+                    job.id,
+                    instance.name,
+                    exc,
+                )
+                return JobOutcome(OutcomeKind.COMFY_LOST, error={"message": str(exc)})
             raise Unavailable(f"ComfyUI is not answering: {exc}", id=job.id) from None
         if job.state is JobState.PREPROCESSING:
             job.state = JobState.QUEUED
@@ -610,6 +618,17 @@ def bust_output_cache(prompt: dict[str, Any], prompt_id: str) -> dict[str, Any]:
         if isinstance(inputs, dict) and isinstance(inputs.get("filename_prefix"), str):
             copy[node_id] = {**node, "inputs": {**inputs, CACHE_BUSTER: prompt_id}}
     return copy
+
+
+async def _going_down(instance: ComfyInstance, within_s: float) -> bool:
+    """Whether ``instance``'s child is being replaced now or within ``within_s`` seconds (a
+    killed child's connections fail a moment before its exit is noticed)."""
+    end = time.monotonic() + within_s
+    while not instance.going_down:
+        if time.monotonic() >= end:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 def _validation_failed(job_id: str, comfy: dict[str, Any]) -> ValidationFailed:
