@@ -131,7 +131,9 @@ class ComfyInstance:
         self.label = label
         self.argv = expand_cmd(settings.cmd, port, index, gpu)
         url = base_url(settings.direct_address, port)
-        self.client = ComfyClient(url)
+        # POST /prompt outlasts the hang verdict, so a job sent into a ComfyUI that froze is
+        # re-queued when the hung child is killed instead of failing on its own timeout first.
+        self.client = ComfyClient(url, timeout_s=max(30.0, settings.comfyui_hang_timeout_s + 10))
         self.client_id = f"comfy-sidecar-{uuid.uuid4()}"
         self.registry = JobRegistry()
         self.registry.attach(self.client)

@@ -139,6 +139,27 @@ def test_sigstop_mid_job_is_a_hang(spawn: Any, backend: Backend) -> None:
     assert again.status_code == 200, again.text
 
 
+def test_a_job_sent_into_a_frozen_comfyui_waits_for_the_hang_verdict(
+    spawn: Any, tmp_path: Path
+) -> None:
+    """A job POSTed to a ComfyUI that froze before it could take it is not failed by its own
+    ``POST /prompt`` timeout (30 s) while the hang check (here 35 s) has not ruled yet: the hung
+    child is killed, the job goes back to the sidecar's queue and runs on the new child."""
+    sidecar: Sidecar = spawn(
+        Backend("double", tmp_path / "comfy"),
+        ALWAYS_RESTART_COMFYUI="true",
+        COMFYUI_HANG_TIMEOUT_S="35",
+        PROMPT_TIMEOUT_S="300",
+    )
+    sidecar.wait_ready()
+    first_child = sidecar.child_pid()
+    os.kill(first_child, signal.SIGSTOP)
+    response = sidecar.post("/prompt", json={"prompt": basic_prompt(batch=1)}, timeout=240)
+    assert response.status_code == 200, response.text
+    assert sidecar.child_pid() != first_child
+    assert "hung: ComfyUI has not answered" in sidecar.log()
+
+
 def test_long_node_does_not_trip_the_hang_check(spawn: Any, backend: Backend) -> None:
     """A prompt running 3x COMFYUI_HANG_TIMEOUT_S while ComfyUI keeps answering completes."""
     sidecar: Sidecar = spawn(backend, COMFYUI_HANG_TIMEOUT_S=str(HANG_S))
