@@ -101,3 +101,16 @@ class Overloaded(SidecarError):
 
 class TimedOut(SidecarError):
     """The job ran longer than PROMPT_TIMEOUT_S and was interrupted (field ``id``)."""
+
+
+def internal_message(exc: BaseException) -> str:
+    """The ``error`` of a 500 for an unexpected exception: its class and, for an OSError,
+    its reason (``internal error: OSError: No space left on device``). Never its ``str()``,
+    which may name a server path (OSError's file name, ...): the log has the traceback."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else None
+    name = type(exc).__name__
+    return (
+        f"internal error: {name}: {reason} (see the sidecar's log)"
+        if reason
+        else (f"internal error: {name} (see the sidecar's log)")
+    )

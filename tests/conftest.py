@@ -216,6 +216,7 @@ def make_sidecar(backend: Backend, tmp: Path, **env_overrides: str) -> Sidecar:
             "COMFY_HOME": str(backend.comfy_home),
             "INPUT_DIR": str(backend.input_dir),
             "OUTPUT_DIR": str(backend.output_dir),
+            "TEMP_DIR": str(backend.base / "temp"),
             "CMD": backend.cmd(comfy_port),
             "STARTUP_CHECK_INTERVAL_S": "0.25",
             "STARTUP_CHECK_MAX_TRIES": "480" if backend.kind == "real" else "120",
@@ -363,12 +364,18 @@ def decode_image(b64: str) -> Any:
 
 
 def png_bytes(
-    size: tuple[int, int] = (16, 12), color: tuple[int, int, int] = (200, 30, 10)
+    size: tuple[int, int] = (16, 12), color: tuple[int, int, int] = (200, 30, 10), comment: str = ""
 ) -> bytes:
+    """A PNG of one colour; ``comment`` goes into a tEXt chunk (``"a" * n`` makes its base64 a
+    long run without ``/``, as one long file name)."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
+    info = PngInfo()
+    if comment:
+        info.add_text("comment", comment)
     buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
+    Image.new("RGB", size, color).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
