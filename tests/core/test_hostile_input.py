@@ -32,23 +32,20 @@ def invert(image: str) -> dict[str, Any]:
     }
 
 
-SAVE = '"9": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}'
+#: A prompt ComfyUI validates and queues (it ignores the extra input ``deep``).
+VALID = (
+    '{"prompt": {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, '
+    '"batch_size": 1, "color": 0, "deep": DEEP}}, "9": {"class_type": "SaveImage", '
+    '"inputs": {"images": ["1", 0], "filename_prefix": "deep"}}}}'
+)
 
 
 @pytest.mark.parametrize(
     ("template", "depth", "location"),
     [
         # 600 passes msgspec's decoder (about 900 levels) and killed ComfyUI's worker for good
-        (
-            '{"prompt": {"1": {"class_type": "EmptyImage", "inputs": {"deep": DEEP}}, SAVE}}',
-            600,
-            "prompt.1.inputs.deep",
-        ),
-        (
-            '{"prompt": {"1": {"class_type": "EmptyImage", "inputs": {"deep": DEEP}}, SAVE}}',
-            5000,
-            "prompt.1.inputs.deep",
-        ),
+        (VALID, 600, "prompt.1.inputs.deep"),
+        (VALID, 5000, "prompt.1.inputs.deep"),
         (
             '{"prompt": {"1": {"class_type": "EmptyImage", "inputs": {}, "_meta": DEEP}}}',
             5000,
@@ -63,7 +60,7 @@ SAVE = '"9": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}'
 def test_a_body_nested_too_deep_is_a_400_naming_where(
     shared_sidecar: Sidecar, template: str, depth: int, location: str
 ) -> None:
-    text = template.replace("SAVE", SAVE).replace("DEEP", "[" * depth + "]" * depth)
+    text = template.replace("DEEP", "[" * depth + "]" * depth)
     answer = shared_sidecar.post(
         "/prompt", content=text.encode(), headers={"content-type": "application/json"}
     )
