@@ -107,10 +107,7 @@ def internal_message(exc: BaseException) -> str:
     """The ``error`` of a 500 for an unexpected exception: its class and, for an OSError,
     its reason (``internal error: OSError: No space left on device``). Never its ``str()``,
     which may name a server path (OSError's file name, ...): the log has the traceback."""
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else None
-    name = type(exc).__name__
-    return (
-        f"internal error: {name}: {reason} (see the sidecar's log)"
-        if reason
-        else (f"internal error: {name} (see the sidecar's log)")
-    )
+    what = type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        what = f"{what}: {exc.strerror}"
+    return f"internal error: {what} (see the sidecar's log)"
