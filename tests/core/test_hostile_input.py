@@ -69,6 +69,21 @@ def test_a_body_nested_too_deep_is_a_400_naming_where(
     still_works(shared_sidecar)
 
 
+@pytest.mark.parametrize("depth", [600, 5000])
+@pytest.mark.parametrize(
+    ("route", "field"), [("/jobs", "prompt"), ("/submit_workflow", "workflow")]
+)
+def test_the_job_routes_refuse_deep_nesting_too(
+    shared_sidecar: Sidecar, route: str, field: str, depth: int
+) -> None:
+    text = VALID.replace('"prompt"', f'"{field}"', 1).replace("DEEP", "[" * depth + "]" * depth)
+    answer = shared_sidecar.post(
+        route, content=text.encode(), headers={"content-type": "application/json"}
+    )
+    assert answer.status_code == 400, answer.text[:500]
+    assert answer.json()["location"] == f"{field}.1.inputs.deep"
+
+
 @pytest.mark.parametrize("comment", [150, 1000, 2900])
 def test_plain_base64_images_of_256_to_4096_characters_run(
     shared_sidecar: Sidecar, comment: int
