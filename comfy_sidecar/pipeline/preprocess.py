@@ -26,6 +26,7 @@ Copies comfyui-api's ``preprocessNodes`` where it is right and fixes it where it
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import posixpath
@@ -34,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from comfy_sidecar.errors import InputError
+from comfy_sidecar.errors import InputError, UpstreamFailed
 from comfy_sidecar.pipeline.bounded import gather_bounded
 from comfy_sidecar.pipeline.media import decode_base64, decode_data_url, sniff_extension
+from comfy_sidecar.storage.errors import DiskFullError
 from comfy_sidecar.urls import is_url
 
 IMAGE_LOADER_FIELDS = ("image",)
@@ -282,8 +284,9 @@ class Preprocessor:
 
         URL values (media inputs, model loader inputs) are downloaded through ``staging``, all
         of one prompt at once (at most 8 at a time).
-        Returns :class:`Prepared`. Raises :class:`InputError` for a caller's mistake; files it
-        wrote before the error are removed.
+        Returns :class:`Prepared`. Raises :class:`InputError` for a caller's mistake and
+        :class:`UpstreamFailed` caused by a :class:`DiskFullError` when INPUT_DIR (or the cache)
+        is full; files it wrote before the error are removed.
         """
         prepared = Prepared(prompt)
         try:
@@ -484,11 +487,20 @@ class Preprocessor:
                 "video or audio file)",
                 location,
             )
-        target.mkdir(parents=True, exist_ok=True)
         path = target / f"{stem}.{ext}"
         tmp = path.with_name(path.name + ".part")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                full = DiskFullError("no space left in the input directory")
+                raise UpstreamFailed(
+                    f"could not write the input: {full}", cause=full, location=location
+                ) from None
+            raise
         prepared.input_files.append(path)
         if target == self.input_dir:
             return path.name

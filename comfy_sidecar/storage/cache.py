@@ -675,6 +675,8 @@ def _link_file(
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # copied onto a full file system
+            raise DiskFullError(f"{dest.name}: no space left to copy it in place") from None
         raise StorageError(f"{dest.name}: cannot link ({exc.strerror})") from None
 
 

@@ -53,8 +53,9 @@ class OutputMissingError(StorageError):
 
 
 class DiskFullError(StorageError):
-    """The cache's file system is full or over quota (ENOSPC / EDQUOT) while downloading or
-    writing the cache index. The message names no path."""
+    """A file system of the sidecar is full or over quota (ENOSPC / EDQUOT): the cache's while
+    downloading or writing its index, INPUT_DIR's while writing a decoded input. The message
+    names no path."""
 
 
 __all__ = [

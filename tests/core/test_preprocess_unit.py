@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from comfy_sidecar.app import status_of
+from comfy_sidecar.errors import UpstreamFailed
 from comfy_sidecar.pipeline.preprocess import (
     MAX_NESTING_DEPTH,
     InputError,
@@ -19,7 +21,7 @@ from comfy_sidecar.pipeline.preprocess import (
     Preprocessor,
     nesting_exceeds,
 )
-from tests.conftest import png_bytes
+from tests.conftest import fill_up, png_bytes
 from tests.transcripts import posted_prompts
 
 OUTPUT_NODES = {"SaveImage", "PreviewImage", "SaveAnimatedWEBP", "SaveAnimatedPNG"}
@@ -369,3 +371,17 @@ def test_filename_prefixes_inside_the_output_directory_are_kept(
 def test_a_linked_filename_prefix_is_left_to_comfyui(tmp_path: Path) -> None:
     prepared = prepare(tmp_path, save_prompt(["9", 0]))
     assert prepared.prompt["2"]["inputs"]["filename_prefix"] == ["9", 0]
+
+
+def test_a_full_input_dir_is_the_sidecars_507_and_leaves_no_partial_file(
+    tmp_path: Path, small_tmpfs: Callable[[int], Path]
+) -> None:
+    input_dir = small_tmpfs(64 * 1024)
+    filler = fill_up(input_dir)
+    pre = Preprocessor(str(input_dir), True, is_output_node)
+    prompt = load_image_prompt(base64.b64encode(png_bytes((64, 64))).decode())
+    with pytest.raises(UpstreamFailed) as caught:  # was OSError ENOSPC: a 500 naming the path
+        asyncio.run(pre.prepare(prompt, "job1", RecordingStaging(input_dir)))
+    assert (caught.value.location, status_of(caught.value)) == ("prompt.1.inputs.image", 507)
+    assert str(input_dir) not in str(caught.value.body())
+    assert sorted(input_dir.iterdir()) == [filler]

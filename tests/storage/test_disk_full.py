@@ -61,3 +61,25 @@ def test_an_index_write_on_a_full_disk_is_disk_full(
             await storage.close()
 
     asyncio.run(main())
+
+
+def test_copying_an_input_onto_a_full_disk_is_disk_full(
+    make_storage: Any, http_server: FileServer, small_tmpfs: Callable[[int], Path]
+) -> None:
+    input_dir = small_tmpfs(64 * 1024)  # another file system than the cache: a copy, no link
+    filler = fill_up(input_dir)
+    http_server.files["in.bin"] = os.urandom(256 * 1024)
+
+    async def main() -> None:
+        storage = make_storage()
+        await storage.start()
+        try:
+            with storage.lease() as lease, pytest.raises(DiskFullError) as caught:
+                url = http_server.url("/files/in.bin")
+                await storage.stage_input(url, None, input_dir, "job1_1.bin", lease)
+            assert str(input_dir) not in str(caught.value)
+            assert sorted(input_dir.iterdir()) == [filler]  # no partial copy
+        finally:
+            await storage.close()
+
+    asyncio.run(main())
