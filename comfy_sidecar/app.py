@@ -35,9 +35,11 @@ from comfy_sidecar.errors import (
     TimedOut,
     Unavailable,
     UpstreamFailed,
+    internal_message,
 )
-from comfy_sidecar.locations import msgspec_location
+from comfy_sidecar.locations import msgspec_location, nesting_location
 from comfy_sidecar.logs import bind_traceparent
+from comfy_sidecar.pipeline.preprocess import MAX_NESTING_DEPTH
 from comfy_sidecar.routes import aidock, modal_jobs, modal_simple
 from comfy_sidecar.routes.jobs import ROUTES as JOB_ROUTES
 from comfy_sidecar.routes.models import download, download_status, models
@@ -76,7 +78,7 @@ def _node_location(body: bytes, location: str) -> str:
                 msgspec.convert(node, PromptNode)
             except msgspec.ValidationError:
                 return location.replace("prompt[...]", f"prompt.{node_id}", 1)
-    except (msgspec.DecodeError, AttributeError):
+    except (msgspec.DecodeError, AttributeError, RecursionError):
         pass
     return location
 
@@ -168,7 +170,27 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-    return Response({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+    return Response({"error": internal_message(exc)}, status_code=500)
+
+
+def _recursion_error(
+    request: Request[Any, Any, Any], exc: RecursionError
+) -> Response[dict[str, Any]]:
+    """A body nested too deeply for msgspec's decoder (about 900 levels: it stops at Python's
+    recursion limit) is the caller's mistake: 400 naming where it nests deeper than
+    :data:`~comfy_sidecar.pipeline.preprocess.MAX_NESTING_DEPTH`. Any other RecursionError
+    is ours (500)."""
+    body = request._connection_state.body  # cached by Litestar when it read the body
+    where = nesting_location(body, MAX_NESTING_DEPTH) if isinstance(body, bytes) else None
+    if where is None:
+        return _internal_error(request, exc)
+    return Response(
+        {
+            "error": f"nested deeper than {MAX_NESTING_DEPTH} levels of lists and objects",
+            "location": where,
+        },
+        status_code=400,
+    )
 
 
 @get("/openapi.json", include_in_schema=False, sync_to_thread=False)
@@ -310,6 +332,7 @@ def create_app(sidecar: Sidecar) -> Litestar:
         request_max_body_size=settings.max_body_size_mb * 1024 * 1024,
         exception_handlers={
             ValidationException: _validation_error,
+            RecursionError: _recursion_error,
             SidecarError: _sidecar_error,
             StorageError: _storage_error,
             HTTPException: _http_error,

@@ -165,6 +165,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     model_dir: Annotated[
         str, Var("MODEL_DIR", "${COMFY_HOME}/models", text), "ComfyUI's models directory."
     ]
+    temp_dir: Annotated[
+        str,
+        Var("TEMP_DIR", "${COMFY_HOME}/temp", text, new=True),
+        "ComfyUI's temp directory (its `--temp-directory`): where `name [temp]` inputs must be.",
+    ]
     always_restart_comfyui: Annotated[
         bool,
         Var("ALWAYS_RESTART_COMFYUI", "false", boolean),

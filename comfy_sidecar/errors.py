@@ -101,3 +101,13 @@ class Overloaded(SidecarError):
 
 class TimedOut(SidecarError):
     """The job ran longer than PROMPT_TIMEOUT_S and was interrupted (field ``id``)."""
+
+
+def internal_message(exc: BaseException) -> str:
+    """The ``error`` of a 500 for an unexpected exception: its class and, for an OSError,
+    its reason (``internal error: OSError: No space left on device``). Never its ``str()``,
+    which may name a server path (OSError's file name, ...): the log has the traceback."""
+    what = type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        what = f"{what}: {exc.strerror}"
+    return f"internal error: {what} (see the sidecar's log)"

@@ -7,12 +7,14 @@ as ``.name``, array items as ``[0]``, dict values as ``[...]`` (``['key']`` is r
 
 from __future__ import annotations
 
+import json
 import re
 
-__all__ = ["msgspec_location"]
+__all__ = ["msgspec_location", "nesting_location"]
 
 _PATH_TOKEN = re.compile(r"\.([^.\[`]+)|\['((?:[^'\\]|\\.)*)'\]|\[(\d+|\.\.\.)\]")
 _NAMED_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},]')
 
 
 def msgspec_location(message: str | Exception, *, top_level: str = "") -> tuple[str, str]:
@@ -38,3 +40,44 @@ def msgspec_location(message: str | Exception, *, top_level: str = "") -> tuple[
     if named:
         location = f"{location}.{named.group(1)}" if location else named.group(1)
     return what, location or top_level
+
+
+def nesting_location(body: bytes, limit: int, *, max_keys: int = 4) -> str | None:
+    """Where the JSON text ``body`` first nests lists and objects more than ``limit`` deep,
+    as a ``location``: the object keys leading there, up to the first array index and at
+    most ``max_keys`` of them (``{"prompt": {"1": {"inputs": {"a": [[[...`` gives
+    ``"prompt.1.inputs.a"``; a top-level array ``"body"``). None when it nests no deeper.
+    Scans tokens with an explicit stack (no recursion, any depth); the text need not be
+    valid JSON past that point."""
+    path: list[str | int | None] = []  # per open container: the key or index being read
+    expect_key = False
+    for match in _JSON_TOKEN.finditer(body):
+        token = match.group()
+        if token.startswith(b'"'):
+            if expect_key and path:
+                try:
+                    path[-1] = str(json.loads(token))
+                except ValueError:
+                    path[-1] = token[1:-1].decode(errors="replace")
+                expect_key = False
+        elif token in (b"[", b"{"):
+            path.append(0 if token == b"[" else None)
+            expect_key = token == b"{"
+            if len(path) > limit:
+                keys: list[str] = []
+                for part in path[:-1]:
+                    if not isinstance(part, str) or len(keys) == max_keys:
+                        break
+                    keys.append(part)
+                return ".".join(keys) or "body"
+        elif token in (b"]", b"}"):
+            if path:
+                path.pop()
+            expect_key = False
+        elif path:  # ","
+            last = path[-1]
+            if isinstance(last, int):
+                path[-1] = last + 1
+            else:
+                expect_key = True
+    return None

@@ -298,15 +298,13 @@ class Double:
                             f"base 10: {value!r}",
                         },
                     }
-            if kind == "FILE":
-                name_only = str(value).split(" [")[0]
-                if not (self.input_dir / name_only).is_file():
-                    return node_id, {
-                        "type": "custom_validation_failed",
-                        "message": "Custom validation failed for node",
-                        "details": f"image - Invalid image file: {value}",
-                        "extra_info": {"input_name": name},
-                    }
+            if kind == "FILE" and not self.annotated_path(str(value)).is_file():
+                return node_id, {
+                    "type": "custom_validation_failed",
+                    "message": "Custom validation failed for node",
+                    "details": f"image - Invalid image file: {value}",
+                    "extra_info": {"input_name": name},
+                }
             if (
                 kind == "MODEL_FILE"
                 and not (self.models_dir / "upscale_models" / str(value)).is_file()
@@ -379,6 +377,20 @@ class Double:
             visit(out)
         return ordered
 
+    def annotated_path(self, name: str) -> Path:
+        """ComfyUI's ``folder_paths.get_annotated_filepath``: ``x.png [output]`` is read from
+        the output directory (the annotation and the character before it removed), likewise
+        ``[input]`` and ``[temp]``; a plain name from the input directory. No containment
+        check, as in ComfyUI."""
+        for suffix, directory in (
+            ("[output]", self.output_dir),
+            ("[input]", self.input_dir),
+            ("[temp]", self.temp_dir),
+        ):
+            if name.endswith(suffix):
+                return Path(os.path.join(directory, name[: -len(suffix) - 1]))
+        return Path(os.path.join(self.input_dir, name))
+
     def signature(self, prompt: dict[str, Any], node_id: str, memo: dict[str, str]) -> str:
         if node_id not in memo:
             node = prompt[node_id]
@@ -389,7 +401,7 @@ class Double:
                 else:
                     parts.append(f"{name}={json.dumps(value, sort_keys=True)}")
                     if node["class_type"] in ("LoadImage", "LoadImageMask") and name == "image":
-                        path = self.input_dir / str(value)
+                        path = self.annotated_path(str(value))
                         parts.append(str(path.stat().st_mtime_ns) if path.exists() else "-")
             memo[node_id] = "|".join(parts)
         return memo[node_id]
@@ -572,7 +584,7 @@ class Double:
             size = (int(inputs["width"]), int(inputs["height"]))
             return [Image.new("RGB", size, rgb) for _ in range(int(inputs["batch_size"]))], None
         if class_type in ("LoadImage", "LoadImageMask"):
-            path = self.input_dir / str(inputs["image"])
+            path = self.annotated_path(str(inputs["image"]))
             try:
                 with Image.open(path) as image:
                     image.load()

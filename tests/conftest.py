@@ -216,6 +216,7 @@ def make_sidecar(backend: Backend, tmp: Path, **env_overrides: str) -> Sidecar:
             "COMFY_HOME": str(backend.comfy_home),
             "INPUT_DIR": str(backend.input_dir),
             "OUTPUT_DIR": str(backend.output_dir),
+            "TEMP_DIR": str(backend.base / "temp"),
             "CMD": backend.cmd(comfy_port),
             "STARTUP_CHECK_INTERVAL_S": "0.25",
             "STARTUP_CHECK_MAX_TRIES": "480" if backend.kind == "real" else "120",
@@ -363,12 +364,18 @@ def decode_image(b64: str) -> Any:
 
 
 def png_bytes(
-    size: tuple[int, int] = (16, 12), color: tuple[int, int, int] = (200, 30, 10)
+    size: tuple[int, int] = (16, 12), color: tuple[int, int, int] = (200, 30, 10), comment: str = ""
 ) -> bytes:
+    """A PNG of one colour; ``comment`` goes into a tEXt chunk (``"a" * n`` makes its base64 a
+    long run without ``/``, as one long file name)."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
+    info = PngInfo()
+    if comment:
+        info.add_text("comment", comment)
     buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
+    Image.new("RGB", size, color).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
@@ -385,3 +392,45 @@ def receiver() -> Iterator[Callable[..., Receiver]]:
     yield make
     for r in made:
         r.stop()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """``small_tmpfs(size_bytes) -> Path``: a fresh tmpfs of that size (a real full disk for
+    ENOSPC), unmounted at teardown. Skips, saying why, where ``mount`` is not allowed (not
+    root, no CAP_SYS_ADMIN)."""
+    mounted: list[Path] = []
+
+    def mount(size_bytes: int) -> Path:
+        where = tmp_path / f"tmpfs{len(mounted)}"
+        where.mkdir()
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in reversed(mounted):
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill_up(directory: Path, leave_bytes: int = 0) -> Path:
+    """Fill ``directory``'s file system with one file until ENOSPC, then give back
+    ``leave_bytes`` (a multiple of the page size leaves exactly that much room)."""
+    filler = directory / "filler"
+    chunk = b"\0" * 65536
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        while True:
+            os.write(fd, chunk)  # short writes at the end, then ENOSPC
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    os.truncate(filler, max(0, filler.stat().st_size - leave_bytes))
+    return filler

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from comfy_sidecar import metrics
-from comfy_sidecar.errors import Conflict, Interrupted, SidecarError, TimedOut
+from comfy_sidecar.errors import Conflict, Interrupted, SidecarError, TimedOut, internal_message
 from comfy_sidecar.jobs.progress import Progress, nodes_to_run
 from comfy_sidecar.jobs.store import (
     DifferentBody,
@@ -72,7 +72,7 @@ def error_body(exc: BaseException, job_id: str) -> dict[str, Any]:
     """The body the API answers ``exc`` with (``/prompt``'s), for a job's ``error``."""
     if isinstance(exc, SidecarError):
         return exc.body()
-    return {"error": f"internal error: {type(exc).__name__}: {exc}", "id": job_id}
+    return {"error": internal_message(exc), "id": job_id}
 
 
 class JobTracker:

@@ -2,12 +2,21 @@
 
 Copies comfyui-api's ``preprocessNodes`` where it is right and fixes it where it is not:
 
-* every ``filename_prefix`` string is rewritten (``PREPEND_FILENAMES``): ``<id>_<prefix>`` or
-  ``<id>``; a subfolder in the prefix (``videos/clip``) stays a subfolder (``videos/<id>_clip``);
+* no value nests lists and objects deeper than :data:`MAX_NESTING_DEPTH` (checked without
+  recursion; ComfyUI's prompt worker dies on a prompt nested about 490 deep);
+* every ``filename_prefix`` is rewritten (``PREPEND_FILENAMES``): ``<id>_<prefix>`` or ``<id>``
+  (an empty prefix gives ``<id>``); a subfolder in the prefix (``videos/clip``) stays a
+  subfolder (``videos/<id>_clip``). A prefix that would leave OUTPUT_DIR (absolute, ``..``
+  above it), holds NUL, is not a string (a link ``[node, index]`` is passed on), or whose file
+  name is longer than :data:`MAX_PREFIX_NAME_BYTES` is a 400 (ComfyUI's SaveImage answers
+  these with a 500);
 * media inputs (``image`` of any node, ``video``/``file`` of the video loaders, ``audio`` of
   ``LoadAudio``, ``directory`` lists of ``VHS_LoadImages*``) are resolved in a fixed order:
   ``data:`` URL, then a URL (http(s), s3), then a file that exists in ``INPUT_DIR``, then strictly
   validated base64; anything else is a 400 naming ``prompt.<node>.inputs.<field>``.
+  ComfyUI's annotated names (``x.png [input]``, ``[output]``, ``[temp]``, read the way its
+  ``folder_paths.annotated_filepath`` reads them) and plain names must name a file whose real
+  path (symlinks followed) is inside that directory; otherwise they are a 400 too.
   Decoded and downloaded files are written inside ``INPUT_DIR/.comfy-sidecar/``
   (:data:`INPUTS_SUBDIR`; never symlinked, ComfyUI >= 0.28 rejects links that leave it) and
   removed when the job ends; what a killed sidecar left there is removed at the next start
@@ -24,14 +33,14 @@ import errno
 import functools
 import logging
 import os
-import re
+import posixpath
 import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from comfy_sidecar.errors import InputError
+from comfy_sidecar.errors import InputError, UpstreamFailed
 from comfy_sidecar.pipeline.bounded import gather_bounded
 from comfy_sidecar.pipeline.media import decode_base64, decode_data_url, sniff_extension
 from comfy_sidecar.storage.errors import DiskFullError
@@ -61,6 +70,18 @@ def remove_leftover_inputs(input_dir: str | Path) -> int:
     if removed:
         log.info("removed %d input file(s) left by an earlier run", removed)
     return removed
+
+
+def write_input(path: Path, data: bytes, location: str) -> None:
+    """:func:`write_atomically` for the input at ``location`` (``prompt.<node>.inputs.<field>``):
+    a full INPUT_DIR raises :class:`UpstreamFailed` caused by :class:`DiskFullError` (507 at the
+    edge) naming that field."""
+    try:
+        write_atomically(path, data)
+    except DiskFullError as full:
+        raise UpstreamFailed(
+            f"could not write the input: {full}", cause=full, location=location
+        ) from None
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -93,7 +114,23 @@ VIDEO_LOADERS = frozenset(
 AUDIO_LOADERS = frozenset({"LoadAudio", "VHS_LoadAudio", "VHS_LoadAudioUpload"})
 IMAGE_DIR_LOADERS = frozenset({"VHS_LoadImages", "VHS_LoadImagesPath"})
 
-_ANNOTATION = re.compile(r" \[(input|output|temp)\]$")
+#: ComfyUI's annotations (``folder_paths.annotated_filepath``): a name ending in one of these
+#: is read from that directory, with the annotation and the one character before it (the
+#: space in ``x.png [input]``) removed.
+ANNOTATIONS = ("output", "input", "temp")
+
+#: The deepest nesting of lists and objects in one input value (or in a node's ``_meta``) that
+#: is forwarded to ComfyUI. Its prompt worker ``copy.deepcopy``s every queued prompt and that
+#: thread dies of RecursionError from about 490 levels (no later job then runs); real prompts
+#: nest 2 or 3 levels deep.
+MAX_NESTING_DEPTH = 64
+
+#: The longest file-name part of a rewritten ``filename_prefix`` (and of each of its folders),
+#: in UTF-8 bytes: NAME_MAX (255) less room for ComfyUI's ``_00001_.webp``-style suffix.
+MAX_PREFIX_NAME_BYTES = 240
+
+#: Linux's longest path: a longer media value is never a file name.
+PATH_MAX = 4096
 
 
 def _is_link(value: Any) -> bool:
@@ -101,10 +138,92 @@ def _is_link(value: Any) -> bool:
 
 
 def rewrite_prefix(prefix: str, job_id: str, prepend: bool) -> str:
-    """comfyui-api's filename_prefix rule, keeping any subfolder part a subfolder."""
+    """comfyui-api's filename_prefix rule, keeping any subfolder part a subfolder:
+    ``<id>_<prefix>`` (``prepend``) or ``<id>``; an empty file-name part gives ``<id>``."""
     head, sep, tail = prefix.rpartition("/")
-    new_tail = f"{job_id}_{tail}" if prepend else job_id
+    new_tail = f"{job_id}_{tail}" if prepend and tail else job_id
     return f"{head}{sep}{new_tail}"
+
+
+def check_prefix(prefix: str, location: str) -> None:
+    """Raise :class:`InputError` at ``location`` unless ``prefix`` (a rewritten
+    ``filename_prefix``) stays inside OUTPUT_DIR: relative, no ``..`` above its top, no NUL,
+    each part at most :data:`MAX_PREFIX_NAME_BYTES` bytes. ComfyUI refuses the first two in
+    SaveImage, after queueing, with a 500 that names its output directory."""
+    if "\x00" in prefix:
+        raise InputError("must not contain NUL", location)
+    normal = posixpath.normpath(prefix)
+    if posixpath.isabs(normal) or normal == ".." or normal.startswith("../"):
+        raise InputError(
+            "must stay inside the output directory (no absolute path, no .. above it)", location
+        )
+    if any(len(part.encode()) > MAX_PREFIX_NAME_BYTES for part in prefix.split("/")):
+        raise InputError(
+            f"too long: each part (with the job id) must be at most {MAX_PREFIX_NAME_BYTES} bytes",
+            location,
+        )
+
+
+def nesting_exceeds(value: Any, limit: int) -> bool:
+    """True when ``value`` nests lists/dicts more than ``limit`` deep (a scalar is 0 deep,
+    ``[1]`` 1). Walks with an explicit stack, so any depth is safe to check."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth + 1 > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def check_nesting(prompt: dict[str, Any], limit: int = MAX_NESTING_DEPTH) -> None:
+    """Raise :class:`InputError` naming ``prompt.<node>.inputs.<name>`` (or ``prompt.<node>``,
+    ``prompt.<node>._meta``) when a value nests deeper than ``limit``."""
+    for node_id, node in prompt.items():
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if key == "inputs" and isinstance(value, dict):
+                named = [(f"prompt.{node_id}.inputs.{name}", v) for name, v in value.items()]
+            else:
+                named = [(f"prompt.{node_id}.{key}", value)]
+            for location, item in named:
+                if nesting_exceeds(item, limit):
+                    raise InputError(
+                        f"nested deeper than {limit} levels of lists and objects", location
+                    )
+
+
+def split_annotation(value: str) -> tuple[str, str] | None:
+    """``(name, "input"|"output"|"temp")`` for a name ComfyUI reads from another directory,
+    the way its ``folder_paths.annotated_filepath`` does (``"x.png [output]"`` gives
+    ``("x.png", "output")``); None for a plain name."""
+    for kind in ANNOTATIONS:
+        if value.endswith(f"[{kind}]"):
+            return value[: -len(kind) - 3], kind
+    return None
+
+
+def file_inside(directory: Path, name: str) -> Path | None:
+    """The real path of ``name`` under ``directory`` when it is an existing file whose real
+    path (symlinks followed) is inside ``directory``; None otherwise, including for any name
+    the OS refuses (too long, NUL, ...)."""
+    if "\x00" in name or len(name) > PATH_MAX:  # never a file; resolving it would be slow
+        return None
+    try:
+        root = directory.resolve()
+        candidate = (root / name).resolve()
+        if candidate.is_relative_to(root) and candidate.is_file():
+            return candidate
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 # Loader nodes whose inputs may be a model URL, and the model folder each input reads.
@@ -199,25 +318,36 @@ class _Walk:
 
 
 class Preprocessor:
-    """Prepares prompts for one sidecar. ``is_output_node(class_type)`` asks ComfyUI."""
+    """Prepares prompts for one sidecar. ``is_output_node(class_type)`` asks ComfyUI.
+    ``output_dir`` and ``temp_dir`` are ComfyUI's, for ``[output]`` and ``[temp]`` names
+    (refused when not given)."""
 
     def __init__(
         self,
         input_dir: str,
         prepend_filenames: bool,
         is_output_node: Callable[[str], Awaitable[bool]],
+        *,
+        output_dir: str | None = None,
+        temp_dir: str | None = None,
     ) -> None:
         self.input_dir = Path(input_dir)
         self.prepend_filenames = prepend_filenames
         self._is_output_node = is_output_node
+        self._annotated_dirs: dict[str, Path | None] = {
+            "input": self.input_dir,
+            "output": Path(output_dir) if output_dir else None,
+            "temp": Path(temp_dir) if temp_dir else None,
+        }
 
     async def prepare(self, prompt: dict[str, Any], job_id: str, staging: Staging) -> Prepared:
         """Rewrite ``prompt`` (a plain dict, modified in place) for job ``job_id``.
 
         URL values (media inputs, model loader inputs) are downloaded through ``staging``, all
         of one prompt at once (at most 8 at a time).
-        Returns :class:`Prepared`. Raises :class:`InputError` for a caller's mistake; files it
-        wrote before the error are removed.
+        Returns :class:`Prepared`. Raises :class:`InputError` for a caller's mistake and
+        :class:`UpstreamFailed` caused by a :class:`DiskFullError` when INPUT_DIR (or the cache)
+        is full; files it wrote before the error are removed.
         """
         prepared = Prepared(prompt)
         try:
@@ -230,13 +360,14 @@ class Preprocessor:
     async def _prepare(self, prepared: Prepared, job_id: str, staging: Staging) -> None:
         """Walk the nodes in prompt order, then run the downloads and check for an output."""
         walk = _Walk(prepared, job_id, staging)
+        check_nesting(prepared.prompt)
         has_output = False
         for node_id, node in prepared.prompt.items():
             inputs = node.get("inputs")
             if not isinstance(inputs, dict):
                 continue
             class_type = str(node.get("class_type", ""))
-            has_output = self._rewrite_prefix(inputs, job_id) or has_output
+            has_output = self._rewrite_prefix(inputs, job_id, node_id) or has_output
             await self._media_inputs(walk, node_id, class_type, inputs)
             self._model_inputs(walk, node_id, class_type, inputs)
             await self._image_directory(walk, node_id, class_type, inputs)
@@ -248,13 +379,21 @@ class Preprocessor:
                 "prompt",
             )
 
-    def _rewrite_prefix(self, inputs: dict[str, Any], job_id: str) -> bool:
-        """Rewrite the node's ``filename_prefix``; True when that makes it an output node
-        (it has a prefix and ``save_output`` is not false)."""
-        prefix = inputs.get("filename_prefix")
-        if not isinstance(prefix, str) or not prefix:
+    def _rewrite_prefix(self, inputs: dict[str, Any], job_id: str, node_id: str) -> bool:
+        """Rewrite and check the node's ``filename_prefix`` (:func:`check_prefix`); True when
+        that makes it an output node (it has a prefix and ``save_output`` is not false).
+        A link (``[node, index]``) is left to ComfyUI; any other non-string is a 400."""
+        if "filename_prefix" not in inputs:
             return False
-        inputs["filename_prefix"] = rewrite_prefix(prefix, job_id, self.prepend_filenames)
+        prefix = inputs["filename_prefix"]
+        location = f"prompt.{node_id}.inputs.filename_prefix"
+        if _is_link(prefix):
+            return False
+        if not isinstance(prefix, str):
+            raise InputError("expected a string", location)
+        rewritten = rewrite_prefix(prefix, job_id, self.prepend_filenames)
+        check_prefix(rewritten, location)
+        inputs["filename_prefix"] = rewritten
         return inputs.get("save_output", True) not in (False, 0, "false", "False")
 
     async def _media_inputs(
@@ -368,16 +507,17 @@ class Preprocessor:
         if value.startswith("data:"):
             payload, ext = decode_data_url(value, location)
             return self._write(payload, ext, location, stem, prepared, target)
-        if _ANNOTATION.search(value):
-            return value  # "name.png [output]": ComfyUI resolves annotated names itself
-        local = self._existing_input(value)
+        annotated = split_annotation(value)
+        if annotated is not None:
+            return self._annotated(value, *annotated, location)
+        local = file_inside(self.input_dir, value)
         if local is not None:
             if copy_local:
-                destination = target / f"{stem}{Path(local).suffix}"
+                destination = target / f"{stem}{local.suffix}"
                 try:
                     os.link(local, destination)
                 except OSError:
-                    write_atomically(destination, Path(local).read_bytes())
+                    write_input(destination, Path(local).read_bytes(), location)
                 prepared.input_files.append(destination)
             return value
         data = decode_base64(value)
@@ -389,15 +529,13 @@ class Preprocessor:
             )
         return self._write(data, sniff_extension(data[:64]), location, stem, prepared, target)
 
-    def _existing_input(self, value: str) -> str | None:
-        """The path of ``value`` inside INPUT_DIR when it names an existing file there."""
-        if "\x00" in value or len(value) > 4096:
-            return None
-        candidate = (self.input_dir / value).resolve()
-        root = self.input_dir.resolve()
-        if candidate.is_file() and candidate.is_relative_to(root):
-            return str(candidate)
-        return None
+    def _annotated(self, value: str, name: str, kind: str, location: str) -> str:
+        """``value`` (``name [kind]``, ComfyUI resolves it) when ``name`` is a file inside
+        ComfyUI's ``kind`` directory; else :class:`InputError` (no path in the message)."""
+        directory = self._annotated_dirs[kind]
+        if directory is None or file_inside(directory, name) is None:
+            raise InputError(f"not a file in ComfyUI's {kind} directory", location)
+        return value
 
     def _write(
         self,
@@ -416,6 +554,6 @@ class Preprocessor:
             )
         path = target / f"{stem}.{ext}"
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, data)
+        write_input(path, data, location)
         prepared.input_files.append(path)
         return path.relative_to(self.input_dir).as_posix()

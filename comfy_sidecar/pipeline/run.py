@@ -27,8 +27,10 @@ from comfy_sidecar.errors import (
     ExecutionFailed,
     InputError,
     Interrupted,
+    SidecarError,
     TimedOut,
     Unavailable,
+    UpstreamFailed,
     ValidationFailed,
 )
 from comfy_sidecar.logs import bind_job, job_scope
@@ -111,7 +113,9 @@ class JobStaging:
     """Downloads for one job through the storage facade: credentials matched per URL
     (``credentials``, first glob wins), files leased from eviction until the job ends.
     A download that fails is the request's problem, as in comfyui-api: :class:`InputError`
-    naming the prompt field and saying why (not found, refused, unreachable, cut)."""
+    naming the prompt field and saying why (not found, refused, unreachable, cut). A full
+    disk is the sidecar's: :class:`UpstreamFailed` naming the field, with the
+    :class:`~comfy_sidecar.storage.DiskFullError` as its cause (answered 507)."""
 
     def __init__(
         self,
@@ -128,29 +132,36 @@ class JobStaging:
 
     async def input(self, url: str, stem: str, location: str) -> str:
         """Download ``url``; link it into INPUT_DIR as ``<stem><cache file extension>``."""
-        from comfy_sidecar.storage import DiskFullError, StorageError
+        from comfy_sidecar.storage import StorageError
 
         auth = self.storage.credentials_for(url, self.credentials)
         try:
             cached = await self.storage.fetch(url, auth, self.lease)
             name = f"{stem}{cached.suffix}"
             return await self.storage.stage_input(url, auth, self.input_dir, name, self.lease)
-        except DiskFullError:
-            raise  # the sidecar's disk, not the caller's mistake (507)
-        except StorageError as exc:
-            raise InputError(f"could not download {scrub_url(url)}: {exc}", location) from None
+        except StorageError as exc:  # a full disk is the sidecar's (507), naming the field
+            raise _download_failed(url, exc, location) from None
 
     async def model(self, url: str, folder: str, location: str) -> str:
         """Download ``url`` into ``MODEL_DIR/<folder>``; returns the name ComfyUI lists."""
-        from comfy_sidecar.storage import DiskFullError, StorageError
+        from comfy_sidecar.storage import StorageError
 
         auth = self.storage.credentials_for(url, self.credentials)
         try:
             return await self.storage.stage_model(url, auth, self.model_dir / folder, self.lease)
-        except DiskFullError:
-            raise  # the sidecar's disk, not the caller's mistake (507)
-        except StorageError as exc:
-            raise InputError(f"could not download {scrub_url(url)}: {exc}", location) from None
+        except StorageError as exc:  # a full disk is the sidecar's (507), naming the field
+            raise _download_failed(url, exc, location) from None
+
+
+def _download_failed(url: str, exc: Exception, location: str) -> SidecarError:
+    """The error for a failed download of ``url`` at ``location``: :class:`UpstreamFailed`
+    caused by ``exc`` when the disk is full (the sidecar's fault), else :class:`InputError`."""
+    from comfy_sidecar.storage import DiskFullError
+
+    message = f"could not download {scrub_url(url)}: {exc}"
+    if isinstance(exc, DiskFullError):
+        return UpstreamFailed(message, cause=exc, location=location)
+    return InputError(message, location)
 
 
 @dataclass
@@ -200,7 +211,11 @@ class Pipeline:
         self.dispatcher = dispatcher
         self.storage = storage
         self.preprocessor = Preprocessor(
-            settings.input_dir, settings.prepend_filenames, self._is_output_node
+            settings.input_dir,
+            settings.prepend_filenames,
+            self._is_output_node,
+            output_dir=settings.output_dir,
+            temp_dir=settings.temp_dir,
         )
         self._active: dict[str, Job] = {}
         self._where: dict[str, ComfyInstance] = {}
@@ -305,6 +320,11 @@ class Pipeline:
         except InputError as exc:
             end()
             raise InputError(exc.message, exc.location, id=job_id) from None
+        except UpstreamFailed as exc:  # a full disk while downloading
+            end()
+            raise UpstreamFailed(
+                exc.message, cause=exc.cause, location=exc.location, id=job_id
+            ) from None
         except BaseException:
             end()
             raise

@@ -25,7 +25,14 @@ from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 from msgspec import Meta
 
-from comfy_sidecar.errors import Conflict, InputError, NotFound, Unavailable
+from comfy_sidecar.errors import (
+    Conflict,
+    InputError,
+    NotFound,
+    SidecarError,
+    Unavailable,
+    UpstreamFailed,
+)
 from comfy_sidecar.schemas import DownloadAuth, ErrorResponse
 
 if TYPE_CHECKING:
@@ -102,6 +109,7 @@ ERRORS = {
     ),
     409: ResponseSpec(ErrorResponse, description="A file not made by the cache has that name."),
     503: ResponseSpec(ErrorResponse, description="ComfyUI is not answering."),
+    507: ResponseSpec(ErrorResponse, description="(With wait) the sidecar's disk is full."),
 }
 
 
@@ -161,17 +169,16 @@ async def _known_folders(sidecar: Sidecar) -> list[str]:
 
 async def _run_download(
     sidecar: Sidecar, record: DownloadResponse, auth: DownloadAuth | None, url: str, name: str
-) -> tuple[DownloadResponse, bool]:
+) -> tuple[DownloadResponse, Exception | None]:
     """Fetch ``url`` into the cache and link it as ``name`` (extension fixed) in the folder;
-    updates ``record`` and returns it with whether a file the cache did not make is in the
-    way (a waiting caller then gets a :class:`Conflict`; any other failure is its
-    :class:`InputError`, as comfyui-api). Never raises."""
-    from comfy_sidecar.storage import CacheConflictError, StorageError
+    updates ``record`` and returns it with the storage error that failed it, if any (a
+    waiting caller then gets :func:`_failure`). Never raises."""
+    from comfy_sidecar.storage import StorageError
 
     storage = sidecar.storage
     folder = Path(sidecar.settings.model_dir) / record.model_type
     started = time.monotonic()
-    in_the_way = False
+    cause: Exception | None = None
     try:
         with storage.lease() as lease:
             cached = await storage.fetch(url, auth, lease)
@@ -182,13 +189,28 @@ async def _run_download(
         log.info("download %s -> %s (%d bytes)", record.url, dest, record.size)
     except StorageError as exc:
         record.status, record.error = "failed", str(exc)
-        in_the_way = isinstance(exc, CacheConflictError)
+        cause = exc
     except Exception as exc:
-        record.status, record.error = "failed", f"{type(exc).__name__}: {exc}"
+        # an OSError's str() names the file: only its reason reaches the caller
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        record.status, record.error = "failed", f"{type(exc).__name__}: {reason}"
     record.duration = time.monotonic() - started
     if record.error is not None:
         log.warning("download %s failed: %s", record.url, record.error)
-    return record, in_the_way
+    return record, cause
+
+
+def _failure(message: str, cause: Exception | None) -> SidecarError:
+    """What a waiting ``POST /download`` raises: :class:`Conflict` when a file the cache did
+    not make is in the way, :class:`UpstreamFailed` (507) on a full disk, else
+    :class:`InputError` naming ``url`` (comfyui-api answers failed downloads with 400)."""
+    from comfy_sidecar.storage import CacheConflictError, DiskFullError
+
+    if isinstance(cause, CacheConflictError):
+        return Conflict(message, location="url")
+    if isinstance(cause, DiskFullError):
+        return UpstreamFailed(message, cause=cause, location="url")
+    return InputError(message, location="url")
 
 
 @post(
@@ -245,10 +267,9 @@ async def download(data: DownloadRequest, state: State) -> Response[DownloadResp
     task = sidecar.spawn(_run_download(sidecar, record, data.auth, data.url, name))
     if not data.wait:
         return Response(record, status_code=202)
-    done, in_the_way = await asyncio.shield(task)
+    done, cause = await asyncio.shield(task)
     if done.status == "failed":
-        failure = Conflict if in_the_way else InputError
-        raise failure(done.error or "the download failed", location="url")
+        raise _failure(done.error or "the download failed", cause)
     return Response(done, status_code=200)
 
 

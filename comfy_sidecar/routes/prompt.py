@@ -45,6 +45,9 @@ ERROR_RESPONSES = {
         description="ComfyUI is not ready, went away, or the sidecar is shutting down.",
     ),
     504: ResponseSpec(ErrorResponse, description="The job exceeded PROMPT_TIMEOUT_S."),
+    507: ResponseSpec(
+        ErrorResponse, description="The sidecar's disk is full (downloading an input or model)."
+    ),
 }
 
 RESULT_RESPONSES = {

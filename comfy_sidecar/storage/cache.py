@@ -277,9 +277,16 @@ class DownloadCache:
     # --- index ---------------------------------------------------------------------------
 
     async def _save_index(self) -> None:
+        """Write the index. Raises :class:`DiskFullError` when the cache's file system is
+        full (ENOSPC, EDQUOT); the partial index file is removed."""
         async with self._index_lock:
             data = msgspec.json.encode(_Index(entries=dict(self._entries)))
-            await asyncio.to_thread(self._write_index, data)
+            try:
+                await asyncio.to_thread(self._write_index, data)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise DiskFullError("no space left in the cache for its index") from None
+                raise
 
     def _write_index(self, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX + "index-", dir=self.dir)
@@ -748,6 +755,8 @@ def _link_file(
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # copied onto a full file system
+            raise DiskFullError(f"{dest.name}: no space left to copy it in place") from None
         raise StorageError(f"{dest.name}: cannot link ({exc.strerror})") from None
 
 

@@ -53,8 +53,9 @@ class OutputMissingError(StorageError):
 
 
 class DiskFullError(StorageError):
-    """A file system is full or over quota (ENOSPC / EDQUOT): while downloading into the cache,
-    writing a job's input or converting an output. Nothing half-written is kept."""
+    """A file system of the sidecar is full or over quota (ENOSPC / EDQUOT): while downloading
+    into the cache or writing its index, writing a job's input, or converting an output. Nothing
+    half-written is kept; the message names no path."""
 
 
 __all__ = [

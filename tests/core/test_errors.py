@@ -134,6 +134,28 @@ CASES: list[tuple[Exception, int, dict[str, Any]]] = [
         {"error": "a.png: output file missing"},
     ),
     (DiskFullError("no space left"), 507, {"error": "no space left"}),
+    (  # a download into a full disk: the sidecar's fault, the field still named
+        UpstreamFailed(
+            "could not download u: no space left",
+            cause=DiskFullError("no space left"),
+            location="prompt.1.inputs.image",
+            id="j",
+        ),
+        507,
+        {
+            "error": "could not download u: no space left",
+            "location": "prompt.1.inputs.image",
+            "id": "j",
+        },
+    ),
+    (  # an unexpected error: its class and reason, never the path str() would show
+        FileNotFoundError(2, "No such file or directory", "/srv/secret/x.png"),
+        500,
+        {
+            "error": "internal error: FileNotFoundError: No such file or directory "
+            "(see the sidecar's log)"
+        },
+    ),
 ]
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from comfy_sidecar.locations import msgspec_location
+from comfy_sidecar.locations import msgspec_location, nesting_location
 
 
 class Item(msgspec.Struct, forbid_unknown_fields=True):
@@ -75,3 +75,23 @@ def test_top_level_location() -> None:
     assert msgspec_location(err) == ("Expected `object`, got `int`", "")
     assert msgspec_location(err, top_level="(top level)")[1] == "(top level)"
     assert msgspec_location(error_of({"pair": "x"}), top_level="(top level)")[1] == "pair"
+
+
+@pytest.mark.parametrize(
+    ("body", "location"),
+    [
+        (
+            b'{"prompt": {"1": {"class_type": "X", "inputs": {"a": [1], "deep": ' + b"[" * 70,
+            "prompt.1.inputs.deep",
+        ),
+        (b'{"id": ' + b"[" * 5000, "id"),
+        (b"[" * 5000, "body"),
+        (b'{"a": ' * 100, "a.a.a.a"),  # at most 4 keys
+        (b'{"k\\"[{": ' + b"[" * 70, 'k"[{'),  # brackets inside a string are text
+        (b'{"a": [[1]], "b": {"c": 2}}', None),
+    ],
+)
+def test_nesting_location_names_where_a_body_nests_too_deep(
+    body: bytes, location: str | None
+) -> None:
+    assert nesting_location(body, 64) == location

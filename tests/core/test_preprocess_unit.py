@@ -6,14 +6,22 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from comfy_sidecar.app import status_of
-from comfy_sidecar.pipeline.preprocess import InputError, Prepared, Preprocessor
-from tests.conftest import png_bytes
+from comfy_sidecar.errors import UpstreamFailed
+from comfy_sidecar.pipeline.preprocess import (
+    MAX_NESTING_DEPTH,
+    InputError,
+    Prepared,
+    Preprocessor,
+    nesting_exceeds,
+)
+from tests.conftest import fill_up, png_bytes
 from tests.transcripts import posted_prompts
 
 OUTPUT_NODES = {"SaveImage", "PreviewImage", "SaveAnimatedWEBP", "SaveAnimatedPNG"}
@@ -203,3 +211,196 @@ def test_leftover_inputs_are_removed_but_user_files_kept(tmp_path: Path) -> None
     assert list(ours.iterdir()) == []
     assert sorted(p.name for p in input_dir.iterdir()) == [INPUTS_SUBDIR, "cat.png", "job7_1.png"]
     assert remove_leftover_inputs(tmp_path / "missing") == 0
+
+
+# --- what an outside probe sent (issue 13, findings 1-4) ----------------------------------------
+
+
+def nested(depth: int) -> Any:
+    """A list nested ``depth`` deep (``[[...[]...]]``), built without recursion."""
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("depth", [MAX_NESTING_DEPTH + 1, 600, 5000])
+def test_a_value_nested_too_deep_is_refused_naming_its_input(tmp_path: Path, depth: int) -> None:
+    prompt = load_image_prompt(base64.b64encode(png_bytes()).decode())
+    prompt["1"]["inputs"]["deep"] = nested(depth)
+    with pytest.raises(InputError) as caught:
+        prepare(tmp_path, prompt)
+    assert caught.value.location == "prompt.1.inputs.deep"
+    assert status_of(caught.value) == 400
+    assert list((tmp_path / "input").glob("*")) == []  # refused before anything is written
+
+
+def test_a_deep_meta_is_refused_and_the_limit_itself_passes(tmp_path: Path) -> None:
+    prompt = recorded("multi_output_types")
+    prompt["1"]["inputs"]["fine"] = nested(MAX_NESTING_DEPTH)
+    prepare(tmp_path, copy.deepcopy(prompt))
+    prompt["2"]["_meta"] = {"title": nested(5000)}
+    with pytest.raises(InputError) as caught:
+        prepare(tmp_path, prompt)
+    assert caught.value.location == "prompt.2._meta"
+
+
+def test_nesting_is_checked_without_recursion() -> None:
+    assert nesting_exceeds(nested(100_000), MAX_NESTING_DEPTH)
+    assert not nesting_exceeds({"a": [1, {"b": nested(3)}]}, 6)
+    assert nesting_exceeds({"a": [1, {"b": nested(3)}]}, 5)
+
+
+@pytest.mark.parametrize("comment", [150, 1000, 2900])
+def test_plain_base64_of_any_length_is_not_taken_for_a_file_name(
+    tmp_path: Path, comment: int
+) -> None:
+    png = png_bytes((8, 8), comment="a" * comment)
+    value = base64.b64encode(png).decode()
+    assert 256 <= len(value) <= 4096 and "/" not in value  # too long for one file name
+    prepared = prepare(tmp_path, load_image_prompt(value))  # was OSError ENAMETOOLONG
+    assert (tmp_path / "input" / image_value(prepared.prompt)).read_bytes() == png
+
+
+def test_a_long_value_that_is_not_base64_is_a_400_without_a_path(tmp_path: Path) -> None:
+    value = "a/" * 1000 + "!"
+    with pytest.raises(InputError) as caught:
+        prepare(tmp_path, load_image_prompt(value))
+    assert caught.value.location == "prompt.1.inputs.image"
+    assert str(tmp_path) not in str(caught.value.body())
+
+
+def annotated_dirs(tmp_path: Path) -> Preprocessor:
+    for name in ("input", "output", "temp"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    return Preprocessor(
+        str(tmp_path / "input"),
+        True,
+        is_output_node,
+        output_dir=str(tmp_path / "output"),
+        temp_dir=str(tmp_path / "temp"),
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "../secret.png [input]",
+        "../../secret.png [input]",
+        "../secret.png [output]",
+        "../secret.png [temp]",
+        "../secret.pngX[input]",  # ComfyUI drops one character before the annotation
+        "link.png [input]",  # a symlink inside INPUT_DIR to a file outside
+        "link.png [output]",
+        "/etc/passwd [input]",
+        "missing.png [input]",
+        "[input]",
+    ],
+)
+def test_annotated_names_are_held_to_their_directory(tmp_path: Path, value: str) -> None:
+    pre = annotated_dirs(tmp_path)
+    (tmp_path / "secret.png").write_bytes(png_bytes())
+    (tmp_path / "input" / "link.png").symlink_to(tmp_path / "secret.png")
+    (tmp_path / "output" / "link.png").symlink_to(tmp_path / "secret.png")
+    staging = RecordingStaging(tmp_path / "input")
+    with pytest.raises(InputError) as caught:
+        asyncio.run(pre.prepare(load_image_prompt(value), "job1", staging))
+    assert caught.value.location == "prompt.1.inputs.image"
+    assert status_of(caught.value) == 400
+    body = str(caught.value.body())
+    assert str(tmp_path) not in body and "/etc" not in body
+
+
+@pytest.mark.parametrize("kind", ["input", "output", "temp"])
+def test_annotated_names_inside_their_directory_are_passed_on(tmp_path: Path, kind: str) -> None:
+    pre = annotated_dirs(tmp_path)
+    (tmp_path / kind / "sub").mkdir()
+    (tmp_path / kind / "sub" / "real.png").write_bytes(png_bytes())
+    value = f"sub/real.png [{kind}]"
+    prepared = asyncio.run(
+        pre.prepare(load_image_prompt(value), "job1", RecordingStaging(tmp_path / "input"))
+    )
+    assert image_value(prepared.prompt) == value  # ComfyUI resolves it
+
+
+def test_a_plain_name_through_a_symlink_out_of_input_dir_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "input").mkdir()
+    (tmp_path / "secret.png").write_bytes(png_bytes())
+    (tmp_path / "input" / "link.png").symlink_to(tmp_path / "secret.png")
+    with pytest.raises(InputError) as caught:
+        prepare(tmp_path, load_image_prompt("link.png"))
+    assert caught.value.location == "prompt.1.inputs.image"
+
+
+def save_prompt(prefix: Any) -> dict[str, Any]:
+    """multi_output_types' EmptyImage -> a SaveImage with ``prefix``."""
+    empty = recorded("multi_output_types")["1"]
+    save = {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}}
+    return {"1": empty, "2": save}
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        "../../etc/x",
+        "/etc/x",
+        "sub/../../x",
+        "../",
+        "a\x00b",
+        "x" * 300,
+        "sub/" + "x" * 300 + "/y",
+        5,
+        None,
+        {"a": 1},
+        ["not", "a link"],
+    ],
+)
+def test_a_bad_filename_prefix_is_refused_before_anything_is_queued(
+    tmp_path: Path, prefix: Any
+) -> None:
+    staging = RecordingStaging(tmp_path / "input")
+    prompt = save_prompt(prefix)
+    prompt["3"] = {"class_type": "LoadImage", "inputs": {"image": "https://example.com/a.png"}}
+    with pytest.raises(InputError) as caught:
+        prepare(tmp_path, prompt, staging=staging)
+    assert caught.value.location == "prompt.2.inputs.filename_prefix"
+    assert status_of(caught.value) == 400
+    assert staging.asked == []  # no download started
+
+
+@pytest.mark.parametrize(
+    ("prefix", "prepend", "expected"),
+    [
+        ("", True, "job1"),
+        ("", False, "job1"),
+        ("sub/", True, "sub/job1"),
+        ("sub/x", True, "sub/job1_x"),
+        ("sub/../x", True, "sub/../job1_x"),  # stays inside OUTPUT_DIR
+        ("%year%/x", True, "%year%/job1_x"),
+        ("x" * 200, True, "job1_" + "x" * 200),
+    ],
+)
+def test_filename_prefixes_inside_the_output_directory_are_kept(
+    tmp_path: Path, prefix: str, prepend: bool, expected: str
+) -> None:
+    prepared = prepare(tmp_path, save_prompt(prefix), prepend=prepend)
+    assert prepared.prompt["2"]["inputs"]["filename_prefix"] == expected
+
+
+def test_a_linked_filename_prefix_is_left_to_comfyui(tmp_path: Path) -> None:
+    prepared = prepare(tmp_path, save_prompt(["9", 0]))
+    assert prepared.prompt["2"]["inputs"]["filename_prefix"] == ["9", 0]
+
+
+def test_a_full_input_dir_is_the_sidecars_507_and_leaves_no_partial_file(
+    tmp_path: Path, small_tmpfs: Callable[[int], Path]
+) -> None:
+    input_dir = small_tmpfs(64 * 1024)
+    filler = fill_up(input_dir)
+    pre = Preprocessor(str(input_dir), True, is_output_node)
+    prompt = load_image_prompt(base64.b64encode(png_bytes((64, 64))).decode())
+    with pytest.raises(UpstreamFailed) as caught:  # was OSError ENOSPC: a 500 naming the path
+        asyncio.run(pre.prepare(prompt, "job1", RecordingStaging(input_dir)))
+    assert (caught.value.location, status_of(caught.value)) == ("prompt.1.inputs.image", 507)
+    assert str(input_dir) not in str(caught.value.body())
+    assert sorted(p for p in input_dir.rglob("*") if not p.is_dir()) == [filler]
