@@ -495,10 +495,19 @@ class Pipeline:
     ) -> JobOutcome:
         if job.listener is not None:
             job.listener("sidecar_queued", {"prompt_id": job.prompt_id, "instance": instance.name})
+        # PROMPT_TIMEOUT_S counts from here: a ComfyUI that froze before it took the POST
+        # (whose own timeout outlasts the hang verdict) still answers 504 in time.
+        limit = self.settings.prompt_timeout_s or None
+        deadline = None if limit is None else time.monotonic() + limit
         try:
-            await instance.client.queue_prompt(
-                bust_output_cache(prompt, job.prompt_id), job.prompt_id, instance.client_id
+            await asyncio.wait_for(
+                instance.client.queue_prompt(
+                    bust_output_cache(prompt, job.prompt_id), job.prompt_id, instance.client_id
+                ),
+                limit,
             )
+        except TimeoutError:
+            raise self._timed_out(instance, job) from None
         except PromptRejected as exc:
             raise _validation_failed(job.id, exc.body) from None
         except ComfyUnavailable as exc:
@@ -517,22 +526,25 @@ class Pipeline:
         job.queued_at = time.monotonic()
         if job.interrupt_requested:
             await self._stop_in_comfy(instance, job)
-        timeout = self.settings.prompt_timeout_s or None
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            return await asyncio.wait_for(asyncio.shield(job.done), timeout)
+            return await asyncio.wait_for(asyncio.shield(job.done), remaining)
         except TimeoutError:
-            log.warning("job %s exceeded PROMPT_TIMEOUT_S; interrupting it", job.id)
-            job.interrupt_requested = True
-            # The caller gets its 504 now: a frozen ComfyUI must not hold it past
-            # PROMPT_TIMEOUT_S (each call to it is bounded, but several in a row add up).
-            stop = asyncio.get_running_loop().create_task(self._stop_in_comfy(instance, job))
-            self._stops.add(stop)
-            stop.add_done_callback(self._stops.discard)
-            raise TimedOut(
-                f"the job ran longer than PROMPT_TIMEOUT_S "
-                f"({self.settings.prompt_timeout_s:g} s) and was interrupted",
-                id=job.id,
-            ) from None
+            raise self._timed_out(instance, job) from None
+
+    def _timed_out(self, instance: ComfyInstance, job: Job) -> TimedOut:
+        """The 504 for ``job`` past PROMPT_TIMEOUT_S; its removal from ComfyUI's queue or its
+        interrupt is sent in the background, so a frozen ComfyUI does not hold the caller."""
+        log.warning("job %s exceeded PROMPT_TIMEOUT_S; interrupting it", job.id)
+        job.interrupt_requested = True
+        stop = asyncio.get_running_loop().create_task(self._stop_in_comfy(instance, job))
+        self._stops.add(stop)
+        stop.add_done_callback(self._stops.discard)
+        return TimedOut(
+            f"the job ran longer than PROMPT_TIMEOUT_S "
+            f"({self.settings.prompt_timeout_s:g} s) and was interrupted",
+            id=job.id,
+        )
 
     def _raise_for(self, job: Job, outcome: JobOutcome, instance: ComfyInstance | None) -> None:
         error = outcome.error or {}

@@ -76,6 +76,28 @@ def test_frozen_comfy_answers_504_within_prompt_timeout(spawn: Any, backend: Bac
         assert took < timeout_s + 5, f"504 after {took:.1f} s with PROMPT_TIMEOUT_S={timeout_s}"
 
 
+def test_comfy_frozen_before_the_post_answers_504_within_prompt_timeout(
+    spawn: Any, tmp_path: Path
+) -> None:
+    """A ComfyUI frozen before it took the job: ``POST /prompt`` to it outlasts the hang check,
+    but PROMPT_TIMEOUT_S counts from the POST, so the caller still gets its 504 in time."""
+    timeout_s = 4.0
+    sidecar: Sidecar = spawn(
+        Backend("double", tmp_path / "comfy"),
+        PROMPT_TIMEOUT_S=str(timeout_s),
+        COMFYUI_HANG_TIMEOUT_S="600",
+    )
+    sidecar.wait_ready()
+    child = sidecar.child_pid()
+    with resumed_at_exit(child):
+        os.kill(child, signal.SIGSTOP)
+        sent = time.monotonic()
+        response = sidecar.post("/prompt", json={"prompt": basic_prompt(batch=1)}, timeout=300)
+        took = time.monotonic() - sent
+    assert response.status_code == 504, response.text
+    assert took < timeout_s + 5, f"504 after {took:.1f} s with PROMPT_TIMEOUT_S={timeout_s}"
+
+
 # --- finding 9: /interrupt and the job's end are decided once ---------------------------------
 
 
