@@ -3,7 +3,9 @@
 Copies comfyui-api's ``preprocessNodes`` where it is right and fixes it where it is not:
 
 * no value nests lists and objects deeper than :data:`MAX_NESTING_DEPTH` (checked without
-  recursion; ComfyUI's prompt worker dies on a prompt nested about 490 deep);
+  recursion; ComfyUI's prompt worker dies on a prompt nested about 490 deep), and the prompt
+  forwarded to ComfyUI (media inputs already written to files) is at most
+  :data:`MAX_PROMPT_BYTES` of JSON (``location: "prompt"``);
 * every ``filename_prefix`` is rewritten (``PREPEND_FILENAMES``): ``<id>_<prefix>`` or ``<id>``
   (an empty prefix gives ``<id>``); a subfolder in the prefix (``videos/clip``) stays a
   subfolder (``videos/<id>_clip``). A prefix that would leave OUTPUT_DIR (absolute, ``..``
@@ -39,6 +41,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+import msgspec
 
 from comfy_sidecar.errors import InputError, UpstreamFailed
 from comfy_sidecar.pipeline.bounded import gather_bounded
@@ -125,6 +129,12 @@ ANNOTATIONS = ("output", "input", "temp")
 #: nest 2 or 3 levels deep.
 MAX_NESTING_DEPTH = 64
 
+#: The largest prompt forwarded to ComfyUI, in bytes of JSON, once inline media are written to
+#: files: ComfyUI ``deepcopy``s and validates it on its single prompt worker, so one huge prompt
+#: stalls every job behind it. Real API-format prompts are kilobytes; thousands of nodes stay
+#: far below this.
+MAX_PROMPT_BYTES = 16 * 1024 * 1024
+
 #: The longest file-name part of a rewritten ``filename_prefix`` (and of each of its folders),
 #: in UTF-8 bytes: NAME_MAX (255) less room for ComfyUI's ``_00001_.webp``-style suffix.
 MAX_PREFIX_NAME_BYTES = 240
@@ -180,6 +190,18 @@ def nesting_exceeds(value: Any, limit: int) -> bool:
             return True
         stack.extend((child, depth + 1) for child in children)
     return False
+
+
+def check_size(prompt: dict[str, Any], limit: int = MAX_PROMPT_BYTES) -> None:
+    """Raise :class:`InputError` (``location: "prompt"``) when ``prompt`` encodes to more than
+    ``limit`` bytes of JSON. Call it once inline media were replaced by file names."""
+    size = len(msgspec.json.encode(prompt))
+    if size > limit:
+        raise InputError(
+            f"the prompt is {size} bytes of JSON once its media inputs are written to files; "
+            f"at most {limit} are forwarded to ComfyUI",
+            "prompt",
+        )
 
 
 def check_nesting(prompt: dict[str, Any], limit: int = MAX_NESTING_DEPTH) -> None:
@@ -371,6 +393,7 @@ class Preprocessor:
             await self._media_inputs(walk, node_id, class_type, inputs)
             self._model_inputs(walk, node_id, class_type, inputs)
             await self._image_directory(walk, node_id, class_type, inputs)
+        check_size(prepared.prompt)
         await gather_bounded(walk.downloads, MAX_CONCURRENT_DOWNLOADS)
         if not has_output and not await self._any_output_node(prepared.prompt):
             raise InputError(

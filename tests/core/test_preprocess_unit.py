@@ -16,9 +16,11 @@ from comfy_sidecar.app import status_of
 from comfy_sidecar.errors import UpstreamFailed
 from comfy_sidecar.pipeline.preprocess import (
     MAX_NESTING_DEPTH,
+    MAX_PROMPT_BYTES,
     InputError,
     Prepared,
     Preprocessor,
+    check_size,
     nesting_exceeds,
 )
 from tests.conftest import fill_up, png_bytes
@@ -233,6 +235,24 @@ def test_a_value_nested_too_deep_is_refused_naming_its_input(tmp_path: Path, dep
     assert caught.value.location == "prompt.1.inputs.deep"
     assert status_of(caught.value) == 400
     assert list((tmp_path / "input").glob("*")) == []  # refused before anything is written
+
+
+def test_a_prompt_too_large_to_forward_is_refused_and_leaves_no_input(tmp_path: Path) -> None:
+    """The prompt ComfyUI would get (inline media already written to files) is bounded: a 400
+    at ``prompt``, and the input file written for it is removed again."""
+    prompt = load_image_prompt(base64.b64encode(png_bytes()).decode())
+    prompt["1"]["inputs"]["text"] = "x" * (MAX_PROMPT_BYTES + 1)
+    with pytest.raises(InputError) as caught:
+        prepare(tmp_path, prompt)
+    assert (caught.value.location, status_of(caught.value)) == ("prompt", 400)
+    assert [p for p in (tmp_path / "input").rglob("*") if p.is_file()] == []
+
+
+def test_inline_media_do_not_count_toward_the_forwarded_size(tmp_path: Path) -> None:
+    image = base64.b64encode(png_bytes((256, 256))).decode()
+    prompt = load_image_prompt(image)
+    prepared = prepare(tmp_path, prompt)
+    check_size(prepared.prompt, limit=len(image) // 2)  # the image became a file name
 
 
 def test_a_deep_meta_is_refused_and_the_limit_itself_passes(tmp_path: Path) -> None:
