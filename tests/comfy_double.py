@@ -130,6 +130,8 @@ class Double:
         self.stalled = False
         #: While True, websocket upgrades are refused (a ComfyUI whose socket is down).
         self.ws_refused = False
+        #: Bodies of the ``POST /free`` calls received.
+        self.frees: list[Any] = []
         self.oom_raised: dict[str, int] = {}
         self.temp_tag = "".join(random.choices(string.ascii_lowercase, k=5))
         #: Test-only: every prompt taken by the worker, in order (GET /__double__/executions).
@@ -770,10 +772,16 @@ class Double:
         def object_info(class_type: str) -> dict[str, Any]:
             return {class_type: info(class_type)} if class_type in NODES else {}
 
-        @post("/free", status_code=200, sync_to_thread=False)
-        def free() -> Response[bytes]:
+        @post("/free", status_code=200)
+        async def free(request: Request[Any, Any, Any]) -> Response[bytes]:
+            double.frees.append(await request.json())
             double.cache.clear()
             return Response(b"")
+
+        @get("/__double__/frees", sync_to_thread=False)
+        def frees() -> list[Any]:
+            """Test-only: the bodies of every ``POST /free`` so far, in order."""
+            return double.frees
 
         @get("/features", sync_to_thread=False)
         def features() -> dict[str, Any]:
@@ -876,6 +884,8 @@ class Double:
                 free,
                 features,
                 drop_websockets,
+                refuse_websockets,
+                frees,
                 mute,
                 tick_times,
                 executions,

@@ -242,8 +242,14 @@ def test_max_queue_depth_turns_ready_503(spawn: Any, tmp_path: Path) -> None:
     thread.start()
     busy = sidecar.wait_status("/ready", 503, 10)
     assert "queue depth" in busy.json()["detail"]
+    # A job beyond MAX_QUEUE_DEPTH is refused at once with 429 and Retry-After, not queued.
+    full = sidecar.post("/prompt", json={"prompt": basic_prompt(batch=1)})
+    assert full.status_code == 429, full.text
+    assert full.headers["retry-after"]
+    assert "MAX_QUEUE_DEPTH" in full.json()["error"]
     thread.join(timeout=60)
     sidecar.wait_ready(10)
+    assert sidecar.post("/prompt", json={"prompt": basic_prompt(batch=1)}).status_code == 200
 
 
 def test_lost_websocket_does_not_hang_a_job(spawn: Any, tmp_path: Path) -> None:

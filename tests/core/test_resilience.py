@@ -242,6 +242,8 @@ def test_recycle_after_jobs(spawn: Any, tmp_path: Path, receiver: Any) -> None:
     assert [e["event"] for e in recycles] == ["sidecar.recycle"] * 2
     assert recycles[0]["data"]["reason"].startswith("RECYCLE_AFTER_JOBS")
     assert recycles[0]["data"]["instance"] == "0"
+    metrics = sidecar.get("/metrics").text
+    assert 'comfyui_process_restarts_total{instance="0",reason="recycle"} 2.0' in metrics
 
 
 def test_recycle_rss_limit(spawn: Any, tmp_path: Path) -> None:
@@ -312,6 +314,8 @@ def test_out_of_memory_answers_503(spawn: Any, tmp_path: Path) -> None:
     assert body["exception_type"] == "torch.OutOfMemoryError"
     assert body["node_id"] == "2"
     assert "ran out of memory; POST /free" in sidecar.log()
+    frees = httpx.get(f"http://127.0.0.1:{sidecar.comfy_port}/__double__/frees").json()
+    assert frees == [{"unload_models": True, "free_memory": True}]
 
 
 def test_out_of_memory_retried_once(spawn: Any, tmp_path: Path) -> None:
