@@ -150,9 +150,18 @@ class Sidecar:
             lease_s=settings.job_lease_s,
             max_attempts=settings.job_max_attempts,
         )
-        self.jobs.shared = SharedJobs(redis_jobs, self.storage.check_request)
+        self.jobs.shared = SharedJobs(redis_jobs, self._check_job)
         inline = int(settings.job_inline_output_mb * 1024 * 1024)
         return QueueWorker(redis_jobs, self.delivery, self.dispatcher, self.spawn, inline)
+
+    async def _check_job(self, request: Any) -> None:
+        """What ``POST /jobs`` checks before it accepts a job in queue mode: the in-process
+        mode's preprocessing (:meth:`Pipeline.prepare`: URLs guarded, inputs fetched into the
+        cache, an output node present), then dropped; the replica that claims the job
+        prepares it again (from its cache when it is this one). Raises what ``prepare``
+        raises (:class:`InputError` with ``location``: a 400)."""
+        pending = await self.pipeline.prepare(request)
+        pending.abandon()
 
     # --- probes -------------------------------------------------------------------------------
 
@@ -413,7 +422,7 @@ class Sidecar:
         SHUTDOWN_GRACE_S."""
         grace = self.settings.shutdown_grace_s
         if self.queue is not None:
-            self.queue.stop()
+            await self.queue.stop()
         self.set_phase(Phase.STOPPING, f"draining: {self.pipeline.active} job(s) in flight")
         started = time.monotonic()
         if not await self.pipeline.wait_idle(grace):

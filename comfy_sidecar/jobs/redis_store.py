@@ -8,13 +8,15 @@ Keys (``P`` = :data:`PREFIX`):
   one idle longer than ``lease_s`` is taken over by another replica (XAUTOCLAIM).
 - ``P:job:{id}``: a hash: ``view`` (the ``GET /jobs/{id}`` body, JSON), ``request`` (the
   ``/prompt`` body, JSON), ``fingerprint``, ``attempts`` (JSON list of ``{replica, started_at}``),
-  ``seq`` (the last event id).
+  ``seq`` (the last event id), ``entry`` (its work-stream entry id: its queue position).
 - ``P:events:{id}``: the job's event stream (XADD with MAXLEN; entries ``{n, type, data}``, ``n``
   the SSE id). Chosen over pub/sub + a list because one stream both replays from
   ``Last-Event-ID`` and blocks for the next event (XREAD BLOCK), on every replica, and survives
   a restart from the AOF with the rest.
 - ``P:out:{id}:{n}``: output ``n``'s bytes when kept inline (at most ``inline_bytes`` per job).
-- ``P:done:{id}``: set once (SET NX) by the attempt that ends the job: only it writes the end.
+- ``P:done:{id}``: set once (SET NX) by the attempt that ends the job (its token): only it
+  sends the webhooks and writes the end; a later finisher (a replica that lost its lease)
+  discards its result.
 - ``P:index``: a sorted set of job ids scored by submission number (``P:order``, INCR): the
   listing's pages, whose cursor is that number.
 - ``P:cancel``: a pub/sub channel of job ids to interrupt wherever they run.
@@ -27,6 +29,7 @@ unreachable) unless it says otherwise.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +54,17 @@ ORDER = f"{PREFIX}:order"
 CANCEL = f"{PREFIX}:cancel"
 #: Most events kept per job (approximate trimming).
 EVENTS_MAX = 10_000
+
+
+#: Most jobs counted ahead of one for its queue position.
+POSITION_MAX = 10_000
+
+
+def _stream_id(raw: bytes | str) -> tuple[int, int]:
+    """A stream entry id (``ms-seq``) as a comparable pair."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def job_key(job_id: str) -> str:
@@ -155,8 +169,26 @@ class RedisJobs:
             pipe.zadd(INDEX, {job_id: order})
             await pipe.execute()
         await self.publish(job_id, "status", {"status": view["status"]})
-        await self.redis.xadd(WORK, {"id": job_id})
+        entry = await self.redis.xadd(WORK, {"id": job_id})
+        await self.redis.hset(key, "entry", entry)
         return view, True
+
+    async def position(self, job_id: str) -> int | None:
+        """How many jobs wait in the work stream ahead of job ``job_id`` (0: it is next), or
+        None once a replica has claimed it (or it is not in the stream). Counts the entries
+        between the group's last delivered one and the job's (XRANGE, at most
+        :data:`POSITION_MAX`)."""
+        entry: bytes | None = await self.redis.hget(job_key(job_id), "entry")
+        if entry is None:
+            return None
+        last = b"0-0"
+        for group in await self.redis.xinfo_groups(WORK):
+            if group["name"] in (GROUP, GROUP.encode()):
+                last = group["last-delivered-id"]
+        if _stream_id(entry) <= _stream_id(last):
+            return None
+        ahead = await self.redis.xrange(WORK, min=b"(" + last, max=b"(" + entry, count=POSITION_MAX)
+        return len(ahead)
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
         """Job ``job_id``'s ``GET /jobs/{id}`` body, or None when it is not kept."""
@@ -201,16 +233,34 @@ class RedisJobs:
         )
         return n
 
-    async def finish(self, job_id: str, view: dict[str, Any], outputs: list[bytes]) -> bool:
+    async def take_end(self, job_id: str, token: str) -> bool:
+        """Claim the right to end job ``job_id`` for the attempt ``token`` (unique per
+        attempt): True for the first caller and again for the same ``token``, False for every
+        other (another attempt, or a cancel, ended it first). Atomic (SET NX): what lets only
+        one attempt deliver the webhooks and the result, also when a replica that lost its
+        lease finishes after the one that took the job over. The claim lasts
+        ``2 * lease_s`` seconds until :meth:`finish` makes it permanent, so a replica dying
+        between the two does not leave the job unended for good."""
+        hold = max(1, int(2 * self.lease_s))
+        if await self.redis.set(done_key(job_id), token, nx=True, ex=hold):
+            return True
+        held: bytes | None = await self.redis.get(done_key(job_id))
+        return held is not None and held.decode() == token
+
+    async def finish(
+        self, job_id: str, view: dict[str, Any], outputs: list[bytes], token: str | None = None
+    ) -> bool:
         """End job ``job_id`` with its final body ``view`` (and inline ``outputs``), once: the
-        first caller wins (SET NX on its done key) and returns True; later ones write nothing
-        and return False. Every key of the job then expires after the retention."""
-        if not await self.redis.set(done_key(job_id), self.replica, nx=True, ex=self._ttl):
+        holder of the end (:meth:`take_end` with ``token``; without one a fresh claim is
+        tried) writes it and returns True; everyone else writes nothing and returns False.
+        Every key of the job then expires after the retention."""
+        if not await self.take_end(job_id, token or f"{self.replica}:{uuid.uuid4().hex}"):
             return False
         async with self.redis.pipeline(transaction=True) as pipe:
             for index, data in enumerate(outputs):
                 pipe.set(output_key(job_id, index), data, ex=self._ttl)
             pipe.hset(job_key(job_id), "view", msgspec.json.encode(view))
+            pipe.expire(done_key(job_id), self._ttl)
             await pipe.execute()
         await self.publish(job_id, "done", view)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -332,9 +382,17 @@ class RedisJobs:
         if entries:
             await self.redis.xclaim(WORK, GROUP, self.replica, 0, entries, justid=True)
 
-    async def release(self, entry: str) -> None:
-        """Give ``entry`` back at once (claimed, not started): another replica takes it at its
-        next claim."""
+    async def release(self, entry: str, job_id: str | None = None) -> None:
+        """Give ``entry`` back at once (claimed, not started): its idle time is set past any
+        lease, so another replica takes it at its next claim (XAUTOCLAIM). With ``job_id``,
+        this replica's last attempt at it is struck from its attempts (it ran nothing, so
+        it is neither listed nor counted against ``max_attempts``)."""
+        if job_id is not None:
+            found = await self.attempts(job_id)
+            mine = [i for i, a in enumerate(found) if a["replica"] == self.replica]
+            if mine:
+                del found[mine[-1]]
+                await self.redis.hset(job_key(job_id), "attempts", msgspec.json.encode(found))
         await self.redis.xclaim(WORK, GROUP, self.replica, 0, [entry], idle=10**9, justid=True)
 
     async def ack(self, entry: str) -> None:

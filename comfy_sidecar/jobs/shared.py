@@ -35,7 +35,9 @@ async def guarded(call: Awaitable[T]) -> T:
 
 class SharedJobs:
     """The job routes' operations over :class:`SharedQueue`. ``check(request)`` is what a
-    submission must pass on the replica that takes it (raises a 4xx error)."""
+    submission must pass on the replica that takes it, before anything is stored: the
+    in-process job API's own preprocessing (URLs guarded, inputs fetched, an output node
+    present), raising the same 4xx errors with their ``location``."""
 
     def __init__(self, jobs: SharedQueue, check: Callable[[Any], Awaitable[None]]) -> None:
         self.jobs = jobs
@@ -48,7 +50,9 @@ class SharedJobs:
 
         if request.id is None:
             request = msgspec.structs.replace(request, id=str(uuid.uuid4()))
-        await self.check(request)
+            await self.check(request)
+        elif await guarded(self.jobs.get(request.id)) is None:
+            await self.check(request)  # a kept id is a resubmission (or a 409) instead
         view = JobRecord(id=request.id, endpoint="jobs").view()
         view["attempts"] = []
         try:
@@ -64,8 +68,12 @@ class SharedJobs:
         return stored
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
-        """Job ``job_id``'s body, or None when it is not kept."""
-        return await guarded(self.jobs.get(job_id))
+        """Job ``job_id``'s body, or None when it is not kept. A pending one carries its
+        ``queue_position`` in the shared stream (0: next to be claimed; None once claimed)."""
+        view = await guarded(self.jobs.get(job_id))
+        if view is not None and view.get("status") == JobStatus.PENDING.value:
+            view["queue_position"] = await guarded(self.jobs.position(job_id))
+        return view
 
     async def wait(self, job_id: str, wait_s: float) -> dict[str, Any] | None:
         """Job ``job_id``'s body once it has ended or ``wait_s`` seconds have passed."""

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -56,6 +57,7 @@ class QueueWorker:
         self.inline_bytes = inline_bytes
         self.held: dict[str, Claim] = {}  # entry id -> claim
         self.running: set[str] = set()  # job ids
+        self.releasing: set[str] = set()  # job ids given back unstarted at SIGTERM
         self.stopping = False
         self.problem: str | None = None  # why Redis cannot be used now
         self._idle = asyncio.Event()  # set while no claim is held
@@ -90,9 +92,19 @@ class QueueWorker:
                 self._idle.clear()
                 self.spawn(self._attempt(claim))
 
-    def stop(self) -> None:
-        """Claim nothing more (SIGTERM); jobs in flight go on."""
+    async def stop(self) -> None:
+        """Claim nothing more (SIGTERM). Jobs already executing go on; those claimed but not
+        started (preprocessing, waiting for a slot, or still in ComfyUI's queue) are
+        interrupted here and given back to the stream at once (:meth:`SharedQueue.release`),
+        so another replica takes them without waiting for the lease. A job that starts
+        executing in the instant between the check and the interrupt is interrupted and runs
+        again elsewhere (at least once)."""
         self.stopping = True
+        pipeline = self.delivery.pipeline
+        for claim in list(self.held.values()):
+            if claim.job_id in self.running and pipeline.unstarted(claim.job_id):
+                self.releasing.add(claim.job_id)
+                await pipeline.interrupt(claim.job_id)
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` seconds until no claimed job is left (its end written to
@@ -151,38 +163,60 @@ class QueueWorker:
 
     async def _attempt(self, claim: Claim) -> None:
         try:
-            await self._run_claimed(claim)
-            await self._retry(lambda: self.jobs.ack(claim.entry))
+            ended = await self._run_claimed(claim)
+            if ended:
+                await self._retry(lambda: self.jobs.ack(claim.entry))
+            else:  # given back unstarted (SIGTERM): no heartbeat may renew it from here on
+                self.held.pop(claim.entry, None)
+                await self._retry(lambda: self.jobs.release(claim.entry, claim.job_id))
+                log.info("job %s: given back to the queue unstarted", claim.job_id)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("job %s: queue attempt failed", claim.job_id)
         finally:
             self.held.pop(claim.entry, None)
+            self.releasing.discard(claim.job_id)
             if not self.held:
                 self._idle.set()
 
-    async def _run_claimed(self, claim: Claim) -> None:
+    async def _run_claimed(self, claim: Claim) -> bool:
+        """Run ``claim``'s job here; False when it was given back unstarted instead."""
         from comfy_sidecar.schemas import PromptRequest
 
         job_id = claim.job_id
         jobs = self.jobs
         if await self._retry(lambda: jobs.ended(job_id)):
-            return
+            return True
         attempts = await self._retry(lambda: jobs.attempts(job_id))
         if len(attempts) >= jobs.max_attempts:
             await self._give_up(job_id, attempts)
-            return
+            return True
         raw = await self._retry(lambda: jobs.request(job_id))
         if raw is None:
-            return
+            return True
+        if self.stopping:
+            return False
         attempts = await self._retry(lambda: jobs.begin_attempt(job_id))
         request = msgspec.json.decode(raw, type=PromptRequest)
+        token = f"{jobs.replica}:{claim.entry}:{uuid.uuid4().hex[:8]}"
         mirror = Mirror(self, job_id, attempts)
+
+        async def gate() -> bool:
+            """May this attempt end the job? Not when it is being given back, nor when
+            another attempt (a take-over, a cancel) ended it first."""
+            won = job_id not in self.releasing and await self._retry(
+                lambda: jobs.take_end(job_id, token)
+            )
+            mirror.lost = not won
+            return won
+
         self.running.add(job_id)
         try:
-            record = await self.delivery.run_claimed(request, "jobs", mirror.bind)
+            record = await self.delivery.run_claimed(request, "jobs", mirror.bind, gate)
         except Exception as exc:  # refused before it ran: the caller's mistake, reported
+            if job_id in self.releasing:  # interrupted while it downloaded its inputs
+                return False
             view = await self._retry(lambda: jobs.get(job_id)) or {"id": job_id}
             view.update(
                 status=JobStatus.FAILED.value,
@@ -190,12 +224,20 @@ class QueueWorker:
                 error=error_body(exc, job_id),
                 attempts=attempts,
             )
-            await self._retry(lambda: jobs.finish(job_id, view, []))
-            return
+            await self._retry(lambda: jobs.finish(job_id, view, [], token))
+            return True
         finally:
             self.running.discard(job_id)
         await mirror.drained()
-        await self._finish(record, attempts)
+        if job_id in self.releasing:
+            self.delivery.store.drop(record)
+            return False
+        if mirror.lost:
+            log.warning("job %s: ended by another replica first; this run is discarded", job_id)
+            self.delivery.store.drop(record)
+            return True
+        await self._finish(record, attempts, token)
+        return True
 
     async def _give_up(self, job_id: str, attempts: list[dict[str, Any]]) -> None:
         view = await self._retry(lambda: self.jobs.get(job_id)) or {"id": job_id}
@@ -213,7 +255,7 @@ class QueueWorker:
         )
         await self._retry(lambda: self.jobs.finish(job_id, view, []))
 
-    async def _finish(self, record: JobRecord, attempts: list[dict[str, Any]]) -> None:
+    async def _finish(self, record: JobRecord, attempts: list[dict[str, Any]], token: str) -> None:
         """Write the end of ``record`` to Redis (its retained files inline, when they fit),
         then forget it here."""
         view = self.view(record, attempts)
@@ -230,7 +272,8 @@ class QueueWorker:
             )
         else:
             outputs = [await asyncio.to_thread(path.read_bytes) for path in record.files]
-        await self._retry(lambda: self.jobs.finish(record.id, view, outputs))
+        if not await self._retry(lambda: self.jobs.finish(record.id, view, outputs, token)):
+            log.warning("job %s: ended by another replica first; this run is discarded", record.id)
         self.delivery.store.drop(record)
 
     def view(self, record: JobRecord, attempts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -251,6 +294,8 @@ class Mirror:
         self.attempts = attempts
         self.queue: asyncio.Queue[tuple[JobRecord, JobEvent] | None] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
+        #: Set when this attempt may not end the job: nothing more is written.
+        self.lost = False
 
     def bind(self, record: JobRecord) -> None:
         """Start mirroring ``record`` (its sink is set; its current status is written)."""
@@ -260,7 +305,7 @@ class Mirror:
 
     def push(self, record: JobRecord, event: JobEvent) -> None:
         """One event of the job (from :meth:`JobRecord.publish`)."""
-        if event.type != "done":
+        if event.type != "done" and not self.lost:
             self.queue.put_nowait((record, event))
 
     async def drained(self) -> None:
@@ -273,6 +318,8 @@ class Mirror:
         jobs = self.worker.jobs
         while (item := await self.queue.get()) is not None:
             record, event = item
+            if self.lost:
+                continue
             view = self.worker.view(record, self.attempts)
             await self._write_one(jobs, event, view)
 

@@ -50,6 +50,15 @@ log = logging.getLogger("comfy_sidecar.deliver")
 ECHOED = tuple(name for name in Echoed.__struct_fields__ if name != "input")
 UPLOAD_KEYS = ("s3", "hf_upload", "azure_blob_upload", "http_upload")
 
+Gate = Callable[[], Awaitable[bool]]
+"""``gate() -> bool``: may this run deliver its outcome (webhooks, result)? See
+:meth:`Delivery.run_claimed`."""
+
+
+class Superseded(Exception):
+    """Another replica ended this shared-queue job first: this run's outcome is discarded."""
+
+
 Uploader = Callable[[JobResult, str, Any], Awaitable[list[str]]]
 """``upload(result, key, spec) -> URLs``, one per output file (``key`` is the request field,
 e.g. ``s3``); raises :class:`~comfy_sidecar.errors.UpstreamFailed`."""
@@ -166,16 +175,23 @@ class Delivery:
         return tracker.record
 
     async def run_claimed(
-        self, request: PromptRequest, endpoint: str, bind: Callable[[JobRecord], None]
+        self,
+        request: PromptRequest,
+        endpoint: str,
+        bind: Callable[[JobRecord], None],
+        gate: Gate,
     ) -> JobRecord:
         """Run a job taken from the shared queue (``JOB_QUEUE_URL``) here, to its end, as
         :meth:`submit` would in the background; ``bind(record)`` is called once its record
-        exists. Raises what :meth:`Pipeline.prepare` raises (nothing is kept then)."""
+        exists. ``gate()`` is awaited once the outcome is known, before any webhook: False
+        (another replica ended the job first) discards the outcome, sends nothing, and ends
+        the record :class:`Superseded`. Raises what :meth:`Pipeline.prepare` raises (nothing
+        is kept then)."""
         tracker, pending, request = await self._open(request, endpoint)
         assert pending is not None
         bind(tracker.record)
         echoed = Echoed(**echo(request), input=None)
-        await self._background(pending, request, echoed, tracker, retain=True)
+        await self._background(pending, request, echoed, tracker, retain=True, gate=gate)
         return tracker.record
 
     async def handle(
@@ -305,26 +321,34 @@ class Delivery:
         tracker: JobTracker,
         *,
         retain: bool,
+        gate: Gate | None = None,
     ) -> None:
         """Finish a job in the background: run, convert, upload, the webhooks (success or
-        failure), then its record (outputs kept under JOBS_DIR when ``retain``)."""
+        failure), then its record (outputs kept under JOBS_DIR when ``retain``). With a
+        ``gate`` (see :meth:`run_claimed`) nothing is delivered unless it answers True."""
         result: JobResult | None = None
         try:
             result = await self.pipeline.complete(pending)
             await self.postprocess(result, request)
             urls: list[str] | None = None
+            if not request.webhook:
+                urls = await self._upload(result, upload_target(request))
+            if gate is not None and not await gate():
+                raise Superseded(f"job {pending.job.id} was ended by another replica first")
             if request.webhook:
                 await self._send_v1(request.webhook, result)
-            else:
-                urls = await self._upload(result, upload_target(request))
-                if request.webhook_v2:
-                    await self._send_v2(request.webhook_v2, result, echoed, urls)
+            elif request.webhook_v2:
+                await self._send_v2(request.webhook_v2, result, echoed, urls)
             tracker.completed(result.files, urls, result.stats(), retain=retain)
+        except Superseded as exc:
+            tracker.failed(exc)
+            log.warning("%s; its result here is discarded", exc)
         except BaseException as exc:
             tracker.failed(exc)
             if not isinstance(exc, Exception):
                 raise
-            await self._report_failure(pending, request, exc)
+            if gate is None or await gate():
+                await self._report_failure(pending, request, exc)
         finally:
             if result is not None:
                 result.release()

@@ -1,0 +1,162 @@
+"""The shared job queue's guarantees at its edges (JOB_QUEUE_URL), on a real redis-server and
+the ComfyUI double: a job ends and fires its webhook once across a lost lease; SIGTERM gives
+unstarted jobs back at once; a bad prompt is refused at POST time and never queued; a queued
+job shows its place in the queue from any replica; outputs over JOB_INLINE_OUTPUT_MB go to
+JOB_OUTPUT_URL (moto's S3) or fail naming both settings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.conftest import Backend, Sidecar, basic_prompt, slow_prompt
+from tests.jobs.test_redis_queue import executions, job, running_view, runs_on, submit
+from tests.receiver import Receiver
+from tests.redis_server import RedisServer, redis_server
+from tests.waiting import wait_for
+
+__all__ = ["redis_server"]  # the fixture, used by name
+
+WORK = "comfy-sidecar:jobs"
+
+
+def replica(
+    spawn: Callable[..., Sidecar], tmp_path: Path, url: str, name: str, **env: str
+) -> Sidecar:
+    """One ready sidecar on the queue at ``url`` (lease 2 s and grace 5 s unless ``env`` says
+    otherwise)."""
+    settings = {"JOB_QUEUE_URL": url, "JOB_LEASE_S": "2", "SHUTDOWN_GRACE_S": "5", **env}
+    sidecar = spawn(Backend("double", tmp_path / f"comfy-{name}"), **settings)
+    sidecar.wait_ready()
+    return sidecar
+
+
+def attempts_of(sidecar: Sidecar, job_id: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = job(sidecar, job_id).get("attempts") or []
+    return found
+
+
+def test_a_job_ends_and_fires_its_webhook_once_across_a_lost_lease(
+    redis_server: RedisServer,
+    spawn: Callable[..., Sidecar],
+    tmp_path: Path,
+    receiver: Callable[..., Receiver],
+) -> None:
+    hook = receiver()
+    a = replica(spawn, tmp_path, redis_server.url, "a")
+    b = replica(spawn, tmp_path, redis_server.url, "b")
+    job_id = submit(a, slow_prompt(blurs=3, size=2048), webhook_v2=hook.url + "/hook")
+    first = runs_on([a, b], running_view(a, job_id))
+    second = b if first is a else a
+    assert first.proc is not None
+    os.kill(first.proc.pid, signal.SIGSTOP)  # presumed dead: no heartbeat past the lease
+    try:
+        wait_for(
+            lambda: len(attempts_of(second, job_id)) == 2,
+            timeout=30,
+            interval=0.1,
+            what="the other replica to take the job over",
+        )
+        view = job(second, job_id, wait=60)
+        assert view["status"] == "completed", view
+        assert runs_on([second], view) is second
+        hook.wait_for(1, timeout=30)
+    finally:
+        os.kill(first.proc.pid, signal.SIGCONT)
+    # The resumed replica finishes its own run (its ComfyUI ran the job meanwhile) and,
+    # finding the job ended, discards its result: no second webhook, no second end.
+    wait_for(
+        lambda: "this run is discarded" in first.log() or "result here is discarded" in first.log(),
+        timeout=60,
+        what="the resumed replica to discard its result",
+    )
+    assert executions(first) == 1 and executions(second) == 1, "the job ran on both"
+    assert job(first, job_id) == view, "the first end stands"
+    assert [r.headers.get("webhook-id") for r in hook.snapshot()] == [job_id]
+
+
+def test_sigterm_gives_back_a_claimed_unstarted_job_at_once(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    # MAX_JOBS_PER_INSTANCE=2 (the default): a replica holds two claims per instance, one
+    # executing and one waiting in ComfyUI's queue. The waiting one must not wait for the
+    # executing one to drain, nor for the 30 s lease.
+    lease = {"JOB_LEASE_S": "30", "SHUTDOWN_GRACE_S": "60", "MAX_JOBS_PER_INSTANCE": "2"}
+    a = replica(spawn, tmp_path, redis_server.url, "a", **lease)
+    long_id = submit(a, slow_prompt(blurs=10, size=2048))
+    short_id = submit(a, slow_prompt(blurs=1, size=512))
+    running_view(a, long_id)
+    wait_for(
+        lambda: len(attempts_of(a, short_id)) == 1,
+        timeout=30,
+        what="a to claim the second job too",
+    )
+    b = replica(spawn, tmp_path, redis_server.url, "b", **lease)
+    assert job(a, long_id)["status"] == "in_progress", "the long job outlived b's start-up"
+    assert job(a, short_id)["status"] == "pending", "a held the second job unstarted"
+    assert a.proc is not None
+    a.proc.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    wait_for(
+        lambda: b.proc is not None and f"-{b.proc.pid}-" in str(job(b, short_id).get("replica")),
+        timeout=30,
+        interval=0.1,
+        what="b to take the given-back job",
+    )
+    assert time.monotonic() - stopped < 10, "taken over long before the 30 s lease"
+    short = job(b, short_id, wait=60)
+    assert short["status"] == "completed", short
+    (taken,) = short["attempts"]  # a's claim ran nothing: struck, not counted
+    assert taken["replica"] == short["replica"] and runs_on([b], short) is b
+    assert f"job {short_id}: given back to the queue unstarted" in a.log()
+    long = job(b, long_id, wait=60)
+    assert long["status"] == "completed" and len(long["attempts"]) == 1, long
+    assert a.proc.wait(60) == 0, "a drained its executing job and exited"
+    assert executions(b) == 1, "b ran only the given-back job"
+
+
+def test_a_bad_prompt_is_refused_at_post_and_never_queued(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    a = replica(spawn, tmp_path, redis_server.url, "a")
+    no_output = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8}}}
+    bad_input = basic_prompt()
+    bad_input["4"] = {"class_type": "LoadImage", "inputs": {"image": "ftp://example.com/x.png"}}
+    for prompt, where in ((no_output, "prompt"), (bad_input, "prompt.4.inputs.image")):
+        answer = a.post("/jobs", json={"prompt": prompt, "id": f"bad-{len(where)}"})
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["location"] == where, answer.json()
+        assert a.get(f"/jobs/bad-{len(where)}").status_code == 404
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        assert client.xlen(WORK) == 0, "nothing was queued"
+        assert client.keys("comfy-sidecar:job:*") == []
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("where", ["submitter", "other"])
+def test_a_queued_job_shows_its_position_from_any_replica(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path, where: str
+) -> None:
+    a = replica(spawn, tmp_path, redis_server.url, "a", MAX_JOBS_PER_INSTANCE="1")
+    b = replica(spawn, tmp_path, redis_server.url, "b", MAX_JOBS_PER_INSTANCE="1")
+    ids = [submit(a, slow_prompt(blurs=3, size=2048)) for _ in range(5)]
+    reader = a if where == "submitter" else b
+    # Two run (one per replica); the other three wait in the stream, in submission order.
+    positions = wait_for(
+        lambda: (p := [job(reader, i).get("queue_position") for i in ids])[2:] == [0, 1, 2] and p,
+        timeout=30,
+        interval=0.05,
+        what="the three waiting jobs to show positions 0, 1, 2",
+    )
+    assert positions[:2] == [None, None], positions
+    views = [job(reader, i, wait=60) for i in ids]
+    assert all(v["status"] == "completed" and v.get("queue_position") is None for v in views)
