@@ -151,8 +151,22 @@ class Sidecar:
             max_attempts=settings.job_max_attempts,
         )
         self.jobs.shared = SharedJobs(redis_jobs, self._check_job)
-        inline = int(settings.job_inline_output_mb * 1024 * 1024)
-        return QueueWorker(redis_jobs, self.delivery, self.dispatcher, self.spawn, inline)
+        spill_to = None
+        if settings.job_output_url is not None:
+            base = settings.job_output_url.rstrip("/")
+            self.storage.upload_spec(base)  # a prefix no backend takes fails at start-up
+
+            def spill_to(job_id: str) -> Any:
+                return self.storage.upload_spec(f"{base}/{job_id}")
+
+        return QueueWorker(
+            redis_jobs,
+            self.delivery,
+            self.dispatcher,
+            self.spawn,
+            settings.job_inline_output_mb,
+            spill_to,
+        )
 
     async def _check_job(self, request: Any) -> None:
         """What ``POST /jobs`` checks before it accepts a job in queue mode: the in-process

@@ -13,7 +13,7 @@ Keys (``P`` = :data:`PREFIX`):
   the SSE id). Chosen over pub/sub + a list because one stream both replays from
   ``Last-Event-ID`` and blocks for the next event (XREAD BLOCK), on every replica, and survives
   a restart from the AOF with the rest.
-- ``P:out:{id}:{n}``: output ``n``'s bytes when kept inline (at most ``inline_bytes`` per job).
+- ``P:out:{id}:{n}``: output ``n``'s bytes when kept inline (at most JOB_INLINE_OUTPUT_MB per job).
 - ``P:done:{id}``: set once (SET NX) by the attempt that ends the job (its token): only it
   sends the webhooks and writes the end; a later finisher (a replica that lost its lease)
   discards its result.

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 from redis.exceptions import RedisError
 
+from comfy_sidecar.errors import OutputsTooLarge
 from comfy_sidecar.jobs.backend import SharedQueue
 from comfy_sidecar.jobs.redis_store import Claim
 from comfy_sidecar.jobs.runner import error_body
@@ -30,6 +31,7 @@ from comfy_sidecar.jobs.store import JobEvent, JobRecord, JobStatus, iso, now_ms
 if TYPE_CHECKING:
     from comfy_sidecar.dispatch import Dispatcher
     from comfy_sidecar.pipeline.deliver import Delivery
+    from comfy_sidecar.pipeline.run import JobResult
 
 log = logging.getLogger("comfy_sidecar.jobs.worker")
 
@@ -48,13 +50,17 @@ class QueueWorker:
         delivery: Delivery,
         dispatcher: Dispatcher,
         spawn: Callable[[Awaitable[Any]], Any],
-        inline_bytes: int,
+        inline_mb: float,
+        spill_to: Callable[[str], Any] | None = None,
     ) -> None:
         self.jobs = jobs
         self.delivery = delivery
         self.dispatcher = dispatcher
         self.spawn = spawn
-        self.inline_bytes = inline_bytes
+        self.inline_mb = inline_mb  # JOB_INLINE_OUTPUT_MB
+        self.inline_bytes = int(inline_mb * 1024 * 1024)
+        #: ``spill_to(job_id)``: the upload block under JOB_OUTPUT_URL for that job, if set.
+        self.spill_to = spill_to
         self.held: dict[str, Claim] = {}  # entry id -> claim
         self.running: set[str] = set()  # job ids
         self.releasing: set[str] = set()  # job ids given back unstarted at SIGTERM
@@ -213,7 +219,9 @@ class QueueWorker:
 
         self.running.add(job_id)
         try:
-            record = await self.delivery.run_claimed(request, "jobs", mirror.bind, gate)
+            record = await self.delivery.run_claimed(
+                request, "jobs", mirror.bind, gate, self._spill
+            )
         except Exception as exc:  # refused before it ran: the caller's mistake, reported
             if job_id in self.releasing:  # interrupted while it downloaded its inputs
                 return False
@@ -255,23 +263,29 @@ class QueueWorker:
         )
         await self._retry(lambda: self.jobs.finish(job_id, view, []))
 
-    async def _finish(self, record: JobRecord, attempts: list[dict[str, Any]], token: str) -> None:
-        """Write the end of ``record`` to Redis (its retained files inline, when they fit),
-        then forget it here."""
-        view = self.view(record, attempts)
-        outputs: list[bytes] = []
-        size = sum(path.stat().st_size for path in record.files if path.is_file())
-        if size > self.inline_bytes:
-            view.update(
-                status=JobStatus.FAILED.value,
-                error={
-                    "error": f"the outputs ({size} bytes) exceed JOB_INLINE_OUTPUT_MB and the "
-                    "job names no upload target (JOB_OUTPUT_URL is not supported yet)",
-                    "id": record.id,
-                },
+    def _spill(self, result: JobResult) -> tuple[str, Any] | None:
+        """Where outputs of a job that names no upload target go when they exceed
+        JOB_INLINE_OUTPUT_MB (see :data:`~comfy_sidecar.pipeline.deliver.Spill`): under
+        ``JOB_OUTPUT_URL/<job id>/``, or nowhere: :class:`OutputsTooLarge`."""
+        size = sum(item.size for item in result.files)
+        if size <= self.inline_bytes:
+            return None
+        if self.spill_to is None:
+            raise OutputsTooLarge(
+                f"the job's outputs ({size} bytes) exceed JOB_INLINE_OUTPUT_MB "
+                f"({self.inline_mb:g} MB), the job names no upload target, and JOB_OUTPUT_URL "
+                "is not set: set "
+                "JOB_OUTPUT_URL, raise JOB_INLINE_OUTPUT_MB, or give the job an upload target",
+                id=result.job.id,
+                size_bytes=size,
             )
-        else:
-            outputs = [await asyncio.to_thread(path.read_bytes) for path in record.files]
+        return "JOB_OUTPUT_URL", self.spill_to(result.job.id)
+
+    async def _finish(self, record: JobRecord, attempts: list[dict[str, Any]], token: str) -> None:
+        """Write the end of ``record`` to Redis (its retained files inline: larger ones were
+        uploaded, see :meth:`_spill`), then forget it here."""
+        view = self.view(record, attempts)
+        outputs = [await asyncio.to_thread(path.read_bytes) for path in record.files]
         if not await self._retry(lambda: self.jobs.finish(record.id, view, outputs, token)):
             log.warning("job %s: ended by another replica first; this run is discarded", record.id)
         self.delivery.store.drop(record)

@@ -50,6 +50,11 @@ log = logging.getLogger("comfy_sidecar.deliver")
 ECHOED = tuple(name for name in Echoed.__struct_fields__ if name != "input")
 UPLOAD_KEYS = ("s3", "hf_upload", "azure_blob_upload", "http_upload")
 
+Spill = Callable[[JobResult], "tuple[str, Any] | None"]
+"""``spill(result) -> (location, upload spec) | None``: where a shared-queue job without an
+upload target sends outputs too large to keep inline (None: keep them); raises a
+:class:`~comfy_sidecar.errors.SidecarError` (the job fails) when they have nowhere to go."""
+
 Gate = Callable[[], Awaitable[bool]]
 """``gate() -> bool``: may this run deliver its outcome (webhooks, result)? See
 :meth:`Delivery.run_claimed`."""
@@ -180,18 +185,23 @@ class Delivery:
         endpoint: str,
         bind: Callable[[JobRecord], None],
         gate: Gate,
+        spill: Spill,
     ) -> JobRecord:
         """Run a job taken from the shared queue (``JOB_QUEUE_URL``) here, to its end, as
         :meth:`submit` would in the background; ``bind(record)`` is called once its record
         exists. ``gate()`` is awaited once the outcome is known, before any webhook: False
         (another replica ended the job first) discards the outcome, sends nothing, and ends
-        the record :class:`Superseded`. Raises what :meth:`Pipeline.prepare` raises (nothing
-        is kept then)."""
+        the record :class:`Superseded`. ``spill(result)`` picks an upload target for a
+        request that names none (its outputs are uploaded before the gate, so a failed upload
+        is the job's failure). Raises what :meth:`Pipeline.prepare` raises (nothing is kept
+        then)."""
         tracker, pending, request = await self._open(request, endpoint)
         assert pending is not None
         bind(tracker.record)
         echoed = Echoed(**echo(request), input=None)
-        await self._background(pending, request, echoed, tracker, retain=True, gate=gate)
+        await self._background(
+            pending, request, echoed, tracker, retain=True, gate=gate, spill=spill
+        )
         return tracker.record
 
     async def handle(
@@ -322,6 +332,7 @@ class Delivery:
         *,
         retain: bool,
         gate: Gate | None = None,
+        spill: Spill | None = None,
     ) -> None:
         """Finish a job in the background: run, convert, upload, the webhooks (success or
         failure), then its record (outputs kept under JOBS_DIR when ``retain``). With a
@@ -331,8 +342,10 @@ class Delivery:
             result = await self.pipeline.complete(pending)
             await self.postprocess(result, request)
             urls: list[str] | None = None
-            if not request.webhook:
-                urls = await self._upload(result, upload_target(request))
+            target = upload_target(request)
+            spilled = spill(result) if target is None and spill is not None else None
+            if spilled is not None or not request.webhook:
+                urls = await self._upload(result, spilled or target)
             if gate is not None and not await gate():
                 raise Superseded(f"job {pending.job.id} was ended by another replica first")
             if request.webhook:

@@ -20,9 +20,10 @@ from tests.conftest import Backend, Sidecar, basic_prompt, slow_prompt
 from tests.jobs.test_redis_queue import executions, job, running_view, runs_on, submit
 from tests.receiver import Receiver
 from tests.redis_server import RedisServer, redis_server
+from tests.storage.conftest import moto_server
 from tests.waiting import wait_for
 
-__all__ = ["redis_server"]  # the fixture, used by name
+__all__ = ["moto_server", "redis_server"]  # the fixtures, used by name
 
 WORK = "comfy-sidecar:jobs"
 
@@ -160,3 +161,89 @@ def test_a_queued_job_shows_its_position_from_any_replica(
     assert positions[:2] == [None, None], positions
     views = [job(reader, i, wait=60) for i in ids]
     assert all(v["status"] == "completed" and v.get("queue_position") is None for v in views)
+
+
+BUCKET = "queue-outputs"
+#: 0.0001 MB (104 bytes): every PNG the double writes is over it.
+TINY_INLINE_MB = "0.0001"
+
+
+@pytest.fixture
+def s3_env(moto_server: str) -> dict[str, str]:
+    """Settings that point the sidecar's S3 backend at moto, with the bucket made."""
+    import boto3
+
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": moto_server,
+    }
+    client = boto3.client(
+        "s3",
+        endpoint_url=moto_server,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=BUCKET)
+    return env
+
+
+def s3_object(env: dict[str, str], url: str) -> bytes:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    assert url.startswith(f"s3://{BUCKET}/"), url
+    body: bytes = client.get_object(Bucket=BUCKET, Key=url[len(f"s3://{BUCKET}/") :])["Body"].read()
+    return body
+
+
+def test_outputs_over_the_inline_limit_go_to_job_output_url(
+    redis_server: RedisServer,
+    spawn: Callable[..., Sidecar],
+    tmp_path: Path,
+    s3_env: dict[str, str],
+) -> None:
+    a = replica(
+        spawn,
+        tmp_path,
+        redis_server.url,
+        "a",
+        JOB_INLINE_OUTPUT_MB=TINY_INLINE_MB,
+        JOB_OUTPUT_URL=f"s3://{BUCKET}/spill/",
+        **s3_env,
+    )
+    spilled = submit(a, basic_prompt(batch=2, size=64))
+    own = submit(a, basic_prompt(batch=1, size=64), s3={"bucket": BUCKET, "prefix": "own"})
+    view = job(a, spilled, wait=60)
+    assert view["status"] == "completed", view
+    assert len(view["outputs"]) == 2
+    for output in view["outputs"]:
+        assert output["url"].startswith(f"s3://{BUCKET}/spill/{spilled}/"), output
+        data = s3_object(s3_env, output["url"])
+        assert data.startswith(b"\x89PNG") and len(data) == output["size_bytes"]
+    assert a.get(f"/jobs/{spilled}/outputs/0").status_code == 404, "not kept in Redis"
+    # The job's own upload target wins over JOB_OUTPUT_URL.
+    (output,) = job(a, own, wait=60)["outputs"]
+    assert output["url"].startswith(f"s3://{BUCKET}/own/"), output
+    assert len(s3_object(s3_env, output["url"])) == output["size_bytes"]
+
+
+def test_outputs_over_the_inline_limit_with_nowhere_to_go_fail_naming_both_settings(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    a = replica(spawn, tmp_path, redis_server.url, "a", JOB_INLINE_OUTPUT_MB=TINY_INLINE_MB)
+    view = job(a, submit(a, basic_prompt(batch=1, size=64)), wait=60)
+    assert view["status"] == "failed", view
+    error = view["error"]
+    assert error["size_bytes"] > 104
+    message = error["error"]
+    assert f"({error['size_bytes']} bytes)" in message
+    assert "JOB_INLINE_OUTPUT_MB (0.0001 MB)" in message and "JOB_OUTPUT_URL" in message
