@@ -6,6 +6,7 @@ JOB_OUTPUT_URL (moto's S3) or fail naming both settings."""
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import time
@@ -247,3 +248,31 @@ def test_outputs_over_the_inline_limit_with_nowhere_to_go_fail_naming_both_setti
     message = error["error"]
     assert f"({error['size_bytes']} bytes)" in message
     assert "JOB_INLINE_OUTPUT_MB (0.0001 MB)" in message and "JOB_OUTPUT_URL" in message
+
+
+def test_the_simple_modal_api_goes_through_the_shared_queue(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    a = replica(spawn, tmp_path, redis_server.url, "a")
+    b = replica(spawn, tmp_path, redis_server.url, "b")
+    bad = a.post("/submit_workflow", json={"workflow": {"1": {"class_type": "EmptyImage"}}})
+    assert bad.status_code == 400 and bad.json()["location"].startswith("workflow"), bad.text
+    answer = a.post("/submit_workflow", json={"workflow": basic_prompt(batch=2, size=32)})
+    assert answer.status_code == 202, answer.text
+    call_id = answer.json()["call_id"]
+    view = job(b, call_id, wait=60)  # a job of the shared queue: any replica knows it
+    assert view["status"] == "completed", view
+    status = b.get("/status", params={"call_id": call_id})
+    assert status.status_code == 200, status.text
+    body = status.json()
+    assert body["status"] == "COMPLETED"
+    images = body["output"]["images"]
+    assert [i["filename"] for i in images] == [o["filename"] for o in view["outputs"]]
+    assert all(base64.b64decode(i["data"]).startswith(b"\x89PNG") for i in images)
+    assert executions(a) + executions(b) == 1
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        assert client.exists(f"comfy-sidecar:job:{call_id}") == 1
+        assert client.zcard("comfy-sidecar:index") == 1, "the bad workflow was never queued"
+    finally:
+        client.close()
