@@ -377,10 +377,26 @@ class RedisJobs:
         deliveries = int(detail[0]["times_delivered"]) if detail else 1
         return Claim(entry.decode(), fields[b"id"].decode(), deliveries)
 
-    async def heartbeat(self, entries: list[str]) -> None:
-        """Renew this replica's lease on ``entries`` (their idle time restarts)."""
-        if entries:
-            await self.redis.xclaim(WORK, GROUP, self.replica, 0, entries, justid=True)
+    async def heartbeat(self, entries: list[str]) -> list[str]:
+        """Renew this replica's lease on those of ``entries`` it still holds (their idle time
+        restarts); returns the others: taken over by another replica after this one went
+        silent past ``lease_s`` (or ended and gone). Those are not claimed back, so a replica
+        that comes back from a pause does not snatch a job from the one now running it."""
+        if not entries:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.xpending_range(WORK, GROUP, min=entry, max=entry, count=1)
+            details = await pipe.execute()
+        held: list[str] = []
+        lost: list[str] = []
+        for entry, detail in zip(entries, details, strict=True):
+            owner = detail[0]["consumer"] if detail else None
+            mine = owner in (self.replica, self.replica.encode())
+            (held if mine else lost).append(entry)
+        if held:
+            await self.redis.xclaim(WORK, GROUP, self.replica, 0, held, justid=True)
+        return lost
 
     async def release(self, entry: str, job_id: str | None = None) -> None:
         """Give ``entry`` back at once (claimed, not started): its idle time is set past any

@@ -64,6 +64,7 @@ class QueueWorker:
         self.held: dict[str, Claim] = {}  # entry id -> claim
         self.running: set[str] = set()  # job ids
         self.releasing: set[str] = set()  # job ids given back unstarted at SIGTERM
+        self._lost: set[str] = set()  # held entries whose lease another replica took
         self.stopping = False
         self.problem: str | None = None  # why Redis cannot be used now
         self._idle = asyncio.Event()  # set while no claim is held
@@ -151,9 +152,20 @@ class QueueWorker:
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.jobs.heartbeat(list(self.held))
+                lost = await self.jobs.heartbeat(list(self.held))
             except (RedisError, OSError) as exc:
                 self._down(exc)
+                continue
+            for entry in lost:
+                claim = self.held.get(entry)
+                if claim is not None and entry not in self._lost:
+                    self._lost.add(entry)
+                    log.warning(
+                        "job %s: lease lost (another replica took it over); this run goes on "
+                        "but ends the job only if it finishes first",
+                        claim.job_id,
+                    )
+            self._lost &= set(self.held)
 
     async def _cancels(self) -> None:
         while True:
