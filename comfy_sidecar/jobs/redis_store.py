@@ -20,6 +20,7 @@ Keys (``P`` = :data:`PREFIX`):
 - ``P:index``: a sorted set of job ids scored by submission number (``P:order``, INCR): the
   listing's pages, whose cursor is that number.
 - ``P:cancel``: a pub/sub channel of job ids to interrupt wherever they run.
+- ``P:preview:{id}``: a pub/sub channel of the job's live ``preview`` events (never kept).
 
 Ended jobs' keys expire after ``retention_s`` seconds; pending and running jobs never do.
 Every method raises :class:`redis.exceptions.RedisError` (``ConnectionError`` while Redis is
@@ -28,6 +29,7 @@ unreachable) unless it says otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -80,6 +82,11 @@ def events_key(job_id: str) -> str:
 def output_key(job_id: str, index: int) -> str:
     """Output ``index`` of job ``job_id`` kept inline."""
     return f"{PREFIX}:out:{job_id}:{index}"
+
+
+def preview_channel(job_id: str) -> str:
+    """The pub/sub channel of job ``job_id``'s live previews."""
+    return f"{PREFIX}:preview:{job_id}"
 
 
 def done_key(job_id: str) -> str:
@@ -312,10 +319,59 @@ class RedisJobs:
     # --- events ---------------------------------------------------------------------------
 
     async def follow(
-        self, job_id: str, after: int = 0, heartbeat_s: float = 15.0
+        self, job_id: str, after: int = 0, heartbeat_s: float = 15.0, previews: bool = False
     ) -> AsyncIterator[JobEvent | None]:
         """Job ``job_id``'s events with ids above ``after``, as they come (XREAD BLOCK); None
-        every ``heartbeat_s`` seconds of silence. Ends after ``done``."""
+        every ``heartbeat_s`` seconds of silence. Ends after ``done``. With ``previews``, the
+        ``preview`` events the running replica sends (:meth:`preview`, pub/sub: live only,
+        id 0) are merged in as they arrive."""
+        if not previews:
+            async for event in self._logged(job_id, after, heartbeat_s):
+                yield event
+            return
+        merged: asyncio.Queue[JobEvent | BaseException | None] = asyncio.Queue()
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(preview_channel(job_id))
+
+        async def logged() -> None:
+            try:
+                async for event in self._logged(job_id, after, heartbeat_s):
+                    merged.put_nowait(event)
+            except Exception as exc:
+                merged.put_nowait(exc)
+            merged.put_nowait(StopAsyncIteration())
+
+        async def live() -> None:
+            try:
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        merged.put_nowait(JobEvent(0, "preview", message["data"]))
+            except Exception as exc:
+                merged.put_nowait(exc)
+
+        tasks = [asyncio.ensure_future(logged()), asyncio.ensure_future(live())]
+        try:
+            while True:
+                item = await merged.get()
+                if isinstance(item, StopAsyncIteration):
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await pubsub.aclose()
+
+    async def preview(self, job_id: str, data: bytes) -> None:
+        """Send a ``preview`` event (its JSON ``data``) to whoever follows job ``job_id``
+        with previews now (pub/sub: not kept, not replayed)."""
+        await self.redis.publish(preview_channel(job_id), data)
+
+    async def _logged(
+        self, job_id: str, after: int, heartbeat_s: float
+    ) -> AsyncIterator[JobEvent | None]:
         position = "0-0"
         while True:
             answer = await self.redis.xread(

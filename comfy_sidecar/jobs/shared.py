@@ -85,9 +85,12 @@ class SharedJobs:
                 return view
             await asyncio.sleep(POLL_S)
 
-    def follow(self, job_id: str, after: int, heartbeat_s: float) -> AsyncIterator[JobEvent | None]:
-        """Job ``job_id``'s events after ``after`` (see :meth:`SharedQueue.follow`)."""
-        return self.jobs.follow(job_id, after, heartbeat_s)
+    def follow(
+        self, job_id: str, after: int, heartbeat_s: float, previews: bool = False
+    ) -> AsyncIterator[JobEvent | None]:
+        """Job ``job_id``'s events after ``after``, with live ``preview`` events when
+        ``previews`` (see :meth:`SharedQueue.follow`)."""
+        return self.jobs.follow(job_id, after, heartbeat_s, previews)
 
     async def cancel(self, job_id: str, view: dict[str, Any]) -> tuple[bool, str]:
         """Cancel job ``job_id`` (body ``view``) wherever it is: a pending one ends

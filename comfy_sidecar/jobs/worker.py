@@ -330,9 +330,18 @@ class Mirror:
         self.push(record, JobEvent(0, "status", msgspec.json.encode({"status": "pending"})))
 
     def push(self, record: JobRecord, event: JobEvent) -> None:
-        """One event of the job (from :meth:`JobRecord.publish`)."""
-        if event.type != "done" and not self.lost:
+        """One event of the job (from :meth:`JobRecord.publish`). A ``preview`` is sent live
+        to followers on every replica (best effort: never retried, never kept)."""
+        if self.lost or event.type == "done":
+            return
+        if event.type == "preview":
+            self.worker.spawn(self._preview(event.data))
+        else:
             self.queue.put_nowait((record, event))
+
+    async def _preview(self, data: bytes) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.worker.jobs.preview(self.job_id, data)
 
     async def drained(self) -> None:
         """Wait until every event pushed so far is in Redis."""

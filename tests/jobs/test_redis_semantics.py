@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import Backend, Sidecar, basic_prompt, slow_prompt
+from tests.conftest import TINY_MODEL_NAME, Backend, Sidecar, basic_prompt, slow_prompt
+from tests.jobs.test_jobs_api import sse_events
 from tests.jobs.test_redis_queue import executions, job, running_view, runs_on, submit
 from tests.receiver import Receiver
 from tests.redis_server import RedisServer, redis_server
@@ -276,3 +277,33 @@ def test_the_simple_modal_api_goes_through_the_shared_queue(
         assert client.zcard("comfy-sidecar:index") == 1, "the bad workflow was never queued"
     finally:
         client.close()
+
+
+def test_previews_reach_a_follower_on_another_replica(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    """The double sends preview frames while the upscale node runs (see test_jobs_api)."""
+    a = replica(spawn, tmp_path, redis_server.url, "a")
+    b = replica(spawn, tmp_path, redis_server.url, "b")
+    prompt = slow_prompt(blurs=3, size=1024)  # seconds of blurs first: the stream is open
+    last = str(len(prompt) - 1)
+    prompt[str(len(prompt))]["inputs"]["images"] = ["u2", 0]
+    prompt["u1"] = {"class_type": "UpscaleModelLoader", "inputs": {"model_name": TINY_MODEL_NAME}}
+    prompt["u2"] = {
+        "class_type": "ImageUpscaleWithModel",
+        "inputs": {"upscale_model": ["u1", 0], "image": [last, 0]},
+    }
+    job_id = submit(a, prompt)
+    runner = runs_on([a, b], running_view(a, job_id))
+    other = b if runner is a else a
+    live = sse_events(other, job_id, query="?previews=true")
+    previews = [e for e in live if e["event"] == "preview"]
+    assert previews, [e["event"] for e in live]
+    assert "id" not in previews[0]  # live only: not part of the resumable log
+    assert (previews[0]["data"]["node_id"], previews[0]["data"]["mime_type"]) == ("u2", "image/png")
+    assert base64.b64decode(previews[0]["data"]["data"]).startswith(b"\x89PNG")
+    assert live[-1]["event"] == "done" and live[-1]["data"]["status"] == "completed"
+    logged = [e for e in live if e["event"] != "preview"]
+    assert [int(e["id"]) for e in logged] == list(range(1, len(logged) + 1))
+    plain = sse_events(other, job_id)
+    assert all(e["event"] != "preview" for e in plain), "only when asked"
