@@ -206,17 +206,17 @@ class QueueWorker:
         jobs = self.jobs
         if await self._retry(lambda: jobs.ended(job_id)):
             return True
-        attempts = await self._retry(lambda: jobs.attempts(job_id))
-        if len(attempts) >= jobs.max_attempts:
-            await self._give_up(job_id, attempts)
-            return True
         raw = await self._retry(lambda: jobs.request(job_id))
         if raw is None:
+            return True
+        request = msgspec.json.decode(raw, type=PromptRequest)
+        attempts = await self._retry(lambda: jobs.attempts(job_id))
+        if len(attempts) >= jobs.max_attempts:
+            await self._give_up(request, job_id, attempts)
             return True
         if self.stopping:
             return False
         attempts = await self._retry(lambda: jobs.begin_attempt(job_id))
-        request = msgspec.json.decode(raw, type=PromptRequest)
         token = f"{jobs.replica}:{claim.entry}:{uuid.uuid4().hex[:8]}"
         mirror = Mirror(self, job_id, attempts)
 
@@ -244,7 +244,8 @@ class QueueWorker:
                 error=error_body(exc, job_id),
                 attempts=attempts,
             )
-            await self._retry(lambda: jobs.finish(job_id, view, [], token))
+            if await self._retry(lambda: jobs.finish(job_id, view, [], token)):
+                await self.delivery.send_failure(request, view["error"])
             return True
         finally:
             self.running.discard(job_id)
@@ -259,7 +260,9 @@ class QueueWorker:
         await self._finish(record, attempts, token)
         return True
 
-    async def _give_up(self, job_id: str, attempts: list[dict[str, Any]]) -> None:
+    async def _give_up(self, request: Any, job_id: str, attempts: list[dict[str, Any]]) -> None:
+        """Fail job ``job_id`` (``request``: its PromptRequest) after JOB_MAX_ATTEMPTS runs,
+        listing them, and send its failure webhook (once: only if this ends it)."""
         view = await self._retry(lambda: self.jobs.get(job_id)) or {"id": job_id}
         error = {
             "error": f"the job was taken over {len(attempts)} time(s) without ending "
@@ -273,7 +276,8 @@ class QueueWorker:
             error=error,
             attempts=attempts,
         )
-        await self._retry(lambda: self.jobs.finish(job_id, view, []))
+        if await self._retry(lambda: self.jobs.finish(job_id, view, [])):
+            await self.delivery.send_failure(request, error)
 
     def _spill(self, result: JobResult) -> tuple[str, Any] | None:
         """Where outputs of a job that names no upload target go when they exceed

@@ -366,6 +366,13 @@ class Delivery:
             if result is not None:
                 result.release()
 
+    async def send_failure(self, request: PromptRequest, error: dict[str, Any]) -> None:
+        """Send the failure webhook (``webhook_v2``'s ``prompt.failed``, or ``webhook``'s) of a
+        job that failed before it could run: a shared-queue job whose preparation failed on
+        the replica that claimed it, or that ran out of attempts. ``error``: its error body."""
+        job_id = request.id or str(error.get("id", ""))
+        await self._send_failure(request, job_id, msgspec.to_builtins(request.prompt), error)
+
     async def _report_failure(
         self, pending: PendingJob, request: PromptRequest, exc: Exception
     ) -> None:

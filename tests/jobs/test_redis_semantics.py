@@ -19,7 +19,14 @@ import redis
 
 from tests.conftest import TINY_MODEL_NAME, Backend, Sidecar, basic_prompt, slow_prompt
 from tests.jobs.test_jobs_api import sse_events
-from tests.jobs.test_redis_queue import executions, job, running_view, runs_on, submit
+from tests.jobs.test_redis_queue import (
+    executions,
+    job,
+    kill_runner,
+    running_view,
+    runs_on,
+    submit,
+)
 from tests.receiver import Receiver
 from tests.redis_server import RedisServer, redis_server
 from tests.storage.conftest import moto_server
@@ -307,3 +314,23 @@ def test_previews_reach_a_follower_on_another_replica(
     assert [int(e["id"]) for e in logged] == list(range(1, len(logged) + 1))
     plain = sse_events(other, job_id)
     assert all(e["event"] != "preview" for e in plain), "only when asked"
+
+
+def test_a_job_out_of_attempts_fires_its_failure_webhook_once(
+    redis_server: RedisServer,
+    spawn: Callable[..., Sidecar],
+    tmp_path: Path,
+    receiver: Callable[..., Receiver],
+) -> None:
+    hook = receiver()
+    a = replica(spawn, tmp_path, redis_server.url, "a", JOB_MAX_ATTEMPTS="1")
+    b = replica(spawn, tmp_path, redis_server.url, "b", JOB_MAX_ATTEMPTS="1")
+    job_id = submit(a, slow_prompt(blurs=3, size=2048), webhook_v2=hook.url + "/hook")
+    _, survivor = kill_runner([a, b], job_id)
+    view = job(survivor, job_id, wait=30)
+    assert view["status"] == "failed" and "JOB_MAX_ATTEMPTS=1" in view["error"]["error"], view
+    (delivery,) = hook.wait_for(1, timeout=30)
+    assert delivery.headers.get("webhook-id") == job_id
+    body = delivery.json()
+    assert body["type"] == "prompt.failed" and body["id"] == job_id, body
+    assert "JOB_MAX_ATTEMPTS=1" in body["error"]["error"]
