@@ -150,7 +150,7 @@ class Sidecar:
             lease_s=settings.job_lease_s,
             max_attempts=settings.job_max_attempts,
         )
-        self.jobs.shared = SharedJobs(redis_jobs, self._check_job)
+        self.jobs.shared = SharedJobs(redis_jobs, self._check_job, self.delivery.send_failure)
         spill_to = None
         if settings.job_output_url is not None:
             base = settings.job_output_url.rstrip("/")

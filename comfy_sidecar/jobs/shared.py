@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import msgspec
 from redis.exceptions import RedisError
 
-from comfy_sidecar.errors import Conflict, Unavailable
+from comfy_sidecar.errors import Conflict, Interrupted, Unavailable
 from comfy_sidecar.jobs.backend import SharedQueue
 from comfy_sidecar.jobs.store import DifferentBody, JobEvent, JobRecord, JobStatus, iso, now_ms
 
@@ -39,9 +39,17 @@ class SharedJobs:
     in-process job API's own preprocessing (URLs guarded, inputs fetched, an output node
     present), raising the same 4xx errors with their ``location``."""
 
-    def __init__(self, jobs: SharedQueue, check: Callable[[Any], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        jobs: SharedQueue,
+        check: Callable[[Any], Awaitable[None]],
+        send_failure: Callable[[Any, dict[str, Any]], Awaitable[None]],
+    ) -> None:
         self.jobs = jobs
         self.check = check
+        #: ``send_failure(request, error)``: a job's failure webhook (see
+        #: :meth:`~comfy_sidecar.pipeline.deliver.Delivery.send_failure`).
+        self.send_failure = send_failure
 
     async def submit(self, request: Any, fingerprint: bytes) -> dict[str, Any]:
         """Store the job and append it to the work stream; returns its body. A retained id
@@ -94,15 +102,25 @@ class SharedJobs:
 
     async def cancel(self, job_id: str, view: dict[str, Any]) -> tuple[bool, str]:
         """Cancel job ``job_id`` (body ``view``) wherever it is: a pending one ends
-        ``cancelled`` at once, a running one is interrupted by its replica. Returns
-        (cancelled, status)."""
+        ``cancelled`` at once (with its failure webhook, as in-process), a running one is
+        interrupted by its replica. Returns (cancelled, status)."""
+        from comfy_sidecar.schemas import PromptRequest
+
         status = JobStatus(view["status"])
         if status.terminal:
             return False, status.value
         if status is JobStatus.PENDING:
-            ended = dict(view, status=JobStatus.CANCELLED.value, completed_at=iso(now_ms()))
+            error = Interrupted("the job was cancelled before it ran", id=job_id).body()
+            ended = dict(
+                view, status=JobStatus.CANCELLED.value, completed_at=iso(now_ms()), error=error
+            )
+            ended["queue_position"] = None
             if await guarded(self.jobs.finish(job_id, ended, [])):
                 await guarded(self.jobs.request_cancel(job_id))
+                raw = await guarded(self.jobs.request(job_id))
+                if raw is not None:
+                    request = msgspec.json.decode(raw, type=PromptRequest)
+                    await self.send_failure(request, error)
                 return True, JobStatus.CANCELLED.value
         await guarded(self.jobs.request_cancel(job_id))
         final = await self.wait(job_id, 10.0) or view

@@ -334,3 +334,33 @@ def test_a_job_out_of_attempts_fires_its_failure_webhook_once(
     body = delivery.json()
     assert body["type"] == "prompt.failed" and body["id"] == job_id, body
     assert "JOB_MAX_ATTEMPTS=1" in body["error"]["error"]
+
+
+def test_cancelling_a_queued_job_fires_its_failure_webhook_once(
+    redis_server: RedisServer,
+    spawn: Callable[..., Sidecar],
+    tmp_path: Path,
+    receiver: Callable[..., Receiver],
+) -> None:
+    hook = receiver()
+    a = replica(spawn, tmp_path, redis_server.url, "a", MAX_JOBS_PER_INSTANCE="1")
+    b = replica(spawn, tmp_path, redis_server.url, "b", MAX_JOBS_PER_INSTANCE="1")
+    busy = [submit(a, slow_prompt(blurs=4, size=2048)) for _ in range(2)]
+    queued = submit(a, basic_prompt(), webhook_v2=hook.url + "/hook")
+    wait_for(
+        lambda: job(b, queued)["queue_position"] == 0,
+        timeout=30,
+        what="both replicas to be busy and the job to wait next in line",
+    )
+    answer = b.post(f"/jobs/{queued}/cancel")
+    assert answer.json() == {"id": queued, "cancelled": True, "status": "cancelled"}
+    (delivery,) = hook.wait_for(1, timeout=30)
+    body = delivery.json()
+    assert body["type"] == "prompt.failed" and body["id"] == queued, body
+    view = job(a, queued)
+    assert view["status"] == "cancelled" and view["queue_position"] is None, view
+    assert view["error"]["error"] == body["error"]["error"]
+    for job_id in busy:
+        assert job(a, job_id, wait=60)["status"] == "completed"
+    assert executions(a) + executions(b) == 2, "the cancelled job never ran"
+    assert len(hook.snapshot()) == 1
