@@ -126,6 +126,8 @@ def test_sigterm_gives_back_a_claimed_unstarted_job_at_once(
     (taken,) = short["attempts"]  # a's claim ran nothing: struck, not counted
     assert taken["replica"] == short["replica"] and runs_on([b], short) is b
     assert f"job {short_id}: given back to the queue unstarted" in a.log()
+    statuses = [e["data"]["status"] for e in sse_events(b, short_id) if e["event"] == "status"]
+    assert "cancelled" not in statuses, "giving it back logged no end"
     long = job(b, long_id, wait=60)
     assert long["status"] == "completed" and len(long["attempts"]) == 1, long
     assert a.proc.wait(60) == 0, "a drained its executing job and exited"
