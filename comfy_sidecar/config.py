@@ -196,6 +196,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         Var("SHUTDOWN_GRACE_S", "30", float_at_least(0), new=True),
         "On SIGTERM/SIGINT, seconds jobs in flight may take to finish before ComfyUI is stopped.",
     ]
+    drain_delay_s: Annotated[
+        float,
+        Var("DRAIN_DELAY_S", "0", float_at_least(0), new=True),
+        "On SIGTERM/SIGINT, seconds `/ready` answers 503 while the sidecar still takes new "
+        "requests, so a load balancer's health check stops sending before it refuses any "
+        "(set it above the check interval x fall count); then the drain starts. The stop takes "
+        "up to DRAIN_DELAY_S + SHUTDOWN_GRACE_S.",
+    ]
     prompt_timeout_s: Annotated[
         float,
         Var("PROMPT_TIMEOUT_S", "3600", float_at_least(0), new=True),
@@ -404,6 +412,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         float,
         Var("WEBHOOK_TIMEOUT_S", "10", float_above(0), new=True),
         "Timeout of one webhook delivery attempt, in seconds.",
+    ]
+    max_pending_deliveries: Annotated[
+        int,
+        Var("MAX_PENDING_DELIVERIES", "500", int_at_least(0), new=True),
+        "Most asynchronous jobs with a webhook (`webhook`, `webhook_v2`) whose result is not yet "
+        "delivered (running, or their webhook still retrying); beyond it new ones get 429 "
+        "(0 = no limit).",
     ]
     system_webhook_url: Annotated[
         str | None,

@@ -16,6 +16,7 @@ them with ``asyncio.to_thread``. Pillow is imported lazily, inside the functions
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -30,6 +31,7 @@ from comfy_sidecar.schemas import (
     JpegOptions,
     WebpOptions,
 )
+from comfy_sidecar.storage.errors import DiskFullError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -119,7 +121,9 @@ def convert_image(src: Path, spec: ConvertOutput) -> Path:
     by default.
 
     Raises :class:`ConversionError` when ``src`` is not a convertible still image (see
-    :func:`is_convertible`) or Pillow fails to decode or encode it. Blocking; run it in a thread.
+    :func:`is_convertible`) or Pillow fails to decode or encode it, and
+    :class:`~comfy_sidecar.storage.errors.DiskFullError` when the disk is full (no partial file
+    is left either way). Blocking; run it in a thread.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -143,7 +147,13 @@ def convert_image(src: Path, spec: ConvertOutput) -> Path:
         raise
     except UnidentifiedImageError:
         raise ConversionError(f"{src.name}: not a still image Pillow can read") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                "converting an output failed: no space left in OUTPUT_DIR"
+            ) from None
+        raise ConversionError(f"{src.name}: cannot convert to {_format_of(spec)}: {err}") from err
+    except (ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise ConversionError(f"{src.name}: cannot convert to {_format_of(spec)}: {err}") from err
     return dest
 

@@ -17,6 +17,8 @@ import collections
 from collections.abc import Sequence
 from typing import Protocol
 
+from comfy_sidecar.errors import Unavailable
+
 
 class Slotted(Protocol):
     """What the dispatcher needs of an instance."""
@@ -41,6 +43,8 @@ class Dispatcher:
         self.in_flight: dict[str, int] = {i.name: 0 for i in self.instances}
         self._waiters: collections.deque[asyncio.Future[Slotted]] = collections.deque()
         self._next = 0
+        #: Set by :meth:`close`: why no job will get a slot any more.
+        self._closed: str | None = None
 
     @property
     def waiting(self) -> int:
@@ -77,7 +81,10 @@ class Dispatcher:
 
     async def acquire(self) -> Slotted:
         """Wait (in arrival order) for a slot; returns the instance holding it. The caller
-        must :meth:`release` it. Cancelling the wait gives nothing up."""
+        must :meth:`release` it. Cancelling the wait gives nothing up. Raises
+        :class:`~comfy_sidecar.errors.Unavailable` once the dispatcher is closed."""
+        if self._closed is not None:
+            raise Unavailable(self._closed)
         if not any(not w.done() for w in self._waiters):
             instance = self._pick()
             if instance is not None:
@@ -101,6 +108,16 @@ class Dispatcher:
         if self.in_flight.get(instance.name, 0) > 0:
             self.in_flight[instance.name] -= 1
         self.poke()
+
+    def close(self, reason: str) -> None:
+        """No instance will take jobs any more (the sidecar stops, or every instance gave up):
+        every waiting job, and every later :meth:`acquire`, raises
+        :class:`~comfy_sidecar.errors.Unavailable` (503) with ``reason`` — instead of waiting
+        until the HTTP server cancels it."""
+        self._closed = reason
+        for waiter in list(self._waiters):
+            if not waiter.done():
+                waiter.set_exception(Unavailable(reason))
 
     def poke(self) -> None:
         """Hand free slots to waiting jobs (call when an instance becomes ready)."""

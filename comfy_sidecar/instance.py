@@ -37,7 +37,13 @@ from comfy_sidecar.comfy.events import EventStream
 from comfy_sidecar.config import Settings
 from comfy_sidecar.phase import Fatal, Phase
 from comfy_sidecar.pipeline.jobs import JobRegistry
-from comfy_sidecar.supervisor import ComfyProcess, CrashLoop, LaunchError, RestartPolicy
+from comfy_sidecar.supervisor import (
+    ComfyProcess,
+    CrashLoop,
+    LaunchError,
+    RestartPolicy,
+    port_taken,
+)
 from comfy_sidecar.watchdog import (
     keepalive_s,
     recycle_reason,
@@ -98,7 +104,9 @@ class ComfyInstance:
     took it; ``warmup(instance)`` runs the warmup prompt on this instance (None: no warmup);
     ``on_ready(instance)`` runs each time it becomes ready; ``on_event(instance, name, data)``
     is told of restarts (``restart``: ``{instance, reason, message}``) and recycling
-    (``recycle``: ``{instance, reason, jobs, rss_bytes, vram_bytes}``).
+    (``recycle``: ``{instance, reason, jobs, rss_bytes, vram_bytes}``); ``on_connected(instance)``
+    runs each time its websocket (re)connects, so jobs waiting in the sidecar queue through a
+    blip are handed out at once.
     """
 
     def __init__(
@@ -113,6 +121,7 @@ class ComfyInstance:
         warmup: InstanceHook | None,
         on_ready: InstanceHook,
         on_event: EventHook | None = None,
+        on_connected: Callable[[ComfyInstance], None] | None = None,
     ) -> None:
         self.index = index
         self.name = str(index)
@@ -122,7 +131,9 @@ class ComfyInstance:
         self.label = label
         self.argv = expand_cmd(settings.cmd, port, index, gpu)
         url = base_url(settings.direct_address, port)
-        self.client = ComfyClient(url)
+        # POST /prompt outlasts the hang verdict, so a job sent into a ComfyUI that froze is
+        # re-queued when the hung child is killed instead of failing on its own timeout first.
+        self.client = ComfyClient(url, timeout_s=max(30.0, settings.comfyui_hang_timeout_s + 10))
         self.client_id = f"comfy-sidecar-{uuid.uuid4()}"
         self.registry = JobRegistry()
         self.registry.attach(self.client)
@@ -157,6 +168,7 @@ class ComfyInstance:
         #: Runs the warmup prompt on this instance after each start (None: no warmup).
         self.warmup = warmup
         self._on_ready = on_ready
+        self._on_connected = on_connected
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
@@ -173,6 +185,14 @@ class ComfyInstance:
             and not self.draining
             and not self.recycling
         )
+
+    @property
+    def going_down(self) -> bool:
+        """True once the current child is being replaced (it exited, or was declared hung or
+        stalled, or is recycling) or is not up: a prompt it took dies with it, so a job it
+        lost before it started may run elsewhere."""
+        process = self.process.process if self.process is not None else None
+        return self.phase is not Phase.READY or process is None or process.returncode is not None
 
     def set_phase(self, phase: Phase, detail: str) -> None:
         """Move to ``phase`` and log it."""
@@ -209,6 +229,8 @@ class ComfyInstance:
         self._on_frame_hook(self, frame)
 
     async def _on_connect(self, reconnected: bool) -> None:
+        if self._on_connected is not None:
+            self._on_connected(self)  # it may take jobs again (a blip ended)
         if reconnected:
             log.info("%swebsocket re-established; reconciling jobs in flight", self._prefix())
             self._spawn(self.registry.reconcile())
@@ -335,6 +357,7 @@ class ComfyInstance:
                 label=self.label,
             )
             self.process = process
+            await self._refuse_taken_port()
             try:
                 await process.start()
             except LaunchError as exc:
@@ -364,6 +387,18 @@ class ComfyInstance:
                 raise Fatal(str(exc)) from None
             self.set_phase(Phase.RESTARTING, f"restarting ComfyUI in {delay:.1f} s")
             await asyncio.sleep(delay)
+
+    async def _refuse_taken_port(self) -> None:
+        """Raise :class:`Fatal` when this instance's port answers before its child started:
+        another process (often a ComfyUI left by a SIGKILLed sidecar) would be taken for ours,
+        and would answer jobs whose outputs never reach OUTPUT_DIR."""
+        host = self.settings.direct_address.strip("[]")
+        if await port_taken(host, self.port):
+            raise Fatal(
+                f"COMFYUI_PORT_HOST: port {self.port} on {host} already answers before ComfyUI "
+                f"instance {self.name} was started (a ComfyUI left running by an earlier "
+                f"sidecar, or another program); stop it or choose another port"
+            )
 
     def _child_lost(self, exc: ChildExited) -> None:
         """The child exited, or was killed as hung or stalled: fail its jobs (the pipeline

@@ -38,6 +38,7 @@ from comfy_sidecar.jobs.store import JobStore
 from comfy_sidecar.logs import setup_logging
 from comfy_sidecar.phase import Fatal, Phase
 from comfy_sidecar.pipeline.deliver import Delivery
+from comfy_sidecar.pipeline.preprocess import remove_leftover_inputs
 from comfy_sidecar.pipeline.run import Pipeline
 from comfy_sidecar.salad import DeletionCost
 from comfy_sidecar.schemas import Prompt, PromptRequest
@@ -108,6 +109,7 @@ class Sidecar:
                 warmup=None,
                 on_ready=self._instance_ready,
                 on_event=self._instance_event,
+                on_connected=lambda _instance: self.dispatcher.poke(),
             )
             for index, (port, gpu) in enumerate(plan)
         ]
@@ -129,6 +131,8 @@ class Sidecar:
         self._phase = Phase.STARTING
         self._detail = "starting"
         self.ever_ready = False
+        #: Set on SIGTERM for DRAIN_DELAY_S: /ready says 503, new work is still taken.
+        self.leaving = False
         self.stop_requested = asyncio.Event()
         self.warmup_prompt: dict[str, Any] | None = None
         self.after_start: Callable[[], None] = lambda: None
@@ -237,6 +241,9 @@ class Sidecar:
             if len(self.instances) == 1 and self.instances[0].phase is Phase.READY:
                 return False, "the websocket to ComfyUI is disconnected"
             return False, f"{phase.value}: {self.detail}"
+        if self.leaving:
+            delay = self.settings.drain_delay_s
+            return False, f"stopping: taking requests for DRAIN_DELAY_S={delay:g} s more"
         limit = self.settings.max_queue_depth
         if limit and self.queue_depth() >= limit:
             return False, f"queue depth {self.queue_depth()} >= MAX_QUEUE_DEPTH {limit}"
@@ -300,14 +307,6 @@ class Sidecar:
             await asyncio.sleep(interval)
             self.store.expire()
 
-    async def _poke_dispatcher(self) -> None:
-        """Hand slots to waiting jobs when an instance's websocket comes back (an instance
-        becomes ready through :meth:`_instance_ready`; a reconnect does not pass there)."""
-        while True:
-            await asyncio.sleep(0.05)
-            if self.dispatcher.waiting and self.dispatcher.free_slots():
-                self.dispatcher.poke()
-
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def lifecycle(self) -> int:
@@ -317,13 +316,13 @@ class Sidecar:
                 await asyncio.to_thread(self.store.clear_leftovers)
             except (OSError, ValueError) as exc:
                 raise Fatal(f"JOBS_DIR: {exc}") from None
+            await asyncio.to_thread(remove_leftover_inputs, self.settings.input_dir)
             await self.webhooks.start()
             await self.storage.start()
             self.deletion_cost.start()
             self.warmup_prompt = await self._load_warmup()
             await metrics.time_startup("provision", self.provision())
             self.spawn(self._expire_jobs())
-            self.spawn(self._poke_dispatcher())
             if self.queue is not None:
                 self.spawn(self.queue.run())
             return await self._run_instances()
@@ -432,11 +431,20 @@ class Sidecar:
     # --- shutdown -----------------------------------------------------------------------------
 
     async def drain(self) -> None:
-        """Stop admitting work, let jobs in flight (waiting ones too) finish within
-        SHUTDOWN_GRACE_S."""
+        """Stop claiming shared-queue jobs; for DRAIN_DELAY_S seconds answer ``/ready`` 503 but
+        still admit new requests (a load balancer sees the failing check and stops sending
+        before any request is refused); then stop admitting work and let jobs in flight
+        (waiting ones too) finish within SHUTDOWN_GRACE_S."""
         grace = self.settings.shutdown_grace_s
         if self.queue is not None:
             await self.queue.stop()
+        if self.settings.drain_delay_s > 0 and self.phase is Phase.READY:
+            self.leaving = True
+            log.info(
+                "/ready now fails; taking requests for DRAIN_DELAY_S=%g s",
+                self.settings.drain_delay_s,
+            )
+            await asyncio.sleep(self.settings.drain_delay_s)
         self.set_phase(Phase.STOPPING, f"draining: {self.pipeline.active} job(s) in flight")
         started = time.monotonic()
         if not await self.pipeline.wait_idle(grace):
@@ -448,7 +456,12 @@ class Sidecar:
 
     async def close(self, grace_s: float = 5.0) -> None:
         """Stop every ComfyUI, flush webhooks within ``grace_s`` seconds, reset the deletion
-        cost, and cancel every task the sidecar owns."""
+        cost, and cancel every task the sidecar owns. Jobs still waiting for an instance get
+        503 now (no instance will take them)."""
+        if self.phase is Phase.STOPPING:
+            self.dispatcher.close("the sidecar is shutting down")
+        else:
+            self.dispatcher.close(f"ComfyUI is not ready ({self.readiness()[1]})")
         await asyncio.gather(*(instance.stop() for instance in self.instances))
         for instance in self.instances:
             instance.registry.fail_all("the sidecar is shutting down")
@@ -519,7 +532,8 @@ async def serve(settings: Settings, sock: socket.socket, boot: BootProbes) -> in
     stop.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
         await lifecycle
-    remaining = settings.shutdown_grace_s - (time.monotonic() - drain_started)
+    budget = settings.shutdown_grace_s + settings.drain_delay_s
+    remaining = budget - (time.monotonic() - drain_started)
     await sidecar.close(grace_s=max(1.0, remaining))
     server.should_exit = True
     with contextlib.suppress(asyncio.CancelledError, Exception):

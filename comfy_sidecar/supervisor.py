@@ -1,7 +1,11 @@
 """The ComfyUI child process (mechanism: spawn, log capture, stop) and its restart policy.
 
 The child runs ``CMD`` (already split like a shell would) in its own process group, so stopping
-it reaches whatever it started (``comfy launch`` wraps python, shell scripts wrap both). Its stdout
+it reaches whatever it started (``comfy launch`` wraps python, shell scripts wrap both). On Linux
+it also dies with the sidecar: it is started with ``PR_SET_PDEATHSIG`` = SIGKILL, so a SIGKILLed
+sidecar (OOM killer, ``kill -9``) leaves no ComfyUI behind for the next one to adopt. That
+reaches the direct child only (the kernel clears it in the child's own children): a wrapper
+script should ``exec`` ComfyUI, and :func:`port_taken` catches what is left. Its stdout
 and stderr lines go to the sidecar's log under the ``comfyui`` logger, tagged with the child's
 ``instance`` (:data:`comfy_sidecar.logs.INSTANCE`), and into a ring buffer whose tail is attached
 to execution errors.
@@ -12,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import logging
 import os
 import signal
+import sys
 import time
+from collections.abc import Callable
 
 from comfy_sidecar.backoff import backoff_delay
 from comfy_sidecar.logs import INSTANCE
@@ -24,6 +31,34 @@ log = logging.getLogger("comfy_sidecar.supervisor")
 child_log = logging.getLogger("comfyui")
 
 GUI_MARKER = "To see the GUI go to:"
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that asks Linux to SIGKILL the child when the sidecar dies (None on
+    other systems, or when libc's ``prctl`` cannot be found).
+
+    ``prctl`` is looked up here, in the parent, so the child only makes one call between fork
+    and exec. The signal is sent when the thread that forked the child exits: the sidecar
+    starts children from its event loop's thread, which lives as long as the sidecar. If the
+    sidecar died before the call took effect, the child is already orphaned and exits at once.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
 
 
 class LaunchError(Exception):
@@ -57,7 +92,8 @@ class ComfyProcess:
         return self.process.pid if self.process else None
 
     async def start(self) -> None:
-        """Spawn the child in a new session (process group). Raises :class:`LaunchError`."""
+        """Spawn the child in a new session (process group), set to die with the sidecar
+        (``PR_SET_PDEATHSIG``, Linux). Raises :class:`LaunchError`."""
         try:
             self.process = await asyncio.create_subprocess_exec(
                 *self.argv,
@@ -66,6 +102,7 @@ class ComfyProcess:
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
                 env=None if self.env is None else {**os.environ, **self.env},
+                preexec_fn=_die_with_parent(),  # one prctl call between fork and exec
             )
         except (FileNotFoundError, PermissionError, NotADirectoryError) as exc:
             raise LaunchError(f"cannot run {self.argv[0]!r}: {exc.strerror}") from None
@@ -148,6 +185,27 @@ class ComfyProcess:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, sig)
+
+
+async def port_taken(host: str, port: int, wait_s: float = 3.0) -> bool:
+    """True when something still accepts TCP connections on ``host:port`` after ``wait_s``
+    seconds (polled every 0.1 s: a child killed a moment ago, or a predecessor's child that
+    ``PR_SET_PDEATHSIG`` is killing, lets go of it meanwhile). A refused or failed connection
+    means free; each attempt is limited to 1 s."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + wait_s
+    while True:
+        try:
+            async with asyncio.timeout(1.0):
+                _, writer = await asyncio.open_connection(host, port)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        if loop.time() >= end:
+            return True
+        await asyncio.sleep(0.1)
 
 
 def group_rss_bytes(pgid: int, proc: str = "/proc") -> int:

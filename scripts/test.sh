@@ -24,6 +24,11 @@ if ! command -v redis-server >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null \
     || echo "redis-server could not be installed; the Redis job queue tests will be skipped"
 fi
+# haproxy for the replicas-behind-a-load-balancer tests (tests/jobs/test_replicas.py).
+if ! { command -v haproxy || [ -x /usr/sbin/haproxy ]; } >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null \
+    || echo "haproxy could not be installed; the tests behind HAProxy will be skipped"
+fi
 export PATH="$PWD/$venv/bin:$PWD/node_modules/.bin:$PATH"
 echo "== ruff"; ruff check comfy_sidecar tests bench
 echo "== mypy"; mypy

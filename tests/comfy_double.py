@@ -7,7 +7,8 @@ history written before the final ``executing`` frame, and real image files writt
 
 Run it like ComfyUI: ``python tests/comfy_double.py --listen 127.0.0.1 --port 8188
 --base-directory DIR`` (input/, output/, temp/ and models/ live under DIR unless given with
---input-directory/--output-directory/--temp-directory). Nodes: EmptyImage, LoadImage,
+--input-directory/--output-directory; ``--temp-directory X`` means ``X/temp`` as in ComfyUI, and
+the temp dir is emptied at start as ComfyUI's ``cleanup_temp`` does). Nodes: EmptyImage, LoadImage,
 LoadImageMask, ImageInvert, ImageBlur (slow: ~1.5 s per 2048x2048 image), SaveImage,
 PreviewImage, SaveAnimatedWEBP, SaveAnimatedPNG, UpscaleModelLoader, ImageUpscaleWithModel
 (emits ``progress``), ``DoubleExit`` (exits the process with ``code``, for crash tests),
@@ -16,10 +17,15 @@ PreviewImage, SaveAnimatedWEBP, SaveAnimatedPNG, UpscaleModelLoader, ImageUpscal
 ``DoubleOutOfMemory`` (passes its image through, but first raises ComfyUI's out-of-memory
 execution_error, ``torch.OutOfMemoryError``, the first ``times`` times it runs for ``key``).
 
-Test-only controls under ``/__double__/``: ``drop_websockets``, ``mute`` (every socket silent),
+Test-only controls under ``/__double__/``: ``drop_websockets``, ``refuse_websockets``
+(``{"refused": true}``: new websockets are closed at once), ``mute`` (every socket silent),
 ``stale_websockets`` (the sockets open now stay open but get no more frames; new ones do, as in
 comfyui-api issue #186) and ``stall`` (``{"stalled": true}``: the prompt worker stops taking
-prompts, as when ComfyUI's worker thread died; they stay pending).
+prompts, as when ComfyUI's worker thread died; they stay pending). ``GET
+/__double__/executions`` lists the prompts it executed (started, in order: ``prompt_id``, the
+``filename_prefix`` of each save node, and ``status``: ``running``, ``success`` or ``error``);
+each line is also appended to ``double-executions.jsonl`` in the base directory, so the count
+survives the double being killed (tests/jobs/test_replicas.py counts executions with it).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import string
 import struct
 import sys
@@ -92,7 +99,10 @@ class Double:
         base = Path(args.base_directory)
         self.input_dir = Path(args.input_directory or base / "input")
         self.output_dir = Path(args.output_directory or base / "output")
-        self.temp_dir = Path(args.temp_directory or base / "temp")
+        # ComfyUI's main.py: --temp-directory X means X/temp; the temp dir is emptied at start
+        # (its cleanup_temp), so what a killed predecessor left there is gone.
+        self.temp_dir = Path(args.temp_directory) / "temp" if args.temp_directory else base / "temp"
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
         self.models_dir = base / "models"
         for d in (
             self.input_dir,
@@ -118,8 +128,13 @@ class Double:
         self.tick_times: dict[str, list[float]] = {}
         self.stale_sockets: set[int] = set()  # id() of sockets that get no more frames
         self.stalled = False
+        #: While True, websocket upgrades are refused (a ComfyUI whose socket is down).
+        self.ws_refused = False
         self.oom_raised: dict[str, int] = {}
         self.temp_tag = "".join(random.choices(string.ascii_lowercase, k=5))
+        #: Test-only: every prompt taken by the worker, in order (GET /__double__/executions).
+        self.executions: list[dict[str, Any]] = []
+        self.journal = base / "double-executions.jsonl"
 
     # --- websocket --------------------------------------------------------------------------
 
@@ -316,12 +331,38 @@ class Double:
             self.running = item
             self.interrupt_flag.clear()
             await self.send_status()
+            execution = self.record_execution(item)
             await asyncio.to_thread(self.execute, item)
+            entry = self.history.get(item[1]) or {}
+            self.record_execution(item, execution, entry.get("status", {}).get("status_str"))
             self.running = None
             await self.send_status()
             await self.send(
                 "executing", {"node": None, "prompt_id": item[1]}, item[3].get("client_id")
             )
+
+    def record_execution(
+        self,
+        item: tuple[float, str, dict[str, Any], dict[str, Any], list[str]],
+        execution: dict[str, Any] | None = None,
+        status: str | None = None,
+    ) -> dict[str, Any]:
+        """Test-only: note that prompt ``item`` starts (``execution`` None) or ended with
+        ``status``, in :attr:`executions` and the journal file; returns its entry."""
+        if execution is None:
+            prompt = item[2]
+            prefixes = [
+                str(node["inputs"]["filename_prefix"])
+                for node in prompt.values()
+                if "filename_prefix" in (node.get("inputs") or {})
+            ]
+            execution = {"prompt_id": item[1], "prefixes": prefixes, "status": "running"}
+            self.executions.append(execution)
+        else:
+            execution["status"] = status or "error"
+        with self.journal.open("a") as journal:
+            journal.write(json.dumps(execution) + "\n")
+        return execution
 
     def order(self, prompt: dict[str, Any], outputs: list[str]) -> list[str]:
         ordered: list[str] = []
@@ -749,6 +790,11 @@ class Double:
             """Test-only: send times (s since epoch) of a DoubleTicks node's progress frames."""
             return double.tick_times.get(prompt_id, [])
 
+        @get("/__double__/executions", sync_to_thread=False)
+        def executions() -> list[dict[str, Any]]:
+            """Test-only: the prompts executed so far (see :meth:`Double.record_execution`)."""
+            return double.executions
+
         @post("/__double__/stale_websockets", status_code=200)
         async def stale_websockets(request: Request[Any, Any, Any]) -> dict[str, Any]:
             """The sockets open now stay open but get no more frames (new ones do)."""
@@ -762,8 +808,17 @@ class Double:
             double.wakeup.set()
             return {"stalled": double.stalled}
 
+        @post("/__double__/refuse_websockets", status_code=200)
+        async def refuse_websockets(request: Request[Any, Any, Any]) -> dict[str, Any]:
+            """``{"refused": true}``: new websockets are closed at once (HTTP still answers)."""
+            double.ws_refused = bool((await request.json()).get("refused", True))
+            return {"refused": double.ws_refused}
+
         @websocket("/ws")
         async def ws(socket: WebSocket[Any, Any, Any]) -> None:
+            if double.ws_refused:
+                await socket.close(code=1013)
+                return
             await socket.accept()
             sid = socket.query_params.get("clientId") or os.urandom(16).hex()
             double.clients[sid] = socket
@@ -811,6 +866,7 @@ class Double:
                 drop_websockets,
                 mute,
                 tick_times,
+                executions,
                 stale_websockets,
                 stall,
                 ws,

@@ -31,8 +31,9 @@ def answers(port: int) -> bool:
 class RedisServer:
     """One ``redis-server`` process; ``url`` is its ``redis://`` URL."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, appendfsync: str = "always") -> None:
         self.dir = directory
+        self.appendfsync = appendfsync  # "everysec" for bench/queue_bench.py's deployment-like run
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -45,7 +46,7 @@ class RedisServer:
         assert REDIS_SERVER is not None
         self.dir.mkdir(parents=True, exist_ok=True)
         argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always"]
+        argv += ["--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", self.appendfsync]
         argv += ["--save", ""]
         with (self.dir / "redis.log").open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)

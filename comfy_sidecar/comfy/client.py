@@ -40,14 +40,21 @@ class PromptRejected(Exception):
 class ComfyClient:
     """Async client for ComfyUI's HTTP API at ``base_url`` (e.g. ``http://127.0.0.1:8188``).
 
-    Every call has a timeout (``timeout_s`` seconds in all, 5 s to connect; ``ping`` uses 2 s).
-    Network failures and 5xx answers raise :class:`ComfyUnavailable`. Connections are kept
-    alive and reused (up to 32 at once). The session is made on first use, inside the loop.
+    Every call has a timeout of its own, so a frozen ComfyUI (SIGSTOP, a deadlocked server
+    thread) never holds a caller longer than that: ``POST /prompt`` gets ``timeout_s`` seconds
+    in all (ComfyUI validates the prompt before answering), every other call, which ComfyUI
+    answers from memory (``/interrupt``, ``/queue``, ``/history``, ``/free``, ``/object_info``,
+    ``/models``, ``/system_stats``), gets ``call_timeout_s`` (at most ``timeout_s``); ``ping``
+    uses 2 s. Connecting is limited to 5 s. Network failures, timeouts and 5xx answers raise
+    :class:`ComfyUnavailable`. Connections are kept alive and reused (up to 32 at once). The
+    session is made on first use, inside the loop.
     """
 
-    def __init__(self, base_url: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 30.0, call_timeout_s: float = 5.0) -> None:
         self.base_url = base_url.rstrip("/")
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=5.0)
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(5.0, timeout_s))
+        short = min(call_timeout_s, timeout_s)
+        self._call_timeout = aiohttp.ClientTimeout(total=short, connect=min(5.0, short))
         self._session: aiohttp.ClientSession | None = None
         self._object_info: dict[str, dict[str, Any] | None] = {}
 
@@ -73,10 +80,11 @@ class ComfyClient:
         self._object_info.clear()
 
     async def _request(
-        self, method: str, path: str, body: bytes | None = None
+        self, method: str, path: str, body: bytes | None = None, *, long: bool = False
     ) -> tuple[int, bytes]:
-        """``(status, body)`` of ``method path``; ``body`` is sent as JSON. Raises
-        :class:`ComfyUnavailable` on a network failure, a timeout or a 5xx."""
+        """``(status, body)`` of ``method path``; ``body`` is sent as JSON. Limited to the
+        short call timeout, or to ``timeout_s`` when ``long``. Raises :class:`ComfyUnavailable`
+        on a network failure, a timeout or a 5xx."""
         try:
             async with self._http().request(
                 method,
@@ -84,6 +92,7 @@ class ComfyClient:
                 data=body,
                 headers=_JSON if body is not None else None,
                 allow_redirects=False,
+                timeout=self._timeout if long else self._call_timeout,
             ) as response:
                 status, content = response.status, await response.read()
         except _FAILURES as exc:
@@ -120,7 +129,7 @@ class ComfyClient:
         body = msgspec.json.encode(
             {"prompt": prompt, "prompt_id": prompt_id, "client_id": client_id}
         )
-        status, content = await self._request("POST", "/prompt", body)
+        status, content = await self._request("POST", "/prompt", body, long=True)
         if status == 200:
             answer = msgspec.json.decode(content)
             if isinstance(answer, dict) and answer.get("node_errors"):

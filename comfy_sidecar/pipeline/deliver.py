@@ -12,15 +12,18 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from comfy_sidecar.errors import SidecarError, UpstreamFailed
+from comfy_sidecar.errors import Overloaded, SidecarError, UpstreamFailed
 from comfy_sidecar.jobs.runner import JobTracker, error_body, open_job
 from comfy_sidecar.jobs.store import JobRecord, JobStore
 from comfy_sidecar.pipeline.bounded import gather_bounded
@@ -118,7 +121,17 @@ def is_async(options: PromptOptions) -> bool:
 
 
 class Delivery:
-    """Runs requests through ``pipeline`` and delivers their results."""
+    """Runs requests through ``pipeline`` and delivers their results.
+
+    Asynchronous jobs with a webhook (``webhook``, ``webhook_v2``) are admitted up to
+    MAX_PENDING_DELIVERIES at once, counted from their 202 until every webhook of theirs was
+    delivered or given up (:attr:`pending_deliveries`); beyond it :class:`Overloaded` (429).
+    A webhook that carries output files streams them from a hard link (a copy on another
+    filesystem) in ``OUTPUT_DIR/.comfy-sidecar-webhooks-<PORT>/``, removed once the webhook is
+    delivered or given up: a waiting delivery holds a path, not an open file, and the job's
+    own files are released (or kept under JOBS_DIR) as usual. That folder is emptied here, at
+    start-up (a killed predecessor's links).
+    """
 
     def __init__(
         self,
@@ -133,6 +146,64 @@ class Delivery:
         self.spawn = spawn
         self.uploader = uploader
         self.store = store
+        settings = pipeline.settings
+        self.max_pending = settings.max_pending_deliveries
+        #: Asynchronous jobs with a webhook admitted and not yet delivered.
+        self.pending_deliveries = 0
+        self.spool = Path(settings.output_dir) / f".comfy-sidecar-webhooks-{settings.port}"
+        shutil.rmtree(self.spool, ignore_errors=True)
+
+    def _admit_delivery(self, request: PromptRequest) -> bool:
+        """Count an asynchronous job with a webhook (True), or raise :class:`Overloaded` at
+        MAX_PENDING_DELIVERIES; False (not counted) for any other request."""
+        if not (request.webhook or request.webhook_v2):
+            return False
+        limit = self.max_pending
+        if limit and self.pending_deliveries >= limit:
+            raise Overloaded(
+                f"{self.pending_deliveries} asynchronous job(s) with a webhook are not "
+                f"delivered yet (MAX_PENDING_DELIVERIES {limit}); try again later",
+                location="webhook_v2" if request.webhook_v2 else "webhook",
+            )
+        self.pending_deliveries += 1
+        return True
+
+    def _delivered_when(self, futures: Sequence[asyncio.Future[bool]]) -> None:
+        """Uncount one admitted job once all of its webhooks' ``futures`` resolved."""
+        waiting = [f for f in futures if not f.done()]
+        if not waiting:
+            self.pending_deliveries -= 1
+            return
+        left = len(waiting)
+
+        def one_done(_: asyncio.Future[bool]) -> None:
+            nonlocal left
+            left -= 1
+            if left == 0:
+                self.pending_deliveries -= 1
+
+        for future in waiting:
+            future.add_done_callback(one_done)
+
+    async def _spooled(self, path: Path) -> tuple[Path, Callable[[], None]]:
+        """Output file ``path`` for a webhook body: a hard link to it in the spool (a copy when
+        the spool is on another filesystem), and the call that removes it (for the body's
+        ``on_close``). Raises ``OSError``."""
+        link = self.spool / uuid.uuid4().hex  # the body names the file; a long name can't fail
+
+        def make() -> None:
+            self.spool.mkdir(exist_ok=True)
+            try:
+                os.link(path, link)
+            except OSError:
+                try:
+                    shutil.copyfile(path, link)
+                except BaseException:
+                    link.unlink(missing_ok=True)
+                    raise
+
+        await asyncio.to_thread(make)
+        return link, functools.partial(link.unlink, missing_ok=True)
 
     async def _open(
         self, request: PromptRequest, endpoint: str, fingerprint: bytes = b""
@@ -173,10 +244,19 @@ class Delivery:
         kept), then run in the background; outputs are kept under JOBS_DIR unless the request
         uploads them. Resubmitting a retained id with the same ``fingerprint`` returns that
         job; another body raises :class:`~comfy_sidecar.errors.Conflict`."""
-        tracker, pending, request = await self._open(request, endpoint, fingerprint)
-        if pending is not None:
+        counted = self._admit_delivery(request)
+        try:
+            tracker, pending, request = await self._open(request, endpoint, fingerprint)
+        except BaseException:
+            self.pending_deliveries -= counted
+            raise
+        if pending is None:  # a resubmission: nothing new to deliver
+            self.pending_deliveries -= counted
+        else:
             echoed = Echoed(**echo(request), input=None)
-            self.spawn(self._background(pending, request, echoed, tracker, retain=True))
+            self.spawn(
+                self._background(pending, request, echoed, tracker, retain=True, counted=counted)
+            )
         return tracker.record
 
     async def run_claimed(
@@ -219,11 +299,18 @@ class Delivery:
         upload).
         """
         target = upload_target(request)
-        tracker, pending, request = await self._open(request, endpoint)
+        counted = self._admit_delivery(request)
+        try:
+            tracker, pending, request = await self._open(request, endpoint)
+        except BaseException:
+            self.pending_deliveries -= counted
+            raise
         assert pending is not None
         echoed = Echoed(**echo(request), input=workflow_input)
         if is_async(request):
-            self.spawn(self._background(pending, request, echoed, tracker, retain=False))
+            self.spawn(
+                self._background(pending, request, echoed, tracker, retain=False, counted=counted)
+            )
             fields = msgspec.structs.asdict(echoed)
             return Accepted(
                 AcceptedResponse(**fields, status="ok", id=pending.job.id, prompt=pending.prompt)
@@ -331,13 +418,16 @@ class Delivery:
         tracker: JobTracker,
         *,
         retain: bool,
+        counted: bool = False,
         gate: Gate | None = None,
         spill: Spill | None = None,
     ) -> None:
         """Finish a job in the background: run, convert, upload, the webhooks (success or
-        failure), then its record (outputs kept under JOBS_DIR when ``retain``). With a
+        failure), then its record (outputs kept under JOBS_DIR when ``retain``). ``counted``:
+        the job holds a MAX_PENDING_DELIVERIES place until its webhooks are delivered. With a
         ``gate`` (see :meth:`run_claimed`) nothing is delivered unless it answers True."""
         result: JobResult | None = None
+        sent: list[asyncio.Future[bool]] = []
         try:
             result = await self.pipeline.complete(pending)
             await self.postprocess(result, request)
@@ -349,9 +439,9 @@ class Delivery:
             if gate is not None and not await gate():
                 raise Superseded(f"job {pending.job.id} was ended by another replica first")
             if request.webhook:
-                await self._send_v1(request.webhook, result)
+                sent += await self._send_v1(request.webhook, result)
             elif request.webhook_v2:
-                await self._send_v2(request.webhook_v2, result, echoed, urls)
+                sent.append(await self._send_v2(request.webhook_v2, result, echoed, urls))
             tracker.completed(result.files, urls, result.stats(), retain=retain)
         except Superseded as exc:
             tracker.failed(exc)
@@ -361,10 +451,12 @@ class Delivery:
             if not isinstance(exc, Exception):
                 raise
             if gate is None or await gate():
-                await self._report_failure(pending, request, exc)
+                sent += await self._report_failure(pending, request, exc)
         finally:
             if result is not None:
                 result.release()
+            if counted:
+                self._delivered_when(sent)
 
     async def send_failure(self, request: PromptRequest, error: dict[str, Any]) -> None:
         """Send the failure webhook (``webhook_v2``'s ``prompt.failed``, or ``webhook``'s) of a
@@ -375,39 +467,48 @@ class Delivery:
 
     async def _report_failure(
         self, pending: PendingJob, request: PromptRequest, exc: Exception
-    ) -> None:
-        """Log a background job's failure and send its failure webhook."""
+    ) -> list[asyncio.Future[bool]]:
+        """Log a background job's failure and send its failure webhook (its future)."""
         job_id = pending.job.id
         if isinstance(exc, SidecarError):
             log.warning("job %s failed (%s): %s", job_id, type(exc).__name__, exc.message)
         else:
             log.error("job %s failed", job_id, exc_info=exc)
-        await self._send_failure(request, job_id, pending.prompt, error_body(exc, job_id))
+        return await self._send_failure(request, job_id, pending.prompt, error_body(exc, job_id))
 
-    async def _send_v1(self, url: str, result: JobResult) -> None:
+    async def _send_v1(self, url: str, result: JobResult) -> list[asyncio.Future[bool]]:
         from comfy_sidecar.webhooks import v1_output_body
 
         stats = result.stats()
+        sent: list[asyncio.Future[bool]] = []
         for item in result.files:
+            link, remove = await self._spooled(item.path)
             body = v1_output_body(
                 id=result.job.id,
                 filename=item.filename,
                 prompt=result.prompt,
                 stats=stats,
-                image_path=item.path,
+                image_path=link,
+                on_close=remove,
             )
-            await self.webhooks.send_prompt(
-                url, body, f"{result.job.id}:{item.filename}", order_key=result.job.id
+            sent.append(
+                await self.webhooks.send_prompt(
+                    url, body, f"{result.job.id}:{item.filename}", order_key=result.job.id
+                )
             )
+        return sent
 
     async def _send_v2(
         self, url: str, result: JobResult, echoed: Echoed, urls: list[str] | None
-    ) -> None:
+    ) -> asyncio.Future[bool]:
         from comfy_sidecar.webhooks import Base64File, v2_complete_body
 
-        images: list[Any] = (
-            list(urls) if urls is not None else [Base64File(item.path) for item in result.files]
-        )
+        images: list[Any] = []
+        if urls is not None:
+            images = list(urls)
+        else:
+            for item in result.files:
+                images.append(Base64File(*await self._spooled(item.path)))
         body: dict[str, Any] = {
             **msgspec.to_builtins(echoed),
             "id": result.job.id,
@@ -418,26 +519,21 @@ class Delivery:
         }
         if result.conversion_errors:
             body["conversion_errors"] = result.conversion_errors
-        await self.webhooks.send_prompt(
+        return await self.webhooks.send_prompt(
             url, v2_complete_body(body), result.job.id, order_key=result.job.id
         )
 
     async def _send_failure(
         self, request: PromptRequest, job_id: str, prompt: Any, error: dict[str, Any]
-    ) -> None:
+    ) -> list[asyncio.Future[bool]]:
         from comfy_sidecar.webhooks import v1_failed_body, v2_failed_body
 
         if request.webhook_v2:
-            await self.webhooks.send_prompt(
-                request.webhook_v2,
-                v2_failed_body(id=job_id, prompt=prompt, error=error),
-                job_id,
-                order_key=job_id,
-            )
+            body = v2_failed_body(id=job_id, prompt=prompt, error=error)
+            url = request.webhook_v2
         elif request.webhook:
-            await self.webhooks.send_prompt(
-                request.webhook,
-                v1_failed_body(id=job_id, prompt=prompt, error=error),
-                job_id,
-                order_key=job_id,
-            )
+            body = v1_failed_body(id=job_id, prompt=prompt, error=error)
+            url = request.webhook
+        else:
+            return []
+        return [await self.webhooks.send_prompt(url, body, job_id, order_key=job_id)]

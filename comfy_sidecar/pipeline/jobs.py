@@ -106,10 +106,34 @@ class Job:
             stop_requested=self.stop_requested,
         )
 
+    def cancel(self) -> bool:
+        """Decide that the job ends interrupted, unless its result is decided already.
+
+        The one place an interrupt and the job's end meet: both run on the event loop, so
+        checking ``done`` and marking the job happen in one step. True: the job is marked
+        (``interrupt_requested``) before anyone tells ComfyUI, and whatever outcome arrives
+        later is turned into INTERRUPTED by :meth:`finish` (its caller answers 499, even when
+        ComfyUI finished the prompt before the interrupt reached it). False: the job had
+        already ended; the interrupt changes nothing.
+        """
+        if self.done.done():
+            return False
+        self.interrupt_requested = True
+        return True
+
     def finish(self, outcome: JobOutcome) -> None:
-        """Resolve ``done`` with ``outcome`` (later calls are ignored) and set the state."""
+        """Resolve ``done`` with ``outcome`` (later calls are ignored) and set the state. A
+        job that was cancelled (:meth:`cancel`) ends INTERRUPTED whatever ``outcome`` says;
+        its ``outputs`` and ``error`` are kept."""
         if self.done.done():
             return
+        if self.interrupt_requested and outcome.kind is not OutcomeKind.INTERRUPTED:
+            outcome = JobOutcome(
+                OutcomeKind.INTERRUPTED,
+                outputs=outcome.outputs,
+                error={"message": "interrupted", **(outcome.error or {})},
+                reason=outcome.reason,
+            )
         self.state = {
             OutcomeKind.SUCCESS: JobState.COMPLETED,
             OutcomeKind.INTERRUPTED: JobState.INTERRUPTED,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,53 @@ def remove_outputs(files: list[OutputFile], output_dir: str) -> None:
             except OSError:
                 break
             parent = parent.parent
+
+
+def remove_job_outputs(
+    outputs: dict[str, dict[str, Any]], prompt: dict[str, Any], output_dir: str
+) -> int:
+    """Delete what ComfyUI wrote to OUTPUT_DIR for a job that failed or was interrupted, and
+    return how many files went.
+
+    Two sources, since a failed job has no complete history: the ``output`` files named in
+    ``outputs`` (what its ``executed`` frames or history reported; missing ones are skipped),
+    and every file under a ``filename_prefix`` of the preprocessed ``prompt`` that follows
+    ComfyUI's save naming, ``<prefix>_<counter>...`` (``folder_paths.get_save_image_path``;
+    the prefix carries the job id, so no other job's file matches). Paths that would leave
+    OUTPUT_DIR are never touched."""
+    root = Path(output_dir).resolve()
+    doomed: dict[Path, OutputFile] = {}
+    for node_id, ui in outputs.items():
+        if not isinstance(ui, dict):
+            continue
+        for key, entries in ui.items():
+            for entry in entries if isinstance(entries, list) else []:
+                if not isinstance(entry, dict) or entry.get("type", "output") != "output":
+                    continue
+                if "filename" not in entry:
+                    continue
+                subfolder = str(entry.get("subfolder") or "")
+                path = (root / subfolder / str(entry["filename"])).resolve()
+                if path.is_relative_to(root) and path != root:
+                    doomed[path] = OutputFile(path, path.name, str(node_id), str(key))
+    for node in prompt.values():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        prefix = inputs.get("filename_prefix") if isinstance(inputs, dict) else None
+        if not isinstance(prefix, str) or not prefix or "\x00" in prefix:
+            continue
+        sub, _, base = prefix.rpartition("/")
+        folder = (root / sub).resolve()
+        if not base or not folder.is_relative_to(root) or not folder.is_dir():
+            continue
+        pattern = re.compile(re.escape(base) + r"_\d+")
+        for child in folder.iterdir():
+            if pattern.match(child.name) and child.is_file() and not child.is_symlink():
+                doomed[child] = OutputFile(child, child.name, "", "")
+    present = [item for item in doomed.values() if item.path.exists()]
+    remove_outputs(present, output_dir)
+    if present:
+        log.info("removed %d output file(s) of a job that did not finish", len(present))
+    return len(present)
 
 
 def base64_chunks(path: Path) -> AsyncIterator[bytes]:

@@ -8,8 +8,11 @@ Copies comfyui-api's ``preprocessNodes`` where it is right and fixes it where it
   ``LoadAudio``, ``directory`` lists of ``VHS_LoadImages*``) are resolved in a fixed order:
   ``data:`` URL, then a URL (http(s), s3), then a file that exists in ``INPUT_DIR``, then strictly
   validated base64; anything else is a 400 naming ``prompt.<node>.inputs.<field>``.
-  Decoded files are written inside ``INPUT_DIR`` (never symlinked, ComfyUI >= 0.28 rejects links
-  that leave it) and removed when the job ends;
+  Decoded and downloaded files are written inside ``INPUT_DIR/.comfy-sidecar/``
+  (:data:`INPUTS_SUBDIR`; never symlinked, ComfyUI >= 0.28 rejects links that leave it) and
+  removed when the job ends; what a killed sidecar left there is removed at the next start
+  (:func:`remove_leftover_inputs`). comfyui-api writes them at the top of ``INPUT_DIR``;
+  this folder keeps the sidecar's files apart from the user's;
 * a prompt without an output node is refused (``location: "prompt"``); a node counts as an output
   when it has a ``filename_prefix`` (unless ``save_output`` is false) or ComfyUI's
   ``/object_info`` says ``output_node``.
@@ -17,9 +20,12 @@ Copies comfyui-api's ``preprocessNodes`` where it is right and fixes it where it
 
 from __future__ import annotations
 
+import errno
 import functools
+import logging
 import os
 import re
+import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +34,51 @@ from typing import Any, Protocol
 from comfy_sidecar.errors import InputError
 from comfy_sidecar.pipeline.bounded import gather_bounded
 from comfy_sidecar.pipeline.media import decode_base64, decode_data_url, sniff_extension
+from comfy_sidecar.storage.errors import DiskFullError
 from comfy_sidecar.urls import is_url
+
+log = logging.getLogger("comfy_sidecar.preprocess")
+
+#: The folder of INPUT_DIR that holds the sidecar's per-job input files (and nothing else):
+#: ``<job id>_<n>.<ext>`` for media inputs, ``<job id>/`` for ``VHS_LoadImages*`` lists.
+INPUTS_SUBDIR = ".comfy-sidecar"
+
+
+def remove_leftover_inputs(input_dir: str | Path) -> int:
+    """Delete what a killed predecessor left in ``INPUT_DIR/.comfy-sidecar`` (call it at
+    start-up, before any job runs); returns how many entries went. Nothing outside that
+    folder is touched: the user's own input files stay."""
+    folder = Path(input_dir) / INPUTS_SUBDIR
+    removed = 0
+    if folder.is_symlink() or not folder.is_dir():
+        return 0
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        log.info("removed %d input file(s) left by an earlier run", removed)
+    return removed
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a ``.part`` sibling renamed into place; nothing is
+    left when the write fails. A full disk raises :class:`DiskFullError`, other failures
+    the ``OSError``."""
+    tmp = path.with_name(path.name + ".part")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                "writing an input file failed: no space left in INPUT_DIR"
+            ) from None
+        raise
+
 
 IMAGE_LOADER_FIELDS = ("image",)
 VIDEO_LOADERS = frozenset(
@@ -142,9 +192,10 @@ class _Walk:
     counter: int = 0
 
     def next_stem(self) -> str:
-        """``<job id>_<n>``: the file name (without extension) of the next media input."""
+        """``.comfy-sidecar/<job id>_<n>``: the name relative to INPUT_DIR (without
+        extension) of the next media input."""
         self.counter += 1
-        return f"{self.job_id}_{self.counter}"
+        return f"{INPUTS_SUBDIR}/{self.job_id}_{self.counter}"
 
 
 class Preprocessor:
@@ -245,7 +296,7 @@ class Preprocessor:
         if class_type not in IMAGE_DIR_LOADERS or not isinstance(directory, list):
             return
         job_id, prepared = walk.job_id, walk.prepared
-        target = self.input_dir / job_id
+        target = self.input_dir / INPUTS_SUBDIR / job_id
         target.mkdir(parents=True, exist_ok=True)
         prepared.input_dirs.append(target)
         for index, item in enumerate(directory):
@@ -255,14 +306,18 @@ class Preprocessor:
             if is_url(item):
                 walk.downloads.append(
                     self._stage_input(
-                        walk.staging, item, f"{job_id}/{index:05d}", location, prepared
+                        walk.staging,
+                        item,
+                        f"{INPUTS_SUBDIR}/{job_id}/{index:05d}",
+                        location,
+                        prepared,
                     )
                 )
             else:
                 await self._resolve(
                     item, location, f"{index:05d}", prepared, target, copy_local=True
                 )
-        inputs["directory"] = job_id
+        inputs["directory"] = f"{INPUTS_SUBDIR}/{job_id}"
 
     async def _any_output_node(self, prompt: dict[str, Any]) -> bool:
         """True when ComfyUI marks one of the prompt's class_types as an output node."""
@@ -322,7 +377,7 @@ class Preprocessor:
                 try:
                     os.link(local, destination)
                 except OSError:
-                    destination.write_bytes(Path(local).read_bytes())
+                    write_atomically(destination, Path(local).read_bytes())
                 prepared.input_files.append(destination)
             return value
         data = decode_base64(value)
@@ -359,12 +414,8 @@ class Preprocessor:
                 "video or audio file)",
                 location,
             )
-        target.mkdir(parents=True, exist_ok=True)
         path = target / f"{stem}.{ext}"
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, data)
         prepared.input_files.append(path)
-        if target == self.input_dir:
-            return path.name
-        return f"{target.name}/{path.name}"
+        return path.relative_to(self.input_dir).as_posix()

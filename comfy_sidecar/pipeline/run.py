@@ -43,6 +43,7 @@ from comfy_sidecar.pipeline.outputs import (
     OutputError,
     OutputFile,
     collect_outputs,
+    remove_job_outputs,
     remove_outputs,
 )
 from comfy_sidecar.pipeline.preprocess import Prepared, Preprocessor
@@ -127,23 +128,27 @@ class JobStaging:
 
     async def input(self, url: str, stem: str, location: str) -> str:
         """Download ``url``; link it into INPUT_DIR as ``<stem><cache file extension>``."""
-        from comfy_sidecar.storage import StorageError
+        from comfy_sidecar.storage import DiskFullError, StorageError
 
         auth = self.storage.credentials_for(url, self.credentials)
         try:
             cached = await self.storage.fetch(url, auth, self.lease)
             name = f"{stem}{cached.suffix}"
             return await self.storage.stage_input(url, auth, self.input_dir, name, self.lease)
+        except DiskFullError:
+            raise  # the sidecar's disk, not the caller's mistake (507)
         except StorageError as exc:
             raise InputError(f"could not download {scrub_url(url)}: {exc}", location) from None
 
     async def model(self, url: str, folder: str, location: str) -> str:
         """Download ``url`` into ``MODEL_DIR/<folder>``; returns the name ComfyUI lists."""
-        from comfy_sidecar.storage import StorageError
+        from comfy_sidecar.storage import DiskFullError, StorageError
 
         auth = self.storage.credentials_for(url, self.credentials)
         try:
             return await self.storage.stage_model(url, auth, self.model_dir / folder, self.lease)
+        except DiskFullError:
+            raise  # the sidecar's disk, not the caller's mistake (507)
         except StorageError as exc:
             raise InputError(f"could not download {scrub_url(url)}: {exc}", location) from None
 
@@ -202,6 +207,8 @@ class Pipeline:
         self.active = 0
         #: Preprocess tasks of jobs still downloading their inputs, by job id.
         self._preparing: dict[str, asyncio.Task[Prepared]] = {}
+        #: Interrupts of timed-out jobs still being sent to ComfyUI (held until done).
+        self._stops: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -362,7 +369,16 @@ class Pipeline:
             )
         except BaseException:
             pending.abandon()
+            self._remove_outputs_of(pending)
             raise
+
+    def _remove_outputs_of(self, pending: PendingJob) -> None:
+        """A job that failed, timed out or was interrupted keeps no output files: remove what
+        ComfyUI already wrote for it (logged, never raises)."""
+        try:
+            remove_job_outputs(pending.job.outputs, pending.prompt, self.settings.output_dir)
+        except OSError as exc:
+            log.warning("job %s: could not remove its output files: %s", pending.job.id, exc)
 
     async def _run_somewhere(
         self, pending: PendingJob, pinned: ComfyInstance | None
@@ -390,6 +406,7 @@ class Pipeline:
                 if self.settings.oom_retry and not oom_retried and not job.interrupt_requested:
                     oom_retried = True
                     log.warning("job %s ran out of memory; running it once more", job.id)
+                    self._remove_outputs_of(pending)  # what the failed attempt saved
                     pending.job = job.again(str(uuid.uuid4()))
                     self._active[job.id] = pending.job
                     continue
@@ -465,6 +482,14 @@ class Pipeline:
         except PromptRejected as exc:
             raise _validation_failed(job.id, exc.body) from None
         except ComfyUnavailable as exc:
+            if await _going_down(instance, 2.0):  # killed, crashed, recycling: what it took dies
+                log.warning(
+                    "job %s: POST /prompt failed as instance %s went down: %s",
+                    job.id,
+                    instance.name,
+                    exc,
+                )
+                return JobOutcome(OutcomeKind.COMFY_LOST, error={"message": str(exc)})
             raise Unavailable(f"ComfyUI is not answering: {exc}", id=job.id) from None
         if job.state is JobState.PREPROCESSING:
             job.state = JobState.QUEUED
@@ -478,7 +503,11 @@ class Pipeline:
         except TimeoutError:
             log.warning("job %s exceeded PROMPT_TIMEOUT_S; interrupting it", job.id)
             job.interrupt_requested = True
-            await self._stop_in_comfy(instance, job)
+            # The caller gets its 504 now: a frozen ComfyUI must not hold it past
+            # PROMPT_TIMEOUT_S (each call to it is bounded, but several in a row add up).
+            stop = asyncio.get_running_loop().create_task(self._stop_in_comfy(instance, job))
+            self._stops.add(stop)
+            stop.add_done_callback(self._stops.discard)
             raise TimedOut(
                 f"the job ran longer than PROMPT_TIMEOUT_S "
                 f"({self.settings.prompt_timeout_s:g} s) and was interrupted",
@@ -552,11 +581,12 @@ class Pipeline:
     async def interrupt(self, job_id: str) -> bool:
         """Stop job ``job_id`` wherever it is: still waiting in the sidecar's queue, pending in
         an instance's ComfyUI queue (removed), or running (interrupted by prompt_id, effective
-        at the next node boundary). False when no such job is in flight."""
+        at the next node boundary). False when no such job is in flight or its result is
+        already decided (:meth:`Job.cancel`): True means the job ends interrupted, never with
+        its outputs, even when ComfyUI finished it before the interrupt arrived."""
         job = self._active.get(job_id)
-        if job is None or job.done.done():
+        if job is None or not job.cancel():
             return False
-        job.interrupt_requested = True
         job.stop_requested.set()
         preparing = self._preparing.get(job_id)
         instance = self._where.get(job_id)
@@ -599,6 +629,17 @@ def bust_output_cache(prompt: dict[str, Any], prompt_id: str) -> dict[str, Any]:
         if isinstance(inputs, dict) and isinstance(inputs.get("filename_prefix"), str):
             copy[node_id] = {**node, "inputs": {**inputs, CACHE_BUSTER: prompt_id}}
     return copy
+
+
+async def _going_down(instance: ComfyInstance, within_s: float) -> bool:
+    """Whether ``instance``'s child is being replaced now or within ``within_s`` seconds (a
+    killed child's connections fail a moment before its exit is noticed)."""
+    end = time.monotonic() + within_s
+    while not instance.going_down:
+        if time.monotonic() >= end:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
 
 def _validation_failed(job_id: str, comfy: dict[str, Any]) -> ValidationFailed:

@@ -10,9 +10,10 @@ Webhooks ``job.completed`` and ``job.failed`` (``{event, job_id, timestamp[, err
 outputs) go to ``webhook_url`` through the webhook dispatcher when the job ends.
 
 Unlike Modal, each job's ``media`` (and ``image_base64``/``image_url`` overrides) are written
-into a folder of their own, ``INPUT_DIR/<job id>-media/``, and the workflow's inputs naming a
-media item are pointed there, so two jobs sending ``input.png`` never overwrite each other; the
-folder is removed when the job ends (or at once when the request is refused).
+into a folder of their own, ``INPUT_DIR/.comfy-sidecar/<job id>-media/``, and the workflow's
+inputs naming a media item are pointed there, so two jobs sending ``input.png`` never overwrite
+each other; the folder is removed when the job ends (or at once when the request is refused,
+or at the next start after a crash).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from comfy_sidecar.errors import InputError
 from comfy_sidecar.jobs.runner import JobService
 from comfy_sidecar.jobs.store import JobRecord, JobStatus, iso, now_ms
 from comfy_sidecar.pipeline.media import decode_base64, sniff_extension
+from comfy_sidecar.pipeline.preprocess import INPUTS_SUBDIR
 from comfy_sidecar.routes.adapters import (
     check_http_url,
     error_message,
@@ -138,11 +140,12 @@ class ModalJobList(msgspec.Struct, kw_only=True):
 
 
 class MediaFolder:
-    """One job's ``INPUT_DIR/<job id>-media/`` folder: media items and image overrides."""
+    """One job's ``INPUT_DIR/.comfy-sidecar/<job id>-media/`` folder: media items and image
+    overrides."""
 
     def __init__(self, sidecar: Sidecar, job_id: str) -> None:
         self.input_dir = Path(sidecar.settings.input_dir)
-        self.name = f"{job_id}-media"
+        self.name = f"{INPUTS_SUBDIR}/{job_id}-media"
         self.path = self.input_dir / self.name
         self.sidecar = sidecar
         self._lease: Lease | None = None

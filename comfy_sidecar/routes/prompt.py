@@ -106,13 +106,25 @@ async def prompt(
     status_code=200,
     responses={
         400: ERROR_RESPONSES[400],
-        404: ResponseSpec(InterruptResponse, description="No job with this id."),
+        404: ResponseSpec(
+            InterruptResponse, description="No job with this id, or it had already ended."
+        ),
     },
     description="A pending job is removed from ComfyUI's queue; a running one is interrupted "
-    "(at ComfyUI's next node boundary). Its /prompt call answers 499.",
+    "(at ComfyUI's next node boundary). 200 `success` means its /prompt call answers 499, "
+    "even if ComfyUI finished it meanwhile; 404 `failed` means no job with this id is in "
+    "flight (unknown, or its result was already decided: its /prompt call answers that).",
 )
 async def interrupt(data: InterruptRequest, state: State) -> Response[InterruptResponse]:
-    """Interrupt a job by its API id."""
+    """Interrupt a job by its API id: 200 ``{"id", "interrupted": "success"}`` or 404
+    ``{"id", "interrupted": "failed"}``.
+
+    The decision is atomic (:meth:`~comfy_sidecar.pipeline.jobs.Job.cancel`): a job whose
+    result is already decided answers 404 ``failed``, as comfyui-api does for an id that is no
+    longer in flight (behaviour doc E5: a prompt that finished), rather than 409, so a
+    comfyui-api client reads it the same way; otherwise the job is marked interrupted before
+    ComfyUI is told, and its caller gets 499.
+    """
     sidecar: Sidecar = state.sidecar
     ok = await sidecar.pipeline.interrupt(data.id)
     return Response(

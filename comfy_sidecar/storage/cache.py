@@ -341,25 +341,36 @@ class DownloadCache:
         auth: DownloadAuth | None,
         backend: Backend,
         lease: Lease | None = None,
+        *,
+        adopt: Path | None = None,
     ) -> Path:
         """Path of ``url``'s cache file, downloading it once through ``backend`` if needed.
 
         Concurrent calls for one URL share a single download. An entry that needed caller
         auth is served only after ``backend.check_auth(url, auth)`` accepts the caller's auth.
         With ``lease`` the entry is held until the lease is released (the hold is dropped again
-        when this raises). Raises :class:`StorageError`.
+        when this raises). ``adopt``, a local file known to be ``url``'s download (see
+        :meth:`stage_model`), is taken into the cache instead of downloading, when no entry
+        exists. Raises :class:`StorageError`.
         """
         key = cache_key(url)
         if lease is not None:
             lease.hold(key)
         try:
-            return await self._get(key, url, auth, backend)
+            return await self._get(key, url, auth, backend, adopt)
         except BaseException:
             if lease is not None:
                 lease.drop(key)
             raise
 
-    async def _get(self, key: str, url: str, auth: DownloadAuth | None, backend: Backend) -> Path:
+    async def _get(
+        self,
+        key: str,
+        url: str,
+        auth: DownloadAuth | None,
+        backend: Backend,
+        adopt: Path | None = None,
+    ) -> Path:
         while True:
             entry = self._entries.get(key)
             if entry is not None:
@@ -377,7 +388,7 @@ class DownloadCache:
                 await asyncio.shield(task)
                 continue
             # Registered before any await: every later caller finds it.
-            task = asyncio.create_task(self._download(key, url, auth, backend))
+            task = asyncio.create_task(self._download(key, url, auth, backend, adopt))
             self._inflight[key] = task
             task.add_done_callback(functools.partial(self._download_done, key))
             entry = await asyncio.shield(task)
@@ -390,8 +401,18 @@ class DownloadCache:
             task.exception()  # mark retrieved; callers re-raise it
 
     async def _download(
-        self, key: str, url: str, auth: DownloadAuth | None, backend: Backend
+        self,
+        key: str,
+        url: str,
+        auth: DownloadAuth | None,
+        backend: Backend,
+        adopt: Path | None = None,
     ) -> CacheEntry:
+        """Download ``url`` (or take the local file ``adopt``) into a private temp directory,
+        rename it into place and index it. A full disk raises :class:`DiskFullError`; nothing
+        of a failed download is left behind (the temp directory is removed)."""
+        if adopt is not None:
+            return await self._adopt(key, url, auth, adopt)
         self.downloads_started += 1
         metrics.cache_request("miss")
         clean = scrub_url(url)
@@ -410,7 +431,7 @@ class DownloadCache:
                 raise
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise DiskFullError(f"download failed: no space left in {self.dir}") from None
+                    raise _disk_error(exc, "download") from None
                 raise BackendError(
                     f"download failed: {exc.strerror or type(exc).__name__}"
                 ) from None
@@ -443,6 +464,48 @@ class DownloadCache:
         finally:
             monitor.cancel()
             self._partials.pop(key, None)
+            await asyncio.to_thread(shutil.rmtree, tmpdir, True)
+
+    async def _adopt(
+        self, key: str, url: str, auth: DownloadAuth | None, found: Path
+    ) -> CacheEntry:
+        """Index ``found`` (a file named by ``url``'s cache name, left in a model folder by an
+        earlier cache) as ``url``'s entry: hardlinked into the cache (copied through a temp
+        file when the cache is on another file system), no download. ``auth_required`` is
+        True when the caller gave credentials (the file may be gated)."""
+        tmpdir = Path(
+            await asyncio.to_thread(tempfile.mkdtemp, f"{key}-", PARTIAL_PREFIX, self.dir)
+        )
+        try:
+            dest = tmpdir / "data"
+            try:
+                await asyncio.to_thread(_link_or_copy, found, dest)
+                size = dest.stat().st_size
+                final = self.dir / found.name
+                os.replace(dest, final)
+            except OSError as exc:
+                raise _disk_error(exc, "adopting a model file") from None
+            now = _now_ms()
+            entry = CacheEntry(
+                file=found.name,
+                url=scrub_url(url),
+                size=size,
+                created_ms=now,
+                last_used_ms=now,
+                last_use=self._tick(),
+                auth_required=auth is not None,
+            )
+            self._entries[key] = entry
+            await self._save_index()
+            metrics.cache_request("hit")
+            log.info(
+                "adopted %s (%d bytes) from the model folder without downloading it",
+                scrub_url(url),
+                size,
+            )
+            self._schedule_evict()
+            return entry
+        finally:
             await asyncio.to_thread(shutil.rmtree, tmpdir, True)
 
     async def _report_progress(self, key: str, clean: str, started: float) -> None:
@@ -556,9 +619,23 @@ class DownloadCache:
         lease: Lease | None = None,
     ) -> str:
         """Link ``url``'s cache file into ``folder_dir`` under the cache file name (hardlink,
-        else symlink, else copy). Returns that file name, which ComfyUI will list. Raises
-        :class:`CacheConflictError` when a file the cache did not make has that name."""
-        dest = await self._stage(url, auth, backend, lambda src: Path(folder_dir) / src.name, lease)
+        else symlink, else copy). Returns that file name, which ComfyUI will list.
+
+        A file already in ``folder_dir`` under that name (what an earlier container leaves
+        when the models volume outlives ``CACHE_DIR``) is ``url``'s download: it is adopted
+        into the cache without downloading when the backend's cheap size check
+        (``remote_size``, an HTTP HEAD) agrees or has no answer, and replaced atomically by a
+        fresh download when the sizes differ. Raises :class:`StorageError`."""
+        folder = Path(folder_dir)
+        adopt: Path | None = None
+        key = cache_key(url)
+        if key not in self._entries and key not in self._inflight:
+            found = await asyncio.to_thread(_cache_named_file, folder, url)
+            if found is not None and await _size_agrees(backend, url, auth, found):
+                adopt = found
+        dest = await self._stage(
+            url, auth, backend, lambda src: folder / src.name, lease, adopt=adopt
+        )
         return dest.name
 
     async def link(
@@ -583,13 +660,14 @@ class DownloadCache:
         lease: Lease | None,
         *,
         job_input: bool = False,
+        adopt: Path | None = None,
     ) -> Path:
         """Get ``url`` and link its cache file ``src`` at ``dest_for(src)``, held by ``lease``
         (or a lease of its own) meanwhile. A ``job_input`` link is never a symlink, replaces
         anything and is not recorded; other links replace only ours and are recorded."""
         own = lease or self.lease()
         try:
-            src = await self.get(url, auth, backend, own)
+            src = await self.get(url, auth, backend, own, adopt=adopt)
             dest = dest_for(src)
             await self._place(
                 src,
@@ -647,6 +725,8 @@ def _link_file(
                 os.path.islink(dest)
                 or str(dest) in ours
                 or os.path.dirname(os.path.realpath(dest)) == str(cache_dir)
+                # named by the URL's hash: that URL's download from an earlier cache
+                or (dest.name == src.name and bool(_CACHE_NAME.match(dest.name)))
             )
             if not is_ours:
                 raise CacheConflictError(f"{dest.name}: exists and is not a cache link")
@@ -669,6 +749,70 @@ def _link_file(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise StorageError(f"{dest.name}: cannot link ({exc.strerror})") from None
+
+
+def _disk_error(exc: OSError, what: str) -> StorageError:
+    """The storage error for ``exc``: :class:`DiskFullError` for ENOSPC / EDQUOT, else a
+    plain :class:`StorageError`; the message names no path."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"{what} failed: no space left on the cache's disk (CACHE_DIR)")
+    return StorageError(f"{what} failed: {exc.strerror or type(exc).__name__}")
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    """Hardlink ``src`` at ``dest``; copy it when a hardlink is not possible."""
+    try:
+        os.link(src, dest)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        shutil.copyfile(src, dest)
+
+
+def _cache_named_file(folder: Path, url: str) -> Path | None:
+    """A regular file (not a link) in ``folder`` named by ``url``'s cache name: exactly
+    :func:`cache_name` when the URL path has an extension, else the key with any extension
+    (the one the download would have taken from its headers)."""
+    key = cache_key(url)
+    exact = cache_name(url)
+    names = [exact] if exact != key else []
+    if not names:
+        with contextlib.suppress(OSError):
+            names = sorted(
+                child.name
+                for child in folder.iterdir()
+                if child.name == key or (child.name.startswith(key + ".") and len(child.name) > 33)
+            )
+    for name in names:
+        path = folder / name
+        if path.is_file() and not path.is_symlink():
+            return path
+    return None
+
+
+async def _size_agrees(backend: Backend, url: str, auth: DownloadAuth | None, found: Path) -> bool:
+    """Whether ``found`` may be taken as ``url``'s download: True when the backend's cheap
+    size check (an optional ``remote_size(url, auth) -> int | None`` coroutine, e.g. an HTTP
+    HEAD) gives ``found``'s size or no size, or cannot be reached (5xx, connection refused);
+    False when it gives another size. A refusal (not found, bad credentials) is raised."""
+    remote_size = getattr(backend, "remote_size", None)
+    if remote_size is None:
+        return True
+    try:
+        size = await remote_size(url, auth)
+    except BackendError as exc:
+        log.info("size check of %s failed (%s); adopting the local file", scrub_url(url), exc)
+        return True
+    local = found.stat().st_size
+    if size is not None and size != local:
+        log.warning(
+            "%s in the model folder has %d bytes, the URL %d; downloading it again",
+            found.name,
+            local,
+            size,
+        )
+        return False
+    return True
 
 
 def _tree_size(path: Path) -> int:

@@ -3,8 +3,8 @@ never here. ``str(err)`` is safe to show to the caller: it never contains creden
 
 Statuses the API answers today, for reference: :class:`BadRequestError`, :class:`AuthError`,
 :class:`NotFoundError` 400; :class:`CacheConflictError`, :class:`SupersededError` 409;
-:class:`OutputMissingError` 500; :class:`BackendError`, :class:`DiskFullError` and any other
-:class:`StorageError` 502.
+:class:`OutputMissingError` 500; :class:`DiskFullError` 507; :class:`BackendError` and any
+other :class:`StorageError` 502.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class OutputMissingError(StorageError):
 
 
 class DiskFullError(StorageError):
-    """The cache's file system is full or over quota (ENOSPC / EDQUOT) while downloading."""
+    """A file system is full or over quota (ENOSPC / EDQUOT): while downloading into the cache,
+    writing a job's input or converting an output. Nothing half-written is kept."""
 
 
 __all__ = [

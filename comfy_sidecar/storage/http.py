@@ -497,6 +497,21 @@ class HTTPBackend:
             await resp.aclose()
         raise_for_status(resp, "auth check")
 
+    async def remote_size(self, url: str, auth: DownloadAuth | None) -> int | None:
+        """The object's size in bytes from a ``HEAD`` (its Content-Length), or None when the
+        server gives none (compressed, chunked, HEAD not allowed). Used by the cache to check
+        a file it adopts. Raises :class:`AuthError` / :class:`NotFoundError` like a download,
+        :class:`BackendError` when the server fails or cannot be reached."""
+        resp, _ = await self._open("HEAD", url, auth)
+        await resp.aclose()
+        if resp.status_code in (405, 501):
+            return None
+        raise_for_status(resp, "size check")
+        if (resp.headers.get("content-encoding") or "identity").lower() != "identity":
+            return None
+        length = resp.headers.get("content-length") or ""
+        return int(length) if length.isdigit() else None
+
     def upload_url(self, spec: object, filename: str) -> str:
         assert isinstance(spec, HTTPUpload)
         check_name(filename, "filename", allow_slash=False)

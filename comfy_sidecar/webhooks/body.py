@@ -7,7 +7,7 @@ import base64
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -20,43 +20,59 @@ _FILE_CHUNK = 3 * 256 * 1024  # raw bytes per read; a multiple of 3 so base64 pi
 class Base64File:
     """A file whose contents appear in a JSON body as one base64 string, read in chunks.
 
-    The file is opened at construction (``OSError`` if it cannot be), so the caller may unlink it
-    afterwards; its size is fixed then (``size``, bytes). The owner of the :class:`JsonBody`
-    closes it; reading fewer bytes than ``size`` later raises ``OSError``.
+    Only the path is held: the file is opened while the body is read (signed or sent) and closed
+    after, so a delivery waiting for its receiver holds no file descriptor. Its size (``size``,
+    bytes) is read at construction (``OSError`` if it cannot be); the file must stay until the
+    body is closed, and reading fewer bytes than ``size`` later raises ``OSError``.
+    ``on_close`` runs once when the owning :class:`JsonBody` is closed (delivered, given up or
+    dropped): the file's owner removes it there.
     """
 
-    __slots__ = ("_fd", "path", "size")
+    __slots__ = ("_closed", "_on_close", "path", "size")
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], on_close: Callable[[], None] | None = None
+    ) -> None:
         self.path = os.fspath(path)
-        self._fd: int | None = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self.size = os.fstat(self._fd).st_size
+        self.size = os.stat(self.path).st_size
+        self._on_close = on_close
+        self._closed = False
 
     @property
     def encoded_length(self) -> int:
         """Length of the base64 text, in bytes."""
         return 4 * ((self.size + 2) // 3)
 
-    def read_encoded(self, offset: int) -> bytes:
-        """Base64 of up to one chunk of raw bytes from ``offset`` (blocking; call in a thread)."""
-        if self._fd is None:
+    def open(self) -> int:
+        """A read-only file descriptor for the file (blocking); the caller closes it."""
+        if self._closed:
             raise OSError(f"{self.path}: already closed")
+        return os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def read_encoded(self, fd: int, offset: int) -> bytes:
+        """Base64 of up to one chunk of raw bytes at ``offset`` of ``fd`` (from :meth:`open`;
+        blocking, call in a thread)."""
         want = min(_FILE_CHUNK, self.size - offset)
-        data = os.pread(self._fd, want, offset)
+        data = os.pread(fd, want, offset)
         if len(data) != want:
             raise OSError(f"{self.path}: file shrank while being sent")
         return base64.b64encode(data)
 
     def encoded_chunks(self) -> Iterator[bytes]:
-        """All base64 text in chunks (blocking)."""
-        for offset in range(0, self.size, _FILE_CHUNK):
-            yield self.read_encoded(offset)
+        """All base64 text in chunks (blocking); the file is open only while iterating."""
+        fd = self.open()
+        try:
+            for offset in range(0, self.size, _FILE_CHUNK):
+                yield self.read_encoded(fd, offset)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
-        """Close the file descriptor (idempotent)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Run ``on_close`` (idempotent); the file cannot be read after."""
+        if not self._closed:
+            self._closed = True
+            if self._on_close is not None:
+                self._on_close()
 
 
 _MARK = "\u2063b64f\u2063"
@@ -124,8 +140,12 @@ class JsonBody:
         """The body in pieces; file reads run in a worker thread one chunk at a time."""
         for part in self._parts:
             if isinstance(part, Base64File):
-                for offset in range(0, part.size, _FILE_CHUNK):
-                    yield await asyncio.to_thread(part.read_encoded, offset)
+                fd = await asyncio.to_thread(part.open)
+                try:
+                    for offset in range(0, part.size, _FILE_CHUNK):
+                        yield await asyncio.to_thread(part.read_encoded, fd, offset)
+                finally:
+                    os.close(fd)
             elif part:
                 yield part
 
@@ -142,6 +162,6 @@ class JsonBody:
         return await asyncio.to_thread(sign_chunks, key, webhook_id, timestamp, self.chunks())
 
     def close(self) -> None:
-        """Close the files of :class:`Base64File` parts (idempotent)."""
+        """Close the :class:`Base64File` parts (their ``on_close`` runs; idempotent)."""
         for f in self._files:
             f.close()

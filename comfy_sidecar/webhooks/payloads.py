@@ -36,18 +36,20 @@ def v1_output_body(
     prompt: Any,
     stats: Any,
     image_path: str | os.PathLike[str],
+    on_close: Callable[[], None] | None = None,
 ) -> JsonBody:
     """Deprecated v1 ``output.complete`` body for one output file (comfyui-api B17).
 
     Shape ``{"event": "output.complete", "image": <base64 of the file>, "id", "filename",
-    "prompt", "stats"}``. The file is opened now and streamed when sent (it may be unlinked once
-    this returns). Logs the deprecation warning comfyui-api logs. ``OSError`` if unreadable.
+    "prompt", "stats"}``. The file is streamed from ``image_path`` when sent, so it must stay
+    until the body is closed; ``on_close`` runs then (see :class:`Base64File`). Logs the
+    deprecation warning comfyui-api logs. ``OSError`` if it cannot be read now.
     """
     log.warning("job %s: the `webhook` field is deprecated; use `webhook_v2`", id)
     return JsonBody(
         {
             "event": "output.complete",
-            "image": Base64File(image_path),
+            "image": Base64File(image_path, on_close),
             "id": id,
             "filename": filename,
             "prompt": prompt,

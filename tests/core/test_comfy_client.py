@@ -87,6 +87,37 @@ def test_a_silent_comfyui_times_out_as_unavailable() -> None:
     assert with_server(silent, check) < 5
 
 
+def test_control_calls_have_a_short_timeout_of_their_own() -> None:
+    """A frozen ComfyUI holds /interrupt, /queue and the lookups for call_timeout_s, not for
+    the long POST /prompt timeout (issue 13, finding 8)."""
+
+    async def silent(request: bytes) -> None:
+        return None
+
+    async def main() -> list[float]:
+        server, url = await serve(silent)
+        client = ComfyClient(url, timeout_s=60, call_timeout_s=0.5)
+        took: list[float] = []
+        try:
+            for call in (
+                lambda: client.interrupt("p"),
+                lambda: client.delete_pending(["p"]),
+                lambda: client.history("p"),
+                client.free,
+                client.system_stats,
+            ):
+                started = time.monotonic()
+                with pytest.raises(ComfyUnavailable):
+                    await call()
+                took.append(time.monotonic() - started)
+        finally:
+            await client.aclose()
+            server.close()
+        return took
+
+    assert max(asyncio.run(main())) < 10
+
+
 def test_a_5xx_is_unavailable_and_a_400_is_rejected_with_the_body() -> None:
     async def answer(request: bytes) -> bytes:
         if request.startswith(b"GET"):

@@ -327,3 +327,23 @@ def test_history_lookup_failing_after_missed_frames_is_comfy_lost() -> None:
         assert outcome.kind is OutcomeKind.COMFY_LOST
 
     run(scenario)
+
+
+def test_cancel_and_end_are_decided_once() -> None:
+    """An interrupt that wins turns any later outcome into INTERRUPTED (outputs kept); one
+    that comes after the end changes nothing (issue 13, finding 9)."""
+
+    async def scenario() -> None:
+        won = Job(id="a", prompt_id="pa")
+        assert won.cancel()
+        won.finish(JobOutcome(OutcomeKind.SUCCESS, outputs={"9": {"images": []}}))
+        outcome = won.done.result()
+        assert outcome.kind is OutcomeKind.INTERRUPTED and outcome.outputs == {"9": {"images": []}}
+        assert won.state is JobState.INTERRUPTED
+        late = Job(id="b", prompt_id="pb")
+        late.finish(JobOutcome(OutcomeKind.SUCCESS))
+        assert not late.cancel()
+        assert not late.interrupt_requested
+        assert late.done.result().kind is OutcomeKind.SUCCESS
+
+    run(scenario)

@@ -162,6 +162,33 @@ def test_sigterm_drains_job_in_flight(spawn: Any, backend: Backend) -> None:
         os.kill(child, 0)
 
 
+def test_drain_delay_fails_ready_but_serves_new_requests_first(
+    spawn: Any, backend: Backend
+) -> None:
+    sidecar: Sidecar = spawn(backend, DRAIN_DELAY_S="4")
+    sidecar.wait_ready()
+    assert sidecar.proc is not None
+    sidecar.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    ready = sidecar.wait_status("/ready", 503, 10)
+    assert "DRAIN_DELAY_S=4" in ready.json()["detail"]
+    # Within the delay a new request is still served (a load balancer has not noticed yet)...
+    served = sidecar.post("/prompt", json={"prompt": basic_prompt()})
+    assert served.status_code == 200, served.text
+    assert time.monotonic() - signalled < 4, "the request must land inside the delay"
+    # ... and after it the drain refuses new work as without a delay.
+    refused = wait_for(
+        lambda: (
+            (r := sidecar.post("/prompt", json={"prompt": basic_prompt()})).status_code == 503 and r
+        ),
+        timeout=20,
+        what="new requests to be refused after DRAIN_DELAY_S",
+    )
+    assert time.monotonic() - signalled >= 4
+    assert refused.json()["error"] == "the sidecar is shutting down"
+    assert sidecar.wait_exit(60) == 0
+
+
 def test_sigterm_grace_expires(spawn: Any, tmp_path: Path) -> None:
     sidecar: Sidecar = spawn(Backend("double", tmp_path / "comfy"), SHUTDOWN_GRACE_S="1")
     sidecar.wait_ready()

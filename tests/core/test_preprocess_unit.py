@@ -117,7 +117,7 @@ def test_data_url_is_written_into_input_dir_and_removed_by_cleanup(tmp_path: Pat
     url = "data:image/png;base64," + base64.b64encode(png).decode()
     prepared = prepare(tmp_path, load_image_prompt(url))
     name = image_value(prepared.prompt)
-    assert name == "job1_1.png"
+    assert name == ".comfy-sidecar/job1_1.png"
     written = tmp_path / "input" / name
     assert written.read_bytes() == png
     assert prepared.input_files == [written]
@@ -129,7 +129,7 @@ def test_plain_base64_gets_its_extension_from_the_bytes(tmp_path: Path) -> None:
     png = png_bytes()
     prepared = prepare(tmp_path, load_image_prompt(base64.b64encode(png).decode()))
     name = image_value(prepared.prompt)
-    assert name == "job1_1.png"
+    assert name == ".comfy-sidecar/job1_1.png"
     assert (tmp_path / "input" / name).read_bytes() == png
 
 
@@ -172,7 +172,7 @@ def test_files_written_before_an_error_are_removed(tmp_path: Path) -> None:
     with pytest.raises(InputError) as caught:
         prepare(tmp_path, prompt)
     assert caught.value.location == "prompt.9.inputs.image"
-    assert list((tmp_path / "input").iterdir()) == []
+    assert [p for p in (tmp_path / "input").rglob("*") if not p.is_dir()] == []
 
 
 def test_url_inputs_go_through_staging_and_are_removed_by_cleanup(tmp_path: Path) -> None:
@@ -184,3 +184,22 @@ def test_url_inputs_go_through_staging_and_are_removed_by_cleanup(tmp_path: Path
     assert (tmp_path / "input" / f"{stem}.png").is_file()
     prepared.cleanup()
     assert not (tmp_path / "input" / f"{stem}.png").exists()
+
+
+def test_leftover_inputs_are_removed_but_user_files_kept(tmp_path: Path) -> None:
+    """What a killed sidecar left in INPUT_DIR/.comfy-sidecar goes at the next start; the
+    user's own files, also ones named like a job's input, stay."""
+    from comfy_sidecar.pipeline.preprocess import INPUTS_SUBDIR, remove_leftover_inputs
+
+    input_dir = tmp_path / "input"
+    ours = input_dir / INPUTS_SUBDIR
+    (ours / "job7").mkdir(parents=True)
+    (ours / "job7" / "00000.png").write_bytes(b"x")
+    (ours / "job7_1.png").write_bytes(b"x")
+    (ours / "job7_2.png.part").write_bytes(b"x")
+    (input_dir / "job7_1.png").write_bytes(b"user")
+    (input_dir / "cat.png").write_bytes(b"user")
+    assert remove_leftover_inputs(input_dir) == 3
+    assert list(ours.iterdir()) == []
+    assert sorted(p.name for p in input_dir.iterdir()) == [INPUTS_SUBDIR, "cat.png", "job7_1.png"]
+    assert remove_leftover_inputs(tmp_path / "missing") == 0

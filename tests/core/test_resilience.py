@@ -60,6 +60,43 @@ def started_pids(sidecar: Sidecar) -> list[int]:
     return [int(p) for p in re.findall(r"started ComfyUI \(pid (\d+)\)", sidecar.log())]
 
 
+# --- no refusals on blips ---------------------------------------------------------------------
+
+
+def test_jobs_sent_while_the_websocket_is_down_wait_and_run(spawn: Any, tmp_path: Path) -> None:
+    """Jobs arriving while the instance's websocket reconnects wait in the sidecar queue (no
+    503) and start as soon as the socket is back, without a polling delay."""
+    sidecar: Sidecar = spawn(Backend("double", tmp_path / "comfy"))
+    sidecar.wait_ready()
+    comfy = f"http://127.0.0.1:{sidecar.comfy_port}"
+    httpx.post(comfy + "/__double__/refuse_websockets", json={"refused": True})
+    httpx.post(comfy + "/__double__/drop_websockets")
+    wait_for(
+        lambda: not sidecar.get("/health").json()["instances"][0]["connected"],
+        timeout=30,
+        what="the sidecar to see its websocket down",
+    )
+    with ThreadPoolExecutor(5) as pool:
+        futures = [
+            pool.submit(
+                sidecar.post,
+                "/prompt",
+                json={"prompt": basic_prompt(batch=1, prefix=f"blip{i}")},
+                timeout=120,
+            )
+            for i in range(5)
+        ]
+        wait_for(
+            lambda: sidecar.get("/health").json()["queue"]["waiting"] == 5,
+            timeout=30,
+            what="the 5 jobs to wait in the sidecar queue",
+        )
+        assert not any(f.done() for f in futures), [f.result().text for f in futures if f.done()]
+        httpx.post(comfy + "/__double__/refuse_websockets", json={"refused": False})
+        responses = [f.result(timeout=120) for f in futures]
+    assert [r.status_code for r in responses] == [200] * 5, [r.text for r in responses]
+
+
 # --- hung child ------------------------------------------------------------------------------
 
 
@@ -100,6 +137,27 @@ def test_sigstop_mid_job_is_a_hang(spawn: Any, backend: Backend) -> None:
     assert "hung: ComfyUI has not answered" in sidecar.log()
     again = sidecar.post("/prompt", json={"prompt": basic_prompt(batch=1)})
     assert again.status_code == 200, again.text
+
+
+def test_a_job_sent_into_a_frozen_comfyui_waits_for_the_hang_verdict(
+    spawn: Any, tmp_path: Path
+) -> None:
+    """A job POSTed to a ComfyUI that froze before it could take it is not failed by its own
+    ``POST /prompt`` timeout (30 s) while the hang check (here 35 s) has not ruled yet: the hung
+    child is killed, the job goes back to the sidecar's queue and runs on the new child."""
+    sidecar: Sidecar = spawn(
+        Backend("double", tmp_path / "comfy"),
+        ALWAYS_RESTART_COMFYUI="true",
+        COMFYUI_HANG_TIMEOUT_S="35",
+        PROMPT_TIMEOUT_S="300",
+    )
+    sidecar.wait_ready()
+    first_child = sidecar.child_pid()
+    os.kill(first_child, signal.SIGSTOP)
+    response = sidecar.post("/prompt", json={"prompt": basic_prompt(batch=1)}, timeout=240)
+    assert response.status_code == 200, response.text
+    assert sidecar.child_pid() != first_child
+    assert "hung: ComfyUI has not answered" in sidecar.log()
 
 
 def test_long_node_does_not_trip_the_hang_check(spawn: Any, backend: Backend) -> None:

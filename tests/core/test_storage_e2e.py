@@ -89,13 +89,13 @@ def model_dir(sidecar: Sidecar) -> Path:
 
 
 def test_http_url_input(sidecar: Sidecar, files: FileServer) -> None:
-    before = {p.name for p in sidecar.backend.input_dir.iterdir()}
+    before = {p for p in sidecar.backend.input_dir.rglob("*") if p.is_file()}
     response = sidecar.post("/prompt", json={"prompt": invert(files.url("/files/red.png"))})
     assert response.status_code == 200, response.text
     image = decode(response.json()["images"][0])
     assert image.size == (18, 10)
     # The staged input is gone after the job; the cache keeps the download by URL hash.
-    assert {p.name for p in sidecar.backend.input_dir.iterdir()} == before
+    assert {p for p in sidecar.backend.input_dir.rglob("*") if p.is_file()} == before
     cache = Path(sidecar.env["CACHE_DIR"])
     assert any(p.suffix == ".png" and len(p.stem) == 32 for p in cache.iterdir())
 

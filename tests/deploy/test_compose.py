@@ -198,3 +198,100 @@ def test_warmup_prompt_runs_on_comfyui(kind: str, tmp_path: Path) -> None:
 
 def test_tmp_is_a_tmpfs_for_the_binarys_unpacking() -> None:
     assert any(entry.startswith("/tmp:") for entry in _service()["tmpfs"])
+
+
+# --- docker/compose.queue.yml: two sidecars on one Redis queue behind HAProxy ----------------
+
+QUEUE_COMPOSE = DOCKER / "compose.queue.yml"
+HAPROXY_CFG = DOCKER / "haproxy.cfg"
+SIDECARS = ["sidecar-1", "sidecar-2"]
+
+
+def _queue_services() -> dict[str, Any]:
+    services: dict[str, Any] = yaml.safe_load(QUEUE_COMPOSE.read_text())["services"]
+    assert sorted(services) == ["haproxy", "redis", *SIDECARS]
+    return services
+
+
+def _haproxy_lines() -> list[str]:
+    return [
+        line.split("#")[0].strip()
+        for line in HAPROXY_CFG.read_text().splitlines()
+        if line.split("#")[0].strip()
+    ]
+
+
+def test_queue_sidecars_share_one_redis_and_keep_their_own_cache(tmp_path: Path) -> None:
+    services = _queue_services()
+    caches = set()
+    for name in SIDECARS:
+        service = services[name]
+        env = {k: str(v) for k, v in service["environment"].items()}
+        settings = load_settings({**env, "HOME": str(tmp_path)})
+        assert settings.job_queue_url == "redis://redis:6379/0"
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+        mounts = _mounts(service)
+        assert settings.manifest in mounts and settings.warmup_prompt_file in mounts
+        caches.add(mounts[settings.cache_dir])
+        assert (DOCKER / service["build"]["context"]).resolve() == ROOT
+        assert "ports" not in service, "only HAProxy is published"
+    assert len(caches) == len(SIDECARS), "each sidecar has its own cache volume"
+    assert caches <= set(yaml.safe_load(QUEUE_COMPOSE.read_text())["volumes"])
+
+
+def test_queue_redis_keeps_an_append_only_file_in_a_volume() -> None:
+    redis = _queue_services()["redis"]
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert _mounts(redis)["/data"] in yaml.safe_load(QUEUE_COMPOSE.read_text())["volumes"]
+    assert "redis-cli" in redis["healthcheck"]["test"]
+
+
+def test_queue_stop_grace_covers_drain_delay_drain_and_comfyui_stop() -> None:
+    for name in SIDECARS:
+        service = _queue_services()[name]
+        env = service["environment"]
+        needed = float(env["DRAIN_DELAY_S"]) + float(env["SHUTDOWN_GRACE_S"]) + COMFY_STOP_S
+        assert service["stop_signal"] == "SIGTERM"
+        assert _seconds(service["stop_grace_period"]) >= needed
+
+
+def test_haproxy_health_checks_ready_on_every_sidecar() -> None:
+    haproxy = _queue_services()["haproxy"]
+    assert _mounts(haproxy)["/usr/local/etc/haproxy/haproxy.cfg"] == "./haproxy.cfg"
+    lines = _haproxy_lines()
+    assert "option httpchk GET /ready" in lines
+    assert "http-check expect status 200" in lines
+    servers = [line.split() for line in lines if line.startswith("server ")]
+    ports = {str(_queue_services()[name]["environment"]["PORT"]) for name in SIDECARS}
+    assert sorted(s[1] for s in servers) == SIDECARS
+    assert all(s[2] == f"{s[1]}:{next(iter(ports))}" and "check" in s[3:] for s in servers)
+    bind = next(line for line in lines if line.startswith("bind "))
+    assert haproxy["ports"] == [f"{bind.split(':')[-1]}:{bind.split(':')[-1]}"]
+    assert "retry-on conn-failure empty-response" in lines
+    assert "option redispatch 1" in lines
+
+
+def test_drain_delay_outlasts_haproxys_failed_checks() -> None:
+    """A stopping sidecar must leave the rotation (fall x inter) before it refuses requests."""
+    default = next(line for line in _haproxy_lines() if line.startswith("default-server "))
+    words = default.split()
+    inter_s = _seconds(words[words.index("inter") + 1])
+    fall = int(words[words.index("fall") + 1])
+    for name in SIDECARS:
+        delay = float(_queue_services()[name]["environment"]["DRAIN_DELAY_S"])
+        assert delay > inter_s * fall
+
+
+def test_haproxy_cfg_is_valid_for_haproxy(tmp_path: Path) -> None:
+    import shutil
+
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not Path(haproxy).is_file():
+        pytest.skip("haproxy is not installed (apt-get install haproxy)")
+    check = subprocess.run(
+        [haproxy, "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "Configuration file is valid" in check.stdout + check.stderr

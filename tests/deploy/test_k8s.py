@@ -21,7 +21,14 @@ from tests.deploy._graph import check_prompt_graph
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "docker" / "k8s"
 #: Monitoring and autoscaling add-ons, applied on their own (tests/deploy/test_monitoring.py).
-ADDON_FILES = {"podmonitor.yaml", "keda-scaledobject.yaml", "hpa.yaml"}
+#: Queue mode (JOB_QUEUE_URL), applied on its own too (tests below).
+ADDON_FILES = {
+    "podmonitor.yaml",
+    "keda-scaledobject.yaml",
+    "hpa.yaml",
+    "redis.yaml",
+    "keda-redis-streams.yaml",
+}
 RESOURCE_FILES = sorted(
     p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml" and p.name not in ADDON_FILES
 )
@@ -184,3 +191,100 @@ def test_tmp_is_memory_backed_for_the_binarys_unpacking() -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m["name"] for m in _container()["volumeMounts"]}
     assert volumes[mounts["/tmp"]]["emptyDir"]["medium"] == "Memory"
+
+
+# --- queue mode: redis.yaml and keda-redis-streams.yaml ----------------------------------------
+
+
+def _redis_docs() -> dict[str, dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all((K8S / "redis.yaml").read_text()) if d]
+    by_kind = {d["kind"]: d for d in docs}
+    assert sorted(by_kind) == ["Service", "StatefulSet"] and len(docs) == 2
+    return by_kind
+
+
+@pytest.mark.usefixtures("no_network")
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_redis_validates_offline(version: str) -> None:
+    for doc in _redis_docs().values():
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_redis_keeps_an_append_only_file_on_its_own_volume() -> None:
+    redis = _redis_docs()["StatefulSet"]
+    pod = redis["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[0] == "redis-server"
+    assert args[args.index("--appendonly") + 1] == "yes"
+    data_dir = args[args.index("--dir") + 1]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    claims = {c["metadata"]["name"] for c in redis["spec"]["volumeClaimTemplates"]}
+    assert mounts[data_dir] in claims
+    assert redis["spec"]["replicas"] == 1
+
+
+def test_the_queue_url_in_the_instructions_reaches_the_redis_service() -> None:
+    from urllib.parse import urlsplit
+
+    service = _redis_docs()["Service"]
+    text = (K8S / "redis.yaml").read_text()
+    url = text.split("JOB_QUEUE_URL=", 1)[1].split()[0]
+    settings = load_settings({**_env(), "HOME": "/home/comfy", "JOB_QUEUE_URL": url})
+    parts = urlsplit(settings.job_queue_url or "")
+    assert parts.hostname == service["metadata"]["name"]
+    assert parts.port == service["spec"]["ports"][0]["port"]
+    labels = _redis_docs()["StatefulSet"]["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+
+
+REDIS_STREAMS_TRIGGER = {
+    "type": "object",
+    "properties": {
+        "type": {"const": "redis-streams"},
+        "metadata": {
+            "type": "object",
+            "properties": {
+                "address": {"type": "string", "pattern": "^[a-z0-9.-]+:[0-9]+$"},
+                "databaseIndex": {"type": "string", "pattern": "^[0-9]+$"},
+                "stream": {"type": "string"},
+                "consumerGroup": {"type": "string"},
+                "pendingEntriesCount": {"type": "string", "pattern": "^[0-9]+$"},
+                "lagCount": {"type": "string", "pattern": "^[0-9]+$"},
+                "activationLagCount": {"type": "string", "pattern": "^[0-9]+$"},
+            },
+            "required": ["address", "stream", "consumerGroup"],
+            "additionalProperties": False,
+        },
+    },
+    "required": ["type", "metadata"],
+    "additionalProperties": False,
+}
+
+
+def test_keda_scales_on_the_job_streams_pending_entries_and_lag() -> None:
+    import jsonschema
+
+    from comfy_sidecar.jobs.redis_store import GROUP, WORK
+
+    scaled = yaml.safe_load((K8S / "keda-redis-streams.yaml").read_text())
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["kind"] == "ScaledObject"
+    target = scaled["spec"]["scaleTargetRef"]
+    assert target["name"] == _one("Deployment")["metadata"]["name"]
+    triggers = scaled["spec"]["triggers"]
+    for trigger in triggers:
+        jsonschema.validate(trigger, REDIS_STREAMS_TRIGGER)
+        meta = trigger["metadata"]
+        assert (meta["stream"], meta["consumerGroup"]) == (WORK, GROUP)
+        service = _redis_docs()["Service"]
+        port = service["spec"]["ports"][0]["port"]
+        assert meta["address"] == f"{service['metadata']['name']}:{port}"
+    kinds = sorted("lagCount" if "lagCount" in t["metadata"] else "pending" for t in triggers)
+    assert kinds == ["lagCount", "pending"]
+    pending = next(t for t in triggers if "pendingEntriesCount" in t["metadata"])
+    slots = load_settings({**_env(), "HOME": "/home/comfy"}).max_jobs_per_instance
+    assert int(pending["metadata"]["pendingEntriesCount"]) == slots
+    bad = json.loads(json.dumps(triggers[0]))
+    bad["metadata"]["consumergroup"] = bad["metadata"].pop("consumerGroup")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, REDIS_STREAMS_TRIGGER)

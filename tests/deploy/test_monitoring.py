@@ -322,6 +322,6 @@ def test_hpa_validates_offline_and_targets_the_deployment(version: str) -> None:
 
 def test_addons_stay_out_of_the_kustomization() -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert not {"podmonitor.yaml", "keda-scaledobject.yaml", "hpa.yaml"} & set(
-        kustomization["resources"]
-    )
+    addons = {"podmonitor.yaml", "keda-scaledobject.yaml", "hpa.yaml"}
+    addons |= {"redis.yaml", "keda-redis-streams.yaml"}
+    assert not addons & set(kustomization["resources"])

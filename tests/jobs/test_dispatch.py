@@ -6,7 +6,10 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pytest
+
 from comfy_sidecar.dispatch import Dispatcher
+from comfy_sidecar.errors import Unavailable
 
 
 async def settle(condition: Callable[[], bool]) -> None:
@@ -89,5 +92,23 @@ def test_an_instance_that_stops_accepting_gets_no_new_jobs() -> None:
         a.accepting = True
         d.poke()
         assert (await asyncio.wait_for(pending, 5)).name == "0"
+
+    asyncio.run(main())
+
+
+def test_close_fails_waiting_and_later_jobs_503() -> None:
+    """A sidecar that stops for good (its only instance gave up) answers its waiting jobs
+    Unavailable at once instead of leaving them to the HTTP server's shutdown."""
+
+    async def main() -> None:
+        d = Dispatcher([Inst("0", accepting=False)], per_instance=1)
+        waiting = [asyncio.ensure_future(d.acquire()) for _ in range(2)]
+        await settle(lambda: d.waiting == 2)
+        d.close("ComfyUI is not ready (failed: giving up)")
+        for task in waiting:
+            with pytest.raises(Unavailable, match="giving up"):
+                await asyncio.wait_for(task, 5)
+        with pytest.raises(Unavailable):
+            await d.acquire()
 
     asyncio.run(main())

@@ -41,7 +41,7 @@ def poll(sidecar: Sidecar, job_id: str, timeout: float = 120) -> tuple[dict[str,
 
 
 def no_media_folders(sidecar: Sidecar) -> bool:
-    return not any(p.name.endswith("-media") for p in sidecar.backend.input_dir.iterdir())
+    return not any(p.name.endswith("-media") for p in sidecar.backend.input_dir.rglob("*"))
 
 
 def test_the_guides_example_flow(shared_sidecar: Sidecar, tmp_path: Path) -> None:

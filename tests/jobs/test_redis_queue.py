@@ -3,6 +3,7 @@ ComfyUI double, on one real redis-server. Executions are counted on the doubles'
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -59,6 +60,17 @@ def job(sidecar: Sidecar, job_id: str, wait: float = 0) -> dict[str, Any]:
 def executions(sidecar: Sidecar) -> int:
     """Prompts the sidecar's ComfyUI double has run (its /history)."""
     return len(httpx.get(f"http://127.0.0.1:{sidecar.comfy_port}/history", timeout=5).json())
+
+
+def journal(sidecar: Sidecar) -> list[dict[str, Any]]:
+    """Every prompt ``sidecar``'s double executed, its last status each (from its journal)."""
+    path = sidecar.backend.base / "double-executions.jsonl"
+    last: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            last[entry["prompt_id"]] = entry
+    return list(last.values())
 
 
 def runs_on(sidecars: list[Sidecar], view: dict[str, Any]) -> Sidecar:
@@ -143,6 +155,13 @@ def test_a_killed_replicas_job_is_taken_over_within_the_lease(
     assert victim.proc is not None and f"-{victim.proc.pid}-" in first
     assert second == view["replica"]
     assert executions(survivor) == 1
+    # The victim's double had started the job and never ended it (it died mid-job).
+    assert [e["status"] for e in journal(victim)] == ["running"]
+    wait_for(
+        lambda: [e["status"] for e in journal(survivor)] == ["success"],
+        timeout=10,
+        what="the survivor's double to have run the job once",
+    )
 
 
 def test_a_job_longer_than_the_lease_is_not_taken_over_while_heartbeating(

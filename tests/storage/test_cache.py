@@ -502,3 +502,111 @@ def test_eviction_removes_model_links_it_made(
             await storage.close()
 
     asyncio.run(main())
+
+
+# --- a model folder that outlives the cache ----------------------------------------------------
+
+
+def test_model_file_left_by_an_earlier_cache_is_adopted_without_downloading(
+    make_storage: Any, http_server: FileServer, tmp_path: Path, model_bytes: bytes
+) -> None:
+    """The models volume persisted, CACHE_DIR did not: the file under the URL's cache name is
+    that URL's download. A HEAD confirms its size; no GET is made, and it is indexed."""
+    http_server.files["m.safetensors"] = model_bytes
+    url = http_server.url("/files/m.safetensors")
+    folder = tmp_path / "models" / "upscale_models"
+    folder.mkdir(parents=True)
+    (folder / cache_name(url)).write_bytes(model_bytes)
+
+    async def main() -> None:
+        storage = make_storage()
+        await storage.start()
+        try:
+            name = await storage.stage_model(url, None, folder)
+            assert name == cache_name(url)
+            assert (folder / name).read_bytes() == model_bytes
+            entry = storage.cache.entry(url)
+            assert entry is not None and entry.size == len(model_bytes)
+            assert os.path.samefile(folder / name, storage.cache.dir / name)
+            assert storage.cache.downloads_started == 0
+            await storage.stage_model(url, None, folder)  # now a plain hit
+        finally:
+            await storage.close()
+
+    asyncio.run(main())
+    assert http_server.count("GET", "/files/m.safetensors") == 0
+    assert http_server.count("HEAD", "/files/m.safetensors") == 1
+
+
+def test_model_file_of_another_size_is_replaced_atomically(
+    make_storage: Any, http_server: FileServer, tmp_path: Path, model_bytes: bytes
+) -> None:
+    """A truncated leftover (a crash mid-copy) disagrees with the HEAD: downloaded again and
+    put in its place, never a 409."""
+    http_server.files["m.safetensors"] = model_bytes
+    url = http_server.url("/files/m.safetensors")
+    folder = tmp_path / "models" / "upscale_models"
+    folder.mkdir(parents=True)
+    (folder / cache_name(url)).write_bytes(model_bytes[:10])
+
+    async def main() -> None:
+        storage = make_storage()
+        await storage.start()
+        try:
+            name = await storage.stage_model(url, None, folder)
+            assert (folder / name).read_bytes() == model_bytes
+            assert [p.name for p in folder.iterdir()] == [name]  # no temp file left
+        finally:
+            await storage.close()
+
+    asyncio.run(main())
+    assert http_server.count("GET", "/files/m.safetensors") == 1
+
+
+def test_model_without_extension_found_by_its_key(
+    make_storage: Any, http_server: FileServer, tmp_path: Path, model_bytes: bytes
+) -> None:
+    """A URL without an extension took one from its headers when it was downloaded: the file
+    is found by its key and keeps that name."""
+    http_server.files["m"] = model_bytes
+    url = http_server.url("/noext/m?cd=m.safetensors")
+    folder = tmp_path / "models" / "loras"
+    folder.mkdir(parents=True)
+    left = folder / f"{cache_key(url)}.safetensors"
+    left.write_bytes(model_bytes)
+    (folder / "user.safetensors").write_bytes(b"the user's own")
+
+    async def main() -> None:
+        storage = make_storage()
+        await storage.start()
+        try:
+            assert await storage.stage_model(url, None, folder) == left.name
+        finally:
+            await storage.close()
+
+    asyncio.run(main())
+    assert http_server.count("GET", "/noext/m") == 0
+    assert (folder / "user.safetensors").read_bytes() == b"the user's own"
+
+
+def test_user_named_file_is_still_not_overwritten_by_a_link(
+    make_storage: Any, http_server: FileServer, tmp_path: Path
+) -> None:
+    """A name the user chose (manifest ``local_path``) is never taken for a cache file, even
+    when the URL's cache file name happens to be known."""
+    http_server.files["one.bin"] = b"one"
+    dest = tmp_path / "models" / "checkpoints" / "mine.bin"
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(b"user's own file")
+
+    async def main() -> None:
+        storage = make_storage()
+        await storage.start()
+        try:
+            with pytest.raises(CacheConflictError):
+                await storage.link(http_server.url("/files/one.bin"), None, dest)
+        finally:
+            await storage.close()
+
+    asyncio.run(main())
+    assert dest.read_bytes() == b"user's own file"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -123,17 +124,36 @@ def test_no_secret_signs_with_empty_key_like_comfyui_api(receiver: Any) -> None:
     assert req.headers["webhook-signature"] == "v1," + expected
 
 
-def test_v1_output_streams_file_and_survives_unlink(receiver: Any, tmp_path: Path) -> None:
+def open_paths() -> set[str]:
+    """The files this process has open (``/proc/self/fd``)."""
+    found: set[str] = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            found.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return found
+
+
+def test_v1_output_streams_file_held_by_path(receiver: Any, tmp_path: Path) -> None:
+    """The body holds the file's path, not an open file (a delivery waiting for its receiver
+    holds no descriptor); ``on_close`` runs once it was delivered."""
     data = os.urandom(3 * 1024 * 1024 + 1)  # several chunks, not a multiple of 3
     path = tmp_path / "job-2_x_00001_.png"
     path.write_bytes(data)
+    closed: list[bool] = []
     body = v1_output_body(
-        id="job-2", filename=path.name, prompt={"p": 1}, stats={"total_time": 3}, image_path=path
+        id="job-2",
+        filename=path.name,
+        prompt={"p": 1},
+        stats={"total_time": 3},
+        image_path=path,
+        on_close=lambda: closed.append(True),
     )
     assert body.static is None
-    path.unlink()  # the pipeline may delete the output once the body is built
+    assert str(path) not in open_paths()
     r: Receiver = receiver()
     assert _post({"WEBHOOK_SECRET": B64_KEY}, r.url, body, "job-2")
+    assert closed == [True]
+    assert str(path) not in open_paths()
     (req,) = r.wait_for(1)
     assert int(req.headers["content-length"]) == len(req.body) == body.length
     assert "chunked" not in req.headers.get("transfer-encoding", "")
