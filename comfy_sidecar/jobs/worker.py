@@ -217,8 +217,9 @@ class QueueWorker:
         if self.stopping:
             return False
         attempts = await self._retry(lambda: jobs.begin_attempt(job_id))
+        stored = await self._retry(lambda: jobs.get(job_id)) or {}
         token = f"{jobs.replica}:{claim.entry}:{uuid.uuid4().hex[:8]}"
-        mirror = Mirror(self, job_id, attempts)
+        mirror = Mirror(self, job_id, attempts, _ms(stored.get("created_at")))
 
         async def gate() -> bool:
             """May this attempt end the job? Not when it is being given back, nor when
@@ -314,21 +315,41 @@ class QueueWorker:
         return body
 
 
+def _ms(when: Any) -> int | None:
+    """An ISO 8601 time of a job body as ms since the epoch (None if absent or unreadable)."""
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(str(when)).timestamp() * 1000) if when else None
+    except ValueError:
+        return None
+
+
 class Mirror:
     """Copies one running job's logged events to Redis, in order, retrying while Redis is
     away. The ``done`` event is left to :meth:`QueueWorker._finish` (written once)."""
 
-    def __init__(self, worker: QueueWorker, job_id: str, attempts: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        worker: QueueWorker,
+        job_id: str,
+        attempts: list[dict[str, Any]],
+        created_ms: int | None = None,
+    ) -> None:
         self.worker = worker
         self.job_id = job_id
         self.attempts = attempts
+        self.created_ms = created_ms  # when it was submitted (ms since the epoch)
         self.queue: asyncio.Queue[tuple[JobRecord, JobEvent] | None] = asyncio.Queue()
         self.task: asyncio.Task[None] | None = None
         #: Set when this attempt may not end the job: nothing more is written.
         self.lost = False
 
     def bind(self, record: JobRecord) -> None:
-        """Start mirroring ``record`` (its sink is set; its current status is written)."""
+        """Start mirroring ``record`` (its sink is set; its current status is written). Its
+        ``created_at`` stays the submission's, not this claim's."""
+        if self.created_ms is not None:
+            record.created_ms = self.created_ms
         record.sink = self.push
         self.task = asyncio.ensure_future(self._write())
         self.push(record, JobEvent(0, "status", msgspec.json.encode({"status": "pending"})))

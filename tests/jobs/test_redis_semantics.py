@@ -370,3 +370,17 @@ def test_cancelling_a_queued_job_fires_its_failure_webhook_once(
         assert job(a, job_id, wait=60)["status"] == "completed"
     assert executions(a) + executions(b) == 2, "the cancelled job never ran"
     assert len(hook.snapshot()) == 1
+
+
+def test_a_job_keeps_its_submission_time_when_a_replica_takes_it(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    a = replica(spawn, tmp_path, redis_server.url, "a", MAX_JOBS_PER_INSTANCE="1")
+    first = submit(a, slow_prompt(blurs=2, size=2048))
+    running_view(a, first)
+    answer = a.post("/jobs", json={"prompt": basic_prompt()})  # waits behind the first
+    assert answer.status_code == 202, answer.text
+    view = job(a, answer.json()["id"], wait=60)
+    assert view["status"] == "completed", view
+    assert view["created_at"] == answer.json()["created_at"]
+    assert view["started_at"] > view["created_at"]
