@@ -30,6 +30,7 @@ from comfy_sidecar.errors import (
     InputError,
     Interrupted,
     NotFound,
+    OutputsTooLarge,
     Overloaded,
     SidecarError,
     TimedOut,
@@ -122,6 +123,7 @@ STATUS: dict[type[Exception], int] = {
     Overloaded: 429,  # MAX_QUEUE_DEPTH: a load balancer or the Salad queue tries elsewhere
     Unavailable: 503,
     TimedOut: 504,
+    OutputsTooLarge: 507,  # only ever a job's error body: the job's outputs had no room
     # storage errors that reach a request (an upload's is an UpstreamFailed's cause)
     BadRequestError: 400,
     AuthError: 400,

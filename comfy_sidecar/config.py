@@ -31,6 +31,7 @@ from comfy_sidecar.config_parsers import (
     one_of,
     optional_count,
     optional_http_url,
+    optional_output_url,
     optional_redis_url,
     optional_text,
     text,
@@ -251,7 +252,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     job_inline_output_mb: Annotated[
         float,
         Var("JOB_INLINE_OUTPUT_MB", "8", float_at_least(0), new=True),
-        "With JOB_QUEUE_URL: outputs up to this many MB (total per job) are kept in Redis.",
+        "With JOB_QUEUE_URL: outputs up to this many MB (total per job, fractions allowed) are "
+        "kept in Redis; larger ones go to the job's upload target or to JOB_OUTPUT_URL.",
+    ]
+    job_output_url: Annotated[
+        str | None,
+        Var("JOB_OUTPUT_URL", None, optional_output_url, new=True),
+        "With JOB_QUEUE_URL: where outputs over JOB_INLINE_OUTPUT_MB go when the job names no "
+        "upload target: a prefix (`s3://bucket/prefix`, a Hugging Face `.../resolve/<rev>/dir`, "
+        "an Azure Blob container URL, or an http(s) prefix for PUT); each job's files land "
+        "under `<prefix>/<job id>/`. Unset: such a job fails, naming both settings.",
     ]
 
     # --- HTTP server --------------------------------------------------------------------------

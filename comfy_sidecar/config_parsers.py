@@ -97,6 +97,14 @@ def optional_http_url(raw: str) -> str | None:
     return url
 
 
+def optional_output_url(raw: str) -> str | None:
+    """An ``s3://``, ``http://`` or ``https://`` URL prefix as given, or ``None`` when blank."""
+    url = optional_text(raw)
+    if url is not None and urlsplit(url).scheme not in ("s3", "http", "https"):
+        raise ValueError("must be an s3://, http(s):// (Hugging Face, Azure Blob or PUT) URL")
+    return url
+
+
 def optional_redis_url(raw: str) -> str | None:
     """A ``redis://`` or ``rediss://`` URL as given, or ``None`` when blank."""
     url = optional_text(raw)

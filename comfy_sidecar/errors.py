@@ -99,6 +99,12 @@ class Overloaded(SidecarError):
     """The sidecar's queue is full (MAX_QUEUE_DEPTH): try again later or elsewhere."""
 
 
+class OutputsTooLarge(SidecarError):
+    """A shared-queue job's outputs exceed JOB_INLINE_OUTPUT_MB and have nowhere else to go
+    (the job names no upload target and JOB_OUTPUT_URL is unset): the job fails with this
+    instead of losing them (fields ``id``, ``size_bytes``)."""
+
+
 class TimedOut(SidecarError):
     """The job ran longer than PROMPT_TIMEOUT_S and was interrupted (field ``id``)."""
 

@@ -154,9 +154,32 @@ class Sidecar:
             lease_s=settings.job_lease_s,
             max_attempts=settings.job_max_attempts,
         )
-        self.jobs.shared = SharedJobs(redis_jobs, self.storage.check_request)
-        inline = int(settings.job_inline_output_mb * 1024 * 1024)
-        return QueueWorker(redis_jobs, self.delivery, self.dispatcher, self.spawn, inline)
+        self.jobs.shared = SharedJobs(redis_jobs, self._check_job, self.delivery.send_failure)
+        spill_to = None
+        if settings.job_output_url is not None:
+            base = settings.job_output_url.rstrip("/")
+            self.storage.upload_spec(base)  # a prefix no backend takes fails at start-up
+
+            def spill_to(job_id: str) -> Any:
+                return self.storage.upload_spec(f"{base}/{job_id}")
+
+        return QueueWorker(
+            redis_jobs,
+            self.delivery,
+            self.dispatcher,
+            self.spawn,
+            settings.job_inline_output_mb,
+            spill_to,
+        )
+
+    async def _check_job(self, request: Any) -> None:
+        """What ``POST /jobs`` checks before it accepts a job in queue mode: the in-process
+        mode's preprocessing (:meth:`Pipeline.prepare`: URLs guarded, inputs fetched into the
+        cache, an output node present), then dropped; the replica that claims the job
+        prepares it again (from its cache when it is this one). Raises what ``prepare``
+        raises (:class:`InputError` with ``location``: a 400)."""
+        pending = await self.pipeline.prepare(request)
+        pending.abandon()
 
     # --- probes -------------------------------------------------------------------------------
 
@@ -414,7 +437,7 @@ class Sidecar:
         (waiting ones too) finish within SHUTDOWN_GRACE_S."""
         grace = self.settings.shutdown_grace_s
         if self.queue is not None:
-            self.queue.stop()
+            await self.queue.stop()
         if self.settings.drain_delay_s > 0 and self.phase is Phase.READY:
             self.leaving = True
             log.info(

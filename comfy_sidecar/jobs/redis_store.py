@@ -8,16 +8,19 @@ Keys (``P`` = :data:`PREFIX`):
   one idle longer than ``lease_s`` is taken over by another replica (XAUTOCLAIM).
 - ``P:job:{id}``: a hash: ``view`` (the ``GET /jobs/{id}`` body, JSON), ``request`` (the
   ``/prompt`` body, JSON), ``fingerprint``, ``attempts`` (JSON list of ``{replica, started_at}``),
-  ``seq`` (the last event id).
+  ``seq`` (the last event id), ``entry`` (its work-stream entry id: its queue position).
 - ``P:events:{id}``: the job's event stream (XADD with MAXLEN; entries ``{n, type, data}``, ``n``
   the SSE id). Chosen over pub/sub + a list because one stream both replays from
   ``Last-Event-ID`` and blocks for the next event (XREAD BLOCK), on every replica, and survives
   a restart from the AOF with the rest.
-- ``P:out:{id}:{n}``: output ``n``'s bytes when kept inline (at most ``inline_bytes`` per job).
-- ``P:done:{id}``: set once (SET NX) by the attempt that ends the job: only it writes the end.
+- ``P:out:{id}:{n}``: output ``n``'s bytes when kept inline (at most JOB_INLINE_OUTPUT_MB per job).
+- ``P:done:{id}``: set once (SET NX) by the attempt that ends the job (its token): only it
+  sends the webhooks and writes the end; a later finisher (a replica that lost its lease)
+  discards its result.
 - ``P:index``: a sorted set of job ids scored by submission number (``P:order``, INCR): the
   listing's pages, whose cursor is that number.
 - ``P:cancel``: a pub/sub channel of job ids to interrupt wherever they run.
+- ``P:preview:{id}``: a pub/sub channel of the job's live ``preview`` events (never kept).
 
 Ended jobs' keys expire after ``retention_s`` seconds; pending and running jobs never do.
 Every method raises :class:`redis.exceptions.RedisError` (``ConnectionError`` while Redis is
@@ -26,7 +29,9 @@ unreachable) unless it says otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +58,17 @@ CANCEL = f"{PREFIX}:cancel"
 EVENTS_MAX = 10_000
 
 
+#: Most jobs counted ahead of one for its queue position.
+POSITION_MAX = 10_000
+
+
+def _stream_id(raw: bytes | str) -> tuple[int, int]:
+    """A stream entry id (``ms-seq``) as a comparable pair."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def job_key(job_id: str) -> str:
     """The hash of job ``job_id``."""
     return f"{PREFIX}:job:{job_id}"
@@ -66,6 +82,11 @@ def events_key(job_id: str) -> str:
 def output_key(job_id: str, index: int) -> str:
     """Output ``index`` of job ``job_id`` kept inline."""
     return f"{PREFIX}:out:{job_id}:{index}"
+
+
+def preview_channel(job_id: str) -> str:
+    """The pub/sub channel of job ``job_id``'s live previews."""
+    return f"{PREFIX}:preview:{job_id}"
 
 
 def done_key(job_id: str) -> str:
@@ -155,8 +176,26 @@ class RedisJobs:
             pipe.zadd(INDEX, {job_id: order})
             await pipe.execute()
         await self.publish(job_id, "status", {"status": view["status"]})
-        await self.redis.xadd(WORK, {"id": job_id})
+        entry = await self.redis.xadd(WORK, {"id": job_id})
+        await self.redis.hset(key, "entry", entry)
         return view, True
+
+    async def position(self, job_id: str) -> int | None:
+        """How many jobs wait in the work stream ahead of job ``job_id`` (0: it is next), or
+        None once a replica has claimed it (or it is not in the stream). Counts the entries
+        between the group's last delivered one and the job's (XRANGE, at most
+        :data:`POSITION_MAX`)."""
+        entry: bytes | None = await self.redis.hget(job_key(job_id), "entry")
+        if entry is None:
+            return None
+        last = b"0-0"
+        for group in await self.redis.xinfo_groups(WORK):
+            if group["name"] in (GROUP, GROUP.encode()):
+                last = group["last-delivered-id"]
+        if _stream_id(entry) <= _stream_id(last):
+            return None
+        ahead = await self.redis.xrange(WORK, min=b"(" + last, max=b"(" + entry, count=POSITION_MAX)
+        return len(ahead)
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
         """Job ``job_id``'s ``GET /jobs/{id}`` body, or None when it is not kept."""
@@ -201,16 +240,34 @@ class RedisJobs:
         )
         return n
 
-    async def finish(self, job_id: str, view: dict[str, Any], outputs: list[bytes]) -> bool:
+    async def take_end(self, job_id: str, token: str) -> bool:
+        """Claim the right to end job ``job_id`` for the attempt ``token`` (unique per
+        attempt): True for the first caller and again for the same ``token``, False for every
+        other (another attempt, or a cancel, ended it first). Atomic (SET NX): what lets only
+        one attempt deliver the webhooks and the result, also when a replica that lost its
+        lease finishes after the one that took the job over. The claim lasts
+        ``2 * lease_s`` seconds until :meth:`finish` makes it permanent, so a replica dying
+        between the two does not leave the job unended for good."""
+        hold = max(1, int(2 * self.lease_s))
+        if await self.redis.set(done_key(job_id), token, nx=True, ex=hold):
+            return True
+        held: bytes | None = await self.redis.get(done_key(job_id))
+        return held is not None and held.decode() == token
+
+    async def finish(
+        self, job_id: str, view: dict[str, Any], outputs: list[bytes], token: str | None = None
+    ) -> bool:
         """End job ``job_id`` with its final body ``view`` (and inline ``outputs``), once: the
-        first caller wins (SET NX on its done key) and returns True; later ones write nothing
-        and return False. Every key of the job then expires after the retention."""
-        if not await self.redis.set(done_key(job_id), self.replica, nx=True, ex=self._ttl):
+        holder of the end (:meth:`take_end` with ``token``; without one a fresh claim is
+        tried) writes it and returns True; everyone else writes nothing and returns False.
+        Every key of the job then expires after the retention."""
+        if not await self.take_end(job_id, token or f"{self.replica}:{uuid.uuid4().hex}"):
             return False
         async with self.redis.pipeline(transaction=True) as pipe:
             for index, data in enumerate(outputs):
                 pipe.set(output_key(job_id, index), data, ex=self._ttl)
             pipe.hset(job_key(job_id), "view", msgspec.json.encode(view))
+            pipe.expire(done_key(job_id), self._ttl)
             await pipe.execute()
         await self.publish(job_id, "done", view)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -262,10 +319,59 @@ class RedisJobs:
     # --- events ---------------------------------------------------------------------------
 
     async def follow(
-        self, job_id: str, after: int = 0, heartbeat_s: float = 15.0
+        self, job_id: str, after: int = 0, heartbeat_s: float = 15.0, previews: bool = False
     ) -> AsyncIterator[JobEvent | None]:
         """Job ``job_id``'s events with ids above ``after``, as they come (XREAD BLOCK); None
-        every ``heartbeat_s`` seconds of silence. Ends after ``done``."""
+        every ``heartbeat_s`` seconds of silence. Ends after ``done``. With ``previews``, the
+        ``preview`` events the running replica sends (:meth:`preview`, pub/sub: live only,
+        id 0) are merged in as they arrive."""
+        if not previews:
+            async for event in self._logged(job_id, after, heartbeat_s):
+                yield event
+            return
+        merged: asyncio.Queue[JobEvent | BaseException | None] = asyncio.Queue()
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(preview_channel(job_id))
+
+        async def logged() -> None:
+            try:
+                async for event in self._logged(job_id, after, heartbeat_s):
+                    merged.put_nowait(event)
+            except Exception as exc:
+                merged.put_nowait(exc)
+            merged.put_nowait(StopAsyncIteration())
+
+        async def live() -> None:
+            try:
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        merged.put_nowait(JobEvent(0, "preview", message["data"]))
+            except Exception as exc:
+                merged.put_nowait(exc)
+
+        tasks = [asyncio.ensure_future(logged()), asyncio.ensure_future(live())]
+        try:
+            while True:
+                item = await merged.get()
+                if isinstance(item, StopAsyncIteration):
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await pubsub.aclose()
+
+    async def preview(self, job_id: str, data: bytes) -> None:
+        """Send a ``preview`` event (its JSON ``data``) to whoever follows job ``job_id``
+        with previews now (pub/sub: not kept, not replayed)."""
+        await self.redis.publish(preview_channel(job_id), data)
+
+    async def _logged(
+        self, job_id: str, after: int, heartbeat_s: float
+    ) -> AsyncIterator[JobEvent | None]:
         position = "0-0"
         while True:
             answer = await self.redis.xread(
@@ -327,14 +433,38 @@ class RedisJobs:
         deliveries = int(detail[0]["times_delivered"]) if detail else 1
         return Claim(entry.decode(), fields[b"id"].decode(), deliveries)
 
-    async def heartbeat(self, entries: list[str]) -> None:
-        """Renew this replica's lease on ``entries`` (their idle time restarts)."""
-        if entries:
-            await self.redis.xclaim(WORK, GROUP, self.replica, 0, entries, justid=True)
+    async def heartbeat(self, entries: list[str]) -> list[str]:
+        """Renew this replica's lease on those of ``entries`` it still holds (their idle time
+        restarts); returns the others: taken over by another replica after this one went
+        silent past ``lease_s`` (or ended and gone). Those are not claimed back, so a replica
+        that comes back from a pause does not snatch a job from the one now running it."""
+        if not entries:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                pipe.xpending_range(WORK, GROUP, min=entry, max=entry, count=1)
+            details = await pipe.execute()
+        held: list[str] = []
+        lost: list[str] = []
+        for entry, detail in zip(entries, details, strict=True):
+            owner = detail[0]["consumer"] if detail else None
+            mine = owner in (self.replica, self.replica.encode())
+            (held if mine else lost).append(entry)
+        if held:
+            await self.redis.xclaim(WORK, GROUP, self.replica, 0, held, justid=True)
+        return lost
 
-    async def release(self, entry: str) -> None:
-        """Give ``entry`` back at once (claimed, not started): another replica takes it at its
-        next claim."""
+    async def release(self, entry: str, job_id: str | None = None) -> None:
+        """Give ``entry`` back at once (claimed, not started): its idle time is set past any
+        lease, so another replica takes it at its next claim (XAUTOCLAIM). With ``job_id``,
+        this replica's last attempt at it is struck from its attempts (it ran nothing, so
+        it is neither listed nor counted against ``max_attempts``)."""
+        if job_id is not None:
+            found = await self.attempts(job_id)
+            mine = [i for i, a in enumerate(found) if a["replica"] == self.replica]
+            if mine:
+                del found[mine[-1]]
+                await self.redis.hset(job_key(job_id), "attempts", msgspec.json.encode(found))
         await self.redis.xclaim(WORK, GROUP, self.replica, 0, [entry], idle=10**9, justid=True)
 
     async def ack(self, entry: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import msgspec
 from redis.exceptions import RedisError
 
-from comfy_sidecar.errors import Conflict, Unavailable
+from comfy_sidecar.errors import Conflict, Interrupted, Unavailable
 from comfy_sidecar.jobs.backend import SharedQueue
 from comfy_sidecar.jobs.store import DifferentBody, JobEvent, JobRecord, JobStatus, iso, now_ms
 
@@ -35,11 +35,21 @@ async def guarded(call: Awaitable[T]) -> T:
 
 class SharedJobs:
     """The job routes' operations over :class:`SharedQueue`. ``check(request)`` is what a
-    submission must pass on the replica that takes it (raises a 4xx error)."""
+    submission must pass on the replica that takes it, before anything is stored: the
+    in-process job API's own preprocessing (URLs guarded, inputs fetched, an output node
+    present), raising the same 4xx errors with their ``location``."""
 
-    def __init__(self, jobs: SharedQueue, check: Callable[[Any], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        jobs: SharedQueue,
+        check: Callable[[Any], Awaitable[None]],
+        send_failure: Callable[[Any, dict[str, Any]], Awaitable[None]],
+    ) -> None:
         self.jobs = jobs
         self.check = check
+        #: ``send_failure(request, error)``: a job's failure webhook (see
+        #: :meth:`~comfy_sidecar.pipeline.deliver.Delivery.send_failure`).
+        self.send_failure = send_failure
 
     async def submit(self, request: Any, fingerprint: bytes) -> dict[str, Any]:
         """Store the job and append it to the work stream; returns its body. A retained id
@@ -48,7 +58,9 @@ class SharedJobs:
 
         if request.id is None:
             request = msgspec.structs.replace(request, id=str(uuid.uuid4()))
-        await self.check(request)
+            await self.check(request)
+        elif await guarded(self.jobs.get(request.id)) is None:
+            await self.check(request)  # a kept id is a resubmission (or a 409) instead
         view = JobRecord(id=request.id, endpoint="jobs").view()
         view["attempts"] = []
         try:
@@ -64,8 +76,12 @@ class SharedJobs:
         return stored
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
-        """Job ``job_id``'s body, or None when it is not kept."""
-        return await guarded(self.jobs.get(job_id))
+        """Job ``job_id``'s body, or None when it is not kept. A pending one carries its
+        ``queue_position`` in the shared stream (0: next to be claimed; None once claimed)."""
+        view = await guarded(self.jobs.get(job_id))
+        if view is not None and view.get("status") == JobStatus.PENDING.value:
+            view["queue_position"] = await guarded(self.jobs.position(job_id))
+        return view
 
     async def wait(self, job_id: str, wait_s: float) -> dict[str, Any] | None:
         """Job ``job_id``'s body once it has ended or ``wait_s`` seconds have passed."""
@@ -77,21 +93,34 @@ class SharedJobs:
                 return view
             await asyncio.sleep(POLL_S)
 
-    def follow(self, job_id: str, after: int, heartbeat_s: float) -> AsyncIterator[JobEvent | None]:
-        """Job ``job_id``'s events after ``after`` (see :meth:`SharedQueue.follow`)."""
-        return self.jobs.follow(job_id, after, heartbeat_s)
+    def follow(
+        self, job_id: str, after: int, heartbeat_s: float, previews: bool = False
+    ) -> AsyncIterator[JobEvent | None]:
+        """Job ``job_id``'s events after ``after``, with live ``preview`` events when
+        ``previews`` (see :meth:`SharedQueue.follow`)."""
+        return self.jobs.follow(job_id, after, heartbeat_s, previews)
 
     async def cancel(self, job_id: str, view: dict[str, Any]) -> tuple[bool, str]:
         """Cancel job ``job_id`` (body ``view``) wherever it is: a pending one ends
-        ``cancelled`` at once, a running one is interrupted by its replica. Returns
-        (cancelled, status)."""
+        ``cancelled`` at once (with its failure webhook, as in-process), a running one is
+        interrupted by its replica. Returns (cancelled, status)."""
+        from comfy_sidecar.schemas import PromptRequest
+
         status = JobStatus(view["status"])
         if status.terminal:
             return False, status.value
         if status is JobStatus.PENDING:
-            ended = dict(view, status=JobStatus.CANCELLED.value, completed_at=iso(now_ms()))
+            error = Interrupted("the job was cancelled before it ran", id=job_id).body()
+            ended = dict(
+                view, status=JobStatus.CANCELLED.value, completed_at=iso(now_ms()), error=error
+            )
+            ended["queue_position"] = None
             if await guarded(self.jobs.finish(job_id, ended, [])):
                 await guarded(self.jobs.request_cancel(job_id))
+                raw = await guarded(self.jobs.request(job_id))
+                if raw is not None:
+                    request = msgspec.json.decode(raw, type=PromptRequest)
+                    await self.send_failure(request, error)
                 return True, JobStatus.CANCELLED.value
         await guarded(self.jobs.request_cancel(job_id))
         final = await self.wait(job_id, 10.0) or view

@@ -112,7 +112,8 @@ class JobRecord:
     stats: dict[str, Any] | None = None
     events: list[JobEvent] = field(default_factory=list)
     retain_outputs: bool = True
-    #: Also given every logged event (the shared queue mirrors a job to Redis with it).
+    #: Also given every event, live previews included (the shared queue mirrors a job to
+    #: Redis with it).
     sink: Callable[[JobRecord, JobEvent], None] | None = None
     _changed: asyncio.Future[None] | None = None
     expires_at: float = 0.0  # monotonic seconds, set when the job ends
@@ -125,8 +126,8 @@ class JobRecord:
         event = JobEvent(len(self.events) + 1, kind, msgspec.json.encode(body))
         if log_it:
             self.events.append(event)
-            if self.sink is not None:
-                self.sink(self, event)
+        if self.sink is not None:  # previews too: the sink tells them apart by type
+            self.sink(self, event)
         self.last_event_ms = now_ms()
         self._wake(event if not log_it else None)
         return event

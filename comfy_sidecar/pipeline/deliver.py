@@ -53,6 +53,20 @@ log = logging.getLogger("comfy_sidecar.deliver")
 ECHOED = tuple(name for name in Echoed.__struct_fields__ if name != "input")
 UPLOAD_KEYS = ("s3", "hf_upload", "azure_blob_upload", "http_upload")
 
+Spill = Callable[[JobResult], "tuple[str, Any] | None"]
+"""``spill(result) -> (location, upload spec) | None``: where a shared-queue job without an
+upload target sends outputs too large to keep inline (None: keep them); raises a
+:class:`~comfy_sidecar.errors.SidecarError` (the job fails) when they have nowhere to go."""
+
+Gate = Callable[[], Awaitable[bool]]
+"""``gate() -> bool``: may this run deliver its outcome (webhooks, result)? See
+:meth:`Delivery.run_claimed`."""
+
+
+class Superseded(Exception):
+    """Another replica ended this shared-queue job first: this run's outcome is discarded."""
+
+
 Uploader = Callable[[JobResult, str, Any], Awaitable[list[str]]]
 """``upload(result, key, spec) -> URLs``, one per output file (``key`` is the request field,
 e.g. ``s3``); raises :class:`~comfy_sidecar.errors.UpstreamFailed`."""
@@ -246,16 +260,28 @@ class Delivery:
         return tracker.record
 
     async def run_claimed(
-        self, request: PromptRequest, endpoint: str, bind: Callable[[JobRecord], None]
+        self,
+        request: PromptRequest,
+        endpoint: str,
+        bind: Callable[[JobRecord], None],
+        gate: Gate,
+        spill: Spill,
     ) -> JobRecord:
         """Run a job taken from the shared queue (``JOB_QUEUE_URL``) here, to its end, as
         :meth:`submit` would in the background; ``bind(record)`` is called once its record
-        exists. Raises what :meth:`Pipeline.prepare` raises (nothing is kept then)."""
+        exists. ``gate()`` is awaited once the outcome is known, before any webhook: False
+        (another replica ended the job first) discards the outcome, sends nothing, and ends
+        the record :class:`Superseded`. ``spill(result)`` picks an upload target for a
+        request that names none (its outputs are uploaded before the gate, so a failed upload
+        is the job's failure). Raises what :meth:`Pipeline.prepare` raises (nothing is kept
+        then)."""
         tracker, pending, request = await self._open(request, endpoint)
         assert pending is not None
         bind(tracker.record)
         echoed = Echoed(**echo(request), input=None)
-        await self._background(pending, request, echoed, tracker, retain=True)
+        await self._background(
+            pending, request, echoed, tracker, retain=True, gate=gate, spill=spill
+        )
         return tracker.record
 
     async def handle(
@@ -393,33 +419,51 @@ class Delivery:
         *,
         retain: bool,
         counted: bool = False,
+        gate: Gate | None = None,
+        spill: Spill | None = None,
     ) -> None:
         """Finish a job in the background: run, convert, upload, the webhooks (success or
         failure), then its record (outputs kept under JOBS_DIR when ``retain``). ``counted``:
-        the job holds a MAX_PENDING_DELIVERIES place until its webhooks are delivered."""
+        the job holds a MAX_PENDING_DELIVERIES place until its webhooks are delivered. With a
+        ``gate`` (see :meth:`run_claimed`) nothing is delivered unless it answers True."""
         result: JobResult | None = None
         sent: list[asyncio.Future[bool]] = []
         try:
             result = await self.pipeline.complete(pending)
             await self.postprocess(result, request)
             urls: list[str] | None = None
+            target = upload_target(request)
+            spilled = spill(result) if target is None and spill is not None else None
+            if spilled is not None or not request.webhook:
+                urls = await self._upload(result, spilled or target)
+            if gate is not None and not await gate():
+                raise Superseded(f"job {pending.job.id} was ended by another replica first")
             if request.webhook:
                 sent += await self._send_v1(request.webhook, result)
-            else:
-                urls = await self._upload(result, upload_target(request))
-                if request.webhook_v2:
-                    sent.append(await self._send_v2(request.webhook_v2, result, echoed, urls))
+            elif request.webhook_v2:
+                sent.append(await self._send_v2(request.webhook_v2, result, echoed, urls))
             tracker.completed(result.files, urls, result.stats(), retain=retain)
+        except Superseded as exc:
+            tracker.failed(exc)
+            log.warning("%s; its result here is discarded", exc)
         except BaseException as exc:
             tracker.failed(exc)
             if not isinstance(exc, Exception):
                 raise
-            sent += await self._report_failure(pending, request, exc)
+            if gate is None or await gate():
+                sent += await self._report_failure(pending, request, exc)
         finally:
             if result is not None:
                 result.release()
             if counted:
                 self._delivered_when(sent)
+
+    async def send_failure(self, request: PromptRequest, error: dict[str, Any]) -> None:
+        """Send the failure webhook (``webhook_v2``'s ``prompt.failed``, or ``webhook``'s) of a
+        job that failed before it could run: a shared-queue job whose preparation failed on
+        the replica that claimed it, or that ran out of attempts. ``error``: its error body."""
+        job_id = request.id or str(error.get("id", ""))
+        await self._send_failure(request, job_id, msgspec.to_builtins(request.prompt), error)
 
     async def _report_failure(
         self, pending: PendingJob, request: PromptRequest, exc: Exception

@@ -599,6 +599,17 @@ class Pipeline:
             return
         await instance.registry.reconcile()
 
+    def unstarted(self, job_id: str) -> bool:
+        """True while job ``job_id`` is in flight but has not begun executing: preprocessing,
+        waiting for a slot, or pending in an instance's ComfyUI queue."""
+        job = self._active.get(job_id)
+        return (
+            job is not None
+            and not job.done.done()
+            and job.exec_start_ms is None
+            and job.state in (JobState.PREPROCESSING, JobState.QUEUED)
+        )
+
     async def interrupt(self, job_id: str) -> bool:
         """Stop job ``job_id`` wherever it is: still waiting in the sidecar's queue, pending in
         an instance's ComfyUI queue (removed), or running (interrupted by prompt_id, effective

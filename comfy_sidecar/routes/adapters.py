@@ -17,6 +17,7 @@ import msgspec
 
 from comfy_sidecar.errors import InputError, SidecarError
 from comfy_sidecar.jobs.runner import JobService
+from comfy_sidecar.jobs.shared import SharedJobs
 from comfy_sidecar.jobs.store import JobRecord, JobStatus, JobStore
 from comfy_sidecar.routes.jobs import with_data
 from comfy_sidecar.schemas import PromptNode, PromptRequest
@@ -66,10 +67,28 @@ async def submit(
             request, endpoint=endpoint, fingerprint=fingerprint(request, *extra)
         )
     except SidecarError as exc:
-        where = exc.location or ""
-        if where == "prompt" or where.startswith("prompt."):
-            exc.location = location + where.removeprefix("prompt")
+        relocate(exc, location)
         raise
+
+
+async def submit_shared(
+    shared: SharedJobs, request: PromptRequest, location: str, *extra: Any
+) -> dict[str, Any]:
+    """:func:`submit` in queue mode (JOB_QUEUE_URL): the job is checked here and appended to
+    the shared stream (:meth:`SharedJobs.submit`); returns its ``GET /jobs/{id}`` body."""
+    try:
+        return await shared.submit(request, fingerprint(request, *extra))
+    except SidecarError as exc:
+        relocate(exc, location)
+        raise
+
+
+def relocate(exc: SidecarError, location: str) -> None:
+    """Move ``exc``'s ``location`` in the prompt (``prompt.9.inputs.image``) to where the
+    adapter's body has the prompt (``location``: ``workflow.9.inputs.image``)."""
+    where = exc.location or ""
+    if where == "prompt" or where.startswith("prompt."):
+        exc.location = location + where.removeprefix("prompt")
 
 
 def check_http_url(url: str, location: str) -> None:
@@ -119,8 +138,13 @@ async def outputs_with_data(jobs: JobService, record: JobRecord) -> list[dict[st
 def error_message(record: JobRecord) -> str | None:
     """The one-line reason a job did not complete: ``Cancelled by user`` for a cancel, else
     the ``error`` of its error body; None for a job that has not failed."""
-    if record.status is JobStatus.CANCELLED:
+    return message_of(record.status, record.error)
+
+
+def message_of(status: JobStatus, error: dict[str, Any] | None) -> str | None:
+    """:func:`error_message` of a job's status and error body (a shared job's view)."""
+    if status is JobStatus.CANCELLED:
         return "Cancelled by user"
-    if record.error is None:
+    if error is None:
         return None
-    return str(record.error.get("error", "failed"))
+    return str(error.get("error", "failed"))

@@ -268,7 +268,7 @@ async def job_events(
     if jobs.shared is not None:
         if await jobs.shared.get(job_id) is None:
             raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id)
-        events = jobs.shared.follow(job_id, after, HEARTBEAT_S)
+        events = jobs.shared.follow(job_id, after, HEARTBEAT_S, previews)
     else:
         events = job_of(jobs, job_id).follow(after, HEARTBEAT_S, previews)
 

@@ -6,11 +6,13 @@ Copies its README: ``POST /submit_workflow {workflow}`` answers 202 ``{id, statu
 running, 200 ``{id, status: "COMPLETED", output: {images: [{filename, type: "base64", data}]}}``
 (every output file, not only images) or 200 ``{id, status: "FAILED", error}``. Errors keep our
 ``{error, location}`` body with the README's statuses (400 ``Invalid call_id format``, 404 for an
-unknown id) and add its ``detail`` key.
+unknown id) and add its ``detail`` key. With JOB_QUEUE_URL the job goes through the shared
+queue and any replica answers ``/status``.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from typing import Annotated, Any, Literal
 
@@ -22,13 +24,16 @@ from msgspec import Meta
 
 from comfy_sidecar.errors import InputError, NotFound
 from comfy_sidecar.jobs.runner import JobService
+from comfy_sidecar.jobs.shared import SharedJobs
 from comfy_sidecar.jobs.store import JobStatus, UnknownJob
 from comfy_sidecar.routes.adapters import (
     error_message,
+    message_of,
     new_job_id,
     outputs_with_data,
     prompt_request,
     submit,
+    submit_shared,
 )
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
 from comfy_sidecar.schemas import ErrorResponse
@@ -105,6 +110,9 @@ async def submit_workflow(data: SubmitWorkflow, jobs: JobService) -> Response[Ru
         request = prompt_request(data.workflow, new_job_id(), "workflow")
     except InputError as exc:
         raise InputError(exc.message, exc.location, detail=exc.message) from None
+    if jobs.shared is not None:  # queue mode: any replica runs it
+        view = await submit_shared(jobs.shared, request, "workflow")
+        return Response(Running(id=view["id"], call_id=view["id"]), status_code=202)
     record = await submit(jobs, request, "modal_simple", "workflow")
     return Response(Running(id=record.id, call_id=record.id), status_code=202)
 
@@ -129,6 +137,8 @@ async def workflow_status(
     """Poll a workflow."""
     if call_id is None or not _CALL_ID.match(call_id):
         raise InputError("Invalid call_id format", "call_id", detail="Invalid call_id format")
+    if jobs.shared is not None:
+        return await shared_status(jobs.shared, call_id)
     try:
         record = jobs.store.get(call_id)
     except UnknownJob:
@@ -149,6 +159,29 @@ async def workflow_status(
         Failed(id=record.id, status="FAILED", error=error_message(record) or "failed"),
         status_code=200,
     )
+
+
+async def shared_status(shared: SharedJobs, call_id: str) -> Response[Any]:
+    """``GET /status`` of a job in the shared queue (JOB_QUEUE_URL), from any replica."""
+    view = await shared.get(call_id)
+    if view is None:
+        message = f"Call ID not found or invalid: {call_id}"
+        raise NotFound(message, location="call_id", detail=message)
+    status = JobStatus(view["status"])
+    if not status.terminal:
+        return Response(Running(id=call_id, call_id=call_id), status_code=202)
+    if status is JobStatus.COMPLETED:
+        images = []
+        for index, output in enumerate(view.get("outputs") or []):
+            raw = await shared.output(call_id, index)
+            data = base64.b64encode(raw).decode("ascii") if raw is not None else ""
+            images.append(Base64Image(filename=output["filename"], type="base64", data=data))
+        return Response(
+            Completed(id=call_id, status="COMPLETED", output=Output(images=images)),
+            status_code=200,
+        )
+    error = message_of(status, view.get("error")) or "failed"
+    return Response(Failed(id=call_id, status="FAILED", error=error), status_code=200)
 
 
 ROUTES = [submit_workflow, workflow_status]

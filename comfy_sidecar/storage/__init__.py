@@ -282,6 +282,38 @@ class Storage:
             return self.http
         raise BadRequestError("unknown upload spec")
 
+    def upload_spec(self, prefix: str) -> UploadSpec:
+        """The upload block that puts files under the URL ``prefix`` (routed as downloads
+        are): ``s3://bucket[/prefix]`` -> :class:`S3Upload`; a Hub
+        ``https://huggingface.co/[datasets/]org/repo/resolve/<rev>[/dir]`` -> :class:`HFUpload`;
+        an Azure ``https://<account>.blob.core.windows.net/<container>[/prefix]`` (the
+        configured account) -> :class:`AzureBlobUpload`; any other http(s) URL ->
+        :class:`HTTPUpload` (PUT). What ``JOB_OUTPUT_URL`` names. Raises
+        :class:`BadRequestError` for anything else."""
+        import urllib.parse
+
+        base = prefix.rstrip("/")
+        parts = urllib.parse.urlsplit(base)
+        if parts.scheme == "s3":
+            if not parts.netloc:
+                raise BadRequestError("invalid s3 URL: expected s3://bucket[/prefix]")
+            return S3Upload(bucket=parts.netloc, prefix=urllib.parse.unquote(parts.path[1:]))
+        if parts.scheme not in ("http", "https"):
+            raise BadRequestError("expected an s3://, http(s)://, Hugging Face or Azure URL")
+        probe = f"{base}/_"  # the backends parse file URLs: the prefix holds a file "_"
+        if "/resolve/" in probe and self.hf.handles(probe):
+            target = self.hf.parse(probe)
+            return HFUpload(
+                repo=target.repo_id,
+                repo_type="dataset" if target.repo_type == "dataset" else "model",
+                revision=target.revision,
+                directory=target.path.rpartition("/")[0],
+            )
+        if self.azure.handles(probe):
+            _, container, blob = self.azure.parse(probe)
+            return AzureBlobUpload(container=container, blob_prefix=blob.rpartition("/")[0])
+        return HTTPUpload(url_prefix=base)
+
     def upload_url(self, spec: UploadSpec, filename: str) -> str:
         """Where :meth:`upload` puts ``filename``: ``s3://bucket/prefix/file``,
         ``https://huggingface.co/[datasets/]repo/resolve/rev/dir/file``,

@@ -198,6 +198,8 @@ def test_every_accepted_job_completes_across_a_redis_restart(
     redis_server.kill()
     refused = a.post("/jobs", json={"prompt": basic_prompt()})
     assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
+    status = a.get(f"/jobs/{ids[0]}")  # reads too: 503, never a 404 or a stale body
+    assert status.status_code == 503 and status.headers["retry-after"], status.text
     sync = a.post("/prompt", json={"prompt": basic_prompt()})  # sync /prompt stays local
     assert sync.status_code == 200, sync.text
     ready = wait_for(
