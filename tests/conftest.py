@@ -395,28 +395,25 @@ def receiver() -> Iterator[Callable[..., Receiver]]:
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
-    """``small_tmpfs(size_bytes) -> Path``: a fresh tmpfs of that size (a real full disk for
-    ENOSPC), unmounted at teardown. Skips, saying why, where ``mount`` is not allowed (not
-    root, no CAP_SYS_ADMIN)."""
+def small_tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """``small_tmpfs(size_bytes, where=None) -> Path``: a fresh tmpfs of that size (a real full
+    disk for ENOSPC) at ``where`` (default: a new folder under ``tmp_path``), unmounted at
+    teardown. Skips, saying why, where ``mount`` is not allowed (not root, no CAP_SYS_ADMIN).
+    Request it before ``spawn``, so sidecars stop before it is unmounted."""
+    from tests.tmpfs import TmpfsUnavailable, mount_tmpfs, unmount
+
     mounted: list[Path] = []
 
-    def mount(size_bytes: int) -> Path:
-        where = tmp_path / f"tmpfs{len(mounted)}"
-        where.mkdir()
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(where)],
-            capture_output=True,
-            text=True,
-        )
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
-        mounted.append(where)
-        return where
+    def mount(size_bytes: int, where: Path | None = None) -> Path:
+        try:
+            mounted.append(mount_tmpfs(where or tmp_path / f"tmpfs{len(mounted)}", size_bytes))
+        except TmpfsUnavailable as exc:
+            pytest.skip(f"cannot mount a tmpfs here: {exc}")
+        return mounted[-1]
 
     yield mount
     for where in reversed(mounted):
-        subprocess.run(["umount", "-l", str(where)], check=False)
+        unmount(where)
 
 
 def fill_up(directory: Path, leave_bytes: int = 0) -> Path:

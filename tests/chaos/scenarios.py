@@ -45,6 +45,7 @@ import httpx
 from tests.conftest import Backend, Sidecar, basic_prompt, png_bytes, slow_prompt
 from tests.receiver import Receiver
 from tests.storage.servers import FileServer
+from tests.tmpfs import TmpfsUnavailable, mount_tmpfs, unmount
 from tests.waiting import wait_for
 
 #: Open fds the sidecar may hold above its baseline once a scenario settled (keep-alive
@@ -543,25 +544,6 @@ def sigterm_with_jobs(h: Harness, runs: int, budget_s: float) -> Outcome:
     return out
 
 
-class Skip(Exception):
-    """The scenario cannot run here (the message says why)."""
-
-
-def mount_tmpfs(path: Path, size: str) -> None:
-    """``mount -t tmpfs -o size=<size>`` on ``path``; raises :class:`Skip` where mounting is
-    not allowed (not root, no CAP_SYS_ADMIN)."""
-    path.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0:
-        raise Skip("mounting a tmpfs needs root")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        raise Skip(f"mount -t tmpfs is not allowed here: {done.stderr.strip()}")
-
-
 def disk_full_cache(h: Harness, runs: int, budget_s: float) -> Outcome:
     """CACHE_DIR on a 1 MiB tmpfs; an input URL of 3 MiB fills it. That job answers 507, no
     partial entry stays in the cache, and the next jobs (a small URL input, a plain prompt)
@@ -569,8 +551,8 @@ def disk_full_cache(h: Harness, runs: int, budget_s: float) -> Outcome:
     out = Outcome("disk-full cache (tmpfs)", h.kind)
     cache = h.tmp / "cachefs"
     try:
-        mount_tmpfs(cache, "1m")
-    except Skip as exc:
+        mount_tmpfs(cache, 1024 * 1024)
+    except TmpfsUnavailable as exc:
         out.skipped = str(exc)
         return out
     files = FileServer()
@@ -600,7 +582,7 @@ def disk_full_cache(h: Harness, runs: int, budget_s: float) -> Outcome:
         sidecar.stop()
     finally:
         files.stop()
-        subprocess.run(["umount", "-l", str(cache)], capture_output=True)
+        unmount(cache)
     return out
 
 
@@ -764,4 +746,4 @@ SCENARIOS = [
 
 BY_NAME = {s.name: s for s in SCENARIOS}
 
-__all__ = ["BY_NAME", "SCENARIOS", "Harness", "Outcome", "Scenario", "Skip"]
+__all__ = ["BY_NAME", "SCENARIOS", "Harness", "Outcome", "Scenario"]

@@ -13,7 +13,6 @@ import base64
 import io
 import os
 import random
-import subprocess
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,30 +36,10 @@ def files() -> Iterator[FileServer]:
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
-    """``small_disk(dir) -> dir``: a 2 MiB tmpfs mounted at ``dir`` (created), unmounted at
-    teardown. Skips with the reason when mounting is not allowed (not root, EPERM in a
-    container). Request it before ``spawn``, so the sidecars stop before it is unmounted."""
-    mounted: list[Path] = []
-
-    def mount(where: Path) -> Path:
-        where.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() != 0:
-            pytest.skip("a tmpfs needs root (mount -t tmpfs); not running as root")
-        done = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(where)],
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode != 0:
-            pytest.skip(f"mount -t tmpfs is not permitted here: {done.stderr.strip()}")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in reversed(mounted):
-        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(where)], check=False)
+def small_disk(small_tmpfs: Callable[..., Path]) -> Callable[[Path], Path]:
+    """``small_disk(dir) -> dir``: a 2 MiB tmpfs mounted at ``dir`` (see ``small_tmpfs``).
+    Request it before ``spawn``, so the sidecars stop before it is unmounted."""
+    return lambda where: small_tmpfs(TMPFS_BYTES, where)
 
 
 def noise_png(width: int, height: int) -> bytes:
