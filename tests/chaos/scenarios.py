@@ -349,8 +349,9 @@ def sigstop_mid_job(h: Harness, runs: int, budget_s: float) -> Outcome:
 
 
 def websocket_cut(h: Harness, runs: int, budget_s: float) -> Outcome:
-    """The websocket to ComfyUI is cut with 2 jobs in flight and 3 arriving while it
-    reconnects: all 5 complete, none refused (double only: it cuts its own sockets)."""
+    """The websocket to ComfyUI is cut with 2 jobs in flight and 3 arriving while it is held
+    down (the double refuses new sockets until they arrived): all 5 complete, none refused
+    (double only: it cuts its own sockets)."""
     out = Outcome("websocket cut", h.kind)
     sidecar = h.spawn(COMFYUI_QUIET_RECONCILE_S="0.4")
     sidecar.wait_ready(h.ready_s)
@@ -360,10 +361,22 @@ def websocket_cut(h: Harness, runs: int, budget_s: float) -> Outcome:
         for _ in range(2):
             flight.send(slow_prompt(2), "complete")
         sidecar.wait_comfy_running(h.ready_s)
+        comfy(sidecar, "/__double__/refuse_websockets", {"refused": True})
         if comfy(sidecar, "/__double__/drop_websockets")["dropped"] < 1:
             out.problem("the double had no websocket to drop")
+        wait_for(
+            lambda: not sidecar.get("/health").json()["instances"][0]["connected"],
+            timeout=h.bound_s,
+            what="the sidecar to see its websocket down",
+        )
         for i in range(3):
             flight.send(basic_prompt(batch=1, prefix=f"arr{i}"), "complete")
+        wait_for(
+            lambda: sidecar.get("/health").json()["queue"]["waiting"] >= 1,
+            timeout=h.bound_s,
+            what="the arriving jobs to wait in the sidecar's queue",
+        )
+        comfy(sidecar, "/__double__/refuse_websockets", {"refused": False})
         out.count(flight.results())
     settle(out, sidecar)
     return out
