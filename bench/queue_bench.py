@@ -13,6 +13,7 @@ One job = ``POST /jobs``, then its ``GET /jobs/{id}/events`` stream read until `
 p50 <= 5 ms. The same is printed for ``GET /jobs/{id}?wait=60`` as the wait. With
 ``--baseline REF`` (e.g. ``main``), a third sidecar on Redis (its own db) runs the code of that
 git ref (``git archive``) in the same rotation, so a change is measured against it side by side.
+Also printed: Redis commands per job for each Redis sidecar (20 jobs alone, INFO stats).
 
 (b) **Throughput, 3 replicas vs 1.** The prompt takes 200 ms in the double (EmptyImage 8² ->
 DoubleTicks 4 x 50 ms -> SaveImage). A block submits ``--block`` jobs at once through one
@@ -203,6 +204,22 @@ def reclaim(http: httpx.Client, pair: list[Sidecar]) -> tuple[float, float]:
     return taken, done
 
 
+def commands_per_job(http: httpx.Client, redis_url: str, sidecar: Sidecar, jobs: int) -> float:
+    """Redis commands per tiny job through ``sidecar`` (INFO's total_commands_processed over
+    ``jobs`` sequential jobs; includes the idle claim loops of every sidecar meanwhile)."""
+    import redis as redis_client
+
+    client = redis_client.Redis.from_url(redis_url)
+    try:
+        before = int(client.info("stats")["total_commands_processed"])
+        for _ in range(jobs):
+            until_done_sse(http, sidecar, submit(http, sidecar, tiny_prompt()))
+        after = int(client.info("stats")["total_commands_processed"])
+    finally:
+        client.close()
+    return (after - before - 2) / jobs
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -244,6 +261,7 @@ def main() -> None:
     try:
         # (a)
         sse: dict[str, list[float]] = {}
+        commands: dict[str, float] = {}
         polled: dict[str, list[float]] = {}
         load_a = load_a2 = ""
         if "a" in args.parts:
@@ -257,6 +275,11 @@ def main() -> None:
             for sidecar in pair.values():
                 sidecar.wait_ready()
             per_job_ms(http, pair, 20, until_done_sse)  # warm both
+            commands = {
+                name: commands_per_job(http, redis.url, sidecar, 20)
+                for name, sidecar in pair.items()
+                if name != "in-process"
+            }
             sse = per_job_ms(http, pair, args.jobs, until_done_sse)
             load_a = loadavg()
             polled = per_job_ms(http, pair, max(20, args.jobs // 4), until_done_wait)
@@ -320,6 +343,8 @@ def main() -> None:
                     f"        {name}: p50 {p50:.1f} ms (p90 {pct(t, 0.9):.1f})"
                     f" -> overhead p50 {p50 - base:+.1f} ms"
                 )
+    for name, count in commands.items():
+        print(f"    {name}: {count:.0f} Redis commands per job (SSE wait; 20 jobs)")
     if sse:
         print("    (goal: overhead p50 <= 5 ms)")
     if rates[1] and rates[3]:
