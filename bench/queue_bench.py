@@ -13,7 +13,8 @@ One job = ``POST /jobs``, then its ``GET /jobs/{id}/events`` stream read until `
 p50 <= 5 ms. The same is printed for ``GET /jobs/{id}?wait=60`` as the wait. With
 ``--baseline REF`` (e.g. ``main``), a third sidecar on Redis (its own db) runs the code of that
 git ref (``git archive``) in the same rotation, so a change is measured against it side by side.
-Also printed: Redis commands per job for each Redis sidecar (20 jobs alone, INFO stats).
+Also printed: Redis requests and commands per job for each Redis sidecar (20 jobs alone,
+watched with MONITOR; see :func:`redis_per_job`).
 
 (b) **Throughput, 3 replicas vs 1.** The prompt takes 200 ms in the double (EmptyImage 8² ->
 DoubleTicks 4 x 50 ms -> SaveImage). A block submits ``--block`` jobs at once through one
@@ -204,20 +205,54 @@ def reclaim(http: httpx.Client, pair: list[Sidecar]) -> tuple[float, float]:
     return taken, done
 
 
-def commands_per_job(http: httpx.Client, redis_url: str, sidecar: Sidecar, jobs: int) -> float:
-    """Redis commands per tiny job through ``sidecar`` (INFO's total_commands_processed over
-    ``jobs`` sequential jobs; includes the idle claim loops of every sidecar meanwhile)."""
+def redis_per_job(
+    http: httpx.Client, redis_url: str, sidecar: Sidecar, jobs: int
+) -> tuple[float, float]:
+    """(requests, commands) Redis serves per tiny job through ``sidecar``, watched with
+    MONITOR over ``jobs`` sequential jobs (SSE wait). Requests: what clients send (a MULTI ..
+    EXEC counts once, a script once; commands of a non-transactional pipeline each count);
+    commands: every command run, those inside scripts and transactions too. Includes the
+    idle claim loops of every sidecar meanwhile (about 2 a second each)."""
+    import threading
+
     import redis as redis_client
 
     client = redis_client.Redis.from_url(redis_url)
+    counts = {"requests": 0, "commands": 0}
+    marker = f"bench-end-{random.randrange(1 << 30)}"
+    watching = threading.Event()
+
+    def watch() -> None:
+        in_multi: set[str] = set()
+        with client.monitor() as monitor:
+            watching.set()
+            while True:
+                seen = monitor.next_command()
+                if marker in seen["command"]:
+                    return
+                name = seen["command"].split(" ", 1)[0].upper()
+                who = f"{seen['client_address']}:{seen['client_port']}"
+                counts["commands"] += name not in ("MULTI", "EXEC")
+                if seen["client_type"] == "lua" or (who in in_multi and name != "EXEC"):
+                    continue
+                if name == "MULTI":
+                    in_multi.add(who)
+                elif name == "EXEC":
+                    in_multi.discard(who)
+                    continue
+                counts["requests"] += 1
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    watching.wait(10)
     try:
-        before = int(client.info("stats")["total_commands_processed"])
         for _ in range(jobs):
             until_done_sse(http, sidecar, submit(http, sidecar, tiny_prompt()))
-        after = int(client.info("stats")["total_commands_processed"])
     finally:
+        client.echo(marker)
+        watcher.join(30)
         client.close()
-    return (after - before - 2) / jobs
+    return counts["requests"] / jobs, counts["commands"] / jobs
 
 
 def pct(values: list[float], q: float) -> float:
@@ -261,7 +296,7 @@ def main() -> None:
     try:
         # (a)
         sse: dict[str, list[float]] = {}
-        commands: dict[str, float] = {}
+        commands: dict[str, tuple[float, float]] = {}
         polled: dict[str, list[float]] = {}
         load_a = load_a2 = ""
         if "a" in args.parts:
@@ -276,7 +311,7 @@ def main() -> None:
                 sidecar.wait_ready()
             per_job_ms(http, pair, 20, until_done_sse)  # warm both
             commands = {
-                name: commands_per_job(http, redis.url, sidecar, 20)
+                name: redis_per_job(http, redis.url, sidecar, 20)
                 for name, sidecar in pair.items()
                 if name != "in-process"
             }
@@ -343,8 +378,11 @@ def main() -> None:
                     f"        {name}: p50 {p50:.1f} ms (p90 {pct(t, 0.9):.1f})"
                     f" -> overhead p50 {p50 - base:+.1f} ms"
                 )
-    for name, count in commands.items():
-        print(f"    {name}: {count:.0f} Redis commands per job (SSE wait; 20 jobs)")
+    for name, (requests, count) in commands.items():
+        print(
+            f"    {name}: {requests:.0f} Redis requests ({count:.0f} commands run) per job"
+            " (SSE wait; 20 jobs under MONITOR)"
+        )
     if sse:
         print("    (goal: overhead p50 <= 5 ms)")
     if rates[1] and rates[3]:
