@@ -23,6 +23,9 @@ Keys (``P`` = :data:`PREFIX`):
 - ``P:preview:{id}``: a pub/sub channel of the job's live ``preview`` events (never kept).
 
 Ended jobs' keys expire after ``retention_s`` seconds; pending and running jobs never do.
+Writes that go together (an event with its id and the job's body, a submission, an attempt,
+the end's claim) are Lua scripts (EVAL/EVALSHA, :data:`EMIT` and the others): one round trip
+each, and atomic.
 Every method raises :class:`redis.exceptions.RedisError` (``ConnectionError`` while Redis is
 unreachable) unless it says otherwise.
 """
