@@ -23,6 +23,9 @@ Keys (``P`` = :data:`PREFIX`):
 - ``P:preview:{id}``: a pub/sub channel of the job's live ``preview`` events (never kept).
 
 Ended jobs' keys expire after ``retention_s`` seconds; pending and running jobs never do.
+Writes that go together (an event with its id and the job's body, a submission, an attempt,
+the end's claim) are Lua scripts (EVAL/EVALSHA, :data:`EMIT` and the others): one round trip
+each, and atomic.
 Every method raises :class:`redis.exceptions.RedisError` (``ConnectionError`` while Redis is
 unreachable) unless it says otherwise.
 """
@@ -60,6 +63,60 @@ EVENTS_MAX = 10_000
 
 #: Most jobs counted ahead of one for its queue position.
 POSITION_MAX = 10_000
+
+# Lua scripts: each runs in one round trip and atomically (Redis runs a script alone).
+
+#: KEYS job hash, event stream, done key; ARGV events' MAXLEN, the new ``view`` ('' keeps
+#: it), then ``type, data`` pairs. Appends the events in order (ids from the hash's ``seq``),
+#: then replaces the view unless the job has ended. Returns the last event id (0: none).
+EMIT = """
+local n = 0
+for i = 3, #ARGV, 2 do
+  n = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*',
+             'n', n, 'type', ARGV[i], 'data', ARGV[i + 1])
+end
+if ARGV[2] ~= '' and redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('HSET', KEYS[1], 'view', ARGV[2])
+end
+return n
+"""
+
+#: KEYS done key; ARGV token, seconds. 1 when the end is (or already was) this token's.
+TAKE_END = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+return 0
+"""
+
+#: KEYS job hash, index, order counter, event stream, work stream; ARGV id, view, request,
+#: events' MAXLEN, the first status event's data. Stores a new job, its first event and its
+#: work-stream entry together.
+CREATE = """
+local order = redis.call('INCR', KEYS[3])
+redis.call('HSET', KEYS[1], 'view', ARGV[2], 'request', ARGV[3], 'attempts', '[]')
+redis.call('ZADD', KEYS[2], order, ARGV[1])
+local n = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*',
+           'n', n, 'type', 'status', 'data', ARGV[5])
+local entry = redis.call('XADD', KEYS[5], '*', 'id', ARGV[1])
+redis.call('HSET', KEYS[1], 'entry', entry)
+return entry
+"""
+
+#: KEYS job hash; ARGV the attempt (JSON). Appends it to the ``attempts`` list (kept as
+#: written: spliced, not re-encoded); returns the list (JSON).
+BEGIN_ATTEMPT = """
+local raw = redis.call('HGET', KEYS[1], 'attempts')
+local out
+if not raw or string.match(raw, '^%s*%[%s*%]%s*$') or raw == '' then
+  out = '[' .. ARGV[1] .. ']'
+else
+  out = string.gsub(raw, '%]%s*$', '') .. ',' .. ARGV[1] .. ']'
+end
+redis.call('HSET', KEYS[1], 'attempts', out)
+return out
+"""
 
 
 def _stream_id(raw: bytes | str) -> tuple[int, int]:
@@ -122,6 +179,10 @@ class RedisJobs:
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         self.replica = replica
+        self._emit = self.redis.register_script(EMIT)
+        self._take_end = self.redis.register_script(TAKE_END)
+        self._create = self.redis.register_script(CREATE)
+        self._begin_attempt = self.redis.register_script(BEGIN_ATTEMPT)
         self.retention_s = retention_s
         self.lease_s = lease_s
         self.max_attempts = max_attempts
@@ -169,15 +230,16 @@ class RedisJobs:
             existing = await self.get(job_id)
             if existing is not None:
                 return existing, False
-        order = int(await self.redis.incr(ORDER))
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={"view": msgspec.json.encode(view), "request": request})
-            pipe.hset(key, "attempts", b"[]")
-            pipe.zadd(INDEX, {job_id: order})
-            await pipe.execute()
-        await self.publish(job_id, "status", {"status": view["status"]})
-        entry = await self.redis.xadd(WORK, {"id": job_id})
-        await self.redis.hset(key, "entry", entry)
+        await self._create(
+            keys=[key, INDEX, ORDER, events_key(job_id), WORK],
+            args=[
+                job_id,
+                msgspec.json.encode(view),
+                request,
+                EVENTS_MAX,
+                msgspec.json.encode({"status": view["status"]}),
+            ],
+        )
         return view, True
 
     async def position(self, job_id: str) -> int | None:
@@ -210,6 +272,20 @@ class RedisJobs:
         raw: bytes | None = await self.redis.hget(job_key(job_id), "request")
         return raw
 
+    async def load(
+        self, job_id: str
+    ) -> tuple[bool, bytes | None, list[dict[str, Any]], dict[str, Any] | None]:
+        """What a replica reads of job ``job_id`` when it claims it, in one round trip:
+        (ended, its ``/prompt`` body, its attempts, its body). ``ended`` as :meth:`ended`
+        (or not kept: then the rest is None / empty)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(done_key(job_id))
+            pipe.hmget(job_key(job_id), ["request", "attempts", "view"])
+            done, (request, attempts, view) = await pipe.execute()
+        found: list[dict[str, Any]] = msgspec.json.decode(attempts) if attempts else []
+        body: dict[str, Any] | None = msgspec.json.decode(view) if view is not None else None
+        return bool(done) or (request is None and view is None), request, found, body
+
     async def attempts(self, job_id: str) -> list[dict[str, Any]]:
         """Job ``job_id``'s attempts so far: ``[{replica, started_at}]``."""
         raw = await self.redis.hget(job_key(job_id), "attempts")
@@ -218,27 +294,39 @@ class RedisJobs:
 
     async def begin_attempt(self, job_id: str) -> list[dict[str, Any]]:
         """Record that this replica starts a run of ``job_id``; returns every attempt."""
-        found = await self.attempts(job_id)
-        found.append({"replica": self.replica, "started_at": iso(now_ms())})
-        await self.redis.hset(job_key(job_id), "attempts", msgspec.json.encode(found))
+        attempt = {"replica": self.replica, "started_at": iso(now_ms())}
+        raw = await self._begin_attempt(keys=[job_key(job_id)], args=[msgspec.json.encode(attempt)])
+        found: list[dict[str, Any]] = msgspec.json.decode(raw)
         return found
 
     async def update(self, job_id: str, view: dict[str, Any]) -> None:
         """Replace job ``job_id``'s body (while it has not ended)."""
-        if await self.redis.exists(done_key(job_id)):
-            return
-        await self.redis.hset(job_key(job_id), "view", msgspec.json.encode(view))
+        await self.emit(job_id, [], view)
 
     async def publish(self, job_id: str, kind: str, body: Any) -> int:
         """Append an event to job ``job_id``'s stream; returns its id (the SSE ``id``)."""
-        n = int(await self.redis.hincrby(job_key(job_id), "seq", 1))
-        await self.redis.xadd(
-            events_key(job_id),
-            {"n": n, "type": kind, "data": msgspec.json.encode(body)},
-            maxlen=EVENTS_MAX,
-            approximate=True,
+        return await self.emit(job_id, [(kind, body)], None)
+
+    async def emit(
+        self, job_id: str, events: list[tuple[str, Any]], view: dict[str, Any] | None
+    ) -> int:
+        """Append ``events`` (``(type, body)``, in order) to job ``job_id``'s stream, then
+        replace its body with ``view`` unless the job has ended (None: keep it); one round
+        trip, atomic. Returns the last event's id (the SSE ``id``; 0 without events)."""
+        return int(
+            await self._emit(keys=self._emit_keys(job_id), args=self._emit_args(events, view))
         )
-        return n
+
+    @staticmethod
+    def _emit_keys(job_id: str) -> list[str]:
+        return [job_key(job_id), events_key(job_id), done_key(job_id)]
+
+    @staticmethod
+    def _emit_args(events: list[tuple[str, Any]], view: dict[str, Any] | None) -> list[Any]:
+        args: list[Any] = [EVENTS_MAX, b"" if view is None else msgspec.json.encode(view)]
+        for kind, body in events:
+            args += [kind, msgspec.json.encode(body)]
+        return args
 
     async def take_end(self, job_id: str, token: str) -> bool:
         """Claim the right to end job ``job_id`` for the attempt ``token`` (unique per
@@ -249,10 +337,7 @@ class RedisJobs:
         ``2 * lease_s`` seconds until :meth:`finish` makes it permanent, so a replica dying
         between the two does not leave the job unended for good."""
         hold = max(1, int(2 * self.lease_s))
-        if await self.redis.set(done_key(job_id), token, nx=True, ex=hold):
-            return True
-        held: bytes | None = await self.redis.get(done_key(job_id))
-        return held is not None and held.decode() == token
+        return bool(await self._take_end(keys=[done_key(job_id)], args=[token, hold]))
 
     async def finish(
         self, job_id: str, view: dict[str, Any], outputs: list[bytes], token: str | None = None
@@ -260,7 +345,8 @@ class RedisJobs:
         """End job ``job_id`` with its final body ``view`` (and inline ``outputs``), once: the
         holder of the end (:meth:`take_end` with ``token``; without one a fresh claim is
         tried) writes it and returns True; everyone else writes nothing and returns False.
-        Every key of the job then expires after the retention."""
+        Every key of the job then expires after the retention. Two round trips: the claim,
+        then one transaction (outputs, body, ``done`` event, expiries)."""
         if not await self.take_end(job_id, token or f"{self.replica}:{uuid.uuid4().hex}"):
             return False
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -268,9 +354,9 @@ class RedisJobs:
                 pipe.set(output_key(job_id, index), data, ex=self._ttl)
             pipe.hset(job_key(job_id), "view", msgspec.json.encode(view))
             pipe.expire(done_key(job_id), self._ttl)
-            await pipe.execute()
-        await self.publish(job_id, "done", view)
-        async with self.redis.pipeline(transaction=False) as pipe:
+            # EVAL, not EVALSHA: a script in a pipeline costs redis-py a SCRIPT EXISTS first.
+            emit_keys = self._emit_keys(job_id)
+            pipe.eval(EMIT, len(emit_keys), *emit_keys, *self._emit_args([("done", view)], None))
             pipe.expire(job_key(job_id), self._ttl)
             pipe.expire(events_key(job_id), self._ttl)
             await pipe.execute()
@@ -278,9 +364,11 @@ class RedisJobs:
 
     async def ended(self, job_id: str) -> bool:
         """True once job ``job_id`` has ended (or is not kept at all)."""
-        if await self.redis.exists(done_key(job_id)):
-            return True
-        return not await self.redis.exists(job_key(job_id))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(done_key(job_id))
+            pipe.exists(job_key(job_id))
+            done, kept = await pipe.execute()
+        return bool(done) or not kept
 
     async def output(self, job_id: str, index: int) -> bytes | None:
         """Inline output ``index`` of job ``job_id``, or None."""

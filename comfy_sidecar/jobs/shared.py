@@ -21,9 +21,6 @@ from comfy_sidecar.jobs.store import DifferentBody, JobEvent, JobRecord, JobStat
 
 T = TypeVar("T")
 
-#: Seconds between looks at a job's status while a long-poll waits.
-POLL_S = 0.1
-
 
 async def guarded(call: Awaitable[T]) -> T:
     """``await call``, a Redis failure raised as :class:`Unavailable`."""
@@ -84,14 +81,25 @@ class SharedJobs:
         return view
 
     async def wait(self, job_id: str, wait_s: float) -> dict[str, Any] | None:
-        """Job ``job_id``'s body once it has ended or ``wait_s`` seconds have passed."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
-        while True:
-            view = await self.get(job_id)
-            if view is None or JobStatus(view["status"]).terminal or loop.time() >= deadline:
-                return view
-            await asyncio.sleep(POLL_S)
+        """Job ``job_id``'s body once it has ended or ``wait_s`` seconds have passed (None
+        when it is not kept). Waits on the job's event stream (:meth:`SharedQueue.follow`, a
+        blocking read) for its ``done``, then reads the body once: no polling."""
+        view = await self.get(job_id)
+        if view is None or JobStatus(view["status"]).terminal or wait_s <= 0:
+            return view
+        events = self.jobs.follow(job_id, 0, heartbeat_s=wait_s)
+        try:
+            async with asyncio.timeout(wait_s):
+                async for event in events:
+                    if event is not None and event.type == "done":
+                        break
+        except TimeoutError:
+            pass
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"the job queue (Redis) is unreachable: {exc}") from None
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+        return await self.get(job_id)
 
     def follow(
         self, job_id: str, after: int, heartbeat_s: float, previews: bool = False

@@ -204,22 +204,18 @@ class QueueWorker:
 
         job_id = claim.job_id
         jobs = self.jobs
-        if await self._retry(lambda: jobs.ended(job_id)):
-            return True
-        raw = await self._retry(lambda: jobs.request(job_id))
-        if raw is None:
+        ended, raw, attempts, stored = await self._retry(lambda: jobs.load(job_id))
+        if ended or raw is None:
             return True
         request = msgspec.json.decode(raw, type=PromptRequest)
-        attempts = await self._retry(lambda: jobs.attempts(job_id))
         if len(attempts) >= jobs.max_attempts:
             await self._give_up(request, job_id, attempts)
             return True
         if self.stopping:
             return False
         attempts = await self._retry(lambda: jobs.begin_attempt(job_id))
-        stored = await self._retry(lambda: jobs.get(job_id)) or {}
         token = f"{jobs.replica}:{claim.entry}:{uuid.uuid4().hex[:8]}"
-        mirror = Mirror(self, job_id, attempts, _ms(stored.get("created_at")))
+        mirror = Mirror(self, job_id, attempts, _ms((stored or {}).get("created_at")))
 
         async def gate() -> bool:
             """May this attempt end the job? Not when it is being given back, nor when
@@ -375,16 +371,24 @@ class Mirror:
             await self.task
 
     async def _write(self) -> None:
+        """Write the queued events, coalesced: every event queued while the previous write
+        was under way goes in one round trip (:meth:`SharedQueue.emit`: in order, then the
+        job's body as it is now)."""
         jobs = self.worker.jobs
-        while (item := await self.queue.get()) is not None:
-            record, event = item
-            if self.lost:
+        ending = False
+        while not ending:
+            batch: list[tuple[JobRecord, JobEvent]] = []
+            item = await self.queue.get()
+            while True:
+                if item is None:
+                    ending = True
+                    break
+                batch.append(item)
+                if self.queue.empty():
+                    break
+                item = self.queue.get_nowait()
+            if not batch or self.lost:
                 continue
-            view = self.worker.view(record, self.attempts)
-            await self._write_one(jobs, event, view)
-
-    async def _write_one(self, jobs: SharedQueue, event: JobEvent, view: dict[str, Any]) -> None:
-        body = msgspec.json.decode(event.data)
-        if event.id:
-            await self.worker._retry(lambda: jobs.publish(self.job_id, event.type, body))
-        await self.worker._retry(lambda: jobs.update(self.job_id, view))
+            events = [(e.type, msgspec.Raw(e.data)) for _, e in batch if e.id]
+            view = self.worker.view(batch[-1][0], self.attempts)
+            await self.worker._retry(functools.partial(jobs.emit, self.job_id, events, view))

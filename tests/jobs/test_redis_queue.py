@@ -252,3 +252,27 @@ def test_unknown_and_listing_without_jobs(
     (a,) = replicas(spawn, tmp_path, redis_server.url, count=1)
     response = a.get(path)
     assert response.status_code == (404 if path == "/jobs/x" else 200), response.text
+
+
+def test_a_long_poll_returns_at_its_deadline_or_at_the_end(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    """``GET /jobs/{id}?wait=S`` in queue mode waits on the job's event stream: while the job
+    runs (sending progress events) it answers the current body once S seconds have passed,
+    the final body as soon as the job ends, and 404 at once for an unknown job."""
+    from tests.jobs.test_replicas import ticking_prompt
+
+    (a,) = replicas(spawn, tmp_path, redis_server.url, count=1)
+    job_id = submit(a, ticking_prompt("long-poll", ticks=60, interval_ms=100))  # ~6 s
+    running_view(a, job_id)
+    began = time.monotonic()
+    view = job(a, job_id, wait=1.5)
+    assert time.monotonic() - began >= 1.4, "answered before its deadline"
+    assert view["status"] == "in_progress", view
+    assert 0 < view["progress_value"] < 60, view  # the mirrored progress events arrived
+    final = job(a, job_id, wait=60)
+    assert final["status"] == "completed", final
+    assert len(final["outputs"]) == 1, final
+    assert job(a, job_id, wait=30) == final  # ended: answered at once, the same body
+    unknown = a.get("/jobs/no-such-job", params={"wait": 30}, timeout=60)
+    assert unknown.status_code == 404, unknown.text
