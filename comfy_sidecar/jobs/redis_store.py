@@ -8,7 +8,8 @@ Keys (``P`` = :data:`PREFIX`):
   one idle longer than ``lease_s`` is taken over by another replica (XAUTOCLAIM).
 - ``P:job:{id}``: a hash: ``view`` (the ``GET /jobs/{id}`` body, JSON), ``request`` (the
   ``/prompt`` body, JSON), ``fingerprint``, ``attempts`` (JSON list of ``{replica, started_at}``),
-  ``seq`` (the last event id), ``entry`` (its work-stream entry id: its queue position).
+  ``seq`` (the last event id), ``entry`` (its work-stream entry id: its queue position),
+  ``after`` (a job adapter's after-end action, JSON: see :mod:`comfy_sidecar.jobs.after`).
 - ``P:events:{id}``: the job's event stream (XADD with MAXLEN; entries ``{n, type, data}``, ``n``
   the SSE id). Chosen over pub/sub + a list because one stream both replays from
   ``Last-Event-ID`` and blocks for the next event (XREAD BLOCK), on every replica, and survives
@@ -152,10 +153,15 @@ class RedisJobs:
     # --- records --------------------------------------------------------------------------
 
     async def enqueue(
-        self, view: dict[str, Any], request: bytes, fingerprint: bytes
+        self,
+        view: dict[str, Any],
+        request: bytes,
+        fingerprint: bytes,
+        after: bytes | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """Store a new job (``view`` its first body, ``request`` its ``/prompt`` JSON) and
-        append it to the work stream; returns (the stored view, created). An id already kept
+        """Store a new job (``view`` its first body, ``request`` its ``/prompt`` JSON,
+        ``after`` its adapter's after-end action) and append it to the work stream; returns
+        (the stored view, created). An id already kept
         with the same ``fingerprint`` returns that job (created False); another fingerprint
         raises :class:`~comfy_sidecar.jobs.store.DifferentBody`."""
         from comfy_sidecar.jobs.store import DifferentBody
@@ -173,6 +179,8 @@ class RedisJobs:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={"view": msgspec.json.encode(view), "request": request})
             pipe.hset(key, "attempts", b"[]")
+            if after is not None:
+                pipe.hset(key, "after", after)
             pipe.zadd(INDEX, {job_id: order})
             await pipe.execute()
         await self.publish(job_id, "status", {"status": view["status"]})
@@ -208,6 +216,12 @@ class RedisJobs:
     async def request(self, job_id: str) -> bytes | None:
         """Job ``job_id``'s ``/prompt`` body (JSON), or None."""
         raw: bytes | None = await self.redis.hget(job_key(job_id), "request")
+        return raw
+
+    async def after(self, job_id: str) -> bytes | None:
+        """Job ``job_id``'s after-end action (JSON, see :mod:`comfy_sidecar.jobs.after`), or
+        None when its adapter stored none."""
+        raw: bytes | None = await self.redis.hget(job_key(job_id), "after")
         return raw
 
     async def attempts(self, job_id: str) -> list[dict[str, Any]]:

@@ -7,7 +7,12 @@ output: [{filename, url, type: "output", node_id, output_type}]}`` with status `
 (pending), ``generating`` (running), ``completed`` or ``failed`` (failed, cancelled, timed out).
 An output's ``url`` is its upload URL, or ``/jobs/{id}/outputs/{n}``; ``output_type`` is the
 ComfyUI output key its media type gives (``images``, ``videos``, ``audio``, ``text``,
-``files``). The stream sends its progress objects (``request_id, status, message,
+``files``). With JOB_QUEUE_URL, ``/generate``, ``/generate/sync`` and ``/result/{id}`` go
+through the shared queue: any replica runs the job and answers for it, and the webhook is sent
+once, by whichever replica ends the job (see :mod:`comfy_sidecar.jobs.after`);
+``/generate/stream`` still runs its job on the replica that holds the connection (as sync
+``/prompt`` does; ``/result/{id}`` finds it there) and ``/queue-info`` counts that replica's
+jobs. The stream sends its progress objects (``request_id, status, message,
 elapsed_time, queue_position, queue_info``) and ends with ``status: "final_result"`` carrying
 ``result``. The webhook gets the result object plus ``extra_params`` when the job ends.
 
@@ -32,15 +37,17 @@ from litestar.response.sse import ServerSentEventMessage
 from msgspec import Meta
 
 from comfy_sidecar.errors import InputError
+from comfy_sidecar.jobs.after import AfterEnd
 from comfy_sidecar.jobs.runner import JobService
 from comfy_sidecar.jobs.store import JobRecord, JobStatus
 from comfy_sidecar.routes.adapters import (
     check_http_url,
-    error_message,
     estimated_wait_s,
+    message_of,
     new_job_id,
     prompt_request,
     submit,
+    submit_shared,
 )
 from comfy_sidecar.routes.jobs import HEARTBEAT_S, job_of
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
@@ -139,8 +146,9 @@ def _s3_upload(block: S3Block) -> S3Upload:
     return S3Upload(bucket=block.bucket_name, prefix=block.prefix)
 
 
-async def _submit(data: GenerateRequest, jobs: JobService, state: State) -> JobRecord:
-    """Translate and submit; the webhook (when given) is sent when the job ends."""
+def _request(data: GenerateRequest) -> Any:
+    """``data`` as a :class:`~comfy_sidecar.schemas.PromptRequest`; raises
+    :class:`InputError` naming the ``input.*`` field at fault."""
     given = data.input
     if given.workflow_json is None:
         if given.modifier is not None or given.modifications is not None:
@@ -154,13 +162,35 @@ async def _submit(data: GenerateRequest, jobs: JobService, state: State) -> JobR
     options: dict[str, Any] = {}
     if given.s3 is not None:
         options["s3"] = _s3_upload(given.s3)
-    request = prompt_request(
+    return prompt_request(
         given.workflow_json, given.request_id or new_job_id(), "input.workflow_json", **options
     )
+
+
+async def _submit(data: GenerateRequest, jobs: JobService, state: State) -> JobRecord:
+    """Translate and submit in-process; the webhook (when given) is sent when the job ends."""
+    given = data.input
+    request = _request(data)
     record = await submit(jobs, request, "aidock", "input.workflow_json", given.webhook)
     if given.webhook is not None:
         jobs.when_ended(record, _send_webhook(state, jobs, given.webhook))
     return record
+
+
+async def _submit_shared(data: GenerateRequest, jobs: JobService) -> dict[str, Any]:
+    """Translate and append to the shared queue (JOB_QUEUE_URL); the webhook goes with the
+    job and is sent by whichever replica ends it. Returns the job's ``GET /jobs/{id}`` body."""
+    assert jobs.shared is not None
+    given = data.input
+    request = _request(data)
+    after = None
+    if given.webhook is not None:
+        after = AfterEnd(
+            kind="aidock", url=given.webhook.url, extra_params=given.webhook.extra_params
+        )
+    return await submit_shared(
+        jobs.shared, request, "input.workflow_json", given.webhook, after=after
+    )
 
 
 def _send_webhook(state: State, jobs: JobService, webhook: Webhook) -> Any:
@@ -171,36 +201,48 @@ def _send_webhook(state: State, jobs: JobService, webhook: Webhook) -> Any:
     return send
 
 
-def _message(jobs: JobService, record: JobRecord) -> str:
-    status = record.status
+def webhook_body(view: dict[str, Any], after: AfterEnd) -> dict[str, Any]:
+    """The webhook body of a job whose final ``GET /jobs/{id}`` body is ``view``: its result
+    object plus ``extra_params`` (queue mode's :class:`~comfy_sidecar.jobs.after.Format`)."""
+    body: dict[str, Any] = msgspec.to_builtins(result_from_view(view))
+    return {**body, **after.extra_params}
+
+
+def _message(view: dict[str, Any]) -> str:
+    status = JobStatus(view["status"])
     if status is JobStatus.PENDING:
-        position = jobs.store.queue_position(record)
+        position = view.get("queue_position")
         return f"Queued for generation (position {(position or 0) + 1})"
     if status is JobStatus.IN_PROGRESS:
-        progress = record.progress.view()["progress"] if record.progress is not None else 0.0
-        return f"Generating: {progress:.0f}%"
+        return f"Generating: {view.get('progress') or 0.0:.0f}%"
     if status is JobStatus.COMPLETED:
         return "Generation complete"
-    return error_message(record) or "failed"
+    return message_of(status, view.get("error")) or "failed"
+
+
+def result_from_view(view: dict[str, Any]) -> Result:
+    """A job's ``GET /jobs/{id}`` body (``queue_position`` set while it waits) as ai-dock's
+    result object."""
+    return Result(
+        id=view["id"],
+        status=STATUS[JobStatus(view["status"])],
+        message=_message(view),
+        output=[
+            ResultOutput(
+                filename=o["filename"],
+                url=o.get("url"),
+                type="output",
+                node_id=o["node_id"],
+                output_type=OUTPUT_TYPE.get(o.get("media_type", ""), "files"),
+            )
+            for o in view.get("outputs") or []
+        ],
+    )
 
 
 def result_of(jobs: JobService, record: JobRecord) -> Result:
-    """``record`` as ai-dock's result object."""
-    return Result(
-        id=record.id,
-        status=STATUS[record.status],
-        message=_message(jobs, record),
-        output=[
-            ResultOutput(
-                filename=o.filename,
-                url=o.url,
-                type="output",
-                node_id=o.node_id,
-                output_type=OUTPUT_TYPE.get(o.media_type, "files"),
-            )
-            for o in record.outputs
-        ],
-    )
+    """``record`` (a job of this replica's store) as ai-dock's result object."""
+    return result_from_view(jobs.store.view(record))
 
 
 RESULT_RESPONSES = {
@@ -221,6 +263,8 @@ RESULT_RESPONSES = {
 )
 async def generate(data: GenerateRequest, jobs: JobService, state: State) -> Response[Result]:
     """Submit a generation."""
+    if jobs.shared is not None:  # queue mode: any replica runs it
+        return Response(result_from_view(await _submit_shared(data, jobs)), status_code=202)
     record = await _submit(data, jobs, state)
     return Response(result_of(jobs, record), status_code=202)
 
@@ -249,6 +293,11 @@ async def generate_sync(
     ] = SYNC_TIMEOUT_S,
 ) -> Response[Result]:
     """Run a generation and wait."""
+    if jobs.shared is not None:
+        view = await _submit_shared(data, jobs)
+        final = await jobs.shared.wait(view["id"], wait_s) or view
+        ended = JobStatus(final["status"]).terminal
+        return Response(result_from_view(final), status_code=200 if ended else 202)
     record = await _submit(data, jobs, state)
     ended = await record.wait_ended(wait_s)
     return Response(result_of(jobs, record), status_code=200 if ended else 202)
@@ -261,7 +310,7 @@ def progress_message(jobs: JobService, record: JobRecord, started: float) -> dic
     return {
         "request_id": record.id,
         "status": STATUS[record.status],
-        "message": _message(jobs, record),
+        "message": _message(jobs.store.view(record)),
         "elapsed_time": round(time.monotonic() - started, 3),
         "queue_position": {
             "current_queue": "generation",
@@ -298,7 +347,7 @@ async def generate_stream(data: GenerateRequest, jobs: JobService, state: State)
         final = {
             "request_id": record.id,
             "status": "final_result",
-            "message": _message(jobs, record),
+            "message": _message(jobs.store.view(record)),
             "elapsed_time": round(time.monotonic() - started, 3),
             "result": msgspec.to_builtins(result_of(jobs, record)),
         }
@@ -320,6 +369,10 @@ def _json(body: Any) -> str:
 )
 async def get_result(request_id: str, jobs: JobService) -> Result:
     """A generation's result."""
+    if jobs.shared is not None:  # a stream's job is this replica's own
+        view = await jobs.shared.get(request_id)
+        if view is not None:
+            return result_from_view(view)
     return result_of(jobs, job_of(jobs, request_id))
 
 
