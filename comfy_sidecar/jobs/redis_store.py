@@ -196,14 +196,30 @@ class RedisJobs:
         entry: bytes | None = await self.redis.hget(job_key(job_id), "entry")
         if entry is None:
             return None
-        last = b"0-0"
-        for group in await self.redis.xinfo_groups(WORK):
-            if group["name"] in (GROUP, GROUP.encode()):
-                last = group["last-delivered-id"]
+        last = await self._last_delivered()
         if _stream_id(entry) <= _stream_id(last):
             return None
         ahead = await self.redis.xrange(WORK, min=b"(" + last, max=b"(" + entry, count=POSITION_MAX)
         return len(ahead)
+
+    async def waiting(self) -> int:
+        """How many jobs wait in the work stream, not yet claimed by any replica (the entries
+        after the group's last delivered one, counted with XRANGE, at most
+        :data:`POSITION_MAX`; 0 before the stream exists)."""
+        try:
+            last = await self._last_delivered()
+        except ResponseError:  # no stream yet: no replica has started
+            return 0
+        ahead = await self.redis.xrange(WORK, min=b"(" + last, max="+", count=POSITION_MAX)
+        return len(ahead)
+
+    async def _last_delivered(self) -> bytes:
+        """The id of the work-stream entry last handed to a replica (``0-0``: none yet)."""
+        last: bytes = b"0-0"
+        for group in await self.redis.xinfo_groups(WORK):
+            if group["name"] in (GROUP, GROUP.encode()):
+                last = group["last-delivered-id"]
+        return last
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
         """Job ``job_id``'s ``GET /jobs/{id}`` body, or None when it is not kept."""

@@ -57,10 +57,15 @@ class SharedJobs:
         self.after_end = after_end
 
     async def submit(
-        self, request: Any, fingerprint: bytes, after: AfterEnd | None = None
+        self,
+        request: Any,
+        fingerprint: bytes,
+        after: AfterEnd | None = None,
+        endpoint: str = "jobs",
     ) -> dict[str, Any]:
         """Store the job and append it to the work stream; returns its body. ``after``: the
-        adapter's webhook, sent by whichever replica ends the job. A retained id with the
+        adapter's webhook, sent by whichever replica ends the job; ``endpoint``: the API it
+        came through (the body's ``endpoint``, the metrics' label). A retained id with the
         same body returns that job; another body raises :class:`Conflict`."""
         import uuid
 
@@ -69,7 +74,7 @@ class SharedJobs:
             await self.check(request)
         elif await guarded(self.jobs.get(request.id)) is None:
             await self.check(request)  # a kept id is a resubmission (or a 409) instead
-        view = JobRecord(id=request.id, endpoint="jobs").view()
+        view = JobRecord(id=request.id, endpoint=endpoint).view()
         view["attempts"] = []
         try:
             stored, _ = await guarded(
@@ -90,6 +95,10 @@ class SharedJobs:
         if view is not None and view.get("status") == JobStatus.PENDING.value:
             view["queue_position"] = await guarded(self.jobs.position(job_id))
         return view
+
+    async def waiting(self) -> int:
+        """How many jobs wait in the shared stream, claimed by no replica yet."""
+        return await guarded(self.jobs.waiting())
 
     async def wait(self, job_id: str, wait_s: float) -> dict[str, Any] | None:
         """Job ``job_id``'s body once it has ended or ``wait_s`` seconds have passed."""

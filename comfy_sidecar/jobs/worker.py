@@ -238,7 +238,7 @@ class QueueWorker:
         self.running.add(job_id)
         try:
             record = await self.delivery.run_claimed(
-                request, "jobs", mirror.bind, gate, self._spill
+                request, stored.get("endpoint") or "jobs", mirror.bind, gate, self._spill
             )
         except Exception as exc:  # refused before it ran: the caller's mistake, reported
             if job_id in self.releasing:  # interrupted while it downloaded its inputs

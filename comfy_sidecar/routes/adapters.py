@@ -75,6 +75,7 @@ async def submit(
 async def submit_shared(
     shared: SharedJobs,
     request: PromptRequest,
+    endpoint: str,
     location: str,
     *extra: Any,
     after: AfterEnd | None = None,
@@ -83,7 +84,7 @@ async def submit_shared(
     the shared stream (:meth:`SharedJobs.submit`) with the adapter's webhook ``after`` (sent
     by whichever replica ends it); returns its ``GET /jobs/{id}`` body."""
     try:
-        return await shared.submit(request, fingerprint(request, *extra), after)
+        return await shared.submit(request, fingerprint(request, *extra), after, endpoint)
     except SidecarError as exc:
         relocate(exc, location)
         raise

@@ -10,11 +10,11 @@ ComfyUI output key its media type gives (``images``, ``videos``, ``audio``, ``te
 ``files``). With JOB_QUEUE_URL, ``/generate``, ``/generate/sync`` and ``/result/{id}`` go
 through the shared queue: any replica runs the job and answers for it, and the webhook is sent
 once, by whichever replica ends the job (see :mod:`comfy_sidecar.jobs.after`);
-``/generate/stream`` still runs its job on the replica that holds the connection (as sync
-``/prompt`` does; ``/result/{id}`` finds it there) and ``/queue-info`` counts that replica's
-jobs. The stream sends its progress objects (``request_id, status, message,
-elapsed_time, queue_position, queue_info``) and ends with ``status: "final_result"`` carrying
-``result``. The webhook gets the result object plus ``extra_params`` when the job ends.
+``/generate/stream`` follows the job from the replica that holds the connection, and
+``/queue-info`` counts the jobs no replica has claimed yet. The stream sends its progress
+objects (``request_id, status, message, elapsed_time, queue_position, queue_info``) and ends
+with ``status: "final_result"`` carrying ``result``. The webhook gets the result object plus
+``extra_params`` when the job ends.
 
 What is not copied: ``modifier``/``modifications`` (we run no modifier classes: 400 naming
 ``input.modifier`` unless ``workflow_json`` is given) and per-request S3 credentials (uploads
@@ -39,6 +39,7 @@ from msgspec import Meta
 from comfy_sidecar.errors import InputError
 from comfy_sidecar.jobs.after import AfterEnd
 from comfy_sidecar.jobs.runner import JobService
+from comfy_sidecar.jobs.shared import SharedJobs
 from comfy_sidecar.jobs.store import JobRecord, JobStatus
 from comfy_sidecar.routes.adapters import (
     check_http_url,
@@ -46,6 +47,7 @@ from comfy_sidecar.routes.adapters import (
     message_of,
     new_job_id,
     prompt_request,
+    shared_view,
     submit,
     submit_shared,
 )
@@ -189,7 +191,7 @@ async def _submit_shared(data: GenerateRequest, jobs: JobService) -> dict[str, A
             kind="aidock", url=given.webhook.url, extra_params=given.webhook.extra_params
         )
     return await submit_shared(
-        jobs.shared, request, "input.workflow_json", given.webhook, after=after
+        jobs.shared, request, "aidock", "input.workflow_json", given.webhook, after=after
     )
 
 
@@ -303,23 +305,45 @@ async def generate_sync(
     return Response(result_of(jobs, record), status_code=200 if ended else 202)
 
 
-def progress_message(jobs: JobService, record: JobRecord, started: float) -> dict[str, Any]:
-    """One item of the stream: ai-dock's streaming data format."""
-    position = jobs.store.queue_position(record)
-    waiting = sum(1 for r in jobs.store if r.status is JobStatus.PENDING)
+def stream_message(
+    view: dict[str, Any], started: float, waiting: int, estimate_s: int | None
+) -> dict[str, Any]:
+    """One item of the stream (ai-dock's streaming data format) for a job whose
+    ``GET /jobs/{id}`` body is ``view``: ``started`` is when the request came
+    (``time.monotonic()``), ``waiting`` how many jobs wait to be run, ``estimate_s`` the
+    seconds until this one is likely done (None: unknown)."""
+    position = view.get("queue_position")
     return {
-        "request_id": record.id,
-        "status": STATUS[record.status],
-        "message": _message(jobs.store.view(record)),
+        "request_id": view["id"],
+        "status": STATUS[JobStatus(view["status"])],
+        "message": _message(view),
         "elapsed_time": round(time.monotonic() - started, 3),
         "queue_position": {
             "current_queue": "generation",
             "position": None if position is None else position + 1,
             "queue_size": waiting,
-            "estimated_wait_time": estimated_wait_s(jobs.store, record),
+            "estimated_wait_time": estimate_s,
         },
-        "queue_info": _queue_info(jobs),
+        "queue_info": _sizes(waiting),
     }
+
+
+def final_message(view: dict[str, Any], started: float) -> dict[str, Any]:
+    """The stream's last item: ``status: final_result`` with the result object."""
+    return {
+        "request_id": view["id"],
+        "status": "final_result",
+        "message": _message(view),
+        "elapsed_time": round(time.monotonic() - started, 3),
+        "result": msgspec.to_builtins(result_from_view(view)),
+    }
+
+
+def progress_message(jobs: JobService, record: JobRecord, started: float) -> dict[str, Any]:
+    """:func:`stream_message` of a job of this replica's store."""
+    waiting = sum(1 for r in jobs.store if r.status is JobStatus.PENDING)
+    estimate = estimated_wait_s(jobs.store, record)
+    return stream_message(jobs.store.view(record), started, waiting, estimate)
 
 
 @post(
@@ -335,6 +359,8 @@ def progress_message(jobs: JobService, record: JobRecord, started: float) -> dic
 async def generate_stream(data: GenerateRequest, jobs: JobService, state: State) -> ServerSentEvent:
     """Run a generation and stream its progress."""
     started = time.monotonic()
+    if jobs.shared is not None:
+        return _shared_stream(jobs.shared, await _submit_shared(data, jobs), started)
     record = await _submit(data, jobs, state)
 
     async def messages() -> Any:
@@ -344,14 +370,28 @@ async def generate_stream(data: GenerateRequest, jobs: JobService, state: State)
                 yield ServerSentEventMessage(comment="keep-alive")
             elif event.type in ("status", "progress"):
                 yield ServerSentEventMessage(data=_json(progress_message(jobs, record, started)))
-        final = {
-            "request_id": record.id,
-            "status": "final_result",
-            "message": _message(jobs.store.view(record)),
-            "elapsed_time": round(time.monotonic() - started, 3),
-            "result": msgspec.to_builtins(result_of(jobs, record)),
-        }
+        final = final_message(jobs.store.view(record), started)
         yield ServerSentEventMessage(data=_json(final))
+
+    return ServerSentEvent(messages())
+
+
+def _shared_stream(shared: SharedJobs, view: dict[str, Any], started: float) -> ServerSentEvent:
+    """``/generate/stream`` of a job in the shared queue: its events from whichever replica
+    runs it; ``estimated_wait_time`` is null (no replica knows the others' run times)."""
+    job_id = view["id"]
+
+    async def messages() -> Any:
+        current = view
+        async for event in shared.follow(job_id, 0, HEARTBEAT_S):
+            if event is None:
+                yield ServerSentEventMessage(comment="keep-alive")
+            elif event.type in ("status", "progress"):
+                current = await shared.get(job_id) or current
+                message = stream_message(current, started, await shared.waiting(), None)
+                yield ServerSentEventMessage(data=_json(message))
+        final = await shared.get(job_id) or current
+        yield ServerSentEventMessage(data=_json(final_message(final, started)))
 
     return ServerSentEvent(messages())
 
@@ -369,18 +409,15 @@ def _json(body: Any) -> str:
 )
 async def get_result(request_id: str, jobs: JobService) -> Result:
     """A generation's result."""
-    if jobs.shared is not None:  # a stream's job is this replica's own
-        view = await jobs.shared.get(request_id)
-        if view is not None:
-            return result_from_view(view)
+    if jobs.shared is not None:
+        return result_from_view(await shared_view(jobs.shared, request_id))
     return result_of(jobs, job_of(jobs, request_id))
 
 
-def _queue_info(jobs: JobService) -> dict[str, int]:
-    pending = sum(1 for r in jobs.store if r.status is JobStatus.PENDING)
+def _sizes(waiting: int) -> dict[str, int]:
     return {
         "preprocess_queue_size": 0,
-        "generation_queue_size": pending,
+        "generation_queue_size": waiting,
         "postprocess_queue_size": 0,
     }
 
@@ -389,11 +426,14 @@ def _queue_info(jobs: JobService) -> dict[str, int]:
     "/queue-info",
     summary="Queue sizes (ai-dock)",
     tags=["ai-dock"],
-    description="Jobs waiting per stage: ours wait only for generation (ComfyUI's queue).",
+    description="Jobs waiting per stage: ours wait only for generation (ComfyUI's queue; "
+    "with JOB_QUEUE_URL, the jobs no replica has claimed yet).",
 )
 async def queue_info(jobs: JobService) -> QueueInfo:
     """Queue sizes."""
-    return QueueInfo(**_queue_info(jobs))
+    if jobs.shared is not None:
+        return QueueInfo(**_sizes(await jobs.shared.waiting()))
+    return QueueInfo(**_sizes(sum(1 for r in jobs.store if r.status is JobStatus.PENDING)))
 
 
 ROUTES = [generate, generate_sync, generate_stream, get_result, queue_info]

@@ -380,7 +380,9 @@ async def _submit_shared(data: ModalJobRequest, shared: SharedJobs) -> ModalJobA
     if data.webhook_url is not None:
         after = AfterEnd(kind="modal_jobs", url=data.webhook_url)
     try:
-        view = await submit_shared(shared, request, "workflow", data.webhook_url, after=after)
+        view = await submit_shared(
+            shared, request, "modal_jobs", "workflow", data.webhook_url, after=after
+        )
     except SidecarError as exc:  # name the media item, not the input it fed
         where = exc.location or ""
         for field, origin in origins.items():

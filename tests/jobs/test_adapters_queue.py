@@ -6,6 +6,8 @@ sidecars, each in front of its own ComfyUI double, on one real redis-server."""
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import json
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,23 @@ __all__ = ["redis_server"]  # the fixture, used by name
 
 def delete(sidecar: Sidecar, path: str) -> httpx.Response:
     return sidecar.client.delete(sidecar.url + path, timeout=30)
+
+
+def stream_events(
+    sidecar: Sidecar, payload: dict[str, Any], seen: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``/generate/stream``'s messages, each appended to ``seen`` as it arrives, up to and
+    including ``final_result``."""
+    with sidecar.client.stream(
+        "POST", f"{sidecar.url}/generate/stream", json=payload, timeout=120
+    ) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                seen.append(json.loads(line.removeprefix("data:").strip()))
+                if seen[-1].get("status") == "final_result":
+                    break
+    return seen
 
 
 def hooks_by_id(hook: Receiver) -> dict[str, int]:
@@ -80,6 +99,7 @@ def test_aidock_generate_is_answered_by_any_replica_and_webhooked_once(
         assert output["url"] == f"/jobs/{request_id}/outputs/0"
         assert other.get(output["url"]).content.startswith(b"\x89PNG")
     assert executions(a) + executions(b) == 4, "each job ran once"
+    assert job(a, ids[0])["endpoint"] == "aidock"
 
     delivered = hook.wait_for(4, timeout=60)
     # A barrier: a later job's webhook has arrived, so a duplicate of the first four would have.
@@ -104,6 +124,49 @@ def test_aidock_generate_is_answered_by_any_replica_and_webhooked_once(
     assert synced.status_code == 200, synced.text
     assert synced.json()["status"] == "completed" and synced.json()["output"]
     assert b.get("/result/no-such-request").status_code == 404
+
+
+def test_aidock_stream_and_queue_info_cover_every_replica(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    # One job per replica at a time: two slow jobs run, the streamed one waits in the stream.
+    a, b = replicas(spawn, tmp_path, redis_server.url, MAX_JOBS_PER_INSTANCE="1")
+    slow = {"input": {"workflow_json": slow_prompt(blurs=40, size=2048)}}
+    busy = [a.post("/generate", json=slow).json()["id"] for _ in range(2)]
+    for job_id in busy:
+        wait_for(
+            lambda j=job_id: b.get(f"/result/{j}").json()["status"] == "generating",
+            timeout=60,
+            what=f"{job_id} to run",
+        )
+    assert b.get("/queue-info").json()["generation_queue_size"] == 0
+    request_id = f"stream-{uuid.uuid4().hex[:8]}"
+    payload = {"input": {"request_id": request_id, "workflow_json": basic_prompt(1)}}
+    seen: list[dict[str, Any]] = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        streamed = pool.submit(stream_events, b, payload, seen)
+        wait_for(lambda: seen, timeout=30, what="the stream's first message")
+        assert a.get("/queue-info").json()["generation_queue_size"] == 1
+        for job_id in busy:
+            assert a.post(f"/jobs/{job_id}/cancel").status_code == 200
+        events = streamed.result(timeout=120)
+    *progress, final = events
+    assert (final["status"], final["request_id"]) == ("final_result", request_id)
+    assert final["result"]["status"] == "completed" and final["result"]["output"]
+    queued = progress[0]
+    assert (
+        queued["status"] == "queued" and queued["message"] == "Queued for generation (position 1)"
+    )
+    assert queued["queue_position"] == {
+        "current_queue": "generation",
+        "position": 1,
+        "queue_size": 1,
+        "estimated_wait_time": None,
+    }
+    assert queued["queue_info"]["generation_queue_size"] == 1
+    assert "generating" in [data["status"] for data in progress]
+    assert a.get(f"/result/{request_id}").json() == final["result"]
+    assert b.get("/queue-info").json()["generation_queue_size"] == 0
 
 
 def test_modal_jobs_with_media_run_anywhere_and_webhook_once(
@@ -153,6 +216,7 @@ def test_modal_jobs_with_media_run_anywhere_and_webhook_once(
         assert base64.b64decode(output["data"])[:8] == b"\x89PNG\r\n\x1a\n"
         assert output["size_bytes"] == len(base64.b64decode(output["data"]))
 
+    assert job(a, ids[0])["endpoint"] == "modal_jobs"
     listed = {entry["job_id"]: entry for entry in b.get("/v1/jobs").json()["jobs"]}
     assert all(listed[job_id]["status"] == "completed" for job_id in ids)
     assert all(listed[job_id]["progress"] == 100 for job_id in ids)
