@@ -378,16 +378,25 @@ async def generate_stream(data: GenerateRequest, jobs: JobService, state: State)
 
 def _shared_stream(shared: SharedJobs, view: dict[str, Any], started: float) -> ServerSentEvent:
     """``/generate/stream`` of a job in the shared queue: its events from whichever replica
-    runs it; ``estimated_wait_time`` is null (no replica knows the others' run times)."""
+    runs it, each message built from the events so far (the stored body may lag behind
+    them); ``estimated_wait_time`` is null (no replica knows the others' run times)."""
     job_id = view["id"]
 
     async def messages() -> Any:
-        current = view
+        current = dict(view)
         async for event in shared.follow(job_id, 0, HEARTBEAT_S):
             if event is None:
                 yield ServerSentEventMessage(comment="keep-alive")
             elif event.type in ("status", "progress"):
-                current = await shared.get(job_id) or current
+                data = msgspec.json.decode(event.data)
+                if event.type == "status":
+                    current["status"] = data["status"]
+                else:
+                    current.update(data)
+                position = None
+                if current["status"] == JobStatus.PENDING.value:
+                    position = ((await shared.get(job_id)) or {}).get("queue_position")
+                current["queue_position"] = position
                 message = stream_message(current, started, await shared.waiting(), None)
                 yield ServerSentEventMessage(data=_json(message))
         final = await shared.get(job_id) or current

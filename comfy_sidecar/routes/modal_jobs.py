@@ -198,11 +198,7 @@ class MediaFolder:
     async def add_media(self, index: int, item: MediaItem) -> str:
         """Write media item ``index`` as ``<folder>/<name>``; returns that name."""
         where = f"media.{index}"
-        name = item.name
-        if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
-            raise InputError("must be a file name without folders", f"{where}.name")
-        if (item.data is None) == (item.url is None):
-            raise InputError("give exactly one of `data` and `url`", where)
+        name = check_media_item(index, item)
         if item.url is not None:
             staged = await self._download(item.url, f"{where}.url")
             os.replace(self.input_dir / staged, self.path / name)
@@ -229,6 +225,17 @@ class MediaFolder:
         if self._lease is not None:
             self._lease.release()
             self._lease = None
+
+
+def check_media_item(index: int, item: MediaItem) -> str:
+    """Media item ``index``'s name; :class:`InputError` at ``media.N.name`` when it is not a
+    plain file name, at ``media.N`` unless exactly one of ``data`` and ``url`` is given."""
+    name = item.name
+    if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+        raise InputError("must be a file name without folders", f"media.{index}.name")
+    if (item.data is None) == (item.url is None):
+        raise InputError("give exactly one of `data` and `url`", f"media.{index}")
+    return name
 
 
 def _decode(value: str, location: str) -> bytes:
@@ -326,14 +333,10 @@ def inline_workflow(data: ModalJobRequest) -> tuple[dict[str, Any], dict[str, st
     values: dict[str, tuple[int, str]] = {}
     for index, item in enumerate(data.media):
         where = f"media.{index}"
-        name = item.name
-        if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
-            raise InputError("must be a file name without folders", f"{where}.name")
+        name = check_media_item(index, item)
         if name in seen:
             raise InputError("a media item with this name came earlier", f"{where}.name")
         seen.add(name)
-        if (item.data is None) == (item.url is None):
-            raise InputError("give exactly one of `data` and `url`", where)
         if item.url is not None:
             values[name] = (index, item.url)
         else:
