@@ -2,8 +2,9 @@
 jitter) and the one-line reason an HTTP attempt failed.
 
 The delay is used by the webhook dispatcher (between delivery attempts), Salad's deletion-cost
-sender (between failed PUTs), the ComfyUI websocket (between reconnects) and the supervisor
-(between ComfyUI restarts); the reason by the first two, in their retry warnings.
+sender (between failed PUTs), the ComfyUI websocket (between reconnects), the supervisor
+(between ComfyUI restarts) and the job adapters' after-end webhooks in queue mode (between
+reads of the action from Redis); the reason by the first two, in their retry warnings.
 """
 
 from __future__ import annotations

@@ -236,7 +236,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         str | None,
         Var("JOB_QUEUE_URL", None, optional_redis_url, new=True),
         "`redis://[user:pass@]host:port/db` (`rediss://` for TLS): keep jobs and their queue "
-        "in Redis, so every replica takes and answers for any `/jobs` job. Unset: in-process.",
+        "in Redis, so every replica takes and answers for any job of `/jobs` and of the job "
+        "adapters (Modal, ai-dock). Unset: in-process.",
     ]
     job_lease_s: Annotated[
         float,

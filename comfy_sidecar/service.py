@@ -140,9 +140,11 @@ class Sidecar:
 
     def _shared_queue(self) -> Any:
         """JOB_QUEUE_URL: jobs of the job API kept in Redis, claimed by free replicas."""
+        from comfy_sidecar.jobs.after import AfterEnds
         from comfy_sidecar.jobs.redis_store import RedisJobs
         from comfy_sidecar.jobs.shared import SharedJobs
         from comfy_sidecar.jobs.worker import QueueWorker
+        from comfy_sidecar.routes import aidock, modal_jobs
 
         settings = self.settings
         assert settings.job_queue_url is not None
@@ -154,7 +156,18 @@ class Sidecar:
             lease_s=settings.job_lease_s,
             max_attempts=settings.job_max_attempts,
         )
-        self.jobs.shared = SharedJobs(redis_jobs, self._check_job, self.delivery.send_failure)
+
+        async def send(url: str, body: dict[str, Any], job_id: str) -> None:
+            await self.webhooks.send_prompt(url, body, job_id, order_key=job_id)
+
+        after_end = AfterEnds(
+            redis_jobs,
+            send,
+            {"aidock": aidock.webhook_body, "modal_jobs": modal_jobs.webhook_body},
+        )
+        self.jobs.shared = SharedJobs(
+            redis_jobs, self._check_job, self.delivery.send_failure, after_end
+        )
         spill_to = None
         if settings.job_output_url is not None:
             base = settings.job_output_url.rstrip("/")
@@ -170,6 +183,7 @@ class Sidecar:
             self.spawn,
             settings.job_inline_output_mb,
             spill_to,
+            after_end,
         )
 
     async def _check_job(self, request: Any) -> None:

@@ -8,7 +8,8 @@ Keys (``P`` = :data:`PREFIX`):
   one idle longer than ``lease_s`` is taken over by another replica (XAUTOCLAIM).
 - ``P:job:{id}``: a hash: ``view`` (the ``GET /jobs/{id}`` body, JSON), ``request`` (the
   ``/prompt`` body, JSON), ``fingerprint``, ``attempts`` (JSON list of ``{replica, started_at}``),
-  ``seq`` (the last event id), ``entry`` (its work-stream entry id: its queue position).
+  ``seq`` (the last event id), ``entry`` (its work-stream entry id: its queue position),
+  ``after`` (a job adapter's after-end action, JSON: see :mod:`comfy_sidecar.jobs.after`).
 - ``P:events:{id}``: the job's event stream (XADD with MAXLEN; entries ``{n, type, data}``, ``n``
   the SSE id). Chosen over pub/sub + a list because one stream both replays from
   ``Last-Event-ID`` and blocks for the next event (XREAD BLOCK), on every replica, and survives
@@ -90,11 +91,14 @@ return 0
 """
 
 #: KEYS job hash, index, order counter, event stream, work stream; ARGV id, view, request,
-#: events' MAXLEN, the first status event's data. Stores a new job, its first event and its
-#: work-stream entry together.
+#: events' MAXLEN, the first status event's data, its after-end action (``''``: none). Stores
+#: a new job, its first event and its work-stream entry together.
 CREATE = """
 local order = redis.call('INCR', KEYS[3])
 redis.call('HSET', KEYS[1], 'view', ARGV[2], 'request', ARGV[3], 'attempts', '[]')
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[1], 'after', ARGV[6])
+end
 redis.call('ZADD', KEYS[2], order, ARGV[1])
 local n = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*',
@@ -213,10 +217,15 @@ class RedisJobs:
     # --- records --------------------------------------------------------------------------
 
     async def enqueue(
-        self, view: dict[str, Any], request: bytes, fingerprint: bytes
+        self,
+        view: dict[str, Any],
+        request: bytes,
+        fingerprint: bytes,
+        after: bytes | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """Store a new job (``view`` its first body, ``request`` its ``/prompt`` JSON) and
-        append it to the work stream; returns (the stored view, created). An id already kept
+        """Store a new job (``view`` its first body, ``request`` its ``/prompt`` JSON,
+        ``after`` its adapter's after-end action) and append it to the work stream; returns
+        (the stored view, created). An id already kept
         with the same ``fingerprint`` returns that job (created False); another fingerprint
         raises :class:`~comfy_sidecar.jobs.store.DifferentBody`."""
         from comfy_sidecar.jobs.store import DifferentBody
@@ -238,6 +247,7 @@ class RedisJobs:
                 request,
                 EVENTS_MAX,
                 msgspec.json.encode({"status": view["status"]}),
+                after or b"",
             ],
         )
         return view, True
@@ -250,14 +260,30 @@ class RedisJobs:
         entry: bytes | None = await self.redis.hget(job_key(job_id), "entry")
         if entry is None:
             return None
-        last = b"0-0"
-        for group in await self.redis.xinfo_groups(WORK):
-            if group["name"] in (GROUP, GROUP.encode()):
-                last = group["last-delivered-id"]
+        last = await self._last_delivered()
         if _stream_id(entry) <= _stream_id(last):
             return None
         ahead = await self.redis.xrange(WORK, min=b"(" + last, max=b"(" + entry, count=POSITION_MAX)
         return len(ahead)
+
+    async def waiting(self) -> int:
+        """How many jobs wait in the work stream, not yet claimed by any replica (the entries
+        after the group's last delivered one, counted with XRANGE, at most
+        :data:`POSITION_MAX`; 0 before the stream exists)."""
+        try:
+            last = await self._last_delivered()
+        except ResponseError:  # no stream yet: no replica has started
+            return 0
+        ahead = await self.redis.xrange(WORK, min=b"(" + last, max="+", count=POSITION_MAX)
+        return len(ahead)
+
+    async def _last_delivered(self) -> bytes:
+        """The id of the work-stream entry last handed to a replica (``0-0``: none yet)."""
+        last: bytes = b"0-0"
+        for group in await self.redis.xinfo_groups(WORK):
+            if group["name"] in (GROUP, GROUP.encode()):
+                last = group["last-delivered-id"]
+        return last
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
         """Job ``job_id``'s ``GET /jobs/{id}`` body, or None when it is not kept."""
@@ -285,6 +311,12 @@ class RedisJobs:
         found: list[dict[str, Any]] = msgspec.json.decode(attempts) if attempts else []
         body: dict[str, Any] | None = msgspec.json.decode(view) if view is not None else None
         return bool(done) or (request is None and view is None), request, found, body
+
+    async def after(self, job_id: str) -> bytes | None:
+        """Job ``job_id``'s after-end action (JSON, see :mod:`comfy_sidecar.jobs.after`), or
+        None when its adapter stored none."""
+        raw: bytes | None = await self.redis.hget(job_key(job_id), "after")
+        return raw
 
     async def attempts(self, job_id: str) -> list[dict[str, Any]]:
         """Job ``job_id``'s attempts so far: ``[{replica, started_at}]``."""

@@ -16,6 +16,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from comfy_sidecar.errors import Conflict, Interrupted, Unavailable
+from comfy_sidecar.jobs.after import AfterEnd, encode, nothing
 from comfy_sidecar.jobs.backend import SharedQueue
 from comfy_sidecar.jobs.store import DifferentBody, JobEvent, JobRecord, JobStatus, iso, now_ms
 
@@ -41,16 +42,28 @@ class SharedJobs:
         jobs: SharedQueue,
         check: Callable[[Any], Awaitable[None]],
         send_failure: Callable[[Any, dict[str, Any]], Awaitable[None]],
+        after_end: Callable[[str, dict[str, Any]], Awaitable[None]] = nothing,
     ) -> None:
         self.jobs = jobs
         self.check = check
         #: ``send_failure(request, error)``: a job's failure webhook (see
         #: :meth:`~comfy_sidecar.pipeline.deliver.Delivery.send_failure`).
         self.send_failure = send_failure
+        #: ``after_end(job_id, view)``: its adapter's webhook, for a job ended here
+        #: (:class:`~comfy_sidecar.jobs.after.AfterEnds`).
+        self.after_end = after_end
 
-    async def submit(self, request: Any, fingerprint: bytes) -> dict[str, Any]:
-        """Store the job and append it to the work stream; returns its body. A retained id
-        with the same body returns that job; another body raises :class:`Conflict`."""
+    async def submit(
+        self,
+        request: Any,
+        fingerprint: bytes,
+        after: AfterEnd | None = None,
+        endpoint: str = "jobs",
+    ) -> dict[str, Any]:
+        """Store the job and append it to the work stream; returns its body. ``after``: the
+        adapter's webhook, sent by whichever replica ends the job; ``endpoint``: the API it
+        came through (the body's ``endpoint``, the metrics' label). A retained id with the
+        same body returns that job; another body raises :class:`Conflict`."""
         import uuid
 
         if request.id is None:
@@ -58,11 +71,11 @@ class SharedJobs:
             await self.check(request)
         elif await guarded(self.jobs.get(request.id)) is None:
             await self.check(request)  # a kept id is a resubmission (or a 409) instead
-        view = JobRecord(id=request.id, endpoint="jobs").view()
+        view = JobRecord(id=request.id, endpoint=endpoint).view()
         view["attempts"] = []
         try:
             stored, _ = await guarded(
-                self.jobs.enqueue(view, msgspec.json.encode(request), fingerprint)
+                self.jobs.enqueue(view, msgspec.json.encode(request), fingerprint, encode(after))
             )
         except DifferentBody:
             raise Conflict(
@@ -79,6 +92,10 @@ class SharedJobs:
         if view is not None and view.get("status") == JobStatus.PENDING.value:
             view["queue_position"] = await guarded(self.jobs.position(job_id))
         return view
+
+    async def waiting(self) -> int:
+        """How many jobs wait in the shared stream, claimed by no replica yet."""
+        return await guarded(self.jobs.waiting())
 
     async def wait(self, job_id: str, wait_s: float) -> dict[str, Any] | None:
         """Job ``job_id``'s body once it has ended or ``wait_s`` seconds have passed (None
@@ -111,7 +128,8 @@ class SharedJobs:
     async def cancel(self, job_id: str, view: dict[str, Any]) -> tuple[bool, str]:
         """Cancel job ``job_id`` (body ``view``) wherever it is: a pending one ends
         ``cancelled`` at once (with its failure webhook, as in-process), a running one is
-        interrupted by its replica. Returns (cancelled, status)."""
+        interrupted by its replica (which sends the webhooks). Its adapter's webhook
+        (``after_end``) is sent by whichever replica ends it. Returns (cancelled, status)."""
         from comfy_sidecar.schemas import PromptRequest
 
         status = JobStatus(view["status"])
@@ -129,6 +147,7 @@ class SharedJobs:
                 if raw is not None:
                     request = msgspec.json.decode(raw, type=PromptRequest)
                     await self.send_failure(request, error)
+                await self.after_end(job_id, ended)
                 return True, JobStatus.CANCELLED.value
         await guarded(self.jobs.request_cancel(job_id))
         final = await self.wait(job_id, 10.0) or view

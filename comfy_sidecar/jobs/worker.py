@@ -23,6 +23,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from comfy_sidecar.errors import OutputsTooLarge
+from comfy_sidecar.jobs.after import nothing
 from comfy_sidecar.jobs.backend import SharedQueue
 from comfy_sidecar.jobs.redis_store import Claim
 from comfy_sidecar.jobs.runner import error_body
@@ -52,6 +53,7 @@ class QueueWorker:
         spawn: Callable[[Awaitable[Any]], Any],
         inline_mb: float,
         spill_to: Callable[[str], Any] | None = None,
+        after_end: Callable[[str, dict[str, Any]], Awaitable[None]] = nothing,
     ) -> None:
         self.jobs = jobs
         self.delivery = delivery
@@ -61,6 +63,9 @@ class QueueWorker:
         self.inline_bytes = int(inline_mb * 1024 * 1024)
         #: ``spill_to(job_id)``: the upload block under JOB_OUTPUT_URL for that job, if set.
         self.spill_to = spill_to
+        #: ``after_end(job_id, view)``: the adapter's webhook of a job this replica ended
+        #: (:class:`~comfy_sidecar.jobs.after.AfterEnds`).
+        self.after_end = after_end
         self.held: dict[str, Claim] = {}  # entry id -> claim
         self.running: set[str] = set()  # job ids
         self.releasing: set[str] = set()  # job ids given back unstarted at SIGTERM
@@ -215,7 +220,8 @@ class QueueWorker:
             return False
         attempts = await self._retry(lambda: jobs.begin_attempt(job_id))
         token = f"{jobs.replica}:{claim.entry}:{uuid.uuid4().hex[:8]}"
-        mirror = Mirror(self, job_id, attempts, _ms((stored or {}).get("created_at")))
+        stored = stored or {}
+        mirror = Mirror(self, job_id, attempts, _ms(stored.get("created_at")))
 
         async def gate() -> bool:
             """May this attempt end the job? Not when it is being given back, nor when
@@ -229,7 +235,7 @@ class QueueWorker:
         self.running.add(job_id)
         try:
             record = await self.delivery.run_claimed(
-                request, "jobs", mirror.bind, gate, self._spill
+                request, stored.get("endpoint") or "jobs", mirror.bind, gate, self._spill
             )
         except Exception as exc:  # refused before it ran: the caller's mistake, reported
             if job_id in self.releasing:  # interrupted while it downloaded its inputs
@@ -243,6 +249,7 @@ class QueueWorker:
             )
             if await self._retry(lambda: jobs.finish(job_id, view, [], token)):
                 await self.delivery.send_failure(request, view["error"])
+                await self.after_end(job_id, view)
             return True
         finally:
             self.running.discard(job_id)
@@ -275,6 +282,7 @@ class QueueWorker:
         )
         if await self._retry(lambda: self.jobs.finish(job_id, view, [])):
             await self.delivery.send_failure(request, error)
+            await self.after_end(job_id, view)
 
     def _spill(self, result: JobResult) -> tuple[str, Any] | None:
         """Where outputs of a job that names no upload target go when they exceed
@@ -301,6 +309,8 @@ class QueueWorker:
         outputs = [await asyncio.to_thread(path.read_bytes) for path in record.files]
         if not await self._retry(lambda: self.jobs.finish(record.id, view, outputs, token)):
             log.warning("job %s: ended by another replica first; this run is discarded", record.id)
+        else:
+            await self.after_end(record.id, view)
         self.delivery.store.drop(record)
 
     def view(self, record: JobRecord, attempts: list[dict[str, Any]]) -> dict[str, Any]:

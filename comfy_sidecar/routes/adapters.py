@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from comfy_sidecar.errors import InputError, SidecarError
+from comfy_sidecar.errors import InputError, NotFound, SidecarError
+from comfy_sidecar.jobs.after import AfterEnd
 from comfy_sidecar.jobs.runner import JobService
 from comfy_sidecar.jobs.shared import SharedJobs
 from comfy_sidecar.jobs.store import JobRecord, JobStatus, JobStore
@@ -72,15 +73,30 @@ async def submit(
 
 
 async def submit_shared(
-    shared: SharedJobs, request: PromptRequest, location: str, *extra: Any
+    shared: SharedJobs,
+    request: PromptRequest,
+    endpoint: str,
+    location: str,
+    *extra: Any,
+    after: AfterEnd | None = None,
 ) -> dict[str, Any]:
     """:func:`submit` in queue mode (JOB_QUEUE_URL): the job is checked here and appended to
-    the shared stream (:meth:`SharedJobs.submit`); returns its ``GET /jobs/{id}`` body."""
+    the shared stream (:meth:`SharedJobs.submit`) with the adapter's webhook ``after`` (sent
+    by whichever replica ends it); returns its ``GET /jobs/{id}`` body."""
     try:
-        return await shared.submit(request, fingerprint(request, *extra))
+        return await shared.submit(request, fingerprint(request, *extra), after, endpoint)
     except SidecarError as exc:
         relocate(exc, location)
         raise
+
+
+async def shared_view(shared: SharedJobs, job_id: str) -> dict[str, Any]:
+    """Job ``job_id``'s ``GET /jobs/{id}`` body in the shared queue, from any replica;
+    :class:`NotFound` (404, as :func:`~comfy_sidecar.routes.jobs.job_of`) when not kept."""
+    view = await shared.get(job_id)
+    if view is None:
+        raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id)
+    return view
 
 
 def relocate(exc: SidecarError, location: str) -> None:

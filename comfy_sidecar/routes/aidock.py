@@ -7,9 +7,14 @@ output: [{filename, url, type: "output", node_id, output_type}]}`` with status `
 (pending), ``generating`` (running), ``completed`` or ``failed`` (failed, cancelled, timed out).
 An output's ``url`` is its upload URL, or ``/jobs/{id}/outputs/{n}``; ``output_type`` is the
 ComfyUI output key its media type gives (``images``, ``videos``, ``audio``, ``text``,
-``files``). The stream sends its progress objects (``request_id, status, message,
-elapsed_time, queue_position, queue_info``) and ends with ``status: "final_result"`` carrying
-``result``. The webhook gets the result object plus ``extra_params`` when the job ends.
+``files``). With JOB_QUEUE_URL, ``/generate``, ``/generate/sync`` and ``/result/{id}`` go
+through the shared queue: any replica runs the job and answers for it, and the webhook is sent
+once, by whichever replica ends the job (see :mod:`comfy_sidecar.jobs.after`);
+``/generate/stream`` follows the job from the replica that holds the connection, and
+``/queue-info`` counts the jobs no replica has claimed yet. The stream sends its progress
+objects (``request_id, status, message, elapsed_time, queue_position, queue_info``) and ends
+with ``status: "final_result"`` carrying ``result``. The webhook gets the result object plus
+``extra_params`` when the job ends.
 
 What is not copied: ``modifier``/``modifications`` (we run no modifier classes: 400 naming
 ``input.modifier`` unless ``workflow_json`` is given) and per-request S3 credentials (uploads
@@ -32,15 +37,19 @@ from litestar.response.sse import ServerSentEventMessage
 from msgspec import Meta
 
 from comfy_sidecar.errors import InputError
+from comfy_sidecar.jobs.after import AfterEnd
 from comfy_sidecar.jobs.runner import JobService
+from comfy_sidecar.jobs.shared import SharedJobs
 from comfy_sidecar.jobs.store import JobRecord, JobStatus
 from comfy_sidecar.routes.adapters import (
     check_http_url,
-    error_message,
     estimated_wait_s,
+    message_of,
     new_job_id,
     prompt_request,
+    shared_view,
     submit,
+    submit_shared,
 )
 from comfy_sidecar.routes.jobs import HEARTBEAT_S, job_of
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
@@ -139,8 +148,9 @@ def _s3_upload(block: S3Block) -> S3Upload:
     return S3Upload(bucket=block.bucket_name, prefix=block.prefix)
 
 
-async def _submit(data: GenerateRequest, jobs: JobService, state: State) -> JobRecord:
-    """Translate and submit; the webhook (when given) is sent when the job ends."""
+def _request(data: GenerateRequest) -> Any:
+    """``data`` as a :class:`~comfy_sidecar.schemas.PromptRequest`; raises
+    :class:`InputError` naming the ``input.*`` field at fault."""
     given = data.input
     if given.workflow_json is None:
         if given.modifier is not None or given.modifications is not None:
@@ -154,13 +164,35 @@ async def _submit(data: GenerateRequest, jobs: JobService, state: State) -> JobR
     options: dict[str, Any] = {}
     if given.s3 is not None:
         options["s3"] = _s3_upload(given.s3)
-    request = prompt_request(
+    return prompt_request(
         given.workflow_json, given.request_id or new_job_id(), "input.workflow_json", **options
     )
+
+
+async def _submit(data: GenerateRequest, jobs: JobService, state: State) -> JobRecord:
+    """Translate and submit in-process; the webhook (when given) is sent when the job ends."""
+    given = data.input
+    request = _request(data)
     record = await submit(jobs, request, "aidock", "input.workflow_json", given.webhook)
     if given.webhook is not None:
         jobs.when_ended(record, _send_webhook(state, jobs, given.webhook))
     return record
+
+
+async def _submit_shared(data: GenerateRequest, jobs: JobService) -> dict[str, Any]:
+    """Translate and append to the shared queue (JOB_QUEUE_URL); the webhook goes with the
+    job and is sent by whichever replica ends it. Returns the job's ``GET /jobs/{id}`` body."""
+    assert jobs.shared is not None
+    given = data.input
+    request = _request(data)
+    after = None
+    if given.webhook is not None:
+        after = AfterEnd(
+            kind="aidock", url=given.webhook.url, extra_params=given.webhook.extra_params
+        )
+    return await submit_shared(
+        jobs.shared, request, "aidock", "input.workflow_json", given.webhook, after=after
+    )
 
 
 def _send_webhook(state: State, jobs: JobService, webhook: Webhook) -> Any:
@@ -171,36 +203,48 @@ def _send_webhook(state: State, jobs: JobService, webhook: Webhook) -> Any:
     return send
 
 
-def _message(jobs: JobService, record: JobRecord) -> str:
-    status = record.status
+def webhook_body(view: dict[str, Any], after: AfterEnd) -> dict[str, Any]:
+    """The webhook body of a job whose final ``GET /jobs/{id}`` body is ``view``: its result
+    object plus ``extra_params`` (queue mode's :class:`~comfy_sidecar.jobs.after.Format`)."""
+    body: dict[str, Any] = msgspec.to_builtins(result_from_view(view))
+    return {**body, **after.extra_params}
+
+
+def _message(view: dict[str, Any]) -> str:
+    status = JobStatus(view["status"])
     if status is JobStatus.PENDING:
-        position = jobs.store.queue_position(record)
+        position = view.get("queue_position")
         return f"Queued for generation (position {(position or 0) + 1})"
     if status is JobStatus.IN_PROGRESS:
-        progress = record.progress.view()["progress"] if record.progress is not None else 0.0
-        return f"Generating: {progress:.0f}%"
+        return f"Generating: {view.get('progress') or 0.0:.0f}%"
     if status is JobStatus.COMPLETED:
         return "Generation complete"
-    return error_message(record) or "failed"
+    return message_of(status, view.get("error")) or "failed"
+
+
+def result_from_view(view: dict[str, Any]) -> Result:
+    """A job's ``GET /jobs/{id}`` body (``queue_position`` set while it waits) as ai-dock's
+    result object."""
+    return Result(
+        id=view["id"],
+        status=STATUS[JobStatus(view["status"])],
+        message=_message(view),
+        output=[
+            ResultOutput(
+                filename=o["filename"],
+                url=o.get("url"),
+                type="output",
+                node_id=o["node_id"],
+                output_type=OUTPUT_TYPE.get(o.get("media_type", ""), "files"),
+            )
+            for o in view.get("outputs") or []
+        ],
+    )
 
 
 def result_of(jobs: JobService, record: JobRecord) -> Result:
-    """``record`` as ai-dock's result object."""
-    return Result(
-        id=record.id,
-        status=STATUS[record.status],
-        message=_message(jobs, record),
-        output=[
-            ResultOutput(
-                filename=o.filename,
-                url=o.url,
-                type="output",
-                node_id=o.node_id,
-                output_type=OUTPUT_TYPE.get(o.media_type, "files"),
-            )
-            for o in record.outputs
-        ],
-    )
+    """``record`` (a job of this replica's store) as ai-dock's result object."""
+    return result_from_view(jobs.store.view(record))
 
 
 RESULT_RESPONSES = {
@@ -221,6 +265,8 @@ RESULT_RESPONSES = {
 )
 async def generate(data: GenerateRequest, jobs: JobService, state: State) -> Response[Result]:
     """Submit a generation."""
+    if jobs.shared is not None:  # queue mode: any replica runs it
+        return Response(result_from_view(await _submit_shared(data, jobs)), status_code=202)
     record = await _submit(data, jobs, state)
     return Response(result_of(jobs, record), status_code=202)
 
@@ -249,28 +295,55 @@ async def generate_sync(
     ] = SYNC_TIMEOUT_S,
 ) -> Response[Result]:
     """Run a generation and wait."""
+    if jobs.shared is not None:
+        view = await _submit_shared(data, jobs)
+        final = await jobs.shared.wait(view["id"], wait_s) or view
+        ended = JobStatus(final["status"]).terminal
+        return Response(result_from_view(final), status_code=200 if ended else 202)
     record = await _submit(data, jobs, state)
     ended = await record.wait_ended(wait_s)
     return Response(result_of(jobs, record), status_code=200 if ended else 202)
 
 
-def progress_message(jobs: JobService, record: JobRecord, started: float) -> dict[str, Any]:
-    """One item of the stream: ai-dock's streaming data format."""
-    position = jobs.store.queue_position(record)
-    waiting = sum(1 for r in jobs.store if r.status is JobStatus.PENDING)
+def stream_message(
+    view: dict[str, Any], started: float, waiting: int, estimate_s: int | None
+) -> dict[str, Any]:
+    """One item of the stream (ai-dock's streaming data format) for a job whose
+    ``GET /jobs/{id}`` body is ``view``: ``started`` is when the request came
+    (``time.monotonic()``), ``waiting`` how many jobs wait to be run, ``estimate_s`` the
+    seconds until this one is likely done (None: unknown)."""
+    position = view.get("queue_position")
     return {
-        "request_id": record.id,
-        "status": STATUS[record.status],
-        "message": _message(jobs, record),
+        "request_id": view["id"],
+        "status": STATUS[JobStatus(view["status"])],
+        "message": _message(view),
         "elapsed_time": round(time.monotonic() - started, 3),
         "queue_position": {
             "current_queue": "generation",
             "position": None if position is None else position + 1,
             "queue_size": waiting,
-            "estimated_wait_time": estimated_wait_s(jobs.store, record),
+            "estimated_wait_time": estimate_s,
         },
-        "queue_info": _queue_info(jobs),
+        "queue_info": _sizes(waiting),
     }
+
+
+def final_message(view: dict[str, Any], started: float) -> dict[str, Any]:
+    """The stream's last item: ``status: final_result`` with the result object."""
+    return {
+        "request_id": view["id"],
+        "status": "final_result",
+        "message": _message(view),
+        "elapsed_time": round(time.monotonic() - started, 3),
+        "result": msgspec.to_builtins(result_from_view(view)),
+    }
+
+
+def progress_message(jobs: JobService, record: JobRecord, started: float) -> dict[str, Any]:
+    """:func:`stream_message` of a job of this replica's store."""
+    waiting = sum(1 for r in jobs.store if r.status is JobStatus.PENDING)
+    estimate = estimated_wait_s(jobs.store, record)
+    return stream_message(jobs.store.view(record), started, waiting, estimate)
 
 
 @post(
@@ -286,6 +359,8 @@ def progress_message(jobs: JobService, record: JobRecord, started: float) -> dic
 async def generate_stream(data: GenerateRequest, jobs: JobService, state: State) -> ServerSentEvent:
     """Run a generation and stream its progress."""
     started = time.monotonic()
+    if jobs.shared is not None:
+        return _shared_stream(jobs.shared, await _submit_shared(data, jobs), started)
     record = await _submit(data, jobs, state)
 
     async def messages() -> Any:
@@ -295,14 +370,37 @@ async def generate_stream(data: GenerateRequest, jobs: JobService, state: State)
                 yield ServerSentEventMessage(comment="keep-alive")
             elif event.type in ("status", "progress"):
                 yield ServerSentEventMessage(data=_json(progress_message(jobs, record, started)))
-        final = {
-            "request_id": record.id,
-            "status": "final_result",
-            "message": _message(jobs, record),
-            "elapsed_time": round(time.monotonic() - started, 3),
-            "result": msgspec.to_builtins(result_of(jobs, record)),
-        }
+        final = final_message(jobs.store.view(record), started)
         yield ServerSentEventMessage(data=_json(final))
+
+    return ServerSentEvent(messages())
+
+
+def _shared_stream(shared: SharedJobs, view: dict[str, Any], started: float) -> ServerSentEvent:
+    """``/generate/stream`` of a job in the shared queue: its events from whichever replica
+    runs it, each message built from the events so far (the stored body may lag behind
+    them); ``estimated_wait_time`` is null (no replica knows the others' run times)."""
+    job_id = view["id"]
+
+    async def messages() -> Any:
+        current = dict(view)
+        async for event in shared.follow(job_id, 0, HEARTBEAT_S):
+            if event is None:
+                yield ServerSentEventMessage(comment="keep-alive")
+            elif event.type in ("status", "progress"):
+                data = msgspec.json.decode(event.data)
+                if event.type == "status":
+                    current["status"] = data["status"]
+                else:
+                    current.update(data)
+                position = None
+                if current["status"] == JobStatus.PENDING.value:
+                    position = ((await shared.get(job_id)) or {}).get("queue_position")
+                current["queue_position"] = position
+                message = stream_message(current, started, await shared.waiting(), None)
+                yield ServerSentEventMessage(data=_json(message))
+        final = await shared.get(job_id) or current
+        yield ServerSentEventMessage(data=_json(final_message(final, started)))
 
     return ServerSentEvent(messages())
 
@@ -320,14 +418,15 @@ def _json(body: Any) -> str:
 )
 async def get_result(request_id: str, jobs: JobService) -> Result:
     """A generation's result."""
+    if jobs.shared is not None:
+        return result_from_view(await shared_view(jobs.shared, request_id))
     return result_of(jobs, job_of(jobs, request_id))
 
 
-def _queue_info(jobs: JobService) -> dict[str, int]:
-    pending = sum(1 for r in jobs.store if r.status is JobStatus.PENDING)
+def _sizes(waiting: int) -> dict[str, int]:
     return {
         "preprocess_queue_size": 0,
-        "generation_queue_size": pending,
+        "generation_queue_size": waiting,
         "postprocess_queue_size": 0,
     }
 
@@ -336,11 +435,14 @@ def _queue_info(jobs: JobService) -> dict[str, int]:
     "/queue-info",
     summary="Queue sizes (ai-dock)",
     tags=["ai-dock"],
-    description="Jobs waiting per stage: ours wait only for generation (ComfyUI's queue).",
+    description="Jobs waiting per stage: ours wait only for generation (ComfyUI's queue; "
+    "with JOB_QUEUE_URL, the jobs no replica has claimed yet).",
 )
 async def queue_info(jobs: JobService) -> QueueInfo:
     """Queue sizes."""
-    return QueueInfo(**_queue_info(jobs))
+    if jobs.shared is not None:
+        return QueueInfo(**_sizes(await jobs.shared.waiting()))
+    return QueueInfo(**_sizes(sum(1 for r in jobs.store if r.status is JobStatus.PENDING)))
 
 
 ROUTES = [generate, generate_sync, generate_stream, get_result, queue_info]

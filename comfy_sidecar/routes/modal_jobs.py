@@ -14,11 +14,25 @@ into a folder of their own, ``INPUT_DIR/.comfy-sidecar/<job id>-media/``, and th
 inputs naming a media item are pointed there, so two jobs sending ``input.png`` never overwrite
 each other; the folder is removed when the job ends (or at once when the request is refused,
 or at the next start after a crash).
+
+With JOB_QUEUE_URL every route goes through the shared queue: any replica runs the job and
+answers for it, the webhook is sent once by whichever replica ends the job (see
+:mod:`comfy_sidecar.jobs.after`), and the media travel in the request instead of a folder on
+the receiving replica's disk: each item (and each ``image_base64``/``image_url`` override)
+becomes the value of the workflow inputs that name it, a ``data:`` URL (its MIME type from the
+item's name) or its URL, which the claiming replica's preprocessing writes or downloads into
+``INPUT_DIR/.comfy-sidecar/`` as for ``/prompt``. So in queue mode a media item may only feed
+media inputs (``image`` of any node, ``video``/``file`` of the video loaders, ``audio`` of the
+audio loaders): naming it in another input is a 400 at ``media.N.name``; an override of type
+``image_*`` must set such an input (400 at ``inputs.N.field``); an item given by ``url`` is
+not held to the 50 MB limit; ``estimated_time`` is null.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
+import mimetypes
 import os
 import shutil
 from pathlib import Path
@@ -31,19 +45,23 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from msgspec import Meta
 
-from comfy_sidecar.errors import InputError
+from comfy_sidecar.errors import InputError, SidecarError
+from comfy_sidecar.jobs.after import AfterEnd
 from comfy_sidecar.jobs.runner import JobService
+from comfy_sidecar.jobs.shared import SharedJobs
 from comfy_sidecar.jobs.store import JobRecord, JobStatus, iso, now_ms
 from comfy_sidecar.pipeline.media import decode_base64, sniff_extension
-from comfy_sidecar.pipeline.preprocess import INPUTS_SUBDIR
+from comfy_sidecar.pipeline.preprocess import INPUTS_SUBDIR, media_fields
 from comfy_sidecar.routes.adapters import (
     check_http_url,
-    error_message,
     estimated_wait_s,
+    message_of,
     new_job_id,
     outputs_with_data,
     prompt_request,
+    shared_view,
     submit,
+    submit_shared,
 )
 from comfy_sidecar.routes.jobs import job_of
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
@@ -180,11 +198,7 @@ class MediaFolder:
     async def add_media(self, index: int, item: MediaItem) -> str:
         """Write media item ``index`` as ``<folder>/<name>``; returns that name."""
         where = f"media.{index}"
-        name = item.name
-        if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
-            raise InputError("must be a file name without folders", f"{where}.name")
-        if (item.data is None) == (item.url is None):
-            raise InputError("give exactly one of `data` and `url`", where)
+        name = check_media_item(index, item)
         if item.url is not None:
             staged = await self._download(item.url, f"{where}.url")
             os.replace(self.input_dir / staged, self.path / name)
@@ -211,6 +225,17 @@ class MediaFolder:
         if self._lease is not None:
             self._lease.release()
             self._lease = None
+
+
+def check_media_item(index: int, item: MediaItem) -> str:
+    """Media item ``index``'s name; :class:`InputError` at ``media.N.name`` when it is not a
+    plain file name, at ``media.N`` unless exactly one of ``data`` and ``url`` is given."""
+    name = item.name
+    if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
+        raise InputError("must be a file name without folders", f"media.{index}.name")
+    if (item.data is None) == (item.url is None):
+        raise InputError("give exactly one of `data` and `url`", f"media.{index}")
+    return name
 
 
 def _decode(value: str, location: str) -> bytes:
@@ -270,6 +295,111 @@ async def prepare_workflow(
     return workflow, list(renamed.values())
 
 
+def _data_url(name: str, value: str, location: str) -> str:
+    """Media item ``name``'s base64 (or ``data:`` URL) ``value`` as a ``data:`` URL whose
+    MIME type comes from the name (else ``application/octet-stream``: the bytes decide);
+    checked as :func:`_decode` checks it."""
+    data = _decode(value, location)
+    mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _check_media_input(
+    workflow: dict[str, Any], node: str, field: str, location: str, what: str
+) -> None:
+    entry = workflow[node]
+    if field not in media_fields(str(entry.get("class_type", "")), entry["inputs"]):
+        raise InputError(
+            f"with JOB_QUEUE_URL {what} can only feed a media input (image; video or file "
+            "of a video loader; audio of an audio loader)",
+            location,
+        )
+
+
+def inline_workflow(data: ModalJobRequest) -> tuple[dict[str, Any], dict[str, str]]:
+    """Queue mode's :func:`prepare_workflow`: the workflow with its media and overrides
+    applied as values (``data:`` URLs, URLs) the claiming replica's preprocessing resolves,
+    and where each such value came from (``workflow.<node>.inputs.<field>`` ->
+    ``media.N`` or ``inputs.N.value``). Raises :class:`InputError` naming ``inputs.N.*`` or
+    ``media.N.*``."""
+    workflow = msgspec.json.decode(msgspec.json.encode(data.workflow))  # a copy
+    if not isinstance(workflow, dict) or not workflow:
+        raise InputError("Invalid workflow format: must be a non-empty JSON object", "workflow")
+    targets = [
+        _node_inputs(workflow, str(o.node), f"inputs.{i}.node") for i, o in enumerate(data.inputs)
+    ]
+    origins: dict[str, str] = {}
+    seen: set[str] = set()
+    values: dict[str, tuple[int, str]] = {}
+    for index, item in enumerate(data.media):
+        where = f"media.{index}"
+        name = check_media_item(index, item)
+        if name in seen:
+            raise InputError("a media item with this name came earlier", f"{where}.name")
+        seen.add(name)
+        if item.url is not None:
+            values[name] = (index, item.url)
+        else:
+            assert item.data is not None
+            values[name] = (index, _data_url(name, item.data, f"{where}.data"))
+    for node_id, node in workflow.items():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if not isinstance(inputs, dict):
+            continue
+        for key, value in list(inputs.items()):
+            if isinstance(value, str) and value in values:
+                index, inlined = values[value]
+                _check_media_input(workflow, node_id, key, f"media.{index}.name", "a media item")
+                inputs[key] = inlined
+                origins[f"workflow.{node_id}.inputs.{key}"] = f"media.{index}"
+    for index, (override, inputs) in enumerate(zip(data.inputs, targets, strict=True)):
+        if override.type == "raw":
+            inputs[override.field] = override.value
+            continue
+        where = f"inputs.{index}.value"
+        if not isinstance(override.value, str):
+            raise InputError("expected a string", where)
+        if override.type == "image_base64":
+            raw = _decode(override.value, where)
+            ext = sniff_extension(raw[:64])
+            if ext is None:
+                raise InputError("decoded the base64 but it is not an image", where)
+            inputs[override.field] = _data_url(f"input.{ext}", override.value, where)
+        else:
+            inputs[override.field] = override.value
+        node = str(override.node)
+        _check_media_input(
+            workflow, node, override.field, f"inputs.{index}.field", f"an {override.type} input"
+        )
+        origins[f"workflow.{node}.inputs.{override.field}"] = where
+    return workflow, origins
+
+
+async def _submit_shared(data: ModalJobRequest, shared: SharedJobs) -> ModalJobAccepted:
+    """``POST /v1/jobs`` in queue mode: media inline, the webhook stored with the job."""
+    workflow, origins = inline_workflow(data)
+    request = prompt_request(workflow, new_job_id(), "workflow")
+    after = None
+    if data.webhook_url is not None:
+        after = AfterEnd(kind="modal_jobs", url=data.webhook_url)
+    try:
+        view = await submit_shared(
+            shared, request, "modal_jobs", "workflow", data.webhook_url, after=after
+        )
+    except SidecarError as exc:  # name the media item, not the input it fed
+        where = exc.location or ""
+        for field, origin in origins.items():
+            if where == field or where.startswith(field + "."):
+                exc.location = origin
+        raise
+    return ModalJobAccepted(
+        job_id=view["id"],
+        status=MODAL_STATUS[JobStatus(view["status"])],
+        created_at=view.get("created_at") or "",
+        estimated_time=None,
+    )
+
+
 @post(
     "/v1/jobs",
     summary="Submit a job (Modal jobs API)",
@@ -290,6 +420,8 @@ async def submit_modal_job(
     """Submit a job."""
     if data.webhook_url is not None:
         check_http_url(data.webhook_url, "webhook_url")
+    if jobs.shared is not None:  # queue mode: any replica runs it
+        return await _submit_shared(data, jobs.shared)
     job_id = new_job_id()
     folder = MediaFolder(state.sidecar, job_id)
     try:
@@ -313,33 +445,60 @@ def _on_end(sidecar: Sidecar, folder: MediaFolder, webhook_url: str | None) -> A
         folder.remove()
         if webhook_url is None:
             return
-        body: dict[str, Any] = {
-            "event": "job.completed" if record.status is JobStatus.COMPLETED else "job.failed",
-            "job_id": record.id,
-            "timestamp": iso(record.completed_ms or now_ms()),
-        }
-        if record.status is not JobStatus.COMPLETED:
-            body["error"] = error_message(record)
+        after = AfterEnd(kind="modal_jobs", url=webhook_url)
+        body = webhook_body(record.view(), after)
         await sidecar.webhooks.send_prompt(webhook_url, body, record.id, order_key=record.id)
 
     return ended
 
 
-def modal_view(jobs: JobService, record: JobRecord) -> dict[str, Any]:
-    """A job under the Modal jobs API's names (without outputs)."""
-    view = jobs.store.view(record)
+def webhook_body(view: dict[str, Any], after: AfterEnd) -> dict[str, Any]:
+    """``job.completed`` / ``job.failed`` (``{event, job_id, timestamp[, error]}``) of a job
+    whose final ``GET /jobs/{id}`` body is ``view`` (queue mode's
+    :class:`~comfy_sidecar.jobs.after.Format`; ``after`` adds nothing here)."""
+    status = JobStatus(view["status"])
     body: dict[str, Any] = {
-        "job_id": record.id,
-        "status": MODAL_STATUS[record.status],
+        "event": "job.completed" if status is JobStatus.COMPLETED else "job.failed",
+        "job_id": view["id"],
+        "timestamp": view.get("completed_at") or iso(now_ms()),
+    }
+    if status is not JobStatus.COMPLETED:
+        body["error"] = message_of(status, view.get("error"))
+    return body
+
+
+def modal_body(view: dict[str, Any]) -> dict[str, Any]:
+    """A job's ``GET /jobs/{id}`` body under the Modal jobs API's names (without outputs)."""
+    status = JobStatus(view["status"])
+    body: dict[str, Any] = {
+        "job_id": view["id"],
+        "status": MODAL_STATUS[status],
         "created_at": view["created_at"],
         "started_at": view["started_at"],
         "completed_at": view["completed_at"],
     }
-    body.update({name: view[name] for name in PROGRESS_FIELDS})
-    if record.status.terminal and record.status is not JobStatus.COMPLETED:
-        body["error"] = error_message(record)
-        body["error_log_tail"] = (record.error or {}).get("comfyui_log_tail") or []
+    body.update({name: view.get(name) for name in PROGRESS_FIELDS})
+    if status.terminal and status is not JobStatus.COMPLETED:
+        body["error"] = message_of(status, view.get("error"))
+        body["error_log_tail"] = (view.get("error") or {}).get("comfyui_log_tail") or []
     return body
+
+
+def modal_view(jobs: JobService, record: JobRecord) -> dict[str, Any]:
+    """A job of this replica's store under the Modal jobs API's names (without outputs)."""
+    return modal_body(jobs.store.view(record))
+
+
+def _modal_output(output: dict[str, Any], data: str | None) -> dict[str, Any]:
+    return {
+        "filename": output["filename"],
+        "type": output["media_type"],
+        "mime_type": output["mime_type"],
+        "size_bytes": output["size_bytes"],
+        "node_id": output["node_id"],
+        "url": output["url"],
+        "data": data,
+    }
 
 
 @get(
@@ -353,21 +512,30 @@ def modal_view(jobs: JobService, record: JobRecord) -> dict[str, Any]:
 )
 async def get_modal_job(job_id: str, jobs: JobService) -> dict[str, Any]:
     """Job status."""
+    if jobs.shared is not None:
+        return await _shared_job(jobs.shared, job_id)
     record = job_of(jobs, job_id)
     body = modal_view(jobs, record)
     if record.status is JobStatus.COMPLETED:
         body["outputs"] = [
-            {
-                "filename": output["filename"],
-                "type": output["media_type"],
-                "mime_type": output["mime_type"],
-                "size_bytes": output["size_bytes"],
-                "node_id": output["node_id"],
-                "url": output["url"],
-                "data": output.get("data"),
-            }
+            _modal_output(output, output.get("data"))
             for output in await outputs_with_data(jobs, record)
         ]
+    return body
+
+
+async def _shared_job(shared: SharedJobs, job_id: str) -> dict[str, Any]:
+    """``GET /v1/jobs/{id}`` of a job in the shared queue, from any replica: outputs kept
+    inline in Redis get their ``data``; those uploaded (JOB_OUTPUT_URL) only their ``url``."""
+    view = await shared_view(shared, job_id)
+    body = modal_body(view)
+    if view["status"] == JobStatus.COMPLETED.value:
+        outputs = []
+        for index, output in enumerate(view.get("outputs") or []):
+            raw = await shared.output(job_id, index)
+            data = base64.b64encode(raw).decode("ascii") if raw is not None else None
+            outputs.append(_modal_output(output, data))
+        body["outputs"] = outputs
     return body
 
 
@@ -383,6 +551,16 @@ async def get_modal_job(job_id: str, jobs: JobService) -> dict[str, Any]:
 )
 async def cancel_modal_job(job_id: str, jobs: JobService) -> ModalCancelled:
     """Cancel a job."""
+    if jobs.shared is not None:
+        view = await shared_view(jobs.shared, job_id)
+        status = JobStatus(view["status"])
+        if status.terminal:
+            message = f"job already finalised ({MODAL_STATUS[status]})"
+        else:
+            _, ended = await jobs.shared.cancel(job_id, view)
+            status = JobStatus(ended)
+            message = "Cancelled by user"
+        return ModalCancelled(job_id=job_id, status=MODAL_STATUS[status], message=message)
     record = job_of(jobs, job_id)
     if record.status.terminal:
         message = f"job already finalised ({MODAL_STATUS[record.status]})"
@@ -408,6 +586,8 @@ async def list_modal_jobs(
     limit: Annotated[int, Parameter(ge=1, le=1000, description="At most this many.")] = 50,
 ) -> ModalJobList:
     """List jobs."""
+    if jobs.shared is not None:
+        return await _shared_list(jobs.shared, status, limit)
     jobs.store.expire()
     found: list[dict[str, Any]] = []
     for record in reversed(list(jobs.store)):
@@ -428,6 +608,31 @@ async def list_modal_jobs(
         if len(found) >= limit:
             break
     return ModalJobList(jobs=found)
+
+
+async def _shared_list(shared: SharedJobs, status: str | None, limit: int) -> ModalJobList:
+    """``GET /v1/jobs`` over the shared queue: every replica's jobs, newest first."""
+    found: list[dict[str, Any]] = []
+    cursor: int | None = None
+    while len(found) < limit:
+        views, cursor = await shared.page(None, limit, cursor)
+        for view in views:
+            job_status = JobStatus(view["status"])
+            modal_status = MODAL_STATUS[job_status]
+            if status is not None and modal_status != status:
+                continue
+            progress = 100.0 if job_status is JobStatus.COMPLETED else view.get("progress") or 0.0
+            found.append(
+                {
+                    "job_id": view["id"],
+                    "status": modal_status,
+                    "created_at": view.get("created_at"),
+                    "progress": progress,
+                }
+            )
+        if cursor is None:
+            break
+    return ModalJobList(jobs=found[:limit])
 
 
 ROUTES = [submit_modal_job, get_modal_job, cancel_modal_job, list_modal_jobs]

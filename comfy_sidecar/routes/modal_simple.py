@@ -111,7 +111,7 @@ async def submit_workflow(data: SubmitWorkflow, jobs: JobService) -> Response[Ru
     except InputError as exc:
         raise InputError(exc.message, exc.location, detail=exc.message) from None
     if jobs.shared is not None:  # queue mode: any replica runs it
-        view = await submit_shared(jobs.shared, request, "workflow")
+        view = await submit_shared(jobs.shared, request, "modal_simple", "workflow")
         return Response(Running(id=view["id"], call_id=view["id"]), status_code=202)
     record = await submit(jobs, request, "modal_simple", "workflow")
     return Response(Running(id=record.id, call_id=record.id), status_code=202)

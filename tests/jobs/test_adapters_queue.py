@@ -1,0 +1,333 @@
+"""The job adapters in queue mode (JOB_QUEUE_URL): ai-dock's ``/generate`` and the Modal jobs
+API (``/v1/jobs``) submit to the shared stream, any replica answers for their jobs, and each
+adapter's webhook arrives once, in its own format, from whichever replica ended the job. Two
+sidecars, each in front of its own ComfyUI double, on one real redis-server."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import Sidecar, basic_prompt, png_bytes, slow_prompt
+from tests.jobs.test_modal_jobs import image_workflow
+from tests.jobs.test_redis_queue import executions, job, replicas, runs_on
+from tests.receiver import Receiver
+from tests.redis_server import RedisServer, redis_server
+from tests.waiting import wait_for
+
+__all__ = ["redis_server"]  # the fixture, used by name
+
+
+def delete(sidecar: Sidecar, path: str) -> httpx.Response:
+    return sidecar.client.delete(sidecar.url + path, timeout=30)
+
+
+def stream_events(
+    sidecar: Sidecar, payload: dict[str, Any], seen: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``/generate/stream``'s messages, each appended to ``seen`` as it arrives, up to and
+    including ``final_result``."""
+    with sidecar.client.stream(
+        "POST", f"{sidecar.url}/generate/stream", json=payload, timeout=120
+    ) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                seen.append(json.loads(line.removeprefix("data:").strip()))
+                if seen[-1].get("status") == "final_result":
+                    break
+    return seen
+
+
+def hooks_by_id(hook: Receiver) -> dict[str, int]:
+    """How many webhooks arrived per ``webhook-id`` (the job id)."""
+    counts: dict[str, int] = {}
+    for request in hook.snapshot():
+        key = request.headers.get("webhook-id", "")
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def generate(sidecar: Sidecar, hook: Receiver, request_id: str) -> dict[str, Any]:
+    payload = {
+        "input": {
+            "request_id": request_id,
+            "workflow_json": basic_prompt(1),
+            "webhook": {"url": hook.url + "/aidock", "extra_params": {"custom_field": "value"}},
+        }
+    }
+    accepted = sidecar.post("/generate", json=payload)
+    assert accepted.status_code == 202, accepted.text
+    body: dict[str, Any] = accepted.json()
+    return body
+
+
+def test_aidock_generate_is_answered_by_any_replica_and_webhooked_once(
+    redis_server: RedisServer,
+    spawn: Callable[..., Sidecar],
+    tmp_path: Path,
+    receiver: Callable[..., Receiver],
+) -> None:
+    hook = receiver()
+    a, b = replicas(spawn, tmp_path, redis_server.url)
+    ids = [f"gen-{i}-{uuid.uuid4().hex[:8]}" for i in range(4)]
+    for index, request_id in enumerate(ids):
+        accepted = generate((a, b)[index % 2], hook, request_id)
+        assert accepted["id"] == request_id
+        assert accepted["status"] in ("queued", "generating") and accepted["output"] == []
+
+    for index, request_id in enumerate(ids):  # read each from the replica it was not sent to
+        other = (b, a)[index % 2]
+        result = wait_for(
+            lambda o=other, r=request_id: (
+                (v := o.get(f"/result/{r}").json())["status"] == "completed" and v
+            ),
+            timeout=120,
+            interval=0.1,
+            what=f"{request_id} to complete",
+        )
+        assert result["message"] == "Generation complete"
+        [output] = result["output"]
+        assert (output["type"], output["output_type"]) == ("output", "images")
+        assert output["url"] == f"/jobs/{request_id}/outputs/0"
+        assert other.get(output["url"]).content.startswith(b"\x89PNG")
+    assert executions(a) + executions(b) == 4, "each job ran once"
+    assert job(a, ids[0])["endpoint"] == "aidock"
+
+    delivered = hook.wait_for(4, timeout=60)
+    # A barrier: a later job's webhook has arrived, so a duplicate of the first four would have.
+    barrier = f"gen-barrier-{uuid.uuid4().hex[:8]}"
+    generate(b, hook, barrier)
+    hook.wait_until(lambda rs: any(r.headers.get("webhook-id") == barrier for r in rs), 120)
+    assert hooks_by_id(hook) == {**dict.fromkeys(ids, 1), barrier: 1}
+    for request in delivered:
+        body = request.json()
+        assert request.path == "/aidock"
+        assert body["id"] in ids
+        assert (body["status"], body["custom_field"]) == ("completed", "value")
+        assert body["message"] == "Generation complete"
+        assert body["output"][0]["url"] == f"/jobs/{body['id']}/outputs/0"
+
+    # The same request_id and body is the same job, from either replica.
+    again = generate(b, hook, ids[0])
+    assert (again["id"], again["status"]) == (ids[0], "completed")
+
+    # /generate/sync waits for a job that either replica may run.
+    synced = a.post("/generate/sync", json={"input": {"workflow_json": basic_prompt(1)}})
+    assert synced.status_code == 200, synced.text
+    assert synced.json()["status"] == "completed" and synced.json()["output"]
+    assert b.get("/result/no-such-request").status_code == 404
+
+
+def test_aidock_stream_and_queue_info_cover_every_replica(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    # One job per replica at a time: two slow jobs run, the streamed one waits in the stream.
+    a, b = replicas(spawn, tmp_path, redis_server.url, MAX_JOBS_PER_INSTANCE="1")
+    slow = {"input": {"workflow_json": slow_prompt(blurs=40, size=2048)}}
+    busy = [a.post("/generate", json=slow).json()["id"] for _ in range(2)]
+    for job_id in busy:
+        wait_for(
+            lambda j=job_id: b.get(f"/result/{j}").json()["status"] == "generating",
+            timeout=60,
+            what=f"{job_id} to run",
+        )
+    assert b.get("/queue-info").json()["generation_queue_size"] == 0
+    request_id = f"stream-{uuid.uuid4().hex[:8]}"
+    payload = {"input": {"request_id": request_id, "workflow_json": basic_prompt(1)}}
+    seen: list[dict[str, Any]] = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        streamed = pool.submit(stream_events, b, payload, seen)
+        wait_for(lambda: seen, timeout=30, what="the stream's first message")
+        assert a.get("/queue-info").json()["generation_queue_size"] == 1
+        for job_id in busy:
+            assert a.post(f"/jobs/{job_id}/cancel").status_code == 200
+        events = streamed.result(timeout=120)
+    *progress, final = events
+    assert (final["status"], final["request_id"]) == ("final_result", request_id)
+    assert final["result"]["status"] == "completed" and final["result"]["output"]
+    queued = progress[0]
+    assert (
+        queued["status"] == "queued" and queued["message"] == "Queued for generation (position 1)"
+    )
+    assert queued["queue_position"] == {
+        "current_queue": "generation",
+        "position": 1,
+        "queue_size": 1,
+        "estimated_wait_time": None,
+    }
+    assert queued["queue_info"]["generation_queue_size"] == 1
+    assert "generating" in [data["status"] for data in progress]
+    assert a.get(f"/result/{request_id}").json() == final["result"]
+    assert b.get("/queue-info").json()["generation_queue_size"] == 0
+
+
+def test_modal_jobs_with_media_run_anywhere_and_webhook_once(
+    redis_server: RedisServer,
+    spawn: Callable[..., Sidecar],
+    tmp_path: Path,
+    receiver: Callable[..., Receiver],
+) -> None:
+    hook = receiver()
+    a, b = replicas(spawn, tmp_path, redis_server.url)
+    image = png_bytes((24, 16), (10, 200, 30))
+    encoded = base64.b64encode(image).decode()
+    bodies = [
+        {  # a media item the LoadImage names
+            "workflow": image_workflow("input.png"),
+            "inputs": [{"node": 3, "field": "filename_prefix", "value": "modal", "type": "raw"}],
+            "media": [{"name": "input.png", "data": encoded}],
+            "webhook_url": hook.url + "/modal",
+        },
+        {  # an image_base64 override
+            "workflow": image_workflow("absent.png"),
+            "inputs": [{"node": "107", "field": "image", "value": encoded, "type": "image_base64"}],
+            "webhook_url": hook.url + "/modal",
+        },
+    ]
+    ids = []
+    for body in bodies:
+        accepted = a.post("/v1/jobs", json=body)
+        assert accepted.status_code == 200, accepted.text
+        assert accepted.json()["status"] == "queued" and accepted.json()["created_at"]
+        ids.append(accepted.json()["job_id"])
+    assert not list(a.backend.input_dir.rglob("*-media")), "no media folder in queue mode"
+
+    for job_id in ids:
+        status = wait_for(
+            lambda j=job_id: (
+                (v := b.get(f"/v1/jobs/{j}").json())["status"] in ("completed", "failed") and v
+            ),
+            timeout=120,
+            interval=0.1,
+            what=f"{job_id} to end",
+        )
+        assert status["status"] == "completed", status
+        assert status["nodes_done"] == status["nodes_total"] == 3
+        [output] = status["outputs"]
+        assert (output["type"], output["node_id"]) == ("image", "3")
+        assert base64.b64decode(output["data"])[:8] == b"\x89PNG\r\n\x1a\n"
+        assert output["size_bytes"] == len(base64.b64decode(output["data"]))
+
+    assert job(a, ids[0])["endpoint"] == "modal_jobs"
+    listed = {entry["job_id"]: entry for entry in b.get("/v1/jobs").json()["jobs"]}
+    assert all(listed[job_id]["status"] == "completed" for job_id in ids)
+    assert all(listed[job_id]["progress"] == 100 for job_id in ids)
+    assert b.get("/v1/jobs", params={"status": "running"}).json()["jobs"] == []
+
+    delivered = hook.wait_for(2, timeout=60)
+    barrier = a.post(
+        "/v1/jobs", json={"workflow": basic_prompt(1), "webhook_url": hook.url + "/modal"}
+    ).json()["job_id"]
+    hook.wait_until(lambda rs: any(r.headers.get("webhook-id") == barrier for r in rs), 120)
+    assert hooks_by_id(hook) == {ids[0]: 1, ids[1]: 1, barrier: 1}
+    for request in delivered:
+        body = request.json()
+        assert request.path == "/modal"
+        assert set(body) == {"event", "job_id", "timestamp"}
+        assert body["event"] == "job.completed" and body["timestamp"]
+
+
+def test_modal_jobs_cancel_from_another_replica(
+    redis_server: RedisServer,
+    spawn: Callable[..., Sidecar],
+    tmp_path: Path,
+    receiver: Callable[..., Receiver],
+) -> None:
+    hook = receiver()
+    # One job per replica at a time: two slow jobs run, a third waits in the stream.
+    a, b = replicas(spawn, tmp_path, redis_server.url, MAX_JOBS_PER_INSTANCE="1")
+    slow = {"workflow": slow_prompt(blurs=40, size=2048), "webhook_url": hook.url}
+    running = [a.post("/v1/jobs", json=slow).json()["job_id"] for _ in range(2)]
+    for job_id in running:
+        wait_for(
+            lambda j=job_id: b.get(f"/v1/jobs/{j}").json()["status"] == "running",
+            timeout=60,
+            what=f"{job_id} to run",
+        )
+    waiting = a.post("/v1/jobs", json=slow).json()["job_id"]
+    assert b.get(f"/v1/jobs/{waiting}").json()["status"] == "queued"
+
+    # The queued job is ended at once by b (which sends its webhook), ...
+    cancelled = delete(b, f"/v1/jobs/{waiting}")
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json() == {
+        "job_id": waiting,
+        "status": "failed",
+        "message": "Cancelled by user",
+    }
+    # ... a running one by the replica running it, whichever that is.
+    victim = running[0]
+    runner = runs_on([a, b], job(a, victim))
+    other = b if runner is a else a
+    stopped = delete(other, f"/v1/jobs/{victim}")
+    assert stopped.status_code == 200, stopped.text
+    assert stopped.json()["message"] == "Cancelled by user"
+    for job_id in (waiting, victim):
+        status = runner.get(f"/v1/jobs/{job_id}").json()
+        assert (status["status"], status["error"]) == ("failed", "Cancelled by user")
+    again = delete(a, f"/v1/jobs/{waiting}")
+    assert again.status_code == 200 and "already finalised" in again.json()["message"]
+    assert delete(b, "/v1/jobs/no-such-job").status_code == 404
+
+    delete(other, f"/v1/jobs/{running[1]}")
+    hook.wait_until(lambda rs: {r.json()["job_id"] for r in rs} >= {waiting, *running}, 120)
+    # A barrier job's webhook, then count: one each.
+    barrier = a.post(
+        "/v1/jobs", json={"workflow": basic_prompt(1), "webhook_url": hook.url}
+    ).json()["job_id"]
+    hook.wait_until(lambda rs: any(r.headers.get("webhook-id") == barrier for r in rs), 120)
+    assert hooks_by_id(hook) == {waiting: 1, **dict.fromkeys(running, 1), barrier: 1}
+    for request in hook.snapshot():
+        body = request.json()
+        if body["job_id"] != barrier:
+            assert (body["event"], body["error"]) == ("job.failed", "Cancelled by user")
+
+
+def test_modal_jobs_media_must_feed_a_media_input_in_queue_mode(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    [a] = replicas(spawn, tmp_path, redis_server.url, count=1)
+    encoded = base64.b64encode(png_bytes()).decode()
+    workflow = image_workflow("input.png")
+    workflow["3"]["inputs"]["filename_prefix"] = "input.png"  # not a media input
+    cases = [
+        ({"workflow": workflow, "media": [{"name": "input.png", "data": encoded}]}, "media.0.name"),
+        (
+            {"workflow": image_workflow(), "media": [{"name": "input.png", "data": "not b64!"}]},
+            "media.0.data",
+        ),
+        (
+            {
+                "workflow": image_workflow("a.png"),
+                "inputs": [
+                    {
+                        "node": "3",
+                        "field": "filename_prefix",
+                        "value": encoded,
+                        "type": "image_base64",
+                    }
+                ],
+            },
+            "inputs.0.field",
+        ),
+        (  # the claiming replica's preprocessing, run at submission, names the media item
+            {
+                "workflow": image_workflow("input.png"),
+                "media": [{"name": "input.png", "url": "http://127.0.0.1:9/missing.png"}],
+            },
+            "media.0",
+        ),
+    ]
+    for body, location in cases:
+        answer = a.post("/v1/jobs", json=body)
+        assert answer.status_code in (400, 502), answer.text
+        assert answer.json()["location"] == location, answer.json()
+    assert a.get("/v1/jobs").json()["jobs"] == [], "nothing was queued"
