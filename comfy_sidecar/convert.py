@@ -16,7 +16,6 @@ them with ``asyncio.to_thread``. Pillow is imported lazily, inside the functions
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import tempfile
@@ -31,7 +30,7 @@ from comfy_sidecar.schemas import (
     JpegOptions,
     WebpOptions,
 )
-from comfy_sidecar.storage.errors import DiskFullError
+from comfy_sidecar.storage.errors import DiskFullError, is_disk_full
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -148,7 +147,7 @@ def convert_image(src: Path, spec: ConvertOutput) -> Path:
     except UnidentifiedImageError:
         raise ConversionError(f"{src.name}: not a still image Pillow can read") from None
     except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(err):
             raise DiskFullError(
                 "converting an output failed: no space left in OUTPUT_DIR"
             ) from None

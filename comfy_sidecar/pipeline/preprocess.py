@@ -31,7 +31,6 @@ Copies comfyui-api's ``preprocessNodes`` where it is right and fixes it where it
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import os
@@ -47,7 +46,7 @@ import msgspec
 from comfy_sidecar.errors import InputError, UpstreamFailed
 from comfy_sidecar.pipeline.bounded import gather_bounded
 from comfy_sidecar.pipeline.media import decode_base64, decode_data_url, sniff_extension
-from comfy_sidecar.storage.errors import DiskFullError
+from comfy_sidecar.storage.errors import DiskFullError, is_disk_full
 from comfy_sidecar.urls import is_url
 
 log = logging.getLogger("comfy_sidecar.preprocess")
@@ -98,7 +97,7 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(exc):
             raise DiskFullError(
                 "writing an input file failed: no space left in INPUT_DIR"
             ) from None

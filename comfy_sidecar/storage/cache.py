@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import errno
 import functools
 import hashlib
 import logging
@@ -44,6 +43,7 @@ from comfy_sidecar.storage.errors import (
     CacheConflictError,
     DiskFullError,
     StorageError,
+    is_disk_full,
 )
 from comfy_sidecar.urls import scrub_url
 
@@ -284,7 +284,7 @@ class DownloadCache:
             try:
                 await asyncio.to_thread(self._write_index, data)
             except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                if is_disk_full(exc):
                     raise DiskFullError("no space left in the cache for its index") from None
                 raise
 
@@ -437,7 +437,7 @@ class DownloadCache:
             except StorageError:
                 raise
             except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                if is_disk_full(exc):
                     raise _disk_error(exc, "download") from None
                 raise BackendError(
                     f"download failed: {exc.strerror or type(exc).__name__}"
@@ -755,7 +755,7 @@ def _link_file(
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # copied onto a full file system
+        if is_disk_full(exc):  # copied onto a full file system
             raise DiskFullError(f"{dest.name}: no space left to copy it in place") from None
         raise StorageError(f"{dest.name}: cannot link ({exc.strerror})") from None
 
@@ -763,7 +763,7 @@ def _link_file(
 def _disk_error(exc: OSError, what: str) -> StorageError:
     """The storage error for ``exc``: :class:`DiskFullError` for ENOSPC / EDQUOT, else a
     plain :class:`StorageError`; the message names no path."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if is_disk_full(exc):
         return DiskFullError(f"{what} failed: no space left on the cache's disk (CACHE_DIR)")
     return StorageError(f"{what} failed: {exc.strerror or type(exc).__name__}")
 
@@ -773,7 +773,7 @@ def _link_or_copy(src: Path, dest: Path) -> None:
     try:
         os.link(src, dest)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(exc):
             raise
         shutil.copyfile(src, dest)
 

@@ -9,6 +9,8 @@ other :class:`StorageError` 502.
 
 from __future__ import annotations
 
+import errno
+
 
 class StorageError(Exception):
     """A storage operation failed (the base class; on its own: the storage side failed)."""
@@ -58,6 +60,12 @@ class DiskFullError(StorageError):
     half-written is kept; the message names no path."""
 
 
+def is_disk_full(exc: OSError) -> bool:
+    """True when ``exc`` says its file system is full or over quota (ENOSPC / EDQUOT): the
+    one test every write that maps a full disk to :class:`DiskFullError` uses."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 __all__ = [
     "AuthError",
     "BackendError",
@@ -69,4 +77,5 @@ __all__ = [
     "StorageError",
     "SupersededError",
     "URLRefused",
+    "is_disk_full",
 ]
