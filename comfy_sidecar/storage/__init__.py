@@ -60,7 +60,7 @@ from comfy_sidecar.storage.errors import (
 )
 from comfy_sidecar.storage.hf import HFBackend
 from comfy_sidecar.storage.http import HTTPBackend
-from comfy_sidecar.storage.s3 import S3Backend
+from comfy_sidecar.storage.s3 import S3Backend, parse_s3_url
 from comfy_sidecar.urls import scrub_url
 
 if TYPE_CHECKING:
@@ -293,14 +293,13 @@ class Storage:
         import urllib.parse
 
         base = prefix.rstrip("/")
-        parts = urllib.parse.urlsplit(base)
-        if parts.scheme == "s3":
-            if not parts.netloc:
-                raise BadRequestError("invalid s3 URL: expected s3://bucket[/prefix]")
-            return S3Upload(bucket=parts.netloc, prefix=urllib.parse.unquote(parts.path[1:]))
-        if parts.scheme not in ("http", "https"):
-            raise BadRequestError("expected an s3://, http(s)://, Hugging Face or Azure URL")
+        scheme = urllib.parse.urlsplit(base).scheme
         probe = f"{base}/_"  # the backends parse file URLs: the prefix holds a file "_"
+        if scheme == "s3":
+            bucket, key = parse_s3_url(probe)
+            return S3Upload(bucket=bucket, prefix=key.rpartition("/")[0])
+        if scheme not in ("http", "https"):
+            raise BadRequestError("expected an s3://, http(s)://, Hugging Face or Azure URL")
         if "/resolve/" in probe and self.hf.handles(probe):
             target = self.hf.parse(probe)
             return HFUpload(
