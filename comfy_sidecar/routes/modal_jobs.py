@@ -51,7 +51,7 @@ from comfy_sidecar.jobs.runner import JobService
 from comfy_sidecar.jobs.shared import SharedJobs
 from comfy_sidecar.jobs.store import JobRecord, JobStatus, iso, now_ms
 from comfy_sidecar.pipeline.media import decode_base64, sniff_extension
-from comfy_sidecar.pipeline.preprocess import INPUTS_SUBDIR, media_fields
+from comfy_sidecar.pipeline.preprocess import INPUTS_SUBDIR, media_fields, write_input
 from comfy_sidecar.routes.adapters import (
     check_http_url,
     estimated_wait_s,
@@ -176,12 +176,9 @@ class MediaFolder:
             self._lease = self.sidecar.storage.lease()
         return JobStaging(self.sidecar.storage, None, self._lease, self.sidecar.settings)
 
-    def _write(self, name: str, data: bytes) -> str:
+    def _write(self, name: str, data: bytes, location: str) -> str:
         self.path.mkdir(parents=True, exist_ok=True)
-        target = self.path / name
-        part = target.with_name(f".{name}.part")
-        part.write_bytes(data)
-        os.replace(part, target)
+        write_input(self.path / name, data, location)
         return f"{self.name}/{name}"
 
     async def _download(self, url: str, location: str) -> str:
@@ -204,7 +201,7 @@ class MediaFolder:
             os.replace(self.input_dir / staged, self.path / name)
             return f"{self.name}/{name}"
         assert item.data is not None
-        return self._write(name, _decode(item.data, f"{where}.data"))
+        return self._write(name, _decode(item.data, f"{where}.data"), f"{where}.data")
 
     async def add_image(self, index: int, override: InputOverride) -> str:
         """The image of an ``image_base64``/``image_url`` override, in the folder; its name."""
@@ -217,7 +214,7 @@ class MediaFolder:
         ext = sniff_extension(data[:64])
         if ext is None:
             raise InputError("decoded the base64 but it is not an image", where)
-        return self._write(f"input-{index}.{ext}", data)
+        return self._write(f"input-{index}.{ext}", data, where)
 
     def remove(self) -> None:
         """Delete the folder and end the download lease (idempotent)."""
