@@ -331,14 +331,6 @@ class RedisJobs:
         found: list[dict[str, Any]] = msgspec.json.decode(raw)
         return found
 
-    async def update(self, job_id: str, view: dict[str, Any]) -> None:
-        """Replace job ``job_id``'s body (while it has not ended)."""
-        await self.emit(job_id, [], view)
-
-    async def publish(self, job_id: str, kind: str, body: Any) -> int:
-        """Append an event to job ``job_id``'s stream; returns its id (the SSE ``id``)."""
-        return await self.emit(job_id, [(kind, body)], None)
-
     async def emit(
         self, job_id: str, events: list[tuple[str, Any]], view: dict[str, Any] | None
     ) -> int:
