@@ -196,8 +196,10 @@ async def _submit_shared(data: GenerateRequest, jobs: JobService) -> dict[str, A
 
 
 def _send_webhook(state: State, jobs: JobService, webhook: Webhook) -> Any:
+    after = AfterEnd(kind="aidock", url=webhook.url, extra_params=webhook.extra_params)
+
     async def send(record: JobRecord) -> None:
-        body = {**msgspec.to_builtins(result_of(jobs, record)), **webhook.extra_params}
+        body = webhook_body(jobs.store.view(record), after)
         await state.sidecar.webhooks.send_prompt(webhook.url, body, record.id, order_key=record.id)
 
     return send
