@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import mimetypes
 import os
 import shutil
 from pathlib import Path
@@ -47,7 +46,7 @@ from msgspec import Meta
 
 from comfy_sidecar.errors import InputError, SidecarError
 from comfy_sidecar.jobs.after import AfterEnd
-from comfy_sidecar.jobs.runner import JobService
+from comfy_sidecar.jobs.runner import JobService, mime_type_of
 from comfy_sidecar.jobs.shared import SharedJobs
 from comfy_sidecar.jobs.store import JobRecord, JobStatus, iso, now_ms
 from comfy_sidecar.pipeline.media import decode_base64, sniff_extension
@@ -292,13 +291,11 @@ async def prepare_workflow(
     return workflow, list(renamed.values())
 
 
-def _data_url(name: str, value: str, location: str) -> str:
-    """Media item ``name``'s base64 (or ``data:`` URL) ``value`` as a ``data:`` URL whose
-    MIME type comes from the name (else ``application/octet-stream``: the bytes decide);
-    checked as :func:`_decode` checks it."""
-    data = _decode(value, location)
-    mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+def _data_url(name: str, data: bytes) -> str:
+    """Media ``data`` (decoded by :func:`_decode`) as a ``data:`` URL whose MIME type comes
+    from ``name`` (:func:`~comfy_sidecar.jobs.runner.mime_type_of`; ``application/octet-stream``
+    when unknown: the bytes decide)."""
+    return f"data:{mime_type_of(name)};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def _check_media_input(
@@ -338,7 +335,7 @@ def inline_workflow(data: ModalJobRequest) -> tuple[dict[str, Any], dict[str, st
             values[name] = (index, item.url)
         else:
             assert item.data is not None
-            values[name] = (index, _data_url(name, item.data, f"{where}.data"))
+            values[name] = (index, _data_url(name, _decode(item.data, f"{where}.data")))
     for node_id, node in workflow.items():
         inputs = node.get("inputs") if isinstance(node, dict) else None
         if not isinstance(inputs, dict):
@@ -361,7 +358,7 @@ def inline_workflow(data: ModalJobRequest) -> tuple[dict[str, Any], dict[str, st
             ext = sniff_extension(raw[:64])
             if ext is None:
                 raise InputError("decoded the base64 but it is not an image", where)
-            inputs[override.field] = _data_url(f"input.{ext}", override.value, where)
+            inputs[override.field] = _data_url(f"input.{ext}", raw)
         else:
             inputs[override.field] = override.value
         node = str(override.node)
