@@ -123,6 +123,17 @@ def with_data(jobs: JobService, record: JobRecord, body: dict[str, Any]) -> dict
     return body
 
 
+async def shared_with_data(shared: SharedJobs, job_id: str, view: dict[str, Any]) -> dict[str, Any]:
+    """``view`` (a shared-queue job's body) with each output kept inline in Redis given its
+    base64 ``data`` (outputs uploaded to JOB_OUTPUT_URL keep only their ``url``); the
+    queue-mode twin of :func:`with_data`."""
+    for index, output in enumerate(view.get("outputs") or []):
+        raw = await shared.output(job_id, index)
+        if raw is not None:
+            output["data"] = base64.b64encode(raw).decode("ascii")
+    return view
+
+
 @get(
     "/jobs/{job_id:str}",
     summary="A job's status, progress and outputs",
@@ -354,12 +365,7 @@ async def shared_job(shared: SharedJobs, job_id: str, wait: float, data: bool) -
     view = await (shared.wait(job_id, wait) if wait > 0 else shared.get(job_id))
     if view is None:
         raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id)
-    if data:
-        for index, output in enumerate(view.get("outputs") or []):
-            raw = await shared.output(job_id, index)
-            if raw is not None:
-                output["data"] = base64.b64encode(raw).decode("ascii")
-    return view
+    return await shared_with_data(shared, job_id, view) if data else view
 
 
 async def shared_output(

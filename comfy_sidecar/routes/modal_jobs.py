@@ -62,7 +62,7 @@ from comfy_sidecar.routes.adapters import (
     submit,
     submit_shared,
 )
-from comfy_sidecar.routes.jobs import job_of
+from comfy_sidecar.routes.jobs import job_of, shared_with_data
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
 from comfy_sidecar.schemas import ErrorResponse
 
@@ -524,12 +524,8 @@ async def _shared_job(shared: SharedJobs, job_id: str) -> dict[str, Any]:
     view = await shared_view(shared, job_id)
     body = modal_body(view)
     if view["status"] == JobStatus.COMPLETED.value:
-        outputs = []
-        for index, output in enumerate(view.get("outputs") or []):
-            raw = await shared.output(job_id, index)
-            data = base64.b64encode(raw).decode("ascii") if raw is not None else None
-            outputs.append(_modal_output(output, data))
-        body["outputs"] = outputs
+        outputs = (await shared_with_data(shared, job_id, view)).get("outputs") or []
+        body["outputs"] = [_modal_output(output, output.get("data")) for output in outputs]
     return body
 
 

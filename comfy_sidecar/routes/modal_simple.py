@@ -12,7 +12,6 @@ queue and any replica answers ``/status``.
 
 from __future__ import annotations
 
-import base64
 import re
 from typing import Annotated, Any, Literal
 
@@ -35,6 +34,7 @@ from comfy_sidecar.routes.adapters import (
     submit,
     submit_shared,
 )
+from comfy_sidecar.routes.jobs import shared_with_data
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
 from comfy_sidecar.schemas import ErrorResponse
 
@@ -171,11 +171,10 @@ async def shared_status(shared: SharedJobs, call_id: str) -> Response[Any]:
     if not status.terminal:
         return Response(Running(id=call_id, call_id=call_id), status_code=202)
     if status is JobStatus.COMPLETED:
-        images = []
-        for index, output in enumerate(view.get("outputs") or []):
-            raw = await shared.output(call_id, index)
-            data = base64.b64encode(raw).decode("ascii") if raw is not None else ""
-            images.append(Base64Image(filename=output["filename"], type="base64", data=data))
+        images = [
+            Base64Image(filename=output["filename"], type="base64", data=output.get("data", ""))
+            for output in (await shared_with_data(shared, call_id, view)).get("outputs") or []
+        ]
         return Response(
             Completed(id=call_id, status="COMPLETED", output=Output(images=images)),
             status_code=200,
