@@ -389,14 +389,17 @@ class Pipeline:
             )
         except BaseException:
             pending.abandon()
-            self._remove_outputs_of(pending)
+            await self._remove_outputs_of(pending)
             raise
 
-    def _remove_outputs_of(self, pending: PendingJob) -> None:
+    async def _remove_outputs_of(self, pending: PendingJob) -> None:
         """A job that failed, timed out or was interrupted keeps no output files: remove what
-        ComfyUI already wrote for it (logged, never raises)."""
+        ComfyUI already wrote for it, off the event loop (it may list OUTPUT_DIR; logged,
+        never raises)."""
         try:
-            remove_job_outputs(pending.job.outputs, pending.prompt, self.settings.output_dir)
+            await asyncio.to_thread(
+                remove_job_outputs, pending.job.outputs, pending.prompt, self.settings.output_dir
+            )
         except OSError as exc:
             log.warning("job %s: could not remove its output files: %s", pending.job.id, exc)
 
@@ -426,7 +429,7 @@ class Pipeline:
                 if self.settings.oom_retry and not oom_retried and not job.interrupt_requested:
                     oom_retried = True
                     log.warning("job %s ran out of memory; running it once more", job.id)
-                    self._remove_outputs_of(pending)  # what the failed attempt saved
+                    await self._remove_outputs_of(pending)  # what the failed attempt saved
                     pending.job = job.again(str(uuid.uuid4()))
                     self._active[job.id] = pending.job
                     continue
