@@ -331,6 +331,7 @@ class Sidecar:
             except (OSError, ValueError) as exc:
                 raise Fatal(f"JOBS_DIR: {exc}") from None
             await asyncio.to_thread(remove_leftover_inputs, self.settings.input_dir)
+            await asyncio.to_thread(self.delivery.clear_spool)
             await self.webhooks.start()
             await self.storage.start()
             self.deletion_cost.start()

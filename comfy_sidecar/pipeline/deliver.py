@@ -129,8 +129,8 @@ class Delivery:
     A webhook that carries output files streams them from a hard link (a copy on another
     filesystem) in ``OUTPUT_DIR/.comfy-sidecar-webhooks-<PORT>/``, removed once the webhook is
     delivered or given up: a waiting delivery holds a path, not an open file, and the job's
-    own files are released (or kept under JOBS_DIR) as usual. That folder is emptied here, at
-    start-up (a killed predecessor's links).
+    own files are released (or kept under JOBS_DIR) as usual. :meth:`clear_spool` empties that
+    folder at start-up (a killed predecessor's links).
     """
 
     def __init__(
@@ -151,6 +151,9 @@ class Delivery:
         #: Asynchronous jobs with a webhook admitted and not yet delivered.
         self.pending_deliveries = 0
         self.spool = Path(settings.output_dir) / f".comfy-sidecar-webhooks-{settings.port}"
+
+    def clear_spool(self) -> None:
+        """Remove the webhook spool a killed predecessor left (at start-up, off the loop)."""
         shutil.rmtree(self.spool, ignore_errors=True)
 
     def _admit_delivery(self, request: PromptRequest) -> bool:
