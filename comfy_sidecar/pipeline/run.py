@@ -154,13 +154,19 @@ class JobStaging:
 
 
 def _download_failed(url: str, exc: Exception, location: str) -> SidecarError:
-    """The error for a failed download of ``url`` at ``location``: :class:`UpstreamFailed`
-    caused by ``exc`` when the disk is full (the sidecar's fault), else :class:`InputError`."""
+    """The error for a failed download of ``url`` at ``location`` (see
+    :func:`download_error`)."""
+    return download_error(f"could not download {scrub_url(url)}: {exc}", exc, location)
+
+
+def download_error(message: str, cause: Exception | None, location: str) -> SidecarError:
+    """The error for a failed download at ``location``: :class:`UpstreamFailed` caused by
+    ``cause`` when it is a full disk (the sidecar's fault, 507), else :class:`InputError`
+    (comfyui-api answers failed downloads with 400). Used by the pipeline and ``/download``."""
     from comfy_sidecar.storage import DiskFullError
 
-    message = f"could not download {scrub_url(url)}: {exc}"
-    if isinstance(exc, DiskFullError):
-        return UpstreamFailed(message, cause=exc, location=location)
+    if isinstance(cause, DiskFullError):
+        return UpstreamFailed(message, cause=cause, location=location)
     return InputError(message, location)
 
 

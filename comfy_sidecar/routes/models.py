@@ -31,7 +31,6 @@ from comfy_sidecar.errors import (
     NotFound,
     SidecarError,
     Unavailable,
-    UpstreamFailed,
 )
 from comfy_sidecar.schemas import DownloadAuth, ErrorResponse
 
@@ -204,13 +203,12 @@ def _failure(message: str, cause: Exception | None) -> SidecarError:
     """What a waiting ``POST /download`` raises: :class:`Conflict` when a file the cache did
     not make is in the way, :class:`UpstreamFailed` (507) on a full disk, else
     :class:`InputError` naming ``url`` (comfyui-api answers failed downloads with 400)."""
-    from comfy_sidecar.storage import CacheConflictError, DiskFullError
+    from comfy_sidecar.pipeline.run import download_error
+    from comfy_sidecar.storage import CacheConflictError
 
     if isinstance(cause, CacheConflictError):
         return Conflict(message, location="url")
-    if isinstance(cause, DiskFullError):
-        return UpstreamFailed(message, cause=cause, location="url")
-    return InputError(message, location="url")
+    return download_error(message, cause, "url")
 
 
 @post(
