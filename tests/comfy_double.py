@@ -21,11 +21,11 @@ Test-only controls under ``/__double__/``: ``drop_websockets``, ``refuse_websock
 (``{"refused": true}``: new websockets are closed at once), ``mute`` (every socket silent),
 ``stale_websockets`` (the sockets open now stay open but get no more frames; new ones do, as in
 comfyui-api issue #186) and ``stall`` (``{"stalled": true}``: the prompt worker stops taking
-prompts, as when ComfyUI's worker thread died; they stay pending). ``GET
-/__double__/executions`` lists the prompts it executed (started, in order: ``prompt_id``, the
-``filename_prefix`` of each save node, and ``status``: ``running``, ``success`` or ``error``);
-each line is also appended to ``double-executions.jsonl`` in the base directory, so the count
-survives the double being killed (tests/jobs/test_replicas.py counts executions with it).
+prompts, as when ComfyUI's worker thread died; they stay pending). Every prompt it executes
+is journalled, in order, to ``double-executions.jsonl`` in the base directory (``prompt_id``,
+the ``filename_prefix`` of each save node, and ``status``: ``running``, then ``success`` or
+``error``), so the count survives the double being killed (tests/jobs/test_redis_queue.py's
+``journal`` reads it).
 """
 
 from __future__ import annotations
@@ -134,8 +134,7 @@ class Double:
         self.frees: list[Any] = []
         self.oom_raised: dict[str, int] = {}
         self.temp_tag = "".join(random.choices(string.ascii_lowercase, k=5))
-        #: Test-only: every prompt taken by the worker, in order (GET /__double__/executions).
-        self.executions: list[dict[str, Any]] = []
+        #: Test-only: every prompt taken by the worker, a line each time its status changes.
         self.journal = base / "double-executions.jsonl"
 
     # --- websocket --------------------------------------------------------------------------
@@ -348,7 +347,7 @@ class Double:
         status: str | None = None,
     ) -> dict[str, Any]:
         """Test-only: note that prompt ``item`` starts (``execution`` None) or ended with
-        ``status``, in :attr:`executions` and the journal file; returns its entry."""
+        ``status``, in the journal file; returns its entry."""
         if execution is None:
             prompt = item[2]
             prefixes = [
@@ -357,7 +356,6 @@ class Double:
                 if "filename_prefix" in (node.get("inputs") or {})
             ]
             execution = {"prompt_id": item[1], "prefixes": prefixes, "status": "running"}
-            self.executions.append(execution)
         else:
             execution["status"] = status or "error"
         with self.journal.open("a") as journal:
@@ -810,11 +808,6 @@ class Double:
             """Test-only: send times (s since epoch) of a DoubleTicks node's progress frames."""
             return double.tick_times.get(prompt_id, [])
 
-        @get("/__double__/executions", sync_to_thread=False)
-        def executions() -> list[dict[str, Any]]:
-            """Test-only: the prompts executed so far (see :meth:`Double.record_execution`)."""
-            return double.executions
-
         @post("/__double__/stale_websockets", status_code=200)
         async def stale_websockets(request: Request[Any, Any, Any]) -> dict[str, Any]:
             """The sockets open now stay open but get no more frames (new ones do)."""
@@ -888,7 +881,6 @@ class Double:
                 frees,
                 mute,
                 tick_times,
-                executions,
                 stale_websockets,
                 stall,
                 ws,

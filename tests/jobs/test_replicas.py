@@ -1,10 +1,9 @@
 """Many replicas, one queue: three sidecars (each in front of its own ComfyUI double) on one
 real redis-server, behind a real HAProxy that health-checks ``/ready`` (tests/haproxy.py).
 
-Executions are counted on the doubles themselves: ``GET /__double__/executions`` while a double
-runs, its ``double-executions.jsonl`` journal once it is gone (a stopped replica stops its
-ComfyUI). Each job saves under its own ``filename_prefix``, so a prefix executed twice is a job
-run twice.
+Executions are counted on the doubles themselves, from each one's ``double-executions.jsonl``
+journal (it outlives a stopped replica's ComfyUI). Each job saves under its own
+``filename_prefix``, so a prefix executed twice is a job run twice.
 """
 
 from __future__ import annotations
@@ -83,13 +82,7 @@ def test_three_replicas_share_60_jobs_submitted_through_haproxy(
     assert {v["status"] for v in views.values()} == {"completed"}, views
 
     # Each job ran exactly once, counted by the doubles that ran them.
-    executed = [
-        entry
-        for sidecar in sidecars
-        for entry in httpx.get(
-            f"http://127.0.0.1:{sidecar.comfy_port}/__double__/executions", timeout=5
-        ).json()
-    ]
+    executed = [entry for sidecar in sidecars for entry in journal(sidecar)]
     assert len(executed) == 60
     assert prefix_counts(executed) == Counter(f"spread{i}" for i in range(60))
     assert all(len(v["attempts"]) == 1 for v in views.values())
