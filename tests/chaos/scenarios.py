@@ -34,6 +34,7 @@ import struct
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -287,6 +288,21 @@ class Harness:
 # --- the scenarios ---------------------------------------------------------------------------
 
 
+def send_started(flight: Flight, prompt: dict[str, Any], expect: str, bound_s: float) -> None:
+    """Send ``prompt`` and wait until the sidecar has seen ComfyUI start it (its job is
+    ``in_progress``: the ``execution_start`` frame arrived). ComfyUI's ``/queue`` shows it
+    running a moment earlier; a child killed in between takes a job the sidecar rightly
+    counts as not started, and runs again elsewhere."""
+    job_id = str(uuid.uuid4())
+    flight.send(prompt, expect, id=job_id)
+    wait_for(
+        lambda: flight.sidecar.get(f"/jobs/{job_id}").json().get("status") == "in_progress",
+        timeout=bound_s,
+        interval=0.02,
+        what="the sidecar to see ComfyUI start the job",
+    )
+
+
 def sigkill_mid_job(h: Harness, runs: int, budget_s: float) -> Outcome:
     """ComfyUI SIGKILLed mid-job: that job fails 503 ``comfyui_exited`` at once, jobs arriving
     during the restart wait in the sidecar's queue and complete."""
@@ -296,8 +312,7 @@ def sigkill_mid_job(h: Harness, runs: int, budget_s: float) -> Outcome:
     baseline(out, sidecar, h.bound_s)
     for _ in out.rounds(runs, budget_s):
         flight = Flight(sidecar, h.bound_s)
-        flight.send(slow_prompt(8), "fail:503:comfyui_exited")
-        sidecar.wait_comfy_running(h.ready_s)
+        send_started(flight, slow_prompt(8), "fail:503:comfyui_exited", h.ready_s)
         os.kill(sidecar.child_pid(), signal.SIGKILL)
         for i in range(2):
             flight.send(basic_prompt(batch=1, prefix=f"after{i}"), "complete")
@@ -323,8 +338,7 @@ def sigstop_mid_job(h: Harness, runs: int, budget_s: float) -> Outcome:
     baseline(out, sidecar, h.bound_s)
     for _ in out.rounds(runs, budget_s):
         flight = Flight(sidecar, h.bound_s)
-        flight.send(slow_prompt(12), "fail:503:comfyui_hung")
-        sidecar.wait_comfy_running(h.ready_s)
+        send_started(flight, slow_prompt(12), "fail:503:comfyui_hung", h.ready_s)
         child = sidecar.child_pid()
         os.kill(child, signal.SIGSTOP)
         for i in range(2):
