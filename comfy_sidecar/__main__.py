@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     boot = BootProbes(sock, __version__)
     boot.start()
 
-    from comfy_sidecar.service import run
+    from comfy_sidecar.runtime.lifecycle import run
 
     return run(settings, sock, boot)
 

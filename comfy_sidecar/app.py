@@ -43,10 +43,11 @@ from comfy_sidecar.logs import bind_traceparent
 from comfy_sidecar.pipeline.preprocess import MAX_NESTING_DEPTH
 from comfy_sidecar.routes import aidock, modal_jobs, modal_simple
 from comfy_sidecar.routes.jobs import ROUTES as JOB_ROUTES
-from comfy_sidecar.routes.models import download, download_status, models
+from comfy_sidecar.routes.metrics import metrics_route
+from comfy_sidecar.routes.models import ModelDownloads, download, download_status, models
 from comfy_sidecar.routes.probes import health, ready
 from comfy_sidecar.routes.prompt import interrupt, prompt
-from comfy_sidecar.routes.workflows import workflow_route
+from comfy_sidecar.routes.workflows import WorkflowHost, workflow_route
 from comfy_sidecar.storage.errors import (
     AuthError,
     BackendError,
@@ -63,7 +64,8 @@ if TYPE_CHECKING:
     from litestar.types import ASGIApp, Receive, Scope, Send
 
     from comfy_sidecar.config import Settings
-    from comfy_sidecar.service import Sidecar
+    from comfy_sidecar.runtime.container import Container
+    from comfy_sidecar.runtime.lifecycle import Runtime
 
 log = logging.getLogger("comfy_sidecar.app")
 
@@ -303,9 +305,17 @@ DESCRIPTION = (
 )
 
 
-def create_app(sidecar: Sidecar) -> Litestar:
-    """Build the ASGI app for ``sidecar`` (reachable in handlers as ``state.sidecar``)."""
-    settings = sidecar.settings
+def _provide(value: Any) -> Provide:
+    """A dependency that is one service of the container, built once."""
+    return Provide(lambda: value, sync_to_thread=False, use_cache=True)
+
+
+def create_app(container: Container, runtime: Runtime) -> Litestar:
+    """Build the ASGI app over ``container``'s services. Each handler declares the narrow
+    services it needs by name (Litestar ``Provide``): ``jobs`` (the job backend),
+    ``lifecycle`` (the job lifecycle, for ``/prompt``), ``probes`` (health), ``downloads``
+    (model downloads), ``workflow_host``, ``scrape`` (the metrics' view)."""
+    settings = container.settings
     api_keys = ApiKeys.from_settings(settings)
     handlers: list[Any] = [
         health,
@@ -315,13 +325,19 @@ def create_app(sidecar: Sidecar) -> Litestar:
         download,
         download_status,
         models,
-        metrics.metrics_route,
+        metrics_route,
         *JOB_ROUTES,
         *modal_jobs.ROUTES,
         *modal_simple.ROUTES,
         *aidock.ROUTES,
-        *(workflow_route(wf, settings.markdown_schema_descriptions) for wf in sidecar.workflows),
+        *(workflow_route(wf, settings.markdown_schema_descriptions) for wf in container.workflows),
     ]
+    downloads = ModelDownloads(
+        container.storage, settings.model_dir, container.comfy.client, container.tasks.spawn
+    )
+    workflow_host = WorkflowHost(
+        lambda path: container.comfy.client().get_json(path), lambda: runtime.warmup_prompt
+    )
     app = Litestar(
         route_handlers=[
             openapi_json,
@@ -329,8 +345,16 @@ def create_app(sidecar: Sidecar) -> Litestar:
             *_protect(handlers, api_keys, settings),
         ],
         middleware=[_trace_context],
-        state=State({"sidecar": sidecar, "api_keys": api_keys}),
-        dependencies={"jobs": Provide(lambda: sidecar.jobs, sync_to_thread=False)},
+        state=State({"api_keys": api_keys}),
+        dependencies={
+            "jobs": _provide(container.jobs),
+            "lifecycle": _provide(container.lifecycle),
+            "probes": _provide(container.health),
+            "downloads": _provide(downloads),
+            "workflow_host": _provide(workflow_host),
+            "scrape": _provide(container.gauges),
+            "staging": _provide(container.staging),
+        },
         request_max_body_size=settings.max_body_size_mb * 1024 * 1024,
         exception_handlers={
             ValidationException: _validation_error,

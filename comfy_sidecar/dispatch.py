@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from comfy_sidecar.errors import Unavailable
 
@@ -34,10 +34,23 @@ class Slotted(Protocol):
         ...
 
 
-class Dispatcher:
-    """Hands instances out to waiting jobs; ``per_instance`` slots each."""
+class Signals(Protocol):
+    """Where the dispatcher hears that an instance may take jobs again."""
 
-    def __init__(self, instances: Sequence[Slotted], per_instance: int = 2) -> None:
+    def on_ready(self, listener: Callable[[Any], None]) -> None: ...
+    def on_connected(self, listener: Callable[[Any], None]) -> None: ...
+
+
+class Dispatcher:
+    """Hands instances out to waiting jobs; ``per_instance`` slots each. With ``signals`` it
+    hands slots out again whenever an instance becomes ready or its websocket reconnects."""
+
+    def __init__(
+        self,
+        instances: Sequence[Slotted],
+        per_instance: int = 2,
+        signals: Signals | None = None,
+    ) -> None:
         self.instances = list(instances)
         self.per_instance = max(1, per_instance)
         self.in_flight: dict[str, int] = {i.name: 0 for i in self.instances}
@@ -45,6 +58,11 @@ class Dispatcher:
         self._next = 0
         #: Set by :meth:`close`: why no job will get a slot any more.
         self._closed: str | None = None
+        #: Called whenever a slot comes free (the Redis backend claims another job then).
+        self.freed: list[Callable[[], None]] = []
+        if signals is not None:
+            signals.on_ready(lambda _instance: self.poke())
+            signals.on_connected(lambda _instance: self.poke())
 
     @property
     def waiting(self) -> int:
@@ -108,6 +126,8 @@ class Dispatcher:
         if self.in_flight.get(instance.name, 0) > 0:
             self.in_flight[instance.name] -= 1
         self.poke()
+        for listener in self.freed:
+            listener()
 
     def close(self, reason: str) -> None:
         """No instance will take jobs any more (the sidecar stops, or every instance gave up):

@@ -93,20 +93,81 @@ def base_url(address: str, port: int) -> str:
 
 
 FrameHook = Callable[["ComfyInstance", dict[str, Any]], None]
-InstanceHook = Callable[["ComfyInstance"], Awaitable[None]]
+InstanceHook = Callable[["ComfyInstance"], None]
 EventHook = Callable[["ComfyInstance", str, dict[str, Any]], None]
+Warmup = Callable[["ComfyInstance"], Awaitable[None]]
+"""``warmup(instance)``: run the warmup prompt on ``instance``; raises :class:`Fatal`."""
+
+
+class InstanceSignals:
+    """What every instance tells its listeners, each of which subscribes in its own
+    constructor (the dispatcher, the health, the system webhooks):
+
+    - ``frame(instance, frame)``: every websocket frame, after the instance's registry took it;
+    - ``ready(instance)``: each time it becomes ready (launched, warm, connected);
+    - ``connected(instance)``: each time its websocket (re)connects, so jobs waiting in the
+      sidecar's queue through a blip are handed out at once;
+    - ``event(instance, name, data)``: restarts (``restart``: ``{instance, reason,
+      message}``) and recycling (``recycle``: ``{instance, reason, jobs, rss_bytes,
+      vram_bytes}``).
+
+    A listener that raises is logged; the others still hear."""
+
+    def __init__(self) -> None:
+        self._frame: list[FrameHook] = []
+        self._ready: list[InstanceHook] = []
+        self._connected: list[InstanceHook] = []
+        self._event: list[EventHook] = []
+
+    def on_frame(self, listener: FrameHook) -> None:
+        """Subscribe ``listener`` to every frame."""
+        self._frame.append(listener)
+
+    def on_ready(self, listener: InstanceHook) -> None:
+        """Subscribe ``listener`` to an instance becoming ready."""
+        self._ready.append(listener)
+
+    def on_connected(self, listener: InstanceHook) -> None:
+        """Subscribe ``listener`` to a websocket (re)connecting."""
+        self._connected.append(listener)
+
+    def on_event(self, listener: EventHook) -> None:
+        """Subscribe ``listener`` to restarts and recycling."""
+        self._event.append(listener)
+
+    def frame(self, instance: ComfyInstance, frame: dict[str, Any]) -> None:
+        """Tell every frame listener."""
+        for listener in self._frame:
+            _call(listener, instance, frame)
+
+    def ready(self, instance: ComfyInstance) -> None:
+        """Tell every ready listener."""
+        for listener in self._ready:
+            _call(listener, instance)
+
+    def connected(self, instance: ComfyInstance) -> None:
+        """Tell every connected listener."""
+        for listener in self._connected:
+            _call(listener, instance)
+
+    def event(self, instance: ComfyInstance, name: str, data: dict[str, Any]) -> None:
+        """Tell every event listener."""
+        for listener in self._event:
+            _call(listener, instance, name, data)
+
+
+def _call(listener: Callable[..., None], *args: Any) -> None:
+    try:
+        listener(*args)
+    except Exception:
+        log.exception("an instance listener failed")
 
 
 class ComfyInstance:
     """One ComfyUI child, numbered ``index``, on ``port`` (and ``gpu``, when given).
 
-    ``on_frame(instance, frame)`` sees every websocket frame after the instance's job registry
-    took it; ``warmup(instance)`` runs the warmup prompt on this instance (None: no warmup);
-    ``on_ready(instance)`` runs each time it becomes ready; ``on_event(instance, name, data)``
-    is told of restarts (``restart``: ``{instance, reason, message}``) and recycling
-    (``recycle``: ``{instance, reason, jobs, rss_bytes, vram_bytes}``); ``on_connected(instance)``
-    runs each time its websocket (re)connects, so jobs waiting in the sidecar queue through a
-    blip are handed out at once.
+    It tells ``signals`` (:class:`InstanceSignals`) of its frames, readiness, connections,
+    restarts and recycling.
     """
 
     def __init__(
@@ -117,11 +178,7 @@ class ComfyInstance:
         port: int,
         gpu: str | None,
         label: str,
-        on_frame: FrameHook,
-        warmup: InstanceHook | None,
-        on_ready: InstanceHook,
-        on_event: EventHook | None = None,
-        on_connected: Callable[[ComfyInstance], None] | None = None,
+        signals: InstanceSignals | None = None,
     ) -> None:
         self.index = index
         self.name = str(index)
@@ -163,12 +220,9 @@ class ComfyInstance:
         self._recycle = asyncio.Event()
         self._watchdog: asyncio.Task[None] | None = None
         self._last_job_frame_at = time.monotonic()
-        self._on_event = on_event
-        self._on_frame_hook = on_frame
-        #: Runs the warmup prompt on this instance after each start (None: no warmup).
-        self.warmup = warmup
-        self._on_ready = on_ready
-        self._on_connected = on_connected
+        self.signals = signals or InstanceSignals()
+        #: Runs the warmup prompt on this instance after each start (set by :meth:`run`).
+        self._warmup: Warmup | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def __repr__(self) -> str:
@@ -185,6 +239,12 @@ class ComfyInstance:
             and not self.draining
             and not self.recycling
         )
+
+    @property
+    def up(self) -> bool:
+        """True while this instance's ComfyUI child process runs."""
+        child = self.process.process if self.process is not None else None
+        return child is not None and child.returncode is None
 
     @property
     def going_down(self) -> bool:
@@ -226,11 +286,10 @@ class ComfyInstance:
         if isinstance(data, dict) and self.registry.api_id_for(str(data.get("prompt_id"))):
             self._last_job_frame_at = time.monotonic()
         self.registry.on_frame(frame)
-        self._on_frame_hook(self, frame)
+        self.signals.frame(self, frame)
 
     async def _on_connect(self, reconnected: bool) -> None:
-        if self._on_connected is not None:
-            self._on_connected(self)  # it may take jobs again (a blip ended)
+        self.signals.connected(self)  # it may take jobs again (a blip ended)
         if reconnected:
             log.info("%swebsocket re-established; reconciling jobs in flight", self._prefix())
             self._spawn(self.registry.reconcile())
@@ -242,8 +301,7 @@ class ComfyInstance:
         return task
 
     def _emit(self, name: str, data: dict[str, Any]) -> None:
-        if self._on_event is not None:
-            self._on_event(self, name, {"instance": self.name, **data})
+        self.signals.event(self, name, {"instance": self.name, **data})
 
     async def _watch_quiet_socket(self) -> None:
         """Every COMFYUI_QUIET_RECONCILE_S / 2: when jobs are in flight and no frame came for
@@ -336,10 +394,12 @@ class ComfyInstance:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Launch, warm and keep this ComfyUI running until cancelled. Raises :class:`Fatal`
-        when it cannot go on (CMD cannot run, no answer within the start-up deadline, a crash
-        loop, or an exit with ALWAYS_RESTART_COMFYUI=false)."""
+    async def run(self, warmup: Warmup | None = None) -> None:
+        """Launch, warm (``warmup``, after each start; None: no warmup) and keep this ComfyUI
+        running until cancelled. Raises :class:`Fatal` when it cannot go on (CMD cannot run,
+        no answer within the start-up deadline, a crash loop, or an exit with
+        ALWAYS_RESTART_COMFYUI=false)."""
+        self._warmup = warmup
         self._spawn(self.events.run())
         self._spawn(self._watch_quiet_socket())
         try:
@@ -371,7 +431,7 @@ class ComfyInstance:
                 await self._bring_up(process, exited)
                 self.ever_ready = True
                 self.set_phase(Phase.READY, "ComfyUI is up, warm and connected")
-                await self._on_ready(self)
+                self.signals.ready(self)
                 await self._race(self._serve_until_recycled(), exited)
             except ChildExited as exc:
                 self._child_lost(exc)
@@ -461,9 +521,22 @@ class ComfyInstance:
             raise Fatal("the websocket to ComfyUI could not be opened")
         log.info("%sComfyUI answered after %.2f s", self._prefix(), time.monotonic() - started)
         metrics.startup_phase("launch", time.monotonic() - started)
-        if self.warmup is not None:
+        learned = self._spawn(self._learn_output_nodes())  # beside the warmup, not after it
+        if self._warmup is not None:
             self.set_phase(Phase.WARMING, "running the warmup prompt")
-            await self._race(self.warmup(self), exited)
+            await self._race(self._warmup(self), exited)
+        await self._race(learned, exited)
+
+    async def _learn_output_nodes(self) -> None:
+        """Ask ComfyUI once which node classes are output nodes (``GET /object_info``), so a
+        submission to the shared queue is checked with no call to ComfyUI. A failure is
+        logged: those checks then leave the output-node question to the running replica."""
+        try:
+            count = await self.client.load_output_nodes()
+        except ComfyUnavailable as exc:
+            log.warning("%scould not read ComfyUI's node classes: %s", self._prefix(), exc)
+            return
+        log.debug("%sComfyUI has %d node classes", self._prefix(), count)
 
     def _stop_watching(self) -> None:
         watchdog, self._watchdog = self._watchdog, None

@@ -13,8 +13,8 @@ Two kinds of metric live here:
   moved by :func:`job_ended`, :func:`job_completed`, :func:`process_restart`,
   :func:`startup_phase`/:func:`time_startup`, :func:`download_finished`, :func:`cache_request`,
   :func:`webhook_finished`, :func:`system_event_dropped` and :func:`instrument` (HTTP);
-* state read at scrape time from the :class:`~comfy_sidecar.service.Sidecar` serving the
-  scrape (:class:`SidecarCollector`): jobs waiting/running in the dispatcher, each instance's
+* state read at scrape time through the small :class:`Scraped` protocol
+  (:class:`SidecarCollector`): jobs waiting/running in the dispatcher, each instance's
   up/ready, the cache's size, GPU memory and ComfyUI's version from ComfyUI's
   ``/system_stats`` (cached, refreshed in the background at most every
   :data:`SYSTEM_STATS_REFRESH_S`; a scrape never waits more than :data:`SCRAPE_WAIT_S` for it).
@@ -28,11 +28,9 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Awaitable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar, runtime_checkable
 
-from litestar import Request, Response, get
-from litestar.enums import ScopeType
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -49,9 +47,6 @@ if TYPE_CHECKING:
     from litestar import Litestar
     from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-    from comfy_sidecar.instance import ComfyInstance
-    from comfy_sidecar.service import Sidecar
-
 log = logging.getLogger("comfy_sidecar.metrics")
 
 T = TypeVar("T")
@@ -61,6 +56,40 @@ PATH = "/metrics"
 #: Prometheus text format 0.0.4 (Litestar adds ``; charset=utf-8``), what every Prometheus
 #: scrapes; prometheus_client's own default became 1.0.0 (UTF-8 names), which we do not need.
 MEDIA_TYPE = "text/plain; version=0.0.4"
+
+
+class StatsClient(Protocol):
+    """What the scrape asks of an instance's ComfyUI client."""
+
+    async def get_json(self, path: str) -> Any: ...
+
+
+class ScrapedInstance(Protocol):
+    """What the scrape reads of one ComfyUI instance."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def up(self) -> bool: ...
+    @property
+    def accepting(self) -> bool: ...
+    @property
+    def client(self) -> StatsClient: ...
+
+
+@runtime_checkable
+class Scraped(Protocol):
+    """What the scrape reads of the sidecar serving it."""
+
+    @property
+    def version(self) -> str: ...
+    @property
+    def jobs_waiting(self) -> int: ...
+    @property
+    def jobs_running(self) -> int: ...
+    @property
+    def instances(self) -> Sequence[ScrapedInstance]: ...
+    def cache_bytes(self) -> int: ...
 
 #: How often ComfyUI's /system_stats is fetched at most, per instance, in seconds.
 SYSTEM_STATS_REFRESH_S = 10.0
@@ -266,7 +295,7 @@ def instrument(app: Litestar) -> Litestar:
     inner: ASGIApp = app.asgi_handler
 
     async def timed(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != ScopeType.HTTP:
+        if scope["type"] != "http":  # type: ignore[comparison-overlap]  # a str enum
             await inner(scope, receive, send)
             return
         status = 500
@@ -306,7 +335,7 @@ class SystemStats:
         self.fetched_at = -math.inf
         self._task: asyncio.Task[None] | None = None
 
-    async def fresh(self, instances: Iterable[ComfyInstance], wait_s: float) -> None:
+    async def fresh(self, instances: Iterable[ScrapedInstance], wait_s: float) -> None:
         """Start a refresh when the cache is stale, and wait up to ``wait_s`` seconds for it."""
         if self._task is None and time.monotonic() - self.fetched_at >= SYSTEM_STATS_REFRESH_S:
             self.fetched_at = time.monotonic()
@@ -321,11 +350,11 @@ class SystemStats:
         if not task.cancelled() and task.exception() is not None:
             log.debug("/system_stats refresh failed: %s", task.exception())
 
-    async def _refresh(self, instances: list[ComfyInstance]) -> None:
+    async def _refresh(self, instances: list[ScrapedInstance]) -> None:
         await asyncio.gather(*(self._fetch(instance) for instance in instances))
 
-    async def _fetch(self, instance: ComfyInstance) -> None:
-        if not process_up(instance):
+    async def _fetch(self, instance: ScrapedInstance) -> None:
+        if not instance.up:
             self.vram.pop(instance.name, None)
             return
         try:
@@ -349,16 +378,10 @@ class SystemStats:
             self.vram[instance.name] = (0.0, 0.0)
 
 
-def process_up(instance: ComfyInstance) -> bool:
-    """True while ``instance``'s ComfyUI child process runs."""
-    child = instance.process.process if instance.process is not None else None
-    return child is not None and child.returncode is None
-
-
 class SidecarCollector(Collector):
     """The metrics read from one sidecar at scrape time."""
 
-    def __init__(self, sidecar: Sidecar, stats: SystemStats) -> None:
+    def __init__(self, sidecar: Scraped, stats: SystemStats) -> None:
         self.sidecar = sidecar
         self.stats = stats
 
@@ -368,12 +391,12 @@ class SidecarCollector(Collector):
         yield _gauge(
             "comfyui_jobs_waiting",
             "Jobs waiting in the sidecar for an instance slot.",
-            sidecar.dispatcher.waiting,
+            sidecar.jobs_waiting,
         )
         yield _gauge(
             "comfyui_jobs_running",
             "Jobs holding an instance slot (sent to ComfyUI or about to be).",
-            sidecar.dispatcher.running,
+            sidecar.jobs_running,
         )
         up = GaugeMetricFamily(
             "comfyui_instance_up",
@@ -386,14 +409,14 @@ class SidecarCollector(Collector):
             labels=["instance"],
         )
         for instance in sidecar.instances:
-            up.add_metric([instance.name], float(process_up(instance)))
+            up.add_metric([instance.name], float(instance.up))
             ready.add_metric([instance.name], float(instance.accepting))
         yield up
         yield ready
         yield _gauge(
             "comfyui_cache_size_bytes",
             "Bytes of files in the download cache.",
-            sidecar.storage.cache.total_bytes(),
+            sidecar.cache_bytes(),
         )
         used = GaugeMetricFamily(
             "comfyui_gpu_memory_used_bytes",
@@ -424,16 +447,16 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 class _Scraped:
     """The per-sidecar half of a scrape: its collector on a registry of its own."""
 
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: Scraped) -> None:
         self.stats = SystemStats()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SidecarCollector(sidecar, self.stats))
 
 
-_SCRAPED: weakref.WeakKeyDictionary[Sidecar, _Scraped] = weakref.WeakKeyDictionary()
+_SCRAPED: weakref.WeakKeyDictionary[Scraped, _Scraped] = weakref.WeakKeyDictionary()
 
 
-async def exposition(sidecar: Sidecar) -> bytes:
+async def exposition(sidecar: Scraped) -> bytes:
     """The text exposition of every metric, ``sidecar``'s state included."""
     scraped = _SCRAPED.get(sidecar)
     if scraped is None:
@@ -441,16 +464,3 @@ async def exposition(sidecar: Sidecar) -> bytes:
     with contextlib.suppress(Exception):  # the scrape answers from the cache whatever happens
         await scraped.stats.fresh(sidecar.instances, SCRAPE_WAIT_S)
     return generate_latest(REGISTRY) + generate_latest(scraped.registry)
-
-
-@get(
-    PATH,
-    tags=["probes"],
-    summary="Prometheus metrics",
-    media_type=MEDIA_TYPE,
-)
-async def metrics_route(request: Request[Any, Any, Any]) -> Response[bytes]:
-    """Every metric in Prometheus text format 0.0.4 (the README's "Metrics" lists them). Open
-    unless `METRICS_REQUIRE_AUTH=true`."""
-    body = await exposition(request.app.state.sidecar)
-    return Response(body, media_type=MEDIA_TYPE)

@@ -56,7 +56,9 @@ class ComfyClient:
         short = min(call_timeout_s, timeout_s)
         self._call_timeout = aiohttp.ClientTimeout(total=short, connect=min(5.0, short))
         self._session: aiohttp.ClientSession | None = None
-        self._object_info: dict[str, dict[str, Any] | None] = {}
+        #: class_type -> whether ComfyUI marks it an output node (``/object_info``), per
+        #: ComfyUI process.
+        self._output_nodes: dict[str, bool] = {}
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -77,7 +79,7 @@ class ComfyClient:
 
     def forget_process_state(self) -> None:
         """Drop what was cached about the running ComfyUI (call after it restarts)."""
-        self._object_info.clear()
+        self._output_nodes.clear()
 
     async def _request(
         self, method: str, path: str, body: bytes | None = None, *, long: bool = False
@@ -201,19 +203,34 @@ class ComfyClient:
         body = msgspec.json.encode({"unload_models": True, "free_memory": True})
         await self._request("POST", "/free", body)
 
-    async def object_info(self, class_type: str) -> dict[str, Any] | None:
-        """``/object_info/{class_type}`` for one node class, cached per ComfyUI process."""
-        if class_type not in self._object_info:
+    async def is_output_node(self, class_type: str) -> bool:
+        """Whether ComfyUI marks ``class_type`` an output node (``output_node`` of
+        ``/object_info/{class_type}``; False for an unknown class), cached per ComfyUI
+        process. Raises ComfyUnavailable."""
+        if class_type not in self._output_nodes:
             answer = await self.get_json(f"/object_info/{quote(class_type, safe='')}")
             info = answer.get(class_type) if isinstance(answer, dict) else None
-            self._object_info[class_type] = info if isinstance(info, dict) else None
-        return self._object_info[class_type]
+            self._output_nodes[class_type] = isinstance(info, dict) and bool(
+                info.get("output_node")
+            )
+        return self._output_nodes[class_type]
 
-    def known_output_node(self, class_type: str) -> bool:
-        """True when ComfyUI already said (cached :meth:`object_info`) that ``class_type`` is an
-        output node; no request is made."""
-        info = self._object_info.get(class_type)
-        return bool(info and info.get("output_node"))
+    async def load_output_nodes(self) -> int:
+        """Learn every node class's ``output_node`` at once (``GET /object_info``, kept only
+        as class_type -> bool); returns how many classes ComfyUI has. Raises
+        ComfyUnavailable."""
+        status, content = await self._request("GET", "/object_info", long=True)
+        answer = msgspec.json.decode(content) if status == 200 else None
+        if isinstance(answer, dict):
+            for class_type, info in answer.items():
+                if isinstance(info, dict):
+                    self._output_nodes[str(class_type)] = bool(info.get("output_node"))
+        return len(self._output_nodes)
+
+    def output_node_verdict(self, class_type: str) -> bool | None:
+        """What ComfyUI already said of ``class_type`` (True: an output node), or None when it
+        was never asked; no request is made."""
+        return self._output_nodes.get(class_type)
 
     async def model_folders(self) -> list[str]:
         """ComfyUI's model folder names (``GET /models``)."""

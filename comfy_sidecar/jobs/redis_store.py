@@ -9,7 +9,7 @@ Keys (``P`` = :data:`PREFIX`):
 - ``P:job:{id}``: a hash: ``view`` (the ``GET /jobs/{id}`` body, JSON), ``request`` (the
   ``/prompt`` body, JSON), ``fingerprint``, ``attempts`` (JSON list of ``{replica, started_at}``),
   ``seq`` (the last event id), ``entry`` (its work-stream entry id: its queue position),
-  ``after`` (a job adapter's after-end action, JSON: see :mod:`comfy_sidecar.jobs.after`).
+  ``after`` (a job adapter's after-end action, JSON: see :class:`comfy_sidecar.jobs.spec.AfterEnd`).
 - ``P:events:{id}``: the job's event stream (XADD with MAXLEN; entries ``{n, type, data}``, ``n``
   the SSE id). Chosen over pub/sub + a list because one stream both replays from
   ``Last-Event-ID`` and blocks for the next event (XREAD BLOCK), on every replica, and survives
@@ -36,8 +36,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -48,7 +49,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from comfy_sidecar.jobs.store import JobEvent, JobStatus, iso, now_ms
+from comfy_sidecar.jobs.model import (
+    DifferentBody,
+    JobEvent,
+    JobStatus,
+    JobView,
+    decode_view,
+    iso,
+    now_ms,
+)
 
 log = logging.getLogger("comfy_sidecar.jobs.redis")
 
@@ -155,6 +164,52 @@ def done_key(job_id: str) -> str:
     return f"{PREFIX}:done:{job_id}"
 
 
+#: Bytes of an inline output written or read per round trip.
+CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """What a replica reads of a job it claimed: ``ended`` (it has ended, or is not kept:
+    then the rest is None / empty), its ``/prompt`` ``request`` (JSON), its ``attempts``,
+    its ``view``, its adapter's ``after``-end action (JSON) and its ``fingerprint``."""
+
+    ended: bool
+    request: bytes | None
+    attempts: list[dict[str, Any]]
+    view: JobView | None
+    after: bytes | None
+    fingerprint: bytes
+
+
+@dataclass
+class RedisOutput:
+    """An output kept inline in Redis (an :class:`~comfy_sidecar.jobs.backend.OutputBlob`
+    once :attr:`filename` and :attr:`mime_type` are set from the job's view)."""
+
+    redis: Any
+    key: str
+    size: int
+    filename: str = ""
+    mime_type: str = "application/octet-stream"
+
+    async def chunks(self, first: int, last: int) -> AsyncIterator[bytes]:
+        """Bytes ``first``..``last`` (inclusive), :data:`CHUNK` at a time (GETRANGE)."""
+        at = first
+        while at <= last:
+            end = min(last, at + CHUNK - 1)
+            chunk: bytes = await self.redis.getrange(self.key, at, end)
+            if not chunk:
+                return
+            yield chunk
+            at += len(chunk)
+
+    async def read(self) -> bytes:
+        """Every byte."""
+        data: bytes | None = await self.redis.get(self.key)
+        return data or b""
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """One work-stream entry this replica holds: ``entry`` (the stream id), the job's id, and
@@ -218,19 +273,17 @@ class RedisJobs:
 
     async def enqueue(
         self,
-        view: dict[str, Any],
+        view: JobView,
         request: bytes,
         fingerprint: bytes,
         after: bytes | None = None,
-    ) -> tuple[dict[str, Any], bool]:
+    ) -> tuple[JobView, bool]:
         """Store a new job (``view`` its first body, ``request`` its ``/prompt`` JSON,
         ``after`` its adapter's after-end action) and append it to the work stream; returns
         (the stored view, created). An id already kept
         with the same ``fingerprint`` returns that job (created False); another fingerprint
-        raises :class:`~comfy_sidecar.jobs.store.DifferentBody`."""
-        from comfy_sidecar.jobs.store import DifferentBody
-
-        job_id = view["id"]
+        raises :class:`~comfy_sidecar.jobs.model.DifferentBody`."""
+        job_id = view.id
         key = job_key(job_id)
         if not await self.redis.hsetnx(key, "fingerprint", fingerprint):
             kept = await self.redis.hget(key, "fingerprint")
@@ -246,7 +299,7 @@ class RedisJobs:
                 msgspec.json.encode(view),
                 request,
                 EVENTS_MAX,
-                msgspec.json.encode({"status": view["status"]}),
+                msgspec.json.encode({"status": view.status}),
                 after or b"",
             ],
         )
@@ -285,36 +338,36 @@ class RedisJobs:
                 last = group["last-delivered-id"]
         return last
 
-    async def get(self, job_id: str) -> dict[str, Any] | None:
-        """Job ``job_id``'s ``GET /jobs/{id}`` body, or None when it is not kept."""
+    async def get(self, job_id: str) -> JobView | None:
+        """Job ``job_id``'s view, or None when it is not kept."""
         raw = await self.redis.hget(job_key(job_id), "view")
-        if raw is None:
-            return None
-        view: dict[str, Any] = msgspec.json.decode(raw)
-        return view
+        return None if raw is None else decode_view(raw)
 
     async def request(self, job_id: str) -> bytes | None:
         """Job ``job_id``'s ``/prompt`` body (JSON), or None."""
         raw: bytes | None = await self.redis.hget(job_key(job_id), "request")
         return raw
 
-    async def load(
-        self, job_id: str
-    ) -> tuple[bool, bytes | None, list[dict[str, Any]], dict[str, Any] | None]:
-        """What a replica reads of job ``job_id`` when it claims it, in one round trip:
-        (ended, its ``/prompt`` body, its attempts, its body). ``ended`` as :meth:`ended`
-        (or not kept: then the rest is None / empty)."""
+    async def load(self, job_id: str) -> Loaded:
+        """What a replica reads of job ``job_id`` when it claims it, in one round trip (see
+        :class:`Loaded`)."""
+        fields = ["request", "attempts", "view", "after", "fingerprint"]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(done_key(job_id))
-            pipe.hmget(job_key(job_id), ["request", "attempts", "view"])
-            done, (request, attempts, view) = await pipe.execute()
-        found: list[dict[str, Any]] = msgspec.json.decode(attempts) if attempts else []
-        body: dict[str, Any] | None = msgspec.json.decode(view) if view is not None else None
-        return bool(done) or (request is None and view is None), request, found, body
+            pipe.hmget(job_key(job_id), fields)
+            done, (request, attempts, view, after, fingerprint) = await pipe.execute()
+        return Loaded(
+            ended=bool(done) or (request is None and view is None),
+            request=request,
+            attempts=msgspec.json.decode(attempts) if attempts else [],
+            view=decode_view(view) if view is not None else None,
+            after=after or None,
+            fingerprint=fingerprint or b"",
+        )
 
     async def after(self, job_id: str) -> bytes | None:
-        """Job ``job_id``'s after-end action (JSON, see :mod:`comfy_sidecar.jobs.after`), or
-        None when its adapter stored none."""
+        """Job ``job_id``'s after-end action (JSON, see
+        :class:`comfy_sidecar.jobs.spec.AfterEnd`), or None when its adapter stored none."""
         raw: bytes | None = await self.redis.hget(job_key(job_id), "after")
         return raw
 
@@ -331,9 +384,7 @@ class RedisJobs:
         found: list[dict[str, Any]] = msgspec.json.decode(raw)
         return found
 
-    async def emit(
-        self, job_id: str, events: list[tuple[str, Any]], view: dict[str, Any] | None
-    ) -> int:
+    async def emit(self, job_id: str, events: list[tuple[str, Any]], view: JobView | None) -> int:
         """Append ``events`` (``(type, body)``, in order) to job ``job_id``'s stream, then
         replace its body with ``view`` unless the job has ended (None: keep it); one round
         trip, atomic. Returns the last event's id (the SSE ``id``; 0 without events)."""
@@ -346,7 +397,7 @@ class RedisJobs:
         return [job_key(job_id), events_key(job_id), done_key(job_id)]
 
     @staticmethod
-    def _emit_args(events: list[tuple[str, Any]], view: dict[str, Any] | None) -> list[Any]:
+    def _emit_args(events: list[tuple[str, Any]], view: JobView | None) -> list[Any]:
         args: list[Any] = [EVENTS_MAX, b"" if view is None else msgspec.json.encode(view)]
         for kind, body in events:
             args += [kind, msgspec.json.encode(body)]
@@ -364,18 +415,23 @@ class RedisJobs:
         return bool(await self._take_end(keys=[done_key(job_id)], args=[token, hold]))
 
     async def finish(
-        self, job_id: str, view: dict[str, Any], outputs: list[bytes], token: str | None = None
+        self,
+        job_id: str,
+        view: JobView,
+        outputs: Sequence[Path] = (),
+        token: str | None = None,
     ) -> bool:
-        """End job ``job_id`` with its final body ``view`` (and inline ``outputs``), once: the
-        holder of the end (:meth:`take_end` with ``token``; without one a fresh claim is
-        tried) writes it and returns True; everyone else writes nothing and returns False.
-        Every key of the job then expires after the retention. Two round trips: the claim,
-        then one transaction (outputs, body, ``done`` event, expiries)."""
+        """End job ``job_id`` with its final body ``view`` (and the files ``outputs``, kept
+        inline), once: the holder of the end (:meth:`take_end` with ``token``; without one a
+        fresh claim is tried) writes it and returns True; everyone else writes nothing and
+        returns False. Every key of the job then expires after the retention. Each output is
+        streamed in (SET, then APPEND of :data:`CHUNK` bytes at a time: never read whole),
+        then one transaction writes the body, the ``done`` event and the expiries."""
         if not await self.take_end(job_id, token or f"{self.replica}:{uuid.uuid4().hex}"):
             return False
+        for index, path in enumerate(outputs):
+            await self._write_output(output_key(job_id, index), path)
         async with self.redis.pipeline(transaction=True) as pipe:
-            for index, data in enumerate(outputs):
-                pipe.set(output_key(job_id, index), data, ex=self._ttl)
             pipe.hset(job_key(job_id), "view", msgspec.json.encode(view))
             pipe.expire(done_key(job_id), self._ttl)
             # EVAL, not EVALSHA: a script in a pipeline costs redis-py a SCRIPT EXISTS first.
@@ -386,6 +442,21 @@ class RedisJobs:
             await pipe.execute()
         return True
 
+    async def _write_output(self, key: str, path: Path) -> None:
+        """Stream the file ``path`` into the string ``key`` (expiring with the job), a chunk
+        of at most :data:`CHUNK` bytes per round trip, read off the event loop."""
+        first = True
+        with path.open("rb") as handle:
+            while True:
+                chunk = await asyncio.to_thread(handle.read, CHUNK)
+                if first:
+                    await self.redis.set(key, chunk, ex=self._ttl)
+                    first = False
+                elif chunk:
+                    await self.redis.append(key, chunk)
+                if len(chunk) < CHUNK:
+                    return
+
     async def ended(self, job_id: str) -> bool:
         """True once job ``job_id`` has ended (or is not kept at all)."""
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -394,18 +465,22 @@ class RedisJobs:
             done, kept = await pipe.execute()
         return bool(done) or not kept
 
-    async def output(self, job_id: str, index: int) -> bytes | None:
-        """Inline output ``index`` of job ``job_id``, or None."""
-        data: bytes | None = await self.redis.get(output_key(job_id, index))
-        return data
+    async def output(self, job_id: str, index: int) -> RedisOutput | None:
+        """Inline output ``index`` of job ``job_id`` (its size known, its bytes not read
+        yet), or None."""
+        key = output_key(job_id, index)
+        size = int(await self.redis.strlen(key))
+        if not size and not await self.redis.exists(key):
+            return None
+        return RedisOutput(self.redis, key, size)
 
     async def page(
         self, status: JobStatus | None, limit: int, cursor: int | None
-    ) -> tuple[list[dict[str, Any]], int | None]:
+    ) -> tuple[list[JobView], int | None]:
         """Newest first: up to ``limit`` job bodies (with ``status``, when given) submitted
         before ``cursor`` (a submission number from a previous page); (bodies, next cursor)."""
         top = f"({cursor}" if cursor is not None else "+inf"
-        found: list[dict[str, Any]] = []
+        found: list[JobView] = []
         last = None
         while len(found) <= limit:
             batch = await self.redis.zrevrangebyscore(
@@ -420,7 +495,7 @@ class RedisJobs:
                 if view is None:
                     await self.redis.zrem(INDEX, job_id)
                     continue
-                if status is None or view["status"] == status.value:
+                if status is None or view.status is status:
                     found.append(view)
                     last = int(score)
                     if len(found) > limit:

@@ -1,37 +1,26 @@
-"""The job store: every job from submission to expiry, with its event log for status and SSE.
+"""The in-process job store: every job this replica keeps, from submission to expiry.
 
-One :class:`JobRecord` per job, whatever submitted it (``/prompt``, ``/jobs``, a workflow
-endpoint, an adapter, the warmup). The record holds what ``GET /jobs/{id}`` shows — status,
-timestamps, progress, outputs' metadata, the error body, stats — and an append-only log of
-events (``status``, ``progress``, ``output``, ``done``; ``preview`` kept out of the log) with
-increasing ids, which Server-Sent Events replay from ``Last-Event-ID`` with no gap and no
-duplicate. Subscribers wait on one future per record that each append resolves.
-
-Ended jobs are kept ``retention_s`` seconds, at most ``max_jobs`` of them; their output files
-live under ``jobs_dir/<id>/`` and are deleted with the record. The store is in memory: a
-restarted sidecar starts empty (and clears ``jobs_dir``).
-
-Status names are those of ComfyUI's own ``/api/jobs``: pending, in_progress, completed,
-failed, cancelled, timed_out.
+One :class:`~comfy_sidecar.jobs.record.JobRecord` per job, whatever submitted it
+(``/prompt``, ``/jobs``, a workflow endpoint, an adapter, the warmup). Ended jobs are kept
+``retention_s`` seconds, at most ``max_jobs`` of them; their output files live under
+``jobs_dir/<id>/`` and are deleted with the record. The store is in memory: a restarted
+sidecar starts empty (and clears ``jobs_dir``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import enum
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from comfy_sidecar import metrics
-from comfy_sidecar.jobs.progress import Progress
+from comfy_sidecar.jobs.model import DifferentBody, JobStatus, JobView, now_ms
+from comfy_sidecar.jobs.record import JobRecord
+
+__all__ = ["MARKER", "DifferentBody", "JobRecord", "JobStatus", "JobStore", "UnknownJob"]
 
 log = logging.getLogger("comfy_sidecar.jobs")
 
@@ -40,210 +29,8 @@ log = logging.getLogger("comfy_sidecar.jobs")
 MARKER = ".comfy-sidecar-jobs"
 
 
-class JobStatus(enum.StrEnum):
-    """Where a job is (ComfyUI ``/api/jobs`` names). The last four are terminal."""
-
-    PENDING = "pending"
-    IN_PROGRESS = "in_progress"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    TIMED_OUT = "timed_out"
-
-    @property
-    def terminal(self) -> bool:
-        """True once the job has ended."""
-        return self not in (JobStatus.PENDING, JobStatus.IN_PROGRESS)
-
-
-def iso(ms: int | None) -> str | None:
-    """``ms`` since the epoch as an ISO 8601 UTC timestamp with milliseconds, or None."""
-    if ms is None:
-        return None
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
-
-
-def now_ms() -> int:
-    """Milliseconds since the epoch."""
-    return int(time.time() * 1000)
-
-
-class OutputInfo(msgspec.Struct, kw_only=True):
-    """One output file of a job. ``url`` is the upload URL, or ``/jobs/{id}/outputs/{n}`` for a
-    retained file, or None when the file was answered inline (``/prompt``) and is gone."""
-
-    node_id: str
-    filename: str
-    media_type: str
-    mime_type: str
-    size_bytes: int
-    url: str | None
-
-
-@dataclass(slots=True)
-class JobEvent:
-    """One entry of a job's event log: ``id`` increases by one per event of the job;
-    ``data`` is the JSON text of the event's body."""
-
-    id: int
-    type: str
-    data: bytes
-
-
-@dataclass
-class JobRecord:
-    """One job as the store holds it. Times are ms since the epoch."""
-
-    id: str
-    endpoint: str
-    fingerprint: bytes = b""
-    status: JobStatus = JobStatus.PENDING
-    created_ms: int = field(default_factory=now_ms)
-    started_ms: int | None = None
-    completed_ms: int | None = None
-    last_event_ms: int | None = None
-    prompt_id: str | None = None
-    instance: str | None = None
-    progress: Progress | None = None
-    queue_position: int | None = None
-    outputs: list[OutputInfo] = field(default_factory=list)
-    files: list[Path] = field(default_factory=list)
-    error: dict[str, Any] | None = None
-    stats: dict[str, Any] | None = None
-    events: list[JobEvent] = field(default_factory=list)
-    retain_outputs: bool = True
-    #: Also given every event, live previews included (the shared queue mirrors a job to
-    #: Redis with it).
-    sink: Callable[[JobRecord, JobEvent], None] | None = None
-    _changed: asyncio.Future[None] | None = None
-    expires_at: float = 0.0  # monotonic seconds, set when the job ends
-
-    # --- events ---------------------------------------------------------------------------
-
-    def publish(self, kind: str, body: Any, *, log_it: bool = True) -> JobEvent:
-        """Append an event (``log_it`` False: previews, sent live but not replayed) and wake
-        every subscriber."""
-        event = JobEvent(len(self.events) + 1, kind, msgspec.json.encode(body))
-        if log_it:
-            self.events.append(event)
-        if self.sink is not None:  # previews too: the sink tells them apart by type
-            self.sink(self, event)
-        self.last_event_ms = now_ms()
-        self._wake(event if not log_it else None)
-        return event
-
-    _live: JobEvent | None = None
-
-    def _wake(self, live: JobEvent | None) -> None:
-        self._live = live
-        changed = self._changed
-        self._changed = None
-        if changed is not None and not changed.done():
-            changed.set_result(None)
-
-    def changed(self) -> asyncio.Future[None]:
-        """A future that resolves at the next event."""
-        if self._changed is None or self._changed.done():
-            self._changed = asyncio.get_running_loop().create_future()
-        return self._changed
-
-    async def wait_ended(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` seconds for the job to end; True when it has."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while not self.status.terminal:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            try:
-                await asyncio.wait_for(asyncio.shield(self.changed()), remaining)
-            except TimeoutError:
-                return False
-        return True
-
-    async def follow(
-        self, after: int = 0, heartbeat_s: float = 15.0, previews: bool = False
-    ) -> AsyncIterator[JobEvent | None]:
-        """Events with ids above ``after``, as they come; None every ``heartbeat_s`` seconds
-        of silence. Ends after the ``done`` event."""
-        sent = after
-        while True:
-            while sent < len(self.events):
-                event = self.events[sent]
-                sent += 1
-                yield event
-                if event.type == "done":
-                    return
-            if self.status.terminal and sent >= len(self.events):
-                return
-            waiter = self.changed()
-            try:
-                await asyncio.wait_for(asyncio.shield(waiter), heartbeat_s)
-            except TimeoutError:
-                yield None
-                continue
-            live = self._live
-            if previews and live is not None:
-                yield live
-
-    # --- views ----------------------------------------------------------------------------
-
-    def view(self, base_url: str = "") -> dict[str, Any]:
-        """The ``GET /jobs/{id}`` body (without outputs' data)."""
-        body: dict[str, Any] = {
-            "id": self.id,
-            "status": self.status.value,
-            "endpoint": self.endpoint,
-            "created_at": iso(self.created_ms),
-            "started_at": iso(self.started_ms),
-            "completed_at": iso(self.completed_ms),
-            "prompt_id": self.prompt_id,
-            "instance": self.instance,
-            "queue_position": self.queue_position,
-            "last_event_time": iso(self.last_event_ms),
-        }
-        body.update(
-            self.progress.view()
-            if self.progress is not None
-            else {
-                "progress": 100.0 if self.status is JobStatus.COMPLETED else 0.0,
-                "progress_value": 0.0,
-                "progress_max": 0.0,
-                "nodes_total": 0,
-                "nodes_done": 0,
-                "nodes_cached": 0,
-                "current_node": None,
-                "current_node_type": None,
-            }
-        )
-        body["urls"] = urls(self.id, base_url)
-        body["outputs"] = [msgspec.to_builtins(o) for o in self.outputs]
-        body["error"] = self.error
-        body["stats"] = self.stats
-        return body
-
-    def summary(self, base_url: str = "") -> dict[str, Any]:
-        """A listing entry: the view without outputs, error details or stats."""
-        body = self.view(base_url)
-        for key in ("outputs", "stats"):
-            body.pop(key)
-        if self.error is not None:
-            body["error"] = {"error": self.error.get("error")}
-        return body
-
-
-def urls(job_id: str, base_url: str = "") -> dict[str, str]:
-    """``{self, events, cancel}`` links of a job."""
-    root = f"{base_url}/jobs/{job_id}"
-    return {"self": root, "events": f"{root}/events", "cancel": f"{root}/cancel"}
-
-
 class UnknownJob(LookupError):
     """No job with this id is retained."""
-
-
-class DifferentBody(Exception):
-    """A job with this id exists with a different request body."""
 
 
 class JobStore:
@@ -326,8 +113,9 @@ class JobStore:
                 position += 1
         return None
 
-    def view(self, record: JobRecord) -> dict[str, Any]:
-        """``record``'s ``GET /jobs/{id}`` body, with its current queue position."""
+    def view(self, record: JobRecord) -> JobView:
+        """``record``'s :class:`~comfy_sidecar.jobs.model.JobView`, with its current queue
+        position."""
         record.queue_position = self.queue_position(record)
         return record.view()
 

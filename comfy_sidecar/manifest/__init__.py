@@ -12,7 +12,7 @@ Modules: :mod:`.schema` (the shape, loading ``MANIFEST``/``MANIFEST_JSON``, the 
 :mod:`.commands` (running apt/pip/git/comfy, finding ComfyUI's Python), :mod:`.provision`
 (:class:`Provisioner`). This package re-exports their public names.
 
-Usage (what :class:`comfy_sidecar.service.Sidecar` does)::
+Usage (what :class:`comfy_sidecar.runtime.lifecycle.Runtime` does)::
 
     provisioner = Provisioner.from_settings(settings)   # ManifestError: bad manifest
     await provisioner.before_start(storage, report)     # ManifestError: a step failed

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import mimetypes
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -30,6 +31,22 @@ CHUNK = 3 * 64 * 1024  # a multiple of 3, so chunks base64-encode without paddin
 #: Results whose files add up to at most this many bytes are answered as one body (one write
 #: instead of a chunked stream: less CPU per request); larger ones are streamed.
 INLINE_LIMIT = 4 * 1024 * 1024
+
+
+MEDIA_TYPES = ("image", "video", "audio", "text")
+
+
+def media_type_of(mime: str) -> str:
+    """``image``, ``video``, ``audio``, ``text`` or ``other`` for a MIME type."""
+    major = mime.split("/", 1)[0]
+    return major if major in MEDIA_TYPES else "other"
+
+
+def mime_type_of(filename: str) -> str:
+    """The MIME type of ``filename`` by its extension (``application/octet-stream`` if
+    unknown)."""
+    guessed, _ = mimetypes.guess_type(filename)
+    return guessed or "application/octet-stream"
 
 
 @dataclass

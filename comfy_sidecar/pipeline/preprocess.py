@@ -56,6 +56,13 @@ log = logging.getLogger("comfy_sidecar.preprocess")
 INPUTS_SUBDIR = ".comfy-sidecar"
 
 
+def media_dir(job_id: str) -> str:
+    """The folder, relative to INPUT_DIR, holding job ``job_id``'s staged request files (a
+    job adapter's media, :mod:`comfy_sidecar.pipeline.staging`); removed with the job's other
+    inputs when the job ends."""
+    return f"{INPUTS_SUBDIR}/{job_id}-media"
+
+
 def remove_leftover_inputs(input_dir: str | Path) -> int:
     """Delete what a killed predecessor left in ``INPUT_DIR/.comfy-sidecar`` (call it at
     start-up, before any job runs); returns how many entries went. Nothing outside that
@@ -270,6 +277,18 @@ MODEL_LOADERS: dict[str, dict[str, str]] = {
 
 MAX_CONCURRENT_DOWNLOADS = 8
 
+NO_OUTPUT_NODE = (
+    'Prompt must contain an output node, such as "SaveImage" (a node with a '
+    '"filename_prefix" input, or one ComfyUI marks as an output node)'
+)
+NOT_MEDIA = (
+    "not a file in the input directory, a URL (http, https, s3), a data: URL, nor valid base64"
+)
+UNKNOWN_MEDIA = (
+    "decoded the base64 but could not tell the media type (expected an image, video or "
+    "audio file)"
+)
+
 
 class Staging(Protocol):
     """Downloads for one job (the storage facade, the job's credentials and cache lease)."""
@@ -292,9 +311,13 @@ class Prepared:
     prompt: dict[str, Any]
     input_files: list[Path] = field(default_factory=list)
     input_dirs: list[Path] = field(default_factory=list)
+    #: Folders removed whole (the job's staged request files).
+    trees: list[Path] = field(default_factory=list)
 
     def cleanup(self) -> None:
         """Remove the job's input files and directories (missing ones are ignored)."""
+        for tree in self.trees:
+            shutil.rmtree(tree, ignore_errors=True)
         for path in self.input_files:
             try:
                 path.unlink()
@@ -370,7 +393,7 @@ class Preprocessor:
         :class:`UpstreamFailed` caused by a :class:`DiskFullError` when INPUT_DIR (or the cache)
         is full; files it wrote before the error are removed.
         """
-        prepared = Prepared(prompt)
+        prepared = Prepared(prompt, trees=[self.input_dir / media_dir(job_id)])
         try:
             await self._prepare(prepared, job_id, staging)
         except BaseException:
@@ -395,11 +418,81 @@ class Preprocessor:
         check_size(prepared.prompt)
         await gather_bounded(walk.downloads, MAX_CONCURRENT_DOWNLOADS)
         if not has_output and not await self._any_output_node(prepared.prompt):
-            raise InputError(
-                'Prompt must contain an output node, such as "SaveImage" (a node with a '
-                '"filename_prefix" input, or one ComfyUI marks as an output node)',
-                "prompt",
-            )
+            raise InputError(NO_OUTPUT_NODE, "prompt")
+
+    async def check(
+        self,
+        prompt: dict[str, Any],
+        job_id: str,
+        check_url: Callable[[str, str], Awaitable[None]],
+        known_output_node: Callable[[str], bool | None],
+    ) -> None:
+        """Refuse what :meth:`prepare` would refuse, without its side effects: nothing is
+        downloaded, written or asked of ComfyUI (a job of the shared queue is checked on the
+        replica that takes the request and prepared on the one that runs it).
+
+        Checks nesting and size, every ``filename_prefix``, every media value (a ``data:``
+        URL or base64 decodes to a known media type, a name is a file inside its directory)
+        and every URL (``check_url(url, location)``: scheme and the SSRF guard), and that an
+        output node exists: one with a ``filename_prefix``, or a class_type for which
+        ``known_output_node`` (ComfyUI's ``/object_info`` as cached) says True. A prompt
+        whose class_types it does not all know (None) is let through: the running replica
+        decides. ``prompt`` is not modified. Raises :class:`InputError` naming the field."""
+        prompt = msgspec.json.decode(msgspec.json.encode(prompt))  # a copy to rewrite
+        check_nesting(prompt)
+        has_output = False
+        for node_id, node in prompt.items():
+            inputs = node.get("inputs")
+            if not isinstance(inputs, dict):
+                continue
+            class_type = str(node.get("class_type", ""))
+            has_output = self._rewrite_prefix(inputs, job_id, node_id) or has_output
+            for name in media_fields(class_type, inputs):
+                location = f"prompt.{node_id}.inputs.{name}"
+                inputs[name] = await self._check_media(inputs[name], location, check_url)
+            for name in MODEL_LOADERS.get(class_type, {}):
+                if isinstance(inputs.get(name), str) and is_url(inputs[name]):
+                    await check_url(inputs[name], f"prompt.{node_id}.inputs.{name}")
+            directory = inputs.get("directory")
+            if class_type in IMAGE_DIR_LOADERS and isinstance(directory, list):
+                for index, item in enumerate(directory):
+                    location = f"prompt.{node_id}.inputs.directory[{index}]"
+                    if not isinstance(item, str):
+                        raise InputError("expected a string", location)
+                    await self._check_media(item, location, check_url)
+                inputs["directory"] = f"{INPUTS_SUBDIR}/{job_id}"
+        check_size(prompt)
+        if has_output:
+            return
+        verdicts = [known_output_node(str(node.get("class_type", ""))) for node in prompt.values()]
+        if any(verdicts) or None in verdicts:
+            return
+        raise InputError(NO_OUTPUT_NODE, "prompt")
+
+    async def _check_media(
+        self, value: str, location: str, check_url: Callable[[str, str], Awaitable[None]]
+    ) -> str:
+        """One media value checked as :meth:`_resolve` would take it; returns a stand-in of
+        the name it would get (for the size check)."""
+        stand_in = f"{INPUTS_SUBDIR}/{'x' * 36}_1.png"
+        if is_url(value):
+            await check_url(value, location)
+            return stand_in
+        if value.startswith("data:"):
+            if decode_data_url(value, location)[1] is None:
+                raise InputError(UNKNOWN_MEDIA, location)
+            return stand_in
+        annotated = split_annotation(value)
+        if annotated is not None:
+            return self._annotated(value, *annotated, location)
+        if file_inside(self.input_dir, value) is not None:
+            return value
+        data = decode_base64(value)
+        if data is None:
+            raise InputError(NOT_MEDIA, location)
+        if sniff_extension(data[:64]) is None:
+            raise InputError(UNKNOWN_MEDIA, location)
+        return stand_in
 
     def _rewrite_prefix(self, inputs: dict[str, Any], job_id: str, node_id: str) -> bool:
         """Rewrite and check the node's ``filename_prefix`` (:func:`check_prefix`); True when
@@ -544,11 +637,7 @@ class Preprocessor:
             return value
         data = decode_base64(value)
         if data is None:
-            raise InputError(
-                "not a file in the input directory, a URL (http, https, s3), a data: URL, "
-                "nor valid base64",
-                location,
-            )
+            raise InputError(NOT_MEDIA, location)
         return self._write(data, sniff_extension(data[:64]), location, stem, prepared, target)
 
     def _annotated(self, value: str, name: str, kind: str, location: str) -> str:
@@ -569,11 +658,7 @@ class Preprocessor:
         target: Path,
     ) -> str:
         if ext is None:
-            raise InputError(
-                "decoded the base64 but could not tell the media type (expected an image, "
-                "video or audio file)",
-                location,
-            )
+            raise InputError(UNKNOWN_MEDIA, location)
         path = target / f"{stem}.{ext}"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_input(path, data, location)

@@ -252,16 +252,47 @@ class Pipeline:
             inputs = node.get("inputs")
             saves = isinstance(inputs, dict) and isinstance(inputs.get("filename_prefix"), str)
             class_type = str(node.get("class_type", ""))
-            if saves or any(i.client.known_output_node(class_type) for i in self.instances):
+            if saves or self.output_node_verdict(class_type):
                 found.add(node_id)
         return found
 
+    def output_node_verdict(self, class_type: str) -> bool | None:
+        """What any instance's ComfyUI already said of ``class_type`` (True: an output node;
+        None: never asked); no request is made."""
+        verdicts = [i.client.output_node_verdict(class_type) for i in self.instances]
+        if any(verdicts):
+            return True
+        return False if False in verdicts else None
+
     async def _is_output_node(self, class_type: str) -> bool:
         try:
-            info = await self.client().object_info(class_type)
+            return await self.client().is_output_node(class_type)
         except ComfyUnavailable:
             return False
-        return bool(info and info.get("output_node"))
+
+    async def check(self, request: PromptRequest) -> None:
+        """Refuse what :meth:`prepare` would refuse, with no side effect: nothing downloaded,
+        written or asked of ComfyUI (a job of the shared queue, checked on the replica that
+        takes the request; :meth:`Preprocessor.check`). URLs pass the SSRF guard (their host
+        resolved and checked, nothing fetched). Raises :class:`InputError` naming the field,
+        with the job's ``id``."""
+        job_id = request.id or str(uuid.uuid4())
+        storage = self.storage
+
+        async def check_url(url: str, location: str) -> None:
+            from comfy_sidecar.storage import StorageError
+
+            try:
+                await storage.check_url(url, storage.credentials_for(url, request.credentials))
+            except StorageError as exc:
+                raise _download_failed(url, exc, location) from None
+
+        try:
+            await storage.check_request(request)
+            prompt: dict[str, Any] = msgspec.to_builtins(request.prompt)
+            await self.preprocessor.check(prompt, job_id, check_url, self.output_node_verdict)
+        except InputError as exc:
+            raise InputError(exc.message, exc.location, id=job_id) from None
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no job is in flight (results delivered); False after ``timeout_s``."""

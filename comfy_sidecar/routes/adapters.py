@@ -1,30 +1,25 @@
-"""What the job adapters (Modal jobs, Modal simple, ai-dock) share: one job store, one view.
+"""What the job adapters (Modal jobs, Modal simple, ai-dock) share: one job backend, one view.
 
-Each adapter translates its own request into a :class:`~comfy_sidecar.schemas.PromptRequest`,
-submits it through :class:`~comfy_sidecar.jobs.runner.JobService` and translates the
-:class:`~comfy_sidecar.jobs.store.JobRecord` back; the helpers here are the parts of that they
-have in common.
+Each adapter translates its own request into a :class:`~comfy_sidecar.jobs.spec.JobSpec`,
+submits it to the :class:`~comfy_sidecar.jobs.backend.JobBackend` and translates the
+:class:`~comfy_sidecar.jobs.model.JobView` back; the helpers here are the parts of that they
+have in common. None of them knows which backend runs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
 
-from comfy_sidecar.errors import InputError, NotFound, SidecarError
-from comfy_sidecar.jobs.after import AfterEnd
-from comfy_sidecar.jobs.runner import JobService
-from comfy_sidecar.jobs.shared import SharedJobs
-from comfy_sidecar.jobs.store import JobRecord, JobStatus, JobStore
+from comfy_sidecar.errors import InputError, SidecarError
+from comfy_sidecar.jobs.backend import JobBackend
+from comfy_sidecar.jobs.model import JobView
+from comfy_sidecar.jobs.spec import AfterEnd, JobSpec
 from comfy_sidecar.routes.jobs import with_data
 from comfy_sidecar.schemas import PromptNode, PromptRequest
-
-#: Completed jobs the wait estimate averages over (the most recent ones).
-ESTIMATE_SAMPLE = 20
 
 
 def new_job_id() -> str:
@@ -58,45 +53,29 @@ def fingerprint(request: PromptRequest, *extra: Any) -> bytes:
 
 
 async def submit(
-    jobs: JobService, request: PromptRequest, endpoint: str, location: str, *extra: Any
-) -> JobRecord:
-    """``jobs.submit`` for an adapter: the fingerprint is :func:`fingerprint` of ``request``
-    and ``extra``, and an error naming the prompt (``prompt.9.inputs.image``) names it where
-    the adapter's body has it (``location``: ``workflow.9.inputs.image``)."""
-    try:
-        return await jobs.submit(
-            request, endpoint=endpoint, fingerprint=fingerprint(request, *extra)
-        )
-    except SidecarError as exc:
-        relocate(exc, location)
-        raise
-
-
-async def submit_shared(
-    shared: SharedJobs,
+    jobs: JobBackend,
     request: PromptRequest,
     endpoint: str,
     location: str,
     *extra: Any,
     after: AfterEnd | None = None,
-) -> dict[str, Any]:
-    """:func:`submit` in queue mode (JOB_QUEUE_URL): the job is checked here and appended to
-    the shared stream (:meth:`SharedJobs.submit`) with the adapter's webhook ``after`` (sent
-    by whichever replica ends it); returns its ``GET /jobs/{id}`` body."""
+) -> JobView:
+    """Submit ``request`` (its ``id`` set) for an adapter: the fingerprint is
+    :func:`fingerprint` of ``request`` and ``extra``, ``after`` the adapter's webhook (sent by
+    whichever replica ends the job), and an error naming the prompt
+    (``prompt.9.inputs.image``) names it where the adapter's body has it (``location``:
+    ``workflow.9.inputs.image``)."""
+    spec = JobSpec(
+        request=request,
+        endpoint=endpoint,
+        fingerprint=fingerprint(request, *extra),
+        after=after,
+    )
     try:
-        return await shared.submit(request, fingerprint(request, *extra), after, endpoint)
+        return await jobs.submit(spec)
     except SidecarError as exc:
         relocate(exc, location)
         raise
-
-
-async def shared_view(shared: SharedJobs, job_id: str) -> dict[str, Any]:
-    """Job ``job_id``'s ``GET /jobs/{id}`` body in the shared queue, from any replica;
-    :class:`NotFound` (404, as :func:`~comfy_sidecar.routes.jobs.job_of`) when not kept."""
-    view = await shared.get(job_id)
-    if view is None:
-        raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id)
-    return view
 
 
 def relocate(exc: SidecarError, location: str) -> None:
@@ -115,52 +94,7 @@ def check_http_url(url: str, location: str) -> None:
         raise InputError("must be an http(s) URL", location)
 
 
-def estimated_wait_s(store: JobStore, record: JobRecord | None = None) -> int | None:
-    """Seconds until ``record`` (or a job submitted now) is likely done: the mean run time of
-    the last completed jobs times the jobs ahead of it plus one. None before any job ran."""
-    durations: list[int] = []
-    pending = 0
-    for other in reversed(list(store)):
-        if other is record:
-            pending = 0  # count only the jobs ahead of it
-            continue
-        if other.status in (JobStatus.PENDING, JobStatus.IN_PROGRESS):
-            pending += 1
-        elif (
-            other.status is JobStatus.COMPLETED
-            and other.started_ms is not None
-            and other.completed_ms is not None
-            and len(durations) < ESTIMATE_SAMPLE
-        ):
-            durations.append(other.completed_ms - other.started_ms)
-    if not durations:
-        return None
-    if record is not None and record.status.terminal:
-        return 0
-    mean_s = sum(durations) / len(durations) / 1000
-    return max(1, round(mean_s * (pending + 1)))
-
-
-async def outputs_with_data(jobs: JobService, record: JobRecord) -> list[dict[str, Any]]:
-    """``record``'s outputs as plain dicts, each retained file's bytes as base64 ``data``
-    (read off the event loop)."""
-    body = {"outputs": [msgspec.to_builtins(output) for output in record.outputs]}
-    outputs: list[dict[str, Any]] = (await asyncio.to_thread(with_data, jobs, record, body))[
-        "outputs"
-    ]
+async def outputs_with_data(jobs: JobBackend, view: JobView) -> list[dict[str, Any]]:
+    """``view``'s outputs as plain dicts, each retained file's bytes as base64 ``data``."""
+    outputs: list[dict[str, Any]] = (await with_data(jobs, view)).get("outputs") or []
     return outputs
-
-
-def error_message(record: JobRecord) -> str | None:
-    """The one-line reason a job did not complete: ``Cancelled by user`` for a cancel, else
-    the ``error`` of its error body; None for a job that has not failed."""
-    return message_of(record.status, record.error)
-
-
-def message_of(status: JobStatus, error: dict[str, Any] | None) -> str | None:
-    """:func:`error_message` of a job's status and error body (a shared job's view)."""
-    if status is JobStatus.CANCELLED:
-        return "Cancelled by user"
-    if error is None:
-        return None
-    return str(error.get("error", "failed"))

@@ -7,11 +7,10 @@ output: [{filename, url, type: "output", node_id, output_type}]}`` with status `
 (pending), ``generating`` (running), ``completed`` or ``failed`` (failed, cancelled, timed out).
 An output's ``url`` is its upload URL, or ``/jobs/{id}/outputs/{n}``; ``output_type`` is the
 ComfyUI output key its media type gives (``images``, ``videos``, ``audio``, ``text``,
-``files``). With JOB_QUEUE_URL, ``/generate``, ``/generate/sync`` and ``/result/{id}`` go
-through the shared queue: any replica runs the job and answers for it, and the webhook is sent
-once, by whichever replica ends the job (see :mod:`comfy_sidecar.jobs.after`);
-``/generate/stream`` follows the job from the replica that holds the connection, and
-``/queue-info`` counts the jobs no replica has claimed yet. The stream sends its progress
+``files``). Every route goes through the job backend: with JOB_QUEUE_URL any replica runs the
+job and answers for it, the webhook is sent once by whichever replica ends the job (its body
+from :mod:`comfy_sidecar.webhooks.adapters`), and ``/queue-info`` counts the jobs no replica
+has claimed yet. The stream sends its progress
 objects (``request_id, status, message, elapsed_time, queue_position, queue_info``) and ends
 with ``status: "final_result"`` carrying ``result``. The webhook gets the result object plus
 ``extra_params`` when the job ends.
@@ -29,7 +28,6 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Response, get, post
-from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent
@@ -37,37 +35,18 @@ from litestar.response.sse import ServerSentEventMessage
 from msgspec import Meta
 
 from comfy_sidecar.errors import InputError
-from comfy_sidecar.jobs.after import AfterEnd
-from comfy_sidecar.jobs.runner import JobService
-from comfy_sidecar.jobs.shared import SharedJobs
-from comfy_sidecar.jobs.store import JobRecord, JobStatus
-from comfy_sidecar.routes.adapters import (
-    check_http_url,
-    estimated_wait_s,
-    message_of,
-    new_job_id,
-    prompt_request,
-    shared_view,
-    submit,
-    submit_shared,
-)
-from comfy_sidecar.routes.jobs import HEARTBEAT_S, job_of
+from comfy_sidecar.jobs.backend import JobBackend
+from comfy_sidecar.jobs.model import JobStatus, JobView
+from comfy_sidecar.jobs.spec import AfterEnd
+from comfy_sidecar.routes.adapters import check_http_url, new_job_id, prompt_request, submit
+from comfy_sidecar.routes.jobs import HEARTBEAT_S, view_of
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
 from comfy_sidecar.schemas import ErrorResponse, JobId, S3Upload
+from comfy_sidecar.webhooks.adapters import AIDOCK_STATUS, aidock_message, aidock_result
 
 #: ``/generate/sync``'s default and longest wait, in seconds.
 SYNC_TIMEOUT_S = 300.0
 MAX_SYNC_TIMEOUT_S = 3600.0
-
-STATUS = {
-    JobStatus.PENDING: "queued",
-    JobStatus.IN_PROGRESS: "generating",
-    JobStatus.COMPLETED: "completed",
-    JobStatus.FAILED: "failed",
-    JobStatus.CANCELLED: "failed",
-    JobStatus.TIMED_OUT: "failed",
-}
-OUTPUT_TYPE = {"image": "images", "video": "videos", "audio": "audio", "text": "text"}
 
 
 class Webhook(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -169,20 +148,9 @@ def _request(data: GenerateRequest) -> Any:
     )
 
 
-async def _submit(data: GenerateRequest, jobs: JobService, state: State) -> JobRecord:
-    """Translate and submit in-process; the webhook (when given) is sent when the job ends."""
-    given = data.input
-    request = _request(data)
-    record = await submit(jobs, request, "aidock", "input.workflow_json", given.webhook)
-    if given.webhook is not None:
-        jobs.when_ended(record, _send_webhook(state, jobs, given.webhook))
-    return record
-
-
-async def _submit_shared(data: GenerateRequest, jobs: JobService) -> dict[str, Any]:
-    """Translate and append to the shared queue (JOB_QUEUE_URL); the webhook goes with the
-    job and is sent by whichever replica ends it. Returns the job's ``GET /jobs/{id}`` body."""
-    assert jobs.shared is not None
+async def _submit(data: GenerateRequest, jobs: JobBackend) -> JobView:
+    """Translate and submit; the webhook (when given) goes with the job and is sent by
+    whichever replica ends it."""
     given = data.input
     request = _request(data)
     after = None
@@ -190,63 +158,15 @@ async def _submit_shared(data: GenerateRequest, jobs: JobService) -> dict[str, A
         after = AfterEnd(
             kind="aidock", url=given.webhook.url, extra_params=given.webhook.extra_params
         )
-    return await submit_shared(
-        jobs.shared, request, "aidock", "input.workflow_json", given.webhook, after=after
+    return await submit(
+        jobs, request, "aidock", "input.workflow_json", given.webhook, after=after
     )
 
 
-def _send_webhook(state: State, jobs: JobService, webhook: Webhook) -> Any:
-    after = AfterEnd(kind="aidock", url=webhook.url, extra_params=webhook.extra_params)
-
-    async def send(record: JobRecord) -> None:
-        body = webhook_body(jobs.store.view(record), after)
-        await state.sidecar.webhooks.send_prompt(webhook.url, body, record.id, order_key=record.id)
-
-    return send
-
-
-def webhook_body(view: dict[str, Any], after: AfterEnd) -> dict[str, Any]:
-    """The webhook body of a job whose final ``GET /jobs/{id}`` body is ``view``: its result
-    object plus ``extra_params`` (queue mode's :class:`~comfy_sidecar.jobs.after.Format`)."""
-    body: dict[str, Any] = msgspec.to_builtins(result_from_view(view))
-    return {**body, **after.extra_params}
-
-
-def _message(view: dict[str, Any]) -> str:
-    status = JobStatus(view["status"])
-    if status is JobStatus.PENDING:
-        position = view.get("queue_position")
-        return f"Queued for generation (position {(position or 0) + 1})"
-    if status is JobStatus.IN_PROGRESS:
-        return f"Generating: {view.get('progress') or 0.0:.0f}%"
-    if status is JobStatus.COMPLETED:
-        return "Generation complete"
-    return message_of(status, view.get("error")) or "failed"
-
-
-def result_from_view(view: dict[str, Any]) -> Result:
-    """A job's ``GET /jobs/{id}`` body (``queue_position`` set while it waits) as ai-dock's
-    result object."""
-    return Result(
-        id=view["id"],
-        status=STATUS[JobStatus(view["status"])],
-        message=_message(view),
-        output=[
-            ResultOutput(
-                filename=o["filename"],
-                url=o.get("url"),
-                type="output",
-                node_id=o["node_id"],
-                output_type=OUTPUT_TYPE.get(o.get("media_type", ""), "files"),
-            )
-            for o in view.get("outputs") or []
-        ],
-    )
-
-
-def result_of(jobs: JobService, record: JobRecord) -> Result:
-    """``record`` (a job of this replica's store) as ai-dock's result object."""
-    return result_from_view(jobs.store.view(record))
+def result_from_view(view: JobView | dict[str, Any]) -> Result:
+    """A job's view (``queue_position`` set while it waits) as ai-dock's result object."""
+    body = view.body() if isinstance(view, JobView) else view
+    return msgspec.convert(aidock_result(body), Result)
 
 
 RESULT_RESPONSES = {
@@ -265,12 +185,9 @@ RESULT_RESPONSES = {
     description="`{input: {request_id?, workflow_json, webhook?, s3?}}`; answers 202 with the "
     "result object. Resubmitting a retained `request_id` with the same body returns that job.",
 )
-async def generate(data: GenerateRequest, jobs: JobService, state: State) -> Response[Result]:
+async def generate(data: GenerateRequest, jobs: JobBackend) -> Response[Result]:
     """Submit a generation."""
-    if jobs.shared is not None:  # queue mode: any replica runs it
-        return Response(result_from_view(await _submit_shared(data, jobs)), status_code=202)
-    record = await _submit(data, jobs, state)
-    return Response(result_of(jobs, record), status_code=202)
+    return Response(result_from_view(await _submit(data, jobs)), status_code=202)
 
 
 @post(
@@ -289,22 +206,16 @@ async def generate(data: GenerateRequest, jobs: JobService, state: State) -> Res
 )
 async def generate_sync(
     data: GenerateRequest,
-    jobs: JobService,
-    state: State,
+    jobs: JobBackend,
     wait_s: Annotated[
         float,
         Parameter(query="timeout", gt=0, le=MAX_SYNC_TIMEOUT_S, description="Seconds to wait."),
     ] = SYNC_TIMEOUT_S,
 ) -> Response[Result]:
     """Run a generation and wait."""
-    if jobs.shared is not None:
-        view = await _submit_shared(data, jobs)
-        final = await jobs.shared.wait(view["id"], wait_s) or view
-        ended = JobStatus(final["status"]).terminal
-        return Response(result_from_view(final), status_code=200 if ended else 202)
-    record = await _submit(data, jobs, state)
-    ended = await record.wait_ended(wait_s)
-    return Response(result_of(jobs, record), status_code=200 if ended else 202)
+    view = await _submit(data, jobs)
+    final = await jobs.wait(view.id, wait_s) or view
+    return Response(result_from_view(final), status_code=200 if final.ended else 202)
 
 
 def stream_message(
@@ -317,8 +228,8 @@ def stream_message(
     position = view.get("queue_position")
     return {
         "request_id": view["id"],
-        "status": STATUS[JobStatus(view["status"])],
-        "message": _message(view),
+        "status": AIDOCK_STATUS[view["status"]],
+        "message": aidock_message(view),
         "elapsed_time": round(time.monotonic() - started, 3),
         "queue_position": {
             "current_queue": "generation",
@@ -335,17 +246,10 @@ def final_message(view: dict[str, Any], started: float) -> dict[str, Any]:
     return {
         "request_id": view["id"],
         "status": "final_result",
-        "message": _message(view),
+        "message": aidock_message(view),
         "elapsed_time": round(time.monotonic() - started, 3),
-        "result": msgspec.to_builtins(result_from_view(view)),
+        "result": aidock_result(view),
     }
-
-
-def progress_message(jobs: JobService, record: JobRecord, started: float) -> dict[str, Any]:
-    """:func:`stream_message` of a job of this replica's store."""
-    waiting = sum(1 for r in jobs.store if r.status is JobStatus.PENDING)
-    estimate = estimated_wait_s(jobs.store, record)
-    return stream_message(jobs.store.view(record), started, waiting, estimate)
 
 
 @post(
@@ -358,35 +262,16 @@ def progress_message(jobs: JobService, record: JobRecord, started: float) -> dic
     "`message`, `elapsed_time`, `queue_position`, `queue_info`), one per status or progress "
     "change; the last has `status: final_result` and the result object as `result`.",
 )
-async def generate_stream(data: GenerateRequest, jobs: JobService, state: State) -> ServerSentEvent:
-    """Run a generation and stream its progress."""
+async def generate_stream(data: GenerateRequest, jobs: JobBackend) -> ServerSentEvent:
+    """Run a generation and stream its progress: its events from whichever replica runs it,
+    each message built from the events so far (a stored body may lag behind them)."""
     started = time.monotonic()
-    if jobs.shared is not None:
-        return _shared_stream(jobs.shared, await _submit_shared(data, jobs), started)
-    record = await _submit(data, jobs, state)
+    view = await _submit(data, jobs)
+    job_id = view.id
 
     async def messages() -> Any:
-        yield ServerSentEventMessage(data=_json(progress_message(jobs, record, started)))
-        async for event in record.follow(len(record.events), HEARTBEAT_S):
-            if event is None:
-                yield ServerSentEventMessage(comment="keep-alive")
-            elif event.type in ("status", "progress"):
-                yield ServerSentEventMessage(data=_json(progress_message(jobs, record, started)))
-        final = final_message(jobs.store.view(record), started)
-        yield ServerSentEventMessage(data=_json(final))
-
-    return ServerSentEvent(messages())
-
-
-def _shared_stream(shared: SharedJobs, view: dict[str, Any], started: float) -> ServerSentEvent:
-    """``/generate/stream`` of a job in the shared queue: its events from whichever replica
-    runs it, each message built from the events so far (the stored body may lag behind
-    them); ``estimated_wait_time`` is null (no replica knows the others' run times)."""
-    job_id = view["id"]
-
-    async def messages() -> Any:
-        current = dict(view)
-        async for event in shared.follow(job_id, 0, HEARTBEAT_S):
+        current = view.body()
+        async for event in jobs.follow(job_id, 0, HEARTBEAT_S):
             if event is None:
                 yield ServerSentEventMessage(comment="keep-alive")
             elif event.type in ("status", "progress"):
@@ -397,12 +282,16 @@ def _shared_stream(shared: SharedJobs, view: dict[str, Any], started: float) -> 
                     current.update(data)
                 position = None
                 if current["status"] == JobStatus.PENDING.value:
-                    position = ((await shared.get(job_id)) or {}).get("queue_position")
+                    now = await jobs.get(job_id)
+                    position = now.queue_position if now is not None else None
                 current["queue_position"] = position
-                message = stream_message(current, started, await shared.waiting(), None)
+                message = stream_message(
+                    current, started, await jobs.waiting(), await jobs.estimate(job_id)
+                )
                 yield ServerSentEventMessage(data=_json(message))
-        final = await shared.get(job_id) or current
-        yield ServerSentEventMessage(data=_json(final_message(final, started)))
+        final = await jobs.get(job_id)
+        body = final.body() if final is not None else current
+        yield ServerSentEventMessage(data=_json(final_message(body, started)))
 
     return ServerSentEvent(messages())
 
@@ -418,11 +307,9 @@ def _json(body: Any) -> str:
     responses={404: ResponseSpec(ErrorResponse, description="No such request is retained.")},
     description="The result object of any retained job.",
 )
-async def get_result(request_id: str, jobs: JobService) -> Result:
+async def get_result(request_id: str, jobs: JobBackend) -> Result:
     """A generation's result."""
-    if jobs.shared is not None:
-        return result_from_view(await shared_view(jobs.shared, request_id))
-    return result_of(jobs, job_of(jobs, request_id))
+    return result_from_view(await view_of(jobs, request_id))
 
 
 def _sizes(waiting: int) -> dict[str, int]:
@@ -440,11 +327,9 @@ def _sizes(waiting: int) -> dict[str, int]:
     description="Jobs waiting per stage: ours wait only for generation (ComfyUI's queue; "
     "with JOB_QUEUE_URL, the jobs no replica has claimed yet).",
 )
-async def queue_info(jobs: JobService) -> QueueInfo:
+async def queue_info(jobs: JobBackend) -> QueueInfo:
     """Queue sizes."""
-    if jobs.shared is not None:
-        return QueueInfo(**_sizes(await jobs.shared.waiting()))
-    return QueueInfo(**_sizes(sum(1 for r in jobs.store if r.status is JobStatus.PENDING)))
+    return QueueInfo(**_sizes(await jobs.waiting()))
 
 
 ROUTES = [generate, generate_sync, generate_stream, get_result, queue_info]

@@ -8,9 +8,9 @@ Status names are ComfyUI's own ``/api/jobs`` ones; progress fields are the Modal
 
 from __future__ import annotations
 
-import asyncio
 import base64
-from collections.abc import Callable
+import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -21,10 +21,10 @@ from litestar.response import ServerSentEvent, Stream
 from litestar.response.sse import ServerSentEventMessage
 
 from comfy_sidecar.errors import InputError, NotFound
-from comfy_sidecar.jobs.ranges import Unsatisfiable, parse_range, read_slice
-from comfy_sidecar.jobs.runner import JobService
-from comfy_sidecar.jobs.shared import SharedJobs
-from comfy_sidecar.jobs.store import JobRecord, JobStatus, UnknownJob
+from comfy_sidecar.jobs.backend import JobBackend
+from comfy_sidecar.jobs.model import JobLinks, JobStatus, JobView
+from comfy_sidecar.jobs.ranges import Unsatisfiable, parse_range
+from comfy_sidecar.jobs.spec import JobSpec
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
 from comfy_sidecar.schemas import ErrorResponse, PromptRequest
 
@@ -32,14 +32,6 @@ from comfy_sidecar.schemas import ErrorResponse, PromptRequest
 MAX_WAIT_S = 60.0
 #: Seconds between SSE comment heartbeats.
 HEARTBEAT_S = 15.0
-
-
-class JobLinks(msgspec.Struct, kw_only=True):
-    """Where to watch and cancel a job."""
-
-    self: str
-    events: str
-    cancel: str
 
 
 class JobAccepted(msgspec.Struct, kw_only=True):
@@ -67,17 +59,24 @@ class JobList(msgspec.Struct, kw_only=True):
     next_cursor: str | None
 
 
-def job_of(jobs: JobService, job_id: str) -> JobRecord:
-    """The retained job ``job_id``; :class:`NotFound` (404) otherwise."""
-    try:
-        return jobs.store.get(job_id)
-    except UnknownJob:
-        raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id) from None
+async def view_of(jobs: JobBackend, job_id: str) -> JobView:
+    """The kept job ``job_id``'s view; :class:`NotFound` (404) otherwise."""
+    view = await jobs.get(job_id)
+    if view is None:
+        raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id)
+    return view
 
 
 def fingerprint(data: PromptRequest) -> bytes:
     """What makes two submissions with one id "the same body"."""
     return msgspec.json.encode(data)
+
+
+def with_id(request: PromptRequest) -> PromptRequest:
+    """``request`` with its ``id``, a new UUID when the caller gave none."""
+    if request.id is not None:
+        return request
+    return msgspec.structs.replace(request, id=str(uuid.uuid4()))
 
 
 @post(
@@ -95,43 +94,29 @@ def fingerprint(data: PromptRequest) -> bytes:
     "the answer, so a caller's mistake is a 400 and nothing is kept. Resubmitting the same id "
     "with the same body while the job is retained returns that job.",
 )
-async def submit_job(data: PromptRequest, jobs: JobService) -> Response[JobAccepted]:
+async def submit_job(data: PromptRequest, jobs: JobBackend) -> Response[JobAccepted]:
     """Submit a job."""
-    if jobs.shared is not None:
-        view = await jobs.shared.submit(data, fingerprint(data))
-        return Response(accepted(view), status_code=202)
-    record = await jobs.submit(data, endpoint="jobs", fingerprint=fingerprint(data))
-    return Response(accepted(jobs.store.view(record)), status_code=202)
+    spec = JobSpec(request=with_id(data), endpoint="jobs", fingerprint=fingerprint(data))
+    return Response(accepted(await jobs.submit(spec)), status_code=202)
 
 
-def accepted(view: dict[str, Any]) -> JobAccepted:
-    """The ``POST /jobs`` answer for a job's body."""
+def accepted(view: JobView) -> JobAccepted:
+    """The ``POST /jobs`` answer for a job's view."""
+    assert view.urls is not None
     return JobAccepted(
-        id=view["id"],
-        status=view["status"],
-        created_at=view["created_at"],
-        urls=JobLinks(**view["urls"]),
+        id=view.id, status=view.status.value, created_at=view.created_at or "", urls=view.urls
     )
 
 
-def with_data(jobs: JobService, record: JobRecord, body: dict[str, Any]) -> dict[str, Any]:
-    """``body`` with each retained output's bytes as base64 ``data``."""
+async def with_data(jobs: JobBackend, view: JobView) -> dict[str, Any]:
+    """``view``'s body with each retained output's bytes as base64 ``data`` (outputs uploaded
+    elsewhere keep only their ``url``)."""
+    body = view.body()
     for index, output in enumerate(body.get("outputs") or []):
-        path = jobs.output_path(record, index)
-        if path is not None:
-            output["data"] = base64.b64encode(path.read_bytes()).decode("ascii")
+        blob = await jobs.output(view.id, index)
+        if blob is not None:
+            output["data"] = base64.b64encode(await blob.read()).decode("ascii")
     return body
-
-
-async def shared_with_data(shared: SharedJobs, job_id: str, view: dict[str, Any]) -> dict[str, Any]:
-    """``view`` (a shared-queue job's body) with each output kept inline in Redis given its
-    base64 ``data`` (outputs uploaded to JOB_OUTPUT_URL keep only their ``url``); the
-    queue-mode twin of :func:`with_data`."""
-    for index, output in enumerate(view.get("outputs") or []):
-        raw = await shared.output(job_id, index)
-        if raw is not None:
-            output["data"] = base64.b64encode(raw).decode("ascii")
-    return view
 
 
 @get(
@@ -147,7 +132,7 @@ async def shared_with_data(shared: SharedJobs, job_id: str, view: dict[str, Any]
 )
 async def get_job(
     job_id: str,
-    jobs: JobService,
+    jobs: JobBackend,
     wait: Annotated[float, Parameter(ge=0, le=MAX_WAIT_S, description="Long-poll seconds.")] = 0,
     include: Annotated[
         str | None, Parameter(description="`data`: add outputs' base64 bytes.")
@@ -156,15 +141,10 @@ async def get_job(
     """Job status."""
     if include not in (None, "data"):
         raise InputError("include must be `data`", "include")
-    if jobs.shared is not None:
-        return await shared_job(jobs.shared, job_id, wait, include == "data")
-    record = job_of(jobs, job_id)
-    if wait > 0:
-        await record.wait_ended(wait)
-    body = jobs.store.view(record)
-    if include == "data":
-        body = await asyncio.to_thread(with_data, jobs, record, body)
-    return body
+    view = await (jobs.wait(job_id, wait) if wait > 0 else jobs.get(job_id))
+    if view is None:
+        raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id)
+    return await with_data(jobs, view) if include == "data" else view.body()
 
 
 @get(
@@ -175,7 +155,7 @@ async def get_job(
     responses={400: ERROR_RESPONSES[400]},
 )
 async def list_jobs(
-    jobs: JobService,
+    jobs: JobBackend,
     status: Annotated[str | None, Parameter(description="Only jobs with this status.")] = None,
     limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size.")] = 50,
     cursor: Annotated[str | None, Parameter(description="From a previous page.")] = None,
@@ -193,29 +173,19 @@ async def list_jobs(
         if not cursor.isascii() or not cursor.isdigit():
             raise InputError("not a cursor from a previous page", "cursor")
         after = int(cursor)
-    if jobs.shared is not None:
-        views, following = await jobs.shared.page(wanted, limit, after)
-        for view in views:
-            view.pop("outputs", None)
-            view.pop("stats", None)
-        return JobList(jobs=views, next_cursor=None if following is None else str(following))
-    page, next_cursor = jobs.store.page(wanted, limit, after)
+    views, following = await jobs.page(wanted, limit, after)
     return JobList(
-        jobs=[record.summary() for record in page],
-        next_cursor=None if next_cursor is None else str(next_cursor),
+        jobs=[view.summary() for view in views],
+        next_cursor=None if following is None else str(following),
     )
 
 
-async def _cancel(job_id: str, jobs: JobService) -> CancelResponse:
-    if jobs.shared is not None:
-        view = await jobs.shared.get(job_id)
-        if view is None:
-            raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id)
-        cancelled, status = await jobs.shared.cancel(job_id, view)
-        return CancelResponse(id=job_id, cancelled=cancelled, status=status)
-    record = job_of(jobs, job_id)
-    cancelled = await jobs.cancel(record)
-    return CancelResponse(id=record.id, cancelled=cancelled, status=record.status.value)
+async def _cancel(job_id: str, jobs: JobBackend) -> CancelResponse:
+    outcome = await jobs.cancel(job_id)
+    if outcome is None:
+        raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id)
+    cancelled, view = outcome
+    return CancelResponse(id=job_id, cancelled=cancelled, status=view.status.value)
 
 
 CANCEL_DOC = (
@@ -232,7 +202,7 @@ CANCEL_DOC = (
     responses={404: ResponseSpec(ErrorResponse, description="No such job is retained.")},
     description=CANCEL_DOC,
 )
-async def cancel_job(job_id: str, jobs: JobService) -> CancelResponse:
+async def cancel_job(job_id: str, jobs: JobBackend) -> CancelResponse:
     """Cancel a job."""
     return await _cancel(job_id, jobs)
 
@@ -245,7 +215,7 @@ async def cancel_job(job_id: str, jobs: JobService) -> CancelResponse:
     responses={404: ResponseSpec(ErrorResponse, description="No such job is retained.")},
     description=CANCEL_DOC,
 )
-async def delete_job(job_id: str, jobs: JobService) -> CancelResponse:
+async def delete_job(job_id: str, jobs: JobBackend) -> CancelResponse:
     """Cancel a job (alias of POST /jobs/{id}/cancel)."""
     return await _cancel(job_id, jobs)
 
@@ -270,18 +240,14 @@ def _last_event_id(request: Request[Any, Any, Any]) -> int:
 )
 async def job_events(
     job_id: str,
-    jobs: JobService,
+    jobs: JobBackend,
     request: Request[Any, Any, Any],
     previews: Annotated[bool, Parameter(description="Also send preview images.")] = False,
 ) -> ServerSentEvent:
     """Follow a job."""
     after = _last_event_id(request)
-    if jobs.shared is not None:
-        if await jobs.shared.get(job_id) is None:
-            raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id)
-        events = jobs.shared.follow(job_id, after, HEARTBEAT_S, previews)
-    else:
-        events = job_of(jobs, job_id).follow(after, HEARTBEAT_S, previews)
+    await view_of(jobs, job_id)
+    events = jobs.follow(job_id, after, HEARTBEAT_S, previews)
 
     async def messages() -> Any:
         async for event in events:
@@ -311,28 +277,24 @@ async def job_events(
     "A single `Range: bytes=` range is answered 206.",
 )
 async def job_output(
-    job_id: str, index: int, jobs: JobService, request: Request[Any, Any, Any]
+    job_id: str, index: int, jobs: JobBackend, request: Request[Any, Any, Any]
 ) -> Response[Any]:
     """Download an output."""
-    if jobs.shared is not None:
-        return await shared_output(jobs.shared, job_id, index, request)
-    record = job_of(jobs, job_id)
-    path = jobs.output_path(record, index)
-    if path is None:
+    blob = await jobs.output(job_id, index)
+    if blob is None:
         raise NotFound(f"job {job_id!r} has no retained output {index}", location="index")
-    output = record.outputs[index]
-    size = path.stat().st_size
 
     def stream(first: int, last: int, status: int, headers: dict[str, str]) -> Response[Any]:
         headers["content-length"] = str(max(0, last - first + 1))
-        return Stream(
-            read_slice(path, first, last) if size else iter(()),
-            media_type=output.mime_type,
-            status_code=status,
-            headers=headers,
-        )
+        chunks: AsyncIterator[bytes] = blob.chunks(first, last) if blob.size else _nothing()
+        return Stream(chunks, media_type=blob.mime_type, status_code=status, headers=headers)
 
-    return ranged(request, size, output.filename, stream)
+    return ranged(request, blob.size, blob.filename, stream)
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""
 
 
 Body = Callable[[int, int, int, dict[str, str]], Response[Any]]
@@ -358,36 +320,6 @@ def ranged(request: Request[Any, Any, Any], size: int, filename: str, body: Body
     if span is not None:
         headers["content-range"] = f"bytes {first}-{last}/{size}"
     return body(first, last, 206 if span is not None else 200, headers)
-
-
-async def shared_job(shared: SharedJobs, job_id: str, wait: float, data: bool) -> dict[str, Any]:
-    """``GET /jobs/{id}`` of a job kept in Redis."""
-    view = await (shared.wait(job_id, wait) if wait > 0 else shared.get(job_id))
-    if view is None:
-        raise NotFound(f"no job with id {job_id!r}", location="id", id=job_id)
-    return await shared_with_data(shared, job_id, view) if data else view
-
-
-async def shared_output(
-    shared: SharedJobs, job_id: str, index: int, request: Request[Any, Any, Any]
-) -> Response[Any]:
-    """``GET /jobs/{id}/outputs/{n}`` of a job kept in Redis (its bytes are inline)."""
-    view = await shared.get(job_id)
-    outputs = (view or {}).get("outputs") or []
-    raw = await shared.output(job_id, index) if 0 <= index < len(outputs) else None
-    if view is None or raw is None:
-        raise NotFound(f"job {job_id!r} has no retained output {index}", location="index")
-    output = outputs[index]
-
-    def whole(first: int, last: int, status: int, headers: dict[str, str]) -> Response[Any]:
-        return Response(
-            raw[first : last + 1],
-            media_type=output["mime_type"],
-            status_code=status,
-            headers=headers,
-        )
-
-    return ranged(request, len(raw), output["filename"], whole)
 
 
 ROUTES = [submit_job, get_job, list_jobs, cancel_job, delete_job, job_events, job_output]

@@ -9,82 +9,61 @@ pending → queued, in_progress → running, completed, and failed, cancelled, t
 Webhooks ``job.completed`` and ``job.failed`` (``{event, job_id, timestamp[, error]}``, no
 outputs) go to ``webhook_url`` through the webhook dispatcher when the job ends.
 
-Unlike Modal, each job's ``media`` (and ``image_base64``/``image_url`` overrides) are written
-into a folder of their own, ``INPUT_DIR/.comfy-sidecar/<job id>-media/``, and the workflow's
-inputs naming a media item are pointed there, so two jobs sending ``input.png`` never overwrite
-each other; the folder is removed when the job ends (or at once when the request is refused,
-or at the next start after a crash).
+Unlike Modal, each job's ``media`` (and ``image_base64``/``image_url`` overrides) are staged
+for that job alone (:mod:`comfy_sidecar.pipeline.staging`): in-process, written into
+``INPUT_DIR/.comfy-sidecar/<job id>-media/``, so two jobs sending ``input.png`` never overwrite
+each other, the folder removed when the job ends (or at once when the request is refused, or
+at the next start after a crash). The inputs naming a media item -- the workflow's own values
+and the values ``raw`` overrides set, since the guide says a media ``name`` "becomes the
+filename seen by LoadImage nodes" -- get the staged file's value.
 
-With JOB_QUEUE_URL every route goes through the shared queue: any replica runs the job and
-answers for it, the webhook is sent once by whichever replica ends the job (see
-:mod:`comfy_sidecar.jobs.after`), and the media travel in the request instead of a folder on
-the receiving replica's disk: each item (and each ``image_base64``/``image_url`` override)
-becomes the value of the workflow inputs that name it, a ``data:`` URL (its MIME type from the
-item's name) or its URL, which the claiming replica's preprocessing writes or downloads into
+With JOB_QUEUE_URL any replica runs the job and answers for it, the webhook is sent once by
+whichever replica ends the job, and the media travel in the request instead of a folder on the
+receiving replica's disk: each item (and each ``image_base64``/``image_url`` override) becomes
+the value of the workflow inputs that name it, a ``data:`` URL (its MIME type from the item's
+name) or its URL, which the claiming replica's preprocessing writes or downloads into
 ``INPUT_DIR/.comfy-sidecar/`` as for ``/prompt``. So in queue mode a media item may only feed
 media inputs (``image`` of any node, ``video``/``file`` of the video loaders, ``audio`` of the
-audio loaders): naming it in another input is a 400 at ``media.N.name``; an override of type
-``image_*`` must set such an input (400 at ``inputs.N.field``); an item given by ``url`` is
-not held to the 50 MB limit; ``estimated_time`` is null.
+audio loaders): naming it in another input is a 400 at ``media.N.name`` (at ``inputs.N.value``
+when a ``raw`` override sets that input to its name); an override of type ``image_*`` must set
+such an input (400 at ``inputs.N.field``); an item given by ``url`` is not held to the 50 MB
+limit; ``estimated_time`` is null.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
-import os
-import shutil
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import delete, get, post
-from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from msgspec import Meta
 
 from comfy_sidecar.errors import InputError, SidecarError
-from comfy_sidecar.jobs.after import AfterEnd
-from comfy_sidecar.jobs.runner import JobService, mime_type_of
-from comfy_sidecar.jobs.shared import SharedJobs
-from comfy_sidecar.jobs.store import JobRecord, JobStatus, iso, now_ms
+from comfy_sidecar.jobs.backend import JobBackend
+from comfy_sidecar.jobs.model import JobStatus, JobView
+from comfy_sidecar.jobs.spec import AfterEnd
 from comfy_sidecar.pipeline.media import decode_base64, sniff_extension
-from comfy_sidecar.pipeline.preprocess import INPUTS_SUBDIR, media_fields, write_input
+from comfy_sidecar.pipeline.staging import StagedFiles, Staging
 from comfy_sidecar.routes.adapters import (
     check_http_url,
-    estimated_wait_s,
-    message_of,
     new_job_id,
     outputs_with_data,
     prompt_request,
-    shared_view,
     submit,
-    submit_shared,
 )
-from comfy_sidecar.routes.jobs import job_of, shared_with_data
+from comfy_sidecar.routes.jobs import view_of
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
 from comfy_sidecar.schemas import ErrorResponse
-
-if TYPE_CHECKING:
-    from comfy_sidecar.service import Sidecar
-    from comfy_sidecar.storage.cache import Lease
+from comfy_sidecar.webhooks.adapters import MODAL_STATUS, message_of
 
 log = logging.getLogger("comfy_sidecar.jobs")
 
 #: Most ``media`` items per job, and most bytes per item (the guide's limits).
 MAX_MEDIA_ITEMS = 10
 MAX_MEDIA_BYTES = 50 * 1024 * 1024
-
-#: Our status -> the Modal jobs API's.
-MODAL_STATUS = {
-    JobStatus.PENDING: "queued",
-    JobStatus.IN_PROGRESS: "running",
-    JobStatus.COMPLETED: "completed",
-    JobStatus.FAILED: "failed",
-    JobStatus.CANCELLED: "failed",
-    JobStatus.TIMED_OUT: "failed",
-}
 
 PROGRESS_FIELDS = (
     "progress",
@@ -156,72 +135,6 @@ class ModalJobList(msgspec.Struct, kw_only=True):
     jobs: list[dict[str, Any]]
 
 
-class MediaFolder:
-    """One job's ``INPUT_DIR/.comfy-sidecar/<job id>-media/`` folder: media items and image
-    overrides."""
-
-    def __init__(self, sidecar: Sidecar, job_id: str) -> None:
-        self.input_dir = Path(sidecar.settings.input_dir)
-        self.name = f"{INPUTS_SUBDIR}/{job_id}-media"
-        self.path = self.input_dir / self.name
-        self.sidecar = sidecar
-        self._lease: Lease | None = None
-        self._counter = 0
-
-    def _staging(self) -> Any:
-        from comfy_sidecar.pipeline.run import JobStaging
-
-        if self._lease is None:
-            self._lease = self.sidecar.storage.lease()
-        return JobStaging(self.sidecar.storage, None, self._lease, self.sidecar.settings)
-
-    def _write(self, name: str, data: bytes, location: str) -> str:
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_input(self.path / name, data, location)
-        return f"{self.name}/{name}"
-
-    async def _download(self, url: str, location: str) -> str:
-        """Download ``url`` through the storage layer into the folder; its name there."""
-        self._counter += 1
-        self.path.mkdir(parents=True, exist_ok=True)
-        staged: str = await self._staging().input(
-            url, f"{self.name}/.download-{self._counter}", location
-        )
-        if (self.input_dir / staged).stat().st_size > MAX_MEDIA_BYTES:
-            raise InputError(f"larger than {MAX_MEDIA_BYTES} bytes", location)
-        return staged
-
-    async def add_media(self, index: int, item: MediaItem) -> str:
-        """Write media item ``index`` as ``<folder>/<name>``; returns that name."""
-        where = f"media.{index}"
-        name = check_media_item(index, item)
-        if item.url is not None:
-            staged = await self._download(item.url, f"{where}.url")
-            os.replace(self.input_dir / staged, self.path / name)
-            return f"{self.name}/{name}"
-        assert item.data is not None
-        return self._write(name, _decode(item.data, f"{where}.data"), f"{where}.data")
-
-    async def add_image(self, index: int, override: InputOverride) -> str:
-        """The image of an ``image_base64``/``image_url`` override, in the folder; its name."""
-        where = f"inputs.{index}.value"
-        if not isinstance(override.value, str):
-            raise InputError("expected a string", where)
-        if override.type == "image_url":
-            return await self._download(override.value, where)
-        data = _decode(override.value, where)
-        ext = sniff_extension(data[:64])
-        if ext is None:
-            raise InputError("decoded the base64 but it is not an image", where)
-        return self._write(f"input-{index}.{ext}", data, where)
-
-    def remove(self) -> None:
-        """Delete the folder and end the download lease (idempotent)."""
-        shutil.rmtree(self.path, ignore_errors=True)
-        if self._lease is not None:
-            self._lease.release()
-            self._lease = None
-
 
 def check_media_item(index: int, item: MediaItem) -> str:
     """Media item ``index``'s name; :class:`InputError` at ``media.N.name`` when it is not a
@@ -258,63 +171,38 @@ def _node_inputs(workflow: dict[str, Any], node: str, location: str) -> dict[str
     return inputs
 
 
+async def _media(staged: StagedFiles, index: int, item: MediaItem, name: str) -> str:
+    """Media item ``index`` staged; the value of the inputs naming it."""
+    where = f"media.{index}"
+    if item.url is not None:
+        return await staged.url(item.url, f"{where}.url", MAX_MEDIA_BYTES)
+    assert item.data is not None
+    return await staged.file(name, _decode(item.data, f"{where}.data"), f"{where}.data")
+
+
+async def _image(staged: StagedFiles, index: int, override: InputOverride, value: str) -> str:
+    """The image of an ``image_base64``/``image_url`` override staged; the value it sets."""
+    where = f"inputs.{index}.value"
+    if override.type == "image_url":
+        return await staged.url(value, where, MAX_MEDIA_BYTES)
+    data = _decode(value, where)
+    ext = sniff_extension(data[:64])
+    if ext is None:
+        raise InputError("decoded the base64 but it is not an image", where)
+    return await staged.file(f"input-{index}.{ext}", data, where)
+
+
 async def prepare_workflow(
-    data: ModalJobRequest, folder: MediaFolder
-) -> tuple[dict[str, Any], list[str]]:
-    """The workflow with its media and overrides applied, and the names the media got.
-    Raises :class:`InputError` naming ``inputs.N.*`` or ``media.N.*``."""
-    workflow = msgspec.json.decode(msgspec.json.encode(data.workflow))  # a copy
-    if not isinstance(workflow, dict) or not workflow:
-        raise InputError("Invalid workflow format: must be a non-empty JSON object", "workflow")
-    targets = [
-        _node_inputs(workflow, str(o.node), f"inputs.{i}.node") for i, o in enumerate(data.inputs)
-    ]
-    seen: set[str] = set()
-    renamed: dict[str, str] = {}
-    for index, item in enumerate(data.media):
-        if item.name in seen:
-            raise InputError("a media item with this name came earlier", f"media.{index}.name")
-        seen.add(item.name)
-        renamed[item.name] = await folder.add_media(index, item)
-    if renamed:
-        for node in workflow.values():
-            inputs = node.get("inputs") if isinstance(node, dict) else None
-            if isinstance(inputs, dict):
-                for key, value in inputs.items():
-                    if isinstance(value, str) and value in renamed:
-                        inputs[key] = renamed[value]
-    for index, (override, inputs) in enumerate(zip(data.inputs, targets, strict=True)):
-        if override.type == "raw":
-            inputs[override.field] = override.value
-        else:
-            inputs[override.field] = await folder.add_image(index, override)
-    return workflow, list(renamed.values())
+    data: ModalJobRequest, staged: StagedFiles
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The workflow with its media and overrides applied, and where each value fed from a
+    media item or an image override came from (``workflow.<node>.inputs.<field>`` ->
+    ``media.N`` or ``inputs.N.value``).
 
-
-def _data_url(name: str, data: bytes) -> str:
-    """Media ``data`` (decoded by :func:`_decode`) as a ``data:`` URL whose MIME type comes
-    from ``name`` (:func:`~comfy_sidecar.jobs.runner.mime_type_of`; ``application/octet-stream``
-    when unknown: the bytes decide)."""
-    return f"data:{mime_type_of(name)};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-def _check_media_input(
-    workflow: dict[str, Any], node: str, field: str, location: str, what: str
-) -> None:
-    entry = workflow[node]
-    if field not in media_fields(str(entry.get("class_type", "")), entry["inputs"]):
-        raise InputError(
-            f"with JOB_QUEUE_URL {what} can only feed a media input (image; video or file "
-            "of a video loader; audio of an audio loader)",
-            location,
-        )
-
-
-def inline_workflow(data: ModalJobRequest) -> tuple[dict[str, Any], dict[str, str]]:
-    """Queue mode's :func:`prepare_workflow`: the workflow with its media and overrides
-    applied as values (``data:`` URLs, URLs) the claiming replica's preprocessing resolves,
-    and where each such value came from (``workflow.<node>.inputs.<field>`` ->
-    ``media.N`` or ``inputs.N.value``). Raises :class:`InputError` naming ``inputs.N.*`` or
+    Every input equal to a media item's ``name`` -- in the workflow or set by a ``raw``
+    override, as the guide's "becomes the filename seen by LoadImage nodes" allows -- gets
+    the staged value for that item; the overrides apply in order, after the workflow's own
+    values were mapped. Raises :class:`InputError` naming ``workflow``, ``inputs.N.*`` or
     ``media.N.*``."""
     workflow = msgspec.json.decode(msgspec.json.encode(data.workflow))  # a copy
     if not isinstance(workflow, dict) or not workflow:
@@ -322,76 +210,45 @@ def inline_workflow(data: ModalJobRequest) -> tuple[dict[str, Any], dict[str, st
     targets = [
         _node_inputs(workflow, str(o.node), f"inputs.{i}.node") for i, o in enumerate(data.inputs)
     ]
-    origins: dict[str, str] = {}
-    seen: set[str] = set()
-    values: dict[str, tuple[int, str]] = {}
+    fed: dict[str, tuple[int, str]] = {}  # media name -> (its index, the value it becomes)
     for index, item in enumerate(data.media):
-        where = f"media.{index}"
         name = check_media_item(index, item)
-        if name in seen:
-            raise InputError("a media item with this name came earlier", f"{where}.name")
-        seen.add(name)
-        if item.url is not None:
-            values[name] = (index, item.url)
-        else:
-            assert item.data is not None
-            values[name] = (index, _data_url(name, _decode(item.data, f"{where}.data")))
+        if name in fed:
+            raise InputError("a media item with this name came earlier", f"media.{index}.name")
+        fed[name] = (index, await _media(staged, index, item, name))
+    origins: dict[str, str] = {}
     for node_id, node in workflow.items():
         inputs = node.get("inputs") if isinstance(node, dict) else None
         if not isinstance(inputs, dict):
             continue
         for key, value in list(inputs.items()):
-            if isinstance(value, str) and value in values:
-                index, inlined = values[value]
-                _check_media_input(workflow, node_id, key, f"media.{index}.name", "a media item")
+            if isinstance(value, str) and value in fed:
+                index, inlined = fed[value]
+                staged.check_feeds(workflow, node_id, key, f"media.{index}.name", "a media item")
                 inputs[key] = inlined
                 origins[f"workflow.{node_id}.inputs.{key}"] = f"media.{index}"
     for index, (override, inputs) in enumerate(zip(data.inputs, targets, strict=True)):
+        node, field, value = str(override.node), override.field, override.value
+        target = f"workflow.{node}.inputs.{field}"
+        inputs[field] = value
+        origins.pop(target, None)
         if override.type == "raw":
-            inputs[override.field] = override.value
+            if isinstance(value, str) and value in fed:
+                media, inlined = fed[value]
+                where = f"inputs.{index}.value"
+                staged.check_feeds(workflow, node, field, where, "a media item")
+                inputs[field] = inlined
+                origins[target] = f"media.{media}"
             continue
         where = f"inputs.{index}.value"
-        if not isinstance(override.value, str):
+        if not isinstance(value, str):
             raise InputError("expected a string", where)
-        if override.type == "image_base64":
-            raw = _decode(override.value, where)
-            ext = sniff_extension(raw[:64])
-            if ext is None:
-                raise InputError("decoded the base64 but it is not an image", where)
-            inputs[override.field] = _data_url(f"input.{ext}", raw)
-        else:
-            inputs[override.field] = override.value
-        node = str(override.node)
-        _check_media_input(
-            workflow, node, override.field, f"inputs.{index}.field", f"an {override.type} input"
+        inputs[field] = await _image(staged, index, override, value)
+        staged.check_feeds(
+            workflow, node, field, f"inputs.{index}.field", f"an {override.type} input"
         )
-        origins[f"workflow.{node}.inputs.{override.field}"] = where
+        origins[target] = where
     return workflow, origins
-
-
-async def _submit_shared(data: ModalJobRequest, shared: SharedJobs) -> ModalJobAccepted:
-    """``POST /v1/jobs`` in queue mode: media inline, the webhook stored with the job."""
-    workflow, origins = inline_workflow(data)
-    request = prompt_request(workflow, new_job_id(), "workflow")
-    after = None
-    if data.webhook_url is not None:
-        after = AfterEnd(kind="modal_jobs", url=data.webhook_url)
-    try:
-        view = await submit_shared(
-            shared, request, "modal_jobs", "workflow", data.webhook_url, after=after
-        )
-    except SidecarError as exc:  # name the media item, not the input it fed
-        where = exc.location or ""
-        for field, origin in origins.items():
-            if where == field or where.startswith(field + "."):
-                exc.location = origin
-        raise
-    return ModalJobAccepted(
-        job_id=view["id"],
-        status=MODAL_STATUS[JobStatus(view["status"])],
-        created_at=view.get("created_at") or "",
-        estimated_time=None,
-    )
 
 
 @post(
@@ -409,78 +266,53 @@ async def _submit_shared(data: ModalJobRequest, shared: SharedJobs) -> ModalJobA
     "files the workflow names. Checked before the answer: a bad field is a 400 naming it.",
 )
 async def submit_modal_job(
-    data: ModalJobRequest, jobs: JobService, state: State
+    data: ModalJobRequest, jobs: JobBackend, staging: Staging
 ) -> ModalJobAccepted:
-    """Submit a job."""
+    """Submit a job: its media staged for it, its webhook sent by whichever replica ends it."""
     if data.webhook_url is not None:
         check_http_url(data.webhook_url, "webhook_url")
-    if jobs.shared is not None:  # queue mode: any replica runs it
-        return await _submit_shared(data, jobs.shared)
     job_id = new_job_id()
-    folder = MediaFolder(state.sidecar, job_id)
+    staged = staging.for_job(job_id)
+    after = None if data.webhook_url is None else AfterEnd(kind="modal_jobs", url=data.webhook_url)
     try:
-        workflow, _ = await prepare_workflow(data, folder)
+        workflow, origins = await prepare_workflow(data, staged)
         request = prompt_request(workflow, job_id, "workflow")
-        record = await submit(jobs, request, "modal_jobs", "workflow", data.webhook_url)
+        try:
+            view = await submit(
+                jobs, request, "modal_jobs", "workflow", data.webhook_url, after=after
+            )
+        except SidecarError as exc:  # name the media item, not the input it fed
+            where = exc.location or ""
+            for field, origin in origins.items():
+                if where == field or where.startswith(field + "."):
+                    exc.location = origin
+            raise
     except BaseException:
-        folder.remove()
+        staged.discard()
         raise
-    jobs.when_ended(record, _on_end(state.sidecar, folder, data.webhook_url))
     return ModalJobAccepted(
-        job_id=record.id,
-        status=MODAL_STATUS[record.status],
-        created_at=iso(record.created_ms) or "",
-        estimated_time=estimated_wait_s(jobs.store, record),
+        job_id=view.id,
+        status=MODAL_STATUS[view.status],
+        created_at=view.created_at or "",
+        estimated_time=await jobs.estimate(view.id),
     )
 
 
-def _on_end(sidecar: Sidecar, folder: MediaFolder, webhook_url: str | None) -> Any:
-    async def ended(record: JobRecord) -> None:
-        folder.remove()
-        if webhook_url is None:
-            return
-        after = AfterEnd(kind="modal_jobs", url=webhook_url)
-        body = webhook_body(record.view(), after)
-        await sidecar.webhooks.send_prompt(webhook_url, body, record.id, order_key=record.id)
-
-    return ended
-
-
-def webhook_body(view: dict[str, Any], after: AfterEnd) -> dict[str, Any]:
-    """``job.completed`` / ``job.failed`` (``{event, job_id, timestamp[, error]}``) of a job
-    whose final ``GET /jobs/{id}`` body is ``view`` (queue mode's
-    :class:`~comfy_sidecar.jobs.after.Format`; ``after`` adds nothing here)."""
-    status = JobStatus(view["status"])
+def modal_body(view: JobView) -> dict[str, Any]:
+    """A job's view under the Modal jobs API's names (without outputs)."""
     body: dict[str, Any] = {
-        "event": "job.completed" if status is JobStatus.COMPLETED else "job.failed",
-        "job_id": view["id"],
-        "timestamp": view.get("completed_at") or iso(now_ms()),
+        "job_id": view.id,
+        "status": MODAL_STATUS[view.status],
+        "created_at": view.created_at,
+        "started_at": view.started_at,
+        "completed_at": view.completed_at,
     }
-    if status is not JobStatus.COMPLETED:
-        body["error"] = message_of(status, view.get("error"))
+    plain = view.body()
+    body.update({name: plain.get(name) for name in PROGRESS_FIELDS})
+    if view.ended and view.status is not JobStatus.COMPLETED:
+        body["error"] = message_of(view.status, view.error)
+        body["error_log_tail"] = (view.error or {}).get("comfyui_log_tail") or []
     return body
-
-
-def modal_body(view: dict[str, Any]) -> dict[str, Any]:
-    """A job's ``GET /jobs/{id}`` body under the Modal jobs API's names (without outputs)."""
-    status = JobStatus(view["status"])
-    body: dict[str, Any] = {
-        "job_id": view["id"],
-        "status": MODAL_STATUS[status],
-        "created_at": view["created_at"],
-        "started_at": view["started_at"],
-        "completed_at": view["completed_at"],
-    }
-    body.update({name: view.get(name) for name in PROGRESS_FIELDS})
-    if status.terminal and status is not JobStatus.COMPLETED:
-        body["error"] = message_of(status, view.get("error"))
-        body["error_log_tail"] = (view.get("error") or {}).get("comfyui_log_tail") or []
-    return body
-
-
-def modal_view(jobs: JobService, record: JobRecord) -> dict[str, Any]:
-    """A job of this replica's store under the Modal jobs API's names (without outputs)."""
-    return modal_body(jobs.store.view(record))
 
 
 def _modal_output(output: dict[str, Any], data: str | None) -> dict[str, Any]:
@@ -504,28 +336,16 @@ def _modal_output(output: dict[str, Any], data: str | None) -> dict[str, Any]:
     "completed `outputs` with base64 `data` (`filename`, `type`, `size_bytes`, `node_id`); a "
     "failed job has `error` (`Cancelled by user` for a cancel) and `error_log_tail`.",
 )
-async def get_modal_job(job_id: str, jobs: JobService) -> dict[str, Any]:
-    """Job status."""
-    if jobs.shared is not None:
-        return await _shared_job(jobs.shared, job_id)
-    record = job_of(jobs, job_id)
-    body = modal_view(jobs, record)
-    if record.status is JobStatus.COMPLETED:
+async def get_modal_job(job_id: str, jobs: JobBackend) -> dict[str, Any]:
+    """Job status: outputs kept for the job get their ``data``; those uploaded elsewhere
+    (JOB_OUTPUT_URL) only their ``url``."""
+    view = await view_of(jobs, job_id)
+    body = modal_body(view)
+    if view.status is JobStatus.COMPLETED:
         body["outputs"] = [
             _modal_output(output, output.get("data"))
-            for output in await outputs_with_data(jobs, record)
+            for output in await outputs_with_data(jobs, view)
         ]
-    return body
-
-
-async def _shared_job(shared: SharedJobs, job_id: str) -> dict[str, Any]:
-    """``GET /v1/jobs/{id}`` of a job in the shared queue, from any replica: outputs kept
-    inline in Redis get their ``data``; those uploaded (JOB_OUTPUT_URL) only their ``url``."""
-    view = await shared_view(shared, job_id)
-    body = modal_body(view)
-    if view["status"] == JobStatus.COMPLETED.value:
-        outputs = (await shared_with_data(shared, job_id, view)).get("outputs") or []
-        body["outputs"] = [_modal_output(output, output.get("data")) for output in outputs]
     return body
 
 
@@ -539,25 +359,18 @@ async def _shared_job(shared: SharedJobs, job_id: str) -> dict[str, Any]:
     "`failed` with `Cancelled by user` (and `job.failed` goes to its webhook). A job that "
     "already ended answers 200 saying so.",
 )
-async def cancel_modal_job(job_id: str, jobs: JobService) -> ModalCancelled:
+async def cancel_modal_job(job_id: str, jobs: JobBackend) -> ModalCancelled:
     """Cancel a job."""
-    if jobs.shared is not None:
-        view = await shared_view(jobs.shared, job_id)
-        status = JobStatus(view["status"])
-        if status.terminal:
-            message = f"job already finalised ({MODAL_STATUS[status]})"
-        else:
-            _, ended = await jobs.shared.cancel(job_id, view)
-            status = JobStatus(ended)
-            message = "Cancelled by user"
-        return ModalCancelled(job_id=job_id, status=MODAL_STATUS[status], message=message)
-    record = job_of(jobs, job_id)
-    if record.status.terminal:
-        message = f"job already finalised ({MODAL_STATUS[record.status]})"
-    else:
-        await jobs.cancel(record)
-        message = "Cancelled by user"
-    return ModalCancelled(job_id=record.id, status=MODAL_STATUS[record.status], message=message)
+    view = await view_of(jobs, job_id)
+    if view.ended:
+        message = f"job already finalised ({MODAL_STATUS[view.status]})"
+        return ModalCancelled(job_id=job_id, status=MODAL_STATUS[view.status], message=message)
+    outcome = await jobs.cancel(job_id)
+    if outcome is not None:
+        view = outcome[1]
+    return ModalCancelled(
+        job_id=job_id, status=MODAL_STATUS[view.status], message="Cancelled by user"
+    )
 
 
 @get(
@@ -568,55 +381,28 @@ async def cancel_modal_job(job_id: str, jobs: JobService) -> ModalCancelled:
     description="Newest first: `job_id`, `status`, `created_at`, `progress`.",
 )
 async def list_modal_jobs(
-    jobs: JobService,
+    jobs: JobBackend,
     status: Annotated[
         Literal["queued", "running", "completed", "failed"] | None,
         Parameter(description="Only jobs with this status."),
     ] = None,
     limit: Annotated[int, Parameter(ge=1, le=1000, description="At most this many.")] = 50,
 ) -> ModalJobList:
-    """List jobs."""
-    if jobs.shared is not None:
-        return await _shared_list(jobs.shared, status, limit)
-    jobs.store.expire()
-    found: list[dict[str, Any]] = []
-    for record in reversed(list(jobs.store)):
-        modal_status = MODAL_STATUS[record.status]
-        if status is not None and modal_status != status:
-            continue
-        progress = record.progress.view()["progress"] if record.progress is not None else 0.0
-        if record.status is JobStatus.COMPLETED:
-            progress = 100.0
-        found.append(
-            {
-                "job_id": record.id,
-                "status": modal_status,
-                "created_at": iso(record.created_ms),
-                "progress": progress,
-            }
-        )
-        if len(found) >= limit:
-            break
-    return ModalJobList(jobs=found)
-
-
-async def _shared_list(shared: SharedJobs, status: str | None, limit: int) -> ModalJobList:
-    """``GET /v1/jobs`` over the shared queue: every replica's jobs, newest first."""
+    """List jobs, newest first."""
     found: list[dict[str, Any]] = []
     cursor: int | None = None
     while len(found) < limit:
-        views, cursor = await shared.page(None, limit, cursor)
+        views, cursor = await jobs.page(None, limit, cursor)
         for view in views:
-            job_status = JobStatus(view["status"])
-            modal_status = MODAL_STATUS[job_status]
+            modal_status = MODAL_STATUS[view.status]
             if status is not None and modal_status != status:
                 continue
-            progress = 100.0 if job_status is JobStatus.COMPLETED else view.get("progress") or 0.0
+            progress = 100.0 if view.status is JobStatus.COMPLETED else view.progress or 0.0
             found.append(
                 {
-                    "job_id": view["id"],
+                    "job_id": view.id,
                     "status": modal_status,
-                    "created_at": view.get("created_at"),
+                    "created_at": view.created_at,
                     "progress": progress,
                 }
             )

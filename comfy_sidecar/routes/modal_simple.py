@@ -6,8 +6,7 @@ Copies its README: ``POST /submit_workflow {workflow}`` answers 202 ``{id, statu
 running, 200 ``{id, status: "COMPLETED", output: {images: [{filename, type: "base64", data}]}}``
 (every output file, not only images) or 200 ``{id, status: "FAILED", error}``. Errors keep our
 ``{error, location}`` body with the README's statuses (400 ``Invalid call_id format``, 404 for an
-unknown id) and add its ``detail`` key. With JOB_QUEUE_URL the job goes through the shared
-queue and any replica answers ``/status``.
+unknown id) and add its ``detail`` key. With JOB_QUEUE_URL any replica answers ``/status``.
 """
 
 from __future__ import annotations
@@ -22,21 +21,12 @@ from litestar.params import Parameter
 from msgspec import Meta
 
 from comfy_sidecar.errors import InputError, NotFound
-from comfy_sidecar.jobs.runner import JobService
-from comfy_sidecar.jobs.shared import SharedJobs
-from comfy_sidecar.jobs.store import JobStatus, UnknownJob
-from comfy_sidecar.routes.adapters import (
-    error_message,
-    message_of,
-    new_job_id,
-    outputs_with_data,
-    prompt_request,
-    submit,
-    submit_shared,
-)
-from comfy_sidecar.routes.jobs import shared_with_data
+from comfy_sidecar.jobs.backend import JobBackend
+from comfy_sidecar.jobs.model import JobStatus
+from comfy_sidecar.routes.adapters import new_job_id, outputs_with_data, prompt_request, submit
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
 from comfy_sidecar.schemas import ErrorResponse
+from comfy_sidecar.webhooks.adapters import message_of
 
 _CALL_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
@@ -104,17 +94,14 @@ class DetailedError(ErrorResponse, kw_only=True, omit_defaults=True):
     description="`{workflow}`: an API-format workflow with at least one output node. Checked "
     "before the answer (a bad workflow is a 400).",
 )
-async def submit_workflow(data: SubmitWorkflow, jobs: JobService) -> Response[Running]:
+async def submit_workflow(data: SubmitWorkflow, jobs: JobBackend) -> Response[Running]:
     """Submit a workflow."""
     try:
         request = prompt_request(data.workflow, new_job_id(), "workflow")
     except InputError as exc:
         raise InputError(exc.message, exc.location, detail=exc.message) from None
-    if jobs.shared is not None:  # queue mode: any replica runs it
-        view = await submit_shared(jobs.shared, request, "modal_simple", "workflow")
-        return Response(Running(id=view["id"], call_id=view["id"]), status_code=202)
-    record = await submit(jobs, request, "modal_simple", "workflow")
-    return Response(Running(id=record.id, call_id=record.id), status_code=202)
+    view = await submit(jobs, request, "modal_simple", "workflow")
+    return Response(Running(id=view.id, call_id=view.id), status_code=202)
 
 
 @get(
@@ -131,55 +118,28 @@ async def submit_workflow(data: SubmitWorkflow, jobs: JobService) -> Response[Ru
     "`output.images` (every output file as base64) or 200 `FAILED` with `error`.",
 )
 async def workflow_status(
-    jobs: JobService,
+    jobs: JobBackend,
     call_id: Annotated[str | None, Parameter(description="The id `/submit_workflow` gave.")] = None,
 ) -> Response[Any]:
     """Poll a workflow."""
     if call_id is None or not _CALL_ID.match(call_id):
         raise InputError("Invalid call_id format", "call_id", detail="Invalid call_id format")
-    if jobs.shared is not None:
-        return await shared_status(jobs.shared, call_id)
-    try:
-        record = jobs.store.get(call_id)
-    except UnknownJob:
-        message = f"Call ID not found or invalid: {call_id}"
-        raise NotFound(message, location="call_id", detail=message) from None
-    if not record.status.terminal:
-        return Response(Running(id=record.id, call_id=record.id), status_code=202)
-    if record.status is JobStatus.COMPLETED:
-        images = [
-            Base64Image(filename=o["filename"], type="base64", data=o.get("data") or "")
-            for o in await outputs_with_data(jobs, record)
-        ]
-        return Response(
-            Completed(id=record.id, status="COMPLETED", output=Output(images=images)),
-            status_code=200,
-        )
-    return Response(
-        Failed(id=record.id, status="FAILED", error=error_message(record) or "failed"),
-        status_code=200,
-    )
-
-
-async def shared_status(shared: SharedJobs, call_id: str) -> Response[Any]:
-    """``GET /status`` of a job in the shared queue (JOB_QUEUE_URL), from any replica."""
-    view = await shared.get(call_id)
+    view = await jobs.get(call_id)
     if view is None:
         message = f"Call ID not found or invalid: {call_id}"
         raise NotFound(message, location="call_id", detail=message)
-    status = JobStatus(view["status"])
-    if not status.terminal:
+    if not view.ended:
         return Response(Running(id=call_id, call_id=call_id), status_code=202)
-    if status is JobStatus.COMPLETED:
+    if view.status is JobStatus.COMPLETED:
         images = [
-            Base64Image(filename=output["filename"], type="base64", data=output.get("data", ""))
-            for output in (await shared_with_data(shared, call_id, view)).get("outputs") or []
+            Base64Image(filename=output["filename"], type="base64", data=output.get("data") or "")
+            for output in await outputs_with_data(jobs, view)
         ]
         return Response(
             Completed(id=call_id, status="COMPLETED", output=Output(images=images)),
             status_code=200,
         )
-    error = message_of(status, view.get("error")) or "failed"
+    error = message_of(view.status, view.error) or "failed"
     return Response(Failed(id=call_id, status="FAILED", error=error), status_code=200)
 
 

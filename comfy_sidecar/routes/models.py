@@ -16,12 +16,12 @@ import os
 import time
 import urllib.parse
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 from litestar import Response, get, post
-from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 from msgspec import Meta
 
@@ -35,7 +35,8 @@ from comfy_sidecar.errors import (
 from comfy_sidecar.schemas import DownloadAuth, ErrorResponse
 
 if TYPE_CHECKING:
-    from comfy_sidecar.service import Sidecar
+    from comfy_sidecar.comfy.client import ComfyClient
+    from comfy_sidecar.storage import Storage
 
 log = logging.getLogger("comfy_sidecar.routes.models")
 
@@ -112,13 +113,26 @@ ERRORS = {
 }
 
 
-class Downloads:
-    """Bounded record of ``POST /download`` jobs by cache key (one per URL at a time)."""
+class ModelDownloads:
+    """``POST /download``'s service: runs downloads into model folders (``storage``, under
+    ``model_dir``, as tasks owned by ``spawn``) and keeps a bounded record of them by cache key
+    (one per URL at a time). ``client()`` is the ComfyUI client that lists model folders."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        model_dir: str,
+        client: Callable[[], ComfyClient],
+        spawn: Callable[[Awaitable[Any]], asyncio.Task[Any]],
+    ) -> None:
+        self.storage = storage
+        self.model_dir = Path(model_dir)
+        self.client = client
+        self.spawn = spawn
         self.records: OrderedDict[str, DownloadResponse] = OrderedDict()
 
     def put(self, record: DownloadResponse) -> None:
+        """Keep ``record`` (dropping the oldest finished ones past :data:`MAX_RECORDS`)."""
         self.records[record.key] = record
         self.records.move_to_end(record.key)
         while len(self.records) > MAX_RECORDS:
@@ -128,13 +142,14 @@ class Downloads:
             )
             del self.records[oldest]
 
+    async def known_folders(self) -> list[str]:
+        """ComfyUI's model folders; :class:`Unavailable` when it does not answer."""
+        from comfy_sidecar.comfy.client import ComfyUnavailable
 
-def _downloads(state: State) -> Downloads:
-    found = state.get("downloads")
-    if not isinstance(found, Downloads):
-        found = Downloads()
-        state["downloads"] = found
-    return found
+        try:
+            return await self.client().model_folders()
+        except ComfyUnavailable as exc:
+            raise Unavailable(f"ComfyUI is not answering: {exc}") from None
 
 
 def _default_name(url: str) -> str:
@@ -157,25 +172,20 @@ def _final_name(name: str, cache_file: Path) -> str:
     return name + ext if ext and not name.endswith(ext) else name
 
 
-async def _known_folders(sidecar: Sidecar) -> list[str]:
-    from comfy_sidecar.comfy.client import ComfyUnavailable
-
-    try:
-        return await sidecar.client.model_folders()
-    except ComfyUnavailable as exc:
-        raise Unavailable(f"ComfyUI is not answering: {exc}") from None
-
-
 async def _run_download(
-    sidecar: Sidecar, record: DownloadResponse, auth: DownloadAuth | None, url: str, name: str
+    downloads: ModelDownloads,
+    record: DownloadResponse,
+    auth: DownloadAuth | None,
+    url: str,
+    name: str,
 ) -> tuple[DownloadResponse, Exception | None]:
     """Fetch ``url`` into the cache and link it as ``name`` (extension fixed) in the folder;
     updates ``record`` and returns it with the storage error that failed it, if any (a
     waiting caller then gets :func:`_failure`). Never raises."""
     from comfy_sidecar.storage import StorageError
 
-    storage = sidecar.storage
-    folder = Path(sidecar.settings.model_dir) / record.model_type
+    storage = downloads.storage
+    folder = downloads.model_dir / record.model_type
     started = time.monotonic()
     cause: Exception | None = None
     try:
@@ -225,16 +235,15 @@ def _failure(message: str, cause: Exception | None) -> SidecarError:
     "`wait: true` 200 `status: completed` with `size` (bytes) and `duration` (s). "
     "GET /download/{key} reports an async download.",
 )
-async def download(data: DownloadRequest, state: State) -> Response[DownloadResponse]:
+async def download(data: DownloadRequest, downloads: ModelDownloads) -> Response[DownloadResponse]:
     """Start (or join) a model download."""
     from comfy_sidecar.storage.cache import cache_key
     from comfy_sidecar.urls import is_url, scrub_url
 
-    sidecar: Sidecar = state.sidecar
     if not is_url(data.url):
         raise InputError("url: not a URL (http://, https:// or s3://)", "url")
     try:
-        await sidecar.storage.check_url(data.url, data.auth)  # the SSRF guard
+        await downloads.storage.check_url(data.url, data.auth)  # the SSRF guard
     except Exception as exc:
         raise InputError(f"url: {exc}", "url") from None
     if data.filename is not None:
@@ -245,14 +254,13 @@ async def download(data: DownloadRequest, state: State) -> Response[DownloadResp
         if not name or name in (".", ".."):
             name = cache_key(data.url)
         _check_filename(name, "url")
-    folders = await _known_folders(sidecar)
+    folders = await downloads.known_folders()
     if data.model_type not in folders:
         raise InputError(
             f"model_type: ComfyUI has no model folder {data.model_type!r} "
             f"(it has: {', '.join(sorted(folders)) or 'none'})",
             "model_type",
         )
-    downloads = _downloads(state)
     key = cache_key(data.url)
     record = DownloadResponse(
         url=scrub_url(data.url),
@@ -262,7 +270,7 @@ async def download(data: DownloadRequest, state: State) -> Response[DownloadResp
         key=key,
     )
     downloads.put(record)
-    task = sidecar.spawn(_run_download(sidecar, record, data.auth, data.url, name))
+    task = downloads.spawn(_run_download(downloads, record, data.auth, data.url, name))
     if not data.wait:
         return Response(record, status_code=202)
     done, cause = await asyncio.shield(task)
@@ -280,14 +288,13 @@ async def download(data: DownloadRequest, state: State) -> Response[DownloadResp
     description="`status` `started` (with `bytes_done`), `completed` (with `size`, `duration`) "
     "or `failed` (with `error`) for the download whose `key` POST /download returned.",
 )
-def download_status(key: str, state: State) -> DownloadResponse:
+def download_status(key: str, downloads: ModelDownloads) -> DownloadResponse:
     """Report one download."""
-    sidecar: Sidecar = state.sidecar
-    record = _downloads(state).records.get(key)
+    record = downloads.records.get(key)
     if record is None:
         raise NotFound(f"no download with key {key!r}", location="key")
     if record.status == "started":
-        done = sidecar.storage.cache.progress_by_key(key) or 0
+        done = downloads.storage.cache.progress_by_key(key) or 0
         return msgspec.structs.replace(record, bytes_done=done)
     return record
 
@@ -300,14 +307,14 @@ def download_status(key: str, state: State) -> DownloadResponse:
     description="`{folder: [file, ...]}`, asked of ComfyUI on every call (`GET /models`, then "
     "`GET /models/{folder}` for each, concurrently).",
 )
-async def models(state: State) -> ModelsResponse:
+async def models(downloads: ModelDownloads) -> ModelsResponse:
     """List model folders and files, live."""
     from comfy_sidecar.comfy.client import ComfyUnavailable
 
-    sidecar: Sidecar = state.sidecar
-    folders = await _known_folders(sidecar)
+    folders = await downloads.known_folders()
+    client = downloads.client()
     try:
-        listed = await asyncio.gather(*(sidecar.client.models_in(f) for f in folders))
+        listed = await asyncio.gather(*(client.models_in(f) for f in folders))
     except ComfyUnavailable as exc:
         raise Unavailable(f"ComfyUI is not answering: {exc}") from None
     pairs = zip(folders, listed, strict=True)

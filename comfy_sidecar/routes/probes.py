@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from litestar import Response, get
-from litestar.datastructures import State
 
+from comfy_sidecar.jobs.backend import JobBackend
+from comfy_sidecar.runtime.health import Health
 from comfy_sidecar.schemas import InstanceStatus, ProbeResponse
 
-if TYPE_CHECKING:
-    from comfy_sidecar.service import Sidecar
 
-
-def _probe(sidecar: Sidecar, ok: bool, detail: str, good: str, bad: str) -> Response[ProbeResponse]:
+def _probe(health: Health, ok: bool, detail: str, good: str, bad: str) -> Response[ProbeResponse]:
     body = ProbeResponse(
-        version=sidecar.version,
+        version=health.version,
         status=good if ok else bad,
-        phase=sidecar.phase.value,
+        phase=health.phase.value,
         detail=detail,
-        queue={"waiting": sidecar.dispatcher.waiting, "running": sidecar.dispatcher.running},
-        instances=[InstanceStatus(**status) for status in sidecar.instance_status()],
+        queue={"waiting": health.dispatcher.waiting, "running": health.dispatcher.running},
+        instances=[InstanceStatus(**status) for status in health.instance_status()],
     )
     headers = {} if ok else {"retry-after": "1"}
     return Response(body, status_code=200 if ok else 503, headers=headers)
@@ -34,11 +30,10 @@ def _probe(sidecar: Sidecar, ok: bool, detail: str, good: str, bad: str) -> Resp
     description="200 from the first time the sidecar was ready (warmup done) for as long as "
     "it runs, even while ComfyUI restarts; 503 before.",
 )
-def health(state: State) -> Response[ProbeResponse]:
+def health(probes: Health) -> Response[ProbeResponse]:
     """Liveness probe."""
-    sidecar = state.sidecar
-    ok, detail = sidecar.health()
-    return _probe(sidecar, ok, detail, "healthy", "not healthy")
+    ok, detail = probes.health()
+    return _probe(probes, ok, detail, "healthy", "not healthy")
 
 
 @get(
@@ -49,8 +44,7 @@ def health(state: State) -> Response[ProbeResponse]:
     description="200 only while ComfyUI is up, the websocket connected, the warmup done and "
     "ComfyUI's queue below MAX_QUEUE_DEPTH (when set); else 503 with the reason.",
 )
-def ready(state: State) -> Response[ProbeResponse]:
+def ready(probes: Health, jobs: JobBackend) -> Response[ProbeResponse]:
     """Readiness probe."""
-    sidecar = state.sidecar
-    ok, detail = sidecar.readiness()
-    return _probe(sidecar, ok, detail, "ready", "not ready")
+    ok, detail = probes.readiness(jobs.problem)
+    return _probe(probes, ok, detail, "ready", "not ready")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, get_args
+from typing import Annotated, Any, get_args
 
 from litestar import Response, post
-from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
 from litestar.params import Body
 from litestar.response import Stream
 
+from comfy_sidecar.jobs.lifecycle import JobLifecycle
 from comfy_sidecar.pipeline.deliver import Accepted, Answered, Delivered
 from comfy_sidecar.schemas import (
     AcceptedResponse,
@@ -21,9 +21,6 @@ from comfy_sidecar.schemas import (
     PromptRequest,
     PromptResponse,
 )
-
-if TYPE_CHECKING:
-    from comfy_sidecar.service import Sidecar
 
 ERROR_RESPONSES = {
     400: ResponseSpec(
@@ -67,11 +64,6 @@ PROMPT_EXAMPLE = Example(
 )
 
 
-def admit(sidecar: Sidecar) -> None:
-    """Raise unless the sidecar takes work now (see :meth:`Sidecar.admit`)."""
-    sidecar.admit()
-
-
 def respond(delivered: Delivered) -> Response[Any]:
     """The HTTP answer for what the delivery decided: 202 :class:`AcceptedResponse`, 200
     :class:`PromptResponse`, or 200 with the same JSON streamed."""
@@ -94,12 +86,10 @@ def respond(delivered: Delivered) -> Response[Any]:
     "once and delivers the result later.",
 )
 async def prompt(
-    data: Annotated[PromptRequest, Body(examples=[PROMPT_EXAMPLE])], state: State
+    data: Annotated[PromptRequest, Body(examples=[PROMPT_EXAMPLE])], lifecycle: JobLifecycle
 ) -> Response[Any]:
     """Run a prompt."""
-    sidecar: Sidecar = state.sidecar
-    admit(sidecar)
-    return respond(await sidecar.delivery.handle(data))
+    return respond(await lifecycle.answer(data))
 
 
 @post(
@@ -118,7 +108,9 @@ async def prompt(
     "even if ComfyUI finished it meanwhile; 404 `failed` means no job with this id is in "
     "flight (unknown, or its result was already decided: its /prompt call answers that).",
 )
-async def interrupt(data: InterruptRequest, state: State) -> Response[InterruptResponse]:
+async def interrupt(
+    data: InterruptRequest, lifecycle: JobLifecycle
+) -> Response[InterruptResponse]:
     """Interrupt a job by its API id: 200 ``{"id", "interrupted": "success"}`` or 404
     ``{"id", "interrupted": "failed"}``.
 
@@ -128,8 +120,7 @@ async def interrupt(data: InterruptRequest, state: State) -> Response[InterruptR
     comfyui-api client reads it the same way; otherwise the job is marked interrupted before
     ComfyUI is told, and its caller gets 499.
     """
-    sidecar: Sidecar = state.sidecar
-    ok = await sidecar.pipeline.interrupt(data.id)
+    ok = await lifecycle.pipeline.interrupt(data.id)
     return Response(
         InterruptResponse(id=data.id, interrupted="success" if ok else "failed"),
         status_code=200 if ok else 404,

@@ -1,0 +1,289 @@
+"""The container: every service of one sidecar process, built once, in dependency order, with
+nothing completed by mutation afterwards.
+
+:func:`build` reads the settings and wires the parts: the webhook dispatcher, storage, the
+ComfyUI instances and their dispatcher, the pipeline, the job store, the job lifecycle, the job
+backend chosen once (in-process, or Redis with ``JOB_QUEUE_URL``), the health, the model
+downloads. Listeners subscribe to the instances' signals in their own constructors. The HTTP
+layer gets narrow services from it through Litestar's ``Provide``; the runtime lifecycle
+(:mod:`comfy_sidecar.runtime.lifecycle`) starts and stops them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from comfy_sidecar.comfy.client import ComfyClient
+from comfy_sidecar.config import ConfigError, Settings
+from comfy_sidecar.dispatch import Dispatcher
+from comfy_sidecar.instance import ComfyInstance, InstanceSignals
+from comfy_sidecar.jobs.backend import JobBackend
+from comfy_sidecar.jobs.lifecycle import JobLifecycle
+from comfy_sidecar.jobs.local import LocalBackend
+from comfy_sidecar.jobs.store import JobStore
+from comfy_sidecar.pipeline.deliver import storage_uploader
+from comfy_sidecar.pipeline.run import Pipeline
+from comfy_sidecar.pipeline.staging import FolderStaging, InlineStaging, Staging
+from comfy_sidecar.runtime.health import Health
+from comfy_sidecar.salad import DeletionCost
+from comfy_sidecar.storage import Storage
+from comfy_sidecar.webhooks import WebhookDispatcher
+from comfy_sidecar.webhooks.adapters import FORMATS
+
+__all__ = ["Container", "Tasks", "build", "detect_gpus", "plan_instances"]
+
+T = TypeVar("T")
+
+
+def detect_gpus() -> list[str]:
+    """The GPUs ``COMFYUI_GPUS=auto`` means: CUDA_VISIBLE_DEVICES when set, else one per line of
+    ``nvidia-smi -L``; empty when neither says anything."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible:
+        return [part.strip() for part in visible.split(",") if part.strip()]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        listing = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU ")]
+
+
+def plan_instances(settings: Settings) -> list[tuple[int, str | None]]:
+    """``(port, gpu)`` of each instance: COMFYUI_INSTANCES of them (default one per GPU, else
+    one) on COMFYUI_PORT_HOST + i, GPUs handed out in turn. Raises :class:`ConfigError` naming
+    CMD when more than one would run and CMD has no ``{port}``."""
+    gpus = detect_gpus() if settings.comfyui_gpus == ["auto"] else list(settings.comfyui_gpus)
+    count = settings.comfyui_instances or max(1, len(gpus))
+    if count > 1 and not any("{port}" in part for part in settings.cmd):
+        raise ConfigError(
+            f"CMD: must hold {{port}} when more than one ComfyUI instance runs ({count})"
+        )
+    return [
+        (settings.comfyui_port + i, gpus[i % len(gpus)] if gpus else None) for i in range(count)
+    ]
+
+
+class Tasks:
+    """The process's background tasks: each owned here, cancelled at shutdown."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Awaitable[T]) -> asyncio.Task[T]:
+        """Run ``coro`` as a task owned here (cancelled by :meth:`cancel_all`)."""
+        task: asyncio.Task[T] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def cancel_all(self) -> None:
+        """Cancel every task and wait for them to end."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+class ComfyAccess:
+    """What the HTTP layer asks of ComfyUI outside jobs (model folders, node info for workflow
+    endpoints): a ready instance's client, else the first instance's."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    def client(self) -> ComfyClient:
+        """The client to ask."""
+        return self._pipeline.client()
+
+
+class Gauges:
+    """What ``/metrics`` reads of this sidecar at scrape time (a
+    :class:`~comfy_sidecar.metrics.Scraped`)."""
+
+    def __init__(
+        self, instances: list[ComfyInstance], dispatcher: Dispatcher, storage: Storage
+    ) -> None:
+        from comfy_sidecar import __version__
+
+        self.version = __version__
+        self.instances = instances
+        self._dispatcher = dispatcher
+        self._storage = storage
+
+    @property
+    def jobs_waiting(self) -> int:
+        """Jobs waiting in the sidecar for an instance slot."""
+        return self._dispatcher.waiting
+
+    @property
+    def jobs_running(self) -> int:
+        """Jobs holding an instance slot."""
+        return self._dispatcher.running
+
+    def cache_bytes(self) -> int:
+        """Bytes of files in the download cache."""
+        return self._storage.cache.total_bytes()
+
+
+@dataclass(frozen=True)
+class Container:
+    """Every service of one sidecar process (see the module docstring)."""
+
+    settings: Settings
+    tasks: Tasks
+    webhooks: WebhookDispatcher
+    storage: Storage
+    deletion_cost: DeletionCost
+    signals: InstanceSignals
+    instances: list[ComfyInstance]
+    dispatcher: Dispatcher
+    pipeline: Pipeline
+    store: JobStore
+    lifecycle: JobLifecycle
+    jobs: JobBackend
+    #: Where files that come with a job request go (chosen with the backend).
+    staging: Staging
+    health: Health
+    comfy: ComfyAccess
+    gauges: Gauges
+    #: The typed workflow endpoints loaded from WORKFLOW_DIR.
+    workflows: list[Any] = field(default_factory=list)
+
+
+def build(settings: Settings, workflows: list[Any] | None = None) -> Container:
+    """Build every service for ``settings`` (inside the running event loop). Raises
+    :class:`ConfigError` when the instances cannot be planned (:func:`plan_instances`) or
+    JOB_OUTPUT_URL names no storage backend."""
+    tasks = Tasks()
+    webhooks = WebhookDispatcher(settings)
+    storage = Storage(settings, on_event=webhooks.storage_event)
+    deletion_cost = DeletionCost(settings)
+    signals = InstanceSignals()
+    plan = plan_instances(settings)
+    instances = [
+        ComfyInstance(
+            index,
+            settings,
+            port=port,
+            gpu=gpu,
+            label=str(index) if len(plan) > 1 else "",
+            signals=signals,
+        )
+        for index, (port, gpu) in enumerate(plan)
+    ]
+    dispatcher = Dispatcher(instances, settings.max_jobs_per_instance, signals)
+    pipeline = Pipeline(settings, instances, dispatcher, storage)
+    store = JobStore(settings.jobs_dir, settings.job_retention_s, settings.job_retention_max)
+    health = Health(settings, instances, dispatcher, signals)
+    lifecycle = JobLifecycle(
+        pipeline,
+        store,
+        webhooks,
+        storage_uploader(storage),
+        tasks.spawn,
+        admit=health.admit,
+        formats=FORMATS,
+    )
+    jobs = _backend(settings, lifecycle, dispatcher, pipeline, storage)
+    staging: Staging = (
+        FolderStaging(settings, storage) if settings.job_queue_url is None else InlineStaging()
+    )
+    _system_events(settings, signals, webhooks, deletion_cost, instances, dispatcher)
+    return Container(
+        settings=settings,
+        tasks=tasks,
+        webhooks=webhooks,
+        storage=storage,
+        deletion_cost=deletion_cost,
+        signals=signals,
+        instances=instances,
+        dispatcher=dispatcher,
+        pipeline=pipeline,
+        store=store,
+        lifecycle=lifecycle,
+        jobs=jobs,
+        staging=staging,
+        health=health,
+        comfy=ComfyAccess(pipeline),
+        gauges=Gauges(instances, dispatcher, storage),
+        workflows=list(workflows or []),
+    )
+
+
+def _backend(
+    settings: Settings,
+    lifecycle: JobLifecycle,
+    dispatcher: Dispatcher,
+    pipeline: Pipeline,
+    storage: Storage,
+) -> JobBackend:
+    """The job backend, chosen once: Redis with JOB_QUEUE_URL, else in-process."""
+    if settings.job_queue_url is None:
+        return LocalBackend(lifecycle)
+    from comfy_sidecar.jobs.redis_backend import RedisBackend, Slots
+    from comfy_sidecar.jobs.redis_store import RedisJobs
+
+    replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    redis_jobs = RedisJobs(
+        settings.job_queue_url,
+        replica,
+        retention_s=settings.job_retention_s,
+        lease_s=settings.job_lease_s,
+        max_attempts=settings.job_max_attempts,
+    )
+    spill_to: Callable[[str], Any] | None = None
+    if settings.job_output_url is not None:
+        base = settings.job_output_url.rstrip("/")
+        storage.upload_spec(base)  # a prefix no backend takes fails at start-up
+
+        def spill_to(job_id: str) -> Any:
+            return storage.upload_spec(f"{base}/{job_id}")
+
+    return RedisBackend(
+        redis_jobs,
+        lifecycle,
+        Slots(dispatcher),
+        pipeline.check,
+        inline_mb=settings.job_inline_output_mb,
+        spill_to=spill_to,
+    )
+
+
+def _system_events(
+    settings: Settings,
+    signals: InstanceSignals,
+    webhooks: WebhookDispatcher,
+    deletion_cost: DeletionCost,
+    instances: list[ComfyInstance],
+    dispatcher: Dispatcher,
+) -> None:
+    """ComfyUI's frames as system events (and the deletion cost from its queue); restarts and
+    recycling as ``sidecar.<name>`` system events when subscribed (SYSTEM_WEBHOOK_EVENTS
+    ``restart``, ``recycle``)."""
+
+    def frame(instance: ComfyInstance, data: dict[str, Any]) -> None:
+        webhooks.handle_comfy_frame(data, instance.registry.api_id_for)
+        if data.get("type") == "status":
+            queued = sum(i.events.queue_remaining for i in instances)
+            deletion_cost.set(queued + dispatcher.waiting)
+
+    def event(instance: ComfyInstance, name: str, data: dict[str, Any]) -> None:
+        if name in settings.system_webhook_events:
+            webhooks.emit_system(f"sidecar.{name}", data)
+
+    signals.on_frame(frame)
+    signals.on_event(event)

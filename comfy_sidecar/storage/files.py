@@ -1,0 +1,58 @@
+"""Moving files without reading them into memory: the one home of link-or-copy.
+
+Every place that puts a file somewhere else (the cache's entries and links, a job's inputs in
+INPUT_DIR, retained outputs under JOBS_DIR, webhook spool links) goes through here. A hard link
+is tried first (no bytes copied; ComfyUI >= 0.28 refuses symlinks that leave its input
+directory, so job inputs are never symlinks); across file systems the file is streamed by
+:func:`shutil.copyfile` (``sendfile`` on Linux), never read whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+from comfy_sidecar.storage.errors import is_disk_full
+
+__all__ = ["link_or_copy", "move", "temp_name"]
+
+
+def temp_name(dest: Path) -> Path:
+    """A hidden name beside ``dest`` for writing it atomically (``.<name>.<pid>-<ns>.tmp``);
+    31 bytes longer than ``dest``'s name at most."""
+    return dest.with_name(f".{dest.name}.{os.getpid()}-{time.monotonic_ns()}.tmp")
+
+
+def link_or_copy(src: Path, dest: Path, *, atomic: bool = False) -> None:
+    """Put ``src``'s bytes at ``dest``: a hard link, else a streamed copy. With ``atomic``
+    the link or copy is made under :func:`temp_name` and renamed over ``dest`` (replacing
+    what is there; a failed copy leaves nothing behind); without it ``dest`` must not exist.
+    Raises ``OSError`` (a full disk as ``ENOSPC``/``EDQUOT``, never swallowed)."""
+    target = temp_name(dest) if atomic else dest
+    try:
+        try:
+            os.link(src, target)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise
+            shutil.copyfile(src, target)
+        if atomic:
+            os.replace(target, dest)
+    except BaseException:
+        if atomic or target.exists():
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+        raise
+
+
+def move(src: Path, dest: Path) -> None:
+    """Move ``src`` to ``dest``: a rename, else (another file system) a streamed copy made
+    atomically then the source removed. Raises ``OSError``."""
+    try:
+        os.replace(src, dest)
+    except OSError:
+        link_or_copy(src, dest, atomic=True)
+        src.unlink(missing_ok=True)
