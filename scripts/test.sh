@@ -29,6 +29,11 @@ if ! { command -v haproxy || [ -x /usr/sbin/haproxy ]; } >/dev/null 2>&1 && [ "$
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null \
     || echo "haproxy could not be installed; the tests behind HAProxy will be skipped"
 fi
+# tinyproxy, the forward proxy of the SSRF guard's proxy tests (tests/core/test_netguard_proxy.py).
+if ! { command -v tinyproxy || [ -x /usr/bin/tinyproxy ]; } >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tinyproxy >/dev/null \
+    || echo "tinyproxy could not be installed; the tests behind a forward proxy will be skipped"
+fi
 export PATH="$PWD/$venv/bin:$PWD/node_modules/.bin:$PATH"
 echo "== ruff"; ruff check comfy_sidecar tests bench
 echo "== mypy"; mypy
