@@ -42,7 +42,6 @@ from comfy_sidecar.jobs.runner import JobService
 from comfy_sidecar.jobs.shared import SharedJobs
 from comfy_sidecar.jobs.store import JobRecord, JobStatus
 from comfy_sidecar.routes.adapters import (
-    check_http_url,
     estimated_wait_s,
     message_of,
     new_job_id,
@@ -148,9 +147,10 @@ def _s3_upload(block: S3Block) -> S3Upload:
     return S3Upload(bucket=block.bucket_name, prefix=block.prefix)
 
 
-def _request(data: GenerateRequest) -> Any:
-    """``data`` as a :class:`~comfy_sidecar.schemas.PromptRequest`; raises
-    :class:`InputError` naming the ``input.*`` field at fault."""
+async def _request(data: GenerateRequest, state: State) -> Any:
+    """``data`` as a :class:`~comfy_sidecar.schemas.PromptRequest`, its webhook URL checked as
+    ``/jobs``' ``webhook_v2`` is (the SSRF guard); raises :class:`InputError` naming the
+    ``input.*`` field at fault."""
     given = data.input
     if given.workflow_json is None:
         if given.modifier is not None or given.modifications is not None:
@@ -160,7 +160,7 @@ def _request(data: GenerateRequest) -> Any:
             )
         raise InputError("required: the ComfyUI workflow", "input.workflow_json")
     if given.webhook is not None:
-        check_http_url(given.webhook.url, "input.webhook.url")
+        await state.sidecar.storage.check_webhook(given.webhook.url, "input.webhook.url")
     options: dict[str, Any] = {}
     if given.s3 is not None:
         options["s3"] = _s3_upload(given.s3)
@@ -172,19 +172,19 @@ def _request(data: GenerateRequest) -> Any:
 async def _submit(data: GenerateRequest, jobs: JobService, state: State) -> JobRecord:
     """Translate and submit in-process; the webhook (when given) is sent when the job ends."""
     given = data.input
-    request = _request(data)
+    request = await _request(data, state)
     record = await submit(jobs, request, "aidock", "input.workflow_json", given.webhook)
     if given.webhook is not None:
         jobs.when_ended(record, _send_webhook(state, jobs, given.webhook))
     return record
 
 
-async def _submit_shared(data: GenerateRequest, jobs: JobService) -> dict[str, Any]:
+async def _submit_shared(data: GenerateRequest, jobs: JobService, state: State) -> dict[str, Any]:
     """Translate and append to the shared queue (JOB_QUEUE_URL); the webhook goes with the
     job and is sent by whichever replica ends it. Returns the job's ``GET /jobs/{id}`` body."""
     assert jobs.shared is not None
     given = data.input
-    request = _request(data)
+    request = await _request(data, state)
     after = None
     if given.webhook is not None:
         after = AfterEnd(
@@ -268,7 +268,7 @@ RESULT_RESPONSES = {
 async def generate(data: GenerateRequest, jobs: JobService, state: State) -> Response[Result]:
     """Submit a generation."""
     if jobs.shared is not None:  # queue mode: any replica runs it
-        return Response(result_from_view(await _submit_shared(data, jobs)), status_code=202)
+        return Response(result_from_view(await _submit_shared(data, jobs, state)), status_code=202)
     record = await _submit(data, jobs, state)
     return Response(result_of(jobs, record), status_code=202)
 
@@ -298,7 +298,7 @@ async def generate_sync(
 ) -> Response[Result]:
     """Run a generation and wait."""
     if jobs.shared is not None:
-        view = await _submit_shared(data, jobs)
+        view = await _submit_shared(data, jobs, state)
         final = await jobs.shared.wait(view["id"], wait_s) or view
         ended = JobStatus(final["status"]).terminal
         return Response(result_from_view(final), status_code=200 if ended else 202)
@@ -362,7 +362,7 @@ async def generate_stream(data: GenerateRequest, jobs: JobService, state: State)
     """Run a generation and stream its progress."""
     started = time.monotonic()
     if jobs.shared is not None:
-        return _shared_stream(jobs.shared, await _submit_shared(data, jobs), started)
+        return _shared_stream(jobs.shared, await _submit_shared(data, jobs, state), started)
     record = await _submit(data, jobs, state)
 
     async def messages() -> Any:

@@ -52,7 +52,6 @@ from comfy_sidecar.jobs.store import JobRecord, JobStatus, iso, now_ms
 from comfy_sidecar.pipeline.media import decode_base64, sniff_extension
 from comfy_sidecar.pipeline.preprocess import INPUTS_SUBDIR, media_fields, write_input
 from comfy_sidecar.routes.adapters import (
-    check_http_url,
     estimated_wait_s,
     message_of,
     new_job_id,
@@ -412,8 +411,8 @@ async def submit_modal_job(
     data: ModalJobRequest, jobs: JobService, state: State
 ) -> ModalJobAccepted:
     """Submit a job."""
-    if data.webhook_url is not None:
-        check_http_url(data.webhook_url, "webhook_url")
+    if data.webhook_url is not None:  # in both modes: the check /jobs' webhook_v2 gets
+        await state.sidecar.storage.check_webhook(data.webhook_url, "webhook_url")
     if jobs.shared is not None:  # queue mode: any replica runs it
         return await _submit_shared(data, jobs.shared)
     job_id = new_job_id()

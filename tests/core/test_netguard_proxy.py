@@ -1,7 +1,8 @@
 """The SSRF guard behind a forward proxy (a real tinyproxy, ``HTTP_PROXY``/``HTTPS_PROXY`` set,
 ``NO_PROXY`` empty) through a running sidecar (the double): every caller URL and every redirect
-hop is checked before the proxy is asked for it, and a name the sidecar cannot resolve goes
-through the proxy only when ``ALLOWED_URL_HOSTS`` names it.
+hop is checked before the proxy is asked for it, a name the sidecar cannot resolve goes through
+the proxy only when ``ALLOWED_URL_HOSTS`` names it, and the job adapters' webhook URLs get the
+same check as ``/jobs``' ``webhook_v2`` (400 at the field).
 
 The allowed "public" servers listen on 127.0.0.2 (allowed by CIDR); a recording server on
 127.0.0.1 stands in for the metadata service at 169.254.169.254 (refused: loopback)."""
@@ -15,7 +16,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.conftest import Sidecar, png_bytes, running_sidecar
+from tests.conftest import Sidecar, basic_prompt, png_bytes, running_sidecar
 from tests.forward_proxy import ForwardProxy, forward_proxy
 from tests.receiver import Receiver
 from tests.storage.slow_server import SlowServer
@@ -38,6 +39,14 @@ def files() -> Iterator[SlowServer]:
 def metadata() -> Iterator[Receiver]:
     """The metadata service's stand-in: records whatever reaches it."""
     server = Receiver()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def hook() -> Iterator[Receiver]:
+    """An allowed webhook receiver."""
+    server = Receiver(host="127.0.0.2")
     yield server
     server.stop()
 
@@ -136,3 +145,48 @@ def test_request_urls_the_sidecar_cannot_resolve_are_refused_at_submission(
         body[field] = url
     assert_refused(sidecar.post("/prompt", json=body), field)
     assert forward_proxy.asked_for(url.split("/")[2]) == []
+
+
+REFUSED_HOOKS = [
+    "http://169.254.169.254/latest/meta-data/",
+    "http://127.0.0.1:{port}/hook",
+    "http://localhost:{port}/hook",
+    "http://hooks.invalid/hook",
+]
+
+
+def modal_job(url: str) -> tuple[str, dict[str, Any], str]:
+    return "/v1/jobs", {"workflow": basic_prompt(1), "webhook_url": url}, "webhook_url"
+
+
+def aidock_job(url: str) -> tuple[str, dict[str, Any], str]:
+    body = {"input": {"workflow_json": basic_prompt(1), "webhook": {"url": url}}}
+    return "/generate", body, "input.webhook.url"
+
+
+@pytest.mark.parametrize("hook_url", REFUSED_HOOKS)
+@pytest.mark.parametrize("adapter", [modal_job, aidock_job])
+def test_adapter_webhooks_to_refused_urls_are_a_400_at_the_field(
+    sidecar: Sidecar,
+    metadata: Receiver,
+    forward_proxy: ForwardProxy,
+    adapter: Any,
+    hook_url: str,
+) -> None:
+    path, body, location = adapter(hook_url.format(port=metadata.server.server_address[1]))
+    before = sidecar.get("/jobs", params={"limit": 1000}).json()["jobs"]
+    assert_refused(sidecar.post(path, json=body), location)
+    assert sidecar.get("/jobs", params={"limit": 1000}).json()["jobs"] == before
+    assert metadata.snapshot() == []
+    assert [method for method, _ in forward_proxy.requests() if method == "POST"] == []
+
+
+def test_an_allowed_adapter_webhook_is_posted_through_the_proxy(
+    sidecar: Sidecar, hook: Receiver, forward_proxy: ForwardProxy
+) -> None:
+    path, body, _ = modal_job(hook.url + "/modal")
+    accepted = sidecar.post(path, json=body)
+    assert accepted.status_code == 200, accepted.text
+    [delivered] = hook.wait_for(1, timeout=60)
+    assert delivered.json()["job_id"] == accepted.json()["job_id"]
+    assert forward_proxy.asked_for(hook.url + "/modal") == [("POST", hook.url + "/modal")]

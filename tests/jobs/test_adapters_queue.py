@@ -16,13 +16,15 @@ from typing import Any
 import httpx
 
 from tests.conftest import Sidecar, basic_prompt, png_bytes, slow_prompt
+from tests.core.test_netguard_proxy import REFUSED_HOOKS, aidock_job, modal_job
+from tests.forward_proxy import ForwardProxy, forward_proxy
 from tests.jobs.test_modal_jobs import image_workflow
 from tests.jobs.test_redis_queue import executions, job, replicas, runs_on
 from tests.receiver import Receiver
 from tests.redis_server import RedisServer, redis_server
 from tests.waiting import wait_for
 
-__all__ = ["redis_server"]  # the fixture, used by name
+__all__ = ["forward_proxy", "redis_server"]  # the fixtures, used by name
 
 
 def delete(sidecar: Sidecar, path: str) -> httpx.Response:
@@ -331,3 +333,34 @@ def test_modal_jobs_media_must_feed_a_media_input_in_queue_mode(
         assert answer.status_code in (400, 502), answer.text
         assert answer.json()["location"] == location, answer.json()
     assert a.get("/v1/jobs").json()["jobs"] == [], "nothing was queued"
+
+
+def test_adapter_webhooks_to_refused_urls_are_a_400_at_the_field_in_queue_mode(
+    redis_server: RedisServer,
+    spawn: Callable[..., Sidecar],
+    tmp_path: Path,
+    forward_proxy: ForwardProxy,
+    receiver: Callable[..., Receiver],
+) -> None:
+    """The same check as in-process (tests/core/test_netguard_proxy.py), behind a real proxy:
+    nothing is appended to the queue, nothing reaches the proxy."""
+    metadata = receiver()  # 127.0.0.1: stands in for the metadata service
+    [a] = replicas(
+        spawn,
+        tmp_path,
+        redis_server.url,
+        count=1,
+        ALLOWED_URL_HOSTS="127.0.0.2/32",
+        **forward_proxy.env(),
+    )
+    port = metadata.server.server_address[1]
+    for hook_url in REFUSED_HOOKS:
+        for adapter in (modal_job, aidock_job):
+            path, body, location = adapter(hook_url.format(port=port))
+            answer = a.post(path, json=body)
+            assert answer.status_code == 400, (hook_url, answer.text)
+            assert answer.json()["location"] == location
+            assert "refused" in answer.json()["error"]
+    assert a.get("/jobs", params={"limit": 1000}).json()["jobs"] == []
+    assert metadata.snapshot() == []
+    assert [r for r in forward_proxy.requests() if r[0] == "POST"] == []
