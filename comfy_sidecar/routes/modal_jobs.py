@@ -361,18 +361,16 @@ async def prepare_workflow(
                 origins[f"workflow.{node_id}.inputs.{key}"] = f"media.{index}"
     for index, (override, inputs) in enumerate(zip(data.inputs, targets, strict=True)):
         node, field, value = str(override.node), override.field, override.value
-        target = f"workflow.{node}.inputs.{field}"
+        target, where = f"workflow.{node}.inputs.{field}", f"inputs.{index}.value"
         inputs[field] = value
         origins.pop(target, None)
         if override.type == "raw":
             if isinstance(value, str) and value in fed:
                 media, inlined = fed[value]
-                where = f"inputs.{index}.value"
                 sink.check_feeds(workflow, node, field, where, "a media item")
                 inputs[field] = inlined
                 origins[target] = f"media.{media}"
             continue
-        where = f"inputs.{index}.value"
         if not isinstance(value, str):
             raise InputError("expected a string", where)
         inputs[field] = await sink.image(index, override, value)
