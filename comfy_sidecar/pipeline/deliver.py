@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from comfy_sidecar.errors import Overloaded, SidecarError, UpstreamFailed
+from comfy_sidecar.errors import Interrupted, Overloaded, SidecarError, UpstreamFailed
 from comfy_sidecar.jobs.runner import JobTracker, error_body, open_job
 from comfy_sidecar.jobs.store import JobRecord, JobStore
 from comfy_sidecar.pipeline.bounded import gather_bounded
@@ -209,10 +209,17 @@ class Delivery:
         return link, functools.partial(link.unlink, missing_ok=True)
 
     async def _open(
-        self, request: PromptRequest, endpoint: str, fingerprint: bytes = b""
+        self,
+        request: PromptRequest,
+        endpoint: str,
+        fingerprint: bytes = b"",
+        *,
+        keep_interrupted: bool = True,
     ) -> tuple[JobTracker, PendingJob | None, PromptRequest]:
         """The job's record and, when it is new, the preprocessed pipeline job (None for a
-        resubmission of a retained job). A request refused here leaves no record."""
+        resubmission of a retained job). A request refused here leaves no record; one
+        interrupted while its inputs downloaded (``POST /interrupt``, a cancel: the job was
+        seen, by id) ends ``cancelled`` and is kept, unless ``keep_interrupted`` is False."""
         if request.id is None:
             request = msgspec.structs.replace(request, id=str(uuid.uuid4()))
         assert request.id is not None
@@ -221,6 +228,12 @@ class Delivery:
             return tracker, None, request
         try:
             pending = await self.pipeline.prepare(request)
+        except Interrupted as exc:
+            if keep_interrupted:
+                tracker.failed(exc)
+            else:
+                tracker.forget()
+            raise
         except BaseException:
             tracker.forget()
             raise
@@ -278,7 +291,8 @@ class Delivery:
         request that names none (its outputs are uploaded before the gate, so a failed upload
         is the job's failure). Raises what :meth:`Pipeline.prepare` raises (nothing is kept
         then)."""
-        tracker, pending, request = await self._open(request, endpoint)
+        # Interrupted while it downloads: this replica's record goes (the worker reports).
+        tracker, pending, request = await self._open(request, endpoint, keep_interrupted=False)
         assert pending is not None
         bind(tracker.record)
         echoed = Echoed(**echo(request), input=None)

@@ -10,10 +10,13 @@ Webhooks ``job.completed`` and ``job.failed`` (``{event, job_id, timestamp[, err
 outputs) go to ``webhook_url`` through the webhook dispatcher when the job ends.
 
 Unlike Modal, each job's ``media`` (and ``image_base64``/``image_url`` overrides) are written
-into a folder of their own, ``INPUT_DIR/.comfy-sidecar/<job id>-media/``, and the workflow's
-inputs naming a media item are pointed there, so two jobs sending ``input.png`` never overwrite
-each other; the folder is removed when the job ends (or at once when the request is refused,
-or at the next start after a crash).
+into a folder of their own, ``INPUT_DIR/.comfy-sidecar/<job id>-media/``, and the inputs naming
+a media item -- the workflow's own values and the values ``raw`` overrides set, since the guide
+says a media ``name`` "becomes the filename seen by LoadImage nodes" -- are pointed there, so
+two jobs sending ``input.png`` never overwrite each other; the folder is removed when the job
+ends (or at once when the request is refused, or at the next start after a crash). Both modes
+share one preparation, :func:`prepare_workflow`, with a :class:`MediaSink` for where the media
+go.
 
 With JOB_QUEUE_URL every route goes through the shared queue: any replica runs the job and
 answers for it, the webhook is sent once by whichever replica ends the job (see
@@ -23,7 +26,8 @@ becomes the value of the workflow inputs that name it, a ``data:`` URL (its MIME
 item's name) or its URL, which the claiming replica's preprocessing writes or downloads into
 ``INPUT_DIR/.comfy-sidecar/`` as for ``/prompt``. So in queue mode a media item may only feed
 media inputs (``image`` of any node, ``video``/``file`` of the video loaders, ``audio`` of the
-audio loaders): naming it in another input is a 400 at ``media.N.name``; an override of type
+audio loaders): naming it in another input is a 400 at ``media.N.name`` (at
+``inputs.N.value`` when a ``raw`` override sets that input to its name); an override of type
 ``image_*`` must set such an input (400 at ``inputs.N.field``); an item given by ``url`` is
 not held to the 50 MB limit; ``estimated_time`` is null.
 """
@@ -35,7 +39,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import msgspec
 from litestar import delete, get, post
@@ -156,8 +160,9 @@ class ModalJobList(msgspec.Struct, kw_only=True):
 
 
 class MediaFolder:
-    """One job's ``INPUT_DIR/.comfy-sidecar/<job id>-media/`` folder: media items and image
-    overrides."""
+    """In-process mode's :class:`MediaSink`: one job's ``INPUT_DIR/.comfy-sidecar/<job
+    id>-media/`` folder, holding its media items and image overrides; a value fed from it
+    is the file's name relative to INPUT_DIR, which any input may take."""
 
     def __init__(self, sidecar: Sidecar, job_id: str) -> None:
         self.input_dir = Path(sidecar.settings.input_dir)
@@ -190,10 +195,9 @@ class MediaFolder:
             raise InputError(f"larger than {MAX_MEDIA_BYTES} bytes", location)
         return staged
 
-    async def add_media(self, index: int, item: MediaItem) -> str:
+    async def media(self, index: int, item: MediaItem, name: str) -> str:
         """Write media item ``index`` as ``<folder>/<name>``; returns that name."""
         where = f"media.{index}"
-        name = check_media_item(index, item)
         if item.url is not None:
             staged = await self._download(item.url, f"{where}.url")
             os.replace(self.input_dir / staged, self.path / name)
@@ -201,18 +205,21 @@ class MediaFolder:
         assert item.data is not None
         return self._write(name, _decode(item.data, f"{where}.data"), f"{where}.data")
 
-    async def add_image(self, index: int, override: InputOverride) -> str:
+    async def image(self, index: int, override: InputOverride, value: str) -> str:
         """The image of an ``image_base64``/``image_url`` override, in the folder; its name."""
         where = f"inputs.{index}.value"
-        if not isinstance(override.value, str):
-            raise InputError("expected a string", where)
         if override.type == "image_url":
-            return await self._download(override.value, where)
-        data = _decode(override.value, where)
+            return await self._download(value, where)
+        data = _decode(value, where)
         ext = sniff_extension(data[:64])
         if ext is None:
             raise InputError("decoded the base64 but it is not an image", where)
         return self._write(f"input-{index}.{ext}", data, where)
+
+    def check_feeds(
+        self, workflow: dict[str, Any], node: str, field: str, location: str, what: str
+    ) -> None:
+        """Any input may take a file name: nothing to refuse."""
 
     def remove(self) -> None:
         """Delete the folder and end the download lease (idempotent)."""
@@ -220,6 +227,65 @@ class MediaFolder:
         if self._lease is not None:
             self._lease.release()
             self._lease = None
+
+
+class InlineMedia:
+    """Queue mode's :class:`MediaSink`: nothing is written on the receiving replica; a value
+    fed from a media item or an image override is a ``data:`` URL (its MIME type from the
+    item's name) or the item's URL, which the claiming replica's preprocessing writes or
+    downloads as for ``/prompt`` -- so only a media input (:func:`media_fields`) may take it."""
+
+    async def media(self, index: int, item: MediaItem, name: str) -> str:
+        """Media item ``index`` as a value: its URL, or its ``data`` as a ``data:`` URL."""
+        if item.url is not None:
+            return item.url
+        assert item.data is not None
+        return _data_url(name, _decode(item.data, f"media.{index}.data"))
+
+    async def image(self, index: int, override: InputOverride, value: str) -> str:
+        """An ``image_base64`` override's image as a ``data:`` URL; an ``image_url``'s URL."""
+        where = f"inputs.{index}.value"
+        if override.type == "image_url":
+            return value
+        raw = _decode(value, where)
+        ext = sniff_extension(raw[:64])
+        if ext is None:
+            raise InputError("decoded the base64 but it is not an image", where)
+        return _data_url(f"input.{ext}", raw)
+
+    def check_feeds(
+        self, workflow: dict[str, Any], node: str, field: str, location: str, what: str
+    ) -> None:
+        """:class:`InputError` at ``location`` unless ``workflow[node].inputs[field]`` (set
+        already) is a media input, the only kind preprocessing resolves a URL in."""
+        entry = workflow[node]
+        if field not in media_fields(str(entry.get("class_type", "")), entry["inputs"]):
+            raise InputError(
+                f"with JOB_QUEUE_URL {what} can only feed a media input (image; video or file "
+                "of a video loader; audio of an audio loader)",
+                location,
+            )
+
+
+class MediaSink(Protocol):
+    """Where one job's ``media`` items and ``image_*`` overrides go, and what the workflow's
+    inputs get instead: :class:`MediaFolder` (in-process) or :class:`InlineMedia` (queue
+    mode). Each method raises :class:`InputError` naming ``media.N.*`` or ``inputs.N.*``."""
+
+    async def media(self, index: int, item: MediaItem, name: str) -> str:
+        """The value of the inputs naming media item ``index`` (called ``name``)."""
+        ...
+
+    async def image(self, index: int, override: InputOverride, value: str) -> str:
+        """The value an ``image_base64`` / ``image_url`` override ``index`` sets."""
+        ...
+
+    def check_feeds(
+        self, workflow: dict[str, Any], node: str, field: str, location: str, what: str
+    ) -> None:
+        """Refuse (at ``location``) a value from a media item or an image override (``what``)
+        in ``workflow[node].inputs[field]``, when this sink's values cannot feed it."""
+        ...
 
 
 def check_media_item(index: int, item: MediaItem) -> str:
@@ -258,36 +324,60 @@ def _node_inputs(workflow: dict[str, Any], node: str, location: str) -> dict[str
 
 
 async def prepare_workflow(
-    data: ModalJobRequest, folder: MediaFolder
-) -> tuple[dict[str, Any], list[str]]:
-    """The workflow with its media and overrides applied, and the names the media got.
-    Raises :class:`InputError` naming ``inputs.N.*`` or ``media.N.*``."""
+    data: ModalJobRequest, sink: MediaSink
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The workflow with its media and overrides applied, and where each value fed from a
+    media item or an image override came from (``workflow.<node>.inputs.<field>`` ->
+    ``media.N`` or ``inputs.N.value``).
+
+    Every input equal to a media item's ``name`` -- in the workflow or set by a ``raw``
+    override, as the guide's "becomes the filename seen by LoadImage nodes" allows -- gets
+    the sink's value for that item; the overrides apply in order, after the workflow's own
+    values were mapped. Raises :class:`InputError` naming ``workflow``, ``inputs.N.*`` or
+    ``media.N.*``."""
     workflow = msgspec.json.decode(msgspec.json.encode(data.workflow))  # a copy
     if not isinstance(workflow, dict) or not workflow:
         raise InputError("Invalid workflow format: must be a non-empty JSON object", "workflow")
     targets = [
         _node_inputs(workflow, str(o.node), f"inputs.{i}.node") for i, o in enumerate(data.inputs)
     ]
-    seen: set[str] = set()
-    renamed: dict[str, str] = {}
+    fed: dict[str, tuple[int, str]] = {}  # media name -> (its index, the value it becomes)
     for index, item in enumerate(data.media):
-        if item.name in seen:
+        name = check_media_item(index, item)
+        if name in fed:
             raise InputError("a media item with this name came earlier", f"media.{index}.name")
-        seen.add(item.name)
-        renamed[item.name] = await folder.add_media(index, item)
-    if renamed:
-        for node in workflow.values():
-            inputs = node.get("inputs") if isinstance(node, dict) else None
-            if isinstance(inputs, dict):
-                for key, value in inputs.items():
-                    if isinstance(value, str) and value in renamed:
-                        inputs[key] = renamed[value]
+        fed[name] = (index, await sink.media(index, item, name))
+    origins: dict[str, str] = {}
+    for node_id, node in workflow.items():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if not isinstance(inputs, dict):
+            continue
+        for key, value in list(inputs.items()):
+            if isinstance(value, str) and value in fed:
+                index, inlined = fed[value]
+                sink.check_feeds(workflow, node_id, key, f"media.{index}.name", "a media item")
+                inputs[key] = inlined
+                origins[f"workflow.{node_id}.inputs.{key}"] = f"media.{index}"
     for index, (override, inputs) in enumerate(zip(data.inputs, targets, strict=True)):
+        node, field, value = str(override.node), override.field, override.value
+        target, where = f"workflow.{node}.inputs.{field}", f"inputs.{index}.value"
+        inputs[field] = value
+        origins.pop(target, None)
         if override.type == "raw":
-            inputs[override.field] = override.value
-        else:
-            inputs[override.field] = await folder.add_image(index, override)
-    return workflow, list(renamed.values())
+            if isinstance(value, str) and value in fed:
+                media, inlined = fed[value]
+                sink.check_feeds(workflow, node, field, where, "a media item")
+                inputs[field] = inlined
+                origins[target] = f"media.{media}"
+            continue
+        if not isinstance(value, str):
+            raise InputError("expected a string", where)
+        inputs[field] = await sink.image(index, override, value)
+        sink.check_feeds(
+            workflow, node, field, f"inputs.{index}.field", f"an {override.type} input"
+        )
+        origins[target] = where
+    return workflow, origins
 
 
 def _data_url(name: str, data: bytes) -> str:
@@ -297,80 +387,9 @@ def _data_url(name: str, data: bytes) -> str:
     return f"data:{mime_type_of(name)};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def _check_media_input(
-    workflow: dict[str, Any], node: str, field: str, location: str, what: str
-) -> None:
-    entry = workflow[node]
-    if field not in media_fields(str(entry.get("class_type", "")), entry["inputs"]):
-        raise InputError(
-            f"with JOB_QUEUE_URL {what} can only feed a media input (image; video or file "
-            "of a video loader; audio of an audio loader)",
-            location,
-        )
-
-
-def inline_workflow(data: ModalJobRequest) -> tuple[dict[str, Any], dict[str, str]]:
-    """Queue mode's :func:`prepare_workflow`: the workflow with its media and overrides
-    applied as values (``data:`` URLs, URLs) the claiming replica's preprocessing resolves,
-    and where each such value came from (``workflow.<node>.inputs.<field>`` ->
-    ``media.N`` or ``inputs.N.value``). Raises :class:`InputError` naming ``inputs.N.*`` or
-    ``media.N.*``."""
-    workflow = msgspec.json.decode(msgspec.json.encode(data.workflow))  # a copy
-    if not isinstance(workflow, dict) or not workflow:
-        raise InputError("Invalid workflow format: must be a non-empty JSON object", "workflow")
-    targets = [
-        _node_inputs(workflow, str(o.node), f"inputs.{i}.node") for i, o in enumerate(data.inputs)
-    ]
-    origins: dict[str, str] = {}
-    seen: set[str] = set()
-    values: dict[str, tuple[int, str]] = {}
-    for index, item in enumerate(data.media):
-        where = f"media.{index}"
-        name = check_media_item(index, item)
-        if name in seen:
-            raise InputError("a media item with this name came earlier", f"{where}.name")
-        seen.add(name)
-        if item.url is not None:
-            values[name] = (index, item.url)
-        else:
-            assert item.data is not None
-            values[name] = (index, _data_url(name, _decode(item.data, f"{where}.data")))
-    for node_id, node in workflow.items():
-        inputs = node.get("inputs") if isinstance(node, dict) else None
-        if not isinstance(inputs, dict):
-            continue
-        for key, value in list(inputs.items()):
-            if isinstance(value, str) and value in values:
-                index, inlined = values[value]
-                _check_media_input(workflow, node_id, key, f"media.{index}.name", "a media item")
-                inputs[key] = inlined
-                origins[f"workflow.{node_id}.inputs.{key}"] = f"media.{index}"
-    for index, (override, inputs) in enumerate(zip(data.inputs, targets, strict=True)):
-        if override.type == "raw":
-            inputs[override.field] = override.value
-            continue
-        where = f"inputs.{index}.value"
-        if not isinstance(override.value, str):
-            raise InputError("expected a string", where)
-        if override.type == "image_base64":
-            raw = _decode(override.value, where)
-            ext = sniff_extension(raw[:64])
-            if ext is None:
-                raise InputError("decoded the base64 but it is not an image", where)
-            inputs[override.field] = _data_url(f"input.{ext}", raw)
-        else:
-            inputs[override.field] = override.value
-        node = str(override.node)
-        _check_media_input(
-            workflow, node, override.field, f"inputs.{index}.field", f"an {override.type} input"
-        )
-        origins[f"workflow.{node}.inputs.{override.field}"] = where
-    return workflow, origins
-
-
 async def _submit_shared(data: ModalJobRequest, shared: SharedJobs) -> ModalJobAccepted:
     """``POST /v1/jobs`` in queue mode: media inline, the webhook stored with the job."""
-    workflow, origins = inline_workflow(data)
+    workflow, origins = await prepare_workflow(data, InlineMedia())
     request = prompt_request(workflow, new_job_id(), "workflow")
     after = None
     if data.webhook_url is not None:

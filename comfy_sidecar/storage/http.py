@@ -302,6 +302,8 @@ class HTTPBackend:
                     )
         except asyncio.CancelledError:
             watch.abort("download cancelled")
+            # The thread ends at once with that reason; nobody waits for it any more.
+            future.add_done_callback(lambda done: done.cancelled() or done.exception())
             raise
 
     def _headers_for(
