@@ -5,7 +5,9 @@ Text exposition format 0.0.4 from ``prometheus_client``, on a registry of our ow
 (:data:`REGISTRY`, not the library's global one). Base units (seconds, bytes), ``_total`` on
 counters, and only bounded labels (statuses, phases, endpoints, instance names, backend names,
 route templates), after the conventions of vLLM, Triton and OpenTelemetry's HTTP semantic
-conventions (``http_server_request_duration_seconds``).
+conventions (``http_server_request_duration_seconds``). The ComfyUI instance is the label
+``comfyui_instance``: ``instance`` (and ``job``) are the target labels Prometheus attaches to
+every scraped series, which would rename ours ``exported_instance``.
 
 Two kinds of metric live here:
 
@@ -113,7 +115,7 @@ JOB_DURATION = Histogram(
 RESTARTS = Counter(
     "comfyui_process_restarts",
     "ComfyUI restarts by instance and reason (exit, hang, stall, recycle).",
-    ["instance", "reason"],
+    ["comfyui_instance", "reason"],
     registry=REGISTRY,
 )
 STARTUP = Gauge(
@@ -414,12 +416,12 @@ class SidecarCollector(Collector):
         up = GaugeMetricFamily(
             "comfyui_instance_up",
             "1 while the instance's ComfyUI process runs.",
-            labels=["instance"],
+            labels=["comfyui_instance"],
         )
         ready = GaugeMetricFamily(
             "comfyui_instance_ready",
             "1 while the instance accepts jobs (ready, connected, not draining).",
-            labels=["instance"],
+            labels=["comfyui_instance"],
         )
         for instance in sidecar.instances:
             up.add_metric([instance.name], float(process_up(instance)))
@@ -451,12 +453,12 @@ class SidecarCollector(Collector):
         used = GaugeMetricFamily(
             "comfyui_gpu_memory_used_bytes",
             "GPU memory in use (ComfyUI's /system_stats, devices[0]; 0 on CPU).",
-            labels=["instance"],
+            labels=["comfyui_instance"],
         )
         total = GaugeMetricFamily(
             "comfyui_gpu_memory_total_bytes",
             "GPU memory in all (ComfyUI's /system_stats, devices[0]; 0 on CPU).",
-            labels=["instance"],
+            labels=["comfyui_instance"],
         )
         for name, (vram_total, vram_used) in sorted(self.stats.vram.items()):
             used.add_metric([name], vram_used)

@@ -135,8 +135,8 @@ def test_every_family_is_exposed_with_its_type(sidecar: Sidecar) -> None:
     found = scrape(sidecar)
     missing = {name: kind for name, kind in FAMILIES.items() if found.types.get(name) != kind}
     assert not missing, f"missing or mistyped: {missing}\n{found.text}"
-    assert found.value("comfyui_instance_up", instance="0") == 1
-    assert found.value("comfyui_instance_ready", instance="0") == 1
+    assert found.value("comfyui_instance_up", comfyui_instance="0") == 1
+    assert found.value("comfyui_instance_ready", comfyui_instance="0") == 1
     assert found.value("comfyui_jobs_waiting") == 0
     assert found.value("comfyui_startup_duration_seconds", phase="launch") > 0
     assert found.value("comfyui_startup_duration_seconds", phase="provision") >= 0
@@ -175,9 +175,9 @@ def test_info_names_comfyui_version_and_gpu_gauges_per_instance(sidecar: Sidecar
         assert labels["comfyui_version"] == "0.8.0-double"
     found = scrape(sidecar)
     # On CPU (the double, and the real ComfyUI with --cpu) there is no VRAM: 0, not missing.
-    assert found.value("comfyui_gpu_memory_total_bytes", instance="0") >= 0
-    assert found.value("comfyui_gpu_memory_used_bytes", instance="0") >= 0
-    assert found.labelled("comfyui_gpu_memory_used_bytes") == [{"instance": "0"}]
+    assert found.value("comfyui_gpu_memory_total_bytes", comfyui_instance="0") >= 0
+    assert found.value("comfyui_gpu_memory_used_bytes", comfyui_instance="0") >= 0
+    assert found.labelled("comfyui_gpu_memory_used_bytes") == [{"comfyui_instance": "0"}]
 
 
 def test_prompt_moves_jobs_total_and_durations(sidecar: Sidecar) -> None:
@@ -259,7 +259,7 @@ def test_metrics_need_a_key_only_when_required(spawn: Any, tmp_path: Path) -> No
     assert closed.get("/metrics").status_code == 401
     keyed = closed.get("/metrics", headers={"Authorization": "Bearer k1"})
     assert keyed.status_code == 200
-    assert Scrape(keyed.text).value("comfyui_instance_up", instance="0") == 1
+    assert Scrape(keyed.text).value("comfyui_instance_up", comfyui_instance="0") == 1
 
 
 def test_restart_counts_and_instance_up_follows_the_child(spawn: Any, tmp_path: Path) -> None:
@@ -270,18 +270,19 @@ def test_restart_counts_and_instance_up_follows_the_child(spawn: Any, tmp_path: 
 
     sc = spawn(Backend("double", tmp_path / "r"), ALWAYS_RESTART_COMFYUI="true")
     sc.wait_ready()
-    assert scrape(sc).value("comfyui_process_restarts_total", instance="0", reason="exit") == 0
+    exits = {"comfyui_instance": "0", "reason": "exit"}
+    assert scrape(sc).value("comfyui_process_restarts_total", **exits) == 0
     os.kill(sc.child_pid(), signal.SIGKILL)
     wait_for(
-        lambda: scrape(sc).value("comfyui_process_restarts_total", instance="0", reason="exit"),
+        lambda: scrape(sc).value("comfyui_process_restarts_total", **exits),
         timeout=30,
         interval=0.05,
         what="a restart counted",
     )
     sc.wait_ready()
     found = scrape(sc)
-    assert found.value("comfyui_instance_up", instance="0") == 1
-    assert found.value("comfyui_instance_ready", instance="0") == 1
+    assert found.value("comfyui_instance_up", comfyui_instance="0") == 1
+    assert found.value("comfyui_instance_ready", comfyui_instance="0") == 1
 
 
 def test_oldest_wait_pending_deliveries_and_cache_limit(
