@@ -29,6 +29,12 @@ if ! { command -v haproxy || [ -x /usr/sbin/haproxy ]; } >/dev/null 2>&1 && [ "$
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null \
     || echo "haproxy could not be installed; the tests behind HAProxy will be skipped"
 fi
+# prometheus and promtool for the alert rule tests and the dashboard and rules evaluated by a
+# live Prometheus (tests/deploy/test_alerts.py, tests/deploy/test_prometheus_live.py).
+if ! { command -v prometheus && command -v promtool; } >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+    || echo "prometheus could not be installed; the alert and dashboard tests will be skipped"
+fi
 export PATH="$PWD/$venv/bin:$PWD/node_modules/.bin:$PATH"
 echo "== ruff"; ruff check comfy_sidecar tests bench
 echo "== mypy"; mypy
