@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from comfy_sidecar.errors import Unavailable
@@ -37,11 +38,19 @@ class Slotted(Protocol):
 class Dispatcher:
     """Hands instances out to waiting jobs; ``per_instance`` slots each."""
 
-    def __init__(self, instances: Sequence[Slotted], per_instance: int = 2) -> None:
+    def __init__(
+        self,
+        instances: Sequence[Slotted],
+        per_instance: int = 2,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.instances = list(instances)
         self.per_instance = max(1, per_instance)
         self.in_flight: dict[str, int] = {i.name: 0 for i in self.instances}
         self._waiters: collections.deque[asyncio.Future[Slotted]] = collections.deque()
+        self._clock = clock
+        #: When each waiter started waiting (``clock()`` seconds).
+        self._since: dict[asyncio.Future[Slotted], float] = {}
         self._next = 0
         #: Set by :meth:`close`: why no job will get a slot any more.
         self._closed: str | None = None
@@ -50,6 +59,15 @@ class Dispatcher:
     def waiting(self) -> int:
         """Jobs waiting for a slot."""
         return sum(1 for w in self._waiters if not w.done())
+
+    @property
+    def oldest_wait_s(self) -> float:
+        """Seconds the longest-waiting job has waited for a slot so far; 0 when none waits.
+        (``comfyui_jobs_waiting_oldest_seconds``: alert when jobs wait too long.)"""
+        for waiter in self._waiters:  # in arrival order
+            if not waiter.done():
+                return max(0.0, self._clock() - self._since[waiter])
+        return 0.0
 
     @property
     def running(self) -> int:
@@ -91,6 +109,7 @@ class Dispatcher:
                 return instance
         waiter: asyncio.Future[Slotted] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self._since[waiter] = self._clock()
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -98,6 +117,7 @@ class Dispatcher:
                 self.release(waiter.result())  # handed a slot just as the wait was cancelled
             raise
         finally:
+            self._since.pop(waiter, None)
             try:
                 self._waiters.remove(waiter)
             except ValueError:

@@ -612,7 +612,18 @@ class DownloadCache:
                 return
 
     def total_bytes(self) -> int:
+        """Bytes of the files in the cache (its index)."""
         return sum(e.size for e in self._entries.values())
+
+    def disk_space(self) -> tuple[int, int] | None:
+        """``(size, avail)`` in bytes of the filesystem holding the cache directory (avail:
+        what an unprivileged writer may still use, statvfs ``f_bavail``); None when it cannot
+        be read (the directory is gone)."""
+        try:
+            usage = shutil.disk_usage(self.dir)
+        except OSError:
+            return None
+        return usage.total, usage.free
 
     async def evict(self) -> list[str]:
         """Delete least-recently-used entries until the total is within ``max_bytes``; never
