@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -43,18 +44,23 @@ class Signals(Protocol):
 
 class Dispatcher:
     """Hands instances out to waiting jobs; ``per_instance`` slots each. With ``signals`` it
-    hands slots out again whenever an instance becomes ready or its websocket reconnects."""
+    hands slots out again whenever an instance becomes ready or its websocket reconnects;
+    ``clock`` (monotonic seconds) times how long jobs wait."""
 
     def __init__(
         self,
         instances: Sequence[Slotted],
         per_instance: int = 2,
         signals: Signals | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.instances = list(instances)
         self.per_instance = max(1, per_instance)
         self.in_flight: dict[str, int] = {i.name: 0 for i in self.instances}
         self._waiters: collections.deque[asyncio.Future[Slotted]] = collections.deque()
+        self._clock = clock
+        #: When each waiter started waiting (``clock()`` seconds).
+        self._since: dict[asyncio.Future[Slotted], float] = {}
         self._next = 0
         #: Set by :meth:`close`: why no job will get a slot any more.
         self._closed: str | None = None
@@ -68,6 +74,15 @@ class Dispatcher:
     def waiting(self) -> int:
         """Jobs waiting for a slot."""
         return sum(1 for w in self._waiters if not w.done())
+
+    @property
+    def oldest_wait_s(self) -> float:
+        """Seconds the longest-waiting job has waited for a slot so far; 0 when none waits.
+        (``comfyui_jobs_waiting_oldest_seconds``: alert when jobs wait too long.)"""
+        for waiter in self._waiters:  # in arrival order
+            if not waiter.done():
+                return max(0.0, self._clock() - self._since[waiter])
+        return 0.0
 
     @property
     def running(self) -> int:
@@ -109,6 +124,7 @@ class Dispatcher:
                 return instance
         waiter: asyncio.Future[Slotted] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self._since[waiter] = self._clock()
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -116,6 +132,7 @@ class Dispatcher:
                 self.release(waiter.result())  # handed a slot just as the wait was cancelled
             raise
         finally:
+            self._since.pop(waiter, None)
             try:
                 self._waiters.remove(waiter)
             except ValueError:

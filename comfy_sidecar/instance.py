@@ -215,6 +215,7 @@ class ComfyInstance:
         self.jobs_done = 0
         #: Restarts by reason (:data:`RESTART_REASONS`), for the restart metric.
         self.restarts: collections.Counter[str] = collections.Counter()
+        metrics.restarts_known(self.name, RESTART_REASONS)
         #: (restart reason, job fail reason, message) when the sidecar took the child down.
         self._down: tuple[str, str, str] | None = None
         self._recycle = asyncio.Event()

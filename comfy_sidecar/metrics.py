@@ -5,19 +5,24 @@ Text exposition format 0.0.4 from ``prometheus_client``, on a registry of our ow
 (:data:`REGISTRY`, not the library's global one). Base units (seconds, bytes), ``_total`` on
 counters, and only bounded labels (statuses, phases, endpoints, instance names, backend names,
 route templates), after the conventions of vLLM, Triton and OpenTelemetry's HTTP semantic
-conventions (``http_server_request_duration_seconds``).
+conventions (``http_server_request_duration_seconds``). The ComfyUI instance is the label
+``comfyui_instance``: ``instance`` (and ``job``) are the target labels Prometheus attaches to
+every scraped series, which would rename ours ``exported_instance``.
 
 Two kinds of metric live here:
 
 * event metrics (counters, histograms, the start-up gauge), process-wide in :data:`REGISTRY`,
-  moved by :func:`job_ended`, :func:`job_completed`, :func:`process_restart`,
-  :func:`startup_phase`/:func:`time_startup`, :func:`download_finished`, :func:`cache_request`,
-  :func:`webhook_finished`, :func:`system_event_dropped` and :func:`instrument` (HTTP);
+  moved by :func:`job_ended`, :func:`job_completed`, :func:`restarts_known`,
+  :func:`process_restart`, :func:`startup_phase`/:func:`time_startup`,
+  :func:`download_finished`, :func:`cache_request`, :func:`webhook_finished`,
+  :func:`system_event_dropped` and :func:`instrument` (HTTP);
 * state read at scrape time through the small :class:`Scraped` protocol
-  (:class:`SidecarCollector`): jobs waiting/running in the dispatcher, each instance's
-  up/ready, the cache's size, GPU memory and ComfyUI's version from ComfyUI's
-  ``/system_stats`` (cached, refreshed in the background at most every
-  :data:`SYSTEM_STATS_REFRESH_S`; a scrape never waits more than :data:`SCRAPE_WAIT_S` for it).
+  (:class:`SidecarCollector`): jobs waiting/running in the dispatcher (and how long the oldest
+  has waited), the shared job queue's reachability (queue mode), pending webhook deliveries
+  and their limit, each instance's up/ready, the cache's size, limit and filesystem, GPU
+  memory and ComfyUI's version from ComfyUI's ``/system_stats`` (cached, refreshed in the
+  background at most every :data:`SYSTEM_STATS_REFRESH_S`; a scrape never waits more than
+  :data:`SCRAPE_WAIT_S` for it).
 """
 
 from __future__ import annotations
@@ -78,18 +83,37 @@ class ScrapedInstance(Protocol):
 
 
 @runtime_checkable
+class ScrapedCache(Protocol):
+    """What the scrape reads of the download cache."""
+
+    @property
+    def max_bytes(self) -> int: ...
+    def total_bytes(self) -> int: ...
+    def disk_space(self) -> tuple[int, int] | None: ...
+
+
 class Scraped(Protocol):
-    """What the scrape reads of the sidecar serving it."""
+    """What the scrape reads of the sidecar serving it: ``queue_up`` is None without a shared
+    job queue (JOB_QUEUE_URL)."""
 
     @property
     def version(self) -> str: ...
     @property
     def jobs_waiting(self) -> int: ...
     @property
+    def jobs_oldest_wait_s(self) -> float: ...
+    @property
     def jobs_running(self) -> int: ...
     @property
+    def queue_up(self) -> bool | None: ...
+    @property
+    def pending_deliveries(self) -> int: ...
+    @property
+    def max_pending_deliveries(self) -> int: ...
+    @property
     def instances(self) -> Sequence[ScrapedInstance]: ...
-    def cache_bytes(self) -> int: ...
+    @property
+    def cache(self) -> ScrapedCache: ...
 
 #: How often ComfyUI's /system_stats is fetched at most, per instance, in seconds.
 SYSTEM_STATS_REFRESH_S = 10.0
@@ -138,8 +162,8 @@ JOB_DURATION = Histogram(
 )
 RESTARTS = Counter(
     "comfyui_process_restarts",
-    "ComfyUI restarts by instance and reason (exit, hang, recycle).",
-    ["instance", "reason"],
+    "ComfyUI restarts by instance and reason (exit, hang, stall, recycle).",
+    ["comfyui_instance", "reason"],
     registry=REGISTRY,
 )
 STARTUP = Gauge(
@@ -228,8 +252,16 @@ def job_completed(stats: Mapping[str, Any]) -> None:
         JOB_DURATION.labels(phase).observe(seconds)
 
 
+def restarts_known(instance: str, reasons: Iterable[str]) -> None:
+    """Expose ``comfyui_process_restarts_total`` of ``instance`` at 0 for every reason before
+    the first restart: an alert's ``increase()`` then sees the first one too (a series that
+    appears at 1 has no increase), and its expression meets a series from the start."""
+    for reason in reasons:
+        RESTARTS.labels(instance, reason)
+
+
 def process_restart(instance: str, reason: str) -> None:
-    """ComfyUI instance ``instance`` is restarted because of ``reason`` (exit, hang,
+    """ComfyUI instance ``instance`` is restarted because of ``reason`` (exit, hang, stall,
     recycle)."""
     RESTARTS.labels(instance, reason).inc()
 
@@ -386,7 +418,8 @@ class SidecarCollector(Collector):
         self.stats = stats
 
     def collect(self) -> Iterable[Metric]:
-        """Gauges of the dispatcher, instances, cache and GPUs, and the info metric."""
+        """Gauges of the dispatcher, job queue, instances, deliveries, cache and GPUs, and the
+        info metric."""
         sidecar = self.sidecar
         yield _gauge(
             "comfyui_jobs_waiting",
@@ -394,39 +427,80 @@ class SidecarCollector(Collector):
             sidecar.jobs_waiting,
         )
         yield _gauge(
+            "comfyui_jobs_waiting_oldest_seconds",
+            "Seconds the job waiting longest for an instance slot has waited (0: none waits).",
+            sidecar.jobs_oldest_wait_s,
+        )
+        yield _gauge(
             "comfyui_jobs_running",
             "Jobs holding an instance slot (sent to ComfyUI or about to be).",
             sidecar.jobs_running,
         )
+        if sidecar.queue_up is not None:
+            yield _gauge(
+                "comfyui_job_queue_up",
+                "1 while the shared job queue (JOB_QUEUE_URL, Redis) answers, 0 while it is "
+                "unreachable; absent without JOB_QUEUE_URL.",
+                float(sidecar.queue_up),
+            )
+        yield _gauge(
+            "comfyui_pending_deliveries",
+            "Asynchronous jobs with a webhook admitted and not yet delivered (running, or a "
+            "webhook of theirs still retrying).",
+            sidecar.pending_deliveries,
+        )
+        yield _gauge(
+            "comfyui_pending_deliveries_max",
+            "MAX_PENDING_DELIVERIES: from this many pending deliveries on, new asynchronous jobs "
+            "with a webhook get 429 (0: no limit).",
+            sidecar.max_pending_deliveries,
+        )
         up = GaugeMetricFamily(
             "comfyui_instance_up",
             "1 while the instance's ComfyUI process runs.",
-            labels=["instance"],
+            labels=["comfyui_instance"],
         )
         ready = GaugeMetricFamily(
             "comfyui_instance_ready",
             "1 while the instance accepts jobs (ready, connected, not draining).",
-            labels=["instance"],
+            labels=["comfyui_instance"],
         )
         for instance in sidecar.instances:
             up.add_metric([instance.name], float(instance.up))
             ready.add_metric([instance.name], float(instance.accepting))
         yield up
         yield ready
+        cache = sidecar.cache
         yield _gauge(
-            "comfyui_cache_size_bytes",
-            "Bytes of files in the download cache.",
-            sidecar.cache_bytes(),
+            "comfyui_cache_size_bytes", "Bytes of files in the download cache.", cache.total_bytes()
         )
+        yield _gauge(
+            "comfyui_cache_max_bytes",
+            "LRU_CACHE_SIZE_GB in bytes: the cache evicts least recently used files above it "
+            "(0: no limit).",
+            cache.max_bytes,
+        )
+        space = cache.disk_space()
+        if space is not None:
+            yield _gauge(
+                "comfyui_cache_filesystem_size_bytes",
+                "Size of the filesystem holding CACHE_DIR, in bytes.",
+                space[0],
+            )
+            yield _gauge(
+                "comfyui_cache_filesystem_avail_bytes",
+                "Bytes free for the sidecar on the filesystem holding CACHE_DIR.",
+                space[1],
+            )
         used = GaugeMetricFamily(
             "comfyui_gpu_memory_used_bytes",
             "GPU memory in use (ComfyUI's /system_stats, devices[0]; 0 on CPU).",
-            labels=["instance"],
+            labels=["comfyui_instance"],
         )
         total = GaugeMetricFamily(
             "comfyui_gpu_memory_total_bytes",
             "GPU memory in all (ComfyUI's /system_stats, devices[0]; 0 on CPU).",
-            labels=["instance"],
+            labels=["comfyui_instance"],
         )
         for name, (vram_total, vram_used) in sorted(self.stats.vram.items()):
             used.add_metric([name], vram_used)

@@ -1,9 +1,9 @@
 """The SSRF guard: which addresses a caller's URL may reach.
 
 Every URL a caller supplies (media and model inputs, ``POST /download``, upload targets, webhook
-URLs, the job adapters' media URLs) is checked here; operator URLs (``AWS_ENDPOINT_URL``,
-``HF_ENDPOINT``, Azure endpoints, ``WARMUP_PROMPT_URL``, manifest URLs, ``SYSTEM_WEBHOOK_URL``)
-are not (run them inside :func:`trusted`).
+URLs, the job adapters' media and webhook URLs) is checked here; operator URLs
+(``AWS_ENDPOINT_URL``, ``HF_ENDPOINT``, Azure endpoints, ``WARMUP_PROMPT_URL``, manifest URLs,
+``SYSTEM_WEBHOOK_URL``) are not (run them inside :func:`trusted`).
 
 Refused by default: loopback, link-local (169.254.0.0/16, fe80::/10), private (RFC 1918,
 fc00::/7), shared (100.64.0.0/10), multicast, unspecified and every other non-global address,
@@ -16,6 +16,18 @@ loop), every address is checked, and the connection goes to the checked address 
 cannot slip a second answer in): :meth:`NetGuard.connect_address` for sockets opened by hand,
 :meth:`NetGuard.transport` for httpx (a network backend that checks at connect time, so every
 redirect hop and every new connection is checked; TLS SNI and ``Host`` keep the name).
+
+Through a forward proxy (``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY`` apply to the URL and
+``NO_PROXY`` does not exempt its host: :func:`proxy_for`) the proxy resolves the name, so the
+address cannot be pinned. Each request (first hop and every redirect) is then checked by its
+host before the proxy is asked (:meth:`NetGuard.check_host` with ``proxied``): an IP literal as
+an address; a name resolved here and every address checked as above; a name that does not
+resolve here (only the proxy knows it) is refused unless it matches ``ALLOWED_URL_HOSTS``, and
+an allowed name goes to the proxy without being resolved. The proxy may still resolve a checked
+name to another address than we did: list the hosts that go through a proxy in
+``ALLOWED_URL_HOSTS`` where that matters. The connection to the proxy itself is not checked
+(the operator chose it). :meth:`NetGuard.transport` carries both kinds of request, so no httpx
+caller can send a caller's URL through the proxy unchecked.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import ipaddress
 import socket
 import ssl
 import urllib.parse
+import urllib.request
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -39,7 +52,7 @@ from comfy_sidecar.storage.errors import URLRefused
 if TYPE_CHECKING:
     from comfy_sidecar.config import Settings
 
-__all__ = ["NetGuard", "URLRefused", "trusted"]
+__all__ = ["NetGuard", "URLRefused", "proxy_for", "trusted"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -49,6 +62,7 @@ SCHEMES = ("http", "https", "s3")
 _SHARED = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 _COMPAT = ipaddress.ip_network("::/96")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _TRUSTED: contextvars.ContextVar[bool] = contextvars.ContextVar("netguard_trusted", default=False)
 
@@ -67,6 +81,18 @@ def trusted() -> Iterator[None]:
 def is_trusted() -> bool:
     """True inside :func:`trusted`."""
     return _TRUSTED.get()
+
+
+def proxy_for(scheme: str, host: str) -> str | None:
+    """The forward proxy a request to ``scheme://host`` goes through: ``<SCHEME>_PROXY``, else
+    ``ALL_PROXY`` (lower-case names first, read from the environment at each call, as urllib
+    does), None when neither is set or ``NO_PROXY`` exempts ``host`` (exact names and domain
+    suffixes, ``*`` for all). A value without a scheme is taken as ``http://``."""
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(scheme.lower()) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(host):
+        return None
+    return proxy if "://" in proxy else f"http://{proxy}"
 
 
 def embedded(ip: IPAddress) -> list[IPAddress]:
@@ -172,11 +198,38 @@ class NetGuard:
         (pass the flag on to threads yourself), else :meth:`resolve`."""
         return host if is_trusted() else self.resolve(host, port)
 
+    async def check_host(self, host: str, port: int, *, proxied: bool) -> None:
+        """Refuse a request of a caller's to ``host``:``port`` unless every address of the host
+        may be reached. ``proxied``: the request goes through a forward proxy, which resolves
+        the name itself; then a name that does not resolve here is refused unless it matches
+        ``ALLOWED_URL_HOSTS`` (which lets a name through unresolved). Without ``proxied`` such a
+        name passes (nothing can be reached through it; the connection is checked again).
+        Resolves off the event loop. Raises :class:`URLRefused`."""
+        host = host.strip("[]")
+        try:
+            literal: IPAddress | None = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            literal = None
+        if literal is not None:
+            self.check_addresses(host, port, [str(literal)])
+            return
+        if proxied and self.host_allowed(host):
+            return
+        try:
+            addresses = await asyncio.to_thread(_addresses, host, port)
+        except (OSError, UnicodeError, ValueError):
+            if not proxied:
+                return
+            raise URLRefused(
+                f"URL refused: host {host!r} does not resolve here, so its address cannot be "
+                "checked; through HTTP(S)_PROXY such a host must be listed in ALLOWED_URL_HOSTS"
+            ) from None
+        self.check_addresses(host, port, addresses)
+
     async def check_url(self, url: str, *, resolve: bool = True) -> None:
         """Refuse ``url`` unless its scheme is http, https or s3 and (for http(s), with
-        ``resolve``) every address of its host may be reached. A name that does not resolve
-        passes here (nothing can be fetched from it; connections are checked again).
-        Raises :class:`URLRefused`."""
+        ``resolve``) its host passes :meth:`check_host`, through the proxy :func:`proxy_for`
+        gives it if any. Raises :class:`URLRefused`."""
         try:
             parts = urllib.parse.urlsplit(url)
             port = parts.port
@@ -189,12 +242,8 @@ class NetGuard:
             return
         if not parts.hostname:
             raise URLRefused("URL refused: no host")
-        port = port or (443 if scheme == "https" else 80)
-        try:
-            addresses = await asyncio.to_thread(_addresses, parts.hostname, port)
-        except (OSError, UnicodeError, ValueError):
-            return  # nothing to reach: the download itself fails (and is checked at connect)
-        self.check_addresses(parts.hostname, port, addresses)
+        proxied = proxy_for(scheme, parts.hostname) is not None
+        await self.check_host(parts.hostname, port or _DEFAULT_PORTS[scheme], proxied=proxied)
 
     async def check_field(
         self, url: str, location: str, *, schemes: Iterable[str] = SCHEMES
@@ -216,10 +265,17 @@ class NetGuard:
 
     # --- httpx -------------------------------------------------------------------------------
 
-    def transport(self, **kwargs: object) -> httpx.AsyncHTTPTransport:
-        """An httpx transport whose every new connection is checked and pinned (see module
-        docstring). Proxied URLs are not routed through it (httpx mounts its proxy transports
-        first); the proxy then resolves the name."""
+    def transport(self, **kwargs: object) -> httpx.AsyncBaseTransport:
+        """The httpx transport for callers' URLs (``kwargs``: :class:`httpx.AsyncHTTPTransport`'s,
+        e.g. ``limits``). A request :func:`proxy_for` gives a proxy goes through that proxy
+        after :meth:`check_host` (``proxied``) passed its host; any other goes out directly,
+        each new connection checked and pinned (see module docstring). A client built on it
+        reads no proxy settings of its own (httpx mounts none when given a transport). Inside
+        :func:`trusted` nothing is checked. Raises :class:`URLRefused` from ``send``."""
+        return _GuardedTransport(self, self._pinned(**kwargs), kwargs)
+
+    def _pinned(self, **kwargs: object) -> httpx.AsyncHTTPTransport:
+        """A direct httpx transport whose every new connection is checked and pinned."""
         transport = httpx.AsyncHTTPTransport(**kwargs)  # type: ignore[arg-type]
         pool = transport._pool
         # httpx has no public hook for the network backend; the pool it builds is
@@ -235,6 +291,48 @@ class NetGuard:
             network_backend=_GuardedBackend(self),
         )
         return transport
+
+
+class _GuardedTransport(httpx.AsyncBaseTransport):
+    """:meth:`NetGuard.transport`: each request (one hop: redirects, whether followed by hand or
+    by httpx, are requests of their own) goes through the proxy :func:`proxy_for` gives it,
+    after :meth:`NetGuard.check_host`, or to the pinned direct transport."""
+
+    def __init__(
+        self, guard: NetGuard, direct: httpx.AsyncHTTPTransport, kwargs: dict[str, object]
+    ) -> None:
+        self._guard = guard
+        self._direct = direct
+        self._kwargs = kwargs
+        self._proxied: dict[str, httpx.AsyncHTTPTransport] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        host = url.raw_host.decode("ascii")  # as the proxy gets it (IDNA-encoded)
+        proxy = proxy_for(url.scheme, host)
+        if proxy is None:
+            return await self._direct.handle_async_request(request)
+        if not is_trusted():
+            port = url.port or _DEFAULT_PORTS.get(url.scheme, 80)
+            await self._guard.check_host(host, port, proxied=True)
+        return await self._through(proxy).handle_async_request(request)
+
+    def _through(self, proxy: str) -> httpx.AsyncHTTPTransport:
+        """The transport through ``proxy`` (made once; its own connection is not checked)."""
+        transport = self._proxied.get(proxy)
+        if transport is None:
+            try:
+                transport = httpx.AsyncHTTPTransport(proxy=proxy, **self._kwargs)  # type: ignore[arg-type]
+            except (ImportError, ValueError) as exc:  # a bad or unsupported proxy URL
+                raise httpx.ProxyError(f"cannot use the proxy: {exc}") from None
+            self._proxied[proxy] = transport
+        return transport
+
+    async def aclose(self) -> None:
+        transports = [self._direct, *self._proxied.values()]
+        self._proxied.clear()
+        for transport in transports:
+            await transport.aclose()
 
 
 class _GuardedBackend(httpcore.AsyncNetworkBackend):

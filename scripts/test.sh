@@ -14,21 +14,31 @@ fi
 if [ ! -x node_modules/.bin/azurite-blob ]; then
   npm install --no-save --no-audit --no-fund --silent azurite >/dev/null
 fi
-# Headless Chromium for the /docs browser test (tests/core/test_docs_browser.py).
-if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
-    || echo "chromium could not be installed; the /docs browser test will be skipped"
-fi
-# redis-server for the shared job queue tests (tests/jobs/test_redis_queue.py).
-if ! command -v redis-server >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null \
-    || echo "redis-server could not be installed; the Redis job queue tests will be skipped"
-fi
-# haproxy for the replicas-behind-a-load-balancer tests (tests/jobs/test_replicas.py).
-if ! { command -v haproxy || [ -x /usr/sbin/haproxy ]; } >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null \
-    || echo "haproxy could not be installed; the tests behind HAProxy will be skipped"
-fi
+# Debian packages some tests start as real servers, installed when missing (as root); a test
+# whose server cannot be had is skipped with the reason.
+#   need <package> "<why>" <command>...   (installed unless every command is found;
+#   APT_FLAGS=... need ... passes more flags to apt-get install)
+need() {
+  local package=$1 why=$2
+  shift 2
+  local found=1 cmd
+  for cmd in "$@"; do
+    command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || found=0
+  done
+  if [ "$found" = 0 ] && [ "$(id -u)" = 0 ]; then
+    # shellcheck disable=SC2086  # APT_FLAGS is a list of flags
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      ${APT_FLAGS:-} "$package" >/dev/null \
+      || echo "$package could not be installed; $why will be skipped"
+  fi
+}
+need chromium "the /docs browser test (tests/core/test_docs_browser.py)" chromium
+need chromium-driver "the /docs browser test" chromedriver
+need redis-server "the Redis job queue tests (tests/jobs/test_redis_queue.py)" redis-server
+need haproxy "the tests behind HAProxy (tests/jobs/test_replicas.py)" haproxy
+need tinyproxy "the forward-proxy tests of the SSRF guard (tests/core/test_netguard_proxy.py)" tinyproxy
+# (no recommends: Debian's prometheus recommends node-exporter and friends, unused here)
+APT_FLAGS=--no-install-recommends need prometheus "the alert rule and live dashboard tests (tests/deploy/test_alerts.py)" prometheus promtool
 export PATH="$PWD/$venv/bin:$PWD/node_modules/.bin:$PATH"
 echo "== ruff"; ruff check comfy_sidecar tests bench
 echo "== mypy"; mypy

@@ -1,4 +1,5 @@
-"""A real HTTP receiver on 127.0.0.1 that records requests (webhooks, uploads, IMDS)."""
+"""A real HTTP receiver on loopback that records requests (webhooks, uploads, IMDS, a metadata
+service's stand-in)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class Receiver:
 
     ``statuses``: status codes for the first requests, in order (then ``default_status``).
     ``delay_s``: seconds to wait before answering. ``hang``: never answer (until ``stop``).
+    ``host``: the loopback address it listens on.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class Receiver:
         default_status: int = 200,
         delay_s: float | Callable[[], float] = 0.0,
         hang: bool = False,
+        host: str = "127.0.0.1",
     ) -> None:
         self.requests: list[Recorded] = []
         self.statuses = list(statuses or [])
@@ -102,14 +105,15 @@ class Receiver:
                 except OSError:  # the client gave up (timeout, shutdown)
                     self.close_connection = True
 
+            do_GET = _handle
             do_POST = _handle
             do_PUT = _handle
 
-        self.server = QuietServer(("127.0.0.1", 0), Handler)
+        self.server = QuietServer((host, 0), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.02,), daemon=True)
         self.thread.start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"http://{host}:{self.server.server_address[1]}"
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Recorded]:
         """Block until ``count`` requests arrived (AssertionError after ``timeout`` s)."""

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from comfy_sidecar import metrics
-from comfy_sidecar.errors import Conflict, Overloaded, SidecarError
+from comfy_sidecar.errors import Conflict, Interrupted, Overloaded, SidecarError
 from comfy_sidecar.jobs.model import (
     DifferentBody,
     JobStatus,
@@ -189,6 +189,13 @@ class JobLifecycle:
         self.pending_deliveries += 1
         return True
 
+    async def check_after(self, spec: JobSpec) -> None:
+        """Refuse a job whose adapter webhook (``spec.after``) the SSRF guard forbids: the
+        check ``webhook_v2`` gets, a 400 naming the adapter's field. Every job of the job APIs
+        passes it at submission, whichever backend takes it."""
+        if spec.after is not None:
+            await self.pipeline.storage.check_webhook(spec.after.url, spec.after.location)
+
     def admit_check(self) -> None:
         """Raise as :meth:`admit` does when the process takes no new work now, before a front
         door does work of its own for a request (a workflow endpoint asks ComfyUI)."""
@@ -244,9 +251,14 @@ class JobLifecycle:
 
     async def _prepare(self, record: JobRecord, request: PromptRequest) -> PendingJob:
         """Prepare ``request`` (downloads, inputs) and follow its frames into ``record``.
-        A request refused here leaves no record. Raises what :meth:`Pipeline.prepare` raises."""
+        A request refused here leaves no record; one interrupted while its inputs downloaded
+        (``POST /interrupt``, a cancel: the job was seen, by id) ends ``cancelled`` and is
+        kept. Raises what :meth:`Pipeline.prepare` raises."""
         try:
             pending = await self.pipeline.prepare(request)
+        except Interrupted as exc:
+            self.store.finish(record, status_for(exc), error=error_body(exc, record.id))
+            raise
         except BaseException:
             self.store.drop(record)
             raise
@@ -410,6 +422,7 @@ class JobLifecycle:
         Resubmitting a retained id with the same fingerprint returns that job (nothing is
         admitted or run); another body raises :class:`Conflict`."""
         request = spec.request
+        await self.check_after(spec)
         existing = self.store.find(spec.id)
         resubmitted = existing is not None and existing.fingerprint == spec.fingerprint
         counted = False if resubmitted else self.admit(request)

@@ -143,6 +143,7 @@ class RedisBackend:
         409), store it and append it to the work stream. Raises :class:`Conflict` for a kept
         id with another body."""
         self.lifecycle.admit(spec.request, runs_here=False)
+        await self.lifecycle.check_after(spec)
         if await guarded(self.jobs.get(spec.id)) is None:
             await self.check(spec.request)
         view = JobView(

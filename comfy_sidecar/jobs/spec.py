@@ -18,11 +18,14 @@ __all__ = ["AfterEnd", "JobSpec"]
 class AfterEnd(msgspec.Struct, kw_only=True, frozen=True):
     """What to send once the job has ended: ``kind`` names the adapter's body format (a key of
     :data:`comfy_sidecar.webhooks.adapters.FORMATS`: ``aidock``, ``modal_jobs``), ``url``
-    where it goes (http(s), checked by the SSRF guard at submission), ``extra_params`` fields
-    the adapter merges into the body (ai-dock's ``webhook.extra_params``)."""
+    where it goes (http(s), checked by the SSRF guard at submission as ``webhook_v2`` is, a
+    400 naming ``location``, the adapter's field: ``webhook_url``, ``input.webhook.url``),
+    ``extra_params`` fields the adapter merges into the body (ai-dock's
+    ``webhook.extra_params``)."""
 
     kind: str
     url: str
+    location: str = "webhook_url"
     extra_params: dict[str, Any] = {}
 
 

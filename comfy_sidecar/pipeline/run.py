@@ -651,11 +651,14 @@ class Pipeline:
         )
 
     async def interrupt(self, job_id: str) -> bool:
-        """Stop job ``job_id`` wherever it is: still waiting in the sidecar's queue, pending in
-        an instance's ComfyUI queue (removed), or running (interrupted by prompt_id, effective
-        at the next node boundary). False when no such job is in flight or its result is
-        already decided (:meth:`Job.cancel`): True means the job ends interrupted, never with
-        its outputs, even when ComfyUI finished it before the interrupt arrived."""
+        """Stop job ``job_id`` wherever it is: still downloading its inputs (its preprocessing
+        is cancelled, and with it each download no other caller waits for: see
+        :meth:`~comfy_sidecar.storage.cache.DownloadCache.get`), waiting in the sidecar's
+        queue, pending in an instance's ComfyUI queue (removed), or running (interrupted by
+        prompt_id, effective at the next node boundary). False when no such job is in flight
+        or its result is already decided (:meth:`Job.cancel`): True means the job ends
+        interrupted, never with its outputs, even when ComfyUI finished it before the
+        interrupt arrived."""
         job = self._active.get(job_id)
         if job is None or not job.cancel():
             return False

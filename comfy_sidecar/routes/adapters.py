@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgspec
 
@@ -84,14 +83,6 @@ def relocate(exc: SidecarError, location: str) -> None:
     where = exc.location or ""
     if where == "prompt" or where.startswith("prompt."):
         exc.location = location + where.removeprefix("prompt")
-
-
-def check_http_url(url: str, location: str) -> None:
-    """Raise :class:`InputError` at ``location`` unless ``url`` is an http(s) URL with a host
-    (what a webhook may be sent to)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise InputError("must be an http(s) URL", location)
 
 
 async def outputs_with_data(jobs: JobBackend, view: JobView) -> list[dict[str, Any]]:

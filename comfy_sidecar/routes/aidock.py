@@ -38,7 +38,7 @@ from comfy_sidecar.errors import InputError
 from comfy_sidecar.jobs.backend import JobBackend
 from comfy_sidecar.jobs.model import JobStatus, JobView
 from comfy_sidecar.jobs.spec import AfterEnd
-from comfy_sidecar.routes.adapters import check_http_url, new_job_id, prompt_request, submit
+from comfy_sidecar.routes.adapters import new_job_id, prompt_request, submit
 from comfy_sidecar.routes.jobs import HEARTBEAT_S, view_of
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
 from comfy_sidecar.schemas import ErrorResponse, JobId, S3Upload
@@ -138,8 +138,6 @@ def _request(data: GenerateRequest) -> Any:
                 "input.modifier",
             )
         raise InputError("required: the ComfyUI workflow", "input.workflow_json")
-    if given.webhook is not None:
-        check_http_url(given.webhook.url, "input.webhook.url")
     options: dict[str, Any] = {}
     if given.s3 is not None:
         options["s3"] = _s3_upload(given.s3)
@@ -156,7 +154,10 @@ async def _submit(data: GenerateRequest, jobs: JobBackend) -> JobView:
     after = None
     if given.webhook is not None:
         after = AfterEnd(
-            kind="aidock", url=given.webhook.url, extra_params=given.webhook.extra_params
+            kind="aidock",
+            url=given.webhook.url,
+            location="input.webhook.url",
+            extra_params=given.webhook.extra_params,
         )
     return await submit(
         jobs, request, "aidock", "input.workflow_json", given.webhook, after=after

@@ -189,8 +189,9 @@ async def _cancel(job_id: str, jobs: JobBackend) -> CancelResponse:
 
 
 CANCEL_DOC = (
-    "Idempotent. A pending job is removed from ComfyUI's queue, a running one interrupted; it "
-    "ends `cancelled`. A job that already ended answers `cancelled: false` with its status."
+    "Idempotent. A job still downloading its inputs stops, a pending job is removed from "
+    "ComfyUI's queue, a running one interrupted; it ends `cancelled`. A job that already ended "
+    "answers `cancelled: false` with its status."
 )
 
 

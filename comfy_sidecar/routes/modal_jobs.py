@@ -47,13 +47,7 @@ from comfy_sidecar.jobs.model import JobStatus, JobView
 from comfy_sidecar.jobs.spec import AfterEnd
 from comfy_sidecar.pipeline.media import decode_base64, sniff_extension
 from comfy_sidecar.pipeline.staging import StagedFiles, Staging
-from comfy_sidecar.routes.adapters import (
-    check_http_url,
-    new_job_id,
-    outputs_with_data,
-    prompt_request,
-    submit,
-)
+from comfy_sidecar.routes.adapters import new_job_id, outputs_with_data, prompt_request, submit
 from comfy_sidecar.routes.jobs import view_of
 from comfy_sidecar.routes.prompt import ERROR_RESPONSES
 from comfy_sidecar.schemas import ErrorResponse
@@ -269,8 +263,6 @@ async def submit_modal_job(
     data: ModalJobRequest, jobs: JobBackend, staging: Staging
 ) -> ModalJobAccepted:
     """Submit a job: its media staged for it, its webhook sent by whichever replica ends it."""
-    if data.webhook_url is not None:
-        check_http_url(data.webhook_url, "webhook_url")
     job_id = new_job_id()
     staged = staging.for_job(job_id)
     after = None if data.webhook_url is None else AfterEnd(kind="modal_jobs", url=data.webhook_url)

@@ -103,7 +103,9 @@ async def prompt(
             InterruptResponse, description="No job with this id, or it had already ended."
         ),
     },
-    description="A pending job is removed from ComfyUI's queue; a running one is interrupted "
+    description="A job still downloading its inputs stops (and so does the download, unless "
+    "another job waits for the same URL); a pending job is removed from ComfyUI's queue; a "
+    "running one is interrupted "
     "(at ComfyUI's next node boundary). 200 `success` means its /prompt call answers 499, "
     "even if ComfyUI finished it meanwhile; 404 `failed` means no job with this id is in "
     "flight (unknown, or its result was already decided: its /prompt call answers that).",

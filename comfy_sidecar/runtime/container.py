@@ -115,14 +115,23 @@ class Gauges:
     :class:`~comfy_sidecar.metrics.Scraped`)."""
 
     def __init__(
-        self, instances: list[ComfyInstance], dispatcher: Dispatcher, storage: Storage
+        self,
+        settings: Settings,
+        instances: list[ComfyInstance],
+        dispatcher: Dispatcher,
+        storage: Storage,
+        lifecycle: JobLifecycle,
+        jobs: JobBackend,
     ) -> None:
         from comfy_sidecar import __version__
 
         self.version = __version__
         self.instances = instances
+        self.cache = storage.cache
+        self._shared = settings.job_queue_url is not None
         self._dispatcher = dispatcher
-        self._storage = storage
+        self._lifecycle = lifecycle
+        self._jobs = jobs
 
     @property
     def jobs_waiting(self) -> int:
@@ -130,13 +139,29 @@ class Gauges:
         return self._dispatcher.waiting
 
     @property
+    def jobs_oldest_wait_s(self) -> float:
+        """Seconds the job waiting longest for a slot has waited."""
+        return self._dispatcher.oldest_wait_s
+
+    @property
     def jobs_running(self) -> int:
         """Jobs holding an instance slot."""
         return self._dispatcher.running
 
-    def cache_bytes(self) -> int:
-        """Bytes of files in the download cache."""
-        return self._storage.cache.total_bytes()
+    @property
+    def queue_up(self) -> bool | None:
+        """Whether the shared job queue answers (None without JOB_QUEUE_URL)."""
+        return None if not self._shared else self._jobs.problem is None
+
+    @property
+    def pending_deliveries(self) -> int:
+        """Asynchronous jobs with a webhook not yet delivered."""
+        return self._lifecycle.pending_deliveries
+
+    @property
+    def max_pending_deliveries(self) -> int:
+        """MAX_PENDING_DELIVERIES."""
+        return self._lifecycle.max_pending
 
 
 @dataclass(frozen=True)
@@ -219,7 +244,7 @@ def build(settings: Settings, workflows: list[Any] | None = None) -> Container:
         staging=staging,
         health=health,
         comfy=ComfyAccess(pipeline),
-        gauges=Gauges(instances, dispatcher, storage),
+        gauges=Gauges(settings, instances, dispatcher, storage, lifecycle, jobs),
         workflows=list(workflows or []),
     )
 

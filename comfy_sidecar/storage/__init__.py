@@ -182,16 +182,24 @@ class Storage:
         if isinstance(auth, S3Auth) and auth.endpoint:
             await self.guard.check_url(auth.endpoint)
 
+    async def check_webhook(self, url: str, location: str) -> None:
+        """The check a caller's webhook URL gets before its job is accepted (``webhook``,
+        ``webhook_v2``, the Modal jobs API's ``webhook_url``, ai-dock's ``input.webhook.url``):
+        an http(s) URL whose host the SSRF guard lets through, directly or through
+        HTTP(S)_PROXY (:meth:`~comfy_sidecar.netguard.NetGuard.check_field`). Raises
+        :class:`InputError` naming ``location`` (a 400)."""
+        await self.guard.check_field(url, location, schemes=("http", "https"))
+
     async def check_request(self, options: PromptOptions) -> None:
         """Check a request's URLs before its job starts: ``webhook`` and ``webhook_v2``
-        (http(s), reachable), ``http_upload.url_prefix``, each ``credentials[i]``'s
+        (:meth:`check_webhook`), ``http_upload.url_prefix``, each ``credentials[i]``'s
         ``url_pattern`` bounds and s3 ``auth.endpoint``. Raises :class:`InputError` naming
         the field (``webhook_v2``, ``credentials[0].url_pattern``, ...)."""
         web = ("http", "https")
         if options.webhook is not None:
-            await self.guard.check_field(options.webhook, "webhook", schemes=web)
+            await self.check_webhook(options.webhook, "webhook")
         if options.webhook_v2 is not None:
-            await self.guard.check_field(options.webhook_v2, "webhook_v2", schemes=web)
+            await self.check_webhook(options.webhook_v2, "webhook_v2")
         if options.http_upload is not None:
             await self.guard.check_field(
                 options.http_upload.url_prefix, "http_upload.url_prefix", schemes=web

@@ -174,6 +174,8 @@ class DownloadCache:
         self._clock = 0  # the last ``CacheEntry.last_use`` handed out
         self._inflight: dict[str, asyncio.Task[CacheEntry]] = {}
         self._partials: dict[str, Path] = {}  # key -> temp directory of its download
+        self._urls: dict[str, str] = {}  # key -> scrubbed URL of its download in flight
+        self._waiters: Counter[str] = Counter()  # key -> callers waiting for its download
         self._leases: Counter[str] = Counter()
         self._index_lock = asyncio.Lock()
         self._evict_lock = asyncio.Lock()
@@ -353,7 +355,8 @@ class DownloadCache:
     ) -> Path:
         """Path of ``url``'s cache file, downloading it once through ``backend`` if needed.
 
-        Concurrent calls for one URL share a single download. An entry that needed caller
+        Concurrent calls for one URL share a single download, stopped when every one of
+        them was cancelled (see :meth:`_wait_download`). An entry that needed caller
         auth is served only after ``backend.check_auth(url, auth)`` accepts the caller's auth.
         With ``lease`` the entry is held until the lease is released (the hold is dropped again
         when this raises). ``adopt``, a local file known to be ``url``'s download (see
@@ -392,14 +395,52 @@ class DownloadCache:
                 return path
             task = self._inflight.get(key)
             if task is not None:
-                await asyncio.shield(task)
+                await self._wait_download(key, task)
                 continue
             # Registered before any await: every later caller finds it.
             task = asyncio.create_task(self._download(key, url, auth, backend, adopt))
             self._inflight[key] = task
             task.add_done_callback(functools.partial(self._download_done, key))
-            entry = await asyncio.shield(task)
+            entry = await self._wait_download(key, task)
             return self.dir / entry.file
+
+    async def _wait_download(self, key: str, task: asyncio.Task[CacheEntry]) -> CacheEntry:
+        """Wait for ``key``'s download ``task``, shared by every caller waiting for that URL.
+
+        A caller cancelled while it waits (its job interrupted or past PROMPT_TIMEOUT_S)
+        leaves the download to the others; when it was the last one, the download is stopped:
+        forgotten (a later caller starts afresh), cancelled (the backend cuts its connection)
+        and awaited, so its temp directory is gone before this raises
+        :class:`asyncio.CancelledError`. A download still wanted by another caller -- a job
+        waiting for the same URL, ``POST /download``, the manifest -- is never stopped for one
+        that left."""
+        self._waiters[key] += 1
+        counted = True
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            counted = False
+            if self._leave(key) == 0 and not task.done() and self._inflight.get(key) is task:
+                del self._inflight[key]
+                task.cancel()
+                log.info("stopped downloading %s: no caller waits for it", self._url_of(key))
+                await asyncio.wait({task})
+            raise
+        finally:
+            if counted:
+                self._leave(key)
+
+    def _leave(self, key: str) -> int:
+        """One caller stopped waiting for ``key``'s download; how many still wait."""
+        self._waiters[key] -= 1
+        left = self._waiters[key]
+        if left <= 0:
+            del self._waiters[key]
+        return left
+
+    def _url_of(self, key: str) -> str:
+        """The URL (scrubbed) of ``key``'s download in flight, for the log."""
+        return self._urls.get(key, key)
 
     def _download_done(self, key: str, task: asyncio.Task[CacheEntry]) -> None:
         if self._inflight.get(key) is task:
@@ -423,10 +464,9 @@ class DownloadCache:
         self.downloads_started += 1
         metrics.cache_request("miss")
         clean = scrub_url(url)
-        tmpdir = Path(
-            await asyncio.to_thread(tempfile.mkdtemp, f"{key}-", PARTIAL_PREFIX, self.dir)
-        )
+        tmpdir = await self._make_tmpdir(key)
         self._partials[key] = tmpdir
+        self._urls[key] = clean
         dest = tmpdir / "data"
         started = time.monotonic()
         log.info("downloading %s", clean)
@@ -470,7 +510,9 @@ class DownloadCache:
             return entry
         finally:
             monitor.cancel()
-            self._partials.pop(key, None)
+            if self._partials.get(key) == tmpdir:  # not a fresh download of the same URL's
+                del self._partials[key]
+                self._urls.pop(key, None)
             await asyncio.to_thread(shutil.rmtree, tmpdir, True)
 
     async def _adopt(
@@ -480,9 +522,7 @@ class DownloadCache:
         earlier cache) as ``url``'s entry: hardlinked into the cache (copied through a temp
         file when the cache is on another file system), no download. ``auth_required`` is
         True when the caller gave credentials (the file may be gated)."""
-        tmpdir = Path(
-            await asyncio.to_thread(tempfile.mkdtemp, f"{key}-", PARTIAL_PREFIX, self.dir)
-        )
+        tmpdir = await self._make_tmpdir(key)
         try:
             dest = tmpdir / "data"
             try:
@@ -514,6 +554,20 @@ class DownloadCache:
             return entry
         finally:
             await asyncio.to_thread(shutil.rmtree, tmpdir, True)
+
+    async def _make_tmpdir(self, key: str) -> Path:
+        """A private temp directory for ``key``'s download in ``CACHE_DIR``, made off the
+        event loop; a caller cancelled meanwhile (its download stopped at once) removes it
+        before it raises, so a stopped download leaves no partial directory behind."""
+        made = asyncio.ensure_future(
+            asyncio.to_thread(tempfile.mkdtemp, f"{key}-", PARTIAL_PREFIX, self.dir)
+        )
+        try:
+            return Path(await asyncio.shield(made))
+        except asyncio.CancelledError:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(shutil.rmtree, await made, True)
+            raise
 
     async def _report_progress(self, key: str, clean: str, started: float) -> None:
         while True:
@@ -558,7 +612,18 @@ class DownloadCache:
                 return
 
     def total_bytes(self) -> int:
+        """Bytes of the files in the cache (its index)."""
         return sum(e.size for e in self._entries.values())
+
+    def disk_space(self) -> tuple[int, int] | None:
+        """``(size, avail)`` in bytes of the filesystem holding the cache directory (avail:
+        what an unprivileged writer may still use, statvfs ``f_bavail``); None when it cannot
+        be read (the directory is gone)."""
+        try:
+            usage = shutil.disk_usage(self.dir)
+        except OSError:
+            return None
+        return usage.total, usage.free
 
     async def evict(self) -> list[str]:
         """Delete least-recently-used entries until the total is within ``max_bytes``; never

@@ -19,7 +19,6 @@ import ssl
 import threading
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import Executor
 from pathlib import Path
@@ -166,7 +165,6 @@ class HTTPBackend:
         self._guard = guard or netguard.NetGuard(settings)
         self._max_bytes = int(settings.max_download_gb * 1024**3) or None
         self._idle_s = settings.download_idle_timeout_s
-        self._proxy_client: httpx.AsyncClient | None = None
         self._env_header: tuple[str, str] | None = None
         if settings.http_auth_header_name and settings.http_auth_header_value:
             self._env_header = (settings.http_auth_header_name, settings.http_auth_header_value)
@@ -180,13 +178,10 @@ class HTTPBackend:
         self.ranged_piece_bytes: int | None = None
         self.ranged_one_stream_bps: float | None = ranged.ONE_STREAM_BPS
 
-    def client(self, url: httpx.URL | None = None) -> httpx.AsyncClient:
-        """The httpx client for ``url``: through HTTP(S)_PROXY when one applies (the proxy
-        resolves the name), else one whose connections the SSRF guard checks and pins."""
-        if url is not None and _proxied(url):
-            if self._proxy_client is None:
-                self._proxy_client = httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False)
-            return self._proxy_client
+    def client(self) -> httpx.AsyncClient:
+        """The httpx client, on the SSRF guard's transport: a request goes through
+        HTTP(S)_PROXY when one applies to it (its host checked first), else directly to the
+        address the guard checked (see :meth:`~comfy_sidecar.netguard.NetGuard.transport`)."""
         if self._client is None:
             self._client = httpx.AsyncClient(
                 timeout=TIMEOUT, follow_redirects=False, transport=self._guard.transport()
@@ -194,10 +189,9 @@ class HTTPBackend:
         return self._client
 
     async def aclose(self) -> None:
-        for client in (self._client, self._proxy_client):
-            if client is not None:
-                await client.aclose()
-        self._client = self._proxy_client = None
+        if self._client is not None:
+            await self._client.aclose()
+        self._client = None
 
     def handles(self, url: str) -> bool:
         return url.lower().startswith(("http://", "https://"))
@@ -263,8 +257,8 @@ class HTTPBackend:
         (caller closes it). Raises :class:`URLRefused` for a refused hop."""
         first, caller_headers, used = self._prepare(url, auth)
         current = first
+        client = self.client()
         for _ in range(MAX_REDIRECTS + 1):
-            client = self.client(current)
             headers = {**self._headers_for(current, first, caller_headers), **(extra or {})}
             try:
                 resp = await client.send(
@@ -285,7 +279,7 @@ class HTTPBackend:
 
     async def download(self, url: str, dest: Path, auth: DownloadAuth | None) -> FetchResult:
         first, caller_headers, used = self._prepare(url, auth)
-        if not _proxied(first):
+        if netguard.proxy_for(first.scheme, first.host) is None:
             watch = _Watch(netguard.is_trusted())
             job = functools.partial(self._download_direct, first, caller_headers, dest, watch)
             future = asyncio.get_running_loop().run_in_executor(self._executor, job)
@@ -308,6 +302,8 @@ class HTTPBackend:
                     )
         except asyncio.CancelledError:
             watch.abort("download cancelled")
+            # The thread ends at once with that reason; nobody waits for it any more.
+            future.add_done_callback(lambda done: done.cancelled() or done.exception())
             raise
 
     def _headers_for(
@@ -543,7 +539,7 @@ class HTTPBackend:
                     yield chunk
 
         try:
-            resp = await self.client(target).put(target, content=body(), headers=headers)
+            resp = await self.client().put(target, content=body(), headers=headers)
         except SupersededError:
             raise
         except httpx.HTTPError as exc:
@@ -645,24 +641,6 @@ class _Watch:
         """Raise :class:`BackendError` with the reason when the download was cut."""
         if self.reason is not None:
             raise BackendError(self.reason)
-
-
-def uses_proxy(url: str) -> bool:
-    """True when HTTP(S)_PROXY applies to the http(s) URL ``url`` (the proxy then resolves the
-    name: the SSRF guard cannot pin it). False for a URL httpx cannot parse. Never raises."""
-    try:
-        return _proxied(httpx.URL(url))
-    except (httpx.InvalidURL, ValueError):
-        return False
-
-
-def _proxied(url: httpx.URL) -> bool:
-    """True when HTTP(S)_PROXY applies to ``url`` (and NO_PROXY does not exempt it): then
-    httpx with its proxy is used, and the proxy resolves the name."""
-    proxies = urllib.request.getproxies()
-    if not (proxies.get(url.scheme) or proxies.get("all")):
-        return False
-    return not urllib.request.proxy_bypass(url.host)
 
 
 _SSL: ssl.SSLContext | None = None

@@ -29,7 +29,6 @@ from comfy_sidecar.config import SYSTEM_EVENT_NAMES, Settings
 from comfy_sidecar.logs import TRACEPARENT
 from comfy_sidecar.netguard import NetGuard, trusted
 from comfy_sidecar.storage.errors import URLRefused
-from comfy_sidecar.storage.http import uses_proxy
 from comfy_sidecar.urls import scrub_url
 
 from .body import JsonBody
@@ -123,7 +122,6 @@ class WebhookDispatcher:
         self._storage_events = subscribed & STORAGE_EVENT_NAMES
         self._metadata: dict[str, str] = {**settings.system_meta, **settings.salad}
         self._client: httpx.AsyncClient | None = None  # made by start()
-        self._proxy_client: httpx.AsyncClient | None = None
         self._guard = NetGuard(settings)
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
@@ -149,13 +147,13 @@ class WebhookDispatcher:
         if self._state != "new":
             return
         limits = httpx.Limits(max_connections=32, max_keepalive_connections=8)
-        # Prompt webhooks are callers' URLs: every connection is checked and pinned by the
-        # SSRF guard. SYSTEM_WEBHOOK_URL is the operator's, delivered inside trusted().
+        # Prompt webhooks are callers' URLs: every one passes the SSRF guard's transport
+        # (directly: each connection checked and pinned; through HTTP(S)_PROXY when one
+        # applies: the host checked first). SYSTEM_WEBHOOK_URL is the operator's, delivered
+        # inside trusted().
         self._client = httpx.AsyncClient(
             follow_redirects=False, transport=self._guard.transport(limits=limits)
         )
-        # Through HTTP(S)_PROXY (when it applies to a URL) the proxy resolves the name.
-        self._proxy_client = httpx.AsyncClient(follow_redirects=False, limits=limits)
         for kind in (self._prompt, self._system):
             for i in range(kind.workers):
                 task = asyncio.create_task(self._worker(kind), name=f"webhook-{kind.name}-{i}")
@@ -196,9 +194,8 @@ class WebhookDispatcher:
             kind.lanes.clear()
             kind.droppable.clear()
             kind.room.set()  # wakes send_prompt callers waiting for room; they raise
-        for client in (self._client, self._proxy_client):
-            if client is not None:
-                await client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
 
     @property
     def dropped(self) -> int:
@@ -422,8 +419,8 @@ class WebhookDispatcher:
     async def _deliver(self, job: _Job) -> bool:
         """POST ``job`` until an attempt gets a 2xx answer, at most ``PROMPT_WEBHOOK_RETRIES``
         attempts with backoff between them. False when none did or its body cannot be read."""
-        assert self._client is not None and self._proxy_client is not None
-        client = self._proxy_client if uses_proxy(job.url) else self._client
+        assert self._client is not None
+        client = self._client
         reason = ""
         for attempt in range(1, self._attempts + 1):
             self.counters["attempts"] += 1

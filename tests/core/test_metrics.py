@@ -4,6 +4,8 @@ requests; the label sets stay bounded (route templates, never raw ids)."""
 
 from __future__ import annotations
 
+import shutil
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,14 +16,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from comfy_sidecar import metrics
 from tests.conftest import BACKENDS, Sidecar, basic_prompt, png_bytes, running_sidecar
+from tests.redis_server import RedisServer, redis_server
 from tests.storage.servers import FileServer
 from tests.waiting import wait_for
+
+__all__ = ["redis_server"]  # the fixture, used by name
 
 #: Every metric family the issue's table names (as the parser names them: counters and
 #: info as a gauge named ``..._info``).
 FAMILIES = {
     "comfyui_jobs_waiting": "gauge",
     "comfyui_jobs_running": "gauge",
+    "comfyui_jobs_waiting_oldest_seconds": "gauge",
+    "comfyui_pending_deliveries": "gauge",
+    "comfyui_pending_deliveries_max": "gauge",
     "comfyui_jobs": "counter",
     "comfyui_job_duration_seconds": "histogram",
     "comfyui_instance_up": "gauge",
@@ -32,6 +40,9 @@ FAMILIES = {
     "comfyui_download_duration_seconds": "histogram",
     "comfyui_cache_requests": "counter",
     "comfyui_cache_size_bytes": "gauge",
+    "comfyui_cache_max_bytes": "gauge",
+    "comfyui_cache_filesystem_size_bytes": "gauge",
+    "comfyui_cache_filesystem_avail_bytes": "gauge",
     "comfyui_webhook_deliveries": "counter",
     "comfyui_system_events_dropped": "counter",
     "comfyui_gpu_memory_used_bytes": "gauge",
@@ -124,12 +135,24 @@ def test_every_family_is_exposed_with_its_type(sidecar: Sidecar) -> None:
     found = scrape(sidecar)
     missing = {name: kind for name, kind in FAMILIES.items() if found.types.get(name) != kind}
     assert not missing, f"missing or mistyped: {missing}\n{found.text}"
-    assert found.value("comfyui_instance_up", instance="0") == 1
-    assert found.value("comfyui_instance_ready", instance="0") == 1
+    assert found.value("comfyui_instance_up", comfyui_instance="0") == 1
+    assert found.value("comfyui_instance_ready", comfyui_instance="0") == 1
     assert found.value("comfyui_jobs_waiting") == 0
     assert found.value("comfyui_startup_duration_seconds", phase="launch") > 0
     assert found.value("comfyui_startup_duration_seconds", phase="provision") >= 0
     assert "_created" not in found.text
+    # defaults: MAX_PENDING_DELIVERIES 500, LRU_CACHE_SIZE_GB 0 (no limit); no JOB_QUEUE_URL
+    assert found.value("comfyui_pending_deliveries_max") == 500
+    assert found.value("comfyui_pending_deliveries") == 0
+    assert found.value("comfyui_cache_max_bytes") == 0
+    assert found.value("comfyui_jobs_waiting_oldest_seconds") == 0
+    assert "comfyui_job_queue_up" not in found.types
+    disk = shutil.disk_usage(sidecar.env["CACHE_DIR"])
+    assert found.value("comfyui_cache_filesystem_size_bytes") == disk.total
+    assert 0 < found.value("comfyui_cache_filesystem_avail_bytes") <= disk.total
+    # every restart reason of the instance is there at 0 before any restart happened
+    restarts = found.labelled("comfyui_process_restarts_total")
+    assert sorted(r["reason"] for r in restarts) == ["exit", "hang", "recycle", "stall"]
 
 
 def test_info_names_comfyui_version_and_gpu_gauges_per_instance(sidecar: Sidecar) -> None:
@@ -152,9 +175,9 @@ def test_info_names_comfyui_version_and_gpu_gauges_per_instance(sidecar: Sidecar
         assert labels["comfyui_version"] == "0.8.0-double"
     found = scrape(sidecar)
     # On CPU (the double, and the real ComfyUI with --cpu) there is no VRAM: 0, not missing.
-    assert found.value("comfyui_gpu_memory_total_bytes", instance="0") >= 0
-    assert found.value("comfyui_gpu_memory_used_bytes", instance="0") >= 0
-    assert found.labelled("comfyui_gpu_memory_used_bytes") == [{"instance": "0"}]
+    assert found.value("comfyui_gpu_memory_total_bytes", comfyui_instance="0") >= 0
+    assert found.value("comfyui_gpu_memory_used_bytes", comfyui_instance="0") >= 0
+    assert found.labelled("comfyui_gpu_memory_used_bytes") == [{"comfyui_instance": "0"}]
 
 
 def test_prompt_moves_jobs_total_and_durations(sidecar: Sidecar) -> None:
@@ -236,7 +259,7 @@ def test_metrics_need_a_key_only_when_required(spawn: Any, tmp_path: Path) -> No
     assert closed.get("/metrics").status_code == 401
     keyed = closed.get("/metrics", headers={"Authorization": "Bearer k1"})
     assert keyed.status_code == 200
-    assert Scrape(keyed.text).value("comfyui_instance_up", instance="0") == 1
+    assert Scrape(keyed.text).value("comfyui_instance_up", comfyui_instance="0") == 1
 
 
 def test_restart_counts_and_instance_up_follows_the_child(spawn: Any, tmp_path: Path) -> None:
@@ -247,15 +270,100 @@ def test_restart_counts_and_instance_up_follows_the_child(spawn: Any, tmp_path: 
 
     sc = spawn(Backend("double", tmp_path / "r"), ALWAYS_RESTART_COMFYUI="true")
     sc.wait_ready()
-    assert scrape(sc).value("comfyui_process_restarts_total", instance="0", reason="exit") == 0
+    exits = {"comfyui_instance": "0", "reason": "exit"}
+    assert scrape(sc).value("comfyui_process_restarts_total", **exits) == 0
     os.kill(sc.child_pid(), signal.SIGKILL)
     wait_for(
-        lambda: scrape(sc).value("comfyui_process_restarts_total", instance="0", reason="exit"),
+        lambda: scrape(sc).value("comfyui_process_restarts_total", **exits),
         timeout=30,
         interval=0.05,
         what="a restart counted",
     )
     sc.wait_ready()
     found = scrape(sc)
-    assert found.value("comfyui_instance_up", instance="0") == 1
-    assert found.value("comfyui_instance_ready", instance="0") == 1
+    assert found.value("comfyui_instance_up", comfyui_instance="0") == 1
+    assert found.value("comfyui_instance_ready", comfyui_instance="0") == 1
+
+
+def test_oldest_wait_pending_deliveries_and_cache_limit(
+    spawn: Any, tmp_path: Path, receiver: Any
+) -> None:
+    """A job waiting for the only slot makes ``comfyui_jobs_waiting_oldest_seconds`` grow; a
+    webhook job whose receiver hangs is a pending delivery until it is delivered; the limits
+    are the configured ones."""
+    from tests.conftest import Backend, slow_prompt
+
+    sc = spawn(
+        Backend("double", tmp_path / "w"),
+        MAX_JOBS_PER_INSTANCE="1",
+        MAX_PENDING_DELIVERIES="3",
+        LRU_CACHE_SIZE_GB="0.5",
+    )
+    sc.wait_ready()
+    found = scrape(sc)
+    assert found.value("comfyui_pending_deliveries_max") == 3
+    assert found.value("comfyui_cache_max_bytes") == 0.5 * 1024**3
+
+    hook = receiver(hang=True)
+    accepted = sc.post(
+        "/prompt", json={"prompt": basic_prompt(batch=1), "webhook_v2": hook.url + "/h"}
+    )
+    assert accepted.status_code == 202, accepted.text
+    hook.wait_for(1, timeout=30)
+    assert scrape(sc).value("comfyui_pending_deliveries") == 1
+
+    results: list[int] = []
+
+    def run(prompt: dict[str, Any]) -> None:
+        results.append(sc.post("/prompt", json={"prompt": prompt}).status_code)
+
+    threads = [threading.Thread(target=run, args=(slow_prompt(blurs=3),)) for _ in range(2)]
+    threads[0].start()
+    sc.wait_comfy_running()
+    threads[1].start()  # waits in the sidecar for the only slot
+    first = wait_for(
+        lambda: scrape(sc).value("comfyui_jobs_waiting_oldest_seconds"),
+        timeout=30,
+        interval=0.05,
+        what="a job waiting for a slot",
+    )
+    wait_for(
+        lambda: scrape(sc).value("comfyui_jobs_waiting_oldest_seconds") >= first + 0.5,
+        timeout=30,
+        interval=0.05,
+        what="the oldest wait to grow",
+    )
+    for thread in threads:
+        thread.join(120)
+    assert results == [200, 200]
+    assert scrape(sc).value("comfyui_jobs_waiting_oldest_seconds") == 0
+
+    hook.hang = False
+    hook.release.set()  # the hung attempt fails; the retry is answered 200
+    wait_for(
+        lambda: scrape(sc).value("comfyui_pending_deliveries") == 0,
+        timeout=60,
+        interval=0.1,
+        what="the webhook delivered",
+    )
+    assert scrape(sc).value("comfyui_webhook_deliveries_total", kind="prompt", result="delivered")
+
+
+def test_job_queue_up_follows_redis(spawn: Any, tmp_path: Path, redis_server: RedisServer) -> None:
+    """Queue mode: ``comfyui_job_queue_up`` is 1 while Redis answers, 0 while it is down."""
+    from tests.conftest import Backend
+
+    sc = spawn(Backend("double", tmp_path / "q"), JOB_QUEUE_URL=redis_server.url)
+    sc.wait_ready()
+
+    def queue_up() -> float | None:
+        found = scrape(sc)
+        return (
+            found.value("comfyui_job_queue_up") if "comfyui_job_queue_up" in found.types else None
+        )
+
+    assert queue_up() == 1
+    redis_server.kill()
+    wait_for(lambda: queue_up() == 0, timeout=30, interval=0.1, what="the queue seen down")
+    redis_server.start()
+    wait_for(lambda: queue_up() == 1, timeout=30, interval=0.1, what="the queue up again")

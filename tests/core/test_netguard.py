@@ -13,7 +13,7 @@ import pytest
 
 from comfy_sidecar.config import load_settings
 from comfy_sidecar.errors import InputError
-from comfy_sidecar.netguard import NetGuard, address_problem, trusted
+from comfy_sidecar.netguard import NetGuard, address_problem, proxy_for, trusted
 from comfy_sidecar.schemas import HTTPUpload, PromptOptions
 from comfy_sidecar.storage import Storage, URLRefused
 from tests.storage.servers import FileServer
@@ -98,6 +98,38 @@ def test_trusted_operator_urls_bypass() -> None:
             await g.check_url("http://127.0.0.1:8080/manifest-model.bin")
 
     asyncio.run(main())
+
+
+def test_proxy_for_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    assert proxy_for("http", "example.com") is None
+    monkeypatch.setenv("HTTP_PROXY", "proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.corp,10.1.2.3")
+    assert proxy_for("http", "example.com") == "http://proxy.corp:3128"
+    assert proxy_for("https", "example.com") is None
+    assert proxy_for("http", "files.internal.corp") is None
+    assert proxy_for("http", "10.1.2.3") is None
+    monkeypatch.setenv("ALL_PROXY", "http://all.corp:8080")
+    assert proxy_for("https", "example.com") == "http://all.corp:8080"
+
+
+def test_through_a_proxy_a_name_that_does_not_resolve_here_needs_the_allow_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.corp:3128")
+    monkeypatch.setenv("NO_PROXY", "direct.invalid")
+    g = guard(ALLOWED_URL_HOSTS="*.proxy-only.invalid")
+    reason = refused(g, "http://metadata.invalid/latest/meta-data/")
+    assert "does not resolve here" in reason and "ALLOWED_URL_HOSTS" in reason
+    asyncio.run(g.check_url("http://files.proxy-only.invalid/x.png"))  # the proxy resolves it
+    asyncio.run(g.check_url("http://direct.invalid/x.png"))  # no proxy: nothing to reach
+    # What does resolve here is checked by its addresses, through the proxy too.
+    assert "loopback" in refused(g, "http://localhost:8080/x")
+    assert "link-local" in refused(g, "http://169.254.169.254/x")
+    assert "loopback" in refused(g, "http://0x7f.1:8080/x")
+    asyncio.run(g.check_url("http://93.184.216.34/x.png"))
 
 
 def test_request_fields_name_their_location() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from tests.conftest import (
     slow_prompt,
     upscale_prompt,
 )
+from tests.storage.slow_server import SlowServer
 from tests.waiting import wait_for
 
 
@@ -309,6 +312,42 @@ def test_interrupt_running_and_pending(shared_sidecar: Sidecar) -> None:
     # The sidecar still works afterwards.
     after = shared_sidecar.post("/prompt", json={"prompt": basic_prompt(batch=1)})
     assert after.status_code == 200
+
+
+@pytest.fixture(scope="module")
+def slow_server() -> Iterator[SlowServer]:
+    server = SlowServer()
+    yield server
+    server.stop()
+
+
+def test_interrupt_stops_a_job_downloading_its_inputs(
+    shared_sidecar: Sidecar, slow_server: SlowServer
+) -> None:
+    # A LoadImage URL whose body trickles (1 byte every 0.2 s of 1 MB): /interrupt must find
+    # the job, its /prompt answer 499, and the download itself stop -- the connection closed,
+    # nothing of it left in CACHE_DIR (it went on until DOWNLOAD_IDLE_TIMEOUT_S).
+    job_id = f"downloading-{shared_sidecar.backend.kind}"
+    url = slow_server.url(f"/trickle?job={job_id}")
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": url}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "d"}},
+    }
+    answer: dict[str, Any] = {}
+    sent, gone = slow_server.sent, slow_server.gone
+    caller = _post_in_thread(shared_sidecar, {"prompt": prompt, "id": job_id}, answer)
+    wait_for(lambda: slow_server.sent > sent, what="the server to send the input's body")
+    response = shared_sidecar.post("/interrupt", json={"id": job_id})
+    assert (response.status_code, response.json()) == (
+        200,
+        {"id": job_id, "interrupted": "success"},
+    )
+    caller.join(timeout=30)
+    assert answer["response"].status_code == 499, answer["response"].text
+    cache = Path(shared_sidecar.env["CACHE_DIR"])
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".partial-")] == []
+    wait_for(lambda: slow_server.gone > gone, timeout=5, what="the server to see the cut")
+    assert not any(p.name.startswith(job_id) for p in shared_sidecar.backend.input_dir.rglob("*"))
 
 
 def test_concurrent_prompts_all_succeed(shared_sidecar: Sidecar) -> None:

@@ -243,7 +243,7 @@ def test_recycle_after_jobs(spawn: Any, tmp_path: Path, receiver: Any) -> None:
     assert recycles[0]["data"]["reason"].startswith("RECYCLE_AFTER_JOBS")
     assert recycles[0]["data"]["instance"] == "0"
     metrics = sidecar.get("/metrics").text
-    assert 'comfyui_process_restarts_total{instance="0",reason="recycle"} 2.0' in metrics
+    assert 'comfyui_process_restarts_total{comfyui_instance="0",reason="recycle"} 2.0' in metrics
 
 
 def test_recycle_rss_limit(spawn: Any, tmp_path: Path) -> None:

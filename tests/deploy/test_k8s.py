@@ -24,6 +24,7 @@ K8S = ROOT / "docker" / "k8s"
 #: Queue mode (JOB_QUEUE_URL), applied on its own too (tests below).
 ADDON_FILES = {
     "podmonitor.yaml",
+    "prometheusrule.yaml",
     "keda-scaledobject.yaml",
     "hpa.yaml",
     "redis.yaml",

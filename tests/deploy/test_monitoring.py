@@ -1,15 +1,18 @@
 """docker/grafana, docker/prometheus and the k8s monitoring/autoscaling add-ons: valid, and
 naming only metrics the sidecar's ``/metrics`` really exposes.
 
-The HPA is a core resource (kubernetes-validate, strict, offline); the PodMonitor and the KEDA
-ScaledObject are CRDs, so their structure is checked against the small schemas below (the
-fields the Prometheus Operator and KEDA require, no unknown ones where we set them).
+The HPA is a core resource (kubernetes-validate, strict, offline); the PodMonitor, the
+PrometheusRule and the KEDA ScaledObject are CRDs, so their structure is checked against the
+small schemas below (the fields the Prometheus Operator and KEDA require, no unknown ones where
+we set them). The rules themselves are tested by promtool (test_alerts.py) and, with the
+dashboard, evaluated by a real Prometheus (test_prometheus_live.py).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import runpy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +24,15 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import running_sidecar
+from tests.deploy.promql import ALERTS, rules
 from tests.deploy.test_k8s import K8S, K8S_VERSIONS, no_network  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "docker" / "grafana" / "comfy-sidecar-dashboard.json"
 PROMETHEUS = ROOT / "docker" / "prometheus" / "prometheus.yml"
 WAITING_PLUS_RUNNING = "sum(comfyui_jobs_waiting + comfyui_jobs_running)"
+#: Exposed only in queue mode (JOB_QUEUE_URL), which the ``exposed`` sidecar does not run in.
+QUEUE_MODE_ONLY = {"comfyui_job_queue_up"}
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -73,6 +79,64 @@ POD_MONITOR = _closed(
                 },
             },
             ["selector", "podMetricsEndpoints"],
+        ),
+    },
+    ["apiVersion", "kind", "metadata", "spec"],
+)
+DURATION = {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d|w|y))+$"}
+TEXT_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+PROMETHEUS_RULE = _closed(
+    {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": METADATA,
+        "spec": _closed(
+            {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": _closed(
+                        {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": DURATION,
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "oneOf": [
+                                        _closed(
+                                            {
+                                                "alert": {
+                                                    "type": "string",
+                                                    "pattern": "^[A-Za-z_][A-Za-z0-9_]*$",
+                                                },
+                                                "expr": {"type": "string", "minLength": 1},
+                                                "for": DURATION,
+                                                "labels": TEXT_MAP,
+                                                "annotations": TEXT_MAP,
+                                            },
+                                            ["alert", "expr"],
+                                        ),
+                                        _closed(
+                                            {
+                                                "record": {
+                                                    "type": "string",
+                                                    "pattern": "^[a-zA-Z_:][a-zA-Z0-9_:]*$",
+                                                },
+                                                "expr": {"type": "string", "minLength": 1},
+                                                "labels": TEXT_MAP,
+                                            },
+                                            ["record", "expr"],
+                                        ),
+                                    ]
+                                },
+                            },
+                        },
+                        ["name", "rules"],
+                    ),
+                }
+            },
+            ["groups"],
         ),
     },
     ["apiVersion", "kind", "metadata", "spec"],
@@ -247,8 +311,15 @@ def test_dashboard_has_the_panels_operators_need() -> None:
 def test_dashboard_names_only_exposed_metrics(exposed: set[str]) -> None:
     for panel in _dashboard()["panels"]:
         for target in panel["targets"]:
-            unknown = metric_names(target["expr"]) - exposed
+            unknown = metric_names(target["expr"]) - exposed - QUEUE_MODE_ONLY
             assert not unknown, (panel["title"], target["expr"], unknown)
+
+
+def test_rules_name_only_exposed_or_recorded_metrics(exposed: set[str]) -> None:
+    recorded = {rule["record"] for rule in rules() if "record" in rule}
+    for rule in rules():
+        unknown = metric_names(rule["expr"]) - exposed - recorded - QUEUE_MODE_ONLY
+        assert not unknown, (rule.get("alert") or rule["record"], unknown)
 
 
 # --- Prometheus, PodMonitor, KEDA, HPA --------------------------------------------------------
@@ -279,6 +350,33 @@ def test_pod_monitor_selects_the_pods_metrics_port() -> None:
     ports = {p["name"] for p in template["spec"]["containers"][0]["ports"]}
     for endpoint in monitor["spec"]["podMetricsEndpoints"]:
         assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
+
+
+def test_prometheus_rule_is_alerts_yml_in_the_operators_shape() -> None:
+    """docker/k8s/prometheusrule.yaml is what scripts/prometheus_rule.py writes from
+    alerts.yml: the same groups, valid against the operator's fields."""
+    script = ROOT / "scripts" / "prometheus_rule.py"
+    prometheus_rule = runpy.run_path(str(script))["prometheus_rule"]
+    path = K8S / "prometheusrule.yaml"
+    assert path.read_text() == prometheus_rule(ALERTS.read_text()), (
+        "docker/k8s/prometheusrule.yaml is stale: run scripts/prometheus_rule.py"
+    )
+    rule = _load("prometheusrule.yaml")
+    jsonschema.validate(rule, PROMETHEUS_RULE)
+    assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
+    labels = _load("podmonitor.yaml")["metadata"]["labels"]
+    assert rule["metadata"]["labels"]["release"] == labels["release"]
+
+
+def test_prometheus_rule_schema_refuses_a_misspelt_field() -> None:
+    bad = _load("prometheusrule.yaml")
+    bad["spec"]["groups"][1]["rules"][0]["annotation"] = {"summary": "x"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, PROMETHEUS_RULE)
+    bad = _load("prometheusrule.yaml")
+    bad["spec"]["groups"][1]["rules"][0]["for"] = "5 minutes"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, PROMETHEUS_RULE)
 
 
 def test_pod_monitor_schema_refuses_a_misspelt_field() -> None:
@@ -322,6 +420,6 @@ def test_hpa_validates_offline_and_targets_the_deployment(version: str) -> None:
 
 def test_addons_stay_out_of_the_kustomization() -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    addons = {"podmonitor.yaml", "keda-scaledobject.yaml", "hpa.yaml"}
+    addons = {"podmonitor.yaml", "prometheusrule.yaml", "keda-scaledobject.yaml", "hpa.yaml"}
     addons |= {"redis.yaml", "keda-redis-streams.yaml"}
     assert not addons & set(kustomization["resources"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import io
 import json
 import uuid
 from collections.abc import Callable
@@ -14,15 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from PIL import Image
 
 from tests.conftest import Sidecar, basic_prompt, png_bytes, slow_prompt
+from tests.core.test_netguard_proxy import REFUSED_HOOKS, aidock_job, modal_job
+from tests.forward_proxy import ForwardProxy, forward_proxy
 from tests.jobs.test_modal_jobs import image_workflow
 from tests.jobs.test_redis_queue import executions, job, replicas, runs_on
 from tests.receiver import Receiver
 from tests.redis_server import RedisServer, redis_server
+from tests.storage.slow_server import SlowServer
 from tests.waiting import wait_for
 
-__all__ = ["redis_server"]  # the fixture, used by name
+__all__ = ["forward_proxy", "redis_server"]  # the fixtures, used by name
 
 
 def delete(sidecar: Sidecar, path: str) -> httpx.Response:
@@ -235,6 +240,47 @@ def test_modal_jobs_with_media_run_anywhere_and_webhook_once(
         assert body["event"] == "job.completed" and body["timestamp"]
 
 
+def test_modal_jobs_override_naming_a_media_item_in_queue_mode(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    # An `inputs` override whose value names a media item feeds that item, as in-process
+    # (the override was applied after the media were inlined: ComfyUI got "in.png", a 400).
+    server = SlowServer()
+    server.files["far.png"] = png_bytes((10, 14), (0, 0, 255))
+    try:
+        a, b = replicas(spawn, tmp_path, redis_server.url)
+        near = base64.b64encode(png_bytes((20, 12), (200, 40, 90))).decode()
+        items = [
+            ({"name": "in.png", "data": near}, (20, 12)),
+            ({"name": "in.png", "url": server.url("/files/far.png")}, (10, 14)),
+        ]
+        ids = []
+        for item, _ in items:
+            body = {
+                "workflow": image_workflow("placeholder.png"),
+                "media": [item],
+                "inputs": [{"node": "107", "field": "image", "value": "in.png"}],
+            }
+            accepted = a.post("/v1/jobs", json=body)
+            assert accepted.status_code == 200, accepted.text
+            ids.append(accepted.json()["job_id"])
+        for job_id, (_, size) in zip(ids, items, strict=True):
+            status = wait_for(
+                lambda j=job_id: (
+                    (v := b.get(f"/v1/jobs/{j}").json())["status"] in ("completed", "failed")
+                    and v
+                ),
+                timeout=120,
+                interval=0.1,
+                what=f"{job_id} to end",
+            )
+            assert status["status"] == "completed", status
+            [output] = status["outputs"]
+            assert Image.open(io.BytesIO(base64.b64decode(output["data"]))).size == size
+    finally:
+        server.stop()
+
+
 def test_modal_jobs_cancel_from_another_replica(
     redis_server: RedisServer,
     spawn: Callable[..., Sidecar],
@@ -318,6 +364,14 @@ def test_modal_jobs_media_must_feed_a_media_input_in_queue_mode(
             },
             "inputs.0.field",
         ),
+        (  # an override naming a media item feeds it: only a media input may take it
+            {
+                "workflow": image_workflow("input.png"),
+                "media": [{"name": "input.png", "data": encoded}],
+                "inputs": [{"node": "3", "field": "filename_prefix", "value": "input.png"}],
+            },
+            "inputs.0.value",
+        ),
         (  # the claiming replica's preprocessing, run at submission, names the media item
             {
                 "workflow": image_workflow("input.png"),
@@ -331,3 +385,34 @@ def test_modal_jobs_media_must_feed_a_media_input_in_queue_mode(
         assert answer.status_code in (400, 502), answer.text
         assert answer.json()["location"] == location, answer.json()
     assert a.get("/v1/jobs").json()["jobs"] == [], "nothing was queued"
+
+
+def test_adapter_webhooks_to_refused_urls_are_a_400_at_the_field_in_queue_mode(
+    redis_server: RedisServer,
+    spawn: Callable[..., Sidecar],
+    tmp_path: Path,
+    forward_proxy: ForwardProxy,
+    receiver: Callable[..., Receiver],
+) -> None:
+    """The same check as in-process (tests/core/test_netguard_proxy.py), behind a real proxy:
+    nothing is appended to the queue, nothing reaches the proxy."""
+    metadata = receiver()  # 127.0.0.1: stands in for the metadata service
+    [a] = replicas(
+        spawn,
+        tmp_path,
+        redis_server.url,
+        count=1,
+        ALLOWED_URL_HOSTS="127.0.0.2/32",
+        **forward_proxy.env(),
+    )
+    port = metadata.server.server_address[1]
+    for hook_url in REFUSED_HOOKS:
+        for adapter in (modal_job, aidock_job):
+            path, body, location = adapter(hook_url.format(port=port))
+            answer = a.post(path, json=body)
+            assert answer.status_code == 400, (hook_url, answer.text)
+            assert answer.json()["location"] == location
+            assert "refused" in answer.json()["error"]
+    assert a.get("/jobs", params={"limit": 1000}).json()["jobs"] == []
+    assert metadata.snapshot() == []
+    assert [r for r in forward_proxy.requests() if r[0] == "POST"] == []

@@ -112,3 +112,27 @@ def test_close_fails_waiting_and_later_jobs_503() -> None:
             await d.acquire()
 
     asyncio.run(main())
+
+
+def test_oldest_wait_is_the_age_of_the_first_job_still_waiting() -> None:
+    async def main() -> None:
+        now = [100.0]
+        a = Inst("0", accepting=False)
+        d = Dispatcher([a], per_instance=1, clock=lambda: now[0])
+        assert d.oldest_wait_s == 0.0
+        first = asyncio.ensure_future(d.acquire())
+        await settle(lambda: d.waiting == 1)
+        now[0] = 130.0
+        second = asyncio.ensure_future(d.acquire())
+        await settle(lambda: d.waiting == 2)
+        now[0] = 145.0
+        assert d.oldest_wait_s == 45.0  # the first one, 100 -> 145
+        a.accepting = True
+        d.poke()  # the first takes the only slot; the second (since 130) is now the oldest
+        assert (await first) is a
+        assert d.oldest_wait_s == 15.0
+        d.release(a)
+        assert (await second) is a
+        assert d.oldest_wait_s == 0.0 and d.waiting == 0
+
+    asyncio.run(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tests.conftest import (
     slow_prompt,
     upscale_prompt,
 )
+from tests.storage.slow_server import SlowServer
 from tests.waiting import wait_for
 
 
@@ -174,6 +176,37 @@ def test_cancel_a_pending_and_a_running_job(shared_sidecar: Sidecar) -> None:
         assert wait_job(shared_sidecar, job_id)["status"] == "cancelled"
     again = shared_sidecar.post(f"/jobs/{running}/cancel").json()
     assert again == {"id": running, "cancelled": False, "status": "cancelled"}
+
+
+def test_cancel_a_job_downloading_its_inputs(shared_sidecar: Sidecar) -> None:
+    # POST /jobs preprocesses before it answers, so it is still open while a LoadImage URL
+    # downloads. A cancel then stops the download (POST /jobs answers 499) and the job ends
+    # cancelled, at once: the cancel waited 10 s for a record that was dropped, answered
+    # `status: pending`, and the job was gone (404).
+    server = SlowServer()
+    try:
+        job_id = f"dl-cancel-{uuid.uuid4().hex[:8]}"
+        prompt = basic_prompt(1)
+        prompt["9"] = {"class_type": "LoadImage", "inputs": {"image": server.url("/trickle")}}
+        answers: list[httpx.Response] = []
+        submitting = threading.Thread(
+            target=lambda: answers.append(
+                shared_sidecar.post("/jobs", json={"prompt": prompt, "id": job_id})
+            )
+        )
+        submitting.start()
+        wait_for(lambda: server.sent > 0, what="the input's body to flow")
+        assert shared_sidecar.get(f"/jobs/{job_id}").json()["status"] == "pending"
+        answer = shared_sidecar.post(f"/jobs/{job_id}/cancel")
+        assert answer.json() == {"id": job_id, "cancelled": True, "status": "cancelled"}
+        submitting.join(timeout=30)
+        assert answers[0].status_code == 499, answers[0].text
+        job = shared_sidecar.get(f"/jobs/{job_id}").json()
+        assert (job["status"], job["endpoint"]) == ("cancelled", "jobs")
+        assert "interrupted" in job["error"]["error"]
+        wait_for(lambda: server.gone == 1, timeout=5, what="the download to be cut")
+    finally:
+        server.stop()
 
 
 def test_listing_filters_and_pages(shared_sidecar: Sidecar) -> None:

@@ -4,6 +4,7 @@ COMFY_HOME is set), used the way its operator guide's example clients use it."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import pathlib
 import time
@@ -105,6 +106,30 @@ def test_image_base64_override_and_listing(shared_sidecar: Sidecar) -> None:
     )
     bad = shared_sidecar.get("/v1/jobs", params={"status": "pending"})
     assert bad.status_code == 400 and bad.json()["location"] == "status"
+
+
+def test_an_override_may_name_a_media_item(shared_sidecar: Sidecar) -> None:
+    # The guide: a media item's `name` "becomes the filename seen by LoadImage nodes", so an
+    # `inputs` override naming it loads that item, as the workflow's own values do (it was
+    # applied after the media were renamed, and ComfyUI was asked for "in.png": a 400).
+    image = png_bytes((20, 12), (200, 40, 90))
+    body = {
+        "workflow": image_workflow("placeholder.png"),
+        "media": [{"name": "in.png", "data": base64.b64encode(image).decode()}],
+        "inputs": [{"node": "107", "field": "image", "value": "in.png"}],
+    }
+    answer = shared_sidecar.post("/v1/jobs", json=body)
+    assert answer.status_code == 200, answer.text
+    status, _ = poll(shared_sidecar, answer.json()["job_id"])
+    assert status["status"] == "completed", status
+    [output] = status["outputs"]
+    from PIL import Image
+
+    loaded = Image.open(io.BytesIO(base64.b64decode(output["data"]))).convert("RGB")
+    assert loaded.size == (20, 12)
+    inverted = (255 - 200, 255 - 40, 255 - 90)
+    assert all(abs(a - b) <= 2 for a, b in zip(loaded.getpixel((3, 3)), inverted, strict=True))
+    wait_for(lambda: no_media_folders(shared_sidecar), timeout=10, what="media folder removed")
 
 
 def test_cancel_ends_failed_and_sends_the_webhooks(shared_sidecar: Sidecar, receiver: Any) -> None:

@@ -4,10 +4,12 @@
 * ``/huge``: declares a 10 GiB Content-Length (sends little of it);
 * ``/trickle``: declares 1 MB and sends 1 byte every 0.2 s;
 * ``/files/<name>``: a file from ``files``, at once;
+* ``/held/<name>``: a file from ``files``: its first half at once, the rest once ``release``
+  is set;
 * ``/redirect?to=<url>``: 302 to ``url``.
 
-``open_now`` counts misbehaving responses being served, ``gone`` the ones the client dropped,
-``hits`` the files served.
+``open_now`` counts misbehaving (and held) responses being served, ``gone`` the ones the
+client dropped, ``sent`` the body bytes they wrote, ``hits`` the files served (held or not).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ class SlowServer(ThreadingHTTPServer):
         self.open_now = 0
         self.gone = 0
         self.hits = 0
+        self.sent = 0
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.release = threading.Event()
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     def url(self, path: str) -> str:
@@ -42,6 +46,7 @@ class SlowServer(ThreadingHTTPServer):
 
     def stop(self) -> None:
         self.stopping.set()
+        self.release.set()
         self.shutdown()
         self.server_close()
 
@@ -83,7 +88,28 @@ class _Handler(BaseHTTPRequestHandler):
                 self.server.open_now -= 1
             self.close_connection = True
 
+    def _write(self, chunk: bytes) -> None:
+        self.wfile.write(chunk)
+        self.wfile.flush()
+        with self.server.lock:
+            self.server.sent += len(chunk)
+
+    def _held(self, name: str) -> None:
+        data = self.server.files[name]
+        with self.server.lock:
+            self.server.hits += 1
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        half = len(data) // 2
+        self._write(data[:half])
+        self.server.release.wait()
+        self._write(data[half:])
+
     def _misbehave(self, path: str) -> None:
+        if path.startswith("/held/"):
+            self._held(path.removeprefix("/held/"))
+            return
         self.send_response(200)
         if path == "/huge":
             self.send_header("Content-Length", str(10 * 1024**3))
@@ -95,8 +121,7 @@ class _Handler(BaseHTTPRequestHandler):
         chunk = b"x" * (64 << 10) if path != "/trickle" else b"x"
         pause = 0.2 if path == "/trickle" else 0.0
         while not self.server.stopping.is_set():
-            self.wfile.write(chunk)
-            self.wfile.flush()
+            self._write(chunk)
             if pause:
                 time.sleep(pause)
             if path == "/huge":

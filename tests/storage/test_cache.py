@@ -22,7 +22,10 @@ from comfy_sidecar.storage import (
 )
 from comfy_sidecar.storage.base import extname
 from comfy_sidecar.storage.cache import INDEX_NAME, DownloadCache, cache_key, cache_name
+from tests.forward_proxy import ForwardProxy, forward_proxy
 from tests.storage.servers import FileServer
+
+__all__ = ["forward_proxy"]  # the fixture, used by name
 
 CIVITAI = (
     "https://civitai.com/api/download/models/128713?type=Model&format=SafeTensor"
@@ -445,13 +448,15 @@ def test_stage_input_refuses_traversal(
 
 
 def test_httpx_path_used_behind_a_proxy(
-    make_storage: Any, http_server: FileServer, monkeypatch: pytest.MonkeyPatch
+    make_storage: Any,
+    http_server: FileServer,
+    forward_proxy: ForwardProxy,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With HTTP(S)_PROXY applying, downloads go through httpx (which honours it): same
-    results for a plain file, a cut body, the extension fallbacks and cross-origin auth."""
-    import comfy_sidecar.storage.http as http_mod
-
-    monkeypatch.setattr(http_mod, "_proxied", lambda url: True)
+    """With HTTP(S)_PROXY applying (a real tinyproxy), downloads go through httpx and the proxy:
+    same results for a plain file, a cut body, the extension fallbacks and cross-origin auth."""
+    for name, value in forward_proxy.env().items():
+        monkeypatch.setenv(name, value)
     http_server.files["p.bin"] = os.urandom(300_000)
     http_server.files["pblob"] = http_server.files["p.bin"]
     http_server.files["c.bin"] = os.urandom(300_000)
@@ -473,6 +478,7 @@ def test_httpx_path_used_behind_a_proxy(
             await storage.close()
         after = [h for m, p, h in http_server.requests if p == "/files/p.bin"]
         assert after and all("Authorization" not in h for h in after)
+        assert ("GET", other) in forward_proxy.requests(), "the redirect hop went through it"
 
     asyncio.run(main())
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from comfy_sidecar.storage import BackendError, Storage
+from comfy_sidecar.storage.cache import PARTIAL_PREFIX
 from tests.storage.conftest import make_settings
 from tests.storage.slow_server import SlowServer
 from tests.waiting import async_wait_for
@@ -95,5 +96,48 @@ def test_slow_downloads_do_not_starve_other_downloads(slow: SlowServer, tmp_path
         for task in stuck:
             task.cancel()
         await asyncio.gather(*stuck, return_exceptions=True)
+
+    run_with_storage(tmp_path, body, DOWNLOAD_IDLE_TIMEOUT_S="600")
+
+
+def test_a_download_no_caller_waits_for_is_stopped(slow: SlowServer, tmp_path: Path) -> None:
+    # The job waiting for it was interrupted: the download itself stops (it went on, holding
+    # its connection and its partial file in CACHE_DIR, until DOWNLOAD_IDLE_TIMEOUT_S).
+    async def body(storage: Storage) -> None:
+        url = slow.url("/trickle?stop=1")
+        task = asyncio.create_task(storage.fetch(url, None))
+        await async_wait_for(lambda: slow.sent > 0, what="the body to flow")
+        assert storage.cache.progress(url) is not None
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert storage.cache.progress(url) is None, "no download in flight"
+        partials = [name for name in leftovers(storage) if name.startswith(PARTIAL_PREFIX)]
+        assert partials == [], "its partial file is gone when the caller is released"
+        await async_wait_for(lambda: slow.gone == 1, timeout=5, what="the connection to drop")
+        assert storage.cache.entry(url) is None
+
+    run_with_storage(tmp_path, body, DOWNLOAD_IDLE_TIMEOUT_S="600")
+
+
+def test_a_shared_download_goes_on_for_the_caller_still_waiting(
+    slow: SlowServer, tmp_path: Path
+) -> None:
+    # Two jobs want one URL: one download. The one interrupted leaves; the other gets the file.
+    slow.files["shared.bin"] = bytes(range(256)) * 4096
+
+    async def body(storage: Storage) -> None:
+        url = slow.url("/held/shared.bin")
+        leaving = asyncio.create_task(storage.fetch(url, None))
+        staying = asyncio.create_task(storage.fetch(url, None))
+        await async_wait_for(lambda: slow.sent > 0, what="the body to flow")
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert storage.cache.progress(url) is not None, "still downloading"
+        slow.release.set()
+        path = await asyncio.wait_for(staying, 30)
+        assert path.read_bytes() == slow.files["shared.bin"]
+        assert (slow.hits, slow.gone) == (1, 0), "one GET, never cut"
 
     run_with_storage(tmp_path, body, DOWNLOAD_IDLE_TIMEOUT_S="600")
