@@ -102,6 +102,26 @@ def test_webhook_v2_failure_is_structured(sidecar: Sidecar, receiver: Any) -> No
     assert body["error"]["exception_type"] == "PIL.UnidentifiedImageError"
 
 
+def test_failure_webhooks_name_no_server_path(sidecar: Sidecar, receiver: Any) -> None:
+    """v1 and v2 failure webhooks of ComfyUI's execution error name the input relative to
+    INPUT_DIR, never a server directory."""
+    (sidecar.backend.input_dir / "garbage3.png").write_bytes(b"garbage")
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "garbage3.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "b"}},
+    }
+    for field in ("webhook_v2", "webhook"):
+        hook: Receiver = receiver()
+        answer = sidecar.post("/prompt", json={"prompt": prompt, field: hook.url})
+        assert answer.status_code == 202, answer.text
+        (request,) = hook.wait_for(1, timeout=60)
+        body = verify(request)
+        error = body["error"]
+        message = error["exception_message"] if field == "webhook_v2" else error
+        assert "cannot identify image file '<INPUT_DIR>/garbage3.png'" in message
+        sidecar.assert_names_no_server_dir(request.body.decode())
+
+
 def test_webhook_v1_one_post_per_output(sidecar: Sidecar, receiver: Any) -> None:
     hook: Receiver = receiver()
     response = sidecar.post(

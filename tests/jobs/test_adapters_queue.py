@@ -331,3 +331,37 @@ def test_modal_jobs_media_must_feed_a_media_input_in_queue_mode(
         assert answer.status_code in (400, 502), answer.text
         assert answer.json()["location"] == location, answer.json()
     assert a.get("/v1/jobs").json()["jobs"] == [], "nothing was queued"
+
+
+def test_a_failed_modal_job_names_no_server_path_in_queue_mode(
+    redis_server: RedisServer,
+    spawn: Callable[..., Sidecar],
+    tmp_path: Path,
+    receiver: Callable[..., Receiver],
+) -> None:
+    """ComfyUI's execution error for a garbage media item, kept in Redis, reaches
+    GET /v1/jobs/{id}, GET /jobs/{id} and the `job.failed` webhook with its server paths
+    scrubbed."""
+    hook = receiver()
+    [a] = replicas(spawn, tmp_path, redis_server.url, count=1)
+    body = {
+        "workflow": image_workflow("garbage.png"),
+        "media": [{"name": "garbage.png", "data": base64.b64encode(b"garbage").decode()}],
+        "webhook_url": hook.url,
+    }
+    accepted = a.post("/v1/jobs", json=body)
+    assert accepted.status_code == 200, accepted.text
+    job_id = accepted.json()["job_id"]
+    status = wait_for(
+        lambda: (v := a.get(f"/v1/jobs/{job_id}").json())["status"] == "failed" and v,
+        timeout=120,
+        interval=0.1,
+        what="the job to fail",
+    )
+    assert "cannot identify image file '<INPUT_DIR>/.comfy-sidecar/" in status["error"]
+    assert status["error_log_tail"]
+    a.assert_names_no_server_dir(json.dumps(status))
+    a.assert_names_no_server_dir(a.get(f"/jobs/{job_id}").text)
+    (event,) = hook.wait_for(1, timeout=60)
+    assert event.json()["event"] == "job.failed"
+    a.assert_names_no_server_dir(event.body.decode())

@@ -136,6 +136,28 @@ def test_cancel_ends_failed_and_sends_the_webhooks(shared_sidecar: Sidecar, rece
     assert "outputs" not in events[done]
 
 
+def test_a_failed_job_names_no_server_path(shared_sidecar: Sidecar, receiver: Any) -> None:
+    """ComfyUI's execution error for a garbage media item reaches GET /v1/jobs/{id} (`error`,
+    `error_log_tail`) and the `job.failed` webhook with its server paths scrubbed."""
+    hook = receiver()
+    body = {
+        "workflow": image_workflow("garbage.png"),
+        "media": [{"name": "garbage.png", "data": base64.b64encode(b"garbage").decode()}],
+        "webhook_url": hook.url,
+    }
+    answer = shared_sidecar.post("/v1/jobs", json=body)
+    assert answer.status_code == 200, answer.text
+    status, _ = poll(shared_sidecar, answer.json()["job_id"])
+    assert status["status"] == "failed"
+    assert "cannot identify image file '<INPUT_DIR>/.comfy-sidecar/" in status["error"]
+    assert status["error_log_tail"]
+    shared_sidecar.assert_names_no_server_dir(json.dumps(status))
+    (event,) = hook.wait_for(1, timeout=60)
+    assert event.json()["event"] == "job.failed"
+    assert "'<INPUT_DIR>/.comfy-sidecar/" in event.json()["error"]
+    shared_sidecar.assert_names_no_server_dir(event.body.decode())
+
+
 @pytest.mark.parametrize(
     ("change", "location"),
     [
