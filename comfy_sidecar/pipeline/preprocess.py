@@ -87,11 +87,20 @@ def write_input(path: Path, data: bytes, location: str) -> None:
         ) from None
 
 
+#: Linux's longest file name (NAME_MAX), in bytes.
+NAME_MAX = 255
+#: What :func:`write_atomically` adds to a file's name while it writes it.
+PART_SUFFIX = ".part"
+#: The longest name, in UTF-8 bytes, of an input file written with :func:`write_atomically`
+#: (a Modal media item's ``name``): NAME_MAX less :data:`PART_SUFFIX`.
+MAX_INPUT_NAME_BYTES = NAME_MAX - len(PART_SUFFIX)
+
+
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a ``.part`` sibling renamed into place; nothing is
-    left when the write fails. A full disk raises :class:`DiskFullError`, other failures
-    the ``OSError``."""
-    tmp = path.with_name(path.name + ".part")
+    """Write ``data`` to ``path`` through a ``.part`` sibling (:data:`PART_SUFFIX`) renamed
+    into place; nothing is left when the write fails. A full disk raises
+    :class:`DiskFullError`, other failures the ``OSError``."""
+    tmp = path.with_name(path.name + PART_SUFFIX)
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)

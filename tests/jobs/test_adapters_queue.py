@@ -365,3 +365,23 @@ def test_a_failed_modal_job_names_no_server_path_in_queue_mode(
     (event,) = hook.wait_for(1, timeout=60)
     assert event.json()["event"] == "job.failed"
     a.assert_names_no_server_dir(event.body.decode())
+
+
+def test_a_media_name_too_long_to_write_is_a_400_in_queue_mode(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    """Queue mode inlines media as data: URLs, yet bounds names as in-process mode does: one
+    the atomic writer's `.part` would push past NAME_MAX is refused at the field."""
+    [a] = replicas(spawn, tmp_path, redis_server.url, count=1)
+    encoded = base64.b64encode(png_bytes()).decode()
+    for name, status in (
+        ("a" * 247 + ".png", 400),
+        ("é" * 124 + ".png", 400),
+        ("é" * 123 + ".png", 200),
+    ):
+        body = {"workflow": image_workflow(name), "media": [{"name": name, "data": encoded}]}
+        answer = a.post("/v1/jobs", json=body)
+        assert answer.status_code == status, answer.text
+        if status == 400:
+            assert answer.json()["location"] == "media.0.name"
+    assert len(a.get("/v1/jobs").json()["jobs"]) == 1, "only the 250-byte name was queued"

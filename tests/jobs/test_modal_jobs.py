@@ -193,6 +193,34 @@ def test_bad_input_is_a_400_naming_the_field_and_leaves_nothing(
     assert len(shared_sidecar.get("/jobs", params={"limit": 1000}).json()["jobs"]) == before
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["a" * 247 + ".png", "é" * 124 + ".png"],  # 251 and 252 bytes of UTF-8
+)
+def test_a_media_name_too_long_to_write_is_a_400(shared_sidecar: Sidecar, name: str) -> None:
+    """A name the atomic writer's `.part` would push past NAME_MAX (255) is refused at the
+    field (it was a 500, `File name too long`)."""
+    body = {
+        "workflow": image_workflow(name),
+        "media": [{"name": name, "data": base64.b64encode(png_bytes()).decode()}],
+    }
+    answer = shared_sidecar.post("/v1/jobs", json=body)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["location"] == "media.0.name"
+    assert no_media_folders(shared_sidecar)
+
+
+def test_a_media_name_of_250_bytes_runs(shared_sidecar: Sidecar) -> None:
+    name = "é" * 123 + ".png"  # 250 bytes: with `.part`, NAME_MAX
+    body = {
+        "workflow": image_workflow(name),
+        "media": [{"name": name, "data": base64.b64encode(png_bytes()).decode()}],
+    }
+    answer = shared_sidecar.post("/v1/jobs", json=body)
+    assert answer.status_code == 200, answer.text
+    assert poll(shared_sidecar, answer.json()["job_id"])[0]["status"] == "completed"
+
+
 def test_a_media_item_over_50_mb_is_refused(shared_sidecar: Sidecar) -> None:
     too_big = "A" * ((50 * 1024 * 1024 // 3 + 2) * 4)
     body = {"workflow": image_workflow("a.png"), "media": [{"name": "a.png", "data": too_big}]}
