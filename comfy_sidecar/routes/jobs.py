@@ -12,6 +12,7 @@ import asyncio
 import base64
 from collections.abc import Callable
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import msgspec
 from litestar import Request, Response, delete, get, post
@@ -339,12 +340,33 @@ Body = Callable[[int, int, int, dict[str, str]], Response[Any]]
 """``body(first, last, status, headers)``: the response for bytes first..last (inclusive)."""
 
 
+#: What stands for a character the quoted ``filename`` of a Content-Disposition cannot hold.
+FALLBACK_CHARACTER = "_"
+#: Characters RFC 8187's ``attr-char`` allows besides letters, digits and ``-._~`` (which
+#: :func:`urllib.parse.quote` never encodes).
+ATTR_CHARS = "!#$&+^`|"
+
+
+def content_disposition(filename: str, disposition: str = "inline") -> str:
+    """The ``Content-Disposition`` of a file named ``filename``, as RFC 6266 section 4.3 advises:
+    ``inline; filename="<ASCII fallback>"; filename*=UTF-8''<percent-encoded UTF-8>``. The
+    fallback keeps printable ASCII but ``"``, ``\\`` and ``%`` (each becomes ``_``, as does every
+    other character), so it is always a valid quoted-string; ``filename*`` carries the exact
+    name. The value is ASCII whatever the name holds (CR, LF, non-Latin-1 characters)."""
+    fallback = "".join(
+        c if " " <= c <= "~" and c not in '"\\%' else FALLBACK_CHARACTER for c in filename
+    )
+    encoded = quote(filename, safe=ATTR_CHARS, errors="surrogateescape")
+    return f"{disposition}; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
+
+
 def ranged(request: Request[Any, Any, Any], size: int, filename: str, body: Body) -> Response[Any]:
     """An output file's answer: whole (200) or the single ``Range: bytes=`` range asked for
-    (206), or 416 when the range starts past ``size`` bytes."""
+    (206), or 416 when the range starts past ``size`` bytes. ``filename`` goes into the
+    ``Content-Disposition`` (:func:`content_disposition`)."""
     headers = {
         "accept-ranges": "bytes",
-        "content-disposition": f'inline; filename="{filename}"',
+        "content-disposition": content_disposition(filename),
     }
     try:
         span = parse_range(request.headers.get("range"), size)

@@ -4,7 +4,9 @@ when COMFY_HOME is set)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,27 @@ def test_submit_wait_and_fetch_outputs_with_range(shared_sidecar: Sidecar) -> No
     with_data = shared_sidecar.get(f"/jobs/{accepted['id']}", params={"include": "data"}).json()
     assert all(o["data"] for o in with_data["outputs"])
     assert shared_sidecar.get(f"/jobs/{accepted['id']}/outputs/2").status_code == 404
+
+
+def check_content_disposition(header: str, filename: str) -> None:
+    """``header`` is RFC 6266's form for ``filename``: ``inline``, a quoted ASCII fallback
+    (printable, no ``"``, ``\\`` or ``%``) and ``filename*=UTF-8''`` naming it exactly."""
+    match = re.fullmatch(r"inline; filename=\"([ !#$&-\[\]-~]*)\"; filename\*=UTF-8''(\S+)", header)
+    assert match is not None, header
+    assert len(match.group(1)) == len(filename)
+    assert urllib.parse.unquote(match.group(2), errors="strict") == filename
+
+
+def test_an_output_named_with_quotes_and_non_ascii_is_served(shared_sidecar: Sidecar) -> None:
+    """A `"` made the Content-Disposition invalid and non-ASCII went out as raw Latin-1:
+    RFC 6266's quoted ASCII fallback plus `filename*` instead."""
+    job = wait_job(shared_sidecar, submit(shared_sidecar, basic_prompt(1, prefix='a"b é%'))["id"])
+    assert job["status"] == "completed", job
+    [output] = job["outputs"]
+    assert 'a"b é%' in output["filename"]
+    answer = shared_sidecar.get(output["url"])
+    assert answer.status_code == 200 and answer.content.startswith(b"\x89PNG")
+    check_content_disposition(answer.headers["content-disposition"], output["filename"])
 
 
 @pytest.mark.parametrize("which", ["upscale", "multi-node"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,29 @@ def test_read_slice(tmp_path: Path) -> None:
         return b"".join([c async for c in read_slice(path, 1000, 300_000)])
 
     assert asyncio.run(collect()) == data[1000:300_001]
+
+
+@pytest.mark.parametrize(
+    ("filename", "fallback"),
+    [
+        ("x_00001_.png", "x_00001_.png"),
+        ('a"b\\c%d.png', "a_b_c_d.png"),
+        ("é✓.png", "__.png"),
+        ("a\r\nX-Injected: 1.png", "a__X-Injected: 1.png"),
+    ],
+)
+def test_content_disposition_is_ascii_with_the_exact_name_in_filename_star(
+    filename: str, fallback: str
+) -> None:
+    """RFC 6266: a quoted ASCII fallback and the exact name percent-encoded in `filename*`;
+    a header h11 (uvicorn's HTTP/1.1) accepts whatever the name holds."""
+    import h11
+
+    from comfy_sidecar.routes.jobs import content_disposition
+
+    value = content_disposition(filename)
+    assert value == (
+        f"inline; filename=\"{fallback}\"; filename*=UTF-8''{urllib.parse.quote(filename)}"
+    )
+    assert urllib.parse.unquote(value.rsplit("''", 1)[1]) == filename
+    h11.Response(status_code=200, headers=[("content-disposition", value)])  # raises if invalid
