@@ -68,6 +68,20 @@ class JobList(msgspec.Struct, kw_only=True):
     next_cursor: str | None
 
 
+#: The most digits a ``cursor`` or ``Last-Event-ID`` may have: both count jobs or events, far
+#: below 10^18 (and Python refuses to convert a string of more than 4,300 digits).
+MAX_COUNTER_DIGITS = 18
+
+
+def counter(raw: str, location: str, what: str) -> int:
+    """``raw``, a counter the caller got from us (a ``cursor``, an event id), as an int:
+    :class:`InputError` at ``location`` ("not <what>") unless it is 1 to
+    :data:`MAX_COUNTER_DIGITS` ASCII digits."""
+    if not raw.isascii() or not raw.isdigit() or len(raw) > MAX_COUNTER_DIGITS:
+        raise InputError(f"not {what} (at most {MAX_COUNTER_DIGITS} digits)", location)
+    return int(raw)
+
+
 def job_of(jobs: JobService, job_id: str) -> JobRecord:
     """The retained job ``job_id``; :class:`NotFound` (404) otherwise."""
     try:
@@ -189,11 +203,7 @@ async def list_jobs(
         except ValueError:
             names = ", ".join(s.value for s in JobStatus)
             raise InputError(f"status must be one of {names}", "status") from None
-    after: int | None = None
-    if cursor is not None:
-        if not cursor.isascii() or not cursor.isdigit():
-            raise InputError("not a cursor from a previous page", "cursor")
-        after = int(cursor)
+    after = None if cursor is None else counter(cursor, "cursor", "a cursor from a previous page")
     if jobs.shared is not None:
         views, following = await jobs.shared.page(wanted, limit, after)
         for view in views:
@@ -252,8 +262,12 @@ async def delete_job(job_id: str, jobs: JobService) -> CancelResponse:
 
 
 def _last_event_id(request: Request[Any, Any, Any]) -> int:
+    """The event id ``Last-Event-ID`` resumes after: 0 (from the start) when absent or not a
+    number; a number too long to be an event id is :class:`InputError` at ``last-event-id``."""
     raw = request.headers.get("last-event-id", "")
-    return int(raw) if raw.isascii() and raw.isdigit() else 0
+    if not (raw.isascii() and raw.isdigit()):
+        return 0
+    return counter(raw, "last-event-id", "an event id of this stream")
 
 
 @get(

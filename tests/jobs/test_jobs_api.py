@@ -221,6 +221,34 @@ def test_listing_filters_and_pages(shared_sidecar: Sidecar) -> None:
         assert bad.json()["location"] == location
 
 
+def check_long_digit_strings(sidecar: Sidecar, job: dict[str, Any]) -> None:
+    """A `cursor` or `Last-Event-ID` of 5,000 digits (Python converts at most 4,300) is a 400
+    naming it, and so is anything over 18 digits; a `Range` position that long is past the end
+    of ``job``'s first output (416 for a start, the whole file for an end)."""
+    digits = "9" * 5000
+    for cursor in (digits, "9" * 19):
+        answer = sidecar.get("/jobs", params={"cursor": cursor})
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["location"] == "cursor"
+    assert sidecar.get("/jobs", params={"cursor": "9" * 18}).status_code == 200
+    for last_event_id in (digits, "9" * 19):
+        answer = sidecar.get(f"/jobs/{job['id']}/events", headers={"last-event-id": last_event_id})
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["location"] == "last-event-id"
+    url, size = job["outputs"][0]["url"], job["outputs"][0]["size_bytes"]
+    past = sidecar.get(url, headers={"range": f"bytes={digits}-"})
+    assert past.status_code == 416 and past.json()["location"] == "range"
+    assert past.headers["content-range"] == f"bytes */{size}"
+    whole = sidecar.get(url, headers={"range": f"bytes=0-{digits}"})
+    assert whole.status_code == 206 and len(whole.content) == size
+
+
+def test_long_digit_strings_are_400s_naming_the_parameter(shared_sidecar: Sidecar) -> None:
+    job = wait_job(shared_sidecar, submit(shared_sidecar, basic_prompt(batch=1))["id"])
+    assert job["status"] == "completed", job
+    check_long_digit_strings(shared_sidecar, job)
+
+
 def test_unknown_job_is_404_and_prompt_jobs_are_listed(shared_sidecar: Sidecar) -> None:
     missing = shared_sidecar.get("/jobs/no-such-job")
     assert missing.status_code == 404 and missing.json()["location"] == "id"

@@ -24,13 +24,19 @@ from comfy_sidecar.jobs.ranges import Unsatisfiable, parse_range, read_slice
         ("items=0-1", None),
         ("bytes=x-y", None),
         ("bytes=9-3", None),
+        ("bytes=1_0-", None),  # int() takes it; RFC 9110's DIGIT does not
+        ("bytes=\u0661-", None),  # ARABIC-INDIC DIGIT ONE: likewise
+        (f"bytes=0-{'9' * 5000}", (0, 99)),  # an end past any file's: to the end
+        (f"bytes=-{'9' * 5000}", (0, 99)),  # a suffix longer than any file: all of it
     ],
 )
 def test_parse_range(header: str | None, expected: tuple[int, int] | None) -> None:
     assert parse_range(header, 100) == expected
 
 
-@pytest.mark.parametrize("header", ["bytes=100-", "bytes=150-160", "bytes=-0"])
+@pytest.mark.parametrize(
+    "header", ["bytes=100-", "bytes=150-160", "bytes=-0", f"bytes={'9' * 5000}-"]
+)
 def test_unsatisfiable(header: str) -> None:
     with pytest.raises(Unsatisfiable):
         parse_range(header, 100)
