@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import msgspec
 
@@ -508,10 +509,11 @@ class Delivery:
                 image_path=link,
                 on_close=remove,
             )
+            # One webhook-id per output (a receiver deduplicates on it), header-safe whatever
+            # the file name holds: its UTF-8 percent-encoded.
+            webhook_id = f"{result.job.id}:{quote(item.filename, errors='surrogateescape')}"
             sent.append(
-                await self.webhooks.send_prompt(
-                    url, body, f"{result.job.id}:{item.filename}", order_key=result.job.id
-                )
+                await self.webhooks.send_prompt(url, body, webhook_id, order_key=result.job.id)
             )
         return sent
 

@@ -54,7 +54,12 @@ from comfy_sidecar.jobs.runner import JobService, mime_type_of
 from comfy_sidecar.jobs.shared import SharedJobs
 from comfy_sidecar.jobs.store import JobRecord, JobStatus, iso, now_ms
 from comfy_sidecar.pipeline.media import decode_base64, sniff_extension
-from comfy_sidecar.pipeline.preprocess import INPUTS_SUBDIR, media_fields, write_input
+from comfy_sidecar.pipeline.preprocess import (
+    INPUTS_SUBDIR,
+    MAX_INPUT_NAME_BYTES,
+    media_fields,
+    write_input,
+)
 from comfy_sidecar.routes.adapters import (
     estimated_wait_s,
     message_of,
@@ -118,7 +123,13 @@ class InputOverride(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class MediaItem(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A file the workflow names: ``data`` (base64) or ``url``; at most 50 MB."""
 
-    name: Annotated[str, Meta(description="File name the workflow's inputs use, no folders.")]
+    name: Annotated[
+        str,
+        Meta(
+            description="File name the workflow's inputs use, no folders, at most "
+            f"{MAX_INPUT_NAME_BYTES} bytes (UTF-8)."
+        ),
+    ]
     data: str | None = None
     url: str | None = None
 
@@ -290,10 +301,16 @@ class MediaSink(Protocol):
 
 def check_media_item(index: int, item: MediaItem) -> str:
     """Media item ``index``'s name; :class:`InputError` at ``media.N.name`` when it is not a
-    plain file name, at ``media.N`` unless exactly one of ``data`` and ``url`` is given."""
+    plain file name or is longer than :data:`MAX_INPUT_NAME_BYTES` UTF-8 bytes (NAME_MAX once
+    the atomic writer's ``.part`` is added; checked in queue mode too, where the name is
+    only a key), at ``media.N`` unless exactly one of ``data`` and ``url`` is given."""
     name = item.name
     if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
         raise InputError("must be a file name without folders", f"media.{index}.name")
+    if len(name.encode()) > MAX_INPUT_NAME_BYTES:
+        raise InputError(
+            f"too long: at most {MAX_INPUT_NAME_BYTES} bytes (UTF-8)", f"media.{index}.name"
+        )
     if (item.data is None) == (item.url is None):
         raise InputError("give exactly one of `data` and `url`", f"media.{index}")
     return name
