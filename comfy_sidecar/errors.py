@@ -66,7 +66,8 @@ class Interrupted(SidecarError):
 class ExecutionFailed(SidecarError):
     """The job ran but produced no result: ComfyUI's execution error (fields ``id``,
     ``node_id``, ``node_type``, ``exception_type``, ``exception_message``, ``traceback``,
-    ``comfyui_log_tail``), or an output it reported that cannot be read (``id``)."""
+    ``comfyui_log_tail``), or an output it reported that cannot be read (``id``). ComfyUI's text
+    in it has its server paths scrubbed (:mod:`comfy_sidecar.serverpaths`)."""
 
 
 class UpstreamFailed(SidecarError):

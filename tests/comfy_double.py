@@ -4,6 +4,10 @@ tests/transcripts: the same routes, status codes, 400 bodies, frame types and or
 execution_success | execution_error | execution_interrupted, status, executing{node: null}),
 interrupts that take effect at the next node boundary, POST /queue delete of pending prompts,
 history written before the final ``executing`` frame, and real image files written with Pillow.
+A node's ``execution_error`` names files by absolute path as ComfyUI's does (LoadImage of a
+file that is not an image: ``cannot identify image file '<input dir>/x.png'`` and the recorded
+traceback, its frames under the base directory, standing for ComfyUI's home) and is logged to
+stderr the way ComfyUI's execution.py logs it.
 
 Run it like ComfyUI: ``python tests/comfy_double.py --listen 127.0.0.1 --port 8188
 --base-directory DIR`` (input/, output/, temp/ and models/ live under DIR unless given with
@@ -63,10 +67,52 @@ class Interrupted(Exception):
 
 
 class NodeFailure(Exception):
-    def __init__(self, exc_type: str, message: str) -> None:
+    """A node's exception: ComfyUI's ``execution_error`` names its type and message and the
+    traceback ``frames`` (``(file under the ComfyUI home, line, function, source)``)."""
+
+    def __init__(
+        self, exc_type: str, message: str, frames: tuple[tuple[str, int, str, str], ...] = ()
+    ) -> None:
         super().__init__(message)
         self.exc_type = exc_type
         self.message = message
+        self.frames = frames or EXECUTE_FRAMES
+
+
+#: The frames of ComfyUI 0.8.0's traceback that every node failure starts with.
+EXECUTE_FRAMES = (
+    (
+        "execution.py",
+        518,
+        "execute",
+        "output_data, output_ui, has_subgraph, has_pending_tasks = await get_output_data("
+        "prompt_id, unique_id, obj, input_data_all, execution_block_cb=execution_block_cb, "
+        "pre_execute_cb=pre_execute_cb, v3_data=v3_data)",
+    ),
+)
+#: The traceback of a LoadImage of a file that is not an image (transcript
+#: execution_error_bad_image): ComfyUI's own files and PIL's, in its venv.
+LOAD_IMAGE_FRAMES = (
+    *EXECUTE_FRAMES,
+    (
+        "execution.py",
+        329,
+        "get_output_data",
+        "return_values = await _async_map_node_over_list(prompt_id, unique_id, obj, "
+        "input_data_all, obj.FUNCTION, allow_interrupt=True, execution_block_cb="
+        "execution_block_cb, pre_execute_cb=pre_execute_cb, v3_data=v3_data)",
+    ),
+    ("execution.py", 303, "_async_map_node_over_list", "await process_inputs(input_dict, i)"),
+    ("execution.py", 291, "process_inputs", "result = f(**inputs)"),
+    ("nodes.py", 1664, "load_image", "img = node_helpers.pillow(Image.open, image_path)"),
+    ("node_helpers.py", 31, "pillow", "x = fn(arg)"),
+    (
+        ".venv/lib/python3.11/site-packages/PIL/Image.py",
+        3730,
+        "open",
+        "raise UnidentifiedImageError(msg)",
+    ),
+)
 
 
 INT = ("INT", {"default": 512, "min": 1, "max": 16384, "step": 1})
@@ -96,9 +142,12 @@ OPTIONAL_DEFAULTS = {"LoadImageMask": {"channel": "alpha"}, "ImageBlur": {"sigma
 
 class Double:
     def __init__(self, args: argparse.Namespace) -> None:
-        base = Path(args.base_directory)
-        self.input_dir = Path(args.input_directory or base / "input")
-        self.output_dir = Path(args.output_directory or base / "output")
+        base = Path(args.base_directory).absolute()
+        #: Where ComfyUI's code (and its .venv) would be: traceback frames name files here.
+        self.home = base
+        # ComfyUI's main.py makes --input-directory and --output-directory absolute.
+        self.input_dir = Path(args.input_directory or base / "input").absolute()
+        self.output_dir = Path(args.output_directory or base / "output").absolute()
         # ComfyUI's main.py: --temp-directory X means X/temp; the temp dir is emptied at start
         # (its cleanup_temp), so what a killed predecessor left there is gone.
         self.temp_dir = Path(args.temp_directory) / "temp" if args.temp_directory else base / "temp"
@@ -492,6 +541,18 @@ class Double:
             try:
                 value, ui = self.run_node(class_type, resolved, prompt_id, node_id, emit, sid)
             except NodeFailure as exc:
+                frames = [
+                    f'  File "{self.home / path}", line {line}, in {function}\n    {source}\n'
+                    for path, line, function, source in exc.frames
+                ]
+                # ComfyUI's execution.py logs the exception and its traceback (its stderr).
+                print(
+                    f"!!! Exception during processing !!! {exc.message.rstrip()}\n"
+                    f"Traceback (most recent call last):\n{''.join(frames)}"
+                    f"{exc.exc_type}: {exc.message.rstrip()}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 emit(
                     "execution_error",
                     {
@@ -501,7 +562,7 @@ class Double:
                         "executed": list(reversed(executed)),
                         "exception_message": exc.message,
                         "exception_type": exc.exc_type,
-                        "traceback": ['  File "/opt/ComfyUI/execution.py", line 518, in execute\n'],
+                        "traceback": frames,
                         "current_inputs": {
                             k: [v] for k, v in inputs.items() if not isinstance(v, list)
                         },
@@ -591,7 +652,9 @@ class Double:
                     return [image.convert("RGB")], None
             except Exception:
                 raise NodeFailure(
-                    "PIL.UnidentifiedImageError", f"cannot identify image file '{path}'\n"
+                    "PIL.UnidentifiedImageError",
+                    f"cannot identify image file '{path}'\n",
+                    LOAD_IMAGE_FRAMES,
                 ) from None
         if class_type == "ImageInvert":
             return [ImageOps.invert(i) for i in inputs["image"]], None

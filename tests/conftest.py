@@ -137,6 +137,18 @@ class Sidecar:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def server_dirs(self) -> list[str]:
+        """The server directories no answer or webhook may name (COMFY_HOME, INPUT_DIR,
+        OUTPUT_DIR, TEMP_DIR, CACHE_DIR), as configured and as real paths."""
+        names = ("COMFY_HOME", "INPUT_DIR", "OUTPUT_DIR", "TEMP_DIR", "CACHE_DIR")
+        dirs = {os.path.abspath(self.env[n]) for n in names}
+        return sorted(dirs | {os.path.realpath(d) for d in dirs})
+
+    def assert_names_no_server_dir(self, text: str) -> None:
+        """Fail when ``text`` (an answer's or webhook's body) holds a server directory."""
+        for directory in self.server_dirs():
+            assert directory not in text, f"{directory} in {text}"
+
     def get(self, path: str, **kw: Any) -> httpx.Response:
         return self.client.get(self.url + path, **kw)
 

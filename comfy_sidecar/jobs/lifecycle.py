@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import quote
 
 import msgspec
 
@@ -610,10 +611,11 @@ class JobLifecycle:
                 image_path=link,
                 on_close=remove,
             )
+            # One webhook-id per output (a receiver deduplicates on it), header-safe whatever
+            # the file name holds: its UTF-8 percent-encoded.
+            webhook_id = f"{result.job.id}:{quote(item.filename, errors='surrogateescape')}"
             sent.append(
-                await self.webhooks.send_prompt(
-                    url, body, f"{result.job.id}:{item.filename}", order_key=result.job.id
-                )
+                await self.webhooks.send_prompt(url, body, webhook_id, order_key=result.job.id)
             )
         return sent
 

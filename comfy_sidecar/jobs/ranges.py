@@ -3,7 +3,11 @@
 Litestar's ``File`` response has no Range support, so ``GET /jobs/{id}/outputs/{n}`` parses the
 header here and streams the slice itself. Multi-range requests are answered with the whole file
 (200), which RFC 9110 allows; a syntactically bad header is ignored (200) as the RFC says;
-a range that starts past the end is :class:`Unsatisfiable` (416).
+a range that starts past the end is :class:`Unsatisfiable` (416). Positions are ASCII digits
+(``int()`` would also take `` 1``, ``1_0`` and other scripts' digits); one longer than
+:data:`MAX_POSITION_DIGITS` is past the end of any file, so it is never converted (Python
+refuses more than 4,300 digits): a start that long is unsatisfiable, an end or suffix that long
+means the whole file.
 """
 
 from __future__ import annotations
@@ -31,21 +35,39 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     first_text, dash, last_text = spec.strip().partition("-")
     if not dash:
         return None
-    try:
-        if not first_text:  # suffix: the last N bytes
-            suffix = int(last_text)
-            if suffix <= 0:
-                raise Unsatisfiable(spec)
-            return max(0, size - suffix), size - 1
-        first = int(first_text)
-        last = int(last_text) if last_text else size - 1
-    except ValueError:
+    if not first_text:  # suffix: the last N bytes
+        suffix = _position(last_text)
+        if suffix is None:
+            return None
+        if suffix <= 0:
+            raise Unsatisfiable(spec)
+        return max(0, size - suffix), size - 1
+    first = _position(first_text)
+    last = _position(last_text) if last_text else size - 1
+    if first is None or last is None:
         return None
     if first >= size:
         raise Unsatisfiable(spec)
     if first < 0 or last < first:
         return None
     return first, min(last, size - 1)
+
+
+#: The most digits of a byte position that are read as a number: 10^18 bytes is past the end
+#: of any file.
+MAX_POSITION_DIGITS = 18
+#: What a longer position stands for: more than any file's size.
+PAST_ANY_END = 10**MAX_POSITION_DIGITS
+
+
+def _position(text: str) -> int | None:
+    """A byte position of a ``Range`` (RFC 9110 ``1*DIGIT``, spaces around it tolerated):
+    None unless ASCII digits; :data:`PAST_ANY_END` for one of more than
+    :data:`MAX_POSITION_DIGITS` digits."""
+    text = text.strip()
+    if not text or not text.isascii() or not text.isdigit():
+        return None
+    return int(text) if len(text) <= MAX_POSITION_DIGITS else PAST_ANY_END
 
 
 async def read_slice(path: Path, first: int, last: int) -> AsyncIterator[bytes]:

@@ -9,9 +9,10 @@ Copies comfyui-api's ``preprocessNodes`` where it is right and fixes it where it
 * every ``filename_prefix`` is rewritten (``PREPEND_FILENAMES``): ``<id>_<prefix>`` or ``<id>``
   (an empty prefix gives ``<id>``); a subfolder in the prefix (``videos/clip``) stays a
   subfolder (``videos/<id>_clip``). A prefix that would leave OUTPUT_DIR (absolute, ``..``
-  above it), holds NUL, is not a string (a link ``[node, index]`` is passed on), or whose file
-  name is longer than :data:`MAX_PREFIX_NAME_BYTES` is a 400 (ComfyUI's SaveImage answers
-  these with a 500);
+  above it), holds a control character (NUL, CR, LF, ...), is not a string (a link
+  ``[node, index]`` is passed on), or whose file name is longer than
+  :data:`MAX_PREFIX_NAME_BYTES` is a 400 (ComfyUI's SaveImage answers the first two with a
+  500);
 * media inputs (``image`` of any node, ``video``/``file`` of the video loaders, ``audio`` of
   ``LoadAudio``, ``directory`` lists of ``VHS_LoadImages*``) are resolved in a fixed order:
   ``data:`` URL, then a URL (http(s), s3), then a file that exists in ``INPUT_DIR``, then strictly
@@ -35,6 +36,7 @@ import functools
 import logging
 import os
 import posixpath
+import re
 import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -94,11 +96,20 @@ def write_input(path: Path, data: bytes, location: str) -> None:
         ) from None
 
 
+#: Linux's longest file name (NAME_MAX), in bytes.
+NAME_MAX = 255
+#: What :func:`write_atomically` adds to a file's name while it writes it.
+PART_SUFFIX = ".part"
+#: The longest name, in UTF-8 bytes, of an input file written with :func:`write_atomically`
+#: (a Modal media item's ``name``): NAME_MAX less :data:`PART_SUFFIX`.
+MAX_INPUT_NAME_BYTES = NAME_MAX - len(PART_SUFFIX)
+
+
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a ``.part`` sibling renamed into place; nothing is
-    left when the write fails. A full disk raises :class:`DiskFullError`, other failures
-    the ``OSError``."""
-    tmp = path.with_name(path.name + ".part")
+    """Write ``data`` to ``path`` through a ``.part`` sibling (:data:`PART_SUFFIX`) renamed
+    into place; nothing is left when the write fails. A full disk raises
+    :class:`DiskFullError`, other failures the ``OSError``."""
+    tmp = path.with_name(path.name + PART_SUFFIX)
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
@@ -161,13 +172,20 @@ def rewrite_prefix(prefix: str, job_id: str, prepend: bool) -> str:
     return f"{head}{sep}{new_tail}"
 
 
+#: Control characters (Unicode category Cc: C0, DEL, C1). In a file name they break every
+#: header that carries it (CR/LF end an HTTP header line) and every log line.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def check_prefix(prefix: str, location: str) -> None:
     """Raise :class:`InputError` at ``location`` unless ``prefix`` (a rewritten
-    ``filename_prefix``) stays inside OUTPUT_DIR: relative, no ``..`` above its top, no NUL,
-    each part at most :data:`MAX_PREFIX_NAME_BYTES` bytes. ComfyUI refuses the first two in
-    SaveImage, after queueing, with a 500 that names its output directory."""
-    if "\x00" in prefix:
-        raise InputError("must not contain NUL", location)
+    ``filename_prefix``) stays inside OUTPUT_DIR: relative, no ``..`` above its top, no
+    control character (NUL, CR, LF, tab, DEL, C1: :data:`CONTROL_CHARACTERS`), each part at
+    most :data:`MAX_PREFIX_NAME_BYTES` bytes. ComfyUI refuses the first two in SaveImage, after
+    queueing, with a 500 that names its output directory; it takes CR/LF, and the output
+    then cannot be served (``Content-Disposition`` cannot hold it)."""
+    if CONTROL_CHARACTERS.search(prefix):
+        raise InputError("must not contain control characters (NUL, CR, LF, tab, ...)", location)
     normal = posixpath.normpath(prefix)
     if posixpath.isabs(normal) or normal == ".." or normal.startswith("../"):
         raise InputError(

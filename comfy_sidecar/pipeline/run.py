@@ -50,6 +50,7 @@ from comfy_sidecar.pipeline.outputs import (
 )
 from comfy_sidecar.pipeline.preprocess import Prepared, Preprocessor
 from comfy_sidecar.schemas import Credential, PromptRequest
+from comfy_sidecar.serverpaths import ServerPaths
 from comfy_sidecar.urls import scrub_url
 
 if TYPE_CHECKING:
@@ -216,6 +217,8 @@ class Pipeline:
         self.instances = list(instances)
         self.dispatcher = dispatcher
         self.storage = storage
+        #: Scrubs server paths from ComfyUI's text before it goes into an error body.
+        self.server_paths = ServerPaths.from_settings(settings)
         self.preprocessor = Preprocessor(
             settings.input_dir,
             settings.prepend_filenames,
@@ -413,7 +416,8 @@ class Pipeline:
             try:
                 files = collect_outputs(outcome.outputs, self.settings.output_dir)
             except OutputError as exc:
-                raise ExecutionFailed(str(exc), id=job.id) from None
+                log.warning("job %s: %s", job.id, exc)
+                raise ExecutionFailed(self.server_paths.scrub_text(str(exc)), id=job.id) from None
             return JobResult(
                 job,
                 prepared.prompt,
@@ -549,7 +553,8 @@ class Pipeline:
         except TimeoutError:
             raise self._timed_out(instance, job) from None
         except PromptRejected as exc:
-            raise _validation_failed(job.id, exc.body) from None
+            log.info("job %s: ComfyUI refused the prompt: %s", job.id, exc.body)
+            raise _validation_failed(job.id, self.server_paths.scrub(exc.body)) from None
         except ComfyUnavailable as exc:
             if await _going_down(instance, 2.0):  # killed, crashed, recycling: what it took dies
                 log.warning(
@@ -587,6 +592,9 @@ class Pipeline:
         )
 
     def _raise_for(self, job: Job, outcome: JobOutcome, instance: ComfyInstance | None) -> None:
+        """Raise the error ``outcome`` ends ``job`` with (nothing for a success). ComfyUI's
+        text in it (exception message, traceback, log tail) names server paths: they are
+        logged in full here and scrubbed from the error (:class:`ServerPaths`)."""
         error = outcome.error or {}
         if outcome.kind is OutcomeKind.SUCCESS:
             return
@@ -595,20 +603,28 @@ class Pipeline:
             if error.get("node_id") is not None:
                 where = {"node_id": error.get("node_id"), "node_type": error.get("node_type")}
             raise Interrupted("the job was interrupted", id=job.id, **where)
-        tail = instance.log_tail(30) if instance is not None else []
+        scrub = self.server_paths.scrub
+        tail = scrub(instance.log_tail(30)) if instance is not None else []
         if outcome.kind is OutcomeKind.COMFY_LOST:
             raise Unavailable(
-                f"ComfyUI went away while the job was running: {error.get('message', 'unknown')}",
+                scrub(
+                    "ComfyUI went away while the job was running: "
+                    f"{error.get('message', 'unknown')}"
+                ),
                 id=job.id,
                 comfyui_log_tail=tail,
                 **({"reason": outcome.reason} if outcome.reason else {}),
             )
         exc_type = error.get("exception_type", "")
-        exc_msg = str(error.get("exception_message", error.get("message", ""))).strip()
+        raw_msg = str(error.get("exception_message", error.get("message", ""))).strip()
+        where_text = f"node {error.get('node_id')} ({error.get('node_type')})"
+        log.warning(
+            "job %s: ComfyUI's execution error in %s: %s: %s", job.id, where_text, exc_type, raw_msg
+        )
+        exc_msg = scrub(raw_msg)
         if is_out_of_memory(outcome):
             raise Unavailable(
-                f"ComfyUI ran out of memory in node {error.get('node_id')} "
-                f"({error.get('node_type')}): {exc_type}: {exc_msg}",
+                f"ComfyUI ran out of memory in {where_text}: {exc_type}: {exc_msg}",
                 id=job.id,
                 reason="out_of_memory",
                 node_id=error.get("node_id"),
@@ -618,14 +634,13 @@ class Pipeline:
                 comfyui_log_tail=tail,
             )
         raise ExecutionFailed(
-            f"Prompt execution failed in node {error.get('node_id')} "
-            f"({error.get('node_type')}): {exc_type}: {exc_msg}",
+            f"Prompt execution failed in {where_text}: {exc_type}: {exc_msg}",
             id=job.id,
             node_id=error.get("node_id"),
             node_type=error.get("node_type"),
             exception_type=exc_type,
             exception_message=exc_msg,
-            traceback=error.get("traceback", []),
+            traceback=scrub(error.get("traceback", [])),
             comfyui_log_tail=tail,
         )
 

@@ -12,6 +12,7 @@ import base64
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import msgspec
 from litestar import Request, Response, delete, get, post
@@ -57,6 +58,20 @@ class JobList(msgspec.Struct, kw_only=True):
 
     jobs: list[dict[str, Any]]
     next_cursor: str | None
+
+
+#: The most digits a ``cursor`` or ``Last-Event-ID`` may have: both count jobs or events, far
+#: below 10^18 (and Python refuses to convert a string of more than 4,300 digits).
+MAX_COUNTER_DIGITS = 18
+
+
+def counter(raw: str, location: str, what: str) -> int:
+    """``raw``, a counter the caller got from us (a ``cursor``, an event id), as an int:
+    :class:`InputError` at ``location`` ("not <what>") unless it is 1 to
+    :data:`MAX_COUNTER_DIGITS` ASCII digits."""
+    if not raw.isascii() or not raw.isdigit() or len(raw) > MAX_COUNTER_DIGITS:
+        raise InputError(f"not {what} (at most {MAX_COUNTER_DIGITS} digits)", location)
+    return int(raw)
 
 
 async def view_of(jobs: JobBackend, job_id: str) -> JobView:
@@ -168,11 +183,7 @@ async def list_jobs(
         except ValueError:
             names = ", ".join(s.value for s in JobStatus)
             raise InputError(f"status must be one of {names}", "status") from None
-    after: int | None = None
-    if cursor is not None:
-        if not cursor.isascii() or not cursor.isdigit():
-            raise InputError("not a cursor from a previous page", "cursor")
-        after = int(cursor)
+    after = None if cursor is None else counter(cursor, "cursor", "a cursor from a previous page")
     views, following = await jobs.page(wanted, limit, after)
     return JobList(
         jobs=[view.summary() for view in views],
@@ -222,8 +233,12 @@ async def delete_job(job_id: str, jobs: JobBackend) -> CancelResponse:
 
 
 def _last_event_id(request: Request[Any, Any, Any]) -> int:
+    """The event id ``Last-Event-ID`` resumes after: 0 (from the start) when absent or not a
+    number; a number too long to be an event id is :class:`InputError` at ``last-event-id``."""
     raw = request.headers.get("last-event-id", "")
-    return int(raw) if raw.isascii() and raw.isdigit() else 0
+    if not (raw.isascii() and raw.isdigit()):
+        return 0
+    return counter(raw, "last-event-id", "an event id of this stream")
 
 
 @get(
@@ -302,12 +317,33 @@ Body = Callable[[int, int, int, dict[str, str]], Response[Any]]
 """``body(first, last, status, headers)``: the response for bytes first..last (inclusive)."""
 
 
+#: What stands for a character the quoted ``filename`` of a Content-Disposition cannot hold.
+FALLBACK_CHARACTER = "_"
+#: Characters RFC 8187's ``attr-char`` allows besides letters, digits and ``-._~`` (which
+#: :func:`urllib.parse.quote` never encodes).
+ATTR_CHARS = "!#$&+^`|"
+
+
+def content_disposition(filename: str, disposition: str = "inline") -> str:
+    """The ``Content-Disposition`` of a file named ``filename``, as RFC 6266 section 4.3 advises:
+    ``inline; filename="<ASCII fallback>"; filename*=UTF-8''<percent-encoded UTF-8>``. The
+    fallback keeps printable ASCII but ``"``, ``\\`` and ``%`` (each becomes ``_``, as does every
+    other character), so it is always a valid quoted-string; ``filename*`` carries the exact
+    name. The value is ASCII whatever the name holds (CR, LF, non-Latin-1 characters)."""
+    fallback = "".join(
+        c if " " <= c <= "~" and c not in '"\\%' else FALLBACK_CHARACTER for c in filename
+    )
+    encoded = quote(filename, safe=ATTR_CHARS, errors="surrogateescape")
+    return f"{disposition}; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
+
+
 def ranged(request: Request[Any, Any, Any], size: int, filename: str, body: Body) -> Response[Any]:
     """An output file's answer: whole (200) or the single ``Range: bytes=`` range asked for
-    (206), or 416 when the range starts past ``size`` bytes."""
+    (206), or 416 when the range starts past ``size`` bytes. ``filename`` goes into the
+    ``Content-Disposition`` (:func:`content_disposition`)."""
     headers = {
         "accept-ranges": "bytes",
-        "content-disposition": f'inline; filename="{filename}"',
+        "content-disposition": content_disposition(filename),
     }
     try:
         span = parse_range(request.headers.get("range"), size)

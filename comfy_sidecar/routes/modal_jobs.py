@@ -46,6 +46,7 @@ from comfy_sidecar.jobs.backend import JobBackend
 from comfy_sidecar.jobs.model import JobStatus, JobView
 from comfy_sidecar.jobs.spec import AfterEnd
 from comfy_sidecar.pipeline.media import decode_base64, sniff_extension
+from comfy_sidecar.pipeline.preprocess import MAX_INPUT_NAME_BYTES
 from comfy_sidecar.pipeline.staging import StagedFiles, Staging
 from comfy_sidecar.routes.adapters import new_job_id, outputs_with_data, prompt_request, submit
 from comfy_sidecar.routes.jobs import view_of
@@ -88,7 +89,13 @@ class InputOverride(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class MediaItem(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A file the workflow names: ``data`` (base64) or ``url``; at most 50 MB."""
 
-    name: Annotated[str, Meta(description="File name the workflow's inputs use, no folders.")]
+    name: Annotated[
+        str,
+        Meta(
+            description="File name the workflow's inputs use, no folders, at most "
+            f"{MAX_INPUT_NAME_BYTES} bytes (UTF-8)."
+        ),
+    ]
     data: str | None = None
     url: str | None = None
 
@@ -132,10 +139,16 @@ class ModalJobList(msgspec.Struct, kw_only=True):
 
 def check_media_item(index: int, item: MediaItem) -> str:
     """Media item ``index``'s name; :class:`InputError` at ``media.N.name`` when it is not a
-    plain file name, at ``media.N`` unless exactly one of ``data`` and ``url`` is given."""
+    plain file name or is longer than :data:`MAX_INPUT_NAME_BYTES` UTF-8 bytes (NAME_MAX once
+    the atomic writer's ``.part`` is added; checked in queue mode too, where the name is
+    only a key), at ``media.N`` unless exactly one of ``data`` and ``url`` is given."""
     name = item.name
     if not name or name in (".", "..") or any(c in name for c in "/\\\x00"):
         raise InputError("must be a file name without folders", f"media.{index}.name")
+    if len(name.encode()) > MAX_INPUT_NAME_BYTES:
+        raise InputError(
+            f"too long: at most {MAX_INPUT_NAME_BYTES} bytes (UTF-8)", f"media.{index}.name"
+        )
     if (item.data is None) == (item.url is None):
         raise InputError("give exactly one of `data` and `url`", f"media.{index}")
     return name

@@ -9,6 +9,7 @@ import itertools
 import json
 import signal
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,26 @@ def test_webhook_v2_failure_is_structured(sidecar: Sidecar, receiver: Any) -> No
     assert body["error"]["exception_type"] == "PIL.UnidentifiedImageError"
 
 
+def test_failure_webhooks_name_no_server_path(sidecar: Sidecar, receiver: Any) -> None:
+    """v1 and v2 failure webhooks of ComfyUI's execution error name the input relative to
+    INPUT_DIR, never a server directory."""
+    (sidecar.backend.input_dir / "garbage3.png").write_bytes(b"garbage")
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "garbage3.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "b"}},
+    }
+    for field in ("webhook_v2", "webhook"):
+        hook: Receiver = receiver()
+        answer = sidecar.post("/prompt", json={"prompt": prompt, field: hook.url})
+        assert answer.status_code == 202, answer.text
+        (request,) = hook.wait_for(1, timeout=60)
+        body = verify(request)
+        error = body["error"]
+        message = error["exception_message"] if field == "webhook_v2" else error
+        assert "cannot identify image file '<INPUT_DIR>/garbage3.png'" in message
+        sidecar.assert_names_no_server_dir(request.body.decode())
+
+
 def test_webhook_v1_one_post_per_output(sidecar: Sidecar, receiver: Any) -> None:
     hook: Receiver = receiver()
     response = sidecar.post(
@@ -113,6 +134,25 @@ def test_webhook_v1_one_post_per_output(sidecar: Sidecar, receiver: Any) -> None
     assert [b["event"] for b in bodies] == ["output.complete"] * 3
     assert sorted(b["filename"] for b in bodies) == [f"v1_rec_0000{i}_.png" for i in (1, 2, 3)]
     assert all(decode(b["image"]).size == (16, 16) for b in bodies)
+
+
+def test_webhook_v1_of_a_non_ascii_output_name(sidecar: Sidecar, receiver: Any) -> None:
+    """A v1 webhook's `webhook-id` names its output file: percent-encoded, so a name beyond
+    ASCII still fits in the header (it was never sent)."""
+    hook: Receiver = receiver()
+    answer = sidecar.post(
+        "/prompt",
+        json={
+            "prompt": basic_prompt(batch=1, size=8, prefix="ü✓ x"),
+            "id": "v1-utf8",
+            "webhook": hook.url,
+        },
+    )
+    assert answer.status_code == 202, answer.text
+    (request,) = hook.wait_for(1, timeout=30)
+    body = verify(request)
+    assert body["filename"] == "v1-utf8_ü✓ x_00001_.png"
+    assert request.headers["webhook-id"] == "v1-utf8:" + urllib.parse.quote(body["filename"])
 
 
 def test_bad_input_with_webhook_is_still_400(sidecar: Sidecar, receiver: Any) -> None:

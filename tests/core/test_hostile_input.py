@@ -145,8 +145,32 @@ def test_an_annotated_name_inside_its_directory_runs(shared_sidecar: Sidecar) ->
 
 @pytest.mark.parametrize(
     "prefix",
-    ["../../etc/x", "/tmp/x", "sub/../../x", "a\x00b", "x" * 300, 5, {"a": 1}],
-    ids=["dotdot", "absolute", "sub-dotdot", "nul", "300-chars", "number", "object"],
+    [
+        "../../etc/x",
+        "/tmp/x",
+        "sub/../../x",
+        "a\x00b",
+        "a\r\nX-Injected: 1",
+        "a\tb",
+        "a\x7fb",
+        "a\x85b",
+        "x" * 300,
+        5,
+        {"a": 1},
+    ],
+    ids=[
+        "dotdot",
+        "absolute",
+        "sub-dotdot",
+        "nul",
+        "crlf",
+        "tab",
+        "del",
+        "c1-nel",
+        "300-chars",
+        "number",
+        "object",
+    ],
 )
 def test_a_bad_filename_prefix_is_a_400_and_nothing_is_queued(
     shared_sidecar: Sidecar, prefix: Any

@@ -200,6 +200,31 @@ def test_execution_error_is_500_with_details(shared_sidecar: Sidecar) -> None:
     assert (shared_sidecar.backend.input_dir / "broken.png").exists()
 
 
+def test_execution_error_names_no_server_path(shared_sidecar: Sidecar) -> None:
+    """ComfyUI's execution error for a garbage image names the input by its absolute path and
+    its own files in the traceback and log: the 500 and the job's record name them relative to
+    the setting (``<INPUT_DIR>/x.png``, ``<COMFY_HOME>/execution.py``); the log keeps them."""
+    input_dir = shared_sidecar.backend.input_dir
+    (input_dir / "garbage.png").write_bytes(b"\x89PNG garbage")
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "garbage.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "g"}},
+    }
+    response = shared_sidecar.post("/prompt", json={"prompt": prompt, "id": "no-paths"})
+    assert response.status_code == 500, response.text
+    body = response.json()
+    assert body["exception_message"] == "cannot identify image file '<INPUT_DIR>/garbage.png'"
+    assert "'<INPUT_DIR>/garbage.png'" in body["error"]
+    assert any(f.startswith('  File "<COMFY_HOME>/execution.py"') for f in body["traceback"])
+    shared_sidecar.assert_names_no_server_dir(response.text)
+    record = shared_sidecar.get("/jobs/no-paths")
+    assert record.json()["error"]["exception_message"] == body["exception_message"]
+    shared_sidecar.assert_names_no_server_dir(record.text)
+    assert f"cannot identify image file '{input_dir.absolute() / 'garbage.png'}'" in (
+        shared_sidecar.log()
+    )
+
+
 def _invert_prompt(image_value: str) -> dict[str, Any]:
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": image_value}},

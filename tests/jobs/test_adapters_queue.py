@@ -416,3 +416,57 @@ def test_adapter_webhooks_to_refused_urls_are_a_400_at_the_field_in_queue_mode(
     assert a.get("/jobs", params={"limit": 1000}).json()["jobs"] == []
     assert metadata.snapshot() == []
     assert [r for r in forward_proxy.requests() if r[0] == "POST"] == []
+
+
+def test_a_failed_modal_job_names_no_server_path_in_queue_mode(
+    redis_server: RedisServer,
+    spawn: Callable[..., Sidecar],
+    tmp_path: Path,
+    receiver: Callable[..., Receiver],
+) -> None:
+    """ComfyUI's execution error for a garbage media item, kept in Redis, reaches
+    GET /v1/jobs/{id}, GET /jobs/{id} and the `job.failed` webhook with its server paths
+    scrubbed."""
+    hook = receiver()
+    [a] = replicas(spawn, tmp_path, redis_server.url, count=1)
+    body = {
+        "workflow": image_workflow("garbage.png"),
+        "media": [{"name": "garbage.png", "data": base64.b64encode(b"garbage").decode()}],
+        "webhook_url": hook.url,
+    }
+    accepted = a.post("/v1/jobs", json=body)
+    assert accepted.status_code == 200, accepted.text
+    job_id = accepted.json()["job_id"]
+    status = wait_for(
+        lambda: (v := a.get(f"/v1/jobs/{job_id}").json())["status"] == "failed" and v,
+        timeout=120,
+        interval=0.1,
+        what="the job to fail",
+    )
+    assert "cannot identify image file '<INPUT_DIR>/.comfy-sidecar/" in status["error"]
+    assert status["error_log_tail"]
+    a.assert_names_no_server_dir(json.dumps(status))
+    a.assert_names_no_server_dir(a.get(f"/jobs/{job_id}").text)
+    (event,) = hook.wait_for(1, timeout=60)
+    assert event.json()["event"] == "job.failed"
+    a.assert_names_no_server_dir(event.body.decode())
+
+
+def test_a_media_name_too_long_to_write_is_a_400_in_queue_mode(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    """Queue mode inlines media as data: URLs, yet bounds names as in-process mode does: one
+    the atomic writer's `.part` would push past NAME_MAX is refused at the field."""
+    [a] = replicas(spawn, tmp_path, redis_server.url, count=1)
+    encoded = base64.b64encode(png_bytes()).decode()
+    for name, status in (
+        ("a" * 247 + ".png", 400),
+        ("é" * 124 + ".png", 400),
+        ("é" * 123 + ".png", 200),
+    ):
+        body = {"workflow": image_workflow(name), "media": [{"name": name, "data": encoded}]}
+        answer = a.post("/v1/jobs", json=body)
+        assert answer.status_code == status, answer.text
+        if status == 400:
+            assert answer.json()["location"] == "media.0.name"
+    assert len(a.get("/v1/jobs").json()["jobs"]) == 1, "only the 250-byte name was queued"

@@ -4,8 +4,10 @@ when COMFY_HOME is set)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,27 @@ def test_submit_wait_and_fetch_outputs_with_range(shared_sidecar: Sidecar) -> No
     with_data = shared_sidecar.get(f"/jobs/{accepted['id']}", params={"include": "data"}).json()
     assert all(o["data"] for o in with_data["outputs"])
     assert shared_sidecar.get(f"/jobs/{accepted['id']}/outputs/2").status_code == 404
+
+
+def check_content_disposition(header: str, filename: str) -> None:
+    """``header`` is RFC 6266's form for ``filename``: ``inline``, a quoted ASCII fallback
+    (printable, no ``"``, ``\\`` or ``%``) and ``filename*=UTF-8''`` naming it exactly."""
+    match = re.fullmatch(r"inline; filename=\"([ !#$&-\[\]-~]*)\"; filename\*=UTF-8''(\S+)", header)
+    assert match is not None, header
+    assert len(match.group(1)) == len(filename)
+    assert urllib.parse.unquote(match.group(2), errors="strict") == filename
+
+
+def test_an_output_named_with_quotes_and_non_ascii_is_served(shared_sidecar: Sidecar) -> None:
+    """A `"` made the Content-Disposition invalid and non-ASCII went out as raw Latin-1:
+    RFC 6266's quoted ASCII fallback plus `filename*` instead."""
+    job = wait_job(shared_sidecar, submit(shared_sidecar, basic_prompt(1, prefix='a"b é%'))["id"])
+    assert job["status"] == "completed", job
+    [output] = job["outputs"]
+    assert 'a"b é%' in output["filename"]
+    answer = shared_sidecar.get(output["url"])
+    assert answer.status_code == 200 and answer.content.startswith(b"\x89PNG")
+    check_content_disposition(answer.headers["content-disposition"], output["filename"])
 
 
 @pytest.mark.parametrize("which", ["upscale", "multi-node"])
@@ -229,6 +252,34 @@ def test_listing_filters_and_pages(shared_sidecar: Sidecar) -> None:
         bad = shared_sidecar.get("/jobs", params=params)
         assert bad.status_code == 400, params
         assert bad.json()["location"] == location
+
+
+def check_long_digit_strings(sidecar: Sidecar, job: dict[str, Any]) -> None:
+    """A `cursor` or `Last-Event-ID` of 5,000 digits (Python converts at most 4,300) is a 400
+    naming it, and so is anything over 18 digits; a `Range` position that long is past the end
+    of ``job``'s first output (416 for a start, the whole file for an end)."""
+    digits = "9" * 5000
+    for cursor in (digits, "9" * 19):
+        answer = sidecar.get("/jobs", params={"cursor": cursor})
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["location"] == "cursor"
+    assert sidecar.get("/jobs", params={"cursor": "9" * 18}).status_code == 200
+    for last_event_id in (digits, "9" * 19):
+        answer = sidecar.get(f"/jobs/{job['id']}/events", headers={"last-event-id": last_event_id})
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["location"] == "last-event-id"
+    url, size = job["outputs"][0]["url"], job["outputs"][0]["size_bytes"]
+    past = sidecar.get(url, headers={"range": f"bytes={digits}-"})
+    assert past.status_code == 416 and past.json()["location"] == "range"
+    assert past.headers["content-range"] == f"bytes */{size}"
+    whole = sidecar.get(url, headers={"range": f"bytes=0-{digits}"})
+    assert whole.status_code == 206 and len(whole.content) == size
+
+
+def test_long_digit_strings_are_400s_naming_the_parameter(shared_sidecar: Sidecar) -> None:
+    job = wait_job(shared_sidecar, submit(shared_sidecar, basic_prompt(batch=1))["id"])
+    assert job["status"] == "completed", job
+    check_long_digit_strings(shared_sidecar, job)
 
 
 def test_unknown_job_is_404_and_prompt_jobs_are_listed(shared_sidecar: Sidecar) -> None:

@@ -161,6 +161,28 @@ def test_cancel_ends_failed_and_sends_the_webhooks(shared_sidecar: Sidecar, rece
     assert "outputs" not in events[done]
 
 
+def test_a_failed_job_names_no_server_path(shared_sidecar: Sidecar, receiver: Any) -> None:
+    """ComfyUI's execution error for a garbage media item reaches GET /v1/jobs/{id} (`error`,
+    `error_log_tail`) and the `job.failed` webhook with its server paths scrubbed."""
+    hook = receiver()
+    body = {
+        "workflow": image_workflow("garbage.png"),
+        "media": [{"name": "garbage.png", "data": base64.b64encode(b"garbage").decode()}],
+        "webhook_url": hook.url,
+    }
+    answer = shared_sidecar.post("/v1/jobs", json=body)
+    assert answer.status_code == 200, answer.text
+    status, _ = poll(shared_sidecar, answer.json()["job_id"])
+    assert status["status"] == "failed"
+    assert "cannot identify image file '<INPUT_DIR>/.comfy-sidecar/" in status["error"]
+    assert status["error_log_tail"]
+    shared_sidecar.assert_names_no_server_dir(json.dumps(status))
+    (event,) = hook.wait_for(1, timeout=60)
+    assert event.json()["event"] == "job.failed"
+    assert "'<INPUT_DIR>/.comfy-sidecar/" in event.json()["error"]
+    shared_sidecar.assert_names_no_server_dir(event.body.decode())
+
+
 @pytest.mark.parametrize(
     ("change", "location"),
     [
@@ -194,6 +216,34 @@ def test_bad_input_is_a_400_naming_the_field_and_leaves_nothing(
     assert answer.json()["location"] == location
     assert no_media_folders(shared_sidecar)
     assert len(shared_sidecar.get("/jobs", params={"limit": 1000}).json()["jobs"]) == before
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a" * 247 + ".png", "é" * 124 + ".png"],  # 251 and 252 bytes of UTF-8
+)
+def test_a_media_name_too_long_to_write_is_a_400(shared_sidecar: Sidecar, name: str) -> None:
+    """A name the atomic writer's `.part` would push past NAME_MAX (255) is refused at the
+    field (it was a 500, `File name too long`)."""
+    body = {
+        "workflow": image_workflow(name),
+        "media": [{"name": name, "data": base64.b64encode(png_bytes()).decode()}],
+    }
+    answer = shared_sidecar.post("/v1/jobs", json=body)
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["location"] == "media.0.name"
+    assert no_media_folders(shared_sidecar)
+
+
+def test_a_media_name_of_250_bytes_runs(shared_sidecar: Sidecar) -> None:
+    name = "é" * 123 + ".png"  # 250 bytes: with `.part`, NAME_MAX
+    body = {
+        "workflow": image_workflow(name),
+        "media": [{"name": name, "data": base64.b64encode(png_bytes()).decode()}],
+    }
+    answer = shared_sidecar.post("/v1/jobs", json=body)
+    assert answer.status_code == 200, answer.text
+    assert poll(shared_sidecar, answer.json()["job_id"])[0]["status"] == "completed"
 
 
 def test_a_media_item_over_50_mb_is_refused(shared_sidecar: Sidecar) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -23,13 +24,19 @@ from comfy_sidecar.jobs.ranges import Unsatisfiable, parse_range, read_slice
         ("items=0-1", None),
         ("bytes=x-y", None),
         ("bytes=9-3", None),
+        ("bytes=1_0-", None),  # int() takes it; RFC 9110's DIGIT does not
+        ("bytes=\u0661-", None),  # ARABIC-INDIC DIGIT ONE: likewise
+        (f"bytes=0-{'9' * 5000}", (0, 99)),  # an end past any file's: to the end
+        (f"bytes=-{'9' * 5000}", (0, 99)),  # a suffix longer than any file: all of it
     ],
 )
 def test_parse_range(header: str | None, expected: tuple[int, int] | None) -> None:
     assert parse_range(header, 100) == expected
 
 
-@pytest.mark.parametrize("header", ["bytes=100-", "bytes=150-160", "bytes=-0"])
+@pytest.mark.parametrize(
+    "header", ["bytes=100-", "bytes=150-160", "bytes=-0", f"bytes={'9' * 5000}-"]
+)
 def test_unsatisfiable(header: str) -> None:
     with pytest.raises(Unsatisfiable):
         parse_range(header, 100)
@@ -44,3 +51,29 @@ def test_read_slice(tmp_path: Path) -> None:
         return b"".join([c async for c in read_slice(path, 1000, 300_000)])
 
     assert asyncio.run(collect()) == data[1000:300_001]
+
+
+@pytest.mark.parametrize(
+    ("filename", "fallback"),
+    [
+        ("x_00001_.png", "x_00001_.png"),
+        ('a"b\\c%d.png', "a_b_c_d.png"),
+        ("é✓.png", "__.png"),
+        ("a\r\nX-Injected: 1.png", "a__X-Injected: 1.png"),
+    ],
+)
+def test_content_disposition_is_ascii_with_the_exact_name_in_filename_star(
+    filename: str, fallback: str
+) -> None:
+    """RFC 6266: a quoted ASCII fallback and the exact name percent-encoded in `filename*`;
+    a header h11 (uvicorn's HTTP/1.1) accepts whatever the name holds."""
+    import h11
+
+    from comfy_sidecar.routes.jobs import content_disposition
+
+    value = content_disposition(filename)
+    assert value == (
+        f"inline; filename=\"{fallback}\"; filename*=UTF-8''{urllib.parse.quote(filename)}"
+    )
+    assert urllib.parse.unquote(value.rsplit("''", 1)[1]) == filename
+    h11.Response(status_code=200, headers=[("content-disposition", value)])  # raises if invalid

@@ -15,7 +15,11 @@ import httpx
 import pytest
 
 from tests.conftest import Backend, Sidecar, basic_prompt, slow_prompt
-from tests.jobs.test_jobs_api import sse_events
+from tests.jobs.test_jobs_api import (
+    check_content_disposition,
+    check_long_digit_strings,
+    sse_events,
+)
 from tests.redis_server import RedisServer, redis_server
 from tests.waiting import wait_for
 
@@ -276,3 +280,28 @@ def test_a_long_poll_returns_at_its_deadline_or_at_the_end(
     assert job(a, job_id, wait=30) == final  # ended: answered at once, the same body
     unknown = a.get("/jobs/no-such-job", params={"wait": 30}, timeout=60)
     assert unknown.status_code == 404, unknown.text
+
+
+def test_an_output_named_with_quotes_and_non_ascii_is_served_in_queue_mode(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    """Outputs kept in Redis get RFC 6266's Content-Disposition too (tests.jobs.test_jobs_api's
+    in-process twin)."""
+    (a,) = replicas(spawn, tmp_path, redis_server.url, count=1)
+    view = job(a, submit(a, basic_prompt(1, prefix='a"b é%')), wait=60)
+    assert view["status"] == "completed", view
+    [output] = view["outputs"]
+    answer = a.get(output["url"])
+    assert answer.status_code == 200 and answer.content.startswith(b"\x89PNG")
+    check_content_disposition(answer.headers["content-disposition"], output["filename"])
+
+
+def test_long_digit_strings_are_400s_naming_the_parameter_in_queue_mode(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    """`cursor`, `Last-Event-ID` and `Range` of jobs kept in Redis (tests.jobs.test_jobs_api's
+    in-process twin)."""
+    (a,) = replicas(spawn, tmp_path, redis_server.url, count=1)
+    view = job(a, submit(a, basic_prompt(1)), wait=60)
+    assert view["status"] == "completed", view
+    check_long_digit_strings(a, view)
