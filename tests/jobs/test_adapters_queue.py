@@ -372,10 +372,10 @@ def test_modal_jobs_media_must_feed_a_media_input_in_queue_mode(
             },
             "inputs.0.value",
         ),
-        (  # the claiming replica's preprocessing, run at submission, names the media item
+        (  # the submission's check (the SSRF guard, nothing fetched) names the media item
             {
                 "workflow": image_workflow("input.png"),
-                "media": [{"name": "input.png", "url": "http://127.0.0.1:9/missing.png"}],
+                "media": [{"name": "input.png", "url": "http://169.254.169.254/missing.png"}],
             },
             "media.0",
         ),

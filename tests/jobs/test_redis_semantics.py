@@ -384,3 +384,51 @@ def test_a_job_keeps_its_submission_time_when_a_replica_takes_it(
     assert view["status"] == "completed", view
     assert view["created_at"] == answer.json()["created_at"]
     assert view["started_at"] > view["created_at"]
+
+
+def test_a_submission_downloads_nothing_on_the_replica_that_takes_it(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    """POST /jobs with a model URL is checked without side effects (issue 21): the submitting
+    replica, its only slot busy so it cannot claim the job yet, answers 202 having made no GET
+    of the model; the job downloads it once it is claimed, and completes."""
+    from tests.storage.servers import FileServer
+    from tests.tiny_model import tiny_upscale_model_bytes
+
+    files = FileServer()
+    try:
+        files.files["tiny-upscale.safetensors"] = tiny_upscale_model_bytes()
+        a = replica(spawn, tmp_path, redis_server.url, "a", MAX_JOBS_PER_INSTANCE="1")
+        busy = submit(a, slow_prompt(blurs=3, size=2048))
+        wait_for(
+            lambda: job(a, busy)["status"] == "in_progress",
+            timeout=30,
+            interval=0.05,
+            what="the slot to be taken",
+        )
+        url = files.url("/files/tiny-upscale.safetensors")
+        prompt = {
+            "1": {
+                "class_type": "EmptyImage",
+                "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0},
+            },
+            "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": url}},
+            "3": {
+                "class_type": "ImageUpscaleWithModel",
+                "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]},
+            },
+            "4": {
+                "class_type": "SaveImage",
+                "inputs": {"images": ["3", 0], "filename_prefix": "u"},
+            },
+        }
+        job_id = submit(a, prompt)
+        gets = [r for r in files.requests if r[0] == "GET"]
+        assert gets == [], "the submission downloaded the model"
+        assert job(a, job_id)["status"] == "pending"
+        view = job(a, job_id, wait=60)
+        assert view["status"] == "completed", view
+        downloads = [r[1] for r in files.requests if r[0] == "GET"]
+        assert downloads == ["/files/tiny-upscale.safetensors"], downloads
+    finally:
+        files.stop()
