@@ -9,6 +9,7 @@ class (:mod:`comfy_sidecar.errors`) and each storage error class to one status.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -65,7 +66,6 @@ if TYPE_CHECKING:
 
     from comfy_sidecar.config import Settings
     from comfy_sidecar.runtime.container import Container
-    from comfy_sidecar.runtime.lifecycle import Runtime
 
 log = logging.getLogger("comfy_sidecar.app")
 
@@ -310,11 +310,15 @@ def _provide(value: Any) -> Provide:
     return Provide(lambda: value, sync_to_thread=False, use_cache=True)
 
 
-def create_app(container: Container, runtime: Runtime) -> Litestar:
+def create_app(
+    container: Container, warmup_prompt: Callable[[], dict[str, Any] | None] = lambda: None
+) -> Litestar:
     """Build the ASGI app over ``container``'s services. Each handler declares the narrow
     services it needs by name (Litestar ``Provide``): ``jobs`` (the job backend),
     ``lifecycle`` (the job lifecycle, for ``/prompt``), ``probes`` (health), ``downloads``
-    (model downloads), ``workflow_host``, ``scrape`` (the metrics' view)."""
+    (model downloads), ``workflow_host``, ``scrape`` (the metrics' view), ``staging``
+    (request files). ``warmup_prompt()`` is the warmup prompt once loaded (the workflow
+    endpoints' ``ctx.warmup_checkpoint``)."""
     settings = container.settings
     api_keys = ApiKeys.from_settings(settings)
     handlers: list[Any] = [
@@ -336,7 +340,7 @@ def create_app(container: Container, runtime: Runtime) -> Litestar:
         container.storage, settings.model_dir, container.comfy.client, container.tasks.spawn
     )
     workflow_host = WorkflowHost(
-        lambda path: container.comfy.client().get_json(path), lambda: runtime.warmup_prompt
+        lambda path: container.comfy.client().get_json(path), warmup_prompt
     )
     app = Litestar(
         route_handlers=[

@@ -243,7 +243,7 @@ async def serve(settings: Settings, sock: socket.socket, boot: BootProbes) -> in
         print(f"comfy-sidecar: {exc}", file=sys.stderr)
         return 2
     runtime = Runtime(container)
-    app = create_app(container, runtime)
+    app = create_app(container, lambda: runtime.warmup_prompt)
 
     class Server(uvicorn.Server):
         @contextlib.contextmanager

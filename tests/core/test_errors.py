@@ -9,8 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 import pytest
@@ -33,6 +32,7 @@ from comfy_sidecar.errors import (
     UpstreamFailed,
     ValidationFailed,
 )
+from comfy_sidecar.runtime.container import build
 from comfy_sidecar.storage.errors import (
     AuthError,
     BackendError,
@@ -170,7 +170,7 @@ def client() -> Iterator[TestClient[Any]]:
     settings = msgspec.structs.replace(
         load_settings({}), markdown_schema_descriptions=False, max_body_size_mb=1
     )
-    app = create_app(cast(Any, SimpleNamespace(settings=settings, workflows=[])))
+    app = create_app(build(settings))
 
     @get("/raise/{case:int}", sync_to_thread=False)
     def raiser(case: int) -> None:
