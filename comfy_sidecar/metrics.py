@@ -82,7 +82,6 @@ class ScrapedInstance(Protocol):
     def client(self) -> StatsClient: ...
 
 
-@runtime_checkable
 class ScrapedCache(Protocol):
     """What the scrape reads of the download cache."""
 
@@ -92,6 +91,7 @@ class ScrapedCache(Protocol):
     def disk_space(self) -> tuple[int, int] | None: ...
 
 
+@runtime_checkable
 class Scraped(Protocol):
     """What the scrape reads of the sidecar serving it: ``queue_up`` is None without a shared
     job queue (JOB_QUEUE_URL)."""
