@@ -26,10 +26,12 @@ from comfy_sidecar import __version__, metrics
 from comfy_sidecar.apikeys import ApiKeys
 from comfy_sidecar.auth import SECURITY, SECURITY_SCHEMES, ApiKeyMiddleware, open_paths
 from comfy_sidecar.errors import (
+    AssetUrlRefused,
     Conflict,
     ExecutionFailed,
     InputError,
     Interrupted,
+    MissingAsset,
     NotFound,
     OutputsTooLarge,
     Overloaded,
@@ -126,6 +128,10 @@ STATUS: dict[type[Exception], int] = {
     Unavailable: 503,
     TimedOut: 504,
     OutputsTooLarge: 507,  # only ever a job's error body: the job's outputs had no room
+    # assets (Comfy API v2); AssetNotFound and BlobNotFound are 404 as NotFound, HashMismatch
+    # 409 as Conflict
+    MissingAsset: 422,  # a core/ASSET reference that is malformed or names no asset
+    AssetUrlRefused: 403,  # a signed content URL with a wrong signature, or expired
     # storage errors that reach a request (an upload's is an UpstreamFailed's cause)
     BadRequestError: 400,
     AuthError: 400,

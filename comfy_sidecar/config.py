@@ -265,6 +265,37 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         "under `<prefix>/<job id>/`. Unset: such a job fails, naming both settings.",
     ]
 
+    # --- assets (Comfy API v2) ----------------------------------------------------------------
+    asset_dir: Annotated[
+        str,
+        Var("ASSET_DIR", "${HOME}/.cache/comfy-sidecar/assets-${PORT}", text, new=True),
+        "Where assets (uploads and registered job outputs) are kept, one file per blake3 hash "
+        "plus one record per asset; kept across restarts. Put it on the file system of "
+        "JOBS_DIR and INPUT_DIR so outputs and staged inputs are hard links, not copies.",
+    ]
+    asset_store_gb: Annotated[
+        float,
+        Var("ASSET_STORE_GB", "0", float_at_least(0), new=True),
+        "Size limit of ASSET_DIR's blobs in GiB; least recently used blobs no job holds are "
+        "evicted, with their assets (0 = no limit).",
+    ]
+    asset_retention_s: Annotated[
+        float,
+        Var("ASSET_RETENTION_S", "86400", float_at_least(0), new=True),
+        "Seconds an uploaded asset is kept (its `expires_at`); 0 = until deleted or evicted.",
+    ]
+    asset_url_secret: Annotated[
+        str | None,
+        Var("ASSET_URL_SECRET", None, optional_text, new=True),
+        "Key of the HMAC-SHA256 that signs asset content URLs. Unset: a random key made at "
+        "start, so URLs die with the process; replicas behind one address must share one.",
+    ]
+    asset_url_ttl_s: Annotated[
+        float,
+        Var("ASSET_URL_TTL_S", "3600", float_above(0), new=True),
+        "Seconds a signed asset content URL stays valid (its `url_expires_at`).",
+    ]
+
     # --- HTTP server --------------------------------------------------------------------------
     host: Annotated[
         str, Var("HOST", "::", text), "Address the API listens on (`::` is dual-stack)."
@@ -573,6 +604,9 @@ def _check_combinations(values: dict[str, Any]) -> None:
             "CMD: must hold {port} when more than one ComfyUI instance runs "
             f"(COMFYUI_INSTANCES/COMFYUI_GPUS give {instances})"
         )
+    secret = values["asset_url_secret"]
+    if secret is not None and len(secret) < 16:
+        raise ConfigError("ASSET_URL_SECRET: must be at least 16 characters (a random string)")
     manifest = values["manifest"]
     if manifest and not manifest.lower().endswith((".yml", ".yaml", ".json")):
         raise ConfigError(f"MANIFEST: must end in .yml, .yaml or .json (got {manifest!r})")

@@ -10,7 +10,7 @@ is ``{"error": message, "location": ..., **fields}``, ``location`` only when one
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 
 class SidecarError(Exception):
@@ -108,6 +108,45 @@ class OutputsTooLarge(SidecarError):
 
 class TimedOut(SidecarError):
     """The job ran longer than PROMPT_TIMEOUT_S and was interrupted (field ``id``)."""
+
+
+# --- assets (comfy_sidecar.assets; the Comfy API v2 surface, issue 22) -----------------------
+# ``code`` is the v2 error envelope's ``error.code`` (comfy_low.models.ErrorEnvelope's core
+# codes); the status is still decided at the edge.
+
+
+class AssetNotFound(NotFound):
+    """No asset with this id is kept (never uploaded, deleted, expired or evicted)."""
+
+    code: ClassVar[str] = "not_found"
+
+
+class BlobNotFound(NotFound):
+    """``from-hash`` named bytes the asset store does not hold (v2 ``blob_not_found``)."""
+
+    code: ClassVar[str] = "blob_not_found"
+
+
+class HashMismatch(Conflict):
+    """The uploaded bytes' blake3 differs from the ``expected_hash`` the client declared
+    (v2 ``hash_mismatch``); nothing was kept. Fields ``expected_hash`` and ``hash``."""
+
+    code: ClassVar[str] = "hash_mismatch"
+
+
+class MissingAsset(InputError):
+    """A ``core/ASSET`` reference in a workflow is malformed or names no kept asset
+    (v2 ``missing_asset``). ``location`` is the first bad one
+    (``workflow.<node>.inputs.<field>``); field ``missing`` lists every bad location."""
+
+    code: ClassVar[str] = "missing_asset"
+
+
+class AssetUrlRefused(SidecarError):
+    """A signed asset content URL whose signature is wrong, or whose ``exp`` has passed or
+    is malformed. Field ``reason``: ``expired`` or ``bad_signature``."""
+
+    code: ClassVar[str] = "forbidden"
 
 
 def internal_message(exc: BaseException) -> str:

@@ -825,6 +825,13 @@ def _link_file(
         raise StorageError(f"{dest.name}: cannot link ({exc.strerror})") from None
 
 
+def place_job_input(src: Path, dest: Path) -> None:
+    """Put ``src`` at ``dest`` the way a job's input is placed: atomically, as a hardlink (a
+    copy when one cannot be made, e.g. across file systems), never a symlink (ComfyUI >= 0.28
+    refuses those), replacing whatever file is there. Blocking: call it in a thread. Raises
+    :class:`DiskFullError` (nothing half-written is left) or :class:`StorageError`."""
+    _link_file(src, dest, False, "any", set(), src.parent)
+
 def _disk_error(exc: OSError, what: str) -> StorageError:
     """The storage error for ``exc``: :class:`DiskFullError` for ENOSPC / EDQUOT, else a
     plain :class:`StorageError`; the message names no path."""

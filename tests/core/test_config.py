@@ -117,6 +117,9 @@ def test_values_are_parsed() -> None:
         ("MANIFEST", "m.txt", "MANIFEST: must end in .yml, .yaml or .json (got 'm.txt')"),
         ("HTTP_AUTH_HEADER_NAME", "X-Key", "HTTP_AUTH_HEADER_VALUE: must be set together"),
         ("HTTP_AUTH_HEADER_VALUE", "k", "HTTP_AUTH_HEADER_NAME: must be set together"),
+        ("ASSET_STORE_GB", "-1", "ASSET_STORE_GB: must be >= 0 (got '-1')"),
+        ("ASSET_URL_TTL_S", "0", "ASSET_URL_TTL_S: must be > 0 (got '0')"),
+        ("ASSET_URL_SECRET", "short", "ASSET_URL_SECRET: must be at least 16 characters"),
     ],
 )
 def test_a_bad_value_names_the_variable_in_one_line(name: str, raw: str, message: str) -> None:
@@ -125,6 +128,17 @@ def test_a_bad_value_names_the_variable_in_one_line(name: str, raw: str, message
     text = str(err.value)
     assert text.startswith(message)
     assert "\n" not in text
+
+
+def test_asset_settings_default_to_a_per_port_directory_and_a_key_made_at_start() -> None:
+    s = load_settings({"HOME": "/home/u", "PORT": "3100"})
+    assert s.asset_dir == "/home/u/.cache/comfy-sidecar/assets-3100"
+    assert (s.asset_store_gb, s.asset_retention_s, s.asset_url_ttl_s) == (0.0, 86400.0, 3600.0)
+    assert s.asset_url_secret is None
+    s = load_settings(
+        {"HOME": "/h", "ASSET_URL_SECRET": "0123456789abcdef", "ASSET_STORE_GB": "1.5"}
+    )
+    assert (s.asset_url_secret, s.asset_store_gb) == ("0123456789abcdef", 1.5)
 
 
 def test_every_setting_is_declared_once_with_a_description() -> None:

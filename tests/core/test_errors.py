@@ -19,10 +19,15 @@ from litestar.testing import TestClient
 from comfy_sidecar.app import create_app
 from comfy_sidecar.config import load_settings
 from comfy_sidecar.errors import (
+    AssetNotFound,
+    AssetUrlRefused,
+    BlobNotFound,
     Conflict,
     ExecutionFailed,
+    HashMismatch,
     InputError,
     Interrupted,
+    MissingAsset,
     NotFound,
     OutputsTooLarge,
     Overloaded,
@@ -123,6 +128,44 @@ CASES: list[tuple[Exception, int, dict[str, Any]]] = [
     ),
     (Overloaded("the queue is full"), 429, {"error": "the queue is full"}),
     (SidecarError("unclassified"), 500, {"error": "unclassified"}),
+    (
+        AssetNotFound("no asset with id 'a'", location="id"),
+        404,
+        {"error": "no asset with id 'a'", "location": "id"},
+    ),
+    (
+        BlobNotFound("no bytes with hash blake3:00", location="hash"),
+        404,
+        {"error": "no bytes with hash blake3:00", "location": "hash"},
+    ),
+    (
+        HashMismatch(
+            "mismatch", location="expected_hash", expected_hash="blake3:0", hash="blake3:1"
+        ),
+        409,
+        {
+            "error": "mismatch",
+            "location": "expected_hash",
+            "expected_hash": "blake3:0",
+            "hash": "blake3:1",
+        },
+    ),
+    (
+        MissingAsset(
+            "no asset with id 'a'", "workflow.3.inputs.image", missing=["workflow.3.inputs.image"]
+        ),
+        422,
+        {
+            "error": "no asset with id 'a'",
+            "location": "workflow.3.inputs.image",
+            "missing": ["workflow.3.inputs.image"],
+        },
+    ),
+    (
+        AssetUrlRefused("the content URL has expired", reason="expired"),
+        403,
+        {"error": "the content URL has expired", "reason": "expired"},
+    ),
     (BadRequestError("bad URL"), 400, {"error": "bad URL"}),
     (AuthError("refused"), 400, {"error": "refused"}),
     (NotFoundError("no such object"), 400, {"error": "no such object"}),
