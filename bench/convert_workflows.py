@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from comfy_sidecar.convert import convert_image
+from comfy_sidecar.pipeline.convert import convert_image
 from comfy_sidecar.schemas import ConvertOutput
 from comfy_sidecar.workflows import load_workflows
 

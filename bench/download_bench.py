@@ -125,7 +125,7 @@ def s3_rows(args: argparse.Namespace, tmp: Path) -> list[tuple[str, float]]:
     import boto3
     from boto3.s3.transfer import TransferConfig
 
-    from comfy_sidecar.storage.s3 import download_config
+    from comfy_sidecar.storage.backends.s3 import download_config
     from tests.storage.conftest import free_port, stop, wait_port
 
     port = free_port()

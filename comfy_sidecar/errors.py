@@ -1,6 +1,6 @@
 """The sidecar's domain errors: what went wrong, by meaning, with the JSON body's fields.
 
-No class here knows an HTTP status: :mod:`comfy_sidecar.app` maps classes to statuses once, in
+No class here knows an HTTP status: :mod:`comfy_sidecar.http.app` maps classes to statuses once, in
 its exception handlers (the way httpx keeps transport errors apart from responses). Every body
 is ``{"error": message, "location": ..., **fields}``, ``location`` only when one was given::
 
@@ -67,7 +67,7 @@ class ExecutionFailed(SidecarError):
     """The job ran but produced no result: ComfyUI's execution error (fields ``id``,
     ``node_id``, ``node_type``, ``exception_type``, ``exception_message``, ``traceback``,
     ``comfyui_log_tail``), or an output it reported that cannot be read (``id``). ComfyUI's text
-    in it has its server paths scrubbed (:mod:`comfy_sidecar.serverpaths`)."""
+    in it has its server paths scrubbed (:mod:`comfy_sidecar.pipeline.serverpaths`)."""
 
 
 class UpstreamFailed(SidecarError):

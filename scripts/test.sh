@@ -42,6 +42,7 @@ APT_FLAGS=--no-install-recommends need prometheus "the alert rule and live dashb
 export PATH="$PWD/$venv/bin:$PWD/node_modules/.bin:$PATH"
 echo "== ruff"; ruff check comfy_sidecar tests bench
 echo "== mypy"; mypy
+echo "== layers"; lint-imports --no-cache
 echo "== binary"; pyinstaller --noconfirm --log-level WARN build.spec >/dev/null
 dist/comfy-sidecar --version
 echo "== pytest"

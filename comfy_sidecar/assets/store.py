@@ -224,7 +224,7 @@ class AssetContent:
         """Bytes ``first`` to ``last`` (inclusive offsets, HTTP ``Range`` semantics; ``last``
         None = to the end) in pieces of at most ``chunk_size``, each read in a thread. An
         empty asset yields nothing. Raises ValueError for offsets outside the asset (the edge
-        parses ``Range`` with :func:`comfy_sidecar.jobs.ranges.parse_range` first, which
+        parses ``Range`` with :func:`comfy_sidecar.http.ranges.parse_range` first, which
         answers 416 for those) at once, before any read. Closes the file when done."""
         last = self.size_bytes - 1 if last is None else last
         if first < 0 or last >= self.size_bytes or first > last + 1 or chunk_size < 1:

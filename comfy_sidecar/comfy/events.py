@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 import websockets
 
-from comfy_sidecar.backoff import backoff_delay
+from comfy_sidecar.net.backoff import backoff_delay
 
 log = logging.getLogger("comfy_sidecar.events")
 

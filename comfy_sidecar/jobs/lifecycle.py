@@ -33,7 +33,6 @@ from urllib.parse import quote
 
 import msgspec
 
-from comfy_sidecar import metrics
 from comfy_sidecar.errors import Conflict, Interrupted, Overloaded, SidecarError
 from comfy_sidecar.jobs.model import (
     DifferentBody,
@@ -47,6 +46,7 @@ from comfy_sidecar.jobs.progress import Progress, nodes_to_run
 from comfy_sidecar.jobs.record import JobRecord
 from comfy_sidecar.jobs.spec import AfterEnd, JobSpec
 from comfy_sidecar.jobs.store import JobStore
+from comfy_sidecar.observability import metrics
 from comfy_sidecar.pipeline.deliver import (
     Accepted,
     Delivered,
@@ -64,7 +64,7 @@ from comfy_sidecar.storage.files import move
 from comfy_sidecar.webhooks.spool import Spool
 
 if TYPE_CHECKING:
-    from comfy_sidecar.instance import ComfyInstance
+    from comfy_sidecar.comfy.instance import ComfyInstance
     from comfy_sidecar.pipeline.outputs import OutputFile
     from comfy_sidecar.webhooks import WebhookDispatcher
     from comfy_sidecar.webhooks.adapters import Format

@@ -12,10 +12,10 @@ from pathlib import Path
 from comfy_sidecar.jobs.backend import Spawn
 from comfy_sidecar.jobs.lifecycle import JobLifecycle
 from comfy_sidecar.jobs.model import JobEvent, JobStatus, JobView
-from comfy_sidecar.jobs.ranges import read_slice
 from comfy_sidecar.jobs.record import JobRecord
 from comfy_sidecar.jobs.spec import JobSpec
 from comfy_sidecar.jobs.store import JobStore
+from comfy_sidecar.storage.files import read_slice
 
 __all__ = ["ESTIMATE_SAMPLE", "FileOutput", "LocalBackend", "estimated_wait_s"]
 

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from comfy_sidecar import metrics
 from comfy_sidecar.jobs.model import DifferentBody, JobStatus, JobView, now_ms
 from comfy_sidecar.jobs.record import JobRecord
+from comfy_sidecar.observability import metrics
 
 __all__ = ["MARKER", "DifferentBody", "JobRecord", "JobStatus", "JobStore", "UnknownJob"]
 

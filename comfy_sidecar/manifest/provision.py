@@ -19,9 +19,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from comfy_sidecar.netguard import trusted
-from comfy_sidecar.pipeline.bounded import gather_bounded
-from comfy_sidecar.urls import scrub_url
+from comfy_sidecar.net.bounded import gather_bounded
+from comfy_sidecar.net.urls import scrub_url
+from comfy_sidecar.storage.netguard import trusted
 
 from .commands import CommandFailed, PythonTarget, run_command
 from .schema import (

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from comfy_sidecar.locations import msgspec_location
+from comfy_sidecar.net.urls import is_url
 from comfy_sidecar.schemas import DownloadAuth
-from comfy_sidecar.urls import is_url
+from comfy_sidecar.schemas.locations import msgspec_location
 
 if TYPE_CHECKING:
     from comfy_sidecar.config import Settings

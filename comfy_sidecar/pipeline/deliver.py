@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from comfy_sidecar.errors import UpstreamFailed
-from comfy_sidecar.pipeline.bounded import gather_bounded
+from comfy_sidecar.net.bounded import gather_bounded
 from comfy_sidecar.pipeline.outputs import (
     INLINE_LIMIT,
     OutputFile,
@@ -122,7 +122,7 @@ async def postprocess(result: JobResult, options: PromptOptions) -> None:
     spec = options.convert_output
     if spec is None or not result.files:
         return
-    from comfy_sidecar.convert import ConversionError, convert_image, is_convertible
+    from comfy_sidecar.pipeline.convert import ConversionError, convert_image, is_convertible
 
     started = time.monotonic()
     converted: list[OutputFile] = []

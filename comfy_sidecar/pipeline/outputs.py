@@ -22,8 +22,8 @@ from typing import Any
 
 import msgspec
 
-from comfy_sidecar.nodes import node_order_key
 from comfy_sidecar.schemas import PromptResponse, ResultHead, Stats
+from comfy_sidecar.schemas.nodes import node_order_key
 
 log = logging.getLogger("comfy_sidecar.outputs")
 

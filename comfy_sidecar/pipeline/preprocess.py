@@ -46,10 +46,10 @@ from typing import Any, Protocol
 import msgspec
 
 from comfy_sidecar.errors import InputError, UpstreamFailed
-from comfy_sidecar.pipeline.bounded import gather_bounded
+from comfy_sidecar.net.bounded import gather_bounded
+from comfy_sidecar.net.urls import is_url
 from comfy_sidecar.pipeline.media import decode_base64, decode_data_url, sniff_extension
 from comfy_sidecar.storage.errors import DiskFullError, is_disk_full
-from comfy_sidecar.urls import is_url
 
 log = logging.getLogger("comfy_sidecar.preprocess")
 

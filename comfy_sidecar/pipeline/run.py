@@ -21,6 +21,13 @@ from typing import TYPE_CHECKING, Any, cast
 import msgspec
 
 from comfy_sidecar.comfy.client import ComfyClient, ComfyUnavailable, PromptRejected
+from comfy_sidecar.comfy.executions import (
+    Job,
+    JobOutcome,
+    JobState,
+    OutcomeKind,
+    now_ms,
+)
 from comfy_sidecar.config import Settings
 from comfy_sidecar.errors import (
     Conflict,
@@ -33,14 +40,8 @@ from comfy_sidecar.errors import (
     UpstreamFailed,
     ValidationFailed,
 )
-from comfy_sidecar.logs import bind_job, job_scope
-from comfy_sidecar.pipeline.jobs import (
-    Job,
-    JobOutcome,
-    JobState,
-    OutcomeKind,
-    now_ms,
-)
+from comfy_sidecar.net.urls import scrub_url
+from comfy_sidecar.observability.logs import bind_job, job_scope
 from comfy_sidecar.pipeline.outputs import (
     OutputError,
     OutputFile,
@@ -49,13 +50,12 @@ from comfy_sidecar.pipeline.outputs import (
     remove_outputs,
 )
 from comfy_sidecar.pipeline.preprocess import Prepared, Preprocessor
+from comfy_sidecar.pipeline.serverpaths import ServerPaths
 from comfy_sidecar.schemas import Credential, PromptRequest
-from comfy_sidecar.serverpaths import ServerPaths
-from comfy_sidecar.urls import scrub_url
 
 if TYPE_CHECKING:
-    from comfy_sidecar.dispatch import Dispatcher
-    from comfy_sidecar.instance import ComfyInstance
+    from comfy_sidecar.comfy.dispatch import Dispatcher
+    from comfy_sidecar.comfy.instance import ComfyInstance
     from comfy_sidecar.storage import Storage
     from comfy_sidecar.storage.cache import Lease
 
@@ -199,9 +199,10 @@ def _ms(seconds: float) -> int:
 class Pipeline:
     """Runs prompts for one sidecar on its ComfyUI instances.
 
-    A prepared job waits in the sidecar's queue (the :class:`~comfy_sidecar.dispatch.Dispatcher`)
-    for a slot on a ready instance, is queued there under a prompt_id chosen before queueing,
-    and is followed through that instance's job registry. A job the instance lost before it
+    A prepared job waits in the sidecar's queue (the
+    :class:`~comfy_sidecar.comfy.dispatch.Dispatcher`) for a slot on a ready instance, is queued
+    there under a prompt_id chosen before queueing, and is followed through that instance's
+    job registry. A job the instance lost before it
     started running (the instance died or was restarted with it still in ComfyUI's queue) is
     sent again, to whichever instance is ready next: nothing that did not start is lost.
     """

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from comfy_sidecar.comfy.client import ComfyClient
+from comfy_sidecar.comfy.dispatch import Dispatcher
+from comfy_sidecar.comfy.health import Health
+from comfy_sidecar.comfy.instance import ComfyInstance, InstanceSignals
 from comfy_sidecar.config import ConfigError, Settings
-from comfy_sidecar.dispatch import Dispatcher
-from comfy_sidecar.instance import ComfyInstance, InstanceSignals
 from comfy_sidecar.jobs.backend import JobBackend
 from comfy_sidecar.jobs.lifecycle import JobLifecycle
 from comfy_sidecar.jobs.local import LocalBackend
@@ -33,8 +34,7 @@ from comfy_sidecar.jobs.store import JobStore
 from comfy_sidecar.pipeline.deliver import storage_uploader
 from comfy_sidecar.pipeline.run import Pipeline
 from comfy_sidecar.pipeline.staging import FolderStaging, InlineStaging, Staging
-from comfy_sidecar.runtime.health import Health
-from comfy_sidecar.salad import DeletionCost
+from comfy_sidecar.runtime.salad import DeletionCost
 from comfy_sidecar.storage import Storage
 from comfy_sidecar.webhooks import WebhookDispatcher
 from comfy_sidecar.webhooks.adapters import FORMATS
@@ -112,7 +112,7 @@ class ComfyAccess:
 
 class Gauges:
     """What ``/metrics`` reads of this sidecar at scrape time (a
-    :class:`~comfy_sidecar.metrics.Scraped`)."""
+    :class:`~comfy_sidecar.observability.metrics.Scraped`)."""
 
     def __init__(
         self,
@@ -259,8 +259,8 @@ def _backend(
     """The job backend, chosen once: Redis with JOB_QUEUE_URL, else in-process."""
     if settings.job_queue_url is None:
         return LocalBackend(lifecycle)
-    from comfy_sidecar.jobs.redis_backend import RedisBackend, Slots
-    from comfy_sidecar.jobs.redis_store import RedisJobs
+    from comfy_sidecar.jobs.redis.backend import RedisBackend, Slots
+    from comfy_sidecar.jobs.redis.store import RedisJobs
 
     replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     redis_jobs = RedisJobs(

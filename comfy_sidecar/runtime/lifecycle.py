@@ -23,13 +23,13 @@ from typing import Any
 
 import msgspec
 
-from comfy_sidecar import metrics
 from comfy_sidecar.boot import BootProbes
+from comfy_sidecar.comfy.instance import ComfyInstance
+from comfy_sidecar.comfy.phase import Fatal, Phase
 from comfy_sidecar.config import ConfigError, Settings
 from comfy_sidecar.errors import SidecarError
-from comfy_sidecar.instance import ComfyInstance
-from comfy_sidecar.logs import setup_logging
-from comfy_sidecar.phase import Fatal, Phase
+from comfy_sidecar.observability import metrics
+from comfy_sidecar.observability.logs import setup_logging
 from comfy_sidecar.pipeline.preprocess import remove_leftover_inputs
 from comfy_sidecar.runtime.container import Container, build
 from comfy_sidecar.schemas import Prompt, PromptRequest
@@ -234,7 +234,7 @@ async def serve(settings: Settings, sock: socket.socket, boot: BootProbes) -> in
 
     import uvicorn
 
-    from comfy_sidecar.app import create_app
+    from comfy_sidecar.http.app import create_app
 
     workflows = await asyncio.to_thread(load_workflows_from, settings.workflow_dir)
     try:

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from comfy_sidecar import netguard
 from comfy_sidecar.errors import InputError
+from comfy_sidecar.net.urls import scrub_url
 from comfy_sidecar.schemas import (
     AzureBlobUpload,
     Credential,
@@ -43,8 +43,12 @@ from comfy_sidecar.schemas import (
     S3Auth,
     S3Upload,
 )
-from comfy_sidecar.storage.azure import AzureBackend
-from comfy_sidecar.storage.base import Backend, CancelToken, compile_glob, glob_problem
+from comfy_sidecar.storage import netguard
+from comfy_sidecar.storage.backends.azure import AzureBackend
+from comfy_sidecar.storage.backends.base import Backend, CancelToken
+from comfy_sidecar.storage.backends.hf import HFBackend
+from comfy_sidecar.storage.backends.http import HTTPBackend
+from comfy_sidecar.storage.backends.s3 import S3Backend, parse_s3_url
 from comfy_sidecar.storage.cache import DownloadCache, EventFn, Lease
 from comfy_sidecar.storage.errors import (
     AuthError,
@@ -58,10 +62,7 @@ from comfy_sidecar.storage.errors import (
     SupersededError,
     URLRefused,
 )
-from comfy_sidecar.storage.hf import HFBackend
-from comfy_sidecar.storage.http import HTTPBackend
-from comfy_sidecar.storage.s3 import S3Backend, parse_s3_url
-from comfy_sidecar.urls import scrub_url
+from comfy_sidecar.storage.globs import compile_glob, glob_problem
 
 if TYPE_CHECKING:
     from comfy_sidecar.config import Settings
@@ -113,7 +114,7 @@ class Storage:
         self._http_executor = ThreadPoolExecutor(
             HTTP_DOWNLOAD_THREADS, thread_name_prefix="storage-http"
         )
-        #: The SSRF guard every caller's URL passes (see :mod:`comfy_sidecar.netguard`).
+        #: The SSRF guard every caller's URL passes (see :mod:`comfy_sidecar.storage.netguard`).
         self.guard = netguard.NetGuard(settings)
         self.http = HTTPBackend(settings, self._http_executor, self.guard)
         self.s3 = S3Backend(env, self._executor, settings.download_connections)
@@ -160,7 +161,7 @@ class Storage:
     # --- downloads -----------------------------------------------------------------------
     async def _route(self, url: str, auth: DownloadAuth | None) -> Backend:
         """:meth:`backend_for` after :meth:`check_url` (skipped inside
-        :func:`~comfy_sidecar.netguard.trusted`)."""
+        :func:`~comfy_sidecar.storage.netguard.trusted`)."""
         backend = self.backend_for(url)
         if not netguard.is_trusted():
             await self.check_url(url, auth, backend)
@@ -186,7 +187,7 @@ class Storage:
         """The check a caller's webhook URL gets before its job is accepted (``webhook``,
         ``webhook_v2``, the Modal jobs API's ``webhook_url``, ai-dock's ``input.webhook.url``):
         an http(s) URL whose host the SSRF guard lets through, directly or through
-        HTTP(S)_PROXY (:meth:`~comfy_sidecar.netguard.NetGuard.check_field`). Raises
+        HTTP(S)_PROXY (:meth:`~comfy_sidecar.storage.netguard.NetGuard.check_field`). Raises
         :class:`InputError` naming ``location`` (a 400)."""
         await self.guard.check_field(url, location, schemes=("http", "https"))
 
@@ -270,7 +271,7 @@ class Storage:
         """comfyui-api's credential resolver: the ``auth`` of the first entry whose
         ``url_pattern`` glob (``**`` any, ``*`` any but ``/``, ``?`` one character) matches
         the whole URL, else None. Matching is linear in the URL's length (see
-        :class:`~comfy_sidecar.storage.base.Glob`); a pattern over the bounds raises
+        :class:`~comfy_sidecar.storage.backends.base.Glob`); a pattern over the bounds raises
         :class:`BadRequestError` (:meth:`check_request` refuses those at submission)."""
         for cred in credentials or ():
             if compile_glob(cred.url_pattern).match(url):

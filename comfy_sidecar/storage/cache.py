@@ -34,9 +34,10 @@ from typing import Any
 
 import msgspec
 
-from comfy_sidecar import metrics
+from comfy_sidecar.net.urls import scrub_url
+from comfy_sidecar.observability import metrics
 from comfy_sidecar.schemas import DownloadAuth
-from comfy_sidecar.storage.base import Backend, check_name, url_extname
+from comfy_sidecar.storage.backends.base import Backend, check_name, url_extname
 from comfy_sidecar.storage.errors import (
     BackendError,
     BadRequestError,
@@ -45,7 +46,6 @@ from comfy_sidecar.storage.errors import (
     StorageError,
     is_disk_full,
 )
-from comfy_sidecar.urls import scrub_url
 
 log = logging.getLogger("comfy_sidecar.cache")
 

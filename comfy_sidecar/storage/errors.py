@@ -10,6 +10,10 @@ other :class:`StorageError` 502.
 from __future__ import annotations
 
 import errno
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import httpx
 
 
 class StorageError(Exception):
@@ -21,7 +25,7 @@ class BadRequestError(StorageError):
 
 
 class URLRefused(BadRequestError):
-    """The SSRF guard (:mod:`comfy_sidecar.netguard`) refused a URL: its scheme, an address
+    """The SSRF guard (:mod:`comfy_sidecar.storage.netguard`) refused a URL: its scheme, an address
     its host resolves to, or its port. ``str(err)`` says why."""
 
 
@@ -79,3 +83,16 @@ __all__ = [
     "URLRefused",
     "is_disk_full",
 ]
+
+
+def raise_for_status(resp: httpx.Response | int, what: str) -> None:
+    """Map a non-2xx response (or status code) to a :class:`StorageError` (no URL in the
+    message)."""
+    code = resp if isinstance(resp, int) else resp.status_code
+    if 200 <= code < 300:
+        return
+    if code in (401, 403):
+        raise AuthError(f"{what}: authentication failed (HTTP {code})")
+    if code in (404, 410):
+        raise NotFoundError(f"{what}: not found (HTTP {code})")
+    raise BackendError(f"{what}: HTTP {code}")

@@ -13,11 +13,17 @@ import contextlib
 import os
 import shutil
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+
+import anyio
 
 from comfy_sidecar.storage.errors import is_disk_full
 
-__all__ = ["link_or_copy", "move", "temp_name"]
+__all__ = ["CHUNK", "link_or_copy", "move", "read_slice", "temp_name"]
+
+#: Bytes read per chunk when a file is streamed.
+CHUNK = 256 * 1024
 
 
 def temp_name(dest: Path) -> Path:
@@ -56,3 +62,16 @@ def move(src: Path, dest: Path) -> None:
     except OSError:
         link_or_copy(src, dest, atomic=True)
         src.unlink(missing_ok=True)
+
+
+async def read_slice(path: Path, first: int, last: int) -> AsyncIterator[bytes]:
+    """Bytes ``first`` to ``last`` (inclusive) of ``path``, in chunks of at most 256 KiB."""
+    remaining = last - first + 1
+    async with await anyio.open_file(path, "rb") as handle:
+        await handle.seek(first)
+        while remaining > 0:
+            chunk = await handle.read(min(CHUNK, remaining))
+            if not chunk:
+                return
+            remaining -= len(chunk)
+            yield chunk

@@ -23,13 +23,13 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from comfy_sidecar import metrics
-from comfy_sidecar.backoff import attempt_failure, backoff_delay
 from comfy_sidecar.config import SYSTEM_EVENT_NAMES, Settings
-from comfy_sidecar.logs import TRACEPARENT
-from comfy_sidecar.netguard import NetGuard, trusted
+from comfy_sidecar.net.backoff import attempt_failure, backoff_delay
+from comfy_sidecar.net.urls import scrub_url
+from comfy_sidecar.observability import metrics
+from comfy_sidecar.observability.logs import TRACEPARENT
 from comfy_sidecar.storage.errors import URLRefused
-from comfy_sidecar.urls import scrub_url
+from comfy_sidecar.storage.netguard import NetGuard, trusted
 
 from .body import JsonBody
 from .payloads import rewrite_prompt_ids

@@ -13,7 +13,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from comfy_sidecar.nodes import node_order_key
+from comfy_sidecar.schemas.nodes import node_order_key
 from comfy_sidecar.workflows.errors import InputError, WorkflowContextError
 
 __all__ = [
@@ -33,7 +33,7 @@ GetJson = Callable[[str], Awaitable[Any]]
 class WorkflowContext:
     """What a workflow may ask ComfyUI while generating, read live when the workflow runs.
 
-    One context is made per request by :mod:`comfy_sidecar.routes.workflows`
+    One context is made per request by :mod:`comfy_sidecar.http.routes.workflows`
     (``WorkflowContext(client.get_json, warmup_checkpoint=prompt_checkpoint(warmup_prompt))``);
     answers are cached for the life of that context only, so newly installed models, samplers
     and schedulers from custom nodes are seen by the next request (comfyui-api freezes samplers
@@ -173,7 +173,7 @@ async def resolve_model(
 
 def prompt_checkpoint(prompt: Mapping[str, Any] | None) -> str | None:
     """The ``ckpt_name`` of the first ``CheckpointLoaderSimple`` node of an API-format prompt
-    (nodes in :func:`~comfy_sidecar.nodes.node_order_key` order), or None.
+    (nodes in :func:`~comfy_sidecar.schemas.nodes.node_order_key` order), or None.
 
     Gives ``WorkflowContext.warmup_checkpoint`` from the sidecar's warmup prompt, as
     comfyui-api's ``config.warmupCkpt`` does (it reads its ``WARMUP_PROMPT_FILE`` in key

@@ -11,8 +11,8 @@ Stable Diffusion examples, core ComfyUI nodes only::
 Both first resolve the checkpoint, sampler and scheduler against what ComfyUI offers now
 (:func:`resolve_sampling`). Node ids and titles are the caller's (:class:`SamplerNodes`,
 :class:`ImageNodes`): the shipped workflows keep the ids of comfyui-api's example graphs. Nodes
-come out ordered by numeric id (:func:`comfy_sidecar.nodes.node_order_key`). :func:`node` makes
-one node for graphs built by hand.
+come out ordered by numeric id (:func:`comfy_sidecar.schemas.nodes.node_order_key`).
+:func:`node` makes one node for graphs built by hand.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from comfy_sidecar.nodes import node_order_key
+from comfy_sidecar.schemas.nodes import node_order_key
 from comfy_sidecar.workflows.author import WorkflowContext, check_choice, resolve_model
 from comfy_sidecar.workflows.fields import (
     ImageToImageRequest,

@@ -18,8 +18,8 @@ from typing import Any, cast
 
 import msgspec
 
-from comfy_sidecar.locations import msgspec_location
 from comfy_sidecar.schemas import PromptNode, PromptOptions, PromptRequest
+from comfy_sidecar.schemas.locations import msgspec_location
 from comfy_sidecar.workflows.author import WorkflowContext
 from comfy_sidecar.workflows.docs import input_markdown_table
 from comfy_sidecar.workflows.errors import (
@@ -155,7 +155,8 @@ class Workflow:
 
 def validation_error_location(err: msgspec.ValidationError) -> tuple[str, str | None]:
     """Split msgspec's ``"Expected `int`, got `str` - at `$.input.width`"`` into a message and
-    a dotted location (``"input.width"``), by :func:`comfy_sidecar.locations.msgspec_location`.
+    a dotted location (``"input.width"``), by
+    :func:`comfy_sidecar.schemas.locations.msgspec_location`.
     The message names the location: ``"Invalid input.width: Expected `int`, got `str`"``.
     Missing/unknown field errors name the field itself (``"input.prompt"``). Returns
     ``(message, None)`` when msgspec gives no path.

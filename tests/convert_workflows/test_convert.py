@@ -11,7 +11,12 @@ import msgspec
 import pytest
 from PIL import Image, ImageChops, ImageCms, JpegImagePlugin
 
-from comfy_sidecar.convert import ConversionError, convert_image, converted_name, is_convertible
+from comfy_sidecar.pipeline.convert import (
+    ConversionError,
+    convert_image,
+    converted_name,
+    is_convertible,
+)
 from comfy_sidecar.schemas import ConvertOutput, PromptRequest
 
 ANNEX_K_LUMA_ROW0 = [16, 11, 10, 16, 24, 40, 51, 61]  # libjpeg's table at quality 50

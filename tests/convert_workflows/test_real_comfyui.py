@@ -23,7 +23,7 @@ import msgspec
 import pytest
 from PIL import Image
 
-from comfy_sidecar.convert import convert_image, is_convertible
+from comfy_sidecar.pipeline.convert import convert_image, is_convertible
 from comfy_sidecar.schemas import ConvertOutput
 from comfy_sidecar.workflows import WorkflowContext, load_workflows
 from tests.tiny_model import NAME as TINY_MODEL_NAME

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from comfy_sidecar.app import status_of
+from comfy_sidecar.http.app import status_of
 from comfy_sidecar.schemas import ConvertWebp, PromptOptions, PromptRequest, S3Upload
 from comfy_sidecar.workflows import (
     Workflow,
@@ -388,7 +388,7 @@ def test_importing_does_not_load_pillow() -> None:
     import sys
 
     code = (
-        "import sys, comfy_sidecar.convert, comfy_sidecar.workflows; "
+        "import sys, comfy_sidecar.pipeline.convert, comfy_sidecar.workflows; "
         "assert 'PIL' not in sys.modules, 'PIL imported eagerly'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

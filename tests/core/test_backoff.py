@@ -1,10 +1,10 @@
-"""comfy_sidecar.backoff: the one retry-delay formula."""
+"""comfy_sidecar.net.backoff: the one retry-delay formula."""
 
 from __future__ import annotations
 
 import pytest
 
-from comfy_sidecar.backoff import backoff_delay
+from comfy_sidecar.net.backoff import backoff_delay
 
 
 def test_doubles_from_base_up_to_cap_without_jitter() -> None:

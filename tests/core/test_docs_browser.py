@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from comfy_sidecar.app import DOCS_ASSETS, DOCS_ASSETS_PATH
+from comfy_sidecar.http.app import DOCS_ASSETS, DOCS_ASSETS_PATH
 from tests.conftest import Backend, Sidecar, make_sidecar
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

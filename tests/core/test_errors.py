@@ -16,7 +16,6 @@ import pytest
 from litestar import get
 from litestar.testing import TestClient
 
-from comfy_sidecar.app import create_app
 from comfy_sidecar.config import load_settings
 from comfy_sidecar.errors import (
     AssetNotFound,
@@ -37,6 +36,7 @@ from comfy_sidecar.errors import (
     UpstreamFailed,
     ValidationFailed,
 )
+from comfy_sidecar.http.app import create_app
 from comfy_sidecar.runtime.container import build
 from comfy_sidecar.storage.errors import (
     AuthError,

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import pytest
 
 from comfy_sidecar.comfy.client import ComfyUnavailable
-from comfy_sidecar.pipeline.jobs import (
+from comfy_sidecar.comfy.executions import (
     DuplicateJob,
     Job,
     JobOutcome,

@@ -1,4 +1,5 @@
-"""comfy_sidecar.locations.msgspec_location: msgspec messages -> (what is wrong, location)."""
+"""comfy_sidecar.schemas.locations.msgspec_location: msgspec messages -> (what is wrong,
+location)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from comfy_sidecar.locations import msgspec_location, nesting_location
+from comfy_sidecar.schemas.locations import msgspec_location, nesting_location
 
 
 class Item(msgspec.Struct, forbid_unknown_fields=True):

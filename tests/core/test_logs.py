@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from comfy_sidecar import logs
+from comfy_sidecar.observability import logs
 from tests.conftest import Backend, basic_prompt, make_sidecar
 from tests.receiver import Receiver
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from comfy_sidecar import metrics
+from comfy_sidecar.observability import metrics
 from tests.conftest import BACKENDS, Sidecar, basic_prompt, png_bytes, running_sidecar
 from tests.redis_server import RedisServer, redis_server
 from tests.storage.servers import FileServer

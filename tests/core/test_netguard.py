@@ -1,4 +1,4 @@
-"""The SSRF guard (comfy_sidecar.netguard): what it refuses by default, what the operator's
+"""The SSRF guard (comfy_sidecar.storage.netguard): what it refuses by default, what the operator's
 settings open, and that storage fetches nothing it refused (redirect hops included)."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import pytest
 
 from comfy_sidecar.config import load_settings
 from comfy_sidecar.errors import InputError
-from comfy_sidecar.netguard import NetGuard, address_problem, proxy_for, trusted
 from comfy_sidecar.schemas import HTTPUpload, PromptOptions
 from comfy_sidecar.storage import Storage, URLRefused
+from comfy_sidecar.storage.netguard import NetGuard, address_problem, proxy_for, trusted
 from tests.storage.servers import FileServer
 
 SIDECAR_PORT, COMFY_PORT = 3999, 8999

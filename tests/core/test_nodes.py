@@ -1,11 +1,11 @@
-"""comfy_sidecar.nodes.node_order_key: numeric node ids in numeric order, others after."""
+"""comfy_sidecar.schemas.nodes.node_order_key: numeric node ids in numeric order, others after."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from comfy_sidecar.nodes import node_order_key
 from comfy_sidecar.pipeline.outputs import collect_outputs
+from comfy_sidecar.schemas.nodes import node_order_key
 
 
 def test_numeric_ids_first_in_numeric_order_then_names() -> None:

@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
+from comfy_sidecar.comfy.process import group_rss_bytes
+from comfy_sidecar.comfy.watchdog import recycle_reason, vram_used_bytes
 from comfy_sidecar.config import load_settings
-from comfy_sidecar.supervisor import group_rss_bytes
-from comfy_sidecar.watchdog import recycle_reason, vram_used_bytes
 from tests.conftest import Backend, Sidecar, basic_prompt, slow_prompt
 from tests.receiver import Receiver
 from tests.waiting import wait_for

@@ -1,11 +1,11 @@
-"""comfy_sidecar.serverpaths: server directories scrubbed from text callers see."""
+"""comfy_sidecar.pipeline.serverpaths: server directories scrubbed from text callers see."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from comfy_sidecar.config import load_settings
-from comfy_sidecar.serverpaths import ServerPaths
+from comfy_sidecar.pipeline.serverpaths import ServerPaths
 
 
 def test_paths_under_each_directory_are_named_by_their_setting(tmp_path: Path) -> None:

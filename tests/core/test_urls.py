@@ -1,10 +1,10 @@
-"""comfy_sidecar.urls: the one URL scrubber and the one is-this-a-URL test."""
+"""comfy_sidecar.net.urls: the one URL scrubber and the one is-this-a-URL test."""
 
 from __future__ import annotations
 
 import pytest
 
-from comfy_sidecar.urls import UNPARSEABLE, is_url, scrub_url
+from comfy_sidecar.net.urls import UNPARSEABLE, is_url, scrub_url
 
 
 def test_azure_sas_url_keeps_its_fields_but_not_the_signature() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from standardwebhooks import Webhook
 
-from comfy_sidecar.app import DOCS_ASSETS, DOCS_ASSETS_PATH
+from comfy_sidecar.http.app import DOCS_ASSETS, DOCS_ASSETS_PATH
 from tests.conftest import Backend, make_sidecar, png_bytes
 from tests.deploy.test_binary import BINARY, REASON
 from tests.receiver import Receiver

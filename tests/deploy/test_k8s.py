@@ -266,7 +266,7 @@ REDIS_STREAMS_TRIGGER = {
 def test_keda_scales_on_the_job_streams_pending_entries_and_lag() -> None:
     import jsonschema
 
-    from comfy_sidecar.jobs.redis_store import GROUP, WORK
+    from comfy_sidecar.jobs.redis.store import GROUP, WORK
 
     scaled = yaml.safe_load((K8S / "keda-redis-streams.yaml").read_text())
     assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["kind"] == "ScaledObject"

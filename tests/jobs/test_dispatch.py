@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from comfy_sidecar.dispatch import Dispatcher
+from comfy_sidecar.comfy.dispatch import Dispatcher
 from comfy_sidecar.errors import Unavailable
 
 

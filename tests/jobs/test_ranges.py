@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from comfy_sidecar.jobs.ranges import Unsatisfiable, parse_range, read_slice
+from comfy_sidecar.http.ranges import Unsatisfiable, parse_range
+from comfy_sidecar.storage.files import read_slice
 
 
 @pytest.mark.parametrize(
@@ -69,7 +70,7 @@ def test_content_disposition_is_ascii_with_the_exact_name_in_filename_star(
     a header h11 (uvicorn's HTTP/1.1) accepts whatever the name holds."""
     import h11
 
-    from comfy_sidecar.routes.jobs import content_disposition
+    from comfy_sidecar.http.routes.jobs import content_disposition
 
     value = content_disposition(filename)
     assert value == (

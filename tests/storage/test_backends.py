@@ -405,7 +405,7 @@ def test_hf_fast_transfers_follow_what_is_installed(monkeypatch: pytest.MonkeyPa
 
     from huggingface_hub import constants
 
-    from comfy_sidecar.storage.hf import fast_transfers
+    from comfy_sidecar.storage.backends.hf import fast_transfers
 
     real = importlib.util.find_spec
     xet = ["hf_xet"] if real("hf_xet") is not None else []

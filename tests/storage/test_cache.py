@@ -20,7 +20,7 @@ from comfy_sidecar.storage import (
     NotFoundError,
     Storage,
 )
-from comfy_sidecar.storage.base import extname
+from comfy_sidecar.storage.backends.base import extname
 from comfy_sidecar.storage.cache import INDEX_NAME, DownloadCache, cache_key, cache_name
 from tests.forward_proxy import ForwardProxy, forward_proxy
 from tests.storage.servers import FileServer

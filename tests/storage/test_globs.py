@@ -10,7 +10,7 @@ from comfy_sidecar.config import load_settings
 from comfy_sidecar.errors import InputError
 from comfy_sidecar.schemas import BearerAuth, Credential, PromptOptions
 from comfy_sidecar.storage import BadRequestError, Storage
-from comfy_sidecar.storage.base import MAX_GLOB_WILDCARDS, compile_glob
+from comfy_sidecar.storage.globs import MAX_GLOB_WILDCARDS, compile_glob
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
-"""Parallel ranged HTTP downloads (comfy_sidecar/storage/ranged.py) through the cache, against
-the loopback FileServer's ``/ranged/`` route. The size threshold and piece size are lowered so
-a 3 MiB file takes the ranged path in 12 pieces."""
+"""Parallel ranged HTTP downloads (comfy_sidecar/storage/backends/ranged.py) through the cache,
+against the loopback FileServer's ``/ranged/`` route. The size threshold and piece size are
+lowered so a 3 MiB file takes the ranged path in 12 pieces."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from comfy_sidecar.storage import BackendError, Storage
+from comfy_sidecar.storage.backends.ranged import expected_digests
 from comfy_sidecar.storage.cache import INDEX_NAME
-from comfy_sidecar.storage.ranged import expected_digests
 from tests.storage.servers import FileServer
 
 SIZE = 3 << 20

@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Any
 
-from comfy_sidecar.salad import DeletionCost
+from comfy_sidecar.runtime.salad import DeletionCost
 from tests.waiting import async_wait_for
 
 from .conftest import Receiver, make_settings

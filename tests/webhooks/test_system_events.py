@@ -11,7 +11,7 @@ from typing import Any
 
 from standardwebhooks import Webhook
 
-from comfy_sidecar.urls import scrub_url
+from comfy_sidecar.net.urls import scrub_url
 from comfy_sidecar.webhooks import WebhookDispatcher, rewrite_prompt_ids
 
 from .conftest import Receiver, make_settings

@@ -1,0 +1,91 @@
+"""API key authentication for the HTTP API (Litestar's authentication middleware).
+
+:func:`create_app` puts every route whose path is not in :func:`open_paths` on one router that
+carries :class:`ApiKeyMiddleware` and declares :data:`SECURITY` in the OpenAPI document, so the
+doc and the check agree by construction. The API docs themselves (``/docs``, its assets and the
+OpenAPI documents) stay open, so a browser can load them and authorize there.
+
+The middleware runs before the handler reads the body: a request without a valid key is
+answered 401, ``WWW-Authenticate: Bearer``, ``{"error": ..., "location": "authorization"}``,
+and its body is never read. The key is taken from ``Authorization: Bearer <key>`` or
+``X-API-Key: <key>`` (either may be the valid one) and never logged or echoed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from litestar.connection import ASGIConnection
+from litestar.datastructures import Headers
+from litestar.exceptions import NotAuthorizedException
+from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
+from litestar.openapi.spec import SecurityRequirement, SecurityScheme
+
+if TYPE_CHECKING:
+    from comfy_sidecar.config import Settings
+    from comfy_sidecar.http.apikeys import ApiKeys
+
+#: Paths answered without a key: the probes (a load balancer or kubelet has no key).
+OPEN_PATHS: frozenset[str] = frozenset({"/health", "/ready"})
+#: Open too unless ``METRICS_REQUIRE_AUTH=true``.
+METRICS_PATH = "/metrics"
+
+#: OpenAPI security schemes (``components.securitySchemes``): what /docs's Authorize offers.
+SECURITY_SCHEMES: dict[str, SecurityScheme] = {
+    "BearerAuth": SecurityScheme(
+        type="http", scheme="bearer", description="`Authorization: Bearer <API key>`"
+    ),
+    "ApiKeyAuth": SecurityScheme(
+        type="apiKey",
+        name="X-API-Key",
+        security_scheme_in="header",
+        description="`X-API-Key: <API key>`",
+    ),
+}
+#: The requirement on every protected operation: either scheme will do.
+SECURITY: list[SecurityRequirement] = [{"BearerAuth": []}, {"ApiKeyAuth": []}]
+
+MISSING = "an API key is required: send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
+INVALID = "the API key is not valid"
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def open_paths(settings: Settings) -> frozenset[str]:
+    """The paths that need no key: :data:`OPEN_PATHS`, plus /metrics unless
+    ``METRICS_REQUIRE_AUTH`` is true."""
+    return OPEN_PATHS if settings.metrics_require_auth else OPEN_PATHS | {METRICS_PATH}
+
+
+def presented_keys(headers: Headers) -> list[str]:
+    """The keys a request carries: the ``Authorization: Bearer`` token, then ``X-API-Key``."""
+    keys = []
+    scheme, _, token = headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        keys.append(token.strip())
+    api_key = headers.get("x-api-key", "").strip()
+    if api_key:
+        keys.append(api_key)
+    return keys
+
+
+class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
+    """Refuses, with 401, a request that carries none of the app's keys (the
+    :class:`~comfy_sidecar.http.apikeys.ApiKeys` in ``app.state.api_keys``, looked up per request:
+    Litestar copies route middleware, and a SIGHUP reload must reach every copy). CORS
+    preflights (OPTIONS) pass, as Litestar's authentication middleware does by default."""
+
+    async def authenticate_request(
+        self, connection: ASGIConnection[Any, Any, Any, Any]
+    ) -> AuthenticationResult:
+        """The request's auth result; raises ``NotAuthorizedException`` (401) without a key
+        or with a wrong one."""
+        presented = presented_keys(connection.headers)
+        if not presented:
+            raise NotAuthorizedException(MISSING, headers=CHALLENGE)
+        keys: ApiKeys = connection.app.state.api_keys
+        valid = False
+        for key in presented:  # every one checked: no early exit
+            valid |= keys.check(key)
+        if not valid:
+            raise NotAuthorizedException(INVALID, headers=CHALLENGE)
+        return AuthenticationResult(user=None, auth=None)

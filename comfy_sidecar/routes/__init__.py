@@ -1,1 +1,0 @@
-"""Thin HTTP handlers; the work happens in the pipeline and the sidecar they call."""
