@@ -225,9 +225,7 @@ class JobLifecycle:
 
     # --- records --------------------------------------------------------------------------
 
-    def open(
-        self, job_id: str, endpoint: str, fingerprint: bytes = b""
-    ) -> tuple[JobRecord, bool]:
+    def open(self, job_id: str, endpoint: str, fingerprint: bytes = b"") -> tuple[JobRecord, bool]:
         """The record of a new job ``job_id`` from ``endpoint``; (record, created).
 
         With a ``fingerprint`` (the job APIs), a retained job with the same id and body is
@@ -474,9 +472,7 @@ class JobLifecycle:
 
     # --- the end --------------------------------------------------------------------------
 
-    async def _upload(
-        self, result: JobResult, target: tuple[str, Any] | None
-    ) -> list[str] | None:
+    async def _upload(self, result: JobResult, target: tuple[str, Any] | None) -> list[str] | None:
         if target is None:
             return None
         import time

@@ -115,6 +115,7 @@ class Scraped(Protocol):
     @property
     def cache(self) -> ScrapedCache: ...
 
+
 #: How often ComfyUI's /system_stats is fetched at most, per instance, in seconds.
 SYSTEM_STATS_REFRESH_S = 10.0
 #: How long one /system_stats fetch may take, in seconds.

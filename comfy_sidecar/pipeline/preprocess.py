@@ -303,8 +303,7 @@ NOT_MEDIA = (
     "not a file in the input directory, a URL (http, https, s3), a data: URL, nor valid base64"
 )
 UNKNOWN_MEDIA = (
-    "decoded the base64 but could not tell the media type (expected an image, video or "
-    "audio file)"
+    "decoded the base64 but could not tell the media type (expected an image, video or audio file)"
 )
 
 

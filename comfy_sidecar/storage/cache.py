@@ -832,6 +832,7 @@ def place_job_input(src: Path, dest: Path) -> None:
     :class:`DiskFullError` (nothing half-written is left) or :class:`StorageError`."""
     _link_file(src, dest, False, "any", set(), src.parent)
 
+
 def _disk_error(exc: OSError, what: str) -> StorageError:
     """The storage error for ``exc``: :class:`DiskFullError` for ENOSPC / EDQUOT, else a
     plain :class:`StorageError`; the message names no path."""

@@ -31,6 +31,7 @@ __all__ = [
     "modal_webhook_body",
 ]
 
+
 class _After(Protocol):
     """What a body builder reads of an after-end action."""
 

@@ -267,8 +267,7 @@ def test_modal_jobs_override_naming_a_media_item_in_queue_mode(
         for job_id, (_, size) in zip(ids, items, strict=True):
             status = wait_for(
                 lambda j=job_id: (
-                    (v := b.get(f"/v1/jobs/{j}").json())["status"] in ("completed", "failed")
-                    and v
+                    (v := b.get(f"/v1/jobs/{j}").json())["status"] in ("completed", "failed") and v
                 ),
                 timeout=120,
                 interval=0.1,

@@ -28,6 +28,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Response, get, post
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent
@@ -159,9 +160,7 @@ async def _submit(data: GenerateRequest, jobs: JobBackend) -> JobView:
             location="input.webhook.url",
             extra_params=given.webhook.extra_params,
         )
-    return await submit(
-        jobs, request, "aidock", "input.workflow_json", given.webhook, after=after
-    )
+    return await submit(jobs, request, "aidock", "input.workflow_json", given.webhook, after=after)
 
 
 def result_from_view(view: JobView | dict[str, Any]) -> Result:
@@ -186,7 +185,7 @@ RESULT_RESPONSES = {
     description="`{input: {request_id?, workflow_json, webhook?, s3?}}`; answers 202 with the "
     "result object. Resubmitting a retained `request_id` with the same body returns that job.",
 )
-async def generate(data: GenerateRequest, jobs: JobBackend) -> Response[Result]:
+async def generate(data: GenerateRequest, jobs: NamedDependency[JobBackend]) -> Response[Result]:
     """Submit a generation."""
     return Response(result_from_view(await _submit(data, jobs)), status_code=202)
 
@@ -207,7 +206,7 @@ async def generate(data: GenerateRequest, jobs: JobBackend) -> Response[Result]:
 )
 async def generate_sync(
     data: GenerateRequest,
-    jobs: JobBackend,
+    jobs: NamedDependency[JobBackend],
     wait_s: Annotated[
         float,
         Parameter(query="timeout", gt=0, le=MAX_SYNC_TIMEOUT_S, description="Seconds to wait."),
@@ -263,7 +262,9 @@ def final_message(view: dict[str, Any], started: float) -> dict[str, Any]:
     "`message`, `elapsed_time`, `queue_position`, `queue_info`), one per status or progress "
     "change; the last has `status: final_result` and the result object as `result`.",
 )
-async def generate_stream(data: GenerateRequest, jobs: JobBackend) -> ServerSentEvent:
+async def generate_stream(
+    data: GenerateRequest, jobs: NamedDependency[JobBackend]
+) -> ServerSentEvent:
     """Run a generation and stream its progress: its events from whichever replica runs it,
     each message built from the events so far (a stored body may lag behind them)."""
     started = time.monotonic()
@@ -308,7 +309,7 @@ def _json(body: Any) -> str:
     responses={404: ResponseSpec(ErrorResponse, description="No such request is retained.")},
     description="The result object of any retained job.",
 )
-async def get_result(request_id: str, jobs: JobBackend) -> Result:
+async def get_result(request_id: str, jobs: NamedDependency[JobBackend]) -> Result:
     """A generation's result."""
     return result_from_view(await view_of(jobs, request_id))
 
@@ -328,7 +329,7 @@ def _sizes(waiting: int) -> dict[str, int]:
     description="Jobs waiting per stage: ours wait only for generation (ComfyUI's queue; "
     "with JOB_QUEUE_URL, the jobs no replica has claimed yet).",
 )
-async def queue_info(jobs: JobBackend) -> QueueInfo:
+async def queue_info(jobs: NamedDependency[JobBackend]) -> QueueInfo:
     """Queue sizes."""
     return QueueInfo(**_sizes(await jobs.waiting()))
 

@@ -37,6 +37,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import delete, get, post
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from msgspec import Meta
@@ -134,7 +135,6 @@ class ModalJobList(msgspec.Struct, kw_only=True):
     """``GET /v1/jobs``: newest first."""
 
     jobs: list[dict[str, Any]]
-
 
 
 def check_media_item(index: int, item: MediaItem) -> str:
@@ -273,7 +273,7 @@ async def prepare_workflow(
     "files the workflow names. Checked before the answer: a bad field is a 400 naming it.",
 )
 async def submit_modal_job(
-    data: ModalJobRequest, jobs: JobBackend, staging: Staging
+    data: ModalJobRequest, jobs: NamedDependency[JobBackend], staging: NamedDependency[Staging]
 ) -> ModalJobAccepted:
     """Submit a job: its media staged for it, its webhook sent by whichever replica ends it."""
     job_id = new_job_id()
@@ -341,7 +341,7 @@ def _modal_output(output: dict[str, Any], data: str | None) -> dict[str, Any]:
     "completed `outputs` with base64 `data` (`filename`, `type`, `size_bytes`, `node_id`); a "
     "failed job has `error` (`Cancelled by user` for a cancel) and `error_log_tail`.",
 )
-async def get_modal_job(job_id: str, jobs: JobBackend) -> dict[str, Any]:
+async def get_modal_job(job_id: str, jobs: NamedDependency[JobBackend]) -> dict[str, Any]:
     """Job status: outputs kept for the job get their ``data``; those uploaded elsewhere
     (JOB_OUTPUT_URL) only their ``url``."""
     view = await view_of(jobs, job_id)
@@ -364,7 +364,7 @@ async def get_modal_job(job_id: str, jobs: JobBackend) -> dict[str, Any]:
     "`failed` with `Cancelled by user` (and `job.failed` goes to its webhook). A job that "
     "already ended answers 200 saying so.",
 )
-async def cancel_modal_job(job_id: str, jobs: JobBackend) -> ModalCancelled:
+async def cancel_modal_job(job_id: str, jobs: NamedDependency[JobBackend]) -> ModalCancelled:
     """Cancel a job."""
     view = await view_of(jobs, job_id)
     if view.ended:
@@ -386,7 +386,7 @@ async def cancel_modal_job(job_id: str, jobs: JobBackend) -> ModalCancelled:
     description="Newest first: `job_id`, `status`, `created_at`, `progress`.",
 )
 async def list_modal_jobs(
-    jobs: JobBackend,
+    jobs: NamedDependency[JobBackend],
     status: Annotated[
         Literal["queued", "running", "completed", "failed"] | None,
         Parameter(description="Only jobs with this status."),

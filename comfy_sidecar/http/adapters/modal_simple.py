@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import Response, get, post
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from msgspec import Meta
@@ -94,7 +95,9 @@ class DetailedError(ErrorResponse, kw_only=True, omit_defaults=True):
     description="`{workflow}`: an API-format workflow with at least one output node. Checked "
     "before the answer (a bad workflow is a 400).",
 )
-async def submit_workflow(data: SubmitWorkflow, jobs: JobBackend) -> Response[Running]:
+async def submit_workflow(
+    data: SubmitWorkflow, jobs: NamedDependency[JobBackend]
+) -> Response[Running]:
     """Submit a workflow."""
     try:
         request = prompt_request(data.workflow, new_job_id(), "workflow")
@@ -118,7 +121,7 @@ async def submit_workflow(data: SubmitWorkflow, jobs: JobBackend) -> Response[Ru
     "`output.images` (every output file as base64) or 200 `FAILED` with `error`.",
 )
 async def workflow_status(
-    jobs: JobBackend,
+    jobs: NamedDependency[JobBackend],
     call_id: Annotated[str | None, Parameter(description="The id `/submit_workflow` gave.")] = None,
 ) -> Response[Any]:
     """Poll a workflow."""

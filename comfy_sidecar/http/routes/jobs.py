@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import msgspec
 from litestar import Request, Response, delete, get, post
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, Stream
@@ -109,7 +110,9 @@ def with_id(request: PromptRequest) -> PromptRequest:
     "the answer, so a caller's mistake is a 400 and nothing is kept. Resubmitting the same id "
     "with the same body while the job is retained returns that job.",
 )
-async def submit_job(data: PromptRequest, jobs: JobBackend) -> Response[JobAccepted]:
+async def submit_job(
+    data: PromptRequest, jobs: NamedDependency[JobBackend]
+) -> Response[JobAccepted]:
     """Submit a job."""
     spec = JobSpec(request=with_id(data), endpoint="jobs", fingerprint=fingerprint(data))
     return Response(accepted(await jobs.submit(spec)), status_code=202)
@@ -147,7 +150,7 @@ async def with_data(jobs: JobBackend, view: JobView) -> dict[str, Any]:
 )
 async def get_job(
     job_id: str,
-    jobs: JobBackend,
+    jobs: NamedDependency[JobBackend],
     wait: Annotated[float, Parameter(ge=0, le=MAX_WAIT_S, description="Long-poll seconds.")] = 0,
     include: Annotated[
         str | None, Parameter(description="`data`: add outputs' base64 bytes.")
@@ -170,7 +173,7 @@ async def get_job(
     responses={400: ERROR_RESPONSES[400]},
 )
 async def list_jobs(
-    jobs: JobBackend,
+    jobs: NamedDependency[JobBackend],
     status: Annotated[str | None, Parameter(description="Only jobs with this status.")] = None,
     limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size.")] = 50,
     cursor: Annotated[str | None, Parameter(description="From a previous page.")] = None,
@@ -214,7 +217,7 @@ CANCEL_DOC = (
     responses={404: ResponseSpec(ErrorResponse, description="No such job is retained.")},
     description=CANCEL_DOC,
 )
-async def cancel_job(job_id: str, jobs: JobBackend) -> CancelResponse:
+async def cancel_job(job_id: str, jobs: NamedDependency[JobBackend]) -> CancelResponse:
     """Cancel a job."""
     return await _cancel(job_id, jobs)
 
@@ -227,7 +230,7 @@ async def cancel_job(job_id: str, jobs: JobBackend) -> CancelResponse:
     responses={404: ResponseSpec(ErrorResponse, description="No such job is retained.")},
     description=CANCEL_DOC,
 )
-async def delete_job(job_id: str, jobs: JobBackend) -> CancelResponse:
+async def delete_job(job_id: str, jobs: NamedDependency[JobBackend]) -> CancelResponse:
     """Cancel a job (alias of POST /jobs/{id}/cancel)."""
     return await _cancel(job_id, jobs)
 
@@ -256,7 +259,7 @@ def _last_event_id(request: Request[Any, Any, Any]) -> int:
 )
 async def job_events(
     job_id: str,
-    jobs: JobBackend,
+    jobs: NamedDependency[JobBackend],
     request: Request[Any, Any, Any],
     previews: Annotated[bool, Parameter(description="Also send preview images.")] = False,
 ) -> ServerSentEvent:
@@ -293,7 +296,7 @@ async def job_events(
     "A single `Range: bytes=` range is answered 206.",
 )
 async def job_output(
-    job_id: str, index: int, jobs: JobBackend, request: Request[Any, Any, Any]
+    job_id: str, index: int, jobs: NamedDependency[JobBackend], request: Request[Any, Any, Any]
 ) -> Response[Any]:
     """Download an output."""
     blob = await jobs.output(job_id, index)

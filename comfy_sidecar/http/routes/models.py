@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 from litestar import Response, get, post
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from msgspec import Meta
 
@@ -173,7 +174,7 @@ def _final_name(name: str, cache_file: Path) -> str:
 
 
 async def _run_download(
-    downloads: ModelDownloads,
+    downloads: NamedDependency[ModelDownloads],
     record: DownloadResponse,
     auth: DownloadAuth | None,
     url: str,
@@ -235,7 +236,9 @@ def _failure(message: str, cause: Exception | None) -> SidecarError:
     "`wait: true` 200 `status: completed` with `size` (bytes) and `duration` (s). "
     "GET /download/{key} reports an async download.",
 )
-async def download(data: DownloadRequest, downloads: ModelDownloads) -> Response[DownloadResponse]:
+async def download(
+    data: DownloadRequest, downloads: NamedDependency[ModelDownloads]
+) -> Response[DownloadResponse]:
     """Start (or join) a model download."""
     from comfy_sidecar.net.urls import is_url, scrub_url
     from comfy_sidecar.storage.cache import cache_key
@@ -288,7 +291,7 @@ async def download(data: DownloadRequest, downloads: ModelDownloads) -> Response
     description="`status` `started` (with `bytes_done`), `completed` (with `size`, `duration`) "
     "or `failed` (with `error`) for the download whose `key` POST /download returned.",
 )
-def download_status(key: str, downloads: ModelDownloads) -> DownloadResponse:
+def download_status(key: str, downloads: NamedDependency[ModelDownloads]) -> DownloadResponse:
     """Report one download."""
     record = downloads.records.get(key)
     if record is None:
@@ -307,7 +310,7 @@ def download_status(key: str, downloads: ModelDownloads) -> DownloadResponse:
     description="`{folder: [file, ...]}`, asked of ComfyUI on every call (`GET /models`, then "
     "`GET /models/{folder}` for each, concurrently).",
 )
-async def models(downloads: ModelDownloads) -> ModelsResponse:
+async def models(downloads: NamedDependency[ModelDownloads]) -> ModelsResponse:
     """List model folders and files, live."""
     from comfy_sidecar.comfy.client import ComfyUnavailable
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from litestar import Response, get
+from litestar.di import NamedDependency
 
 from comfy_sidecar.comfy.health import Health
 from comfy_sidecar.jobs.backend import JobBackend
@@ -30,7 +31,7 @@ def _probe(health: Health, ok: bool, detail: str, good: str, bad: str) -> Respon
     description="200 from the first time the sidecar was ready (warmup done) for as long as "
     "it runs, even while ComfyUI restarts; 503 before.",
 )
-def health(probes: Health) -> Response[ProbeResponse]:
+def health(probes: NamedDependency[Health]) -> Response[ProbeResponse]:
     """Liveness probe."""
     ok, detail = probes.health()
     return _probe(probes, ok, detail, "healthy", "not healthy")
@@ -44,7 +45,9 @@ def health(probes: Health) -> Response[ProbeResponse]:
     description="200 only while ComfyUI is up, the websocket connected, the warmup done and "
     "ComfyUI's queue below MAX_QUEUE_DEPTH (when set); else 503 with the reason.",
 )
-def ready(probes: Health, jobs: JobBackend) -> Response[ProbeResponse]:
+def ready(
+    probes: NamedDependency[Health], jobs: NamedDependency[JobBackend]
+) -> Response[ProbeResponse]:
     """Readiness probe."""
     ok, detail = probes.readiness(jobs.problem)
     return _probe(probes, ok, detail, "ready", "not ready")

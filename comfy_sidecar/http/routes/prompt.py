@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, get_args
 
 from litestar import Response, post
+from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
 from litestar.params import Body
@@ -86,7 +87,8 @@ def respond(delivered: Delivered) -> Response[Any]:
     "once and delivers the result later.",
 )
 async def prompt(
-    data: Annotated[PromptRequest, Body(examples=[PROMPT_EXAMPLE])], lifecycle: JobLifecycle
+    data: Annotated[PromptRequest, Body(examples=[PROMPT_EXAMPLE])],
+    lifecycle: NamedDependency[JobLifecycle],
 ) -> Response[Any]:
     """Run a prompt."""
     return respond(await lifecycle.answer(data))
@@ -111,7 +113,7 @@ async def prompt(
     "flight (unknown, or its result was already decided: its /prompt call answers that).",
 )
 async def interrupt(
-    data: InterruptRequest, lifecycle: JobLifecycle
+    data: InterruptRequest, lifecycle: NamedDependency[JobLifecycle]
 ) -> Response[InterruptResponse]:
     """Interrupt a job by its API id: 200 ``{"id", "interrupted": "success"}`` or 404
     ``{"id", "interrupted": "failed"}``.

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 from litestar import Response, post
+from litestar.di import NamedDependency
 from litestar.handlers import HTTPRouteHandler
 
 from comfy_sidecar.http.routes.prompt import RESULT_RESPONSES, respond
@@ -27,9 +28,7 @@ class WorkflowHost:
     """What a workflow endpoint needs besides the job lifecycle: ``get_json(path)`` asks
     ComfyUI live, ``warmup_prompt()`` is the warmup prompt (None: none) for its checkpoint."""
 
-    def __init__(
-        self, get_json: Callable[[str], Any], warmup_prompt: Callable[[], Any]
-    ) -> None:
+    def __init__(self, get_json: Callable[[str], Any], warmup_prompt: Callable[[], Any]) -> None:
         self.get_json = get_json
         self.warmup_prompt = warmup_prompt
 
@@ -39,7 +38,9 @@ def workflow_route(workflow: Workflow, markdown: bool) -> HTTPRouteHandler:
     from comfy_sidecar.workflows import WorkflowContext, prompt_checkpoint
 
     async def handler(
-        data: Any, lifecycle: JobLifecycle, workflow_host: WorkflowHost
+        data: Any,
+        lifecycle: NamedDependency[JobLifecycle],
+        workflow_host: NamedDependency[WorkflowHost],
     ) -> Response[Any]:
         lifecycle.admit_check()
         warmup_checkpoint = prompt_checkpoint(workflow_host.warmup_prompt())
@@ -50,8 +51,8 @@ def workflow_route(workflow: Workflow, markdown: bool) -> HTTPRouteHandler:
 
     handler.__annotations__ = {
         "data": workflow.body_type,
-        "lifecycle": JobLifecycle,
-        "workflow_host": WorkflowHost,
+        "lifecycle": NamedDependency[JobLifecycle],
+        "workflow_host": NamedDependency[WorkflowHost],
         "return": Response[Any],
     }
     handler.__name__ = "workflow_" + workflow.name.replace("/", "_").replace(".", "_").replace(

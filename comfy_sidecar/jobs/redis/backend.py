@@ -157,9 +157,7 @@ class RedisBackend:
         after = None if spec.after is None else msgspec.json.encode(spec.after)
         try:
             stored, _ = await guarded(
-                self.jobs.enqueue(
-                    view, msgspec.json.encode(spec.request), spec.fingerprint, after
-                )
+                self.jobs.enqueue(view, msgspec.json.encode(spec.request), spec.fingerprint, after)
             )
         except DifferentBody:
             raise Conflict(
@@ -403,9 +401,9 @@ class RedisBackend:
             request=msgspec.json.decode(loaded.request, type=PromptRequest),
             endpoint=(stored.endpoint if stored is not None else None) or "jobs",
             fingerprint=loaded.fingerprint,
-            after=None if loaded.after is None else msgspec.json.decode(
-                loaded.after, type=AfterEnd
-            ),
+            after=None
+            if loaded.after is None
+            else msgspec.json.decode(loaded.after, type=AfterEnd),
         )
         if len(loaded.attempts) >= jobs.max_attempts:
             await self._give_up(spec, stored, loaded.attempts)
