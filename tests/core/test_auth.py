@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from comfy_sidecar.config import ConfigError, load_settings
-from comfy_sidecar.http.apikeys import ApiKeys, parse_keys
+from comfy_sidecar.config.parsers import parse_keys
+from comfy_sidecar.http.apikeys import ApiKeys
 from comfy_sidecar.http.auth import METRICS_PATH, OPEN_PATHS, open_paths, presented_keys
 from tests.conftest import Backend, Sidecar, basic_prompt, make_sidecar
 from tests.waiting import wait_for
