@@ -151,10 +151,24 @@ class Delivery:
         #: Asynchronous jobs with a webhook admitted and not yet delivered.
         self.pending_deliveries = 0
         self.spool = Path(settings.output_dir) / f".comfy-sidecar-webhooks-{settings.port}"
+        #: Background jobs (:meth:`_background`) not yet ended: run, delivered or failed, and
+        #: their webhooks queued.
+        self.background = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def clear_spool(self) -> None:
         """Remove the webhook spool a killed predecessor left (at start-up, off the loop)."""
         shutil.rmtree(self.spool, ignore_errors=True)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every background job ended, its webhooks queued in the dispatcher (the
+        shutdown closes the dispatcher only then); False after ``timeout_s`` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(0.0, timeout_s))
+        except TimeoutError:
+            return False
+        return True
 
     def _admit_delivery(self, request: PromptRequest) -> bool:
         """Count an asynchronous job with a webhook (True), or raise :class:`Overloaded` at
@@ -431,6 +445,8 @@ class Delivery:
         ``gate`` (see :meth:`run_claimed`) nothing is delivered unless it answers True."""
         result: JobResult | None = None
         sent: list[asyncio.Future[bool]] = []
+        self.background += 1
+        self._idle.clear()
         try:
             result = await self.pipeline.complete(pending)
             await self.postprocess(result, request)
@@ -460,6 +476,9 @@ class Delivery:
                 result.release()
             if counted:
                 self._delivered_when(sent)
+            self.background -= 1
+            if self.background == 0:
+                self._idle.set()
 
     async def send_failure(self, request: PromptRequest, error: dict[str, Any]) -> None:
         """Send the failure webhook (``webhook_v2``'s ``prompt.failed``, or ``webhook``'s) of a
