@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from comfy_sidecar.errors import Overloaded, SidecarError, UpstreamFailed
+from comfy_sidecar.convert import ConversionError, Converter, ImageTooLarge
+from comfy_sidecar.errors import InputError, Overloaded, SidecarError, UpstreamFailed
 from comfy_sidecar.jobs.runner import JobTracker, error_body, open_job
 from comfy_sidecar.jobs.store import JobRecord, JobStore
 from comfy_sidecar.pipeline.bounded import gather_bounded
@@ -154,6 +155,8 @@ class Delivery:
         #: Background jobs (:meth:`_background`) not yet ended: run, delivered or failed, and
         #: their webhooks queued.
         self.background = 0
+        #: Output conversion (``convert_output``): one at a time, CONVERT_MAX_PIXELS at most.
+        self.converter = Converter(settings.convert_max_pixels)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -367,25 +370,29 @@ class Delivery:
         return Streamed(stream_result(body_head, result.files, stats, result.release))
 
     async def postprocess(self, result: JobResult, options: PromptOptions) -> None:
-        """Convert image outputs (``convert_output``) off the event loop; a file that cannot
-        be converted is kept as it is and named in ``result.conversion_errors``."""
+        """Convert image outputs (``convert_output``) off the event loop, one output at a time
+        in the whole sidecar (:class:`~comfy_sidecar.convert.Converter`); a file that cannot
+        be converted is kept as it is and named in ``result.conversion_errors``.
+        Raises :class:`~comfy_sidecar.errors.InputError` (400, ``location: convert_output``)
+        for an output of more than CONVERT_MAX_PIXELS pixels: the conversion asked for cannot
+        be made, and the same request would fail again (not a 5xx a queue retries)."""
         spec = options.convert_output
         if spec is None or not result.files:
             return
-        from comfy_sidecar.convert import ConversionError, convert_image, is_convertible
-
         started = time.monotonic()
         converted: list[OutputFile] = []
         for item in result.files:
-            if item.animated or not await asyncio.to_thread(is_convertible, item.path):
+            if item.animated or not await self.converter.convertible(item.path):
                 converted.append(item)
                 continue
             try:
-                new_path = await asyncio.to_thread(convert_image, item.path, spec)
+                new_path = await self.converter.convert(item.path, spec)
             except ConversionError as exc:
                 result.conversion_errors[item.filename] = str(exc)
                 converted.append(item)
                 continue
+            except ImageTooLarge as exc:
+                raise InputError(str(exc), "convert_output", id=result.job.id) from None
             if new_path != item.path:
                 item.path.unlink(missing_ok=True)
             converted.append(OutputFile(new_path, new_path.name, item.node_id, item.key, False))
