@@ -74,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     _give_back_large_blocks()
+    # httpx imports its command-line client when click, rich and pygments are installed
+    # (Litestar brings them): 4 MB of the sidecar's memory for a tool it never runs
+    # (bench/rss_bench.py). None in sys.modules makes that import fail, and httpx takes the
+    # fallback it has for a missing CLI, as it does in the frozen binary, which leaves rich
+    # and pygments out (build.spec).
+    if "httpx" not in sys.modules:
+        sys.modules["httpx._main"] = None  # type: ignore[assignment]
+
     from comfy_sidecar.boot import BootProbes, bind_socket
     from comfy_sidecar.config import ConfigError, load_settings
 

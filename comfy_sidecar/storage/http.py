@@ -185,7 +185,9 @@ class HTTPBackend:
         resolves the name), else one whose connections the SSRF guard checks and pins."""
         if url is not None and _proxied(url):
             if self._proxy_client is None:
-                self._proxy_client = httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False)
+                self._proxy_client = httpx.AsyncClient(
+                    timeout=TIMEOUT, follow_redirects=False, verify=netguard.tls_context()
+                )
             return self._proxy_client
         if self._client is None:
             self._client = httpx.AsyncClient(

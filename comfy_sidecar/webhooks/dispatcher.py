@@ -27,7 +27,7 @@ from comfy_sidecar import metrics
 from comfy_sidecar.backoff import attempt_failure, backoff_delay
 from comfy_sidecar.config import SYSTEM_EVENT_NAMES, Settings
 from comfy_sidecar.logs import TRACEPARENT
-from comfy_sidecar.netguard import NetGuard, trusted
+from comfy_sidecar.netguard import NetGuard, tls_context, trusted
 from comfy_sidecar.storage.errors import URLRefused
 from comfy_sidecar.storage.http import uses_proxy
 from comfy_sidecar.urls import scrub_url
@@ -155,7 +155,9 @@ class WebhookDispatcher:
             follow_redirects=False, transport=self._guard.transport(limits=limits)
         )
         # Through HTTP(S)_PROXY (when it applies to a URL) the proxy resolves the name.
-        self._proxy_client = httpx.AsyncClient(follow_redirects=False, limits=limits)
+        self._proxy_client = httpx.AsyncClient(
+            follow_redirects=False, limits=limits, verify=tls_context()
+        )
         for kind in (self._prompt, self._system):
             for i in range(kind.workers):
                 task = asyncio.create_task(self._worker(kind), name=f"webhook-{kind.name}-{i}")
