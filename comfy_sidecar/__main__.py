@@ -50,7 +50,7 @@ def _give_back_large_blocks() -> None:
 
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    except (OSError, AttributeError):  # a C library without mallopt
         return
     mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
