@@ -213,7 +213,7 @@ class Converter:
     """Converts outputs off the event loop, one at a time in the whole sidecar, none over
     ``max_pixels`` (CONVERT_MAX_PIXELS). A conversion holds its decoded image and the
     encoder's copy, about 10 bytes a pixel (165 MB for 4096x4096): four jobs converting at
-    once took 950 MB at the peak (bench/rss_bench.py). ``convert`` is :func:`convert_image`
+    once took over 900 MB at the peak (bench/rss_bench.py). ``convert`` is :func:`convert_image`
     (tests pass one that watches the calls)."""
 
     def __init__(

@@ -380,23 +380,26 @@ class Delivery:
         if spec is None or not result.files:
             return
         started = time.monotonic()
+        files = result.files
         converted: list[OutputFile] = []
-        for item in result.files:
-            if item.animated or not await self.converter.convertible(item.path):
-                converted.append(item)
-                continue
-            try:
-                new_path = await self.converter.convert(item.path, spec)
-            except ConversionError as exc:
-                result.conversion_errors[item.filename] = str(exc)
-                converted.append(item)
-                continue
-            except ImageTooLarge as exc:
-                raise InputError(str(exc), "convert_output", id=result.job.id) from None
-            if new_path != item.path:
-                item.path.unlink(missing_ok=True)
-            converted.append(OutputFile(new_path, new_path.name, item.node_id, item.key, False))
-        result.files = converted
+        try:
+            for item in files:
+                if item.animated or not await self.converter.convertible(item.path):
+                    converted.append(item)
+                    continue
+                try:
+                    new_path = await self.converter.convert(item.path, spec)
+                except ConversionError as exc:
+                    result.conversion_errors[item.filename] = str(exc)
+                    converted.append(item)
+                    continue
+                except ImageTooLarge as exc:
+                    raise InputError(str(exc), "convert_output", id=result.job.id) from None
+                if new_path != item.path:
+                    item.path.unlink(missing_ok=True)
+                converted.append(OutputFile(new_path, new_path.name, item.node_id, item.key, False))
+        finally:  # what is converted so far and the rest: released (removed) on a failure too
+            result.files = converted + files[len(converted) :]
         result.timings["postprocess"] = time.monotonic() - started
 
     @staticmethod
