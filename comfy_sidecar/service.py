@@ -466,13 +466,18 @@ class Sidecar:
             log.warning(
                 "%d job(s) still in flight after SHUTDOWN_GRACE_S=%g s", self.pipeline.active, grace
             )
+        else:  # failed jobs leave the pipeline before their failure webhook is queued
+            await self.delivery.wait_idle(grace - (time.monotonic() - started))
         if self.queue is not None:  # claimed jobs' ends written to Redis before closing
             await self.queue.wait_idle(max(0.0, grace - (time.monotonic() - started)))
 
     async def close(self, grace_s: float = 5.0) -> None:
-        """Stop every ComfyUI, flush webhooks within ``grace_s`` seconds, reset the deletion
-        cost, and cancel every task the sidecar owns. Jobs still waiting for an instance get
-        503 now (no instance will take them)."""
+        """Stop every ComfyUI; let the jobs that ends (503) queue their failure webhooks and
+        flush the webhooks, both within ``grace_s`` seconds of ComfyUI's stop; reset the
+        deletion cost, and cancel every task the sidecar owns. Jobs still waiting for an
+        instance get 503 now (no instance will take them). The webhook dispatcher closes only
+        after the last background job ended (or ``grace_s`` ran out), so no job ends after it
+        with its webhook unsent."""
         if self.phase is Phase.STOPPING:
             self.dispatcher.close("the sidecar is shutting down")
         else:
@@ -480,7 +485,12 @@ class Sidecar:
         await asyncio.gather(*(instance.stop() for instance in self.instances))
         for instance in self.instances:
             instance.registry.fail_all("the sidecar is shutting down")
-        await self.webhooks.close(grace_s)
+        deadline = time.monotonic() + grace_s
+        if not await self.delivery.wait_idle(deadline - time.monotonic()):
+            log.warning(
+                "%d job(s) had not ended when webhooks were flushed", self.delivery.background
+            )
+        await self.webhooks.close(max(0.0, deadline - time.monotonic()))
         await self.storage.close()
         await self.deletion_cost.close()
         for task in list(self._tasks):

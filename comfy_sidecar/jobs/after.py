@@ -20,10 +20,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
-from redis.exceptions import RedisError
 
 from comfy_sidecar.backoff import backoff_delay
-from comfy_sidecar.jobs.backend import SharedQueue
+from comfy_sidecar.jobs.backend import SharedQueue, unreachable
 
 log = logging.getLogger("comfy_sidecar.jobs.after")
 
@@ -85,7 +84,7 @@ class AfterEnds:
         for attempt in range(1, READ_TRIES):
             try:
                 return await self.jobs.after(job_id)
-            except (RedisError, OSError):
+            except unreachable():
                 await asyncio.sleep(backoff_delay(attempt, 0.1, 2.0))
         return await self.jobs.after(job_id)
 

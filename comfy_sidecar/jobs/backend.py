@@ -11,10 +11,22 @@ as in those bodies. Every method may raise the engine's connection errors.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from comfy_sidecar.jobs.redis_store import Claim
 from comfy_sidecar.jobs.store import JobEvent, JobStatus
+
+if TYPE_CHECKING:  # redis is imported in queue mode only (6 MB of the sidecar's memory)
+    from comfy_sidecar.jobs.redis_store import Claim
+
+
+def unreachable() -> tuple[type[Exception], ...]:
+    """The engine's connection errors, for ``except unreachable():`` (Redis's and
+    ``OSError``). redis is imported on the first failure, not with the job routes that name
+    the shared queue: without JOB_QUEUE_URL it is never imported (it holds 6 MB of the
+    sidecar's memory; bench/rss_bench.py)."""
+    from redis.exceptions import RedisError
+
+    return (RedisError, OSError)
 
 
 class SharedQueue(Protocol):

@@ -48,7 +48,10 @@ MEDIA_TYPES = ("image", "video", "audio", "text")
 def media_type_of(mime: str) -> str:
     """``image``, ``video``, ``audio``, ``text`` or ``other`` for a MIME type."""
     major = mime.split("/", 1)[0]
-    return major if major in MEDIA_TYPES else "other"
+    for media_type in MEDIA_TYPES:  # the constant: retained jobs share it
+        if major == media_type:
+            return media_type
+    return "other"
 
 
 def mime_type_of(filename: str) -> str:
@@ -115,7 +118,7 @@ class JobTracker:
             record.instance = str(data.get("instance"))
         elif kind == "execution_start":
             self.store.set_status(record, JobStatus.IN_PROGRESS)
-        elif kind in PROGRESS_FRAMES and record.progress is not None:
+        elif kind in PROGRESS_FRAMES and isinstance(record.progress, Progress):
             if record.status is JobStatus.PENDING:
                 self.store.set_status(record, JobStatus.IN_PROGRESS)
             if record.progress.apply(kind, data):

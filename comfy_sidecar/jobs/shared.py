@@ -13,11 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
-from redis.exceptions import RedisError
 
 from comfy_sidecar.errors import Conflict, Interrupted, Unavailable
 from comfy_sidecar.jobs.after import AfterEnd, encode, nothing
-from comfy_sidecar.jobs.backend import SharedQueue
+from comfy_sidecar.jobs.backend import SharedQueue, unreachable
 from comfy_sidecar.jobs.store import DifferentBody, JobEvent, JobRecord, JobStatus, iso, now_ms
 
 T = TypeVar("T")
@@ -27,7 +26,7 @@ async def guarded(call: Awaitable[T]) -> T:
     """``await call``, a Redis failure raised as :class:`Unavailable`."""
     try:
         return await call
-    except (RedisError, OSError) as exc:
+    except unreachable() as exc:
         raise Unavailable(f"the job queue (Redis) is unreachable: {exc}") from None
 
 
@@ -112,7 +111,7 @@ class SharedJobs:
                         break
         except TimeoutError:
             pass
-        except (RedisError, OSError) as exc:
+        except unreachable() as exc:
             raise Unavailable(f"the job queue (Redis) is unreachable: {exc}") from None
         finally:
             await events.aclose()  # type: ignore[attr-defined]

@@ -24,7 +24,8 @@ from urllib.parse import quote
 
 import msgspec
 
-from comfy_sidecar.errors import Interrupted, Overloaded, SidecarError, UpstreamFailed
+from comfy_sidecar.convert import ConversionError, Converter, ImageTooLarge
+from comfy_sidecar.errors import InputError, Interrupted, Overloaded, SidecarError, UpstreamFailed
 from comfy_sidecar.jobs.runner import JobTracker, error_body, open_job
 from comfy_sidecar.jobs.store import JobRecord, JobStore
 from comfy_sidecar.pipeline.bounded import gather_bounded
@@ -152,10 +153,26 @@ class Delivery:
         #: Asynchronous jobs with a webhook admitted and not yet delivered.
         self.pending_deliveries = 0
         self.spool = Path(settings.output_dir) / f".comfy-sidecar-webhooks-{settings.port}"
+        #: Background jobs (:meth:`_background`) not yet ended: run, delivered or failed, and
+        #: their webhooks queued.
+        self.background = 0
+        #: Output conversion (``convert_output``): one at a time, CONVERT_MAX_PIXELS at most.
+        self.converter = Converter(settings.convert_max_pixels)
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def clear_spool(self) -> None:
         """Remove the webhook spool a killed predecessor left (at start-up, off the loop)."""
         shutil.rmtree(self.spool, ignore_errors=True)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every background job ended, its webhooks queued in the dispatcher (the
+        shutdown closes the dispatcher only then); False after ``timeout_s`` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(0.0, timeout_s))
+        except TimeoutError:
+            return False
+        return True
 
     def _admit_delivery(self, request: PromptRequest) -> bool:
         """Count an asynchronous job with a webhook (True), or raise :class:`Overloaded` at
@@ -368,29 +385,36 @@ class Delivery:
         return Streamed(stream_result(body_head, result.files, stats, result.release))
 
     async def postprocess(self, result: JobResult, options: PromptOptions) -> None:
-        """Convert image outputs (``convert_output``) off the event loop; a file that cannot
-        be converted is kept as it is and named in ``result.conversion_errors``."""
+        """Convert image outputs (``convert_output``) off the event loop, one output at a time
+        in the whole sidecar (:class:`~comfy_sidecar.convert.Converter`); a file that cannot
+        be converted is kept as it is and named in ``result.conversion_errors``.
+        Raises :class:`~comfy_sidecar.errors.InputError` (400, ``location: convert_output``)
+        for an output of more than CONVERT_MAX_PIXELS pixels: the conversion asked for cannot
+        be made, and the same request would fail again (not a 5xx a queue retries)."""
         spec = options.convert_output
         if spec is None or not result.files:
             return
-        from comfy_sidecar.convert import ConversionError, convert_image, is_convertible
-
         started = time.monotonic()
+        files = result.files
         converted: list[OutputFile] = []
-        for item in result.files:
-            if item.animated or not await asyncio.to_thread(is_convertible, item.path):
-                converted.append(item)
-                continue
-            try:
-                new_path = await asyncio.to_thread(convert_image, item.path, spec)
-            except ConversionError as exc:
-                result.conversion_errors[item.filename] = str(exc)
-                converted.append(item)
-                continue
-            if new_path != item.path:
-                item.path.unlink(missing_ok=True)
-            converted.append(OutputFile(new_path, new_path.name, item.node_id, item.key, False))
-        result.files = converted
+        try:
+            for item in files:
+                if item.animated or not await self.converter.convertible(item.path):
+                    converted.append(item)
+                    continue
+                try:
+                    new_path = await self.converter.convert(item.path, spec)
+                except ConversionError as exc:
+                    result.conversion_errors[item.filename] = str(exc)
+                    converted.append(item)
+                    continue
+                except ImageTooLarge as exc:
+                    raise InputError(str(exc), "convert_output", id=result.job.id) from None
+                if new_path != item.path:
+                    item.path.unlink(missing_ok=True)
+                converted.append(OutputFile(new_path, new_path.name, item.node_id, item.key, False))
+        finally:  # what is converted so far and the rest: released (removed) on a failure too
+            result.files = converted + files[len(converted) :]
         result.timings["postprocess"] = time.monotonic() - started
 
     @staticmethod
@@ -446,6 +470,8 @@ class Delivery:
         ``gate`` (see :meth:`run_claimed`) nothing is delivered unless it answers True."""
         result: JobResult | None = None
         sent: list[asyncio.Future[bool]] = []
+        self.background += 1
+        self._idle.clear()
         try:
             result = await self.pipeline.complete(pending)
             await self.postprocess(result, request)
@@ -475,6 +501,9 @@ class Delivery:
                 result.release()
             if counted:
                 self._delivered_when(sent)
+            self.background -= 1
+            if self.background == 0:
+                self._idle.set()
 
     async def send_failure(self, request: PromptRequest, error: dict[str, Any]) -> None:
         """Send the failure webhook (``webhook_v2``'s ``prompt.failed``, or ``webhook``'s) of a

@@ -619,7 +619,7 @@ async def list_modal_jobs(
         modal_status = MODAL_STATUS[record.status]
         if status is not None and modal_status != status:
             continue
-        progress = record.progress.view()["progress"] if record.progress is not None else 0.0
+        progress = round(record.progress.percent, 2) if record.progress is not None else 0.0
         if record.status is JobStatus.COMPLETED:
             progress = 100.0
         found.append(
