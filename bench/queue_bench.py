@@ -76,7 +76,7 @@ def start(tmp: Path, python: str | None = None, **env: str) -> Sidecar:
     return sidecar
 
 
-def checkout(ref: str, into: Path) -> str:
+def checkout(ref: str, into: Path, python: str = sys.executable) -> str:
     """The tree of git ref ``ref`` under ``into``; returns an interpreter wrapper that runs
     ``python -m comfy_sidecar`` from there (its code, not this tree's)."""
     tree = into / "tree"
@@ -86,7 +86,7 @@ def checkout(ref: str, into: Path) -> str:
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     wrapper = into / "python"
-    wrapper.write_text(f'#!/bin/sh\ncd "{tree}" && exec "{sys.executable}" "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\ncd "{tree}" && exec "{python}" "$@"\n')
     wrapper.chmod(0o755)
     return str(wrapper)
 

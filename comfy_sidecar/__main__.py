@@ -32,6 +32,29 @@ def _help() -> str:
     return USAGE + "\n".join(rows) + "\n"
 
 
+#: glibc's ``mallopt`` parameter (<malloc.h>) and the size from which blocks get a mapping.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1024 * 1024
+
+
+def _give_back_large_blocks() -> None:
+    """glibc: blocks of 1 MiB and more get their own mapping, returned to the system when
+    freed. By default glibc raises that threshold (up to 32 MiB) whenever such a block is
+    freed and keeps later ones in the heap, where the worker threads' arenas never give them
+    back: four concurrent 4096x4096 conversions (Pillow's 16 MiB image blocks) left the
+    sidecar 80 MB larger for good; with a fixed threshold, 7 MB (bench/rss_bench.py). Setting
+    it turns that adjustment off, as ``MALLOC_MMAP_THRESHOLD_`` would. Nothing elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # a C library without mallopt
+        return
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the sidecar until it is stopped; returns the process exit status.
 
@@ -49,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     if args:
         print(f"comfy-sidecar: unknown argument {args[0]!r} (see --help)", file=sys.stderr)
         return 2
+
+    _give_back_large_blocks()
+    # httpx imports its command-line client when click, rich and pygments are installed
+    # (Litestar brings them): 4 MB of the sidecar's memory for a tool it never runs
+    # (bench/rss_bench.py). None in sys.modules makes that import fail, and httpx takes the
+    # fallback it has for a missing CLI, as it does in the frozen binary, which leaves rich
+    # and pygments out (build.spec).
+    if "httpx" not in sys.modules:
+        sys.modules["httpx._main"] = None  # type: ignore[assignment]
 
     from comfy_sidecar.boot import BootProbes, bind_socket
     from comfy_sidecar.config import ConfigError, load_settings

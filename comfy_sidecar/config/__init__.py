@@ -321,6 +321,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         Var("MAX_BODY_SIZE_MB", "100", int_at_least(1)),
         "Largest request body, in MB; larger bodies get 413.",
     ]
+    convert_max_pixels: Annotated[
+        int,
+        Var("CONVERT_MAX_PIXELS", "89478485", int_at_least(1), new=True),
+        "Most pixels (width x height) of an output `convert_output` may convert; a larger one "
+        "fails the job with 400 (`location: convert_output`) before it is decoded. Default: "
+        "Pillow's `MAX_IMAGE_PIXELS`. Outputs convert one at a time, taking about 10 bytes a "
+        "pixel while they do (165 MB for 4096x4096).",
+    ]
     prepend_filenames: Annotated[
         bool,
         Var("PREPEND_FILENAMES", "true", boolean),

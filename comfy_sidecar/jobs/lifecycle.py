@@ -47,6 +47,7 @@ from comfy_sidecar.jobs.record import JobRecord
 from comfy_sidecar.jobs.spec import AfterEnd, JobSpec
 from comfy_sidecar.jobs.store import JobStore
 from comfy_sidecar.observability import metrics
+from comfy_sidecar.pipeline.convert import Converter
 from comfy_sidecar.pipeline.deliver import (
     Accepted,
     Delivered,
@@ -164,6 +165,23 @@ class JobLifecycle:
         #: Asynchronous jobs with a webhook admitted and not yet delivered.
         self.pending_deliveries = 0
         self.spool = Spool(Path(settings.output_dir) / f".comfy-sidecar-webhooks-{settings.port}")
+        #: Output conversion (``convert_output``): one at a time, CONVERT_MAX_PIXELS at most.
+        self.converter = Converter(settings.convert_max_pixels)
+        #: Jobs finishing in the background (:meth:`_finish_run`) not yet ended: run,
+        #: delivered or failed, their webhooks queued.
+        self.background = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every job finishing in the background ended, its webhooks queued in
+        the dispatcher (the shutdown closes the dispatcher only then); False after
+        ``timeout_s`` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(0.0, timeout_s))
+        except TimeoutError:
+            return False
+        return True
 
     # --- admission ------------------------------------------------------------------------
 
@@ -297,7 +315,7 @@ class JobLifecycle:
             record.instance = str(data.get("instance"))
         elif kind == "execution_start":
             self.store.set_status(record, JobStatus.IN_PROGRESS)
-        elif kind in PROGRESS_FRAMES and record.progress is not None:
+        elif kind in PROGRESS_FRAMES and isinstance(record.progress, Progress):
             if record.status is JobStatus.PENDING:
                 self.store.set_status(record, JobStatus.IN_PROGRESS)
             if record.progress.apply(kind, data):
@@ -390,7 +408,7 @@ class JobLifecycle:
         result: JobResult | None = None
         try:
             result = await self.pipeline.complete(pending)
-            await postprocess(result, request)
+            await postprocess(result, request, self.converter)
             urls = await self._upload(result, upload_target(request))
         except BaseException as exc:
             self.store.finish(record, status_for(exc), error=error_body(exc, record.id))
@@ -500,9 +518,11 @@ class JobLifecycle:
         request = spec.request
         result: JobResult | None = None
         sent: list[asyncio.Future[bool]] = []
+        self.background += 1
+        self._idle.clear()
         try:
             result = await self.pipeline.complete(pending)
-            await postprocess(result, request)
+            await postprocess(result, request, self.converter)
             urls: list[str] | None = None
             target = upload_target(request)
             spilled = attempt.spill(result) if target is None else None
@@ -531,6 +551,9 @@ class JobLifecycle:
                 result.release()
             if counted:
                 self._delivered_when(sent)
+            self.background -= 1
+            if self.background == 0:
+                self._idle.set()
 
     async def end_failed(
         self,

@@ -167,6 +167,10 @@ class Progress:
             self.step_max,
         )
 
+    def ended(self) -> EndedProgress:
+        """What an ended job keeps of its progress."""
+        return EndedProgress(round(self._percent, 2))
+
     def view(self) -> dict[str, Any]:
         """The progress fields of a job's status body (Modal jobs API names)."""
         return {
@@ -179,6 +183,17 @@ class Progress:
             "current_node": self.current_node,
             "current_node_type": self.current_node_type,
         }
+
+
+class EndedProgress:
+    """An ended job's progress: its percent as the job left it, rounded as in
+    :meth:`Progress.view` (a retained job keeps this instead of its node sets and class
+    types; the rest of its last progress is in its ``done`` body)."""
+
+    __slots__ = ("percent",)
+
+    def __init__(self, percent: float) -> None:
+        self.percent = percent
 
 
 def _number(value: Any) -> float:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from comfy_sidecar.jobs.model import DifferentBody, JobStatus, JobView, now_ms
+from comfy_sidecar.jobs.progress import Progress
 from comfy_sidecar.jobs.record import JobRecord
 from comfy_sidecar.observability import metrics
 
@@ -154,10 +155,11 @@ class JobStore:
         record.error = error
         record.stats = stats
         record.queue_position = None
-        if status is JobStatus.COMPLETED and record.progress is not None:
+        if status is JobStatus.COMPLETED and isinstance(record.progress, Progress):
             record.progress.complete()
         record.expires_at = time.monotonic() + self.retention_s
         record.publish("done", record.view())
+        record.seal()
         self._enforce_max()
         return True
 

@@ -11,14 +11,24 @@ Pillow cannot honour, is in ``docs/convert_workflows.md``. Differences from comf
   first frame, and fails noisily on video).
 
 Both functions block (decoding and encoding run in C, holding the GIL part of the time): call
-them with ``asyncio.to_thread``. Pillow is imported lazily, inside the functions.
+them with ``asyncio.to_thread``, one conversion at a time (:class:`Converter` does): a decoded
+image holds 4 bytes a pixel and the encoder about as much again, so a 4096x4096 output takes
+about 165 MB while it converts. An image over ``max_pixels`` (CONVERT_MAX_PIXELS, Pillow's own
+``Image.MAX_IMAGE_PIXELS`` default) is refused with :class:`ImageTooLarge` before it is decoded.
+The image buffers go back to the system once freed because the sidecar fixes glibc's mmap
+threshold at start-up (``comfy_sidecar.__main__``); with glibc's default the worker threads'
+heaps kept them (bench/rss_bench.py).
+Pillow is imported lazily, inside the functions.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +47,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONVERTIBLE_FORMATS",
+    "DEFAULT_MAX_PIXELS",
     "ConversionError",
+    "Converter",
+    "ImageTooLarge",
     "convert_image",
     "converted_name",
     "is_convertible",
@@ -59,11 +72,28 @@ JPEG_BACKGROUND: tuple[int, int, int] = (0, 0, 0)
 _FLAT_QTABLE: list[int] = [16] * 64
 
 
+#: Pillow's default ``Image.MAX_IMAGE_PIXELS`` (a 1/4 GiB image at 3 bytes a pixel, about
+#: 9459x9459): the default of CONVERT_MAX_PIXELS.
+DEFAULT_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+
+
 class ConversionError(Exception):
     """The file could not be converted; ``str(err)`` says which file and why.
 
     The caller keeps the original output (comfyui-api keeps the original bytes and name too).
     """
+
+
+class ImageTooLarge(Exception):
+    """The image has more pixels than the conversion may decode (``max_pixels``); nothing was
+    decoded. ``str(err)`` names the file, its size and the limit. Not a
+    :class:`ConversionError`: the caller asked for a conversion that cannot be made at this
+    size, and the pipeline answers it (400, ``location: convert_output``)."""
+
+    def __init__(self, name: str, size: str, limit: int) -> None:
+        super().__init__(
+            f"{name} is {size} pixels, more than CONVERT_MAX_PIXELS ({limit}) allows converting"
+        )
 
 
 def converted_name(name: str, spec: ConvertOutput) -> str:
@@ -87,8 +117,9 @@ def _format_of(spec: ConvertOutput) -> str:
     return "webp"
 
 
-def is_convertible(path: Path) -> bool:
-    """True when ``path`` is a still image Pillow can decode (PNG, JPEG, WebP, BMP, TIFF).
+def is_convertible(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+    """True when ``path`` is a still image Pillow can decode (PNG, JPEG, WebP, BMP, TIFF), or
+    one too large to (over twice ``max_pixels``: :func:`convert_image` refuses it).
 
     False for animated images (``is_animated``/``n_frames > 1``: animated WebP, APNG, multi-page
     TIFF), GIF (treated as animation), video, audio, text, missing or unreadable files. Only the
@@ -96,12 +127,15 @@ def is_convertible(path: Path) -> bool:
     """
     from PIL import Image, UnidentifiedImageError
 
+    _limit_pillow(max_pixels)
     try:
         with Image.open(path, formats=_OPEN_FORMATS) as im:
             if im.format not in CONVERTIBLE_FORMATS:
                 return False
             return not _is_animated(im)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        return True  # a still image, but too large: convert_image raises ImageTooLarge
+    except (UnidentifiedImageError, OSError, ValueError):
         return False
 
 
@@ -109,7 +143,18 @@ def _is_animated(im: Image.Image) -> bool:
     return bool(getattr(im, "is_animated", False)) or int(getattr(im, "n_frames", 1)) > 1
 
 
-def convert_image(src: Path, spec: ConvertOutput) -> Path:
+def _limit_pillow(max_pixels: int) -> None:
+    """Pillow's own decompression-bomb limit follows CONVERT_MAX_PIXELS (the sidecar uses
+    Pillow for nothing else): it refuses to open a file of more than twice that many pixels.
+    Its warning above the limit is silenced: :func:`convert_image` refuses those itself."""
+    from PIL import Image
+
+    if max_pixels != Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def convert_image(src: Path, spec: ConvertOutput, max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
     """Encode ``src`` as ``spec.format`` into ``<src.parent>/<converted_name(src.name)>``.
 
     Returns the new path. Nothing is removed: the caller decides whether to delete ``src``
@@ -119,18 +164,23 @@ def convert_image(src: Path, spec: ConvertOutput) -> Path:
     PNG text chunks where ComfyUI stores the prompt and workflow, EXIF) is dropped, as sharp does
     by default.
 
-    Raises :class:`ConversionError` when ``src`` is not a convertible still image (see
-    :func:`is_convertible`) or Pillow fails to decode or encode it, and
+    Raises :class:`ImageTooLarge` when ``src`` has more than ``max_pixels`` pixels (read from
+    its header; nothing is decoded), :class:`ConversionError` when ``src`` is not a convertible
+    still image (see :func:`is_convertible`) or Pillow fails to decode or encode it, and
     :class:`~comfy_sidecar.storage.errors.DiskFullError` when the disk is full (no partial file
-    is left either way). Blocking; run it in a thread.
+    is left either way). Blocking; run it in a thread, one at a time (see the module's text).
     """
     from PIL import Image, UnidentifiedImageError
 
+    _limit_pillow(max_pixels)
     dest = src.with_name(converted_name(src.name, spec))
     try:
         with Image.open(src, formats=_OPEN_FORMATS) as im:
             if _is_animated(im):
                 raise ConversionError(f"{src.name}: animated images are not converted")
+            width, height = im.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(src.name, f"{width}x{height} = {width * height}", max_pixels)
             im.load()
             icc = im.info.get("icc_profile")
             if isinstance(spec, ConvertWebp):
@@ -142,8 +192,10 @@ def convert_image(src: Path, spec: ConvertOutput) -> Path:
             if icc:
                 params["icc_profile"] = icc
             _save_atomically(out, dest, pil_format, params, src.stat().st_mode & 0o777)
-    except ConversionError:
+    except (ConversionError, ImageTooLarge):
         raise
+    except Image.DecompressionBombError:  # Pillow refused to open it: over twice the limit
+        raise ImageTooLarge(src.name, f"over {2 * max_pixels}", max_pixels) from None
     except UnidentifiedImageError:
         raise ConversionError(f"{src.name}: not a still image Pillow can read") from None
     except OSError as err:
@@ -152,9 +204,36 @@ def convert_image(src: Path, spec: ConvertOutput) -> Path:
                 "converting an output failed: no space left in OUTPUT_DIR"
             ) from None
         raise ConversionError(f"{src.name}: cannot convert to {_format_of(spec)}: {err}") from err
-    except (ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except (ValueError, SyntaxError) as err:
         raise ConversionError(f"{src.name}: cannot convert to {_format_of(spec)}: {err}") from err
     return dest
+
+
+class Converter:
+    """Converts outputs off the event loop, one at a time in the whole sidecar, none over
+    ``max_pixels`` (CONVERT_MAX_PIXELS). A conversion holds its decoded image and the
+    encoder's copy, about 10 bytes a pixel (165 MB for 4096x4096): four jobs converting at
+    once took over 900 MB at the peak (bench/rss_bench.py). ``convert`` is :func:`convert_image`
+    (tests pass one that watches the calls)."""
+
+    def __init__(
+        self,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        convert: Callable[[Path, ConvertOutput, int], Path] | None = None,
+    ) -> None:
+        self.max_pixels = max_pixels
+        self._convert = convert or convert_image
+        self._one = asyncio.Lock()
+
+    async def convertible(self, path: Path) -> bool:
+        """:func:`is_convertible`, in a worker thread."""
+        return await asyncio.to_thread(is_convertible, path, self.max_pixels)
+
+    async def convert(self, path: Path, spec: ConvertOutput) -> Path:
+        """:func:`convert_image` in a worker thread once no other conversion runs; raises
+        what it raises."""
+        async with self._one:
+            return await asyncio.to_thread(self._convert, path, spec, self.max_pixels)
 
 
 def _save_atomically(
@@ -303,5 +382,7 @@ def webp_params(options: WebpOptions) -> dict[str, Any]:
 
 def _webp(im: Image.Image, options: WebpOptions) -> tuple[Image.Image, dict[str, Any]]:
     im = _to_8bit(im)
-    im = im.convert("RGBA") if _has_alpha(im) else im.convert("RGB")
+    mode = "RGBA" if _has_alpha(im) else "RGB"
+    if im.mode != mode:  # convert() copies even to the same mode: 4 bytes a pixel
+        im = im.convert(mode)
     return im, webp_params(options)

@@ -8,7 +8,6 @@ request fields its bodies echo (:func:`echo`; never ``credentials``). The job li
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -18,8 +17,9 @@ from typing import Any
 
 import msgspec
 
-from comfy_sidecar.errors import UpstreamFailed
+from comfy_sidecar.errors import InputError, UpstreamFailed
 from comfy_sidecar.net.bounded import gather_bounded
+from comfy_sidecar.pipeline.convert import ConversionError, Converter, ImageTooLarge
 from comfy_sidecar.pipeline.outputs import (
     INLINE_LIMIT,
     OutputFile,
@@ -116,30 +116,37 @@ def answer(result: JobResult, echoed: Echoed, urls: list[str] | None) -> Deliver
     return Streamed(stream_result(body_head, result.files, stats, result.release))
 
 
-async def postprocess(result: JobResult, options: PromptOptions) -> None:
-    """Convert image outputs (``convert_output``) off the event loop; a file that cannot
-    be converted is kept as it is and named in ``result.conversion_errors``."""
+async def postprocess(result: JobResult, options: PromptOptions, converter: Converter) -> None:
+    """Convert image outputs (``convert_output``) off the event loop, one output at a time
+    in the whole sidecar (``converter``); a file that cannot be converted is kept as it is
+    and named in ``result.conversion_errors``. Raises
+    :class:`~comfy_sidecar.errors.InputError` (400, ``location: convert_output``) for an
+    output of more than CONVERT_MAX_PIXELS pixels: the conversion asked for cannot be made,
+    and the same request would fail again (not a 5xx a queue retries)."""
     spec = options.convert_output
     if spec is None or not result.files:
         return
-    from comfy_sidecar.pipeline.convert import ConversionError, convert_image, is_convertible
-
     started = time.monotonic()
+    files = result.files
     converted: list[OutputFile] = []
-    for item in result.files:
-        if item.animated or not await asyncio.to_thread(is_convertible, item.path):
-            converted.append(item)
-            continue
-        try:
-            new_path = await asyncio.to_thread(convert_image, item.path, spec)
-        except ConversionError as exc:
-            result.conversion_errors[item.filename] = str(exc)
-            converted.append(item)
-            continue
-        if new_path != item.path:
-            item.path.unlink(missing_ok=True)
-        converted.append(OutputFile(new_path, new_path.name, item.node_id, item.key, False))
-    result.files = converted
+    try:
+        for item in files:
+            if item.animated or not await converter.convertible(item.path):
+                converted.append(item)
+                continue
+            try:
+                new_path = await converter.convert(item.path, spec)
+            except ConversionError as exc:
+                result.conversion_errors[item.filename] = str(exc)
+                converted.append(item)
+                continue
+            except ImageTooLarge as exc:
+                raise InputError(str(exc), "convert_output", id=result.job.id) from None
+            if new_path != item.path:
+                item.path.unlink(missing_ok=True)
+            converted.append(OutputFile(new_path, new_path.name, item.node_id, item.key, False))
+    finally:  # what is converted so far and the rest: released (removed) on a failure too
+        result.files = converted + files[len(converted) :]
     result.timings["postprocess"] = time.monotonic() - started
 
 

@@ -204,13 +204,18 @@ class Runtime:
             log.warning(
                 "%d job(s) still in flight after SHUTDOWN_GRACE_S=%g s", c.pipeline.active, grace
             )
+        else:  # failed jobs leave the pipeline before their failure webhook is queued
+            await c.lifecycle.wait_idle(grace - (time.monotonic() - started))
         # claimed jobs' ends written to Redis before closing
         await c.jobs.wait_idle(max(0.0, grace - (time.monotonic() - started)))
 
     async def close(self, grace_s: float = 5.0) -> None:
-        """Stop every ComfyUI, flush webhooks within ``grace_s`` seconds, reset the deletion
-        cost, and cancel every task the sidecar owns. Jobs still waiting for an instance get
-        503 now (no instance will take them)."""
+        """Stop every ComfyUI; let the jobs that ends (503) queue their failure webhooks and
+        flush the webhooks, both within ``grace_s`` seconds of ComfyUI's stop; reset the
+        deletion cost, and cancel every task the sidecar owns. Jobs still waiting for an
+        instance get 503 now (no instance will take them). The webhook dispatcher closes only
+        after the last background job ended (or ``grace_s`` ran out), so no job ends after it
+        with its webhook unsent."""
         c = self.c
         if self.health.phase is Phase.STOPPING:
             c.dispatcher.close("the sidecar is shutting down")
@@ -219,7 +224,12 @@ class Runtime:
         await asyncio.gather(*(instance.stop() for instance in c.instances))
         for instance in c.instances:
             instance.registry.fail_all("the sidecar is shutting down")
-        await c.webhooks.close(grace_s)
+        deadline = time.monotonic() + grace_s
+        if not await c.lifecycle.wait_idle(deadline - time.monotonic()):
+            log.warning(
+                "%d job(s) had not ended when webhooks were flushed", c.lifecycle.background
+            )
+        await c.webhooks.close(max(0.0, deadline - time.monotonic()))
         await c.storage.close()
         await c.deletion_cost.close()
         await c.tasks.cancel_all()

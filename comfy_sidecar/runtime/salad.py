@@ -18,6 +18,7 @@ import httpx
 
 from comfy_sidecar.config import Settings
 from comfy_sidecar.net.backoff import attempt_failure, backoff_delay
+from comfy_sidecar.storage.netguard import tls_context
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class DeletionCost:
         """Start the sender task (no-op when not on Salad or already started)."""
         if not self.enabled or self._task is not None or self._closed:
             return
-        self._client = httpx.AsyncClient(trust_env=False)
+        self._client = httpx.AsyncClient(trust_env=False, verify=tls_context())
         self._task = asyncio.create_task(self._run(), name="salad-deletion-cost")
 
     def set(self, depth: int) -> None:

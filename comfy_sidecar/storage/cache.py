@@ -290,6 +290,21 @@ class DownloadCache:
                     raise DiskFullError("no space left in the cache for its index") from None
                 raise
 
+    async def _index_new(self, key: str, entry: CacheEntry) -> None:
+        """Add ``entry`` (its file just renamed into the cache) to the index and write it.
+        When the index cannot be written (:class:`DiskFullError`, answered 507) the file is
+        removed and the entry dropped: a file the written index does not name would be
+        adopted at the next start without its URL or ``auth_required`` (a gated file
+        served to callers without credentials), and it holds space the full disk needs."""
+        self._entries[key] = entry
+        try:
+            await self._save_index()
+        except Exception:
+            if self._entries.get(key) is entry:
+                del self._entries[key]
+            await asyncio.to_thread(functools.partial((self.dir / entry.file).unlink, True))
+            raise
+
     def _write_index(self, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX + "index-", dir=self.dir)
         try:
@@ -498,8 +513,7 @@ class DownloadCache:
                 last_use=self._tick(),
                 auth_required=result.used_caller_auth,
             )
-            self._entries[key] = entry
-            await self._save_index()
+            await self._index_new(key, entry)
             mbps = size / 1e6 / duration if duration > 0 else 0.0
             log.info("downloaded %s: %d bytes in %.2f s (%.1f MB/s)", clean, size, duration, mbps)
             self.emit(
@@ -542,8 +556,7 @@ class DownloadCache:
                 last_use=self._tick(),
                 auth_required=auth is not None,
             )
-            self._entries[key] = entry
-            await self._save_index()
+            await self._index_new(key, entry)
             metrics.cache_request("hit")
             log.info(
                 "adopted %s (%d bytes) from the model folder without downloading it",

@@ -222,8 +222,10 @@ class WebhookDispatcher:
         ownership and closes it) or a plain mapping. ``webhook_id`` is the job's API id.
         Deliveries with the same ``order_key`` (default: ``webhook_id``) are sent in order.
         Returns a future resolving to ``True`` when a 2xx answer was received, ``False`` when
-        all attempts failed, the URL is not http(s), or the dispatcher closed first; awaiting
-        it is optional. ``RuntimeError`` if :meth:`start` was not called or after :meth:`close`.
+        all attempts failed, the URL is not http(s), or the dispatcher closed first (also when
+        it had closed before this call: the delivery is abandoned like one still queued at
+        :meth:`close`, logged in one line); awaiting it is optional. ``RuntimeError`` if
+        :meth:`start` was not called.
         """
         if not isinstance(body, JsonBody):
             body = JsonBody(body)
@@ -237,9 +239,20 @@ class WebhookDispatcher:
         while self._state in ("running", "closing") and kind.pending >= kind.capacity:
             kind.room.clear()
             await kind.room.wait()
-        if self._state not in ("running", "closing"):
+        if self._state == "new":
             body.close()
             raise RuntimeError("webhook dispatcher is not running")
+        if self._state == "closed":  # a job that ended after the shutdown's flush
+            body.close()
+            log.warning(
+                "job %s: webhook to %s not sent: the sidecar shut down first",
+                webhook_id,
+                scrub_url(url),
+            )
+            metrics.webhook_finished(kind.name, None)
+            self.counters["abandoned"] += 1
+            future.set_result(False)
+            return future
         job = _Job(
             url=url,
             webhook_id=webhook_id,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 from pathlib import Path
 from typing import Any, cast
 
@@ -13,6 +14,8 @@ from PIL import Image, ImageChops, ImageCms, JpegImagePlugin
 
 from comfy_sidecar.pipeline.convert import (
     ConversionError,
+    Converter,
+    ImageTooLarge,
     convert_image,
     converted_name,
     is_convertible,
@@ -269,6 +272,53 @@ def test_mixed_outputs_off_the_event_loop(outputs: dict[str, Path]) -> None:
         "audio_00001_.wav",
     ]
     assert opened(result[1]).n_frames == 3  # the animation is untouched
+
+
+def test_an_image_over_the_pixel_cap_is_refused_before_it_is_decoded(tmp_path: Path) -> None:
+    """CONVERT_MAX_PIXELS bounds what a conversion may decode: an image over it raises
+    ImageTooLarge (not a ConversionError: the pipeline answers 400) naming the file, its size
+    and the cap, and writes nothing; one over twice the cap, which Pillow itself refuses to
+    open, too. At the cap it converts."""
+    src = tmp_path / "big.png"
+    Image.new("RGB", (100, 50), (1, 2, 3)).save(src)
+    with pytest.raises(ImageTooLarge, match=r"big\.png is 100x50 = 5000 pixels.*\(4999\)"):
+        convert_image(src, spec({"format": "webp"}), 4999)
+    with pytest.raises(ImageTooLarge, match=r"big\.png is over 4000 pixels.*\(2000\)"):
+        convert_image(src, spec({"format": "webp"}), 2000)
+    assert is_convertible(src, 2000)  # a still image, refused by convert_image with the reason
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.png"]
+    assert convert_image(src, spec({"format": "webp"}), 5000).name == "big.webp"
+
+
+def test_converter_runs_one_conversion_at_a_time(tmp_path: Path) -> None:
+    """Outputs of concurrent jobs convert one after the other (each holds its decoded image):
+    four conversions started together never overlap in the worker threads."""
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def watched(path: Path, target: ConvertOutput, max_pixels: int) -> Path:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            return convert_image(path, target, max_pixels)
+        finally:
+            with lock:
+                running -= 1
+
+    paths = []
+    for n in range(4):
+        paths.append(tmp_path / f"out{n}.png")
+        Image.new("RGB", (512, 512), (n, 2, 3)).save(paths[-1])
+    converter = Converter(convert=watched)
+
+    async def convert_all() -> list[Path]:
+        target = spec({"format": "webp"})
+        return list(await asyncio.gather(*(converter.convert(p, target) for p in paths)))
+
+    assert [p.name for p in asyncio.run(convert_all())] == [f"out{n}.webp" for n in range(4)]
+    assert most == 1
 
 
 def test_same_extension_replaces_in_place(tmp_path: Path) -> None:

@@ -59,6 +59,7 @@ def sidecar(
         SYSTEM_WEBHOOK_EVENTS="all",
         SYSTEM_META_batch="b-42",
         PROMPT_WEBHOOK_RETRIES="2",
+        CONVERT_MAX_PIXELS="1000000",
     ) as sc:
         yield sc
 
@@ -248,6 +249,40 @@ def test_convert_output_leaves_animations_alone(sidecar: Sidecar) -> None:
         "mixed_still_00002_.jpeg",
         "mixed_anim_00001_.webp",
     ]
+
+
+def test_convert_output_over_the_pixel_cap_is_400(sidecar: Sidecar, receiver: Any) -> None:
+    """An output with more pixels than CONVERT_MAX_PIXELS (1,000,000 here) is not decoded: the
+    job fails 400 naming ``convert_output`` (the same request would fail again), its outputs
+    are removed (the one converted before it too), and an asynchronous job's webhook carries
+    the same error."""
+    prompt = {
+        **{k: v for k, v in basic_prompt(batch=1, size=32, prefix="small").items() if k != "2"},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "s"}},
+        "4": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 1024, "height": 1024, "batch_size": 1, "color": 7},
+        },
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "huge"}},
+    }
+    body = {"prompt": prompt, "id": "too-big", "convert_output": {"format": "webp"}}
+    response = sidecar.post("/prompt", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert error["location"] == "convert_output" and error["id"] == "too-big"
+    assert "too-big_huge_00001_.png is 1024x1024 = 1048576 pixels" in error["error"]
+    assert "CONVERT_MAX_PIXELS (1000000)" in error["error"]
+    assert not list(sidecar.backend.output_dir.glob("too-big_*"))
+    assert sidecar.get("/jobs/too-big").json()["status"] == "failed"
+
+    hook: Receiver = receiver()
+    accepted = sidecar.post("/prompt", json={**body, "id": "too-big-async", "webhook_v2": hook.url})
+    assert accepted.status_code == 202, accepted.text
+    (request,) = hook.wait_for(1, timeout=60)
+    failed = verify(request)
+    assert failed["type"] == "prompt.failed"
+    assert failed["error"]["location"] == "convert_output"
+    assert "1024x1024" in failed["error"]["error"]
 
 
 def test_invalid_convert_options_are_400(sidecar: Sidecar) -> None:

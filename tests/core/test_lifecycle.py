@@ -23,6 +23,7 @@ from tests.conftest import (
     free_port,
     slow_prompt,
 )
+from tests.receiver import Receiver
 from tests.waiting import wait_for
 
 
@@ -205,6 +206,45 @@ def test_sigterm_grace_expires(spawn: Any, tmp_path: Path) -> None:
     assert sidecar.wait_exit(30) == 0
     thread.join(timeout=30)
     assert result["response"].status_code == 503
+
+
+def test_sigterm_sends_every_webhook_of_jobs_ending_in_the_shutdown(
+    spawn: Any, backend: Backend, receiver: Any
+) -> None:
+    """SIGTERM with asynchronous webhook_v2 jobs running and waiting, and a grace shorter than
+    they need: each job gets exactly one webhook, a completed one ``prompt.complete``, the rest
+    ``prompt.failed`` (the sidecar is shutting down); none of them ends after the webhook
+    dispatcher closed (it used to, and its webhook raised ``RuntimeError: webhook dispatcher
+    is not running``, lost)."""
+    hook: Receiver = receiver()
+    sidecar: Sidecar = spawn(backend, SHUTDOWN_GRACE_S="4", LOG_LEVEL="info")
+    sidecar.wait_ready()
+    ids = [f"term-{i}" for i in range(6)]
+    for job_id in ids:
+        response = sidecar.post(
+            "/prompt",
+            json={"prompt": slow_prompt(2), "id": job_id, "webhook_v2": hook.url + "/hook"},
+        )
+        assert response.status_code == 202, response.text
+    sidecar.wait_comfy_running()
+    assert sidecar.proc is not None
+    sidecar.proc.send_signal(signal.SIGTERM)
+    assert sidecar.wait_exit(90) == 0
+    bodies: dict[str, list[dict[str, Any]]] = {}
+    for request in hook.snapshot():
+        body = json.loads(request.body)
+        bodies.setdefault(body["id"], []).append(body)
+    log = sidecar.log()
+    assert "not running" not in log and "Traceback" not in log, log[-4000:]
+    assert sorted(bodies) == ids, (sorted(bodies), log[-4000:])
+    for job_id, sent in bodies.items():
+        assert len(sent) == 1, (job_id, sent)
+        (body,) = sent
+        if body["type"] == "prompt.failed":
+            assert body["error"]["error"].endswith("the sidecar is shutting down"), body
+        else:
+            assert body["type"] == "prompt.complete" and body["images"], body
+    assert any(b[0]["type"] == "prompt.failed" for b in bodies.values()), "the grace ran out"
 
 
 def test_failing_warmup_is_fatal(spawn: Any, tmp_path: Path) -> None:

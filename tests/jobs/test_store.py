@@ -9,6 +9,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from comfy_sidecar.jobs.progress import Progress
+from comfy_sidecar.jobs.record import SealedEvents
 from comfy_sidecar.jobs.store import (
     MARKER,
     DifferentBody,
@@ -105,6 +107,44 @@ def test_follow_replays_then_resumes_after_last_event_id(tmp_path: Path) -> None
         assert await collect(2) == [(3, "progress"), (4, "done")]
         done = msgspec.json.decode(record.events[-1].data)
         assert done["status"] == "completed" and done["progress"] == 100.0
+
+    asyncio.run(main())
+
+
+def test_an_ended_job_keeps_its_log_and_body_exactly(tmp_path: Path) -> None:
+    """A retained job's log is kept compressed once it ends (SealedEvents) and its stats only
+    in its done body: what it replays (every event, from any Last-Event-ID) and its status
+    body are what a job still in memory as published would give."""
+
+    async def main() -> None:
+        store = JobStore(tmp_path, 60, 10)
+        record = make(store, "j1")
+        record.progress = Progress({"1": "EmptyImage", "2": "SaveImage"}, {"1", "2"})
+        store.set_status(record, JobStatus.IN_PROGRESS)
+        for frame in ({"node": "1"}, {"node": "2"}, {"node": "2", "value": 3, "max": 4}):
+            record.publish("progress", {"progress": 50, "frame": frame, "text": "é\n\u2028"})
+        record.publish("output", {"node_id": "2", "filename": "a b.png"})
+        published = [(e.id, e.type, e.data) for e in record.events]
+        stats = {"comfy_execution": {"start": 1, "end": 2, "nodes": {"1": {"start": 1}}}}
+        store.finish(record, JobStatus.COMPLETED, stats=stats)
+        published.append((len(published) + 1, "done", record.events[-1].data))
+
+        assert isinstance(record.events, SealedEvents) and record.stats is None
+        for after in range(len(published) + 1):
+            replayed = [(e.id, e.type, e.data) async for e in record.follow(after) if e]
+            assert replayed == published[after:]
+        assert [(e.id, e.type, e.data) for e in record.events] == published
+        body = store.view(record).body()
+        done = msgspec.json.decode(published[-1][2])
+        assert body["stats"] == stats and body["progress"] == 100.0
+        assert body["current_node_type"] is None and body["nodes_done"] == 2
+        assert {k: v for k, v in body.items() if k != "last_event_time"} == {
+            k: v for k, v in done.items() if k != "last_event_time"
+        }
+        links = record.view().urls
+        assert links is not None and links.self == "/jobs/j1"
+        record.publish("output", {"late": True})  # nothing is published after the end
+        assert len(record.events) == len(published)
 
     asyncio.run(main())
 

@@ -156,17 +156,21 @@ def test_non_http_url_is_not_sent() -> None:
     assert asyncio.run(go()) is False
 
 
-def test_send_before_start_or_after_close_raises() -> None:
-    async def go() -> None:
+def test_send_before_start_raises_and_after_close_is_abandoned() -> None:
+    """Before start() it is a programming error; after close() (a job that ended after the
+    shutdown's flush) the delivery is abandoned like one still queued at close: its future
+    says False, the counter says so, and the caller is not made to fail."""
+
+    async def go() -> tuple[bool, int]:
         d = WebhookDispatcher(make_settings())
         with pytest.raises(RuntimeError):
             await d.send_prompt("http://127.0.0.1:9/x", {"a": 1}, "j")
         await d.start()
         await d.close(0)
-        with pytest.raises(RuntimeError):
-            await d.send_prompt("http://127.0.0.1:9/x", {"a": 1}, "j")
+        future = await d.send_prompt("http://127.0.0.1:9/x", {"a": 1}, "j")
+        return future.result(), d.counters["abandoned"]
 
-    asyncio.run(go())
+    assert asyncio.run(go()) == (False, 1)
 
 
 def test_settings_are_validated() -> None:
