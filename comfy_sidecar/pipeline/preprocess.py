@@ -50,6 +50,7 @@ from comfy_sidecar.net.bounded import gather_bounded
 from comfy_sidecar.net.urls import is_url
 from comfy_sidecar.pipeline.media import decode_base64, decode_data_url, sniff_extension
 from comfy_sidecar.storage.errors import DiskFullError, is_disk_full
+from comfy_sidecar.storage.files import link_or_copy
 
 log = logging.getLogger("comfy_sidecar.preprocess")
 
@@ -103,6 +104,22 @@ PART_SUFFIX = ".part"
 #: The longest name, in UTF-8 bytes, of an input file written with :func:`write_atomically`
 #: (a Modal media item's ``name``): NAME_MAX less :data:`PART_SUFFIX`.
 MAX_INPUT_NAME_BYTES = NAME_MAX - len(PART_SUFFIX)
+
+
+def place_input(src: Path, dest: Path, location: str) -> None:
+    """Put the file ``src`` at ``dest`` for the input at ``location``: a hard link, else a
+    streamed copy written atomically (never read into memory; never a symlink, which
+    ComfyUI >= 0.28 refuses out of its input directory). A full INPUT_DIR raises
+    :class:`UpstreamFailed` caused by :class:`DiskFullError` (507 at the edge)."""
+    try:
+        link_or_copy(src, dest, atomic=True)
+    except OSError as exc:
+        if is_disk_full(exc):
+            full = DiskFullError("copying an input file failed: no space left in INPUT_DIR")
+            raise UpstreamFailed(
+                f"could not write the input: {full}", cause=full, location=location
+            ) from None
+        raise
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -646,10 +663,7 @@ class Preprocessor:
         if local is not None:
             if copy_local:
                 destination = target / f"{stem}{local.suffix}"
-                try:
-                    os.link(local, destination)
-                except OSError:
-                    write_input(destination, Path(local).read_bytes(), location)
+                place_input(local, destination, location)
                 prepared.input_files.append(destination)
             return value
         data = decode_base64(value)

@@ -46,6 +46,7 @@ from comfy_sidecar.storage.errors import (
     StorageError,
     is_disk_full,
 )
+from comfy_sidecar.storage.files import link_or_copy
 
 log = logging.getLogger("comfy_sidecar.cache")
 
@@ -471,38 +472,37 @@ class DownloadCache:
         backend: Backend,
         adopt: Path | None = None,
     ) -> CacheEntry:
-        """Download ``url`` (or take the local file ``adopt``) into a private temp directory,
-        rename it into place and index it. A full disk raises :class:`DiskFullError`; nothing
-        of a failed download is left behind (the temp directory is removed)."""
-        if adopt is not None:
-            return await self._adopt(key, url, auth, adopt)
-        self.downloads_started += 1
-        metrics.cache_request("miss")
+        """Download ``url`` (or take the local file ``adopt``, a file named by ``url``'s cache
+        name left in a model folder by an earlier cache: hardlinked, copied across file
+        systems, no download) into a private temp directory, rename it into place and index
+        it. ``auth_required`` is the backend's word that the caller's credentials were used
+        (for an adopted file: that the caller gave some; it may be gated). A full disk raises
+        :class:`DiskFullError`; nothing of a failed download is left behind (the temp
+        directory is removed)."""
         clean = scrub_url(url)
         tmpdir = await self._make_tmpdir(key)
-        self._partials[key] = tmpdir
-        self._urls[key] = clean
         dest = tmpdir / "data"
         started = time.monotonic()
-        log.info("downloading %s", clean)
-        monitor = asyncio.create_task(self._report_progress(key, clean, started))
+        monitor: asyncio.Task[None] | None = None
+        if adopt is None:
+            self.downloads_started += 1
+            metrics.cache_request("miss")
+            self._partials[key] = tmpdir
+            self._urls[key] = clean
+            log.info("downloading %s", clean)
+            monitor = asyncio.create_task(self._report_progress(key, clean, started))
         try:
-            try:
-                result = await backend.download(url, dest, auth)
-            except StorageError:
-                raise
-            except OSError as exc:
-                if is_disk_full(exc):
-                    raise _disk_error(exc, "download") from None
-                raise BackendError(
-                    f"download failed: {exc.strerror or type(exc).__name__}"
-                ) from None
+            if adopt is None:
+                name, used_auth = await self._fetch_into(url, dest, auth, backend)
+            else:
+                try:
+                    await asyncio.to_thread(link_or_copy, adopt, dest)
+                except OSError as exc:
+                    raise _disk_error(exc, "adopting a model file") from None
+                name, used_auth = adopt.name, auth is not None
             size = dest.stat().st_size
-            name = cache_name(url, result.ext)
             final = self.dir / name
             os.replace(dest, final)
-            duration = time.monotonic() - started
-            metrics.download_finished(backend.name, size, duration)
             now = _now_ms()
             entry = CacheEntry(
                 file=name,
@@ -511,62 +511,53 @@ class DownloadCache:
                 created_ms=now,
                 last_used_ms=now,
                 last_use=self._tick(),
-                auth_required=result.used_caller_auth,
+                auth_required=used_auth,
             )
             await self._index_new(key, entry)
-            mbps = size / 1e6 / duration if duration > 0 else 0.0
-            log.info("downloaded %s: %d bytes in %.2f s (%.1f MB/s)", clean, size, duration, mbps)
-            self.emit(
-                "file_downloaded",
-                {"url": clean, "local_path": str(final), "size": size, "duration": duration},
-            )
+            duration = time.monotonic() - started
+            if adopt is None:
+                metrics.download_finished(backend.name, size, duration)
+                mbps = size / 1e6 / duration if duration > 0 else 0.0
+                log.info(
+                    "downloaded %s: %d bytes in %.2f s (%.1f MB/s)", clean, size, duration, mbps
+                )
+                self.emit(
+                    "file_downloaded",
+                    {"url": clean, "local_path": str(final), "size": size, "duration": duration},
+                )
+            else:
+                metrics.cache_request("hit")
+                log.info(
+                    "adopted %s (%d bytes) from the model folder without downloading it",
+                    clean,
+                    size,
+                )
             self._schedule_evict()
             return entry
         finally:
-            monitor.cancel()
-            if self._partials.get(key) == tmpdir:  # not a fresh download of the same URL's
-                del self._partials[key]
-                self._urls.pop(key, None)
+            if monitor is not None:
+                monitor.cancel()
+                if self._partials.get(key) == tmpdir:  # not a fresh download of the same URL's
+                    del self._partials[key]
+                    self._urls.pop(key, None)
             await asyncio.to_thread(shutil.rmtree, tmpdir, True)
 
-    async def _adopt(
-        self, key: str, url: str, auth: DownloadAuth | None, found: Path
-    ) -> CacheEntry:
-        """Index ``found`` (a file named by ``url``'s cache name, left in a model folder by an
-        earlier cache) as ``url``'s entry: hardlinked into the cache (copied through a temp
-        file when the cache is on another file system), no download. ``auth_required`` is
-        True when the caller gave credentials (the file may be gated)."""
-        tmpdir = await self._make_tmpdir(key)
+    @staticmethod
+    async def _fetch_into(
+        url: str, dest: Path, auth: DownloadAuth | None, backend: Backend
+    ) -> tuple[str, bool]:
+        """Download ``url`` to ``dest`` through ``backend``; (its cache file name, whether the
+        caller's credentials were used). Raises :class:`StorageError`
+        (:class:`DiskFullError` for a full disk)."""
         try:
-            dest = tmpdir / "data"
-            try:
-                await asyncio.to_thread(_link_or_copy, found, dest)
-                size = dest.stat().st_size
-                final = self.dir / found.name
-                os.replace(dest, final)
-            except OSError as exc:
-                raise _disk_error(exc, "adopting a model file") from None
-            now = _now_ms()
-            entry = CacheEntry(
-                file=found.name,
-                url=scrub_url(url),
-                size=size,
-                created_ms=now,
-                last_used_ms=now,
-                last_use=self._tick(),
-                auth_required=auth is not None,
-            )
-            await self._index_new(key, entry)
-            metrics.cache_request("hit")
-            log.info(
-                "adopted %s (%d bytes) from the model folder without downloading it",
-                scrub_url(url),
-                size,
-            )
-            self._schedule_evict()
-            return entry
-        finally:
-            await asyncio.to_thread(shutil.rmtree, tmpdir, True)
+            result = await backend.download(url, dest, auth)
+        except StorageError:
+            raise
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise _disk_error(exc, "download") from None
+            raise BackendError(f"download failed: {exc.strerror or type(exc).__name__}") from None
+        return cache_name(url, result.ext), result.used_caller_auth
 
     async def _make_tmpdir(self, key: str) -> Path:
         """A private temp directory for ``key``'s download in ``CACHE_DIR``, made off the
@@ -817,22 +808,9 @@ def _link_file(
                 raise CacheConflictError(f"{dest.name}: exists and is not a cache link")
         if os.path.isdir(dest) and not os.path.islink(dest):
             raise CacheConflictError(f"{dest.name}: is a directory")
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{time.monotonic_ns()}.tmp")
     try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            if allow_symlink:
-                try:
-                    os.symlink(src, tmp)
-                except OSError:
-                    shutil.copyfile(src, tmp)
-            else:
-                shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
+        link_or_copy(src, dest, atomic=True, symlink=allow_symlink)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         if is_disk_full(exc):  # copied onto a full file system
             raise DiskFullError(f"{dest.name}: no space left to copy it in place") from None
         raise StorageError(f"{dest.name}: cannot link ({exc.strerror})") from None
@@ -852,16 +830,6 @@ def _disk_error(exc: OSError, what: str) -> StorageError:
     if is_disk_full(exc):
         return DiskFullError(f"{what} failed: no space left on the cache's disk (CACHE_DIR)")
     return StorageError(f"{what} failed: {exc.strerror or type(exc).__name__}")
-
-
-def _link_or_copy(src: Path, dest: Path) -> None:
-    """Hardlink ``src`` at ``dest``; copy it when a hardlink is not possible."""
-    try:
-        os.link(src, dest)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise
-        shutil.copyfile(src, dest)
 
 
 def _cache_named_file(folder: Path, url: str) -> Path | None:

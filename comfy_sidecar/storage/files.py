@@ -32,11 +32,12 @@ def temp_name(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.{os.getpid()}-{time.monotonic_ns()}.tmp")
 
 
-def link_or_copy(src: Path, dest: Path, *, atomic: bool = False) -> None:
-    """Put ``src``'s bytes at ``dest``: a hard link, else a streamed copy. With ``atomic``
-    the link or copy is made under :func:`temp_name` and renamed over ``dest`` (replacing
-    what is there; a failed copy leaves nothing behind); without it ``dest`` must not exist.
-    Raises ``OSError`` (a full disk as ``ENOSPC``/``EDQUOT``, never swallowed)."""
+def link_or_copy(src: Path, dest: Path, *, atomic: bool = False, symlink: bool = False) -> None:
+    """Put ``src``'s bytes at ``dest``: a hard link, else (``symlink``) a symbolic link, else
+    a streamed copy. With ``atomic`` the link or copy is made under :func:`temp_name` and
+    renamed over ``dest`` (replacing what is there; a failed copy leaves nothing behind);
+    without it ``dest`` must not exist. Raises ``OSError`` (a full disk as
+    ``ENOSPC``/``EDQUOT``, never swallowed)."""
     target = temp_name(dest) if atomic else dest
     try:
         try:
@@ -44,7 +45,12 @@ def link_or_copy(src: Path, dest: Path, *, atomic: bool = False) -> None:
         except OSError as exc:
             if is_disk_full(exc):
                 raise
-            shutil.copyfile(src, target)
+            try:
+                if not symlink:
+                    raise
+                os.symlink(src, target)
+            except OSError:
+                shutil.copyfile(src, target)
         if atomic:
             os.replace(target, dest)
     except BaseException:
