@@ -166,7 +166,15 @@ def test_a_queued_job_shows_its_position_from_any_replica(
     b = replica(spawn, tmp_path, redis_server.url, "b", MAX_JOBS_PER_INSTANCE="1")
     ids = [submit(a, slow_prompt(blurs=3, size=2048)) for _ in range(5)]
     reader = a if where == "submitter" else b
-    # Two run (one per replica); the other three wait in the stream, in submission order.
+    # Two run (one per replica); the other three wait in the stream, in submission order. The
+    # positions are read once both replicas hold their job: a claim between two of the reads
+    # would shift the jobs after it (each read is exact, the five are not one snapshot).
+    wait_for(
+        lambda: sum(job(reader, i)["status"] == "in_progress" for i in ids) == 2,
+        timeout=30,
+        interval=0.05,
+        what="both replicas to run a job",
+    )
     positions = wait_for(
         lambda: (p := [job(reader, i).get("queue_position") for i in ids])[2:] == [0, 1, 2] and p,
         timeout=30,
