@@ -1,9 +1,8 @@
-"""Litestar app factory: routes, error bodies and OpenAPI wiring, nothing else.
+"""Litestar app factory: routes, services, API keys and OpenAPI wiring, nothing else.
 
 Every error body is JSON with ``error`` (what is wrong) and, for a caller's mistake, ``location``
-(which field, e.g. ``prompt.3.inputs.image`` or ``convert_output.options.effort``).
-HTTP statuses of errors are decided here and nowhere else: :data:`STATUS` maps each domain error
-class (:mod:`comfy_sidecar.errors`) and each storage error class to one status.
+(which field, e.g. ``prompt.3.inputs.image`` or ``convert_output.options.effort``). HTTP
+statuses of errors are decided in :mod:`comfy_sidecar.http.errors` and nowhere else.
 """
 
 from __future__ import annotations
@@ -13,36 +12,20 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import msgspec
-from litestar import Litestar, Request, Response, Router, get
+from litestar import Litestar, Request, Router, get
 from litestar.datastructures import CacheControlHeader, State
 from litestar.di import Provide
-from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components
 from litestar.static_files import create_static_files_router
 
 from comfy_sidecar import __version__
-from comfy_sidecar.errors import (
-    AssetUrlRefused,
-    Conflict,
-    ExecutionFailed,
-    InputError,
-    Interrupted,
-    MissingAsset,
-    NotFound,
-    OutputsTooLarge,
-    Overloaded,
-    SidecarError,
-    TimedOut,
-    Unavailable,
-    UpstreamFailed,
-    internal_message,
-)
 from comfy_sidecar.http.adapters import aidock, modal_jobs, modal_simple
+from comfy_sidecar.http.adapters.comfy_v2 import v2_routers
 from comfy_sidecar.http.apikeys import ApiKeys
 from comfy_sidecar.http.auth import SECURITY, SECURITY_SCHEMES, ApiKeyMiddleware, open_paths
+from comfy_sidecar.http.errors import exception_handlers
 from comfy_sidecar.http.routes.jobs import ROUTES as JOB_ROUTES
 from comfy_sidecar.http.routes.metrics import metrics_route
 from comfy_sidecar.http.routes.models import ModelDownloads, download, download_status, models
@@ -51,19 +34,6 @@ from comfy_sidecar.http.routes.prompt import interrupt, prompt
 from comfy_sidecar.http.routes.workflows import WorkflowHost, workflow_route
 from comfy_sidecar.observability import metrics
 from comfy_sidecar.observability.logs import bind_traceparent
-from comfy_sidecar.pipeline.preprocess import MAX_NESTING_DEPTH
-from comfy_sidecar.schemas.locations import msgspec_location, nesting_location
-from comfy_sidecar.storage.errors import (
-    AuthError,
-    BackendError,
-    BadRequestError,
-    CacheConflictError,
-    DiskFullError,
-    NotFoundError,
-    OutputMissingError,
-    StorageError,
-    SupersededError,
-)
 
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Receive, Scope, Send
@@ -80,137 +50,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("comfy_sidecar.app")
 
 T = TypeVar("T")
-
-
-def _node_location(body: bytes, location: str) -> str:
-    """msgspec writes dict keys as ``[...]``: find which prompt node fails, by id."""
-    from comfy_sidecar.schemas import PromptNode
-
-    try:
-        nodes = msgspec.json.decode(body).get("prompt", {})
-        for node_id, node in nodes.items():
-            try:
-                msgspec.convert(node, PromptNode)
-            except msgspec.ValidationError:
-                return location.replace("prompt[...]", f"prompt.{node_id}", 1)
-    except (msgspec.DecodeError, AttributeError, RecursionError):
-        pass
-    return location
-
-
-def _validation_error(
-    request: Request[Any, Any, Any], exc: ValidationException
-) -> Response[dict[str, Any]]:
-    """Re-decode the body with msgspec to name the exact field (Litestar drops node ids)."""
-    error, location = str(exc.detail), ""
-    extra = exc.extra if isinstance(exc.extra, list) else []
-    if extra and isinstance(extra[0], dict):
-        error = str(extra[0].get("message", error))
-        location = str(extra[0].get("key", ""))
-    try:
-        annotation = request.route_handler.parsed_fn_signature.parameters["data"].annotation
-        body = request._connection_state.body  # cached by Litestar when it read the body
-        if isinstance(body, bytes):
-            msgspec.json.decode(body, type=annotation)
-    except msgspec.ValidationError as decode_error:
-        error, location = msgspec_location(str(decode_error))
-        if location.startswith("prompt[...]") and isinstance(body, bytes):
-            location = _node_location(body, location)
-    except msgspec.DecodeError as decode_error:
-        error, location = f"the body is not valid JSON: {decode_error}", "body"
-    except Exception:
-        pass
-    if location in ("", "data"):
-        location = "body"
-    return Response({"error": error, "location": location}, status_code=400)
-
-
-#: The HTTP status of each error class; a class not listed takes its nearest listed base's.
-STATUS: dict[type[Exception], int] = {
-    # the domain errors (comfy_sidecar.errors)
-    InputError: 400,  # with ValidationFailed, ComfyUI's own validation
-    NotFound: 404,
-    Conflict: 409,
-    Interrupted: 499,
-    ExecutionFailed: 500,
-    UpstreamFailed: 502,
-    Overloaded: 429,  # MAX_QUEUE_DEPTH: a load balancer or the Salad queue tries elsewhere
-    Unavailable: 503,
-    TimedOut: 504,
-    OutputsTooLarge: 507,  # only ever a job's error body: the job's outputs had no room
-    # assets (Comfy API v2); AssetNotFound and BlobNotFound are 404 as NotFound, HashMismatch
-    # 409 as Conflict
-    MissingAsset: 422,  # a core/ASSET reference that is malformed or names no asset
-    AssetUrlRefused: 403,  # a signed content URL with a wrong signature, or expired
-    # storage errors that reach a request (an upload's is an UpstreamFailed's cause)
-    BadRequestError: 400,
-    AuthError: 400,
-    NotFoundError: 400,
-    SupersededError: 409,
-    CacheConflictError: 409,  # a file the cache did not make is where a link should go
-    OutputMissingError: 500,
-    DiskFullError: 507,  # the sidecar's disk, not the caller's mistake
-    BackendError: 502,
-    StorageError: 502,
-}
-
-#: Headers added to every error answer with that status.
-HEADERS: dict[int, dict[str, str]] = {429: {"retry-after": "1"}, 503: {"retry-after": "1"}}
-
-
-def status_of(exc: Exception) -> int:
-    """The HTTP status for ``exc``: :data:`STATUS` of its class or nearest listed base class;
-    an :class:`UpstreamFailed` with a ``cause`` takes the cause's status; 500 otherwise."""
-    if isinstance(exc, UpstreamFailed) and exc.cause is not None:
-        return status_of(exc.cause)
-    for cls in type(exc).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return 500
-
-
-def _sidecar_error(_: Request[Any, Any, Any], exc: SidecarError) -> Response[dict[str, Any]]:
-    status = status_of(exc)
-    return Response(exc.body(), status_code=status, headers=HEADERS.get(status, {}))
-
-
-def _storage_error(_: Request[Any, Any, Any], exc: StorageError) -> Response[dict[str, Any]]:
-    status = status_of(exc)
-    return Response({"error": str(exc)}, status_code=status, headers=HEADERS.get(status, {}))
-
-
-def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
-    body: dict[str, Any] = {"error": str(exc.detail)}
-    if exc.status_code == 400:
-        body["location"] = "body"
-    elif exc.status_code == 401:  # comfy_sidecar.http.auth: no API key, or a wrong one
-        body["location"] = "authorization"
-    return Response(body, status_code=exc.status_code, headers=exc.headers or {})
-
-
-def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
-    log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-    return Response({"error": internal_message(exc)}, status_code=500)
-
-
-def _recursion_error(
-    request: Request[Any, Any, Any], exc: RecursionError
-) -> Response[dict[str, Any]]:
-    """A body nested too deeply for msgspec's decoder (about 900 levels: it stops at Python's
-    recursion limit) is the caller's mistake: 400 naming where it nests deeper than
-    :data:`~comfy_sidecar.pipeline.preprocess.MAX_NESTING_DEPTH`. Any other RecursionError
-    is ours (500)."""
-    body = request._connection_state.body  # cached by Litestar when it read the body
-    where = nesting_location(body, MAX_NESTING_DEPTH) if isinstance(body, bytes) else None
-    if where is None:
-        return _internal_error(request, exc)
-    return Response(
-        {
-            "error": f"nested deeper than {MAX_NESTING_DEPTH} levels of lists and objects",
-            "location": where,
-        },
-        status_code=400,
-    )
 
 
 @get("/openapi.json", include_in_schema=False, sync_to_thread=False)
@@ -389,6 +228,7 @@ def create_app(
         *modal_jobs.ROUTES,
         *modal_simple.ROUTES,
         *aidock.ROUTES,
+        *v2_routers(),
         *(workflow_route(wf, settings.markdown_schema_descriptions) for wf in container.workflows),
     ]
     downloads = ModelDownloads(
@@ -415,14 +255,7 @@ def create_app(
             "staging": _provide(container.staging),
         },
         request_max_body_size=settings.max_body_size_mb * 1024 * 1024,
-        exception_handlers={
-            ValidationException: _validation_error,
-            RecursionError: _recursion_error,
-            SidecarError: _sidecar_error,
-            StorageError: _storage_error,
-            HTTPException: _http_error,
-            Exception: _internal_error,
-        },
+        exception_handlers=exception_handlers(),
         openapi_config=OpenAPIConfig(
             title="comfy-sidecar",
             version=__version__,

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from comfy_sidecar.http.apikeys import ApiKeys
 
 #: Paths answered without a key: the probes (a load balancer or kubelet has no key).
-OPEN_PATHS: frozenset[str] = frozenset({"/health", "/ready"})
+OPEN_PATHS: frozenset[str] = frozenset({"/health", "/ready", "/api/v2/health"})
 #: Open too unless ``METRICS_REQUIRE_AUTH=true``.
 METRICS_PATH = "/metrics"
 

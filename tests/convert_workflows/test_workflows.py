@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from comfy_sidecar.http.app import status_of
+from comfy_sidecar.http.errors import status_of
 from comfy_sidecar.schemas import ConvertWebp, PromptOptions, PromptRequest, S3Upload
 from comfy_sidecar.workflows import (
     Workflow,
