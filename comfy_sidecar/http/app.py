@@ -133,6 +133,13 @@ def _trace_context(app: ASGIApp) -> ASGIApp:
     return middleware
 
 
+def _paths(handler: Any) -> set[str]:
+    """The paths a route handler (or a router: its routes') answers."""
+    if isinstance(handler, Router):
+        return {route.path for route in handler.routes}
+    return set(handler.paths)
+
+
 def _protect(handlers: list[Any], keys: ApiKeys, settings: Settings) -> list[Any]:
     """``handlers`` with those outside :func:`~comfy_sidecar.http.auth.open_paths` on one router
     that needs an API key and says so in the OpenAPI document (unchanged when no key is set:
@@ -143,8 +150,8 @@ def _protect(handlers: list[Any], keys: ApiKeys, settings: Settings) -> list[Any
         return handlers
     log.info("API keys required (%d configured) on every route but the probes", len(keys))
     exempt = open_paths(settings)
-    open_ = [h for h in handlers if set(h.paths) <= exempt]
-    protected = [h for h in handlers if not set(h.paths) <= exempt]
+    open_ = [h for h in handlers if _paths(h) <= exempt]
+    protected = [h for h in handlers if not _paths(h) <= exempt]
     router = Router(
         "/",
         route_handlers=protected,
