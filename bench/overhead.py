@@ -2,6 +2,7 @@
 
     COMFY_HOME=~/.cache/real-comfyui python bench/overhead.py [--iterations 60] [--seconds 20]
     COMFY_HOME=~/.cache/real-comfyui python bench/overhead.py local [--reps 5] [--profile]
+        [--baseline REF]
 
 ``local`` is the co-located floor side by side with the sidecar, repeated: each repetition runs
 --iterations jobs at concurrency 1 alternating floor and sidecar, then a block of --seconds at
@@ -294,78 +295,101 @@ def profile_summary(path: Path) -> list[tuple[str, float]]:
 
 
 async def local_async(args: argparse.Namespace) -> None:
-    """The ``local`` mode: floor and sidecar side by side, ``--reps`` times."""
+    """The ``local`` mode: floor and sidecar side by side, ``--reps`` times; with
+    ``--baseline REF`` a second sidecar running REF's code (its own ComfyUI) joins every
+    rotation, so the two sidecars are measured under the same load."""
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-local-"))
     kind = "real" if os.environ.get("COMFY_HOME") else "double"
     sidecar = make_sidecar(Backend(kind, tmp / "comfy"), tmp, LOG_LEVEL="warn")
     sidecar.start(python=args.python)
-    rows = []
+    parties = [("sidecar", sidecar)]
+    if args.baseline:
+        from queue_bench import checkout
+
+        base_tmp = tmp / "baseline"
+        base_tmp.mkdir()
+        python = checkout(args.baseline, base_tmp / "code", args.python or sys.executable)
+        base = make_sidecar(Backend(kind, base_tmp / "comfy"), base_tmp, LOG_LEVEL="warn")
+        base.start(python=python)
+        parties.append(("baseline", base))
+    rows: list[dict[str, float]] = []
     profile: list[tuple[str, float]] = []
     profile_cpu = 0.0
     try:
-        sidecar.wait_ready()
-        pid = sidecar.proc.pid  # type: ignore[union-attr]
+        for _, party in parties:
+            party.wait_ready()
+        pids = {name: party.proc.pid for name, party in parties}  # type: ignore[union-attr]
         floor = Floor(f"http://127.0.0.1:{sidecar.comfy_port}", sidecar.backend.output_dir)
         await floor.start()
-        via = ViaSidecar(sidecar.url)
-        for _ in range(5):  # warm both paths
-            await floor.run()
-            await via.run()
+        runners: dict[str, Any] = {"floor": floor}
+        for name, party in parties:
+            runners[name] = ViaSidecar(party.url)
+        names = list(runners)
+        for _ in range(5):  # warm every path
+            for runner in runners.values():
+                await runner.run()
         for rep in range(args.reps):
-            floor_lat, side_lat = [], []
+            latencies: dict[str, list[float]] = {name: [] for name in names}
             for i in range(args.iterations):
-                pair = (floor, via) if (i + rep) % 2 else (via, floor)
-                for runner in pair:
-                    (floor_lat if runner is floor else side_lat).append(await runner.run())
-            blocks: dict[str, float] = {}
-            cpu_per_job = 0.0
-            for name in ("floor", "sidecar") if rep % 2 else ("sidecar", "floor"):
-                cpu_before = cpu_s(pid)
-                done, took = await counted_throughput(
-                    floor if name == "floor" else via, 4, args.seconds
-                )
-                blocks[name] = done / took
-                if name == "sidecar":
-                    cpu_per_job = (cpu_s(pid) - cpu_before) * 1000 / done
-            rows.append(
-                (
-                    statistics.median(floor_lat) * 1000,
-                    statistics.median(side_lat) * 1000,
-                    blocks["floor"],
-                    blocks["sidecar"],
-                    cpu_per_job,
-                )
-            )
-            f50, s50, ftp, stp, cpu = rows[-1]
+                shift = (i + rep) % len(names)
+                for name in names[shift:] + names[:shift]:
+                    latencies[name].append(await runners[name].run())
+            row: dict[str, float] = {}
+            shift = rep % len(names)
+            for name in names[shift:] + names[:shift]:
+                cpu_before = cpu_s(pids[name]) if name in pids else 0.0
+                done, took = await counted_throughput(runners[name], 4, args.seconds)
+                row[f"{name} jobs/s"] = done / took
+                if name in pids:
+                    row[f"{name} cpu"] = (cpu_s(pids[name]) - cpu_before) * 1000 / done
+            for name in names:
+                row[f"{name} p50"] = statistics.median(latencies[name]) * 1000
+            rows.append(row)
             print(
-                f"rep {rep + 1}: p50 floor {f50:6.1f} ms sidecar {s50:6.1f} ms "
-                f"({s50 / f50:.3f}x) | c=4 floor {ftp:5.2f}/s sidecar {stp:5.2f}/s "
-                f"({stp / ftp:.3f}x) | sidecar CPU {cpu:.2f} ms/job",
+                f"rep {rep + 1}: "
+                + " | ".join(
+                    f"{name} p50 {row[name + ' p50']:6.1f} ms c=4 {row[name + ' jobs/s']:5.2f}/s"
+                    + (f" CPU {row[name + ' cpu']:.2f} ms/job" if name in pids else "")
+                    for name in names
+                ),
                 flush=True,
             )
         if args.profile:
-            cpu_before = cpu_s(pid)
-            profile = await profile_sidecar(via, pid, args.profile_jobs, tmp / "profile.json")
-            profile_cpu = (cpu_s(pid) - cpu_before) * 1000 / args.profile_jobs
-        await floor.close()
-        await via.close()
+            cpu_before = cpu_s(pids["sidecar"])
+            profile = await profile_sidecar(
+                runners["sidecar"], pids["sidecar"], args.profile_jobs, tmp / "profile.json"
+            )
+            profile_cpu = (cpu_s(pids["sidecar"]) - cpu_before) * 1000 / args.profile_jobs
+        for runner in runners.values():
+            await runner.close()
     finally:
-        sidecar.stop()
+        for _, party in parties:
+            party.stop()
     med = statistics.median
     print(f"backend: {kind} ComfyUI; prompt EmptyImage 256x256 -> ImageInvert -> SaveImage")
-    print(f"{args.reps} repetitions of {args.iterations} sequential jobs each side (alternating)")
-    print(f"and {args.seconds:g} s at c=4 each side; medians over repetitions:")
-    print(f"  p50 latency   floor {med(r[0] for r in rows):6.1f} ms  sidecar ", end="")
+    print(f"{args.reps} repetitions of {args.iterations} sequential jobs each (rotating order)")
+    print(f"and {args.seconds:g} s at c=4 each; medians over repetitions:")
+    for name in names[1:]:
+        print(
+            f"  {name:8s} p50 {med(r[name + ' p50'] for r in rows):6.1f} ms "
+            f"(floor ratio {med(r[name + ' p50'] / r['floor p50'] for r in rows):.3f}, <= 1.15) "
+            f"| c=4 {med(r[name + ' jobs/s'] for r in rows):5.2f}/s "
+            f"(floor ratio {med(r[name + ' jobs/s'] / r['floor jobs/s'] for r in rows):.3f}, "
+            f">= 0.90) | CPU {med(r[name + ' cpu'] for r in rows):.2f} ms/job"
+        )
     print(
-        f"{med(r[1] for r in rows):6.1f} ms  ratio {med(r[1] / r[0] for r in rows):.3f} (<= 1.15)"
+        f"  floor    p50 {med(r['floor p50'] for r in rows):6.1f} ms | c=4 "
+        f"{med(r['floor jobs/s'] for r in rows):5.2f}/s"
     )
-    print(f"  c=4 jobs/s    floor {med(r[2] for r in rows):6.2f}     sidecar ", end="")
-    print(
-        f"{med(r[3] for r in rows):6.2f}     ratio {med(r[3] / r[2] for r in rows):.3f} (>= 0.90)"
-    )
-    print(f"  sidecar CPU   {med(r[4] for r in rows):.2f} ms/job (/proc/<pid>/stat, c=4 blocks)")
+    if args.baseline:
+        print(
+            f"  sidecar / baseline ({args.baseline}): CPU per job "
+            f"{med(r['sidecar cpu'] / r['baseline cpu'] for r in rows):.3f}, c=4 throughput "
+            f"{med(r['sidecar jobs/s'] / r['baseline jobs/s'] for r in rows):.3f}, p50 "
+            f"{med(r['sidecar p50'] / r['baseline p50'] for r in rows):.3f}"
+        )
     if profile:
         print(
             f"py-spy, {args.profile_jobs} sequential jobs: {profile_cpu:.2f} ms CPU/job "
@@ -411,6 +435,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="local: repetitions")
     parser.add_argument("--profile", action="store_true", help="local: py-spy the sidecar")
     parser.add_argument("--profile-jobs", type=int, default=200)
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="local: also run a sidecar from git REF's code (e.g. main) in every rotation",
+    )
     parser.add_argument(
         "--python",
         help="interpreter that has comfy-sidecar installed (e.g. a "
