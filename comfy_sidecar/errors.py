@@ -142,6 +142,14 @@ class MissingAsset(InputError):
     code: ClassVar[str] = "missing_asset"
 
 
+class IdempotencyKeyReuse(InputError):
+    """An ``Idempotency-Key`` already used for this kind of request in the last 24 hours (or
+    in use by a request still running): keys are single-use, a reuse is refused, never
+    replayed (v2 ``idempotency_key_reuse``; comfy-sdk's ``IdempotencyKeyReuse``)."""
+
+    code: ClassVar[str] = "idempotency_key_reuse"
+
+
 class AssetUrlRefused(SidecarError):
     """A signed asset content URL whose signature is wrong, or whose ``exp`` has passed or
     is malformed. Field ``reason``: ``expired`` or ``bad_signature``."""

@@ -20,6 +20,7 @@ from comfy_sidecar.errors import (
     AssetUrlRefused,
     Conflict,
     ExecutionFailed,
+    IdempotencyKeyReuse,
     InputError,
     Interrupted,
     MissingAsset,
@@ -119,6 +120,7 @@ STATUS: dict[type[Exception], int] = {
     # 409 as Conflict
     MissingAsset: 422,  # a core/ASSET reference that is malformed or names no asset
     AssetUrlRefused: 403,  # a signed content URL with a wrong signature, or expired
+    IdempotencyKeyReuse: 422,  # an Idempotency-Key used before (keys are single-use)
     # storage errors that reach a request (an upload's is an UpstreamFailed's cause)
     BadRequestError: 400,
     AuthError: 400,

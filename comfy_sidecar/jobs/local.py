@@ -5,15 +5,17 @@ output files are kept under ``JOBS_DIR`` for the retention. A restarted sidecar 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from comfy_sidecar.errors import IdempotencyKeyReuse
 from comfy_sidecar.jobs.backend import Spawn
 from comfy_sidecar.jobs.lifecycle import JobLifecycle
 from comfy_sidecar.jobs.model import JobEvent, JobStatus, JobView
 from comfy_sidecar.jobs.record import JobRecord
-from comfy_sidecar.jobs.spec import JobSpec
+from comfy_sidecar.jobs.spec import IDEMPOTENCY_TTL_S, JobSpec, reuse_message
 from comfy_sidecar.jobs.store import JobStore
 from comfy_sidecar.storage.files import read_slice
 
@@ -101,8 +103,20 @@ class LocalBackend:
 
     async def submit(self, spec: JobSpec) -> JobView:
         """Admit, prepare now (downloads included: a caller's mistake is a 4xx and nothing is
-        kept), then run in the background (:meth:`JobLifecycle.submit`)."""
-        record = await self.lifecycle.submit(spec)
+        kept), then run in the background (:meth:`JobLifecycle.submit`). An
+        ``idempotency_key`` is claimed first, in this process's store, and freed again when
+        the submission is refused."""
+        key = spec.idempotency_key
+        if key is not None:
+            holder = self.store.claim_key(key, spec.id, IDEMPOTENCY_TTL_S)
+            if holder is not None:
+                raise IdempotencyKeyReuse(reuse_message(holder), "Idempotency-Key")
+        try:
+            record = await self.lifecycle.submit(spec)
+        except BaseException:
+            if key is not None:
+                self.store.free_key(key, spec.id)
+            raise
         return self.store.view(record)
 
     async def get(self, job_id: str) -> JobView | None:
@@ -135,11 +149,24 @@ class LocalBackend:
         return cancelled, self.store.view(record)
 
     async def page(
-        self, status: JobStatus | None, limit: int, cursor: int | None
+        self,
+        status: JobStatus | None,
+        limit: int,
+        cursor: int | None,
+        *,
+        endpoint: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> tuple[list[JobView], int | None]:
         """A page of the store, newest first."""
-        records, following = self.store.page(status, limit, cursor)
+        records, following = self.store.page(
+            status, limit, cursor, endpoint=endpoint, metadata=metadata
+        )
         return [self.store.view(record) for record in records], following
+
+    async def prompt(self, job_id: str) -> dict[str, Any] | None:
+        """The prompt the record kept (:meth:`JobRecord.keep_prompt`)."""
+        record = self._find(job_id)
+        return None if record is None else record.prompt()
 
     async def waiting(self) -> int:
         """Jobs of the store not yet running."""

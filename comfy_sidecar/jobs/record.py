@@ -111,6 +111,13 @@ class JobRecord:
     #: Set by the Redis backend: the replica and the attempts the view carries.
     replica: str | None = None
     attempts: list[dict[str, Any]] | None = None
+    #: The string labels of a Comfy API v2 job (None: none given).
+    metadata: dict[str, str] | None = None
+    #: A cancel reached the job while it had not ended (the v2 ``canceling``).
+    cancel_requested: bool = False
+    #: The prompt the job was submitted with, zlib-compressed JSON (job APIs only: the v2
+    #: ``GET /api/v2/jobs/{id}/workflow``); read with :meth:`prompt`.
+    prompt_blob: bytes | None = None
     _changed: asyncio.Future[None] | None = None
     _live: JobEvent | None = None
     expires_at: float = 0.0  # monotonic seconds, set when the job ends
@@ -195,6 +202,17 @@ class JobRecord:
         self.stats = None
         self._changed = self._live = None
 
+    def keep_prompt(self, prompt: Any) -> None:
+        """Keep ``prompt`` (the submitted API-format graph) for :meth:`prompt`."""
+        self.prompt_blob = zlib.compress(msgspec.json.encode(prompt))
+
+    def prompt(self) -> dict[str, Any] | None:
+        """The prompt kept by :meth:`keep_prompt`, or None."""
+        if self.prompt_blob is None:
+            return None
+        found: dict[str, Any] = msgspec.json.decode(zlib.decompress(self.prompt_blob))
+        return found
+
     # --- views ----------------------------------------------------------------------------
 
     def view(self) -> JobView:
@@ -232,4 +250,8 @@ class JobRecord:
             view.replica = self.replica
         if self.attempts is not None:
             view.attempts = self.attempts
+        if self.metadata is not None:
+            view.metadata = self.metadata
+        if self.cancel_requested:
+            view.cancel_requested = True
         return view

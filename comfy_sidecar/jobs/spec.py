@@ -1,7 +1,9 @@
 """What a front door hands the job layer: a :class:`JobSpec` (the ``/prompt`` request with its
-id, the API it came through, what makes a resubmission "the same body", and the adapter's
-after-end action). Both backends keep it as it is (the Redis backend as JSON in the job's
-hash), so the replica that ends a job knows what to send.
+id, the API it came through, what makes a resubmission "the same body", the adapter's
+after-end action, and the Comfy API v2's extras: string labels, an ``Idempotency-Key`` and the
+partner key). Both backends keep it as it is (the Redis backend as JSON in the job's hash), so
+the replica that ends a job knows what to send; the partner key alone is never kept with the
+job (see :attr:`JobSpec.partner_key`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,22 @@ from typing import Any
 import msgspec
 
 from comfy_sidecar.schemas import PromptRequest
+from comfy_sidecar.schemas.secret import Secret
 
-__all__ = ["AfterEnd", "JobSpec"]
+__all__ = ["IDEMPOTENCY_TTL_S", "AfterEnd", "JobSpec", "reuse_message"]
+
+#: Seconds an ``Idempotency-Key`` stays used (24 h: the Comfy API v2 contract).
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
+def reuse_message(job_id: str | None) -> str:
+    """The message of :class:`~comfy_sidecar.errors.IdempotencyKeyReuse` for a key that job
+    ``job_id`` used (None: unknown)."""
+    made = f" (it made job {job_id})" if job_id else ""
+    return (
+        f"this Idempotency-Key was already used in the last 24 hours{made}: keys are "
+        "single-use; look for the job the first request made instead of sending it again"
+    )
 
 
 class AfterEnd(msgspec.Struct, kw_only=True, frozen=True):
@@ -34,12 +50,25 @@ class JobSpec(msgspec.Struct, kw_only=True, frozen=True):
     through: ``jobs``, ``modal_jobs``, ``modal_simple``, ``aidock``; the metrics' label),
     ``fingerprint`` (bytes: two submissions with one id and the same fingerprint are one job;
     empty for ``/prompt``, whose ids may be reused once a job ended) and ``after`` (the
-    adapter's webhook, sent by whichever replica ends the job)."""
+    adapter's webhook, sent by whichever replica ends the job).
+
+    The Comfy API v2 (``comfy_v2``) adds: ``metadata``, string labels kept with the job, shown
+    in its view and filtered on by :meth:`~comfy_sidecar.jobs.backend.JobBackend.page`;
+    ``idempotency_key``, single-use for :data:`IDEMPOTENCY_TTL_S` across every replica (a
+    reuse raises :class:`~comfy_sidecar.errors.IdempotencyKeyReuse` and makes no job; a
+    refused submission leaves it unused); ``partner_key``, ComfyUI's
+    ``extra_data.api_key_comfy_org`` for partner (API) nodes: sent with the job's
+    ``POST /prompt`` and nowhere else, never in the job's body, events or logs (in-process it
+    lives only in the running job; with JOB_QUEUE_URL in a key of its own that the claiming
+    replica reads and the job's end deletes)."""
 
     request: PromptRequest
     endpoint: str
     fingerprint: bytes = b""
     after: AfterEnd | None = None
+    metadata: dict[str, str] | None = None
+    idempotency_key: str | None = None
+    partner_key: Secret | None = None
 
     @property
     def id(self) -> str:

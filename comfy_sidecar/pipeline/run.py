@@ -52,6 +52,7 @@ from comfy_sidecar.pipeline.outputs import (
 from comfy_sidecar.pipeline.preprocess import Prepared, Preprocessor
 from comfy_sidecar.pipeline.serverpaths import ServerPaths
 from comfy_sidecar.schemas import Credential, PromptRequest
+from comfy_sidecar.schemas.secret import Secret
 
 if TYPE_CHECKING:
     from comfy_sidecar.comfy.dispatch import Dispatcher
@@ -325,8 +326,11 @@ class Pipeline:
         with job_scope():  # the caller's log records go back to its own job ids after
             return await self.complete(await self.prepare(request))
 
-    async def prepare(self, request: PromptRequest) -> PendingJob:
+    async def prepare(
+        self, request: PromptRequest, partner_key: Secret | None = None
+    ) -> PendingJob:
         """Register the job and preprocess its prompt (media inputs, prefixes, output check).
+        ``partner_key`` goes to ComfyUI with the prompt (``extra_data.api_key_comfy_org``).
 
         Raises :class:`InputError` (with the job's ``id``) and :class:`Conflict`; on success the
         caller must pass the result to :meth:`complete` (or call its ``abandon``)."""
@@ -337,7 +341,7 @@ class Pipeline:
         except InputError as exc:
             raise InputError(exc.message, exc.location, id=job_id) from None
         prompt: dict[str, Any] = msgspec.to_builtins(request.prompt)
-        job = Job(id=job_id, prompt_id=str(uuid.uuid4()))
+        job = Job(id=job_id, prompt_id=str(uuid.uuid4()), partner_key=partner_key)
         bind_job(job.id, job.prompt_id)
         if job_id in self._active:
             raise Conflict(f"a job with id {job_id!r} is already running", location="id", id=job_id)
@@ -547,7 +551,10 @@ class Pipeline:
         try:
             await asyncio.wait_for(
                 instance.client.queue_prompt(
-                    bust_output_cache(prompt, job.prompt_id), job.prompt_id, instance.client_id
+                    bust_output_cache(prompt, job.prompt_id),
+                    job.prompt_id,
+                    instance.client_id,
+                    job.partner_key,
                 ),
                 limit,
             )

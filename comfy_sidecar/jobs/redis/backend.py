@@ -24,7 +24,7 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -154,10 +154,19 @@ class RedisBackend:
             urls=job_links(spec.id),
             attempts=[],
         )
+        if spec.metadata is not None:
+            view.metadata = spec.metadata
         after = None if spec.after is None else msgspec.json.encode(spec.after)
         try:
             stored, _ = await guarded(
-                self.jobs.enqueue(view, msgspec.json.encode(spec.request), spec.fingerprint, after)
+                self.jobs.enqueue(
+                    view,
+                    msgspec.json.encode(spec.request),
+                    spec.fingerprint,
+                    after,
+                    idempotency=spec.idempotency_key,
+                    partner=spec.partner_key,
+                )
             )
         except DifferentBody:
             raise Conflict(
@@ -229,10 +238,27 @@ class RedisBackend:
         return final.status is JobStatus.CANCELLED, final
 
     async def page(
-        self, status: JobStatus | None, limit: int, cursor: int | None
+        self,
+        status: JobStatus | None,
+        limit: int,
+        cursor: int | None,
+        *,
+        endpoint: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> tuple[list[JobView], int | None]:
         """A page of every replica's jobs, newest first."""
-        return await guarded(self.jobs.page(status, limit, cursor))
+        return await guarded(
+            self.jobs.page(status, limit, cursor, endpoint=endpoint, metadata=metadata)
+        )
+
+    async def prompt(self, job_id: str) -> dict[str, Any] | None:
+        """The prompt of the request kept in the job's hash."""
+        raw = await guarded(self.jobs.request(job_id))
+        if raw is None:
+            return None
+        request = msgspec.json.decode(raw, type=PromptRequest)
+        found: dict[str, Any] = msgspec.to_builtins(request.prompt)
+        return found
 
     async def waiting(self) -> int:
         """Jobs in the shared stream claimed by no replica yet."""
@@ -364,6 +390,9 @@ class RedisBackend:
             try:
                 async for job_id in self.jobs.cancels():
                     if job_id in self.running:
+                        record = self.lifecycle.store.find(job_id)
+                        if record is not None:
+                            self.lifecycle.request_cancel(record)
                         await self.lifecycle.pipeline.interrupt(job_id)
             except (RedisError, OSError) as exc:
                 self._down(exc)
@@ -404,6 +433,10 @@ class RedisBackend:
             after=None
             if loaded.after is None
             else msgspec.json.decode(loaded.after, type=AfterEnd),
+            metadata=stored.metadata
+            if stored is not None and isinstance(stored.metadata, dict)
+            else None,
+            partner_key=loaded.partner_key,
         )
         if len(loaded.attempts) >= jobs.max_attempts:
             await self._give_up(spec, stored, loaded.attempts)
@@ -442,11 +475,11 @@ class RedisBackend:
         record.attempts = attempts
         await self.lifecycle.end_failed(spec, record, error, _End(self, job_id))
 
-    def _spill(self, result: JobResult) -> tuple[str, Any] | None:
+    def _spill(self, result: JobResult, kept: int = 0) -> tuple[str, Any] | None:
         """Where outputs of a job that names no upload target go when they exceed
-        JOB_INLINE_OUTPUT_MB: under ``JOB_OUTPUT_URL/<job id>/``, or nowhere:
-        :class:`OutputsTooLarge`."""
-        size = sum(item.size for item in result.files)
+        JOB_INLINE_OUTPUT_MB (with the ``kept`` bytes of its outputs already in Redis): under
+        ``JOB_OUTPUT_URL/<job id>/``, or nowhere: :class:`OutputsTooLarge`."""
+        size = kept + sum(item.size for item in result.files)
         if size <= self.inline_bytes:
             return None
         if self.spill_to is None:
@@ -493,6 +526,10 @@ class _End:
         """Nothing runs: no outputs."""
         return None
 
+    async def keep(self, index: int, path: Path) -> bool:
+        """Nothing runs: no outputs."""
+        return False
+
     async def may_end(self) -> bool:
         """True when this claim ends the job (SET NX)."""
         self.won = await guarded(self.backend.jobs.take_end(self.job_id, self.token))
@@ -527,6 +564,9 @@ class _Run:
         self.mirror = Mirror(backend, self.job_id)
         #: Set when this attempt may not end the job: nothing more is written.
         self.lost = False
+        #: Outputs written to Redis while the job ran (:meth:`keep`): indexes and bytes.
+        self.kept: set[int] = set()
+        self.kept_bytes = 0
 
     def bind(self, record: JobRecord) -> None:
         """Mirror ``record`` from now on; its ``created_at`` stays the submission's."""
@@ -538,7 +578,19 @@ class _Run:
 
     def spill(self, result: JobResult) -> tuple[str, Any] | None:
         """Outputs over JOB_INLINE_OUTPUT_MB go to JOB_OUTPUT_URL."""
-        return self.backend._spill(result)
+        return self.backend._spill(result, self.kept_bytes)
+
+    async def keep(self, index: int, path: Path) -> bool:
+        """Write the output to Redis now, unless it would take the job past
+        JOB_INLINE_OUTPUT_MB (it goes with the end then) or this run lost its lease."""
+        size = path.stat().st_size
+        if self.lost or self.mirror.lost or self.kept_bytes + size > self.backend.inline_bytes:
+            return False
+        jobs = self.backend.jobs
+        await self.backend._retry(lambda: jobs.keep_output(self.job_id, index, path))
+        self.kept.add(index)
+        self.kept_bytes += size
+        return True
 
     async def may_end(self) -> bool:
         """Not when the job is being given back, nor when another attempt (a take-over, a
@@ -555,8 +607,9 @@ class _Run:
         inline: larger ones were spilled)."""
         backend = self.backend
         await self.mirror.drained()
+        unwritten = [None if i in self.kept else path for i, path in enumerate(files)]
         written = await backend._retry(
-            lambda: backend.jobs.finish(self.job_id, view, files, self.token)
+            lambda: backend.jobs.finish(self.job_id, view, unwritten, self.token)
         )
         if not written:
             log.warning("job %s: ended by another replica first; this run is discarded", view.id)
