@@ -99,6 +99,12 @@ class JobBackend(Protocol):
         ``previews``. Ends after ``done``. Check that the job exists first (:meth:`get`)."""
         ...
 
+    async def last_event_id(self, job_id: str) -> int:
+        """The id of job ``job_id``'s last logged event (0: none, or not kept): where a
+        stream that starts from the job's current view goes on (:meth:`follow`'s
+        ``after``)."""
+        ...
+
     async def cancel(self, job_id: str) -> tuple[bool, JobView] | None:
         """Cancel job ``job_id`` wherever it is (a waiting one ends ``cancelled`` at once, a
         running one is interrupted where it runs); (cancelled, its view after), or None when

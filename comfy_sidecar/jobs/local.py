@@ -140,6 +140,11 @@ class LocalBackend:
         record = self.store.get(job_id)
         return record.follow(after, heartbeat_s, previews)
 
+    async def last_event_id(self, job_id: str) -> int:
+        """The record's event count (events are numbered 1, 2, ...)."""
+        record = self._find(job_id)
+        return 0 if record is None else len(record.events)
+
     async def cancel(self, job_id: str) -> tuple[bool, JobView] | None:
         """Interrupt the job wherever it is on this replica (:meth:`JobLifecycle.cancel`)."""
         record = self._find(job_id)

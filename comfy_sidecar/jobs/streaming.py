@@ -12,7 +12,7 @@ them, the stream
    original in OUTPUT_DIR, which the pipeline still collects at the end, and computes its
    blake3 (in a thread: never read into memory whole);
 2. asks the run's :class:`~comfy_sidecar.jobs.lifecycle.Attempt` to keep it
-   (:meth:`Attempt.keep`): in-process the link is the kept copy; with JOB_QUEUE_URL the bytes
+   (``Attempt.keep``): in-process the link is the kept copy; with JOB_QUEUE_URL the bytes
    are written to Redis first, so any replica serves the output once its event is seen;
 3. appends it to the job's outputs (index ``n`` = its place in the list, its ``url``
    ``/jobs/<id>/outputs/<n>``) and publishes its ``output`` event.
@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from comfy_sidecar.assets.hashing import hash_file
 from comfy_sidecar.jobs.model import OutputInfo
@@ -47,14 +47,22 @@ from comfy_sidecar.schemas import PromptRequest
 from comfy_sidecar.storage.files import link_or_copy
 
 if TYPE_CHECKING:
-    from comfy_sidecar.jobs.lifecycle import Attempt
     from comfy_sidecar.jobs.record import JobRecord
     from comfy_sidecar.jobs.store import JobStore
     from comfy_sidecar.pipeline.run import JobResult
 
 log = logging.getLogger("comfy_sidecar.jobs")
 
-__all__ = ["OutputStream", "kept_output", "streams_outputs"]
+__all__ = ["Keeper", "OutputStream", "kept_output", "streams_outputs"]
+
+
+class Keeper(Protocol):
+    """What the stream needs of a run's attempt (the lifecycle's ``Attempt.keep``)."""
+
+    async def keep(self, index: int, path: Path) -> bool:
+        """Make output ``index`` (``path``) readable wherever the job's outputs are read;
+        False: not now."""
+        ...
 
 
 def streams_outputs(request: PromptRequest) -> bool:
@@ -82,7 +90,7 @@ class OutputStream:
     reads it, ``output_dir`` is ComfyUI's OUTPUT_DIR."""
 
     def __init__(
-        self, record: JobRecord, store: JobStore, attempt: Attempt, output_dir: str
+        self, record: JobRecord, store: JobStore, attempt: Keeper, output_dir: str
     ) -> None:
         self.record = record
         self.store = store

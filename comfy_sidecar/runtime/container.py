@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from comfy_sidecar.assets import UrlSigner
 from comfy_sidecar.comfy.client import ComfyClient
 from comfy_sidecar.comfy.dispatch import Dispatcher
 from comfy_sidecar.comfy.health import Health
@@ -185,6 +186,8 @@ class Container:
     health: Health
     comfy: ComfyAccess
     gauges: Gauges
+    #: Signs and checks asset content URLs (ASSET_URL_SECRET, ASSET_URL_TTL_S).
+    signer: UrlSigner
     #: The typed workflow endpoints loaded from WORKFLOW_DIR.
     workflows: list[Any] = field(default_factory=list)
 
@@ -245,6 +248,7 @@ def build(settings: Settings, workflows: list[Any] | None = None) -> Container:
         health=health,
         comfy=ComfyAccess(pipeline),
         gauges=Gauges(settings, instances, dispatcher, storage, lifecycle, jobs),
+        signer=UrlSigner(settings.asset_url_secret, settings.asset_url_ttl_s),
         workflows=list(workflows or []),
     )
 

@@ -210,6 +210,10 @@ class RedisBackend:
         """The job's event stream in Redis, from any replica; previews by pub/sub."""
         return self.jobs.follow(job_id, after, heartbeat_s, previews)
 
+    async def last_event_id(self, job_id: str) -> int:
+        """The job hash's ``seq`` (the id of its last event in Redis)."""
+        return await guarded(self.jobs.last_event_id(job_id))
+
     async def cancel(self, job_id: str) -> tuple[bool, JobView] | None:
         """A pending job ends ``cancelled`` at once, through the lifecycle's failure routine
         (its failure webhook and adapter webhook sent from here); a running one is

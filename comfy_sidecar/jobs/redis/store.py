@@ -404,6 +404,11 @@ class RedisJobs:
         raw = await self.redis.hget(job_key(job_id), "view")
         return None if raw is None else decode_view(raw)
 
+    async def last_event_id(self, job_id: str) -> int:
+        """The id of job ``job_id``'s last event (its hash's ``seq``; 0 when none)."""
+        raw = await self.redis.hget(job_key(job_id), "seq")
+        return int(raw) if raw else 0
+
     async def request(self, job_id: str) -> bytes | None:
         """Job ``job_id``'s ``/prompt`` body (JSON), or None."""
         raw: bytes | None = await self.redis.hget(job_key(job_id), "request")
