@@ -175,3 +175,38 @@ def test_clear_leftovers_refuses_a_directory_it_did_not_make(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="not a comfy-sidecar jobs directory"):
         JobStore(tmp_path, 1, 1).clear_leftovers()
     assert (tmp_path / "precious").exists()
+
+
+def test_an_idempotency_key_is_single_use_for_its_ttl(tmp_path: Path) -> None:
+    store = JobStore(tmp_path, 60, 10)
+    assert store.claim_key("k", "j1", ttl_s=100, now=0) is None
+    assert store.claim_key("k", "j2", ttl_s=100, now=99.9) == "j1", "used: names its job"
+    store.free_key("k", "j2")  # only the job that claimed it frees it
+    assert store.claim_key("k", "j3", ttl_s=100, now=50) == "j1"
+    store.free_key("k", "j1")  # a refused submission gives its key back
+    assert store.claim_key("k", "j4", ttl_s=100, now=50) is None
+    assert store.claim_key("k", "j5", ttl_s=100, now=150) is None, "usable again after the TTL"
+    assert store.claim_key("other", "j6", ttl_s=100, now=400) is None
+    assert list(store._keys) == ["other"], "keys past their time are forgotten"
+
+
+def test_pages_filter_on_endpoint_and_labels(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = JobStore(tmp_path, 60, 10)
+        for job_id, endpoint, labels in [
+            ("a", "comfy_v2", {"team": "x", "run": "1"}),
+            ("b", "jobs", None),
+            ("c", "comfy_v2", {"team": "x"}),
+            ("d", "comfy_v2", None),
+        ]:
+            make(store, job_id).endpoint = endpoint
+            store.find(job_id).metadata = labels  # type: ignore[union-attr]
+        ids = lambda **kw: [r.id for r in store.page(None, 10, None, **kw)[0]]  # noqa: E731
+        assert ids(endpoint="comfy_v2") == ["d", "c", "a"]
+        assert ids(metadata={"team": "x"}) == ["c", "a"]
+        assert ids(endpoint="comfy_v2", metadata={"team": "x", "run": "1"}) == ["a"]
+        first, cursor = store.page(None, 1, None, metadata={"team": "x"})
+        assert [r.id for r in first] == ["c"] and cursor is not None
+        assert [r.id for r in store.page(None, 1, cursor, metadata={"team": "x"})[0]] == ["a"]
+
+    asyncio.run(main())

@@ -18,6 +18,7 @@ from comfy_sdk import exceptions as sdk_errors
 from comfy_sdk.events import Log, OutputReady, Progress, StatusChange
 
 from tests.conftest import Sidecar, slow_prompt
+from tests.jobs.test_jobs_api import sse_events
 from tests.v2.support import quickstart, sdk, sse, two_outputs
 from tests.waiting import wait_for
 
@@ -122,6 +123,12 @@ def test_outputs_appear_while_the_job_runs(shared_sidecar: Sidecar) -> None:
             f"/jobs/{job.id}/outputs/0",
             f"/jobs/{job.id}/outputs/1",
         ]
+        # ... and its own stream announced each output once, as its final body lists them.
+        events = sse_events(shared_sidecar, job.id)
+        announced = [e["data"] for e in events if e["event"] == "output"]
+        assert announced == native["outputs"] == events[-1]["data"]["outputs"]
+        early = next(i for i, e in enumerate(events) if e["event"] == "output")
+        assert any(e["event"] == "progress" for e in events[early:-1]), "announced while it ran"
 
 
 def test_cancel_is_idempotent_and_an_ended_job_answers_itself(shared_sidecar: Sidecar) -> None:

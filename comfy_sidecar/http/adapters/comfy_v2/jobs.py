@@ -48,6 +48,7 @@ from comfy_sidecar.assets.signing import UrlSigner
 from comfy_sidecar.errors import NotFound, SidecarError
 from comfy_sidecar.http.adapters.comfy_v2.errors import V2Error
 from comfy_sidecar.http.adapters.comfy_v2.models import (
+    ErrorEnvelope,
     Job,
     JobList,
     JobRequest,
@@ -80,9 +81,14 @@ MAX_LABEL_VALUE = 512
 MAX_IDEMPOTENCY_KEY = 255
 
 ERRORS = {
-    401: ResponseSpec(None, description="`unauthorized`: no API key, or a wrong one."),
-    404: ResponseSpec(None, description="`not_found`: no such v2 job is kept."),
-    422: ResponseSpec(None, description="A caller's mistake (`error.code` says which)."),
+    400: ResponseSpec(
+        ErrorEnvelope, description="`invalid_request`: the body is not JSON (or not readable)."
+    ),
+    401: ResponseSpec(ErrorEnvelope, description="`unauthorized`: no API key, or a wrong one."),
+    404: ResponseSpec(ErrorEnvelope, description="`not_found`: no such v2 job is kept."),
+    422: ResponseSpec(
+        ErrorEnvelope, description="A caller's mistake; `error.code` says which, `details` where."
+    ),
 }
 
 
@@ -274,7 +280,9 @@ def idempotency_key(request: Request[Any, Any, Any]) -> str | None:
     responses={
         201: ResponseSpec(Job, description="The job, `queued`; follow `urls`."),
         **ERRORS,
-        429: ResponseSpec(None, description="`queue_full` (MAX_QUEUE_DEPTH), with `Retry-After`."),
+        429: ResponseSpec(
+            ErrorEnvelope, description="`queue_full` (MAX_QUEUE_DEPTH), with `Retry-After`."
+        ),
     },
     description="`{workflow, extra_data?, metadata?}`. The workflow is checked, its "
     "`core/ASSET` references resolved and its inputs prepared before the answer: a caller's "

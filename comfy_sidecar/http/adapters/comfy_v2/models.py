@@ -15,6 +15,8 @@ from msgspec import Meta
 
 __all__ = [
     "Asset",
+    "ErrorBody",
+    "ErrorEnvelope",
     "ExtraData",
     "Health",
     "Job",
@@ -36,6 +38,22 @@ canceling -> canceled. Terminal: succeeded, canceled, failed, expired."""
 
 OutputType = Literal["image", "video", "audio", "text", "file", "latent"]
 """Normalized output kind; nothing silently dropped."""
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    """``error`` of the v2 error envelope: ``code`` (machine-readable: comfy-sdk maps it to its
+    exception class), ``message``, ``details`` (``location``: the field at fault; ComfyUI's
+    ``node_errors``; ...)."""
+
+    code: Annotated[str, Meta(examples=["invalid_workflow"])]
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class ErrorEnvelope(msgspec.Struct, kw_only=True):
+    """Every error of the v2 surface (comfy_low.models ``ErrorEnvelope``)."""
+
+    error: ErrorBody
 
 
 class Health(msgspec.Struct, kw_only=True):

@@ -17,10 +17,12 @@ from typing import Any
 
 from litestar import Request, Response, get
 from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.response import Stream
 
 from comfy_sidecar.assets.signing import UrlSigner
 from comfy_sidecar.errors import AssetNotFound
+from comfy_sidecar.http.adapters.comfy_v2.models import ErrorEnvelope
 from comfy_sidecar.http.adapters.comfy_v2.views import parse_output_asset_id
 from comfy_sidecar.http.routes.jobs import ranged
 from comfy_sidecar.jobs.backend import JobBackend
@@ -37,6 +39,13 @@ async def _nothing() -> AsyncIterator[bytes]:
     "/assets/{asset_id:str}/content",
     summary="An output's bytes (Comfy API v2)",
     tags=["comfy api v2"],
+    responses={
+        206: ResponseSpec(None, description="The requested byte range."),
+        400: ResponseSpec(ErrorEnvelope, description="A malformed request."),
+        403: ResponseSpec(ErrorEnvelope, description="`forbidden`: a wrong or expired signature."),
+        404: ResponseSpec(ErrorEnvelope, description="`not_found`: no such output is kept."),
+        416: ResponseSpec(None, description="The range starts past the end."),
+    },
     description="The bytes of a job output (`<job id>.<n>`), streamed; one `Range` honoured (206).",
 )
 async def output_content(
