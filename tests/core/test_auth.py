@@ -108,6 +108,10 @@ def _assert_refused(response: Any) -> None:
     assert response.status_code == 401, response.text
     assert response.headers["www-authenticate"] == "Bearer"
     body = response.json()
+    if response.url.path.startswith("/api/v2/"):  # the Comfy API v2 envelope
+        error = body["error"]
+        assert error["code"] == "unauthorized"
+        body = {"error": error["message"], "location": error["details"]["location"]}
     assert body["location"] == "authorization"
     assert body["error"]
     for key in ALL_KEYS:

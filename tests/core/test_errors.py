@@ -24,6 +24,7 @@ from comfy_sidecar.errors import (
     Conflict,
     ExecutionFailed,
     HashMismatch,
+    IdempotencyKeyReuse,
     InputError,
     Interrupted,
     MissingAsset,
@@ -160,6 +161,11 @@ CASES: list[tuple[Exception, int, dict[str, Any]]] = [
             "location": "workflow.3.inputs.image",
             "missing": ["workflow.3.inputs.image"],
         },
+    ),
+    (
+        IdempotencyKeyReuse("this Idempotency-Key was already used", "Idempotency-Key"),
+        422,
+        {"error": "this Idempotency-Key was already used", "location": "Idempotency-Key"},
     ),
     (
         AssetUrlRefused("the content URL has expired", reason="expired"),
