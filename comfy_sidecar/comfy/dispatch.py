@@ -112,9 +112,10 @@ class Dispatcher:
             self.in_flight[best.name] += 1
         return best
 
-    async def acquire(self) -> Slotted:
+    async def acquire(self, on_wait: Callable[[], None] | None = None) -> Slotted:
         """Wait (in arrival order) for a slot; returns the instance holding it. The caller
-        must :meth:`release` it. Cancelling the wait gives nothing up. Raises
+        must :meth:`release` it. ``on_wait()`` is called when no slot is free at once (the job
+        joins the queue). Cancelling the wait gives nothing up. Raises
         :class:`~comfy_sidecar.errors.Unavailable` once the dispatcher is closed."""
         if self._closed is not None:
             raise Unavailable(self._closed)
@@ -122,6 +123,8 @@ class Dispatcher:
             instance = self._pick()
             if instance is not None:
                 return instance
+        if on_wait is not None:
+            on_wait()
         waiter: asyncio.Future[Slotted] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._since[waiter] = self._clock()

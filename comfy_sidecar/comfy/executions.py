@@ -90,7 +90,9 @@ class Job:
     #: ``POST /prompt`` only).
     partner_key: Secret | None = None
     #: Called with (frame type, data) for each of the job's frames, after the job took it,
-    #: and with ``("sidecar_queued", {"prompt_id", "instance"})`` when it is sent to ComfyUI.
+    #: and with ``("sidecar_queued", {"prompt_id", "instance"})`` when it is sent to ComfyUI,
+    #: ``("sidecar_accepted", {"prompt_id"})`` once ComfyUI took it (its validation passed) and
+    #: ``("sidecar_waiting", {})`` when it waits for an instance slot.
     listener: Callable[[str, dict[str, Any]], None] | None = None
     #: Set by an interrupt, so a job still waiting for an instance stops waiting.
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)

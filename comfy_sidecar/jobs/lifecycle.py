@@ -34,7 +34,13 @@ from urllib.parse import quote
 import msgspec
 
 from comfy_sidecar.assets.hashing import hash_file
-from comfy_sidecar.errors import Conflict, Interrupted, Overloaded, SidecarError
+from comfy_sidecar.errors import (
+    Conflict,
+    Interrupted,
+    Overloaded,
+    SidecarError,
+    ValidationFailed,
+)
 from comfy_sidecar.jobs.model import (
     DifferentBody,
     JobStatus,
@@ -118,6 +124,32 @@ class Attempt(Protocol):
         output, in order; empty for uploaded outputs and failures): persist the end. False
         when another run's end was persisted instead (this one is discarded)."""
         ...
+
+
+class Verdict:
+    """ComfyUI's verdict on a job's prompt, which a submission with ``JobSpec.verdict`` waits
+    for: :meth:`handed` once ComfyUI took the prompt, or the job waits for an instance slot,
+    or ended otherwise; :meth:`refused` with ComfyUI's
+    :class:`~comfy_sidecar.errors.ValidationFailed`."""
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[BaseException | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def handed(self) -> None:
+        """The prompt is ComfyUI's (or waits for a slot): the submission is answered."""
+        if not self._future.done():
+            self._future.set_result(None)
+
+    def refused(self, exc: BaseException) -> None:
+        """ComfyUI refused the prompt with ``exc``."""
+        if not self._future.done():
+            self._future.set_result(exc)
+
+    async def wait(self) -> BaseException | None:
+        """None once handed, or the refusal."""
+        return await asyncio.shield(self._future)
 
 
 class LocalAttempt:
@@ -286,6 +318,7 @@ class JobLifecycle:
         request: PromptRequest,
         partner_key: Secret | None = None,
         stream: OutputStream | None = None,
+        verdict: Verdict | None = None,
     ) -> PendingJob:
         """Prepare ``request`` (downloads, inputs) and follow its frames into ``record``
         (its outputs into ``stream`` as they are written, when given). A request refused
@@ -300,7 +333,7 @@ class JobLifecycle:
         except BaseException:
             self.store.drop(record)
             raise
-        self._attach(record, pending, stream)
+        self._attach(record, pending, stream, verdict)
         return pending
 
     def _stream(self, spec: JobSpec, record: JobRecord, attempt: Attempt) -> OutputStream | None:
@@ -311,7 +344,11 @@ class JobLifecycle:
         return OutputStream(record, self.store, attempt, self.pipeline.settings.output_dir)
 
     def _attach(
-        self, record: JobRecord, pending: PendingJob, stream: OutputStream | None = None
+        self,
+        record: JobRecord,
+        pending: PendingJob,
+        stream: OutputStream | None = None,
+        verdict: Verdict | None = None,
     ) -> None:
         """The job is registered and prepared: follow its frames from now on."""
         prompt = pending.prompt
@@ -323,7 +360,9 @@ class JobLifecycle:
         record.prompt_id = pending.job.prompt_id
         output_nodes = self.pipeline.output_nodes(prompt)
         record.progress = Progress(class_types, nodes_to_run(prompt, output_nodes))
-        pending.job.listener = lambda kind, data: self._on_frame(record, kind, data, stream)
+        pending.job.listener = lambda kind, data: self._on_frame(
+            record, kind, data, stream, verdict
+        )
 
     def _on_frame(
         self,
@@ -331,10 +370,13 @@ class JobLifecycle:
         kind: str,
         data: Mapping[str, Any],
         stream: OutputStream | None = None,
+        verdict: Verdict | None = None,
     ) -> None:
         """One ComfyUI frame of ``record``'s job."""
         if record.status.terminal:
             return
+        if verdict is not None and kind in ("sidecar_accepted", "sidecar_waiting"):
+            verdict.handed()
         if kind == "executed" and stream is not None:
             stream.executed(str(data.get("node")), data.get("output"))
         if kind == "preview":  # live only: not kept in the event log, sent with ?previews=true
@@ -489,6 +531,7 @@ class JobLifecycle:
         resubmitted = existing is not None and existing.fingerprint == spec.fingerprint
         counted = False if resubmitted else self.admit(request)
         attempt = LocalAttempt()
+        verdict = Verdict() if spec.verdict else None
         try:
             record, created = self.open(spec.id, spec.endpoint, spec.fingerprint)
             if not created:  # a resubmission: nothing new to deliver
@@ -496,16 +539,29 @@ class JobLifecycle:
                 return record
             self._describe(record, spec)
             stream = self._stream(spec, record, attempt)
-            pending = await self._prepare(record, request, spec.partner_key, stream)
+            pending = await self._prepare(record, request, spec.partner_key, stream, verdict)
         except BaseException:
             self.uncount(counted)
             raise
         echoed = Echoed(**echo(request), input=None)
         self.spawn(
             self._finish_run(
-                spec, record, pending, echoed, attempt, retain=True, counted=counted, stream=stream
+                spec,
+                record,
+                pending,
+                echoed,
+                attempt,
+                retain=True,
+                counted=counted,
+                stream=stream,
+                verdict=verdict,
             )
         )
+        if verdict is not None:
+            refusal = await verdict.wait()
+            if refusal is not None:  # ComfyUI refused the prompt: no job was made
+                self.store.drop(record)
+                raise refusal
         return record
 
     @staticmethod
@@ -578,12 +634,14 @@ class JobLifecycle:
         retain: bool,
         counted: bool = False,
         stream: OutputStream | None = None,
+        verdict: Verdict | None = None,
     ) -> None:
         """Finish a prepared job: run, convert, upload, then (if ``attempt`` may end it) the
         webhooks, the record's end, its persistence and the adapter's after-end action.
         ``counted``: the job holds a MAX_PENDING_DELIVERIES place until its webhooks are
         delivered or given up. ``stream``: the outputs published while it ran, which the
-        end's outputs follow."""
+        end's outputs follow. ``verdict``: told when ComfyUI refused the prompt, or that it
+        did not."""
         request = spec.request
         result: JobResult | None = None
         sent: list[asyncio.Future[bool]] = []
@@ -627,7 +685,11 @@ class JobLifecycle:
                 self.store.finish(record, status_for(exc), error=error_body(exc, record.id))
                 raise
             sent += await self.end_failed(spec, record, exc, attempt, prompt=pending.prompt)
+            if verdict is not None and isinstance(exc, ValidationFailed):
+                verdict.refused(exc)
         finally:
+            if verdict is not None:
+                verdict.handed()
             if result is not None:
                 result.release()
             if counted:

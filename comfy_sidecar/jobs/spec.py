@@ -60,7 +60,12 @@ class JobSpec(msgspec.Struct, kw_only=True, frozen=True):
     ``extra_data.api_key_comfy_org`` for partner (API) nodes: sent with the job's
     ``POST /prompt`` and nowhere else, never in the job's body, events or logs (in-process it
     lives only in the running job; with JOB_QUEUE_URL in a key of its own that the claiming
-    replica reads and the job's end deletes)."""
+    replica reads and the job's end deletes); ``verdict``: the submission waits for ComfyUI's
+    verdict on the prompt when the job goes to ComfyUI at once (in-process, an instance slot
+    free): a prompt ComfyUI refuses raises its
+    :class:`~comfy_sidecar.errors.ValidationFailed` and leaves no job. A job that waits for a
+    slot, or is submitted to the shared queue, is answered at once; ComfyUI's refusal then
+    ends it ``failed``."""
 
     request: PromptRequest
     endpoint: str
@@ -69,6 +74,7 @@ class JobSpec(msgspec.Struct, kw_only=True, frozen=True):
     metadata: dict[str, str] | None = None
     idempotency_key: str | None = None
     partner_key: Secret | None = None
+    verdict: bool = False
 
     @property
     def id(self) -> str:

@@ -507,7 +507,13 @@ class Pipeline:
         """Wait for a slot on a ready instance; None when the job is interrupted first."""
         if job.interrupt_requested:
             return None
-        slot = asyncio.ensure_future(self.dispatcher.acquire())
+        listener = job.listener
+
+        def waiting() -> None:
+            if listener is not None:
+                listener("sidecar_waiting", {})
+
+        slot = asyncio.ensure_future(self.dispatcher.acquire(waiting))
         stop = asyncio.ensure_future(job.stop_requested.wait())
         try:
             await asyncio.wait({slot, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -573,6 +579,8 @@ class Pipeline:
                 )
                 return JobOutcome(OutcomeKind.COMFY_LOST, error={"message": str(exc)})
             raise Unavailable(f"ComfyUI is not answering: {exc}", id=job.id) from None
+        if job.listener is not None:
+            job.listener("sidecar_accepted", {"prompt_id": job.prompt_id})
         if job.state is JobState.PREPROCESSING:
             job.state = JobState.QUEUED
         job.queued_ms = now_ms()

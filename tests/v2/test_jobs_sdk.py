@@ -259,3 +259,36 @@ def test_the_partner_key_reaches_comfyui_and_nothing_else(tmp_path: Path, spawn:
     assert hashlib.sha256(secret.encode()).hexdigest() in keys.values()
     for text in [*answers, sidecar.log()]:
         assert secret not in text
+
+
+def test_comfyuis_refusal_answers_the_submission_with_its_node_errors(
+    shared_sidecar: Sidecar,
+) -> None:
+    batch = uuid.uuid4().hex
+    bad = quickstart()
+    bad["1"]["inputs"]["width"] = "wide"
+    with sdk(shared_sidecar) as client:
+        with pytest.raises(sdk_errors.InvalidWorkflow) as refused:
+            client.submit(client.workflows.from_json(bad), metadata={"b": batch})
+        assert refused.value.http_status == 422
+        node_errors = refused.value.details["node_errors"]
+        assert node_errors["1"]["errors"][0]["type"] == "invalid_input_type", node_errors
+        assert list(client.list_jobs(metadata={"b": batch})) == [], "no job was made"
+
+
+def test_a_refusal_after_waiting_for_a_slot_fails_the_job(tmp_path: Path, spawn: Any) -> None:
+    from tests.conftest import Backend
+
+    sidecar = spawn(Backend("double", tmp_path / "comfy"), MAX_JOBS_PER_INSTANCE="1")
+    sidecar.wait_ready()
+    bad = quickstart()
+    bad["1"]["inputs"]["width"] = "wide"
+    with sdk(sidecar) as client:
+        ahead = client.submit(client.workflows.from_json(slow_prompt(blurs=2, size=2048)))
+        job = client.submit(client.workflows.from_json(bad))  # waits for the slot: 201
+        assert job.status == "queued"
+        job.wait(timeout=60)
+        assert job.status == "failed" and job.error.code == "invalid_workflow"
+        details = sidecar.get(f"/api/v2/jobs/{job.id}").json()["error"]["details"]
+        assert details["node_errors"]["1"]["errors"][0]["type"] == "invalid_input_type"
+        ahead.wait(timeout=60)

@@ -313,6 +313,7 @@ async def submit_v2_job(
             fingerprint=fingerprint(prompt, metadata),
             metadata=metadata,
             idempotency_key=key,
+            verdict=True,
             partner_key=None
             if data.extra_data is None
             else Secret(data.extra_data.api_key_comfy_org),
