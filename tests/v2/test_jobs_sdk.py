@@ -93,7 +93,7 @@ def test_outputs_appear_while_the_job_runs(shared_sidecar: Sidecar) -> None:
         order: list[str] = []
         for event in job.events():
             match event:
-                case OutputReady(output=output) if not order:
+                case OutputReady(output=output) if "output 2" not in order:
                     # The early output is announced while the late node still runs: the job
                     # is running, lists it, and its bytes are served already.
                     now = client.jobs.get(job.id)
