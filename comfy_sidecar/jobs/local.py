@@ -105,7 +105,8 @@ class LocalBackend:
         """Admit, prepare now (downloads included: a caller's mistake is a 4xx and nothing is
         kept), then run in the background (:meth:`JobLifecycle.submit`). An
         ``idempotency_key`` is claimed first, in this process's store, and freed again when
-        the submission is refused."""
+        the submission is refused (no job was kept: a submission whose answer was given up
+        while its job runs keeps it)."""
         key = spec.idempotency_key
         if key is not None:
             holder = self.store.claim_key(key, spec.id, IDEMPOTENCY_TTL_S)
@@ -114,7 +115,7 @@ class LocalBackend:
         try:
             record = await self.lifecycle.submit(spec)
         except BaseException:
-            if key is not None:
+            if key is not None and self.store.find(spec.id) is None:
                 self.store.free_key(key, spec.id)
             raise
         return self.store.view(record)

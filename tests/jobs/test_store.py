@@ -210,3 +210,39 @@ def test_pages_filter_on_endpoint_and_labels(tmp_path: Path) -> None:
         assert [r.id for r in store.page(None, 1, cursor, metadata={"team": "x"})[0]] == ["a"]
 
     asyncio.run(main())
+
+
+def test_a_key_stays_used_when_the_answer_is_given_up_but_the_job_runs(tmp_path: Path) -> None:
+    """The caller went away while its submission waited (ComfyUI's verdict): the job exists,
+    so its Idempotency-Key must not make a second one."""
+    from types import SimpleNamespace
+
+    from comfy_sidecar.errors import IdempotencyKeyReuse
+    from comfy_sidecar.jobs.local import LocalBackend
+    from comfy_sidecar.jobs.spec import JobSpec
+    from comfy_sidecar.schemas import PromptRequest
+
+    async def main() -> None:
+        store = JobStore(tmp_path, 60, 10)
+
+        async def submit(spec: JobSpec) -> JobRecord:
+            if spec.id == "kept":
+                make(store, spec.id)  # the job exists ...
+            raise asyncio.CancelledError  # ... and the request was cancelled
+
+        backend = LocalBackend(SimpleNamespace(store=store, submit=submit))  # type: ignore[arg-type]
+        request = PromptRequest(prompt={}, id="kept")
+        for job_id in ("kept", "refused"):
+            spec = JobSpec(
+                request=msgspec.structs.replace(request, id=job_id),
+                endpoint="comfy_v2",
+                idempotency_key=f"key-{job_id}",
+            )
+            with pytest.raises(asyncio.CancelledError):
+                await backend.submit(spec)
+        again = JobSpec(request=request, endpoint="comfy_v2", idempotency_key="key-kept")
+        with pytest.raises(IdempotencyKeyReuse):
+            await backend.submit(again)
+        assert store.claim_key("key-refused", "new", 60) is None, "no job: the key is free"
+
+    asyncio.run(main())
