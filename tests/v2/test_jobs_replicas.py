@@ -6,6 +6,7 @@ runs the job and is gone from Redis once the job ended."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +18,8 @@ import redis
 from comfy_sdk import exceptions as sdk_errors
 from comfy_sdk.events import OutputReady, Progress, StatusChange
 
-from tests.conftest import Sidecar, slow_prompt
-from tests.jobs.test_redis_queue import replicas, runs_on
+from tests.conftest import BACKENDS, Backend, Sidecar, slow_prompt
+from tests.jobs.test_redis_queue import LEASE_S, runs_on
 from tests.redis_server import RedisServer, redis_server
 from tests.v2.support import quickstart, sdk, sse, two_outputs
 from tests.waiting import wait_for
@@ -49,10 +50,30 @@ def redis_texts(url: str) -> str:
     return "\n".join(parts)
 
 
+def replicas(
+    spawn: Callable[..., Sidecar], tmp_path: Path, url: str, kind: str
+) -> tuple[Sidecar, Sidecar]:
+    """Two ready sidecars sharing the queue at ``url``, each before its own ComfyUI
+    (``kind``: the double, or a real one)."""
+    a, b = (
+        spawn(
+            Backend(kind, tmp_path / f"comfy{i}"),
+            JOB_QUEUE_URL=url,
+            JOB_LEASE_S=str(LEASE_S if kind == "double" else 10),
+            SHUTDOWN_GRACE_S="5",
+        )
+        for i in range(2)
+    )
+    for sidecar in (a, b):
+        sidecar.wait_ready()
+    return a, b
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
 def test_every_v2_route_answers_from_any_replica(
-    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path, kind: str
 ) -> None:
-    a, b = replicas(spawn, tmp_path, redis_server.url)
+    a, b = replicas(spawn, tmp_path, redis_server.url, kind)
     batch = uuid.uuid4().hex
     key = f"key-{uuid.uuid4()}"
     secret = f"partner-{uuid.uuid4()}"
@@ -97,11 +118,18 @@ def test_every_v2_route_answers_from_any_replica(
         assert [s.id for s in on_b.list_jobs(metadata={"batch": batch})] == [job.id]
 
         # The partner key went to the ComfyUI that ran the job, and nowhere else.
-        view = a.get(f"/jobs/{job.id}").json()
-        runner = runs_on([a, b], view)
-        keys = httpx.get(f"http://127.0.0.1:{runner.comfy_port}/__double__/partner_keys").json()
-        assert hashlib.sha256(secret.encode()).hexdigest() in keys.values()
+        if kind == "double":
+            view = a.get(f"/jobs/{job.id}").json()
+            runner = runs_on([a, b], view)
+            comfy = f"http://127.0.0.1:{runner.comfy_port}"
+            keys = httpx.get(f"{comfy}/__double__/partner_keys").json()
+            assert hashlib.sha256(secret.encode()).hexdigest() in keys.values()
         assert secret not in redis_texts(redis_server.url)
+        # The outputs kept while it ran expire with the job (JOB_RETENTION_S), as the rest.
+        store = redis.Redis.from_url(redis_server.url)
+        ttls = [store.ttl(f"comfy-sidecar:out:{job.id}:{n}") for n in range(2)]
+        store.close()
+        assert all(0 < ttl <= 3600 for ttl in ttls), ttls
         assert secret not in a.log() + b.log()
 
         # Cancel on B a job submitted on A, once it runs (wherever it runs).
@@ -120,3 +148,30 @@ def test_every_v2_route_answers_from_any_replica(
         events = sse(a.client, f"{a.url}/api/v2/jobs/{slow.id}/events", {"last-event-id": "0"})
         statuses = [e["data"]["status"] for e in events if e["event"] == "status"]
         assert statuses == ["queued", "running", "canceling", "canceled"], events
+
+
+def test_one_idempotency_key_makes_one_job_across_replicas(
+    redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
+) -> None:
+    a, b = replicas(spawn, tmp_path, redis_server.url, "double")
+    for attempt in range(5):
+        key = f"race-{attempt}-{uuid.uuid4()}"
+        results: list[int] = []
+
+        def send(sidecar: Sidecar, key: str = key, results: list[int] = results) -> None:
+            response = httpx.post(
+                f"{sidecar.url}/api/v2/jobs",
+                json={"workflow": quickstart(size=8), "metadata": {"race": key}},
+                headers={"idempotency-key": key},
+                timeout=30,
+            )
+            results.append(response.status_code)
+
+        threads = [threading.Thread(target=send, args=(s,)) for s in (a, b, a, b)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(results) == [201, 422, 422, 422], results
+        listed = a.get("/api/v2/jobs", params={"metadata[race]": key}).json()["jobs"]
+        assert len(listed) == 1
