@@ -662,7 +662,7 @@ class JobLifecycle:
             if spilled is not None or not request.webhook:
                 urls = await self._upload(result, spilled or target)
             hashes: list[str] = []
-            if retain and urls is None:
+            if retain and urls is None and result.files:
                 paths = [item.path for item in result.files]
                 hashes = await asyncio.to_thread(lambda: [hash_file(path) for path in paths])
             if not await attempt.may_end():
