@@ -10,7 +10,7 @@ them, the stream
 
 1. hard-links it (a copy across file systems) to ``JOBS_DIR/<id>/<n>-<name>`` beside the
    original in OUTPUT_DIR, which the pipeline still collects at the end, and computes its
-   blake3 (in a thread: never read into memory whole);
+   blake3 (never read into memory whole; in a thread unless the file is small);
 2. asks the run's :class:`~comfy_sidecar.jobs.lifecycle.Attempt` to keep it
    (``Attempt.keep``): in-process the link is the kept copy; with JOB_QUEUE_URL the bytes
    are written to Redis first, so any replica serves the output once its event is seen;
@@ -44,7 +44,7 @@ from comfy_sidecar.pipeline.outputs import (
     remove_outputs,
 )
 from comfy_sidecar.schemas import PromptRequest
-from comfy_sidecar.storage.files import link_or_copy
+from comfy_sidecar.storage.files import SMALL_READ, link_or_copy
 
 if TYPE_CHECKING:
     from comfy_sidecar.jobs.record import JobRecord
@@ -79,7 +79,8 @@ def streams_outputs(request: PromptRequest) -> bool:
 
 def kept_output(source: Path, target: Path) -> tuple[int, str]:
     """Link (else copy) ``source`` to ``target`` and hash it: ``(size in bytes,
-    "blake3:<hex>")``. Blocking: call it in a thread. Raises OSError."""
+    "blake3:<hex>")``. Blocking: call it in a thread for anything but a small file. Raises
+    OSError."""
     link_or_copy(source, target)
     return target.stat().st_size, hash_file(target)
 
@@ -132,7 +133,10 @@ class OutputStream:
         index = len(record.outputs)
         target = self.store.job_dir(record.id) / f"{index}-{item.filename}"
         try:
-            size, digest = await asyncio.to_thread(kept_output, item.path, target)
+            if item.size <= SMALL_READ:  # a link and a hash of a small file: microseconds
+                size, digest = kept_output(item.path, target)
+            else:
+                size, digest = await asyncio.to_thread(kept_output, item.path, target)
         except OSError as exc:
             log.warning("job %s: output %s kept at the end (%s)", record.id, item.filename, exc)
             self.stopped = True
