@@ -259,3 +259,25 @@ def test_a_full_queue_is_429_with_retry_after(
         client._low.post_jobs(quickstart())
     assert full.value.retry_after >= 1
     sidecar.post(f"/api/v2/jobs/{slow.json()['id']}/cancel")
+
+
+def test_the_docs_show_the_v2_job_routes_with_their_schemas(sidecar: Sidecar) -> None:
+    document = sidecar.get("/openapi.json").json()
+    paths = document["paths"]
+    assert set(paths["/api/v2/jobs"]) == {"get", "post"}
+    for path in ("/api/v2/jobs/{job_id}", "/api/v2/jobs/{job_id}/workflow"):
+        assert "get" in paths[path]
+    assert "post" in paths["/api/v2/jobs/{job_id}/cancel"]
+    assert "get" in paths["/api/v2/jobs/{job_id}/events"]
+    submit = paths["/api/v2/jobs"]["post"]
+    body = submit["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert body.endswith("/JobRequest")
+    assert submit["responses"]["201"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/Job"
+    )
+    schemas = document["components"]["schemas"]
+    assert {"status", "progress", "outputs", "error", "urls", "expires_at"} <= set(
+        schemas["Job"]["properties"]
+    )
+    assert set(schemas["ErrorEnvelope"]["properties"]) == {"error"}
+    assert sidecar.get("/docs").status_code == 200
