@@ -149,6 +149,35 @@ def test_an_ended_job_keeps_its_log_and_body_exactly(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_preview_followed_at_once_by_logged_events_still_reaches_followers(
+    tmp_path: Path,
+) -> None:
+    """A live preview is given to a follower asking for previews in its place among the
+    logged events even when more events came before the follower woke (ComfyUI sends the
+    next node's frames right after a preview); one from before the follower started is not;
+    a follower without previews gets none."""
+
+    async def main() -> None:
+        store = JobStore(tmp_path, 60, 10)
+        record = make(store, "j1")
+        store.set_status(record, JobStatus.IN_PROGRESS)
+        record.publish("preview", {"node_id": "0"}, log_it=False)  # before anyone follows
+
+        async def collect(previews: bool) -> list[tuple[int, str]]:
+            return [(e.id, e.type) async for e in record.follow(2, previews=previews) if e]
+
+        tasks = [asyncio.ensure_future(collect(p)) for p in (True, False)]
+        await asyncio.sleep(0)  # both followers wait for the next event
+        record.publish("preview", {"node_id": "1"}, log_it=False)
+        record.publish("progress", {"progress": 50})  # before the followers wake
+        store.finish(record, JobStatus.COMPLETED)
+        with_previews, without = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert with_previews == [(3, "preview"), (3, "progress"), (4, "done")]
+        assert without == [(3, "progress"), (4, "done")]
+
+    asyncio.run(main())
+
+
 def test_follow_sends_heartbeats_while_nothing_happens(tmp_path: Path) -> None:
     async def main() -> None:
         store = JobStore(tmp_path, 60, 10)

@@ -4,6 +4,7 @@ naming the field, never a 5xx. Against the ComfyUI double."""
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from comfy_sdk import exceptions as sdk_errors
 
 from tests.conftest import Backend, Sidecar, running_sidecar, slow_prompt
-from tests.v2.support import envelope, quickstart, sdk
+from tests.v2.support import envelope, quickstart, sdk, sse
 from tests.waiting import wait_for
 
 
@@ -281,3 +282,43 @@ def test_the_docs_show_the_v2_job_routes_with_their_schemas(sidecar: Sidecar) ->
     )
     assert set(schemas["ErrorEnvelope"]["properties"]) == {"error"}
     assert sidecar.get("/docs").status_code == 200
+
+
+def test_previews_only_when_asked_and_throttled(sidecar: Sidecar) -> None:
+    from tests.tiny_model import NAME as TINY_MODEL_NAME
+
+    def upscales() -> dict[str, Any]:
+        graph: dict[str, Any] = {
+            "1": {
+                "class_type": "EmptyImage",
+                "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 1},
+            },
+            "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": TINY_MODEL_NAME}},
+        }
+        source = "1"
+        for node in ("3", "4", "5"):  # three previews, ~20 ms apart
+            graph[node] = {
+                "class_type": "ImageUpscaleWithModel",
+                "inputs": {"upscale_model": ["2", 0], "image": [source, 0]},
+            }
+            source = node
+        graph["6"] = {
+            "class_type": "SaveImage",
+            "inputs": {"images": [source, 0], "filename_prefix": "p"},
+        }
+        return graph
+
+    seen: dict[bool, list[dict[str, Any]]] = {}
+    for previews in (True, False):
+        ahead = post_job(sidecar, {"workflow": slow_prompt(blurs=2, size=1024)}).json()["id"]
+        job = post_job(sidecar, {"workflow": upscales()}).json()["id"]
+        url = f"{sidecar.url}/api/v2/jobs/{job}/events"
+        events = sse(sidecar.client, url, previews="true") if previews else sse(sidecar.client, url)
+        assert sidecar.get(f"/api/v2/jobs/{ahead}").json()["status"] == "succeeded"
+        assert events[-1]["data"]["status"] == "succeeded"
+        seen[previews] = [e["data"] for e in events if e["event"] == "preview"]
+    assert seen[False] == []
+    assert 1 <= len(seen[True]) < 3, seen[True]  # three sent within 0.5 s: throttled
+    preview = seen[True][0]
+    assert preview["node_id"] in ("3", "4", "5") and preview["content_type"] == "image/png"
+    assert base64.b64decode(preview["data_base64"]).startswith(b"\x89PNG")
