@@ -117,6 +117,10 @@ class Runtime:
 
     async def provision(self) -> None:
         """Install the manifest (apt, pip, custom nodes, models) before ComfyUI starts."""
+        if not (self.settings.manifest_json or self.settings.manifest):
+            # no manifest: its modules are never imported (bench/rss_bench.py)
+            self.health.set_phase(Phase.PROVISIONING, "nothing to install")
+            return
         from comfy_sidecar.manifest import ManifestError, Provisioner
 
         c = self.c
