@@ -142,6 +142,22 @@ class MissingAsset(InputError):
     code: ClassVar[str] = "missing_asset"
 
 
+class PayloadTooLarge(SidecarError):
+    """A request body (an asset upload) is larger than the sidecar takes: ASSET_MAX_UPLOAD_MB,
+    or, with JOB_QUEUE_URL and nowhere but Redis to keep asset bytes, ASSET_INLINE_MB (v2
+    ``payload_too_large``). Field ``limit_bytes``."""
+
+    code: ClassVar[str] = "payload_too_large"
+
+
+class IdempotencyKeyReuse(InputError):
+    """An ``Idempotency-Key`` already used for this kind of request in the last 24 hours (or
+    in use by a request still running): keys are single-use, a reuse is refused, never
+    replayed (v2 ``idempotency_key_reuse``; comfy-sdk's ``IdempotencyKeyReuse``)."""
+
+    code: ClassVar[str] = "idempotency_key_reuse"
+
+
 class AssetUrlRefused(SidecarError):
     """A signed asset content URL whose signature is wrong, or whose ``exp`` has passed or
     is malformed. Field ``reason``: ``expired`` or ``bad_signature``."""

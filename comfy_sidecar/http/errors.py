@@ -20,12 +20,14 @@ from comfy_sidecar.errors import (
     AssetUrlRefused,
     Conflict,
     ExecutionFailed,
+    IdempotencyKeyReuse,
     InputError,
     Interrupted,
     MissingAsset,
     NotFound,
     OutputsTooLarge,
     Overloaded,
+    PayloadTooLarge,
     SidecarError,
     TimedOut,
     Unavailable,
@@ -119,6 +121,8 @@ STATUS: dict[type[Exception], int] = {
     # 409 as Conflict
     MissingAsset: 422,  # a core/ASSET reference that is malformed or names no asset
     AssetUrlRefused: 403,  # a signed content URL with a wrong signature, or expired
+    IdempotencyKeyReuse: 422,  # an Idempotency-Key used before (keys are single-use)
+    PayloadTooLarge: 413,  # an asset upload over ASSET_MAX_UPLOAD_MB (or ASSET_INLINE_MB)
     # storage errors that reach a request (an upload's is an UpstreamFailed's cause)
     BadRequestError: 400,
     AuthError: 400,
@@ -169,6 +173,7 @@ V2_CODE_BY_STATUS = {
     405: "method_not_allowed",
     409: "conflict",
     413: "payload_too_large",
+    416: "range_not_satisfiable",
     422: "invalid_request",
     429: "queue_full",
     499: "canceled",
