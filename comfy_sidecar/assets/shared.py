@@ -62,9 +62,10 @@ from comfy_sidecar.assets.store import (
     guess_content_type,
     receive,
 )
+from comfy_sidecar.config import ConfigError
 from comfy_sidecar.errors import AssetNotFound, BlobNotFound, Unavailable
 from comfy_sidecar.storage import netguard
-from comfy_sidecar.storage.errors import DiskFullError
+from comfy_sidecar.storage.errors import BadRequestError, DiskFullError
 
 if TYPE_CHECKING:
     from comfy_sidecar.storage import Storage, UploadSpec
@@ -263,8 +264,9 @@ class SharedAssets:
     """:class:`~comfy_sidecar.assets.service.AssetService` in Redis (see the module docstring).
 
     ``redis``: a ``redis.asyncio`` client (:func:`comfy_sidecar.net.redisconn.connect`).
-    ``tmp_dir``: where uploads are received (ASSET_DIR/tmp). ``storage`` and ``spill``: the
-    object store's upload spec (``storage.upload_spec(prefix)``), None for inline only.
+    ``tmp_dir``: where uploads are received (ASSET_DIR/tmp). ``storage``, ``spill`` and
+    ``spill_prefix``: the object store's upload spec (``storage.upload_spec(prefix)``) and its
+    URL prefix, None for inline only.
     ``inline_max_bytes`` / ``inline_total_bytes`` / ``max_upload_bytes``: ASSET_INLINE_MB,
     ASSET_STORE_GB (0 = no bound) and ASSET_MAX_UPLOAD_MB in bytes. ``retention_s``:
     ASSET_RETENTION_S. ``is_retained``, ``hold_grace_s``, ``check_interval_s``: as for
@@ -278,6 +280,7 @@ class SharedAssets:
         *,
         storage: Storage,
         spill: UploadSpec | None,
+        spill_prefix: str | None = None,
         inline_max_bytes: int,
         inline_total_bytes: int,
         max_upload_bytes: int,
@@ -291,6 +294,7 @@ class SharedAssets:
         self.tmp_dir = Path(tmp_dir)
         self.storage = storage
         self.spill = spill
+        self.spill_prefix = spill_prefix
         self.inline_max_bytes = inline_max_bytes
         self.inline_total_bytes = inline_total_bytes
         self._max_upload = (
@@ -320,7 +324,9 @@ class SharedAssets:
     # --- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Make ``tmp_dir`` (emptied) and start the sweep (once; later calls wait)."""
+        """Make ``tmp_dir`` (emptied) and start the sweep (once; later calls wait). Raises
+        :class:`~comfy_sidecar.config.ConfigError` when the SSRF guard refuses
+        ``spill_prefix`` (a job's input is downloaded from there as a caller's URL is)."""
         if self._start is None:
             self._start = asyncio.ensure_future(self._begin())
         await asyncio.shield(self._start)
@@ -332,6 +338,14 @@ class SharedAssets:
                 if child.name.startswith(".partial-"):
                     child.unlink(missing_ok=True)
 
+        if self.spill_prefix is not None:
+            try:
+                await self.storage.check_url(f"{self.spill_prefix}/_")
+            except BadRequestError as exc:
+                raise ConfigError(
+                    f"ASSET_STORE_URL: {exc} (the replicas download jobs' assets from it as "
+                    "they download a caller's URL: list its host in ALLOWED_URL_HOSTS)"
+                ) from None
         await asyncio.to_thread(prepare)
         self._task = asyncio.create_task(self._loop(), name="shared-assets")
 

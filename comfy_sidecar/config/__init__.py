@@ -344,7 +344,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_body_size_mb: Annotated[
         int,
         Var("MAX_BODY_SIZE_MB", "100", int_at_least(1)),
-        "Largest request body, in MB; larger bodies get 413.",
+        "Largest request body, in MB; larger bodies get 413 (asset uploads are bounded by "
+        "ASSET_MAX_UPLOAD_MB instead).",
     ]
     convert_max_pixels: Annotated[
         int,

@@ -354,6 +354,7 @@ def _assets(
         Path(settings.asset_dir) / "tmp",
         storage=storage,
         spill=spill,
+        spill_prefix=prefix,
         inline_max_bytes=int(settings.asset_inline_mb * MIB),
         inline_total_bytes=int(settings.asset_store_gb * 1024 * MIB),
         max_upload_bytes=max_upload,

@@ -79,6 +79,8 @@ class Runtime:
             await c.storage.start()
             try:
                 await c.assets.start()
+            except ConfigError as exc:
+                raise Fatal(str(exc)) from None
             except (OSError, ValueError) as exc:
                 raise Fatal(f"ASSET_DIR: {exc}") from None
             c.deletion_cost.start()

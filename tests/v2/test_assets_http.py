@@ -22,8 +22,9 @@ from comfy_sdk import Comfy, Output
 from comfy_sdk import exceptions as sdk
 
 from comfy_sidecar.assets import UrlSigner
+from comfy_sidecar.http.adapters.comfy_v2.assets import output_asset_id
 from tests.byte_relay import ByteRelay, byte_relay
-from tests.conftest import Backend, Sidecar, make_sidecar
+from tests.conftest import Backend, Sidecar, basic_prompt, make_sidecar
 
 KEY = "test-key-0123456789"
 SECRET = "asset-url-secret-0123456789"
@@ -439,3 +440,25 @@ def test_a_body_in_small_pieces_arrives_whole(sidecar: Sidecar) -> None:
     )
     assert response.status_code == 201, response.text
     assert response.json()["hash"] == b3(data)
+
+
+def test_a_jobs_output_is_an_asset_read_through_the_job_backend(sidecar: Sidecar) -> None:
+    submitted = sidecar.post(
+        "/jobs", json={"prompt": basic_prompt(batch=1, size=32)}, headers=AUTH
+    ).json()
+    ended = sidecar.get(f"/jobs/{submitted['id']}", params={"wait": 30}, headers=AUTH).json()
+    assert ended["status"] == "completed", ended
+    file = sidecar.get(f"/jobs/{submitted['id']}/outputs/0", headers=AUTH).content
+
+    asset_id = output_asset_id(submitted["id"], 0)
+    asset = sidecar.get(f"/api/v2/assets/{asset_id}", headers=AUTH).json()
+    assert asset["id"] == asset_id and asset["job_id"] == submitted["id"]
+    assert asset["size_bytes"] == len(file) and asset["content_type"] == "image/png"
+    with httpx.Client() as client:  # its signed url, no key
+        assert client.get(asset["url"]).content == file
+        ranged = client.get(asset["url"], headers={"range": "bytes=1-3"})
+        assert ranged.status_code == 206 and ranged.content == file[1:4]
+    deleted = sidecar.client.delete(f"{sidecar.url}/api/v2/assets/{asset_id}", headers=AUTH)
+    assert envelope_of(deleted, 422, "invalid_request")["details"]["location"] == "id"
+    beyond = sidecar.get(f"/api/v2/assets/{output_asset_id(submitted['id'], 5)}", headers=AUTH)
+    envelope_of(beyond, 404, "not_found")

@@ -154,3 +154,33 @@ def test_redis_gone_is_unavailable_not_a_callers_mistake(
             assert not [p for p in tmp_path.rglob(".partial-*")]
 
     asyncio.run(main())
+
+
+def test_an_object_store_the_ssrf_guard_refuses_stops_the_start(tmp_path: Path) -> None:
+    """The replicas download a job's assets from ASSET_STORE_URL as they download a caller's
+    URL: one the guard refuses would fail every such job, so the sidecar does not start."""
+    from comfy_sidecar.assets.shared import SharedAssets
+    from comfy_sidecar.config import ConfigError, load_settings
+    from comfy_sidecar.net.redisconn import connect
+    from comfy_sidecar.schemas import HTTPUpload
+    from comfy_sidecar.storage import Storage
+
+    async def main() -> None:
+        settings = load_settings({"HOME": str(tmp_path), "ALLOWED_URL_HOSTS": ""})
+        assets = SharedAssets(
+            connect("redis://127.0.0.1:9/0"),  # never reached
+            tmp_path / "tmp",
+            storage=Storage(settings),
+            spill=HTTPUpload(url_prefix="http://127.0.0.1:9/assets"),
+            spill_prefix="http://127.0.0.1:9/assets",
+            inline_max_bytes=1,
+            inline_total_bytes=0,
+            max_upload_bytes=10,
+            retention_s=0,
+            is_retained=Retained(),
+        )
+        with pytest.raises(ConfigError, match=r"ASSET_STORE_URL: .*ALLOWED_URL_HOSTS"):
+            await assets.start()
+        await assets.close()
+
+    asyncio.run(main())
