@@ -462,3 +462,26 @@ def test_a_jobs_output_is_an_asset_read_through_the_job_backend(sidecar: Sidecar
     assert envelope_of(deleted, 422, "invalid_request")["details"]["location"] == "id"
     beyond = sidecar.get(f"/api/v2/assets/{output_asset_id(submitted['id'], 5)}", headers=AUTH)
     envelope_of(beyond, 404, "not_found")
+
+
+def test_docs_show_the_asset_routes_with_their_schemas(sidecar: Sidecar) -> None:
+    document = sidecar.get("/openapi.json").json()
+    paths = document["paths"]
+    assert set(paths["/api/v2/assets"]) >= {"post"}
+    assert set(paths["/api/v2/assets/from-hash"]) >= {"post"}
+    assert set(paths["/api/v2/assets/by-hash/{hash}"]) >= {"head"}
+    assert set(paths["/api/v2/assets/{asset_id}"]) >= {"get", "delete"}
+    assert set(paths["/api/v2/assets/{asset_id}/content"]) >= {"get"}
+    upload_op = paths["/api/v2/assets"]["post"]
+    form = upload_op["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["file"] and form["properties"]["file"]["format"] == "binary"
+    assert set(form["properties"]) == {"file", "file_path", "content_type", "expected_hash", "tags"}
+    created = upload_op["responses"]["201"]["content"]["application/json"]["schema"]
+    assert created == {"$ref": "#/components/schemas/Asset"}
+    mismatch = upload_op["responses"]["409"]["content"]["application/json"]["schema"]
+    assert mismatch == {"$ref": "#/components/schemas/ErrorEnvelope"}
+    asset = document["components"]["schemas"]["Asset"]
+    assert {"id", "hash", "size_bytes", "url", "url_expires_at", "created_new"} <= set(
+        asset["properties"]
+    )
+    assert upload_op["security"]  # API keys are on: the route says it needs one

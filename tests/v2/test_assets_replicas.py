@@ -6,6 +6,7 @@ object store of ASSET_STORE_URL (moto's S3 server)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import signal
 import time
@@ -22,7 +23,7 @@ from comfy_sidecar.http.adapters.comfy_v2.assets import AssetInputs
 from comfy_sidecar.pipeline.staging import InlineStaging
 from comfy_sidecar.storage import Storage
 from tests.byte_relay import byte_relay
-from tests.conftest import Backend, Sidecar, png_bytes
+from tests.conftest import BACKENDS, Backend, Sidecar, png_bytes
 from tests.jobs.test_redis_queue import job, runs_on
 from tests.redis_server import RedisServer, redis_server
 from tests.storage.conftest import moto_server, s3_client, s3_env
@@ -167,3 +168,37 @@ def test_an_asset_uploaded_to_a_is_served_deduped_deleted_and_run_by_b(
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
     a.proc.kill()  # its DRAIN_DELAY_S has served its purpose (ComfyUI dies with it)
     a.proc.wait()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_comfyui_loads_an_uploaded_asset_through_a_reference(
+    kind: str,
+    redis_server: RedisServer,
+    spawn: Callable[..., Sidecar],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A LoadImage of an asset uploaded with comfy-sdk, its ``core/ASSET`` reference resolved
+    as the submitting replica does (a ``data:`` URL of the bytes kept in Redis), run by the
+    ComfyUI behind the replica that claims it (the double, or a real ComfyUI)."""
+    env = {"ASSET_URL_SECRET": SECRET, "JOB_QUEUE_URL": redis_server.url}
+    sidecar = spawn(Backend(kind, tmp_path / "comfy"), **env)
+    sidecar.wait_ready(timeout=240 if kind == "real" else None)
+    source = png_bytes((40, 24), (10, 120, 240))
+    path = tmp_path / "blue.png"
+    path.write_bytes(source)
+    with sdk_client(sidecar.url, monkeypatch) as client:
+        asset_id = client.assets.from_file(path).commit()
+    workflow = load_image(ref(asset_id))
+    workflow["2"] = {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}}
+    workflow["3"] = {
+        "class_type": "SaveImage",
+        "inputs": {"images": ["2", 0], "filename_prefix": "asset"},
+    }
+    resolved = resolve_for_job(tmp_path, env, workflow, "real-asset-job")
+    answer = sidecar.post("/prompt", json={"id": "real-asset-job", "prompt": resolved}, timeout=240)
+    assert answer.status_code == 200, answer.text
+    produced = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))).convert("RGB")
+    inverted = ImageChops.invert(Image.open(io.BytesIO(source)).convert("RGB"))
+    extrema = ImageChops.difference(produced, inverted).getextrema()
+    assert max(high for _, high in extrema) <= 1, extrema  # ComfyUI rounds through float32

@@ -64,7 +64,7 @@ from comfy_sidecar.assets import (
 from comfy_sidecar.assets import Asset as StoredAsset
 from comfy_sidecar.assets.service import AssetService
 from comfy_sidecar.errors import AssetNotFound, InputError, MissingAsset, PayloadTooLarge
-from comfy_sidecar.http.adapters.comfy_v2.models import Asset
+from comfy_sidecar.http.adapters.comfy_v2.models import Asset, ErrorEnvelope
 from comfy_sidecar.http.auth import SIGNED_CONTENT
 from comfy_sidecar.http.errors import envelope
 from comfy_sidecar.http.idempotency import IdempotencyKeys, idempotency_key, single_use
@@ -309,6 +309,7 @@ async def _receive_upload(
     return upload, upload.received
 
 
+@dataclass
 class _UploadOperation(Operation):
     """The OpenAPI operation of ``POST /api/v2/assets``: its multipart body (the handler
     reads the stream itself, so Litestar cannot infer it)."""
@@ -350,10 +351,14 @@ class _UploadOperation(Operation):
         )
 
 
+def _error(description: str) -> ResponseSpec:
+    return ResponseSpec(ErrorEnvelope, description=description)
+
+
 ERRORS = {
-    401: ResponseSpec(None, description="No API key, or a wrong one (`unauthorized`)."),
-    404: ResponseSpec(None, description="No such asset (`not_found`)."),
-    422: ResponseSpec(None, description="A bad field (`invalid_request`, `details.location`)."),
+    401: _error("No API key, or a wrong one (`unauthorized`)."),
+    404: _error("No such asset (`not_found`)."),
+    422: _error("A bad field (`invalid_request`, `details.location` names it)."),
 }
 
 
@@ -366,8 +371,9 @@ ERRORS = {
     operation_class=_UploadOperation,
     responses={
         200: ResponseSpec(Asset, description="The bytes were kept already (`created_new` false)."),
-        409: ResponseSpec(None, description="The bytes do not match `expected_hash`."),
-        413: ResponseSpec(None, description="Larger than ASSET_MAX_UPLOAD_MB."),
+        409: _error("The bytes do not match `expected_hash` (`hash_mismatch`)."),
+        413: _error("Larger than ASSET_MAX_UPLOAD_MB (`payload_too_large`)."),
+        401: ERRORS[401],
         422: ERRORS[422],
     },
     description="Streamed `multipart/form-data` (never held in memory); the bytes are hashed "
@@ -416,7 +422,7 @@ class FromHash(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     summary="Mint an asset over kept bytes (Comfy API v2)",
     tags=TAGS,
     status_code=200,
-    responses={404: ResponseSpec(None, description="No such bytes (`blob_not_found`)."), **ERRORS},
+    responses={**ERRORS, 404: _error("No such bytes (`blob_not_found`).")},
     description="A new asset over bytes the sidecar already keeps (no upload): what comfy-sdk "
     "does after `HEAD /assets/by-hash/{hash}` answered 200. `created_new` is false.",
 )
@@ -432,17 +438,17 @@ async def asset_from_hash(
 
 
 @head(
-    "/assets/by-hash/{hash_:str}",
+    "/assets/by-hash/{hash:str}",
     summary="Are these bytes kept? (Comfy API v2)",
     tags=TAGS,
     responses={404: ResponseSpec(None, description="Not kept.")},
     description="200 when bytes with this `blake3:<hex>` hash are kept, 404 when not (422 for "
     "a malformed hash).",
 )
-async def head_asset_by_hash(hash_: str, assets: NamedDependency[AssetService]) -> Response[None]:
+async def head_asset_by_hash(hash: str, assets: NamedDependency[AssetService]) -> Response[None]:
     """``HEAD /api/v2/assets/by-hash/{hash}``."""
-    parse_hash(hash_, "hash")
-    return Response(None, status_code=200 if await assets.has_hash(hash_) else 404)
+    parse_hash(hash, "hash")
+    return Response(None, status_code=200 if await assets.has_hash(hash) else 404)
 
 
 @get(
@@ -514,8 +520,8 @@ async def _nothing() -> AsyncIterator[bytes]:
     opt={SIGNED_CONTENT: True},
     responses={
         206: ResponseSpec(None, description="The requested byte range."),
-        403: ResponseSpec(None, description="A wrong or expired signature (`forbidden`)."),
-        416: ResponseSpec(None, description="The range starts past the end."),
+        403: _error("A wrong or expired signature (`forbidden`)."),
+        416: _error("The range starts past the end (`range_not_satisfiable`)."),
         **ERRORS,
     },
     description="The bytes, streamed with their content type and length; a single "
