@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from comfy_sidecar.assets import UrlSigner
 from comfy_sidecar.http.adapters.comfy_v2.assets import output_asset_id
 from tests.byte_relay import ByteRelay, byte_relay
 from tests.conftest import Backend, Sidecar, basic_prompt, make_sidecar
+from tests.waiting import wait_for
 
 KEY = "test-key-0123456789"
 SECRET = "asset-url-secret-0123456789"
@@ -485,3 +487,28 @@ def test_docs_show_the_asset_routes_with_their_schemas(sidecar: Sidecar) -> None
         asset["properties"]
     )
     assert upload_op["security"]  # API keys are on: the route says it needs one
+
+
+def test_a_client_gone_mid_upload_leaves_no_file_and_its_key_free(sidecar: Sidecar) -> None:
+    tmp = Path(sidecar.env["ASSET_DIR"]) / "tmp"
+    key = f"gone-{time.time_ns()}"
+    head = (
+        b'--gg\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+        + os.urandom(3 * 1024 * 1024)
+    )
+    with socket.create_connection(("127.0.0.1", sidecar.port)) as sock:
+        sock.sendall(
+            (
+                "POST /api/v2/assets HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {KEY}\r\nIdempotency-Key: {key}\r\n"
+                "Content-Type: multipart/form-data; boundary=gg\r\n"
+                f"Content-Length: {len(head) + 1_000_000}\r\n\r\n"
+            ).encode()
+            + head
+        )
+        wait_for(
+            lambda: any(tmp.glob(".partial-*")), timeout=10, what="the upload to reach the disk"
+        )
+    wait_for(lambda: not any(tmp.glob(".partial-*")), timeout=10, what="the partial file to go")
+    again = upload(sidecar, b"now whole", headers={"idempotency-key": key})
+    assert again.status_code == 201, again.text  # the failed request did not use the key up

@@ -166,9 +166,10 @@ def _iso_of(text: str | None) -> str | None:
 def _output_body(view: JobView, index: int, asset_id: str, signer: UrlSigner, origin: str) -> Asset:
     info = view.outputs[index]
     signed = signer.sign(asset_id)
+    digest = getattr(info, "hash", None)  # the job backend's blake3 of a retained file, if any
     return Asset(
         id=asset_id,
-        hash=None,
+        hash=digest if isinstance(digest, str) else None,
         size_bytes=info.size_bytes,
         content_type=info.mime_type,
         created_at=_iso_of(view.completed_at) or _iso_of(view.created_at) or "",
@@ -287,9 +288,13 @@ async def _receive_upload(
             if part.name == "file":
                 if upload.received is not None:
                     raise InputError("more than one file part", "file")
-                check_upload(upload.fields.get("file_path"), None, None, upload.tags)
-                check_upload(None, upload.fields.get("content_type"), None, ())
-                check_upload(None, None, upload.fields.get("expected_hash"), ())
+                fields = upload.fields
+                check_upload(  # what came before the file, before any of its bytes are read
+                    fields.get("file_path") or None,
+                    fields.get("content_type") or None,
+                    fields.get("expected_hash") or None,
+                    upload.tags,
+                )
                 upload.filename = part.filename or None
                 upload.part_type = part.content_type or None
                 upload.received = await assets.receive(form.body())
