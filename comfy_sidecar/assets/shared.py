@@ -65,7 +65,7 @@ from comfy_sidecar.assets.store import (
 from comfy_sidecar.config import ConfigError
 from comfy_sidecar.errors import AssetNotFound, BlobNotFound, Unavailable
 from comfy_sidecar.storage import netguard
-from comfy_sidecar.storage.errors import BadRequestError, DiskFullError
+from comfy_sidecar.storage.errors import BadRequestError, DiskFullError, NotFoundError
 
 if TYPE_CHECKING:
     from comfy_sidecar.storage import Storage, UploadSpec
@@ -535,15 +535,21 @@ class SharedAssets:
 
     async def open(self, asset_id: str) -> Content:
         """See :meth:`AssetService.open`: inline bytes from Redis, an object through the
-        download cache (fetched once per replica)."""
+        download cache (fetched once per replica; AssetNotFound when the store lost it, a
+        :class:`~comfy_sidecar.storage.errors.StorageError` when it cannot be read)."""
         record = await self._record(asset_id)
         blob = await self._guarded(self._blob(record.digest))
         if blob is None:
             raise AssetNotFound(f"the bytes of asset {asset_id!r} are gone", location="id")
         if not blob.url:
             return _RedisContent(record.asset, self.redis, _key("data", blob.digest), blob.size)
-        with netguard.trusted():
-            path = await self.storage.fetch(blob.url, None)
+        try:
+            with netguard.trusted():
+                path = await self.storage.fetch(blob.url, None)
+        except NotFoundError:  # the object store lost it (a lifecycle rule too short)
+            raise AssetNotFound(
+                f"the bytes of asset {asset_id!r} are gone", location="id"
+            ) from None
         handle = await asyncio.to_thread(open, path, "rb", buffering=0)
         return AssetContent(record.asset, handle, os.fstat(handle.fileno()).st_size)
 

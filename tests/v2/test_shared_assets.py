@@ -118,6 +118,13 @@ def test_bytes_over_the_inline_limit_go_to_the_object_store_and_read_back(
             value = await b.job_input(kept_big, "unused")
             assert value == f"s3://assets/{keys[0]}"
 
+        # The bucket lost the object (a lifecycle rule shorter than the asset's life): a
+        # replica that never read it answers that the asset is gone, not a caller's mistake.
+        s3_client.delete_object(Bucket="assets", Key=keys[0])  # type: ignore[attr-defined]
+        async with shared(tmp_path / "c", redis_server.url, Retained(), spill=spill) as c:
+            with pytest.raises(AssetNotFound):
+                await c.open(kept_big.id)
+
     asyncio.run(main())
 
 
