@@ -106,6 +106,14 @@ class OutputsTooLarge(SidecarError):
     instead of losing them (fields ``id``, ``size_bytes``)."""
 
 
+class PayloadTooLarge(SidecarError):
+    """A request body (an asset upload) is larger than the sidecar takes: ASSET_MAX_UPLOAD_MB,
+    or, with JOB_QUEUE_URL and nowhere but Redis to keep asset bytes, ASSET_INLINE_MB (v2
+    ``payload_too_large``). Field ``limit_bytes``."""
+
+    code: ClassVar[str] = "payload_too_large"
+
+
 class TimedOut(SidecarError):
     """The job ran longer than PROMPT_TIMEOUT_S and was interrupted (field ``id``)."""
 
@@ -140,6 +148,14 @@ class MissingAsset(InputError):
     (``workflow.<node>.inputs.<field>``); field ``missing`` lists every bad location."""
 
     code: ClassVar[str] = "missing_asset"
+
+
+class IdempotencyKeyReuse(InputError):
+    """An ``Idempotency-Key`` already used for this kind of request in the last 24 hours (or
+    in use by a request still running): keys are single-use, a reuse is refused, never
+    replayed (v2 ``idempotency_key_reuse``; comfy-sdk's ``IdempotencyKeyReuse``)."""
+
+    code: ClassVar[str] = "idempotency_key_reuse"
 
 
 class AssetUrlRefused(SidecarError):

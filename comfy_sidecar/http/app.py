@@ -23,6 +23,7 @@ from litestar.static_files import create_static_files_router
 from comfy_sidecar import __version__
 from comfy_sidecar.http.adapters import aidock, modal_jobs, modal_simple
 from comfy_sidecar.http.adapters.comfy_v2 import v2_routers
+from comfy_sidecar.http.adapters.comfy_v2.assets import AssetInputs
 from comfy_sidecar.http.apikeys import ApiKeys
 from comfy_sidecar.http.auth import SECURITY, SECURITY_SCHEMES, ApiKeyMiddleware, open_paths
 from comfy_sidecar.http.errors import exception_handlers
@@ -38,9 +39,12 @@ from comfy_sidecar.observability.logs import bind_traceparent
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Receive, Scope, Send
 
+    from comfy_sidecar.assets import UrlSigner
+    from comfy_sidecar.assets.service import AssetService
     from comfy_sidecar.comfy.client import ComfyClient
     from comfy_sidecar.comfy.health import Health
     from comfy_sidecar.config import Settings
+    from comfy_sidecar.http.idempotency import IdempotencyKeys
     from comfy_sidecar.jobs.backend import JobBackend
     from comfy_sidecar.jobs.lifecycle import JobLifecycle
     from comfy_sidecar.observability.metrics import Scraped
@@ -204,6 +208,12 @@ class AppServices(Protocol):
     def staging(self) -> Staging: ...
     @property
     def workflows(self) -> list[Any]: ...
+    @property
+    def assets(self) -> AssetService: ...
+    @property
+    def signer(self) -> UrlSigner: ...
+    @property
+    def idempotency(self) -> IdempotencyKeys: ...
 
 
 def _provide(value: Any) -> Provide:
@@ -218,8 +228,10 @@ def create_app(
     services it needs by name (Litestar ``Provide``): ``jobs`` (the job backend),
     ``lifecycle`` (the job lifecycle, for ``/prompt``), ``probes`` (health), ``downloads``
     (model downloads), ``workflow_host``, ``scrape`` (the metrics' view), ``staging``
-    (request files). ``warmup_prompt()`` is the warmup prompt once loaded (the workflow
-    endpoints' ``ctx.warmup_checkpoint``)."""
+    (request files), ``assets`` (the v2 asset service), ``asset_inputs`` (``core/ASSET``
+    references of a submitted workflow), ``signer`` (signed content URLs), ``idempotency``
+    (single-use ``Idempotency-Key``). ``warmup_prompt()`` is the warmup prompt once loaded
+    (the workflow endpoints' ``ctx.warmup_checkpoint``)."""
     settings = container.settings
     api_keys = ApiKeys.from_settings(settings)
     handlers: list[Any] = [
@@ -260,6 +272,10 @@ def create_app(
             "workflow_host": _provide(workflow_host),
             "scrape": _provide(container.gauges),
             "staging": _provide(container.staging),
+            "assets": _provide(container.assets),
+            "asset_inputs": _provide(AssetInputs(container.assets, container.staging)),
+            "signer": _provide(container.signer),
+            "idempotency": _provide(container.idempotency),
         },
         request_max_body_size=settings.max_body_size_mb * 1024 * 1024,
         exception_handlers=exception_handlers(),

@@ -9,6 +9,10 @@ The middleware runs before the handler reads the body: a request without a valid
 answered 401, ``WWW-Authenticate: Bearer``, ``{"error": ..., "location": "authorization"}``,
 and its body is never read. The key is taken from ``Authorization: Bearer <key>`` or
 ``X-API-Key: <key>`` (either may be the valid one) and never logged or echoed.
+
+A signed asset content URL (``GET /api/v2/assets/{id}/content?exp=&sig=``) is its own
+credential: it passes without a key and its route checks the signature
+(:func:`signed_content`).
 """
 
 from __future__ import annotations
@@ -68,6 +72,22 @@ def presented_keys(headers: Headers) -> list[str]:
     return keys
 
 
+#: The ``opt`` flag of a route whose signed URLs need no key (the v2 asset content route).
+SIGNED_CONTENT = "signed_content"
+
+
+def signed_content(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    """True for a request to a route flagged :data:`SIGNED_CONTENT` that carries a signed
+    URL's ``sig`` or ``exp``: it passes without a key, and the route answers 403 unless the
+    signature verifies (:meth:`comfy_sidecar.assets.signing.UrlSigner.verify`). Without them
+    the route needs a key as every other does."""
+    handler = connection.scope.get("route_handler")
+    if handler is None or not handler.opt.get(SIGNED_CONTENT):
+        return False
+    query = connection.query_params
+    return "sig" in query or "exp" in query
+
+
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
     """Refuses, with 401, a request that carries none of the app's keys (the
     :class:`~comfy_sidecar.http.apikeys.ApiKeys` in ``app.state.api_keys``, looked up per request:
@@ -79,6 +99,8 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
     ) -> AuthenticationResult:
         """The request's auth result; raises ``NotAuthorizedException`` (401) without a key
         or with a wrong one."""
+        if signed_content(connection):
+            return AuthenticationResult(user=None, auth=None)  # the handler checks the URL
         presented = presented_keys(connection.headers)
         if not presented:
             raise NotAuthorizedException(MISSING, headers=CHALLENGE)

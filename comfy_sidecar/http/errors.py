@@ -20,12 +20,14 @@ from comfy_sidecar.errors import (
     AssetUrlRefused,
     Conflict,
     ExecutionFailed,
+    IdempotencyKeyReuse,
     InputError,
     Interrupted,
     MissingAsset,
     NotFound,
     OutputsTooLarge,
     Overloaded,
+    PayloadTooLarge,
     SidecarError,
     TimedOut,
     Unavailable,
@@ -112,6 +114,7 @@ STATUS: dict[type[Exception], int] = {
     ExecutionFailed: 500,
     UpstreamFailed: 502,
     Overloaded: 429,  # MAX_QUEUE_DEPTH: a load balancer or the Salad queue tries elsewhere
+    PayloadTooLarge: 413,  # an asset upload over ASSET_MAX_UPLOAD_MB (or ASSET_INLINE_MB)
     Unavailable: 503,
     TimedOut: 504,
     OutputsTooLarge: 507,  # only ever a job's error body: the job's outputs had no room
@@ -119,6 +122,7 @@ STATUS: dict[type[Exception], int] = {
     # 409 as Conflict
     MissingAsset: 422,  # a core/ASSET reference that is malformed or names no asset
     AssetUrlRefused: 403,  # a signed content URL with a wrong signature, or expired
+    IdempotencyKeyReuse: 422,  # an Idempotency-Key used before (keys are single-use)
     # storage errors that reach a request (an upload's is an UpstreamFailed's cause)
     BadRequestError: 400,
     AuthError: 400,
@@ -169,6 +173,7 @@ V2_CODE_BY_STATUS = {
     405: "method_not_allowed",
     409: "conflict",
     413: "payload_too_large",
+    416: "range_not_satisfiable",
     422: "invalid_request",
     429: "queue_full",
     499: "canceled",

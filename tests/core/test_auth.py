@@ -108,6 +108,9 @@ def _assert_refused(response: Any) -> None:
     assert response.status_code == 401, response.text
     assert response.headers["www-authenticate"] == "Bearer"
     body = response.json()
+    if response.url.path.startswith("/api/v2/"):  # the Comfy API v2 envelope
+        assert body["error"]["code"] == "unauthorized"
+        body = {"error": body["error"]["message"], **body["error"]["details"]}
     assert body["location"] == "authorization"
     assert body["error"]
     for key in ALL_KEYS:

@@ -19,10 +19,12 @@ from comfy_sidecar.config import load_settings
 from comfy_sidecar.errors import (
     BlobNotFound,
     HashMismatch,
+    IdempotencyKeyReuse,
     InputError,
     MissingAsset,
     NotFound,
     Overloaded,
+    PayloadTooLarge,
     ValidationFailed,
 )
 from comfy_sidecar.http.adapters.comfy_v2.errors import exception_handlers
@@ -59,6 +61,13 @@ CASES: list[tuple[Exception, int, str, type[Exception]]] = [
         sdk.HashMismatch,
     ),
     (BlobNotFound("no bytes with this hash"), 404, "blob_not_found", sdk.BlobNotFound),
+    (
+        IdempotencyKeyReuse("this key was used", "Idempotency-Key"),
+        422,
+        "idempotency_key_reuse",
+        sdk.IdempotencyKeyReuse,
+    ),
+    (PayloadTooLarge("too large", limit_bytes=1), 413, "payload_too_large", sdk.ComfyError),
     (NotFound("no job with id 'x'", location="id"), 404, "not_found", sdk.NotFound),
     (Overloaded("the queue is full"), 429, "queue_full", sdk.QueueFull),
 ]

@@ -42,12 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from comfy_sidecar.jobs.model import (
     DifferentBody,
@@ -58,6 +53,7 @@ from comfy_sidecar.jobs.model import (
     iso,
     now_ms,
 )
+from comfy_sidecar.net.redisconn import connect
 
 log = logging.getLogger("comfy_sidecar.jobs.redis")
 
@@ -227,16 +223,7 @@ class RedisJobs:
     def __init__(
         self, url: str, replica: str, *, retention_s: float, lease_s: float, max_attempts: int
     ) -> None:
-        # Any: redis-py's reply types are unions over RESP2/RESP3 that every call narrows.
-        # A pooled connection that Redis closed (a restart) is retried on a new one.
-        self.redis: Any = aioredis.Redis.from_url(
-            url,
-            socket_timeout=None,
-            socket_connect_timeout=5,
-            health_check_interval=10,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
+        self.redis: Any = connect(url)
         self.replica = replica
         self._emit = self.redis.register_script(EMIT)
         self._take_end = self.redis.register_script(TAKE_END)
