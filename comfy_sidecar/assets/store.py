@@ -59,9 +59,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 import msgspec
-from blake3 import blake3
 
-from comfy_sidecar.assets.hashing import format_hash, hash_file, is_hash, parse_hash
+from comfy_sidecar.assets.hashing import format_hash, hash_file, is_hash, new_hasher, parse_hash
 from comfy_sidecar.errors import (
     AssetNotFound,
     BlobNotFound,
@@ -73,6 +72,8 @@ from comfy_sidecar.storage.cache import place_job_input
 from comfy_sidecar.storage.errors import DiskFullError, OutputMissingError, is_disk_full
 
 if TYPE_CHECKING:
+    from blake3 import blake3
+
     from comfy_sidecar.config import Settings
 
 log = logging.getLogger("comfy_sidecar.assets")
@@ -262,7 +263,7 @@ async def receive(chunks: AsyncIterable[bytes], directory: Path, *, max_bytes: i
     whatever ``chunks`` raises (the client went away) passes through. The temp file is
     removed on any error; otherwise the caller owns it (:func:`discard`)."""
     tmp = directory / f".partial-{uuid.uuid4().hex}"
-    hasher = blake3()
+    hasher = new_hasher()
     size = 0
     try:
         handle = await asyncio.to_thread(open, tmp, "xb")

@@ -31,8 +31,6 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, runtime_checkable
 
-from redis.exceptions import RedisError
-
 from comfy_sidecar.errors import IdempotencyKeyReuse, InputError, Unavailable
 
 log = logging.getLogger("comfy_sidecar.app")
@@ -164,9 +162,13 @@ class RedisIdempotencyKeys:
     PREFIX = "comfy-sidecar:idempotency"
 
     def __init__(self, redis: Any, ttl_s: float = KEY_TTL_S) -> None:
+        # redis is imported in queue mode only (about 7 MB of a sidecar's RSS otherwise)
+        from redis.exceptions import RedisError
+
         self.redis = redis
         self.ttl_s = ttl_s
         self._free = redis.register_script(_FREE)
+        self._errors: tuple[type[Exception], ...] = (RedisError, OSError)
 
     def _key(self, scope: str, key: str) -> str:
         return f"{self.PREFIX}:{scope}:{key}"
@@ -178,7 +180,7 @@ class RedisIdempotencyKeys:
             done = await self.redis.set(
                 self._key(scope, key), token, nx=True, ex=max(1, int(self.ttl_s))
             )
-        except (RedisError, OSError) as exc:
+        except self._errors as exc:
             raise Unavailable(f"the Idempotency-Key store (Redis) is unreachable: {exc}") from None
         return bool(done)
 
@@ -187,5 +189,5 @@ class RedisIdempotencyKeys:
         request's own error is what its caller hears; the key then stays used)."""
         try:
             await self._free(keys=[self._key(scope, key)], args=[token])
-        except (RedisError, OSError) as exc:
+        except self._errors as exc:
             log.warning("cannot free an Idempotency-Key after a failed request: %s", exc)

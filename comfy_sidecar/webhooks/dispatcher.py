@@ -422,13 +422,15 @@ class WebhookDispatcher:
     def _http(self) -> httpx.AsyncClient:
         """The one HTTP client of the deliveries, made on first use."""
         if self._client is None:
+            from comfy_sidecar.storage.guarded import guarded_transport  # httpcore: on first use
+
             limits = httpx.Limits(max_connections=32, max_keepalive_connections=8)
             # Prompt webhooks are callers' URLs: every one passes the SSRF guard's transport
             # (directly: each connection checked and pinned; through HTTP(S)_PROXY when one
             # applies: the host checked first). SYSTEM_WEBHOOK_URL is the operator's, delivered
             # inside trusted().
             self._client = httpx.AsyncClient(
-                follow_redirects=False, transport=self._guard.transport(limits=limits)
+                follow_redirects=False, transport=guarded_transport(self._guard, limits=limits)
             )
         return self._client
 
