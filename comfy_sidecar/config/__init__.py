@@ -34,7 +34,6 @@ from comfy_sidecar.config.parsers import (
     optional_output_url,
     optional_redis_url,
     optional_text,
-    read_key_file,
     text,
 )
 
@@ -355,8 +354,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     api_keys_file: Annotated[
         str | None,
         Var("API_KEYS_FILE", None, optional_text, new=True),
-        "File of API keys, one a line (blank lines and `#` comments ignored), re-read on "
-        "SIGHUP; its keys add to API_KEYS.",
+        "File of API keys, re-read on SIGHUP; its keys add to API_KEYS. One key a line (blank "
+        "lines and `#` comments ignored), or YAML naming each key with its quotas and priority "
+        "(`keys: [{key, name, max_concurrent_jobs, jobs_per_minute, max_queue, priority}]`; "
+        "see Security).",
     ]
     metrics_require_auth: Annotated[
         bool,
@@ -599,8 +600,10 @@ def _check_combinations(values: dict[str, Any]) -> None:
                 )
     keys_file = values["api_keys_file"]
     if keys_file is not None:
+        from comfy_sidecar.config.keys import check_names, env_keys, read_key_file
+
         try:
-            read_key_file(keys_file)
+            check_names([*env_keys(values["api_keys"]), *read_key_file(keys_file)])
         except (OSError, ValueError) as exc:
             raise ConfigError(f"API_KEYS_FILE: {exc}") from None
     instances = values["comfyui_instances"] or max(1, len(values["comfyui_gpus"]))
