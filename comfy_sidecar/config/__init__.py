@@ -359,6 +359,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         "(`keys: [{key, name, max_concurrent_jobs, jobs_per_minute, max_queue, priority}]`; "
         "see Security).",
     ]
+    jobs_visible_to: Annotated[
+        str,
+        Var("JOBS_VISIBLE_TO", "all", one_of("all", "owner"), new=True),
+        "Whose jobs a key sees: `all` (one team), or `owner`: only the jobs it submitted (GET "
+        "/jobs and every job route of the job APIs answer 404 for another key's job).",
+    ]
     metrics_require_auth: Annotated[
         bool,
         Var("METRICS_REQUIRE_AUTH", "false", boolean, new=True),

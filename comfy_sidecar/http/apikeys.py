@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from comfy_sidecar.config.keys import KeyPolicy, check_names, env_keys, read_key_file
+from comfy_sidecar.observability import metrics
 
 if TYPE_CHECKING:
     from comfy_sidecar.config import Settings
@@ -94,5 +95,6 @@ class ApiKeys:
             log.error("API_KEYS_FILE: %s; keeping the %d keys in use", exc, len(self))
             return False
         self._from_file = [(_digest(key), policy) for key, policy in entries]
+        metrics.keys_known(self.names)
         log.info("API_KEYS_FILE re-read: %d keys from it, %d in all", len(entries), len(self))
         return True

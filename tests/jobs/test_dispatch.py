@@ -158,7 +158,8 @@ def test_a_higher_priority_gets_the_next_slot_fifo_within_a_priority() -> None:
         tasks = []
         for name, priority in (("low1", 0), ("low2", 0), ("mid", 5), ("low3", 0), ("high", 10)):
             tasks.append(asyncio.ensure_future(job(name, priority)))
-            await settle(lambda n=len(tasks): d.waiting == n)
+            count = len(tasks)
+            await settle(lambda: d.waiting == count)  # noqa: B023 (awaited at once)
             now[0] += 1
         assert d.oldest_wait_s == 5.0  # low1, waiting since 0
         d.release(held)
