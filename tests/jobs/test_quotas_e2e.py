@@ -149,6 +149,8 @@ def test_exactly_n_concurrent_jobs_for_a_key_and_the_others_429(
     ended = [view(sidecars[-1], "team-a", job_id, wait=60) for job_id in taken]
     assert [v["status"] for v in ended] == ["completed", "completed"], ended
     assert all(v["owner"] == "team-a" for v in ended)
+    # JOBS_VISIBLE_TO=all (the default): one team, every key reads every job.
+    assert view(sidecars[0], "team-b", taken[0])["owner"] == "team-a"
     assert view(sidecars[0], "team-b", other, wait=60)["status"] == "completed"
     # Their places were given back: two more are taken, the third is refused.
     again = [
