@@ -34,7 +34,6 @@ from comfy_sidecar.config.parsers import (
     optional_output_url,
     optional_redis_url,
     optional_text,
-    read_key_file,
     text,
 )
 
@@ -381,8 +380,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     api_keys_file: Annotated[
         str | None,
         Var("API_KEYS_FILE", None, optional_text, new=True),
-        "File of API keys, one a line (blank lines and `#` comments ignored), re-read on "
-        "SIGHUP; its keys add to API_KEYS.",
+        "File of API keys, re-read on SIGHUP; its keys add to API_KEYS. One key a line (blank "
+        "lines and `#` comments ignored), or YAML naming each key with its quotas and priority "
+        "(`keys: [{key, name, max_concurrent_jobs, jobs_per_minute, max_queue, priority}]`; "
+        "see Security).",
+    ]
+    jobs_visible_to: Annotated[
+        str,
+        Var("JOBS_VISIBLE_TO", "all", one_of("all", "owner"), new=True),
+        "Whose jobs a key sees: `all` (one team), or `owner`: only the jobs it submitted (GET "
+        "/jobs and every job route of the job APIs answer 404 for another key's job).",
     ]
     metrics_require_auth: Annotated[
         bool,
@@ -625,8 +632,10 @@ def _check_combinations(values: dict[str, Any]) -> None:
                 )
     keys_file = values["api_keys_file"]
     if keys_file is not None:
+        from comfy_sidecar.config.keys import check_names, env_keys, read_key_file
+
         try:
-            read_key_file(keys_file)
+            check_names([*env_keys(values["api_keys"]), *read_key_file(keys_file)])
         except (OSError, ValueError) as exc:
             raise ConfigError(f"API_KEYS_FILE: {exc}") from None
     instances = values["comfyui_instances"] or max(1, len(values["comfyui_gpus"]))

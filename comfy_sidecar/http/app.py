@@ -25,7 +25,13 @@ from comfy_sidecar.http.adapters import aidock, modal_jobs, modal_simple
 from comfy_sidecar.http.adapters.comfy_v2 import v2_routers
 from comfy_sidecar.http.adapters.comfy_v2.assets import AssetInputs
 from comfy_sidecar.http.apikeys import ApiKeys
-from comfy_sidecar.http.auth import SECURITY, SECURITY_SCHEMES, ApiKeyMiddleware, open_paths
+from comfy_sidecar.http.auth import (
+    SECURITY,
+    SECURITY_SCHEMES,
+    ApiKeyMiddleware,
+    caller_of,
+    open_paths,
+)
 from comfy_sidecar.http.errors import exception_handlers
 from comfy_sidecar.http.routes.jobs import ROUTES as JOB_ROUTES
 from comfy_sidecar.http.routes.metrics import metrics_route
@@ -33,6 +39,7 @@ from comfy_sidecar.http.routes.models import ModelDownloads, download, download_
 from comfy_sidecar.http.routes.probes import health, ready
 from comfy_sidecar.http.routes.prompt import interrupt, prompt
 from comfy_sidecar.http.routes.workflows import WorkflowHost, workflow_route
+from comfy_sidecar.jobs.visibility import CallerJobs
 from comfy_sidecar.observability import metrics
 from comfy_sidecar.observability.logs import bind_traceparent
 
@@ -221,6 +228,17 @@ def _provide(value: Any) -> Provide:
     return Provide(lambda: value, sync_to_thread=False, use_cache=True)
 
 
+def _caller_jobs(backend: JobBackend, owner_only: bool) -> Provide:
+    """The ``jobs`` dependency: ``backend`` as the request's API key sees it
+    (:class:`~comfy_sidecar.jobs.visibility.CallerJobs`: its jobs stamped with the key's
+    policy; only its own visible with JOBS_VISIBLE_TO=owner)."""
+
+    def jobs(request: Request[Any, Any, Any]) -> CallerJobs:
+        return CallerJobs(backend, caller_of(request.scope), owner_only)
+
+    return Provide(jobs, sync_to_thread=False)
+
+
 def create_app(
     container: AppServices, warmup_prompt: Callable[[], dict[str, Any] | None] = lambda: None
 ) -> Litestar:
@@ -230,10 +248,14 @@ def create_app(
     (model downloads), ``workflow_host``, ``scrape`` (the metrics' view), ``staging``
     (request files), ``assets`` (the v2 asset service), ``asset_inputs`` (``core/ASSET``
     references of a submitted workflow), ``signer`` (signed content URLs), ``idempotency``
-    (single-use ``Idempotency-Key``). ``warmup_prompt()`` is the warmup prompt once loaded
-    (the workflow endpoints' ``ctx.warmup_checkpoint``)."""
+    (single-use ``Idempotency-Key``). ``jobs`` is made per request: the backend as the
+    request's API key sees it. ``warmup_prompt()`` is the warmup prompt once loaded (the
+    workflow endpoints' ``ctx.warmup_checkpoint``)."""
     settings = container.settings
     api_keys = ApiKeys.from_settings(settings)
+    metrics.keys_known(api_keys.names)
+    if settings.jobs_visible_to == "owner" and not api_keys.enabled:
+        log.warning("JOBS_VISIBLE_TO=owner without API keys: every caller sees every job")
     handlers: list[Any] = [
         health,
         ready,
@@ -265,7 +287,7 @@ def create_app(
         middleware=[_trace_context],
         state=State({"api_keys": api_keys}),
         dependencies={
-            "jobs": _provide(container.jobs),
+            "jobs": _caller_jobs(container.jobs, settings.jobs_visible_to == "owner"),
             "lifecycle": _provide(container.lifecycle),
             "probes": _provide(container.health),
             "downloads": _provide(downloads),

@@ -8,7 +8,10 @@ OpenAPI documents) stay open, so a browser can load them and authorize there.
 The middleware runs before the handler reads the body: a request without a valid key is
 answered 401, ``WWW-Authenticate: Bearer``, ``{"error": ..., "location": "authorization"}``,
 and its body is never read. The key is taken from ``Authorization: Bearer <key>`` or
-``X-API-Key: <key>`` (either may be the valid one) and never logged or echoed.
+``X-API-Key: <key>`` (either may be the valid one) and never logged or echoed. A request let in
+carries its key's :class:`~comfy_sidecar.config.keys.KeyPolicy` (name, quotas, priority) as
+the scope's ``user`` (:func:`caller_of`): the job layer gets the name and quotas, never the
+key.
 
 A signed asset content URL (``GET /api/v2/assets/{id}/content?exp=&sig=``) is its own
 credential: it passes without a key and its route checks the signature
@@ -24,6 +27,8 @@ from litestar.datastructures import Headers
 from litestar.exceptions import NotAuthorizedException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from litestar.openapi.spec import SecurityRequirement, SecurityScheme
+
+from comfy_sidecar.config.keys import KeyPolicy
 
 if TYPE_CHECKING:
     from comfy_sidecar.config import Settings
@@ -105,9 +110,19 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         if not presented:
             raise NotAuthorizedException(MISSING, headers=CHALLENGE)
         keys: ApiKeys = connection.app.state.api_keys
-        valid = False
+        found: KeyPolicy | None = None
         for key in presented:  # every one checked: no early exit
-            valid |= keys.check(key)
-        if not valid:
+            policy = keys.identify(key)
+            if found is None:
+                found = policy
+        if found is None:
             raise NotAuthorizedException(INVALID, headers=CHALLENGE)
-        return AuthenticationResult(user=None, auth=None)
+        return AuthenticationResult(user=found, auth=None)
+
+
+def caller_of(scope: Any) -> KeyPolicy | None:
+    """The :class:`~comfy_sidecar.config.keys.KeyPolicy` of the key a request was let in with
+    (the first valid one it carries, the ``Authorization`` one first), or None when no key is
+    configured (or on an open route)."""
+    user = scope.get("user")
+    return user if isinstance(user, KeyPolicy) else None

@@ -38,6 +38,7 @@ from comfy_sidecar.http.idempotency import (
 from comfy_sidecar.jobs.backend import JobBackend
 from comfy_sidecar.jobs.lifecycle import JobLifecycle
 from comfy_sidecar.jobs.local import LocalBackend
+from comfy_sidecar.jobs.quotas import LocalQuotas, Quotas
 from comfy_sidecar.jobs.store import JobStore
 from comfy_sidecar.pipeline.deliver import storage_uploader
 from comfy_sidecar.pipeline.run import Pipeline
@@ -229,6 +230,8 @@ def build(settings: Settings, workflows: list[Any] | None = None) -> Container:
     pipeline = Pipeline(settings, instances, dispatcher, storage)
     store = JobStore(settings.jobs_dir, settings.job_retention_s, settings.job_retention_max)
     health = Health(settings, instances, dispatcher, signals)
+    redis_jobs = _redis_jobs(settings)
+    quotas = _quotas(redis_jobs)
     lifecycle = JobLifecycle(
         pipeline,
         store,
@@ -237,8 +240,9 @@ def build(settings: Settings, workflows: list[Any] | None = None) -> Container:
         tasks.spawn,
         admit=health.admit,
         formats=FORMATS,
+        quotas=quotas,
     )
-    jobs = _backend(settings, lifecycle, dispatcher, pipeline, storage)
+    jobs = _backend(settings, lifecycle, dispatcher, pipeline, storage, redis_jobs, quotas)
     staging: Staging = (
         FolderStaging(settings, storage) if settings.job_queue_url is None else InlineStaging()
     )
@@ -268,27 +272,48 @@ def build(settings: Settings, workflows: list[Any] | None = None) -> Container:
     )
 
 
-def _backend(
-    settings: Settings,
-    lifecycle: JobLifecycle,
-    dispatcher: Dispatcher,
-    pipeline: Pipeline,
-    storage: Storage,
-) -> JobBackend:
-    """The job backend, chosen once: Redis with JOB_QUEUE_URL, else in-process."""
+def _redis_jobs(settings: Settings) -> Any:
+    """The replica's Redis job store with JOB_QUEUE_URL (a
+    :class:`~comfy_sidecar.jobs.redis.store.RedisJobs`), else None."""
     if settings.job_queue_url is None:
-        return LocalBackend(lifecycle)
-    from comfy_sidecar.jobs.redis.backend import RedisBackend, Slots
+        return None
     from comfy_sidecar.jobs.redis.store import RedisJobs
 
     replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    redis_jobs = RedisJobs(
+    return RedisJobs(
         settings.job_queue_url,
         replica,
         retention_s=settings.job_retention_s,
         lease_s=settings.job_lease_s,
         max_attempts=settings.job_max_attempts,
     )
+
+
+def _quotas(redis_jobs: Any) -> Quotas:
+    """Where the API keys' quotas are counted: in Redis with JOB_QUEUE_URL (every replica's
+    jobs count), else in memory."""
+    if redis_jobs is None:
+        return LocalQuotas()
+    from comfy_sidecar.jobs.redis.quotas import RedisQuotas
+
+    return RedisQuotas(redis_jobs)
+
+
+def _backend(
+    settings: Settings,
+    lifecycle: JobLifecycle,
+    dispatcher: Dispatcher,
+    pipeline: Pipeline,
+    storage: Storage,
+    redis_jobs: Any,
+    quotas: Quotas,
+) -> JobBackend:
+    """The job backend, chosen once: Redis with JOB_QUEUE_URL, else in-process."""
+    if redis_jobs is None:
+        return LocalBackend(lifecycle)
+    from comfy_sidecar.jobs.redis.backend import RedisBackend, Slots
+    from comfy_sidecar.jobs.redis.quotas import RedisQuotas
+
     spill_to: Callable[[str], Any] | None = None
     if settings.job_output_url is not None:
         base = settings.job_output_url.rstrip("/")
@@ -304,6 +329,7 @@ def _backend(
         pipeline.check,
         inline_mb=settings.job_inline_output_mb,
         spill_to=spill_to,
+        quotas=quotas if isinstance(quotas, RedisQuotas) else None,
     )
 
 
