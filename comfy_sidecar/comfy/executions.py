@@ -89,6 +89,8 @@ class Job:
     #: ComfyUI's ``extra_data.api_key_comfy_org`` for the job's partner nodes (sent with its
     #: ``POST /prompt`` only).
     partner_key: Secret | None = None
+    #: Its place in the sidecar's queue: higher gets a slot first (its API key's priority).
+    priority: int = 0
     #: Called with (frame type, data) for each of the job's frames, after the job took it,
     #: and with ``("sidecar_queued", {"prompt_id", "instance"})`` when it is sent to ComfyUI,
     #: ``("sidecar_accepted", {"prompt_id"})`` once ComfyUI took it (its validation passed) and
@@ -109,6 +111,7 @@ class Job:
             created_ms=self.created_ms,
             interrupt_requested=self.interrupt_requested,
             partner_key=self.partner_key,
+            priority=self.priority,
             listener=self.listener,
             stop_requested=self.stop_requested,
         )

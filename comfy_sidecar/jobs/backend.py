@@ -116,13 +116,15 @@ class JobBackend(Protocol):
         status: JobStatus | None,
         limit: int,
         cursor: int | None,
+        owner: str | None = None,
         *,
         endpoint: str | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> tuple[list[JobView], int | None]:
-        """Newest first: up to ``limit`` jobs (with ``status``, submitted through
-        ``endpoint``, and carrying every label of ``metadata``, when given) older than
-        ``cursor`` (from a previous page); (views, next cursor or None)."""
+        """Newest first: up to ``limit`` jobs (with ``status``, submitted with the API key
+        named ``owner``, submitted through ``endpoint``, and carrying every label of
+        ``metadata``, when given) older than ``cursor`` (from a previous page); (views, next
+        cursor or None)."""
         ...
 
     async def prompt(self, job_id: str) -> dict[str, Any] | None:

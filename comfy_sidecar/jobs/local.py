@@ -159,13 +159,14 @@ class LocalBackend:
         status: JobStatus | None,
         limit: int,
         cursor: int | None,
+        owner: str | None = None,
         *,
         endpoint: str | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> tuple[list[JobView], int | None]:
-        """A page of the store, newest first."""
+        """A page of the store, newest first (``owner``'s jobs only, when given)."""
         records, following = self.store.page(
-            status, limit, cursor, endpoint=endpoint, metadata=metadata
+            status, limit, cursor, owner, endpoint=endpoint, metadata=metadata
         )
         return [self.store.view(record) for record in records], following
 

@@ -1,9 +1,9 @@
 """What a front door hands the job layer: a :class:`JobSpec` (the ``/prompt`` request with its
 id, the API it came through, what makes a resubmission "the same body", the adapter's
-after-end action, and the Comfy API v2's extras: string labels, an ``Idempotency-Key`` and the
-partner key). Both backends keep it as it is (the Redis backend as JSON in the job's hash), so
-the replica that ends a job knows what to send; the partner key alone is never kept with the
-job (see :attr:`JobSpec.partner_key`).
+after-end action, the API key's policy: owner, quotas, priority, and the Comfy API v2's extras:
+string labels, an ``Idempotency-Key`` and the partner key). Both backends keep it as it is (the
+Redis backend as JSON fields of the job's hash), so the replica that ends a job knows what to
+send; the partner key alone is never kept with the job (see :attr:`JobSpec.partner_key`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from comfy_sidecar.config.keys import KeyPolicy
 from comfy_sidecar.schemas import PromptRequest
 from comfy_sidecar.schemas.secret import Secret
 
@@ -49,8 +50,10 @@ class JobSpec(msgspec.Struct, kw_only=True, frozen=True):
     """One job as submitted: ``request`` (its ``id`` set), ``endpoint`` (the API it came
     through: ``jobs``, ``modal_jobs``, ``modal_simple``, ``aidock``; the metrics' label),
     ``fingerprint`` (bytes: two submissions with one id and the same fingerprint are one job;
-    empty for ``/prompt``, whose ids may be reused once a job ended) and ``after`` (the
-    adapter's webhook, sent by whichever replica ends the job).
+    empty for ``/prompt``, whose ids may be reused once a job ended), ``after`` (the
+    adapter's webhook, sent by whichever replica ends the job) and ``key`` (the policy of the
+    API key that submitted it: its name owns the job, its quotas admit it, its priority places
+    it in the queues; None without keys). The HTTP layer sets ``key`` (never the key itself).
 
     The Comfy API v2 (``comfy_v2``) adds: ``metadata``, string labels kept with the job, shown
     in its view and filtered on by :meth:`~comfy_sidecar.jobs.backend.JobBackend.page`;
@@ -71,10 +74,21 @@ class JobSpec(msgspec.Struct, kw_only=True, frozen=True):
     endpoint: str
     fingerprint: bytes = b""
     after: AfterEnd | None = None
+    key: KeyPolicy | None = None
     metadata: dict[str, str] | None = None
     idempotency_key: str | None = None
     partner_key: Secret | None = None
     verdict: bool = False
+
+    @property
+    def owner(self) -> str | None:
+        """The name of the key that submitted the job (None: no key)."""
+        return None if self.key is None else self.key.name
+
+    @property
+    def priority(self) -> int:
+        """The job's priority in the sidecar's queue and the shared queue (higher first)."""
+        return 0 if self.key is None else self.key.priority
 
     @property
     def id(self) -> str:

@@ -327,9 +327,10 @@ class Pipeline:
             return await self.complete(await self.prepare(request))
 
     async def prepare(
-        self, request: PromptRequest, partner_key: Secret | None = None
+        self, request: PromptRequest, priority: int = 0, partner_key: Secret | None = None
     ) -> PendingJob:
         """Register the job and preprocess its prompt (media inputs, prefixes, output check).
+        ``priority``: its place in the sidecar's queue (higher gets an instance slot first).
         ``partner_key`` goes to ComfyUI with the prompt (``extra_data.api_key_comfy_org``).
 
         Raises :class:`InputError` (with the job's ``id``) and :class:`Conflict`; on success the
@@ -341,7 +342,9 @@ class Pipeline:
         except InputError as exc:
             raise InputError(exc.message, exc.location, id=job_id) from None
         prompt: dict[str, Any] = msgspec.to_builtins(request.prompt)
-        job = Job(id=job_id, prompt_id=str(uuid.uuid4()), partner_key=partner_key)
+        job = Job(
+            id=job_id, prompt_id=str(uuid.uuid4()), priority=priority, partner_key=partner_key
+        )
         bind_job(job.id, job.prompt_id)
         if job_id in self._active:
             raise Conflict(f"a job with id {job_id!r} is already running", location="id", id=job_id)
@@ -513,7 +516,7 @@ class Pipeline:
             if listener is not None:
                 listener("sidecar_waiting", {})
 
-        slot = asyncio.ensure_future(self.dispatcher.acquire(waiting))
+        slot = asyncio.ensure_future(self.dispatcher.acquire(job.priority, waiting))
         stop = asyncio.ensure_future(job.stop_requested.wait())
         try:
             await asyncio.wait({slot, stop}, return_when=asyncio.FIRST_COMPLETED)

@@ -123,8 +123,9 @@ def test_a_bad_submission_is_a_4xx_envelope(
 
 
 def test_a_body_that_is_not_json_is_a_4xx_envelope(sidecar: Sidecar) -> None:
+    # 422 like every other caller's mistake under /api/v2 (comfy_v2/errors.py _http_error)
     response = post_job(sidecar, content=b"{not json", headers={"content-type": "application/json"})
-    error = envelope(response, 400, "invalid_request")
+    error = envelope(response, 422, "invalid_request")
     assert error["details"] == {"location": "body"}
 
 

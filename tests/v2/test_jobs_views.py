@@ -14,12 +14,11 @@ from comfy_low.models import Output as SdkOutput
 from comfy_low.models import Progress as SdkProgress
 
 from comfy_sidecar.assets.signing import UrlSigner
+from comfy_sidecar.http.adapters.comfy_v2.assets import output_asset_id, parse_output_asset_id
 from comfy_sidecar.http.adapters.comfy_v2.views import (
     EventMapper,
     job_error,
-    output_asset_id,
     output_type,
-    parse_output_asset_id,
     progress_of,
     v2_job,
     v2_status,

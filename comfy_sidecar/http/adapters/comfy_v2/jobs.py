@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Protocol, runtime_checkable
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, get, post
@@ -43,9 +43,9 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
-from comfy_sidecar.assets.references import resolve_asset_references
 from comfy_sidecar.assets.signing import UrlSigner
 from comfy_sidecar.errors import NotFound, SidecarError
+from comfy_sidecar.http.adapters.comfy_v2.assets import AssetInputs, origin_of
 from comfy_sidecar.http.adapters.comfy_v2.errors import V2Error
 from comfy_sidecar.http.adapters.comfy_v2.models import (
     ErrorEnvelope,
@@ -62,13 +62,14 @@ from comfy_sidecar.http.adapters.comfy_v2.views import (
     v2_list_item,
 )
 from comfy_sidecar.http.adapters.common import fingerprint, prompt_request, relocate
+from comfy_sidecar.http.idempotency import idempotency_key
 from comfy_sidecar.http.routes.jobs import MAX_COUNTER_DIGITS
 from comfy_sidecar.jobs.backend import JobBackend
 from comfy_sidecar.jobs.model import JobView, OutputInfo
 from comfy_sidecar.jobs.spec import JobSpec
 from comfy_sidecar.schemas.secret import Secret
 
-__all__ = ["ROUTES", "AssetResolver", "NoAssetInputs", "V2Options", "origin_of"]
+__all__ = ["ROUTES", "V2Options"]
 
 TAGS = ["comfy api v2"]
 
@@ -77,17 +78,14 @@ MAX_LABELS = 16
 #: Longest label key and value, in characters.
 MAX_LABEL_KEY = 64
 MAX_LABEL_VALUE = 512
-#: Longest ``Idempotency-Key`` (comfy-sdk's ``validate_idempotency_key``).
-MAX_IDEMPOTENCY_KEY = 255
 
 ERRORS = {
-    400: ResponseSpec(
-        ErrorEnvelope, description="`invalid_request`: the body is not JSON (or not readable)."
-    ),
     401: ResponseSpec(ErrorEnvelope, description="`unauthorized`: no API key, or a wrong one."),
     404: ResponseSpec(ErrorEnvelope, description="`not_found`: no such v2 job is kept."),
     422: ResponseSpec(
-        ErrorEnvelope, description="A caller's mistake; `error.code` says which, `details` where."
+        ErrorEnvelope,
+        description="A caller's mistake (a body that is not JSON: `invalid_request` at "
+        "`body`); `error.code` says which, `details` where.",
     ),
 }
 
@@ -101,42 +99,6 @@ class V2Options:
     retention_s: float
     heartbeat_s: float = 15.0
     preview_interval_s: float = 0.5
-
-
-@runtime_checkable
-class AssetResolver(Protocol):
-    """``core/ASSET`` references of a submitted workflow (the ``asset_inputs`` dependency; the
-    v2 assets module provides the one over the asset store)."""
-
-    async def resolve(self, workflow: Mapping[str, Any], job_id: str) -> dict[str, Any]:
-        """``workflow`` with each reference replaced by the file name the replica running
-        job ``job_id`` reads. Raises :class:`~comfy_sidecar.errors.MissingAsset` (422
-        ``missing_asset``) for a malformed reference or an unknown asset."""
-        ...
-
-    async def discard(self, job_id: str) -> None:
-        """Undo :meth:`resolve` for job ``job_id`` whose submission was refused."""
-        ...
-
-
-class NoAssetInputs:
-    """The resolver without an asset store: a workflow without ``core/ASSET`` references
-    passes; every reference is ``missing_asset`` (a malformed one, or an id no store
-    holds)."""
-
-    async def resolve(self, workflow: Mapping[str, Any], job_id: str) -> dict[str, Any]:
-        """See :meth:`AssetResolver.resolve`."""
-        resolve_asset_references(workflow, lambda _: None)
-        return dict(workflow)
-
-    async def discard(self, job_id: str) -> None:
-        """Nothing was staged."""
-
-
-def origin_of(request: Request[Any, Any, Any]) -> str:
-    """``scheme://host[:port]`` the request was sent to: what signed URLs are made absolute
-    against."""
-    return f"{request.url.scheme}://{request.url.netloc}"
 
 
 async def v2_view(jobs: JobBackend, job_id: str) -> JobView:
@@ -253,22 +215,6 @@ def label_filter(request: Request[Any, Any, Any]) -> dict[str, str] | None:
     return wanted or None
 
 
-def idempotency_key(request: Request[Any, Any, Any]) -> str | None:
-    """The request's ``Idempotency-Key`` (None without one): 1 to 255 printable ASCII
-    characters, else 422 ``invalid_request``."""
-    value = request.headers.get("idempotency-key")
-    if value is None:
-        return None
-    if not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY or not value.isascii() or not _printable(value):
-        raise V2Error(
-            422,
-            "invalid_request",
-            f"expected 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters",
-            location="Idempotency-Key",
-        )
-    return value
-
-
 # --- routes ------------------------------------------------------------------------------------
 
 
@@ -296,13 +242,13 @@ async def submit_v2_job(
     request: Request[Any, Any, Any],
     jobs: NamedDependency[JobBackend],
     signer: NamedDependency[UrlSigner],
-    asset_inputs: NamedDependency[AssetResolver],
+    asset_inputs: NamedDependency[AssetInputs],
     v2_options: NamedDependency[V2Options],
 ) -> Response[Job]:
     """``POST /api/v2/jobs``."""
     workflow = check_workflow(data.workflow)
     metadata = check_metadata(data.metadata)
-    key = idempotency_key(request)
+    key = idempotency_key(request.headers)
     job_id = str(uuid.uuid4())
     resolved = await asset_inputs.resolve(workflow, job_id)
     try:

@@ -8,9 +8,10 @@ Statuses (``jobs/model.py`` -> v2): ``pending`` -> ``queued``, ``in_progress`` -
 ``failed`` -> ``failed``, ``cancelled`` -> ``canceled``, ``timed_out`` (PROMPT_TIMEOUT_S) ->
 ``expired``. ``progress`` is the job model's progress (:mod:`comfy_sidecar.jobs.progress`) as a
 complete snapshot, ``value`` its percent / 100 (monotonic, 1 only once the job succeeded).
-Outputs are assets: output ``n`` of job ``j`` is the asset ``j.n`` (:func:`output_asset_id`),
-its ``url`` a signed content URL (:class:`~comfy_sidecar.assets.signing.UrlSigner`), absolute
-against the request's origin (comfy-sdk types it ``AnyUrl``).
+Outputs are assets: output ``n`` of job ``j`` is the asset ``j.n``
+(:func:`~comfy_sidecar.http.adapters.comfy_v2.assets.output_asset_id`, served by the asset
+routes), its ``url`` a signed content URL (:class:`~comfy_sidecar.assets.signing.UrlSigner`),
+absolute against the request's origin (comfy-sdk types it ``AnyUrl``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import msgspec
 
 from comfy_sidecar.assets.signing import UrlSigner
+from comfy_sidecar.http.adapters.comfy_v2.assets import output_asset_id
 from comfy_sidecar.http.adapters.comfy_v2.models import (
     Job,
     JobError,
@@ -36,13 +38,10 @@ from comfy_sidecar.jobs.model import JobStatus, JobView, OutputInfo, iso, ms_of,
 
 __all__ = [
     "ENDPOINT",
-    "OUTPUT_SEPARATOR",
     "EventMapper",
     "job_error",
     "job_urls",
-    "output_asset_id",
     "output_type",
-    "parse_output_asset_id",
     "progress_of",
     "v2_job",
     "v2_list_item",
@@ -52,10 +51,6 @@ __all__ = [
 
 #: The job model's ``endpoint`` of a job submitted through the v2 API (the metrics' label).
 ENDPOINT = "comfy_v2"
-
-#: Between the job id and the output's index in an output's asset id (a job id never holds
-#: it: ``[A-Za-z0-9_-]``, nor does an uploaded asset's UUID).
-OUTPUT_SEPARATOR = "."
 
 STATUS: dict[JobStatus, V2Status] = {
     JobStatus.PENDING: "queued",
@@ -73,21 +68,6 @@ MEDIA_TYPES: dict[str, OutputType] = {
     "audio": "audio",
     "text": "text",
 }
-
-
-def output_asset_id(job_id: str, index: int) -> str:
-    """The asset id of output ``index`` of job ``job_id``: ``<job id>.<index>``. Read by the
-    v2 asset routes on any replica through the job backend (``JobBackend.get`` for its
-    metadata, ``JobBackend.output`` for its bytes)."""
-    return f"{job_id}{OUTPUT_SEPARATOR}{index}"
-
-
-def parse_output_asset_id(asset_id: str) -> tuple[str, int] | None:
-    """``(job id, index)`` of an :func:`output_asset_id`, else None."""
-    job_id, sep, index = asset_id.rpartition(OUTPUT_SEPARATOR)
-    if not sep or not job_id or not index.isascii() or not index.isdigit() or len(index) > 9:
-        return None
-    return job_id, int(index)
 
 
 def v2_status(view: JobView) -> V2Status:
