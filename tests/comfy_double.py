@@ -17,7 +17,9 @@ LoadImageMask, ImageInvert, ImageBlur (slow: ~1.5 s per 2048x2048 image), SaveIm
 PreviewImage, SaveAnimatedWEBP, SaveAnimatedPNG, UpscaleModelLoader, ImageUpscaleWithModel
 (emits ``progress``), ``DoubleExit`` (exits the process with ``code``, for crash tests),
 ``DoubleTicks`` (test-only: ``steps`` timed ``progress`` frames whose send times
-``GET /__double__/tick_times/{prompt_id}`` returns, for bench/jobs_bench.py) and
+``GET /__double__/tick_times/{prompt_id}`` returns, for bench/jobs_bench.py;
+``GET /__double__/partner_keys`` gives the sha256 of each prompt's
+``extra_data.api_key_comfy_org``, which, as in ComfyUI, stays out of its queue and history) and
 ``DoubleOutOfMemory`` (passes its image through, but first raises ComfyUI's out-of-memory
 execution_error, ``torch.OutOfMemoryError``, the first ``times`` times it runs for ``key``).
 
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import heapq
 import io
 import itertools
@@ -181,6 +184,9 @@ class Double:
         self.ws_refused = False
         #: Bodies of the ``POST /free`` calls received.
         self.frees: list[Any] = []
+        #: sha256 of each prompt's ``extra_data.api_key_comfy_org`` (ComfyUI's sensitive
+        #: extra data: kept out of the queue and history, as server.py does).
+        self.partner_keys: dict[str, str] = {}
         self.oom_raised: dict[str, int] = {}
         self.temp_tag = "".join(random.choices(string.ascii_lowercase, k=5))
         #: Test-only: every prompt taken by the worker, a line each time its status changes.
@@ -748,6 +754,9 @@ class Double:
             prompt_id = str(body.get("prompt_id") or os.urandom(16).hex())
             number = float(next(double.number))
             extra = {"client_id": body.get("client_id"), "create_time": now_ms()}
+            sensitive = (body.get("extra_data") or {}).get("api_key_comfy_org")
+            if isinstance(sensitive, str):
+                double.partner_keys[prompt_id] = hashlib.sha256(sensitive.encode()).hexdigest()
             heapq.heappush(double.queue, (number, prompt_id, body["prompt"], extra, checked))
             double.wakeup.set()
             await double.send_status()
@@ -866,6 +875,12 @@ class Double:
             double.muted = bool((await request.json()).get("muted", True))
             return {"muted": double.muted}
 
+        @get("/__double__/partner_keys", sync_to_thread=False)
+        def partner_keys() -> dict[str, str]:
+            """Test-only: prompt id -> sha256 of the ``extra_data.api_key_comfy_org`` it was
+            queued with."""
+            return double.partner_keys
+
         @get("/__double__/tick_times/{prompt_id:str}", sync_to_thread=False)
         def tick_times(prompt_id: str) -> list[float]:
             """Test-only: send times (s since epoch) of a DoubleTicks node's progress frames."""
@@ -944,6 +959,7 @@ class Double:
                 frees,
                 mute,
                 tick_times,
+                partner_keys,
                 stale_websockets,
                 stall,
                 ws,

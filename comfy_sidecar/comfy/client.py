@@ -20,6 +20,8 @@ from urllib.parse import quote
 import aiohttp
 import msgspec
 
+from comfy_sidecar.schemas.secret import Secret
+
 _JSON = {"Content-Type": "application/json"}
 #: What a failed call to ComfyUI raises inside aiohttp: refused, reset, bad URL, timed out.
 _FAILURES = (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError)
@@ -121,16 +123,25 @@ class ComfyClient:
             return None
         return msgspec.json.decode(content)
 
-    async def queue_prompt(self, prompt: dict[str, Any], prompt_id: str, client_id: str) -> None:
-        """``POST /prompt`` with our ``prompt_id`` and ``client_id``.
+    async def queue_prompt(
+        self,
+        prompt: dict[str, Any],
+        prompt_id: str,
+        client_id: str,
+        partner_key: Secret | None = None,
+    ) -> None:
+        """``POST /prompt`` with our ``prompt_id`` and ``client_id``, and ``partner_key`` as
+        ``extra_data.api_key_comfy_org`` (what ComfyUI's partner (API) nodes authenticate
+        with; ComfyUI keeps it out of its queue and history: ``SENSITIVE_EXTRA_DATA_KEYS``).
 
         Raises :class:`PromptRejected` on ComfyUI's 400, :class:`ComfyUnavailable` otherwise.
         A 200 whose ``node_errors`` is non-empty (some outputs dropped) is also rejected, since
         ComfyUI would silently skip those outputs.
         """
-        body = msgspec.json.encode(
-            {"prompt": prompt, "prompt_id": prompt_id, "client_id": client_id}
-        )
+        fields: dict[str, Any] = {"prompt": prompt, "prompt_id": prompt_id, "client_id": client_id}
+        if partner_key is not None:
+            fields["extra_data"] = {"api_key_comfy_org": partner_key.reveal()}
+        body = msgspec.json.encode(fields)
         status, content = await self._request("POST", "/prompt", body, long=True)
         if status == 200:
             answer = msgspec.json.decode(content)

@@ -115,10 +115,13 @@ class Dispatcher:
             self.in_flight[best.name] += 1
         return best
 
-    async def acquire(self, priority: int = 0) -> Slotted:
+    async def acquire(
+        self, priority: int = 0, on_wait: Callable[[], None] | None = None
+    ) -> Slotted:
         """Wait for a slot, behind the waiting jobs of a ``priority`` as high or higher and
         ahead of those of a lower one; returns the instance holding it. The caller must
-        :meth:`release` it. Cancelling the wait gives nothing up. Raises
+        :meth:`release` it. ``on_wait()`` is called when no slot is free at once (the job
+        joins the queue). Cancelling the wait gives nothing up. Raises
         :class:`~comfy_sidecar.errors.Unavailable` once the dispatcher is closed."""
         if self._closed is not None:
             raise Unavailable(self._closed)
@@ -126,6 +129,8 @@ class Dispatcher:
             instance = self._pick()
             if instance is not None:
                 return instance
+        if on_wait is not None:
+            on_wait()
         waiter: asyncio.Future[Slotted] = asyncio.get_running_loop().create_future()
         entry = (-priority, next(self._arrivals), waiter)
         bisect.insort(self._waiters, entry, key=lambda item: item[:2])

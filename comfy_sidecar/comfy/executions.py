@@ -21,6 +21,7 @@ from typing import Any
 
 from comfy_sidecar.comfy.client import ComfyClient, ComfyUnavailable
 from comfy_sidecar.comfy.events import Preview
+from comfy_sidecar.schemas.secret import Secret
 
 log = logging.getLogger("comfy_sidecar.jobs")
 
@@ -85,10 +86,15 @@ class Job:
     step_max: float = 0.0
     interrupt_requested: bool = False
     missed_frames: bool = False
+    #: ComfyUI's ``extra_data.api_key_comfy_org`` for the job's partner nodes (sent with its
+    #: ``POST /prompt`` only).
+    partner_key: Secret | None = None
     #: Its place in the sidecar's queue: higher gets a slot first (its API key's priority).
     priority: int = 0
     #: Called with (frame type, data) for each of the job's frames, after the job took it,
-    #: and with ``("sidecar_queued", {"prompt_id", "instance"})`` when it is sent to ComfyUI.
+    #: and with ``("sidecar_queued", {"prompt_id", "instance"})`` when it is sent to ComfyUI,
+    #: ``("sidecar_accepted", {"prompt_id"})`` once ComfyUI took it (its validation passed) and
+    #: ``("sidecar_waiting", {})`` when it waits for an instance slot.
     listener: Callable[[str, dict[str, Any]], None] | None = None
     #: Set by an interrupt, so a job still waiting for an instance stops waiting.
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
@@ -104,6 +110,7 @@ class Job:
             prompt_id=prompt_id,
             created_ms=self.created_ms,
             interrupt_requested=self.interrupt_requested,
+            partner_key=self.partner_key,
             priority=self.priority,
             listener=self.listener,
             stop_requested=self.stop_requested,

@@ -24,6 +24,7 @@ from comfy_sidecar import __version__
 from comfy_sidecar.http.adapters import aidock, modal_jobs, modal_simple
 from comfy_sidecar.http.adapters.comfy_v2 import v2_routers
 from comfy_sidecar.http.adapters.comfy_v2.assets import AssetInputs
+from comfy_sidecar.http.adapters.comfy_v2.jobs import V2Options
 from comfy_sidecar.http.apikeys import ApiKeys
 from comfy_sidecar.http.auth import (
     SECURITY,
@@ -248,9 +249,10 @@ def create_app(
     (model downloads), ``workflow_host``, ``scrape`` (the metrics' view), ``staging``
     (request files), ``assets`` (the v2 asset service), ``asset_inputs`` (``core/ASSET``
     references of a submitted workflow), ``signer`` (signed content URLs), ``idempotency``
-    (single-use ``Idempotency-Key``). ``jobs`` is made per request: the backend as the
-    request's API key sees it. ``warmup_prompt()`` is the warmup prompt once loaded (the
-    workflow endpoints' ``ctx.warmup_checkpoint``)."""
+    (single-use ``Idempotency-Key`` of asset uploads), ``v2_options`` (what the v2 job routes
+    read of the settings). ``jobs`` is made per request: the backend as the request's API key
+    sees it. ``warmup_prompt()`` is the warmup prompt once loaded (the workflow endpoints'
+    ``ctx.warmup_checkpoint``)."""
     settings = container.settings
     api_keys = ApiKeys.from_settings(settings)
     metrics.keys_known(api_keys.names)
@@ -298,6 +300,7 @@ def create_app(
             "asset_inputs": _provide(AssetInputs(container.assets, container.staging)),
             "signer": _provide(container.signer),
             "idempotency": _provide(container.idempotency),
+            "v2_options": _provide(V2Options(retention_s=settings.job_retention_s)),
         },
         request_max_body_size=settings.max_body_size_mb * 1024 * 1024,
         exception_handlers=exception_handlers(),

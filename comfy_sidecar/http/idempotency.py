@@ -1,5 +1,9 @@
-"""``Idempotency-Key`` for the Comfy API v2 (``POST /api/v2/assets``, ``POST /api/v2/jobs``):
-each key is **single-use** for :data:`KEY_TTL_S` (24 h) per kind of request; a reuse is refused
+"""``Idempotency-Key`` for the Comfy API v2: the header's check (:func:`idempotency_key`, every
+v2 route) and the store of used keys of ``POST /api/v2/assets``. (``POST /api/v2/jobs`` claims
+its key with the job itself, in the job backend's create step: see
+:attr:`comfy_sidecar.jobs.spec.JobSpec.idempotency_key`; that keeps a key used when the client
+gave up the answer but its job runs, and one job for one key sent to two replicas at once.)
+Each key is **single-use** for :data:`KEY_TTL_S` (24 h) per kind of request; a reuse is refused
 with 422 ``idempotency_key_reuse``, never replayed. That is the v2 contract as comfy-sdk reads
 it (``comfy_sdk/client.py`` ``submit``: "a reused key is *rejected*, not replayed";
 ``comfy_sdk/_errors.py``): after an ambiguous failure a client looks for what the first attempt

@@ -14,7 +14,7 @@ for an id kept with another body, the pipeline's 4xx errors for a caller's mista
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from comfy_sidecar.jobs.model import JobEvent, JobStatus, JobView
@@ -74,9 +74,12 @@ class JobBackend(Protocol):
     async def submit(self, spec: JobSpec) -> JobView:
         """Take a job; returns its view (the kept one for a resubmission of a kept id with
         the same fingerprint). Raises :class:`~comfy_sidecar.errors.Conflict` (another
-        body), the 4xx :class:`~comfy_sidecar.errors.InputError` of a caller's mistake, and
-        the admission errors (:class:`~comfy_sidecar.errors.Overloaded`,
-        :class:`~comfy_sidecar.errors.Unavailable`)."""
+        body), the 4xx :class:`~comfy_sidecar.errors.InputError` of a caller's mistake,
+        :class:`~comfy_sidecar.errors.IdempotencyKeyReuse` (``spec.idempotency_key`` was
+        used in the last 24 h, on any replica: no job is made), and the admission errors
+        (:class:`~comfy_sidecar.errors.Overloaded`,
+        :class:`~comfy_sidecar.errors.Unavailable`). A refused submission leaves its
+        ``idempotency_key`` unused."""
         ...
 
     async def get(self, job_id: str) -> JobView | None:
@@ -96,6 +99,12 @@ class JobBackend(Protocol):
         ``previews``. Ends after ``done``. Check that the job exists first (:meth:`get`)."""
         ...
 
+    async def last_event_id(self, job_id: str) -> int:
+        """The id of job ``job_id``'s last logged event (0: none, or not kept): where a
+        stream that starts from the job's current view goes on (:meth:`follow`'s
+        ``after``)."""
+        ...
+
     async def cancel(self, job_id: str) -> tuple[bool, JobView] | None:
         """Cancel job ``job_id`` wherever it is (a waiting one ends ``cancelled`` at once, a
         running one is interrupted where it runs); (cancelled, its view after), or None when
@@ -103,11 +112,24 @@ class JobBackend(Protocol):
         ...
 
     async def page(
-        self, status: JobStatus | None, limit: int, cursor: int | None, owner: str | None = None
+        self,
+        status: JobStatus | None,
+        limit: int,
+        cursor: int | None,
+        owner: str | None = None,
+        *,
+        endpoint: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> tuple[list[JobView], int | None]:
-        """Newest first: up to ``limit`` jobs (with ``status``, and submitted with the API key
-        named ``owner``, when given) older than ``cursor`` (from a previous page); (views, next
+        """Newest first: up to ``limit`` jobs (with ``status``, submitted with the API key
+        named ``owner``, submitted through ``endpoint``, and carrying every label of
+        ``metadata``, when given) older than ``cursor`` (from a previous page); (views, next
         cursor or None)."""
+        ...
+
+    async def prompt(self, job_id: str) -> dict[str, Any] | None:
+        """The API-format prompt job ``job_id`` was submitted with (through a job API), or
+        None when the job is not kept."""
         ...
 
     async def waiting(self) -> int:

@@ -34,8 +34,16 @@ from urllib.parse import quote
 
 import msgspec
 
+from comfy_sidecar.assets.hashing import hash_file
 from comfy_sidecar.config.keys import KeyPolicy
-from comfy_sidecar.errors import Conflict, Interrupted, Overloaded, RateLimited, SidecarError
+from comfy_sidecar.errors import (
+    Conflict,
+    Interrupted,
+    Overloaded,
+    RateLimited,
+    SidecarError,
+    ValidationFailed,
+)
 from comfy_sidecar.jobs.model import (
     DifferentBody,
     JobStatus,
@@ -49,6 +57,7 @@ from comfy_sidecar.jobs.quotas import NO_HOLD, Hold, LocalQuotas, Quotas
 from comfy_sidecar.jobs.record import JobRecord
 from comfy_sidecar.jobs.spec import AfterEnd, JobSpec
 from comfy_sidecar.jobs.store import JobStore
+from comfy_sidecar.jobs.streaming import OutputStream, streams_outputs
 from comfy_sidecar.observability import metrics
 from comfy_sidecar.pipeline.convert import Converter
 from comfy_sidecar.pipeline.deliver import (
@@ -64,6 +73,7 @@ from comfy_sidecar.pipeline.deliver import (
 from comfy_sidecar.pipeline.outputs import media_type_of, mime_type_of
 from comfy_sidecar.pipeline.run import JobResult, PendingJob, Pipeline
 from comfy_sidecar.schemas import AcceptedResponse, Echoed, PromptRequest
+from comfy_sidecar.schemas.secret import Secret
 from comfy_sidecar.storage.files import move
 from comfy_sidecar.webhooks.spool import Spool
 
@@ -120,11 +130,44 @@ class Attempt(Protocol):
         """May this run end the job (deliver webhooks and write the end)? False: another
         run or a cancel ended it first."""
 
+    async def keep(self, index: int, path: Path) -> bool:
+        """Output ``index`` of the running job was written (``path``, its kept copy under
+        JOBS_DIR): make it readable wherever the job's outputs are read, before its ``output``
+        event is published (:mod:`comfy_sidecar.jobs.streaming`). False: not now (it is kept
+        with the job's end instead)."""
+        ...
+
     async def ended(self, view: JobView, files: Sequence[Path]) -> bool:
         """The job ended here with its final ``view`` and retained output ``files`` (one per
         output, in order; empty for uploaded outputs and failures): persist the end. False
         when another run's end was persisted instead (this one is discarded)."""
         ...
+
+
+class Verdict:
+    """ComfyUI's verdict on a job's prompt, which a submission with ``JobSpec.verdict`` waits
+    for: :meth:`handed` once ComfyUI took the prompt, or the job waits for an instance slot,
+    or ended otherwise; :meth:`refused` with ComfyUI's
+    :class:`~comfy_sidecar.errors.ValidationFailed`."""
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[BaseException | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    def handed(self) -> None:
+        """The prompt is ComfyUI's (or waits for a slot): the submission is answered."""
+        if not self._future.done():
+            self._future.set_result(None)
+
+    def refused(self, exc: BaseException) -> None:
+        """ComfyUI refused the prompt with ``exc``."""
+        if not self._future.done():
+            self._future.set_result(exc)
+
+    async def wait(self) -> BaseException | None:
+        """None once handed, or the refusal."""
+        return await asyncio.shield(self._future)
 
 
 class LocalAttempt:
@@ -140,6 +183,10 @@ class LocalAttempt:
 
     async def may_end(self) -> bool:
         """Only this replica runs the job."""
+        return True
+
+    async def keep(self, index: int, path: Path) -> bool:
+        """The file under JOBS_DIR is what ``GET /jobs/{id}/outputs/{n}`` serves."""
         return True
 
     async def ended(self, view: JobView, files: Sequence[Path]) -> bool:
@@ -321,25 +368,48 @@ class JobLifecycle:
             ) from None
 
     async def _prepare(
-        self, record: JobRecord, request: PromptRequest, hold: Hold, priority: int
+        self,
+        record: JobRecord,
+        request: PromptRequest,
+        hold: Hold,
+        priority: int,
+        *,
+        partner_key: Secret | None = None,
+        stream: OutputStream | None = None,
+        verdict: Verdict | None = None,
     ) -> PendingJob:
         """Prepare ``request`` (downloads, inputs) and follow its frames into ``record``
         (``hold``: told when it starts running; ``priority``: its place in the sidecar's
-        queue). A request refused here leaves no record; one interrupted while its inputs
-        downloaded (``POST /interrupt``, a cancel: the job was seen, by id) ends ``cancelled``
-        and is kept. Raises what :meth:`Pipeline.prepare` raises."""
+        queue; its outputs into ``stream`` as they are written, when given). A request refused
+        here leaves no record; one interrupted while its inputs downloaded (``POST
+        /interrupt``, a cancel: the job was seen, by id) ends ``cancelled`` and is kept.
+        Raises what :meth:`Pipeline.prepare` raises."""
         try:
-            pending = await self.pipeline.prepare(request, priority)
+            pending = await self.pipeline.prepare(request, priority, partner_key)
         except Interrupted as exc:
             self.store.finish(record, status_for(exc), error=error_body(exc, record.id))
             raise
         except BaseException:
             self.store.drop(record)
             raise
-        self._attach(record, pending, hold)
+        self._attach(record, pending, hold, stream, verdict)
         return pending
 
-    def _attach(self, record: JobRecord, pending: PendingJob, hold: Hold) -> None:
+    def _stream(self, spec: JobSpec, record: JobRecord, attempt: Attempt) -> OutputStream | None:
+        """The early-output stream of a job run for the job APIs, when its outputs are final
+        as written (:func:`~comfy_sidecar.jobs.streaming.streams_outputs`)."""
+        if not streams_outputs(spec.request):
+            return None
+        return OutputStream(record, self.store, attempt, self.pipeline.settings.output_dir)
+
+    def _attach(
+        self,
+        record: JobRecord,
+        pending: PendingJob,
+        hold: Hold,
+        stream: OutputStream | None = None,
+        verdict: Verdict | None = None,
+    ) -> None:
         """The job is registered and prepared: follow its frames from now on (``hold`` is
         told when it starts running)."""
         prompt = pending.prompt
@@ -351,15 +421,27 @@ class JobLifecycle:
         record.prompt_id = pending.job.prompt_id
         output_nodes = self.pipeline.output_nodes(prompt)
         record.progress = Progress(class_types, nodes_to_run(prompt, output_nodes))
-        pending.job.listener = lambda kind, data: self._on_frame(record, kind, data, hold)
+        pending.job.listener = lambda kind, data: self._on_frame(
+            record, kind, data, hold, stream, verdict
+        )
 
     def _on_frame(
-        self, record: JobRecord, kind: str, data: Mapping[str, Any], hold: Hold = NO_HOLD
+        self,
+        record: JobRecord,
+        kind: str,
+        data: Mapping[str, Any],
+        hold: Hold = NO_HOLD,
+        stream: OutputStream | None = None,
+        verdict: Verdict | None = None,
     ) -> None:
         """One ComfyUI frame of ``record``'s job (``hold``: its quota places, told when it
         starts running)."""
         if record.status.terminal:
             return
+        if verdict is not None and kind in ("sidecar_accepted", "sidecar_waiting"):
+            verdict.handed()
+        if kind == "executed" and stream is not None:
+            stream.executed(str(data.get("node")), data.get("output"))
         if kind == "preview":  # live only: not kept in the event log, sent with ?previews=true
             image = data.get("image")
             if isinstance(image, bytes):
@@ -392,22 +474,29 @@ class JobLifecycle:
         stats: dict[str, Any],
         *,
         retain: bool,
+        hashes: Sequence[str] = (),
     ) -> None:
-        """End ``record`` completed with ``files`` (uploaded to ``urls`` when given).
+        """End ``record`` completed with ``files`` (uploaded to ``urls`` when given), after
+        the outputs already published while it ran (:mod:`comfy_sidecar.jobs.streaming`).
         ``retain`` moves each file under ``JOBS_DIR/<id>/`` so ``GET /jobs/{id}/outputs/{n}``
-        serves it; the caller's list then no longer owns them."""
+        serves it (``hashes``: their blake3, in order); the caller's list then no longer owns
+        them."""
+        first = len(record.outputs)
         outputs: list[OutputInfo] = []
-        kept: list[Path] = []
-        for index, item in enumerate(files):
+        for offset, item in enumerate(files):
+            index = first + offset
             mime = mime_type_of(item.filename)
             size = item.size
+            digest: str | msgspec.UnsetType = msgspec.UNSET
             if urls is not None:
-                url: str | None = urls[index]
+                url: str | None = urls[offset]
             elif retain:
                 target = self.store.job_dir(record.id) / f"{index}-{item.filename}"
                 move(item.path, target)
-                kept.append(target)
+                record.files.append(target)
                 url = f"/jobs/{record.id}/outputs/{index}"
+                if offset < len(hashes):
+                    digest = hashes[offset]
             else:
                 url = None
             outputs.append(
@@ -418,12 +507,12 @@ class JobLifecycle:
                     mime_type=mime,
                     size_bytes=size,
                     url=url,
+                    hash=digest,
                 )
             )
         if retain and urls is None:
             files.clear()
-        record.outputs = outputs
-        record.files = kept
+        record.outputs.extend(outputs)
         for output in outputs:
             record.publish("output", output)
         metrics.job_completed(stats)
@@ -517,12 +606,24 @@ class JobLifecycle:
         existing = self.store.find(spec.id)
         resubmitted = existing is not None and existing.fingerprint == spec.fingerprint
         admission = NOTHING if resubmitted else await self.admit(request, key=spec.key)
+        attempt = LocalAttempt()
+        verdict = Verdict() if spec.verdict else None
         try:
             record, created = self.open(spec.id, spec.endpoint, spec.fingerprint, spec.key)
             if not created:  # a resubmission: nothing new to deliver
                 self.undo(admission)
                 return record
-            pending = await self._prepare(record, request, admission.hold, spec.priority)
+            self._describe(record, spec)
+            stream = self._stream(spec, record, attempt)
+            pending = await self._prepare(
+                record,
+                request,
+                admission.hold,
+                spec.priority,
+                partner_key=spec.partner_key,
+                stream=stream,
+                verdict=verdict,
+            )
         except BaseException:
             self.undo(admission)
             raise
@@ -533,13 +634,26 @@ class JobLifecycle:
                 record,
                 pending,
                 echoed,
-                LocalAttempt(),
+                attempt,
                 retain=True,
                 counted=admission.counted,
                 hold=admission.hold,
+                stream=stream,
+                verdict=verdict,
             )
         )
+        if verdict is not None:
+            refusal = await verdict.wait()
+            if refusal is not None:  # ComfyUI refused the prompt: no job was made
+                self.store.drop(record)
+                raise refusal
         return record
+
+    @staticmethod
+    def _describe(record: JobRecord, spec: JobSpec) -> None:
+        """What a job API's record keeps of its spec: labels and the submitted prompt."""
+        record.metadata = spec.metadata
+        record.keep_prompt(spec.request.prompt)
 
     async def run(self, spec: JobSpec, attempt: Attempt) -> JobRecord:
         """Run a job another replica accepted (taken from the shared queue) here, to its end:
@@ -547,16 +661,28 @@ class JobLifecycle:
         ``attempt``. A job that cannot be prepared (a download fails) ends ``failed`` through
         the same failure routine: it was accepted, so it is never silently dropped."""
         record, _ = self.open(spec.id, spec.endpoint, key=spec.key)
+        self._describe(record, spec)
         attempt.bind(record)
         echoed = Echoed(**echo(spec.request), input=None)
         try:
-            pending = await self.pipeline.prepare(spec.request, spec.priority)
+            pending = await self.pipeline.prepare(spec.request, spec.priority, spec.partner_key)
         except Exception as exc:
             await self.end_failed(spec, record, exc, attempt)
             return record
-        self._attach(record, pending, NO_HOLD)
-        await self._finish_run(spec, record, pending, echoed, attempt, retain=True)
+        stream = self._stream(spec, record, attempt)
+        self._attach(record, pending, NO_HOLD, stream)
+        await self._finish_run(spec, record, pending, echoed, attempt, retain=True, stream=stream)
         return record
+
+    def request_cancel(self, record: JobRecord) -> None:
+        """A cancel reached ``record``'s job before it ended: mark it (``cancel_requested``,
+        the v2 ``canceling``) and, when it runs, say so in a ``status`` event (with
+        JOB_QUEUE_URL the replica running the job does this when the cancel reaches it)."""
+        if record.status.terminal or record.cancel_requested:
+            return
+        record.cancel_requested = True
+        if record.status is JobStatus.IN_PROGRESS:
+            record.publish("status", {"status": record.status.value, "cancel_requested": True})
 
     async def cancel(self, record: JobRecord) -> bool:
         """Cancel ``record``'s job if it has not ended, wherever it is on this replica
@@ -564,6 +690,7 @@ class JobLifecycle:
         when it has ended."""
         if record.status.terminal:
             return False
+        self.request_cancel(record)
         interrupted = await self.pipeline.interrupt(record.id)
         if interrupted:
             await record.wait_ended(10.0)
@@ -592,31 +719,47 @@ class JobLifecycle:
         retain: bool,
         counted: bool = False,
         hold: Hold = NO_HOLD,
+        stream: OutputStream | None = None,
+        verdict: Verdict | None = None,
     ) -> None:
         """Finish a prepared job: run, convert, upload, then (if ``attempt`` may end it) the
         webhooks, the record's end, its persistence and the adapter's after-end action.
         ``counted``: the job holds a MAX_PENDING_DELIVERIES place until its webhooks are
-        delivered or given up; ``hold``: its quota places, given back once it ended."""
+        delivered or given up; ``hold``: its quota places, given back once it ended.
+        ``stream``: the outputs published while it ran, which the end's outputs follow.
+        ``verdict``: told when ComfyUI refused the prompt, or that it did not."""
         request = spec.request
         result: JobResult | None = None
         sent: list[asyncio.Future[bool]] = []
         self.background += 1
         self._idle.clear()
         try:
-            result = await self.pipeline.complete(pending)
+            try:
+                result = await self.pipeline.complete(pending)
+            finally:
+                if stream is not None:
+                    await stream.drain()
+            if stream is not None:
+                stream.take(result)
             await postprocess(result, request, self.converter)
             urls: list[str] | None = None
             target = upload_target(request)
             spilled = attempt.spill(result) if target is None else None
             if spilled is not None or not request.webhook:
                 urls = await self._upload(result, spilled or target)
+            hashes: list[str] = []
+            if retain and urls is None and result.files:
+                paths = [item.path for item in result.files]
+                hashes = await asyncio.to_thread(lambda: [hash_file(path) for path in paths])
             if not await attempt.may_end():
                 raise Superseded(f"job {record.id} was ended by another replica first")
             if request.webhook:
                 sent += await self._send_v1(request.webhook, result)
             elif request.webhook_v2:
                 sent.append(await self._send_v2(request.webhook_v2, result, echoed, urls))
-            self._completed(record, result.files, urls, result.stats(), retain=retain)
+            self._completed(
+                record, result.files, urls, result.stats(), retain=retain, hashes=hashes
+            )
             view = self.store.view(record)
             if await attempt.ended(view, record.files):
                 await self.after_end(view, spec.after)
@@ -628,7 +771,11 @@ class JobLifecycle:
                 self.store.finish(record, status_for(exc), error=error_body(exc, record.id))
                 raise
             sent += await self.end_failed(spec, record, exc, attempt, prompt=pending.prompt)
+            if verdict is not None and isinstance(exc, ValidationFailed):
+                verdict.refused(exc)
         finally:
+            if verdict is not None:
+                verdict.handed()
             hold.release()
             if result is not None:
                 result.release()

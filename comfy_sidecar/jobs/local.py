@@ -5,15 +5,17 @@ output files are kept under ``JOBS_DIR`` for the retention. A restarted sidecar 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from comfy_sidecar.errors import IdempotencyKeyReuse
 from comfy_sidecar.jobs.backend import Spawn
 from comfy_sidecar.jobs.lifecycle import JobLifecycle
 from comfy_sidecar.jobs.model import JobEvent, JobStatus, JobView
 from comfy_sidecar.jobs.record import JobRecord
-from comfy_sidecar.jobs.spec import JobSpec
+from comfy_sidecar.jobs.spec import IDEMPOTENCY_TTL_S, JobSpec, reuse_message
 from comfy_sidecar.jobs.store import JobStore
 from comfy_sidecar.storage.files import read_slice
 
@@ -101,8 +103,21 @@ class LocalBackend:
 
     async def submit(self, spec: JobSpec) -> JobView:
         """Admit, prepare now (downloads included: a caller's mistake is a 4xx and nothing is
-        kept), then run in the background (:meth:`JobLifecycle.submit`)."""
-        record = await self.lifecycle.submit(spec)
+        kept), then run in the background (:meth:`JobLifecycle.submit`). An
+        ``idempotency_key`` is claimed first, in this process's store, and freed again when
+        the submission is refused (no job was kept: a submission whose answer was given up
+        while its job runs keeps it)."""
+        key = spec.idempotency_key
+        if key is not None:
+            holder = self.store.claim_key(key, spec.id, IDEMPOTENCY_TTL_S)
+            if holder is not None:
+                raise IdempotencyKeyReuse(reuse_message(holder), "Idempotency-Key")
+        try:
+            record = await self.lifecycle.submit(spec)
+        except BaseException:
+            if key is not None and self.store.find(spec.id) is None:
+                self.store.free_key(key, spec.id)
+            raise
         return self.store.view(record)
 
     async def get(self, job_id: str) -> JobView | None:
@@ -126,6 +141,11 @@ class LocalBackend:
         record = self.store.get(job_id)
         return record.follow(after, heartbeat_s, previews)
 
+    async def last_event_id(self, job_id: str) -> int:
+        """The record's event count (events are numbered 1, 2, ...)."""
+        record = self._find(job_id)
+        return 0 if record is None else len(record.events)
+
     async def cancel(self, job_id: str) -> tuple[bool, JobView] | None:
         """Interrupt the job wherever it is on this replica (:meth:`JobLifecycle.cancel`)."""
         record = self._find(job_id)
@@ -135,11 +155,25 @@ class LocalBackend:
         return cancelled, self.store.view(record)
 
     async def page(
-        self, status: JobStatus | None, limit: int, cursor: int | None, owner: str | None = None
+        self,
+        status: JobStatus | None,
+        limit: int,
+        cursor: int | None,
+        owner: str | None = None,
+        *,
+        endpoint: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> tuple[list[JobView], int | None]:
         """A page of the store, newest first (``owner``'s jobs only, when given)."""
-        records, following = self.store.page(status, limit, cursor, owner)
+        records, following = self.store.page(
+            status, limit, cursor, owner, endpoint=endpoint, metadata=metadata
+        )
         return [self.store.view(record) for record in records], following
+
+    async def prompt(self, job_id: str) -> dict[str, Any] | None:
+        """The prompt the record kept (:meth:`JobRecord.keep_prompt`)."""
+        record = self._find(job_id)
+        return None if record is None else record.prompt()
 
     async def waiting(self) -> int:
         """Jobs of the store not yet running."""

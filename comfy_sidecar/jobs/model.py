@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "error_body",
     "iso",
     "job_links",
+    "labels_match",
     "ms_of",
     "now_ms",
     "status_for",
@@ -94,7 +96,8 @@ class DifferentBody(Exception):
 class OutputInfo(msgspec.Struct, kw_only=True):
     """One output file of a job. ``url`` is the upload URL, or ``/jobs/{id}/outputs/{n}`` for a
     retained file, or None when the file was answered inline (``/prompt``) and is gone.
-    ``size_bytes`` in bytes."""
+    ``size_bytes`` in bytes; ``hash`` the retained file's ``blake3:<hex>`` (absent for a file
+    uploaded elsewhere or answered inline)."""
 
     node_id: str
     filename: str
@@ -102,6 +105,7 @@ class OutputInfo(msgspec.Struct, kw_only=True):
     mime_type: str
     size_bytes: int
     url: str | None
+    hash: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class JobLinks(msgspec.Struct, kw_only=True):
@@ -135,7 +139,9 @@ class JobView(msgspec.Struct, kw_only=True):
     answered with and comfyui-api's ``stats``. ``owner`` is the name of the API key that
     submitted it (absent without keys). With JOB_QUEUE_URL it also names the
     ``replica`` that ran it last and its ``attempts`` (``[{replica, started_at}]``); in-process
-    both are absent."""
+    both are absent. ``metadata`` (the string labels a Comfy API v2 job was submitted with)
+    and ``cancel_requested`` (true once a cancel reached the job while it ran, until it ends)
+    are present only when set (``cancel_requested`` stays in an ended job's body)."""
 
     id: str
     status: JobStatus
@@ -162,6 +168,8 @@ class JobView(msgspec.Struct, kw_only=True):
     owner: str | msgspec.UnsetType = msgspec.UNSET
     replica: str | msgspec.UnsetType = msgspec.UNSET
     attempts: list[dict[str, Any]] | msgspec.UnsetType = msgspec.UNSET
+    metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+    cancel_requested: bool | msgspec.UnsetType = msgspec.UNSET
 
     def body(self) -> dict[str, Any]:
         """The ``GET /jobs/{id}`` JSON body, as plain data."""
@@ -182,6 +190,16 @@ class JobView(msgspec.Struct, kw_only=True):
     def ended(self) -> bool:
         """True once the job has ended."""
         return self.status.terminal
+
+
+def labels_match(metadata: Any, wanted: Mapping[str, str] | None) -> bool:
+    """True when the labels ``metadata`` (a view's ``metadata``: a dict, or UNSET) hold every
+    pair of ``wanted`` (always, when ``wanted`` is empty or None)."""
+    if not wanted:
+        return True
+    if not isinstance(metadata, dict):
+        return False
+    return all(metadata.get(key) == value for key, value in wanted.items())
 
 
 def decode_view(raw: bytes | str) -> JobView:

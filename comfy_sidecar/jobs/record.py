@@ -114,7 +114,14 @@ class JobRecord:
     #: Set by the Redis backend: the replica and the attempts the view carries.
     replica: str | None = None
     attempts: list[dict[str, Any]] | None = None
-    _changed: asyncio.Future[None] | None = None
+    #: The string labels of a Comfy API v2 job (None: none given).
+    metadata: dict[str, str] | None = None
+    #: A cancel reached the job while it had not ended (the v2 ``canceling``).
+    cancel_requested: bool = False
+    #: The prompt the job was submitted with, zlib-compressed JSON (job APIs only: the v2
+    #: ``GET /api/v2/jobs/{id}/workflow``); read with :meth:`prompt`.
+    prompt_blob: bytes | None = None
+    _changed: asyncio.Future[JobEvent | None] | None = None
     _live: JobEvent | None = None
     expires_at: float = 0.0  # monotonic seconds, set when the job ends
 
@@ -132,18 +139,20 @@ class JobRecord:
         if self.sink is not None:  # previews too: the sink tells them apart by type
             self.sink(self, event)
         self.last_event_ms = now_ms()
-        self._wake(event if not log_it else None)
+        if not log_it:  # the latest preview stays until the next one: a logged event after
+            self._live = event  # it (a progress, the next node) must not hide it from followers
+        self._wake()
         return event
 
-    def _wake(self, live: JobEvent | None) -> None:
-        self._live = live
+    def _wake(self) -> None:
         changed = self._changed
         self._changed = None
         if changed is not None and not changed.done():
-            changed.set_result(None)
+            changed.set_result(self._live)
 
-    def changed(self) -> asyncio.Future[None]:
-        """A future that resolves at the next event."""
+    def changed(self) -> asyncio.Future[JobEvent | None]:
+        """A future that resolves at the next event, with the latest live preview then (kept
+        for followers woken after :meth:`seal` dropped it)."""
         if self._changed is None or self._changed.done():
             self._changed = asyncio.get_running_loop().create_future()
         return self._changed
@@ -166,26 +175,35 @@ class JobRecord:
         self, after: int = 0, heartbeat_s: float = 15.0, previews: bool = False
     ) -> AsyncIterator[JobEvent | None]:
         """Events with ids above ``after``, as they come; None every ``heartbeat_s`` seconds
-        of silence. Ends after the ``done`` event."""
+        of silence. Ends after the ``done`` event. With ``previews``, the latest live preview
+        published since the last wake-up is given in its place among the logged events (its id
+        is the next logged event's); previews published in between are skipped (latest wins)."""
         sent = after
+        seen_live = self._live  # a preview from before this follower is not sent
+        woken: JobEvent | None = None
         while True:
+            live = (self._live or woken) if previews else None
+            pending = live if live is not None and live is not seen_live else None
+            seen_live = live if pending is not None else seen_live
             while sent < len(self.events):
                 for event in self.events[sent:]:  # one read of a sealed log, not one per event
+                    if pending is not None and event.id >= pending.id:
+                        yield pending
+                        pending = None
                     sent += 1
                     yield event
                     if event.type == "done":
                         return
+            if pending is not None:
+                yield pending
             if self.status.terminal and sent >= len(self.events):
                 return
             waiter = self.changed()
             try:
-                await asyncio.wait_for(asyncio.shield(waiter), heartbeat_s)
+                woken = await asyncio.wait_for(asyncio.shield(waiter), heartbeat_s)
             except TimeoutError:
+                woken = None
                 yield None
-                continue
-            live = self._live
-            if previews and live is not None:
-                yield live
 
     def seal(self) -> None:
         """The job has ended, its ``done`` event (its final view) published: keep the event
@@ -197,6 +215,17 @@ class JobRecord:
             self.progress = self.progress.ended()
         self.stats = None
         self._changed = self._live = None
+
+    def keep_prompt(self, prompt: Any) -> None:
+        """Keep ``prompt`` (the submitted API-format graph) for :meth:`prompt`."""
+        self.prompt_blob = zlib.compress(msgspec.json.encode(prompt))
+
+    def prompt(self) -> dict[str, Any] | None:
+        """The prompt kept by :meth:`keep_prompt`, or None."""
+        if self.prompt_blob is None:
+            return None
+        found: dict[str, Any] = msgspec.json.decode(zlib.decompress(self.prompt_blob))
+        return found
 
     # --- views ----------------------------------------------------------------------------
 
@@ -237,4 +266,8 @@ class JobRecord:
             view.replica = self.replica
         if self.attempts is not None:
             view.attempts = self.attempts
+        if self.metadata is not None:
+            view.metadata = self.metadata
+        if self.cancel_requested:
+            view.cancel_requested = True
         return view

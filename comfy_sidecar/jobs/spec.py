@@ -1,8 +1,9 @@
 """What a front door hands the job layer: a :class:`JobSpec` (the ``/prompt`` request with its
 id, the API it came through, what makes a resubmission "the same body", the adapter's
-after-end action, and the API key's policy: owner, quotas, priority). Both backends keep it as
-it is (the Redis backend as JSON fields of the job's hash), so the replica that ends a job knows
-what to send.
+after-end action, the API key's policy: owner, quotas, priority, and the Comfy API v2's extras:
+string labels, an ``Idempotency-Key`` and the partner key). Both backends keep it as it is (the
+Redis backend as JSON fields of the job's hash), so the replica that ends a job knows what to
+send; the partner key alone is never kept with the job (see :attr:`JobSpec.partner_key`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,22 @@ import msgspec
 
 from comfy_sidecar.config.keys import KeyPolicy
 from comfy_sidecar.schemas import PromptRequest
+from comfy_sidecar.schemas.secret import Secret
 
-__all__ = ["AfterEnd", "JobSpec"]
+__all__ = ["IDEMPOTENCY_TTL_S", "AfterEnd", "JobSpec", "reuse_message"]
+
+#: Seconds an ``Idempotency-Key`` stays used (24 h: the Comfy API v2 contract).
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
+def reuse_message(job_id: str | None) -> str:
+    """The message of :class:`~comfy_sidecar.errors.IdempotencyKeyReuse` for a key that job
+    ``job_id`` used (None: unknown)."""
+    made = f" (it made job {job_id})" if job_id else ""
+    return (
+        f"this Idempotency-Key was already used in the last 24 hours{made}: keys are "
+        "single-use; look for the job the first request made instead of sending it again"
+    )
 
 
 class AfterEnd(msgspec.Struct, kw_only=True, frozen=True):
@@ -38,13 +53,32 @@ class JobSpec(msgspec.Struct, kw_only=True, frozen=True):
     empty for ``/prompt``, whose ids may be reused once a job ended), ``after`` (the
     adapter's webhook, sent by whichever replica ends the job) and ``key`` (the policy of the
     API key that submitted it: its name owns the job, its quotas admit it, its priority places
-    it in the queues; None without keys). The HTTP layer sets ``key`` (never the key itself)."""
+    it in the queues; None without keys). The HTTP layer sets ``key`` (never the key itself).
+
+    The Comfy API v2 (``comfy_v2``) adds: ``metadata``, string labels kept with the job, shown
+    in its view and filtered on by :meth:`~comfy_sidecar.jobs.backend.JobBackend.page`;
+    ``idempotency_key``, single-use for :data:`IDEMPOTENCY_TTL_S` across every replica (a
+    reuse raises :class:`~comfy_sidecar.errors.IdempotencyKeyReuse` and makes no job; a
+    refused submission leaves it unused); ``partner_key``, ComfyUI's
+    ``extra_data.api_key_comfy_org`` for partner (API) nodes: sent with the job's
+    ``POST /prompt`` and nowhere else, never in the job's body, events or logs (in-process it
+    lives only in the running job; with JOB_QUEUE_URL in a key of its own that the claiming
+    replica reads and the job's end deletes); ``verdict``: the submission waits for ComfyUI's
+    verdict on the prompt when the job goes to ComfyUI at once (in-process, an instance slot
+    free): a prompt ComfyUI refuses raises its
+    :class:`~comfy_sidecar.errors.ValidationFailed` and leaves no job. A job that waits for a
+    slot, or is submitted to the shared queue, is answered at once; ComfyUI's refusal then
+    ends it ``failed``."""
 
     request: PromptRequest
     endpoint: str
     fingerprint: bytes = b""
     after: AfterEnd | None = None
     key: KeyPolicy | None = None
+    metadata: dict[str, str] | None = None
+    idempotency_key: str | None = None
+    partner_key: Secret | None = None
+    verdict: bool = False
 
     @property
     def owner(self) -> str | None:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from comfy_sidecar.jobs.model import DifferentBody, JobStatus, JobView, now_ms
+from comfy_sidecar.jobs.model import DifferentBody, JobStatus, JobView, labels_match, now_ms
 from comfy_sidecar.jobs.progress import Progress
 from comfy_sidecar.jobs.record import JobRecord
 from comfy_sidecar.observability import metrics
@@ -45,6 +45,8 @@ class JobStore:
         self._jobs: dict[str, JobRecord] = {}
         self._seq = 0
         self._order: dict[str, int] = {}
+        #: Used Idempotency-Keys: key -> (job id, monotonic expiry), oldest first.
+        self._keys: dict[str, tuple[str, float]] = {}
 
     def clear_leftovers(self) -> None:
         """Remove what a previous sidecar left in ``jobs_dir`` (the store starts empty).
@@ -127,6 +129,32 @@ class JobStore:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    # --- Idempotency-Keys (Comfy API v2) -------------------------------------------------
+
+    def claim_key(
+        self, key: str, job_id: str, ttl_s: float, now: float | None = None
+    ) -> str | None:
+        """Mark ``key`` used by job ``job_id`` for ``ttl_s`` seconds; returns None, or the id
+        of the job that used it already (then nothing changes). Keys past their time are
+        forgotten as new ones come, so at most the keys of the last ``ttl_s`` are held."""
+        now = time.monotonic() if now is None else now
+        while self._keys:
+            oldest = next(iter(self._keys))
+            if self._keys[oldest][1] > now:
+                break
+            del self._keys[oldest]
+        held = self._keys.get(key)
+        if held is not None and held[1] > now:
+            return held[0]
+        self._keys[key] = (job_id, now + ttl_s)
+        return None
+
+    def free_key(self, key: str, job_id: str) -> None:
+        """Undo :meth:`claim_key` of job ``job_id`` (its submission was refused)."""
+        held = self._keys.get(key)
+        if held is not None and held[0] == job_id:
+            del self._keys[key]
+
     # --- transitions ----------------------------------------------------------------------
 
     def set_status(self, record: JobRecord, status: JobStatus) -> None:
@@ -176,9 +204,13 @@ class JobStore:
         limit: int,
         cursor: int | None,
         owner: str | None = None,
+        *,
+        endpoint: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> tuple[list[JobRecord], int | None]:
-        """Newest first: up to ``limit`` jobs (with ``status``, and submitted with the API key
-        named ``owner``, when given) older than ``cursor`` (an opaque sequence number from a
+        """Newest first: up to ``limit`` jobs (with ``status``, submitted with the API key
+        named ``owner``, submitted through ``endpoint`` and carrying every label of
+        ``metadata``, when given) older than ``cursor`` (an opaque sequence number from a
         previous page). Returns (jobs, next cursor or None)."""
         self.expire()
         found: list[JobRecord] = []
@@ -189,6 +221,10 @@ class JobStore:
             if status is not None and record.status is not status:
                 continue
             if owner is not None and record.owner != owner:
+                continue
+            if endpoint is not None and record.endpoint != endpoint:
+                continue
+            if not labels_match(record.metadata, metadata):
                 continue
             found.append(record)
             if len(found) > limit:

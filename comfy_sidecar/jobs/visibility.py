@@ -12,7 +12,8 @@ page is full and its cursor exact). Without keys (no caller) everything is visib
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import msgspec
 
@@ -86,6 +87,18 @@ class CallerJobs:
         async for event in self.backend.follow(job_id, after, heartbeat_s, previews):
             yield event
 
+    async def last_event_id(self, job_id: str) -> int:
+        """The id of the job's last event; 0 for a job that is not the caller's."""
+        if not await self._sees(job_id):
+            return 0
+        return await self.backend.last_event_id(job_id)
+
+    async def prompt(self, job_id: str) -> dict[str, Any] | None:
+        """The prompt the caller's job was submitted with; None for another's."""
+        if not await self._sees(job_id):
+            return None
+        return await self.backend.prompt(job_id)
+
     async def cancel(self, job_id: str) -> tuple[bool, JobView] | None:
         """Cancel the caller's job; None for another's."""
         if not await self._sees(job_id):
@@ -93,10 +106,19 @@ class CallerJobs:
         return await self.backend.cancel(job_id)
 
     async def page(
-        self, status: JobStatus | None, limit: int, cursor: int | None, owner: str | None = None
+        self,
+        status: JobStatus | None,
+        limit: int,
+        cursor: int | None,
+        owner: str | None = None,
+        *,
+        endpoint: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> tuple[list[JobView], int | None]:
         """A page of the jobs the caller sees."""
-        return await self.backend.page(status, limit, cursor, self.owner or owner)
+        return await self.backend.page(
+            status, limit, cursor, self.owner or owner, endpoint=endpoint, metadata=metadata
+        )
 
     async def waiting(self) -> int:
         """Every caller's waiting jobs (a count: it names no job)."""

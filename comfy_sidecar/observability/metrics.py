@@ -248,7 +248,7 @@ for _kind in ("prompt", "system"):
 
 def job_ended(status: str, endpoint: str) -> None:
     """A job record ended with ``status`` (a ``JobStatus`` value); ``endpoint`` is the
-    record's (prompt, jobs, warmup, aidock, modal_jobs, modal_simple)."""
+    record's (prompt, jobs, warmup, aidock, modal_jobs, modal_simple, comfy_v2)."""
     JOBS.labels(str(status), endpoint).inc()
 
 

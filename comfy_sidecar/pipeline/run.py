@@ -52,6 +52,7 @@ from comfy_sidecar.pipeline.outputs import (
 from comfy_sidecar.pipeline.preprocess import Prepared, Preprocessor
 from comfy_sidecar.pipeline.serverpaths import ServerPaths
 from comfy_sidecar.schemas import Credential, PromptRequest
+from comfy_sidecar.schemas.secret import Secret
 
 if TYPE_CHECKING:
     from comfy_sidecar.comfy.dispatch import Dispatcher
@@ -325,9 +326,12 @@ class Pipeline:
         with job_scope():  # the caller's log records go back to its own job ids after
             return await self.complete(await self.prepare(request))
 
-    async def prepare(self, request: PromptRequest, priority: int = 0) -> PendingJob:
+    async def prepare(
+        self, request: PromptRequest, priority: int = 0, partner_key: Secret | None = None
+    ) -> PendingJob:
         """Register the job and preprocess its prompt (media inputs, prefixes, output check).
         ``priority``: its place in the sidecar's queue (higher gets an instance slot first).
+        ``partner_key`` goes to ComfyUI with the prompt (``extra_data.api_key_comfy_org``).
 
         Raises :class:`InputError` (with the job's ``id``) and :class:`Conflict`; on success the
         caller must pass the result to :meth:`complete` (or call its ``abandon``)."""
@@ -338,7 +342,9 @@ class Pipeline:
         except InputError as exc:
             raise InputError(exc.message, exc.location, id=job_id) from None
         prompt: dict[str, Any] = msgspec.to_builtins(request.prompt)
-        job = Job(id=job_id, prompt_id=str(uuid.uuid4()), priority=priority)
+        job = Job(
+            id=job_id, prompt_id=str(uuid.uuid4()), priority=priority, partner_key=partner_key
+        )
         bind_job(job.id, job.prompt_id)
         if job_id in self._active:
             raise Conflict(f"a job with id {job_id!r} is already running", location="id", id=job_id)
@@ -504,7 +510,13 @@ class Pipeline:
         """Wait for a slot on a ready instance; None when the job is interrupted first."""
         if job.interrupt_requested:
             return None
-        slot = asyncio.ensure_future(self.dispatcher.acquire(job.priority))
+        listener = job.listener
+
+        def waiting() -> None:
+            if listener is not None:
+                listener("sidecar_waiting", {})
+
+        slot = asyncio.ensure_future(self.dispatcher.acquire(job.priority, waiting))
         stop = asyncio.ensure_future(job.stop_requested.wait())
         try:
             await asyncio.wait({slot, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -548,7 +560,10 @@ class Pipeline:
         try:
             await asyncio.wait_for(
                 instance.client.queue_prompt(
-                    bust_output_cache(prompt, job.prompt_id), job.prompt_id, instance.client_id
+                    bust_output_cache(prompt, job.prompt_id),
+                    job.prompt_id,
+                    instance.client_id,
+                    job.partner_key,
                 ),
                 limit,
             )
@@ -567,6 +582,8 @@ class Pipeline:
                 )
                 return JobOutcome(OutcomeKind.COMFY_LOST, error={"message": str(exc)})
             raise Unavailable(f"ComfyUI is not answering: {exc}", id=job.id) from None
+        if job.listener is not None:
+            job.listener("sidecar_accepted", {"prompt_id": job.prompt_id})
         if job.state is JobState.PREPROCESSING:
             job.state = JobState.QUEUED
         job.queued_ms = now_ms()

@@ -20,7 +20,7 @@ import anyio
 
 from comfy_sidecar.storage.errors import is_disk_full
 
-__all__ = ["CHUNK", "link_or_copy", "move", "read_slice", "temp_name"]
+__all__ = ["CHUNK", "SMALL_READ", "link_or_copy", "move", "read_slice", "temp_name"]
 
 #: Bytes read per chunk when a file is streamed.
 CHUNK = 256 * 1024
@@ -70,9 +70,23 @@ def move(src: Path, dest: Path) -> None:
         src.unlink(missing_ok=True)
 
 
+#: Largest read done on the event loop (a slice this small comes from the page cache in
+#: microseconds; larger ones are read in a worker thread, a chunk at a time).
+SMALL_READ = 64 * 1024
+
+
 async def read_slice(path: Path, first: int, last: int) -> AsyncIterator[bytes]:
-    """Bytes ``first`` to ``last`` (inclusive) of ``path``, in chunks of at most 256 KiB."""
+    """Bytes ``first`` to ``last`` (inclusive) of ``path``, in chunks of at most 256 KiB; a
+    slice of at most :data:`SMALL_READ` bytes in one read on the event loop (no thread hop per
+    open, seek and read)."""
     remaining = last - first + 1
+    if remaining <= SMALL_READ:
+        with path.open("rb") as small:
+            small.seek(first)
+            chunk = small.read(remaining)
+        if chunk:
+            yield chunk
+        return
     async with await anyio.open_file(path, "rb") as handle:
         await handle.seek(first)
         while remaining > 0:

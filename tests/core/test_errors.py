@@ -178,6 +178,11 @@ CASES: list[tuple[Exception, int, dict[str, Any]]] = [
         },
     ),
     (
+        IdempotencyKeyReuse("this Idempotency-Key was already used", "Idempotency-Key"),
+        422,
+        {"error": "this Idempotency-Key was already used", "location": "Idempotency-Key"},
+    ),
+    (
         AssetUrlRefused("the content URL has expired", reason="expired"),
         403,
         {"error": "the content URL has expired", "reason": "expired"},

@@ -280,3 +280,30 @@ def test_max_queue_and_jobs_per_minute(cluster: Callable[..., list[Sidecar]]) ->
     assert_rate_limited(refused, "team-m", "jobs_per_minute")
     assert 1 <= refused.json()["retry_after_s"] <= 60
     assert view(sidecar, "team-q", second, wait=60)["status"] == "completed"
+
+
+def test_a_comfy_api_v2_job_is_admitted_and_owned_by_its_key(
+    cluster: Callable[..., list[Sidecar]],
+) -> None:
+    """POST /api/v2/jobs goes through the key's quotas as POST /jobs does (team-m: two a
+    minute, the third 429 ``rate_limited`` in the v2 envelope with Retry-After) and the job
+    records its key's name (its /jobs view's ``owner``); JOBS_VISIBLE_TO=owner hides it from
+    another key on the v2 routes too."""
+    sidecar = cluster("local", JOBS_VISIBLE_TO="owner")[0]
+    m = as_key("team-m")
+
+    def v2_submit() -> httpx.Response:
+        return sidecar.post("/api/v2/jobs", json={"workflow": basic_prompt(batch=1)}, headers=m)
+
+    made = [v2_submit() for _ in range(2)]
+    assert [r.status_code for r in made] == [201, 201], [r.text for r in made]
+    refused = v2_submit()
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert int(refused.headers["retry-after"]) >= 1
+    job_id = made[0].json()["id"]
+    assert view(sidecar, "team-m", job_id, wait=60)["owner"] == "team-m"
+    b = as_key("team-b")
+    assert sidecar.get(f"/api/v2/jobs/{job_id}", headers=b).status_code == 404
+    assert sidecar.get(f"/api/v2/jobs/{job_id}", headers=m).json()["status"] == "succeeded"
+    assert sidecar.get("/api/v2/jobs", headers=b).json()["jobs"] == []

@@ -48,10 +48,14 @@ def test_read_slice(tmp_path: Path) -> None:
     data = bytes(range(256)) * 2000
     path.write_bytes(data)
 
-    async def collect() -> bytes:
-        return b"".join([c async for c in read_slice(path, 1000, 300_000)])
+    async def collect(first: int = 1000, last: int = 300_000) -> bytes:
+        return b"".join([c async for c in read_slice(path, first, last)])
 
     assert asyncio.run(collect()) == data[1000:300_001]
+    # A small slice is one read on the event loop: the same bytes, the same bounds.
+    assert asyncio.run(collect(5, 5)) == data[5:6]
+    assert asyncio.run(collect(511_990, 511_999)) == data[511_990:]
+    assert asyncio.run(collect(7, 7 + 64 * 1024 - 1)) == data[7 : 7 + 64 * 1024]
 
 
 @pytest.mark.parametrize(

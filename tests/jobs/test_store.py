@@ -149,6 +149,35 @@ def test_an_ended_job_keeps_its_log_and_body_exactly(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_preview_followed_at_once_by_logged_events_still_reaches_followers(
+    tmp_path: Path,
+) -> None:
+    """A live preview is given to a follower asking for previews in its place among the
+    logged events even when more events came before the follower woke (ComfyUI sends the
+    next node's frames right after a preview); one from before the follower started is not;
+    a follower without previews gets none."""
+
+    async def main() -> None:
+        store = JobStore(tmp_path, 60, 10)
+        record = make(store, "j1")
+        store.set_status(record, JobStatus.IN_PROGRESS)
+        record.publish("preview", {"node_id": "0"}, log_it=False)  # before anyone follows
+
+        async def collect(previews: bool) -> list[tuple[int, str]]:
+            return [(e.id, e.type) async for e in record.follow(2, previews=previews) if e]
+
+        tasks = [asyncio.ensure_future(collect(p)) for p in (True, False)]
+        await asyncio.sleep(0)  # both followers wait for the next event
+        record.publish("preview", {"node_id": "1"}, log_it=False)
+        record.publish("progress", {"progress": 50})  # before the followers wake
+        store.finish(record, JobStatus.COMPLETED)
+        with_previews, without = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert with_previews == [(3, "preview"), (3, "progress"), (4, "done")]
+        assert without == [(3, "progress"), (4, "done")]
+
+    asyncio.run(main())
+
+
 def test_follow_sends_heartbeats_while_nothing_happens(tmp_path: Path) -> None:
     async def main() -> None:
         store = JobStore(tmp_path, 60, 10)
@@ -175,3 +204,74 @@ def test_clear_leftovers_refuses_a_directory_it_did_not_make(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="not a comfy-sidecar jobs directory"):
         JobStore(tmp_path, 1, 1).clear_leftovers()
     assert (tmp_path / "precious").exists()
+
+
+def test_an_idempotency_key_is_single_use_for_its_ttl(tmp_path: Path) -> None:
+    store = JobStore(tmp_path, 60, 10)
+    assert store.claim_key("k", "j1", ttl_s=100, now=0) is None
+    assert store.claim_key("k", "j2", ttl_s=100, now=99.9) == "j1", "used: names its job"
+    store.free_key("k", "j2")  # only the job that claimed it frees it
+    assert store.claim_key("k", "j3", ttl_s=100, now=50) == "j1"
+    store.free_key("k", "j1")  # a refused submission gives its key back
+    assert store.claim_key("k", "j4", ttl_s=100, now=50) is None
+    assert store.claim_key("k", "j5", ttl_s=100, now=150) is None, "usable again after the TTL"
+    assert store.claim_key("other", "j6", ttl_s=100, now=400) is None
+    assert list(store._keys) == ["other"], "keys past their time are forgotten"
+
+
+def test_pages_filter_on_endpoint_and_labels(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = JobStore(tmp_path, 60, 10)
+        for job_id, endpoint, labels in [
+            ("a", "comfy_v2", {"team": "x", "run": "1"}),
+            ("b", "jobs", None),
+            ("c", "comfy_v2", {"team": "x"}),
+            ("d", "comfy_v2", None),
+        ]:
+            make(store, job_id).endpoint = endpoint
+            store.find(job_id).metadata = labels  # type: ignore[union-attr]
+        ids = lambda **kw: [r.id for r in store.page(None, 10, None, **kw)[0]]  # noqa: E731
+        assert ids(endpoint="comfy_v2") == ["d", "c", "a"]
+        assert ids(metadata={"team": "x"}) == ["c", "a"]
+        assert ids(endpoint="comfy_v2", metadata={"team": "x", "run": "1"}) == ["a"]
+        first, cursor = store.page(None, 1, None, metadata={"team": "x"})
+        assert [r.id for r in first] == ["c"] and cursor is not None
+        assert [r.id for r in store.page(None, 1, cursor, metadata={"team": "x"})[0]] == ["a"]
+
+    asyncio.run(main())
+
+
+def test_a_key_stays_used_when_the_answer_is_given_up_but_the_job_runs(tmp_path: Path) -> None:
+    """The caller went away while its submission waited (ComfyUI's verdict): the job exists,
+    so its Idempotency-Key must not make a second one."""
+    from types import SimpleNamespace
+
+    from comfy_sidecar.errors import IdempotencyKeyReuse
+    from comfy_sidecar.jobs.local import LocalBackend
+    from comfy_sidecar.jobs.spec import JobSpec
+    from comfy_sidecar.schemas import PromptRequest
+
+    async def main() -> None:
+        store = JobStore(tmp_path, 60, 10)
+
+        async def submit(spec: JobSpec) -> JobRecord:
+            if spec.id == "kept":
+                make(store, spec.id)  # the job exists ...
+            raise asyncio.CancelledError  # ... and the request was cancelled
+
+        backend = LocalBackend(SimpleNamespace(store=store, submit=submit))  # type: ignore[arg-type]
+        request = PromptRequest(prompt={}, id="kept")
+        for job_id in ("kept", "refused"):
+            spec = JobSpec(
+                request=msgspec.structs.replace(request, id=job_id),
+                endpoint="comfy_v2",
+                idempotency_key=f"key-{job_id}",
+            )
+            with pytest.raises(asyncio.CancelledError):
+                await backend.submit(spec)
+        again = JobSpec(request=request, endpoint="comfy_v2", idempotency_key="key-kept")
+        with pytest.raises(IdempotencyKeyReuse):
+            await backend.submit(again)
+        assert store.claim_key("key-refused", "new", 60) is None, "no job: the key is free"
+
+    asyncio.run(main())

@@ -24,7 +24,7 @@ import contextlib
 import functools
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -166,6 +166,8 @@ class RedisBackend:
             urls=job_links(spec.id),
             attempts=[],
         )
+        if spec.metadata is not None:
+            view.metadata = spec.metadata
         if spec.owner is not None:
             view.owner = spec.owner
         after = None if spec.after is None else msgspec.json.encode(spec.after)
@@ -180,6 +182,8 @@ class RedisBackend:
                     after,
                     key,
                     spec.priority,
+                    idempotency=spec.idempotency_key,
+                    partner=spec.partner_key,
                 )
             )
         except DifferentBody:
@@ -227,6 +231,10 @@ class RedisBackend:
         """The job's event stream in Redis, from any replica; previews by pub/sub."""
         return self.jobs.follow(job_id, after, heartbeat_s, previews)
 
+    async def last_event_id(self, job_id: str) -> int:
+        """The job hash's ``seq`` (the id of its last event in Redis)."""
+        return await guarded(self.jobs.last_event_id(job_id))
+
     async def cancel(self, job_id: str) -> tuple[bool, JobView] | None:
         """A pending job ends ``cancelled`` at once, through the lifecycle's failure routine
         (its failure webhook and adapter webhook sent from here); a running one is
@@ -250,10 +258,28 @@ class RedisBackend:
         return final.status is JobStatus.CANCELLED, final
 
     async def page(
-        self, status: JobStatus | None, limit: int, cursor: int | None, owner: str | None = None
+        self,
+        status: JobStatus | None,
+        limit: int,
+        cursor: int | None,
+        owner: str | None = None,
+        *,
+        endpoint: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> tuple[list[JobView], int | None]:
         """A page of every replica's jobs, newest first (``owner``'s only, when given)."""
-        return await guarded(self.jobs.page(status, limit, cursor, owner))
+        return await guarded(
+            self.jobs.page(status, limit, cursor, owner, endpoint=endpoint, metadata=metadata)
+        )
+
+    async def prompt(self, job_id: str) -> dict[str, Any] | None:
+        """The prompt of the request kept in the job's hash."""
+        raw = await guarded(self.jobs.request(job_id))
+        if raw is None:
+            return None
+        request = msgspec.json.decode(raw, type=PromptRequest)
+        found: dict[str, Any] = msgspec.to_builtins(request.prompt)
+        return found
 
     async def waiting(self) -> int:
         """Jobs in the shared stream claimed by no replica yet."""
@@ -396,6 +422,9 @@ class RedisBackend:
                     if job_id is None:
                         self._work.set()
                     elif job_id in self.running:
+                        record = self.lifecycle.store.find(job_id)
+                        if record is not None:
+                            self.lifecycle.request_cancel(record)
                         await self.lifecycle.pipeline.interrupt(job_id)
             except (RedisError, OSError) as exc:
                 self._down(exc)
@@ -468,11 +497,11 @@ class RedisBackend:
         record.attempts = attempts
         await self.lifecycle.end_failed(spec, record, error, _End(self, job_id))
 
-    def _spill(self, result: JobResult) -> tuple[str, Any] | None:
+    def _spill(self, result: JobResult, kept: int = 0) -> tuple[str, Any] | None:
         """Where outputs of a job that names no upload target go when they exceed
-        JOB_INLINE_OUTPUT_MB: under ``JOB_OUTPUT_URL/<job id>/``, or nowhere:
-        :class:`OutputsTooLarge`."""
-        size = sum(item.size for item in result.files)
+        JOB_INLINE_OUTPUT_MB (with the ``kept`` bytes of its outputs already in Redis): under
+        ``JOB_OUTPUT_URL/<job id>/``, or nowhere: :class:`OutputsTooLarge`."""
+        size = kept + sum(item.size for item in result.files)
         if size <= self.inline_bytes:
             return None
         if self.spill_to is None:
@@ -488,13 +517,17 @@ class RedisBackend:
 
 
 def _spec_of(loaded: Loaded, endpoint: str) -> JobSpec:
-    """The :class:`JobSpec` of a job kept in Redis (as its submitter made it)."""
+    """The :class:`JobSpec` of a job kept in Redis (as its submitter made it: its labels from
+    its stored view, its partner key from its own key)."""
+    metadata = loaded.view.metadata if loaded.view is not None else None
     return JobSpec(
         request=msgspec.json.decode(loaded.request or b'{"prompt": {}}', type=PromptRequest),
         endpoint=endpoint,
         fingerprint=loaded.fingerprint,
         after=None if loaded.after is None else msgspec.json.decode(loaded.after, type=AfterEnd),
         key=None if loaded.key is None else msgspec.json.decode(loaded.key, type=KeyPolicy),
+        metadata=metadata if isinstance(metadata, dict) else None,
+        partner_key=loaded.partner_key,
     )
 
 
@@ -532,6 +565,10 @@ class _End:
         """Nothing runs: no outputs."""
         return None
 
+    async def keep(self, index: int, path: Path) -> bool:
+        """Nothing runs: no outputs."""
+        return False
+
     async def may_end(self) -> bool:
         """True when this claim ends the job (SET NX)."""
         self.won = await guarded(self.backend.jobs.take_end(self.job_id, self.token))
@@ -566,6 +603,9 @@ class _Run:
         self.mirror = Mirror(backend, self.job_id)
         #: Set when this attempt may not end the job: nothing more is written.
         self.lost = False
+        #: Outputs written to Redis while the job ran (:meth:`keep`): indexes and bytes.
+        self.kept: set[int] = set()
+        self.kept_bytes = 0
 
     def bind(self, record: JobRecord) -> None:
         """Mirror ``record`` from now on; its ``created_at`` stays the submission's."""
@@ -577,7 +617,19 @@ class _Run:
 
     def spill(self, result: JobResult) -> tuple[str, Any] | None:
         """Outputs over JOB_INLINE_OUTPUT_MB go to JOB_OUTPUT_URL."""
-        return self.backend._spill(result)
+        return self.backend._spill(result, self.kept_bytes)
+
+    async def keep(self, index: int, path: Path) -> bool:
+        """Write the output to Redis now, unless it would take the job past
+        JOB_INLINE_OUTPUT_MB (it goes with the end then) or this run lost its lease."""
+        size = path.stat().st_size
+        if self.lost or self.mirror.lost or self.kept_bytes + size > self.backend.inline_bytes:
+            return False
+        jobs = self.backend.jobs
+        await self.backend._retry(lambda: jobs.keep_output(self.job_id, index, path))
+        self.kept.add(index)
+        self.kept_bytes += size
+        return True
 
     async def may_end(self) -> bool:
         """Not when the job is being given back, nor when another attempt (a take-over, a
@@ -594,8 +646,9 @@ class _Run:
         inline: larger ones were spilled)."""
         backend = self.backend
         await self.mirror.drained()
+        unwritten = [None if i in self.kept else path for i, path in enumerate(files)]
         written = await backend._retry(
-            lambda: backend.jobs.finish(self.job_id, view, files, self.token)
+            lambda: backend.jobs.finish(self.job_id, view, unwritten, self.token)
         )
         if not written:
             log.warning("job %s: ended by another replica first; this run is discarded", view.id)

@@ -26,7 +26,15 @@ Keys (``P`` = :data:`PREFIX`):
   the SSE id). Chosen over pub/sub + a list because one stream both replays from
   ``Last-Event-ID`` and blocks for the next event (XREAD BLOCK), on every replica, and survives
   a restart from the AOF with the rest.
-- ``P:out:{id}:{n}``: output ``n``'s bytes when kept inline (at most JOB_INLINE_OUTPUT_MB per job).
+- ``P:out:{id}:{n}``: output ``n``'s bytes when kept inline (at most JOB_INLINE_OUTPUT_MB per job),
+  written when the job ends or, for an output published while the job runs, before its
+  ``output`` event (:meth:`RedisJobs.keep_output`; kept :data:`EARLY_OUTPUT_TTL_S` until the
+  job's end gives it the retention).
+- ``P:idempotency:jobs:{key}``: a Comfy API v2 ``Idempotency-Key`` used by a job (its id), set
+  with the job's creation (SET NX, :data:`~comfy_sidecar.jobs.spec.IDEMPOTENCY_TTL_S`).
+- ``P:partner:{id}``: the job's partner key (ComfyUI's ``extra_data.api_key_comfy_org``), set
+  with the job's creation, read by the replica that claims it, deleted with the job's end;
+  at most :data:`PARTNER_KEY_TTL_S` seconds. Never in the job's hash, its events or a log.
 - ``P:done:{id}``: set once (SET NX) by the attempt that ends the job (its token): only it
   sends the webhooks and writes the end; a later finisher (a replica that lost its lease)
   discards its result.
@@ -48,7 +56,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +64,7 @@ from typing import Any
 import msgspec
 from redis.exceptions import ResponseError
 
+from comfy_sidecar.errors import IdempotencyKeyReuse
 from comfy_sidecar.jobs.model import (
     DifferentBody,
     JobEvent,
@@ -63,9 +72,12 @@ from comfy_sidecar.jobs.model import (
     JobView,
     decode_view,
     iso,
+    labels_match,
     now_ms,
 )
+from comfy_sidecar.jobs.spec import IDEMPOTENCY_TTL_S, reuse_message
 from comfy_sidecar.net.redisconn import connect
+from comfy_sidecar.schemas.secret import Secret
 
 log = logging.getLogger("comfy_sidecar.jobs.redis")
 
@@ -84,6 +96,11 @@ EVENTS_MAX = 10_000
 
 #: Most jobs counted ahead of one for its queue position.
 POSITION_MAX = 10_000
+#: Seconds an output kept while its job runs is kept before the job's end sets its retention
+#: (bounds what a run that dies leaves behind).
+EARLY_OUTPUT_TTL_S = 24 * 3600
+#: Seconds a job's partner key is kept at most (a job waiting longer runs without it).
+PARTNER_KEY_TTL_S = 24 * 3600
 
 # Lua scripts: each runs in one round trip and atomically (Redis runs a script alone).
 
@@ -110,12 +127,25 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
 return 0
 """
 
-#: KEYS job hash, index, order counter, event stream, work stream (its priority's), levels;
-#: ARGV id, view, request, events' MAXLEN, the first status event's data, its after-end action
-#: (``''``: none), its key policy (JSON, ``''``: none), its priority, the group, the channel to
-#: publish on. Stores a new job, its first event and its work-stream entry together (the
-#: stream and its group made on first use, and listed in the levels).
+#: KEYS job hash, index, order counter, event stream, work stream (its priority's), levels,
+#: Idempotency-Key, partner key; ARGV id, view, request, events' MAXLEN, the first status
+#: event's data, its after-end action (``''``: none), its key policy (JSON, ``''``: none), its
+#: priority, the group, the channel to publish on, the Idempotency-Key's seconds (``''``: no
+#: key), the partner key (``''``: none) and its seconds. Stores a new job, its first event and
+#: its work-stream entry together (the stream and its group made on first use, and listed in
+#: the levels), after claiming its Idempotency-Key (SET NX): a used key makes no job (the hash
+#: the caller just began is removed) and answers ``{'reused', <the job that used it>}``.
 CREATE = """
+if ARGV[11] ~= '' then
+  if not redis.call('SET', KEYS[7], ARGV[1], 'NX', 'EX', ARGV[11]) then
+    local holder = redis.call('GET', KEYS[7])
+    redis.call('DEL', KEYS[1])
+    return {'reused', holder or ''}
+  end
+end
+if ARGV[12] ~= '' then
+  redis.call('SET', KEYS[8], ARGV[12], 'EX', ARGV[13])
+end
 local order = redis.call('INCR', KEYS[3])
 redis.call('HSET', KEYS[1], 'view', ARGV[2], 'request', ARGV[3], 'attempts', '[]')
 if ARGV[6] ~= '' then
@@ -298,6 +328,16 @@ def done_key(job_id: str) -> str:
     return f"{PREFIX}:done:{job_id}"
 
 
+def idempotency_key(key: str) -> str:
+    """The Redis key of a Comfy API v2 job ``Idempotency-Key``."""
+    return f"{PREFIX}:idempotency:jobs:{key}"
+
+
+def partner_key(job_id: str) -> str:
+    """Where job ``job_id``'s partner key waits for the replica that runs it."""
+    return f"{PREFIX}:partner:{job_id}"
+
+
 #: Bytes of an inline output written or read per round trip.
 CHUNK = 1024 * 1024
 
@@ -306,8 +346,8 @@ CHUNK = 1024 * 1024
 class Loaded:
     """What a replica reads of a job it claimed: ``ended`` (it has ended, or is not kept:
     then the rest is None / empty), its ``/prompt`` ``request`` (JSON), its ``attempts``,
-    its ``view``, its adapter's ``after``-end action (JSON), its ``fingerprint`` and its API
-    ``key``'s policy (JSON)."""
+    its ``view``, its adapter's ``after``-end action (JSON), its ``fingerprint``, its API
+    ``key``'s policy (JSON) and its ``partner_key``."""
 
     ended: bool
     request: bytes | None
@@ -316,6 +356,7 @@ class Loaded:
     after: bytes | None
     fingerprint: bytes
     key: bytes | None = None
+    partner_key: Secret | None = None
 
 
 @dataclass
@@ -418,12 +459,18 @@ class RedisJobs:
         after: bytes | None = None,
         key: bytes | None = None,
         priority: int = 0,
+        *,
+        idempotency: str | None = None,
+        partner: Secret | None = None,
     ) -> tuple[JobView, bool]:
         """Store a new job (``view`` its first body, ``request`` its ``/prompt`` JSON,
-        ``after`` its adapter's after-end action, ``key`` its API key's policy) and append it
-        to the work stream of its ``priority``; returns (the stored view, created). An id
-        already kept with the same ``fingerprint`` returns that job (created False); another
-        fingerprint raises :class:`~comfy_sidecar.jobs.model.DifferentBody`."""
+        ``after`` its adapter's after-end action, ``key`` its API key's policy, ``partner``
+        its partner key) and append it to the work stream of its ``priority``; returns (the
+        stored view, created). An id already kept with the same ``fingerprint`` returns that
+        job (created False); another fingerprint raises
+        :class:`~comfy_sidecar.jobs.model.DifferentBody`. With ``idempotency`` (a v2
+        ``Idempotency-Key``) the key is claimed in the same script: one used in the last
+        24 h raises :class:`~comfy_sidecar.errors.IdempotencyKeyReuse` and stores nothing."""
         job_id = view.id
         job_hash = job_key(job_id)
         if not await self.redis.hsetnx(job_hash, "fingerprint", fingerprint):
@@ -433,8 +480,17 @@ class RedisJobs:
             existing = await self.get(job_id)
             if existing is not None:
                 return existing, False
-        await self._create(
-            keys=[job_hash, INDEX, ORDER, events_key(job_id), stream_of(priority), LEVELS],
+        answer = await self._create(
+            keys=[
+                job_hash,
+                INDEX,
+                ORDER,
+                events_key(job_id),
+                stream_of(priority),
+                LEVELS,
+                idempotency_key(idempotency or ""),
+                partner_key(job_id),
+            ],
             args=[
                 job_id,
                 msgspec.json.encode(view),
@@ -446,8 +502,14 @@ class RedisJobs:
                 priority,
                 GROUP,
                 SUBMITTED,
+                IDEMPOTENCY_TTL_S if idempotency is not None else "",
+                partner.reveal() if partner is not None else "",
+                PARTNER_KEY_TTL_S,
             ],
         )
+        if isinstance(answer, list):
+            holder = answer[1].decode() if isinstance(answer[1], bytes) else str(answer[1])
+            raise IdempotencyKeyReuse(reuse_message(holder or None), "Idempotency-Key")
         return view, True
 
     async def position(self, job_id: str) -> int | None:
@@ -470,6 +532,16 @@ class RedisJobs:
         raw = await self.redis.hget(job_key(job_id), "view")
         return None if raw is None else decode_view(raw)
 
+    async def last_event_id(self, job_id: str) -> int:
+        """The id of job ``job_id``'s last event (its hash's ``seq``; 0 when none)."""
+        raw = await self.redis.hget(job_key(job_id), "seq")
+        return int(raw) if raw else 0
+
+    async def request(self, job_id: str) -> bytes | None:
+        """Job ``job_id``'s ``/prompt`` body (JSON), or None."""
+        raw: bytes | None = await self.redis.hget(job_key(job_id), "request")
+        return raw
+
     async def load(self, job_id: str) -> Loaded:
         """What a replica reads of job ``job_id`` when it claims it, in one round trip (see
         :class:`Loaded`)."""
@@ -477,7 +549,9 @@ class RedisJobs:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(done_key(job_id))
             pipe.hmget(job_key(job_id), fields)
-            done, (request, attempts, view, after, fingerprint, key) = await pipe.execute()
+            pipe.get(partner_key(job_id))
+            done, fields_read, partner = await pipe.execute()
+            request, attempts, view, after, fingerprint, key = fields_read
         return Loaded(
             ended=bool(done) or (request is None and view is None),
             request=request,
@@ -486,6 +560,7 @@ class RedisJobs:
             after=after or None,
             fingerprint=fingerprint or b"",
             key=key or None,
+            partner_key=Secret(partner.decode()) if partner else None,
         )
 
     async def attempts(self, job_id: str) -> list[dict[str, Any]]:
@@ -541,25 +616,30 @@ class RedisJobs:
         self,
         job_id: str,
         view: JobView,
-        outputs: Sequence[Path] = (),
+        outputs: Sequence[Path | None] = (),
         token: str | None = None,
     ) -> bool:
         """End job ``job_id`` with its final body ``view`` (and the files ``outputs``, kept
-        inline), once: the holder of the end (:meth:`take_end` with ``token``; without one a
-        fresh claim is tried) writes it and returns True; everyone else writes nothing and
-        returns False. Every key of the job then expires after the retention. Each output is
+        inline; None for one kept while the job ran), once: the holder of the end
+        (:meth:`take_end` with ``token``; without one a fresh claim is tried) writes it and
+        returns True; everyone else writes nothing and returns False. Every key of the job
+        then expires after the retention (its partner key is deleted). Each output is
         streamed in (SET, then APPEND of :data:`CHUNK` bytes at a time: never read whole),
         then one transaction writes the body, the ``done`` event and the expiries, and gives
         the job's places in its API key's quotas back."""
         if not await self.take_end(job_id, token or f"{self.replica}:{uuid.uuid4().hex}"):
             return False
         for index, path in enumerate(outputs):
-            await self._write_output(output_key(job_id, index), path)
+            if path is not None:
+                await self._write_output(output_key(job_id, index), path, self._ttl)
         async with self.redis.pipeline(transaction=True) as pipe:
             if isinstance(view.owner, str):  # its places in its key's quotas, given back
                 pipe.zrem(quota_key(view.owner, "active"), quota_member(job_id))
                 pipe.zrem(quota_key(view.owner, "waiting"), quota_member(job_id))
             pipe.hset(job_key(job_id), "view", msgspec.json.encode(view))
+            pipe.delete(partner_key(job_id))
+            for index in range(len(view.outputs)):
+                pipe.expire(output_key(job_id, index), self._ttl)
             pipe.expire(done_key(job_id), self._ttl)
             # EVAL, not EVALSHA: a script in a pipeline costs redis-py a SCRIPT EXISTS first.
             emit_keys = self._emit_keys(job_id)
@@ -569,15 +649,21 @@ class RedisJobs:
             await pipe.execute()
         return True
 
-    async def _write_output(self, key: str, path: Path) -> None:
-        """Stream the file ``path`` into the string ``key`` (expiring with the job), a chunk
-        of at most :data:`CHUNK` bytes per round trip, read off the event loop."""
+    async def keep_output(self, job_id: str, index: int, path: Path) -> None:
+        """Write output ``index`` of the running job ``job_id`` (the file ``path``) now, so
+        every replica serves it once its ``output`` event is out; kept
+        :data:`EARLY_OUTPUT_TTL_S` until :meth:`finish` gives it the retention."""
+        await self._write_output(output_key(job_id, index), path, EARLY_OUTPUT_TTL_S)
+
+    async def _write_output(self, key: str, path: Path, ttl_s: int) -> None:
+        """Stream the file ``path`` into the string ``key`` (expiring in ``ttl_s`` seconds),
+        a chunk of at most :data:`CHUNK` bytes per round trip, read off the event loop."""
         first = True
         with path.open("rb") as handle:
             while True:
                 chunk = await asyncio.to_thread(handle.read, CHUNK)
                 if first:
-                    await self.redis.set(key, chunk, ex=self._ttl)
+                    await self.redis.set(key, chunk, ex=ttl_s)
                     first = False
                 elif chunk:
                     await self.redis.append(key, chunk)
@@ -602,11 +688,19 @@ class RedisJobs:
         return RedisOutput(self.redis, key, size)
 
     async def page(
-        self, status: JobStatus | None, limit: int, cursor: int | None, owner: str | None = None
+        self,
+        status: JobStatus | None,
+        limit: int,
+        cursor: int | None,
+        owner: str | None = None,
+        *,
+        endpoint: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> tuple[list[JobView], int | None]:
-        """Newest first: up to ``limit`` job bodies (with ``status``, and submitted with the
-        API key named ``owner``, when given) submitted before ``cursor`` (a submission number
-        from a previous page); (bodies, next cursor)."""
+        """Newest first: up to ``limit`` job bodies (with ``status``, submitted with the API
+        key named ``owner``, through ``endpoint``, carrying every label of ``metadata``, when
+        given) submitted before ``cursor`` (a submission number from a previous page);
+        (bodies, next cursor)."""
         top = f"({cursor}" if cursor is not None else "+inf"
         found: list[JobView] = []
         last = None
@@ -623,8 +717,11 @@ class RedisJobs:
                 if view is None:
                     await self.redis.zrem(INDEX, job_id)
                     continue
-                if (status is None or view.status is status) and (
-                    owner is None or view.owner == owner
+                if (
+                    (status is None or view.status is status)
+                    and (owner is None or view.owner == owner)
+                    and (endpoint is None or view.endpoint == endpoint)
+                    and labels_match(view.metadata, metadata)
                 ):
                     found.append(view)
                     last = int(score)

@@ -22,6 +22,7 @@ from litestar.di import NamedDependency
 from comfy_sidecar.comfy.health import Health as SidecarHealth
 from comfy_sidecar.http.adapters.comfy_v2.assets import ROUTES as ASSET_ROUTES
 from comfy_sidecar.http.adapters.comfy_v2.errors import exception_handlers
+from comfy_sidecar.http.adapters.comfy_v2.jobs import ROUTES as JOB_ROUTES
 from comfy_sidecar.http.adapters.comfy_v2.models import Health
 
 __all__ = ["PREFIX", "ROUTES", "v2_routers"]
@@ -47,8 +48,8 @@ def v2_health(probes: NamedDependency[SidecarHealth]) -> Health:
 
 
 #: The v2 routes that need a key when keys are set (every one but health); the jobs and
-#: assets modules add theirs here.
-ROUTES: list[Any] = [*ASSET_ROUTES]
+#: assets modules add theirs here (a job's outputs are assets: the asset routes serve them).
+ROUTES: list[Any] = [*JOB_ROUTES, *ASSET_ROUTES]
 
 
 def v2_routers() -> list[Router]:

@@ -8,18 +8,22 @@ link holding ``/api/`` against the request's origin); ``url`` of an asset or out
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
 
 __all__ = [
     "Asset",
-    "Error",
+    "ErrorBody",
     "ErrorEnvelope",
+    "ExtraData",
     "Health",
     "Job",
     "JobError",
     "JobList",
+    "JobListItem",
+    "JobRequest",
     "JobUrls",
     "JobWorkflow",
     "Output",
@@ -34,6 +38,22 @@ canceling -> canceled. Terminal: succeeded, canceled, failed, expired."""
 
 OutputType = Literal["image", "video", "audio", "text", "file", "latent"]
 """Normalized output kind; nothing silently dropped."""
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    """``error`` of the v2 error envelope: ``code`` (machine-readable: comfy-sdk maps it to its
+    exception class), ``message``, ``details`` (``location``: the field at fault; ComfyUI's
+    ``node_errors``; ...)."""
+
+    code: Annotated[str, Meta(examples=["invalid_workflow"])]
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class ErrorEnvelope(msgspec.Struct, kw_only=True):
+    """Every error of the v2 surface (comfy_low.models ``ErrorEnvelope``)."""
+
+    error: ErrorBody
 
 
 class Health(msgspec.Struct, kw_only=True):
@@ -60,13 +80,16 @@ class Progress(msgspec.Struct, kw_only=True):
 
 
 class JobError(msgspec.Struct, kw_only=True):
-    """Execution failure detail, carried in ``job.error`` (not an HTTP error)."""
+    """Execution failure detail, carried in ``job.error`` (not an HTTP error). ``details``
+    (ours) carries what else the failure said: ComfyUI's ``node_errors`` when it refused the
+    workflow as it ran (``code`` ``invalid_workflow``), ``exception_type``, the log tail."""
 
     code: str
     message: str
     node_id: str | None = None
     class_type: str | None = None
     traceback: str | None = None
+    details: dict[str, Any] | None = None
 
 
 class JobUrls(msgspec.Struct, kw_only=True):
@@ -110,11 +133,68 @@ class Job(msgspec.Struct, kw_only=True):
     metadata: dict[str, str] | None = None
 
 
-class JobList(msgspec.Struct, kw_only=True):
-    """``GET /api/v2/jobs``: newest first; ``next_cursor`` pages on."""
+class JobListItem(Job, kw_only=True):
+    """A job in ``GET /api/v2/jobs``: the job, plus ``create_time`` and ``update_time`` (RFC
+    3339; when it was submitted and when it last changed), the names comfy-sdk's
+    ``JobSummary`` reads."""
 
-    jobs: list[Job]
+    create_time: str
+    update_time: str
+
+
+class JobList(msgspec.Struct, kw_only=True):
+    """``GET /api/v2/jobs``: newest first; ``next_cursor`` pages on (null on the last page)."""
+
+    jobs: list[JobListItem]
     next_cursor: str | None
+
+
+class ExtraData(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``extra_data`` of ``POST /api/v2/jobs``: closed, as the v2 contract's
+    ``additionalProperties: false``."""
+
+    api_key_comfy_org: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            description="The Comfy API key partner (API) nodes authenticate with: sent to "
+            "ComfyUI with the prompt, never stored with the job, shown or logged.",
+        ),
+    ]
+
+
+class JobRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /api/v2/jobs``."""
+
+    workflow: Annotated[
+        Any,
+        Meta(
+            description="The API-format graph (node id -> {class_type, inputs}); "
+            "`core/ASSET` references stand where a file name goes.",
+            examples=[
+                {
+                    "1": {
+                        "class_type": "EmptyImage",
+                        "inputs": {"width": 256, "height": 256, "batch_size": 1, "color": 0},
+                    },
+                    "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+                    "3": {
+                        "class_type": "SaveImage",
+                        "inputs": {"images": ["2", 0], "filename_prefix": "v2"},
+                    },
+                }
+            ],
+        ),
+    ]
+    extra_data: ExtraData | None = None
+    metadata: Annotated[
+        Any,
+        Meta(
+            description="At most 16 string labels (`{key: value}`), kept with the job and "
+            "filtered on by `GET /api/v2/jobs?metadata[key]=value`.",
+            examples=[{"client": "acme"}],
+        ),
+    ] = None
 
 
 class JobWorkflow(msgspec.Struct, kw_only=True):
@@ -139,19 +219,3 @@ class Asset(msgspec.Struct, kw_only=True, omit_defaults=True):
     created_new: bool | None = None
     expires_at: str | None = None
     job_id: str | None = None
-
-
-class Error(msgspec.Struct, kw_only=True):
-    """An error's ``code`` (``invalid_request``, ``not_found``, ``missing_asset``, ...: what
-    comfy-sdk maps to its exception classes), ``message`` and ``details`` (``location``
-    naming the field of a caller's mistake, ...)."""
-
-    code: str
-    message: str
-    details: dict[str, Any] | None = None
-
-
-class ErrorEnvelope(msgspec.Struct, kw_only=True):
-    """Every error under ``/api/v2``: ``{"error": {code, message, details}}``."""
-
-    error: Error
