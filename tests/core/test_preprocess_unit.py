@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from comfy_sidecar.errors import UpstreamFailed
-from comfy_sidecar.http.app import status_of
+from comfy_sidecar.http.errors import status_of
 from comfy_sidecar.pipeline.preprocess import (
     MAX_NESTING_DEPTH,
     MAX_PROMPT_BYTES,
