@@ -214,8 +214,24 @@ class Sidecar:
         self.client.close()
 
 
-def make_sidecar(backend: Backend, tmp: Path, **env_overrides: str) -> Sidecar:
-    """A configured (not started) sidecar in front of ``backend``."""
+def make_sidecar(
+    backend: Backend, tmp: Path, *, process: bool = False, **env_overrides: str
+) -> Sidecar:
+    """A configured (not started) sidecar in front of ``backend``: in this process
+    (tests/inprocess.py) unless ``process`` asks for ``python -m comfy_sidecar``."""
+    env, port, comfy_port = sidecar_env(backend, tmp, **env_overrides)
+    if process:
+        return Sidecar(backend, env, port, comfy_port, tmp / "sidecar.log")
+    from tests.inprocess import InProcessSidecar
+
+    return InProcessSidecar(backend, env, port, comfy_port, tmp / "sidecar.log")
+
+
+def sidecar_env(
+    backend: Backend, tmp: Path, **env_overrides: str
+) -> tuple[dict[str, str], int, int]:
+    """``(env, port, comfy_port)`` of a sidecar in front of ``backend`` (prepared here) on free
+    ports, its caches under ``tmp``, ``env_overrides`` over the test defaults."""
     backend.prepare()
     port, comfy_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SALAD_", "SYSTEM_"))}
@@ -243,7 +259,7 @@ def make_sidecar(backend: Backend, tmp: Path, **env_overrides: str) -> Sidecar:
     env.update(env_overrides)
     if "CMD_EXTRA" in env:
         env["CMD"] = backend.cmd(comfy_port, env.pop("CMD_EXTRA"))
-    return Sidecar(backend, env, port, comfy_port, tmp / "sidecar.log")
+    return env, port, comfy_port
 
 
 BACKENDS = [
@@ -272,10 +288,13 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 
 
 @contextlib.contextmanager
-def running_sidecar(kind: str, tmp: Path, **env: str) -> Iterator[Sidecar]:
+def running_sidecar(
+    kind: str, tmp: Path, *, process: bool = False, **env: str
+) -> Iterator[Sidecar]:
     """A ready sidecar in front of the ``kind`` backend (``double`` or ``real``), stopped at
-    the end; model links it put in a real ComfyUI (``staged_models``) are removed."""
-    sidecar = make_sidecar(Backend(kind, tmp / "comfy"), tmp, **env)
+    the end (``process``: a subprocess, see :func:`make_sidecar`); model links it put in a real
+    ComfyUI (``staged_models``) are removed."""
+    sidecar = make_sidecar(Backend(kind, tmp / "comfy"), tmp, process=process, **env)
     sidecar.start()
     try:
         sidecar.wait_ready()
@@ -299,14 +318,17 @@ def shared_sidecar(
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Any]:
-    """``spawn(backend, module="comfy_sidecar", **env) -> Sidecar`` started (``python -m
-    module``); every one is stopped at teardown."""
+    """``spawn(backend, module="comfy_sidecar", process=False, **env) -> Sidecar`` started: in
+    this process, or with ``process`` (or another ``module``) as ``python -m module``; every
+    one is stopped at teardown."""
     started: list[Sidecar] = []
 
-    def _spawn(backend: Backend, module: str = "comfy_sidecar", **env: str) -> Sidecar:
+    def _spawn(
+        backend: Backend, module: str = "comfy_sidecar", process: bool = False, **env: str
+    ) -> Sidecar:
         sub = tmp_path / f"sc{len(started)}"
         sub.mkdir()
-        sidecar = make_sidecar(backend, sub, **env)
+        sidecar = make_sidecar(backend, sub, process=process or module != "comfy_sidecar", **env)
         started.append(sidecar.start(module=module))
         return sidecar
 
