@@ -41,11 +41,28 @@ REAL_REASON = (
 )
 
 
+#: Ports :func:`free_port` hands out: below Linux's ephemeral range (32768+), so outgoing
+#: connections cannot take one before the server under test binds it; each pytest-xdist
+#: worker (``PYTEST_XDIST_WORKER`` gwN of ``PYTEST_XDIST_WORKER_COUNT``) gets its own slice,
+#: so two workers never pick the same port.
+PORTS = range(20000, 32000)
+
+
+def _worker_ports() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or count <= 1:
+        return PORTS
+    index = int(worker[2:]) % count
+    size = len(PORTS) // count
+    return range(PORTS.start + index * size, PORTS.start + (index + 1) * size)
+
+
 def free_port() -> int:
-    """A port that is free now, below Linux's ephemeral range (32768+) so outgoing
-    connections cannot take it before the server under test binds it."""
+    """A port that is free now, from this worker's slice of :data:`PORTS`."""
+    ports = _worker_ports()
     while True:
-        port = random.randrange(20000, 32000)
+        port = random.randrange(ports.start, ports.stop)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
@@ -214,13 +231,27 @@ class Sidecar:
         self.client.close()
 
 
+#: Whether the test being set up asked for subprocess sidecars (its ``sidecar_process``
+#: marker, on it or its module), read by :func:`make_sidecar`; set before its fixtures are.
+_PROCESS_SIDECARS = False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    global _PROCESS_SIDECARS
+    _PROCESS_SIDECARS = item.get_closest_marker("sidecar_process") is not None
+
+
 def make_sidecar(
-    backend: Backend, tmp: Path, *, process: bool = False, **env_overrides: str
+    backend: Backend, tmp: Path, *, process: bool | None = None, **env_overrides: str
 ) -> Sidecar:
     """A configured (not started) sidecar in front of ``backend``: in this process
-    (tests/inprocess.py) unless ``process`` asks for ``python -m comfy_sidecar``."""
+    (tests/inprocess.py), or as ``python -m comfy_sidecar`` when ``process`` is true or, with
+    ``process`` None, when the test is marked ``sidecar_process`` (it signals, kills, freezes or
+    times the sidecar's process, or reads what is process-wide: proxies and the Hugging Face
+    endpoint from the environment, the Prometheus counters)."""
     env, port, comfy_port = sidecar_env(backend, tmp, **env_overrides)
-    if process:
+    if _PROCESS_SIDECARS if process is None else process:
         return Sidecar(backend, env, port, comfy_port, tmp / "sidecar.log")
     from tests.inprocess import InProcessSidecar
 
@@ -289,7 +320,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 
 @contextlib.contextmanager
 def running_sidecar(
-    kind: str, tmp: Path, *, process: bool = False, **env: str
+    kind: str, tmp: Path, *, process: bool | None = None, **env: str
 ) -> Iterator[Sidecar]:
     """A ready sidecar in front of the ``kind`` backend (``double`` or ``real``), stopped at
     the end (``process``: a subprocess, see :func:`make_sidecar`); model links it put in a real
@@ -318,17 +349,19 @@ def shared_sidecar(
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Any]:
-    """``spawn(backend, module="comfy_sidecar", process=False, **env) -> Sidecar`` started: in
-    this process, or with ``process`` (or another ``module``) as ``python -m module``; every
-    one is stopped at teardown."""
+    """``spawn(backend, module="comfy_sidecar", process=None, **env) -> Sidecar`` started: in
+    this process, or as ``python -m module`` (see :func:`make_sidecar`; another ``module`` is
+    always a process); every one is stopped at teardown."""
     started: list[Sidecar] = []
 
     def _spawn(
-        backend: Backend, module: str = "comfy_sidecar", process: bool = False, **env: str
+        backend: Backend, module: str = "comfy_sidecar", process: bool | None = None, **env: str
     ) -> Sidecar:
         sub = tmp_path / f"sc{len(started)}"
         sub.mkdir()
-        sidecar = make_sidecar(backend, sub, process=process or module != "comfy_sidecar", **env)
+        sidecar = make_sidecar(
+            backend, sub, process=True if module != "comfy_sidecar" else process, **env
+        )
         started.append(sidecar.start(module=module))
         return sidecar
 

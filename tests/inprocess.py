@@ -126,9 +126,7 @@ class InProcessSidecar(Sidecar):
         with _LOCK:
             _RUNNING.add(self)
         _relevel()
-        self._thread = threading.Thread(
-            target=self._main, name=f"sidecar-{self.port}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._main, name=f"sidecar-{self.port}", daemon=True)
         self._thread.start()
         return self
 

@@ -18,6 +18,9 @@ import pytest
 from tests.chaos.scenarios import SCENARIOS, Harness, Outcome, Scenario
 from tests.conftest import BACKENDS
 
+# Signals, kills and process-wide settings (proxies): subprocess sidecars.
+pytestmark = pytest.mark.sidecar_process
+
 RUNS = int(os.environ.get("CHAOS_RUNS", "2"))
 
 CASES = [

@@ -187,6 +187,7 @@ def test_openapi_declares_the_schemes(keyed: tuple[Sidecar, Path]) -> None:
     assert "security" not in paths["/ready"]["get"]
 
 
+@pytest.mark.sidecar_process
 def test_sighup_rereads_the_key_file(keyed: tuple[Sidecar, Path]) -> None:
     sidecar, key_file = keyed
     assert sidecar.proc is not None

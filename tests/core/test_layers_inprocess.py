@@ -127,16 +127,16 @@ def test_instance_restarts_its_killed_child_and_fails_the_running_job(tmp_path: 
             await instance.client.queue_prompt(
                 slow_prompt(blurs=20), job.prompt_id, instance.client_id
             )
-            await async_wait_for(
-                lambda: job.state is JobState.RUNNING, what="the prompt to run"
-            )
+            await async_wait_for(lambda: job.state is JobState.RUNNING, what="the prompt to run")
             os.killpg(first, signal.SIGKILL)
             outcome = await asyncio.wait_for(job.done, 30)
             assert (outcome.kind, outcome.reason) == (OutcomeKind.COMFY_LOST, "comfyui_exited")
             await async_wait_for(
-                lambda: instance.accepting
-                and instance.process is not None
-                and instance.process.pid != first,
+                lambda: (
+                    instance.accepting
+                    and instance.process is not None
+                    and instance.process.pid != first
+                ),
                 timeout=30,
                 what="a new child, ready",
             )
