@@ -75,7 +75,8 @@ dist/comfy-sidecar --version
 finished azurite >/dev/null || { cat "$logs/azurite"; exit 1; }
 rm -rf "$logs"
 echo "== pytest"
-# Test files run in parallel on every core (pytest-xdist), each file's tests in one worker so
-# its module-scoped sidecars and servers are shared; tests/conftest.py gives each worker its
-# own ports.
-exec "$venv/bin/python" -m pytest -q -rs -n "${PYTEST_WORKERS:-auto}" --dist loadfile "$@"
+# Test files run in parallel (pytest-xdist): 3 workers on 2 cores, as most tests wait on
+# sidecars, ComfyUI doubles and servers rather than compute; each file's tests in one worker
+# so its module-scoped sidecars and servers are shared; tests/conftest.py gives each worker
+# its own ports. PYTEST_WORKERS=N overrides the count.
+exec "$venv/bin/python" -m pytest -q -rs -n "${PYTEST_WORKERS:-3}" --dist loadfile "$@"

@@ -18,7 +18,7 @@ import pytest
 from tests.chaos.scenarios import SCENARIOS, Harness, Outcome, Scenario
 from tests.conftest import BACKENDS
 
-# Signals, kills and process-wide settings (proxies): subprocess sidecars.
+# Subprocess sidecars: the scenarios kill, stop and freeze processes.
 pytestmark = pytest.mark.sidecar_process
 
 RUNS = int(os.environ.get("CHAOS_RUNS", "2"))

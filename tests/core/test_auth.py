@@ -21,6 +21,9 @@ from comfy_sidecar.http.auth import METRICS_PATH, OPEN_PATHS, open_paths, presen
 from tests.conftest import Backend, Sidecar, basic_prompt, make_sidecar
 from tests.waiting import wait_for
 
+# Subprocess sidecars: the module shares one sidecar, which a test SIGHUPs.
+pytestmark = pytest.mark.sidecar_process
+
 STATIC_KEY = "static-key-0123456789"
 FILE_KEY = "file-key-abcdefghij"
 NEW_FILE_KEY = "rotated-key-zyxwvu"
@@ -187,7 +190,6 @@ def test_openapi_declares_the_schemes(keyed: tuple[Sidecar, Path]) -> None:
     assert "security" not in paths["/ready"]["get"]
 
 
-@pytest.mark.sidecar_process
 def test_sighup_rereads_the_key_file(keyed: tuple[Sidecar, Path]) -> None:
     sidecar, key_file = keyed
     assert sidecar.proc is not None

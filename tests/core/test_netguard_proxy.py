@@ -21,7 +21,7 @@ from tests.forward_proxy import ForwardProxy, forward_proxy
 from tests.receiver import Receiver
 from tests.storage.slow_server import SlowServer
 
-# Signals, kills and process-wide settings (proxies): subprocess sidecars.
+# Subprocess sidecars: their proxy comes from the process environment (HTTP(S)_PROXY).
 pytestmark = pytest.mark.sidecar_process
 
 __all__ = ["forward_proxy"]  # the fixture, used by name

@@ -18,6 +18,10 @@ from tests.storage.conftest import azurite  # noqa: F401 - fixture
 from tests.storage.hf_hub_server import HubServer
 from tests.waiting import wait_for
 
+# Subprocess sidecars: the module shares one sidecar, whose Hugging Face client reads
+# HF_ENDPOINT from the process's environment.
+pytestmark = pytest.mark.sidecar_process
+
 CONTAINER = "sidecar"
 
 
@@ -160,7 +164,6 @@ def test_async_upload_to_azure(sidecar: Sidecar, blobs: Any) -> None:
     wait_until(lambda: blobs.get_blob_client("late/az-async_be_00001_.png").exists())
 
 
-@pytest.mark.sidecar_process
 def test_sync_upload_to_hf(sidecar: Sidecar, hub: HubServer) -> None:
     prompt = invert(base64.b64encode(make_png((4, 2))).decode())
     response = sidecar.post(
@@ -179,7 +182,6 @@ def test_sync_upload_to_hf(sidecar: Sidecar, hub: HubServer) -> None:
     assert ("dataset", "org/results", "runs/hf-sync_be_00001_.png") in hub.repos
 
 
-@pytest.mark.sidecar_process
 def test_async_upload_to_hf(sidecar: Sidecar, hub: HubServer) -> None:
     prompt = invert(base64.b64encode(make_png((2, 2))).decode())
     response = sidecar.post(

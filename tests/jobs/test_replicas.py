@@ -26,7 +26,7 @@ from tests.jobs.test_redis_queue import job, journal, replicas, runs_on
 from tests.redis_server import RedisServer, redis_server
 from tests.waiting import wait_for
 
-# Signals, kills and process-wide settings (proxies): subprocess sidecars.
+# Subprocess sidecars: replicas are SIGTERMed and restarted behind HAProxy.
 pytestmark = pytest.mark.sidecar_process
 
 __all__ = ["haproxy", "redis_server"]  # fixtures, used by name
