@@ -1,9 +1,29 @@
-"""Shared test harness: start the sidecar as a real process in front of a ComfyUI.
+"""Shared test harness: sidecars in front of a ComfyUI, in the test process or as processes.
 
 The ComfyUI is the double in ``tests/comfy_double.py`` (always), or a real ComfyUI when the
 ``COMFY_HOME`` environment variable points at a ComfyUI checkout with its own ``.venv``
 (``main.py`` and ``.venv/bin/python``); without it the ``real`` parametrisations are skipped
-with that reason.
+with that reason. Either way it is the instance's child process, started from ``CMD``.
+
+Which sidecar a test gets:
+
+- ``shared_sidecar`` (one per module and backend), ``running_sidecar(kind, tmp, **env)``,
+  ``spawn(backend, **env)`` and ``make_sidecar(backend, tmp, **env)`` give a sidecar that runs
+  in this process (tests/inprocess.py ``InProcessSidecar``: the sidecar's own ``serve()`` in a
+  thread, on a real loopback port, its own log file). It answers over HTTP like the process
+  does, so a test of the API reads the same either way; it costs no interpreter start.
+- A test that needs the process itself — a signal (SIGTERM drain, SIGHUP, SIGKILL), exit
+  codes, ``proc``, the time from exec, or what is process-wide (HTTP(S)_PROXY and HF_ENDPOINT
+  from the environment, the Prometheus counters) — is marked ``@pytest.mark.sidecar_process``
+  (or its module ``pytestmark = pytest.mark.sidecar_process``) and gets ``python -m
+  comfy_sidecar`` processes; ``process=True`` asks for one explicitly. A module-scoped sidecar
+  is made when the module's first test starts: mark the module, not one test.
+- Below HTTP, ``tests.inprocess.running_container(sidecar_env(backend, tmp, **env)[0])``
+  builds and runs the container in the test's own event loop (see
+  tests/core/test_layers_inprocess.py).
+
+The suite runs under pytest-xdist (scripts/test.sh): :func:`free_port` gives each worker its
+own ports; session servers (moto, Azurite, redis-server) are per worker.
 """
 
 from __future__ import annotations
@@ -233,7 +253,8 @@ class Sidecar:
 
 #: Whether the test being set up asked for subprocess sidecars (its ``sidecar_process``
 #: marker, on it or its module), read by :func:`make_sidecar`; set before its fixtures are.
-_PROCESS_SIDECARS = False
+#: Outside pytest (bench/, which measures the process) sidecars are processes.
+_PROCESS_SIDECARS = True
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -249,7 +270,7 @@ def make_sidecar(
     (tests/inprocess.py), or as ``python -m comfy_sidecar`` when ``process`` is true or, with
     ``process`` None, when the test is marked ``sidecar_process`` (it signals, kills, freezes or
     times the sidecar's process, or reads what is process-wide: proxies and the Hugging Face
-    endpoint from the environment, the Prometheus counters)."""
+    endpoint from the environment, the Prometheus counters) or no test runs (bench/)."""
     env, port, comfy_port = sidecar_env(backend, tmp, **env_overrides)
     if _PROCESS_SIDECARS if process is None else process:
         return Sidecar(backend, env, port, comfy_port, tmp / "sidecar.log")
