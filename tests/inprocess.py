@@ -137,6 +137,8 @@ class InProcessSidecar(Sidecar):
         self._loop = loop
         try:
             self.exit_code = loop.run_until_complete(self._serve())
+        except asyncio.CancelledError:  # killed (see kill)
+            self.exit_code = -9
         except BaseException as exc:  # a crash of the harness itself: the test must see it
             self.exit_code = 70
             self.write_line(f"in-process sidecar crashed: {exc!r}")
@@ -161,6 +163,7 @@ class InProcessSidecar(Sidecar):
 
     async def _serve(self) -> int:
         _CURRENT.set(self)
+        self._task = asyncio.current_task()
         try:
             settings = load_settings(self.env)
             sock = bind_socket(settings.host, settings.port)
@@ -256,13 +259,28 @@ class InProcessSidecar(Sidecar):
         assert self.exit_code is not None
         return self.exit_code
 
+    def kill(self) -> None:
+        """What SIGKILL does to the process: every task of the sidecar's loop cancelled at once
+        (no drain); its ComfyUI children die with its thread (``PR_SET_PDEATHSIG``)."""
+        loop, task = self._loop, getattr(self, "_task", None)
+        if loop is not None and task is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+
     def stop(self) -> None:
+        """As :meth:`Sidecar.stop`: SIGTERM (a drain), and after 60 s SIGKILL."""
         if self.running:
             self.request_stop()
             assert self._thread is not None
-            self._thread.join(90)
+            self._thread.join(60)
             if self._thread.is_alive():
-                raise AssertionError(f"the sidecar did not stop:\n{self.log()[-4000:]}")
+                self.write_line("tests.inprocess: not stopped after 60 s; killed")
+                self.kill()
+                self._thread.join(30)
+            if self._thread.is_alive():
+                raise AssertionError(f"the sidecar could not be killed:\n{self.log()[-4000:]}")
         self.client.close()
 
 
