@@ -97,13 +97,43 @@ class Unavailable(SidecarError):
 
 
 class Overloaded(SidecarError):
-    """The sidecar's queue is full (MAX_QUEUE_DEPTH): try again later or elsewhere."""
+    """The sidecar's queue is full (MAX_QUEUE_DEPTH): try again later or elsewhere, after
+    ``retry_after_s`` seconds (the ``Retry-After`` header)."""
+
+    retry_after_s: int = 1
+
+
+class RateLimited(Overloaded):
+    """An API key is past one of its quotas (``API_KEYS_FILE``): fields ``key`` (its name),
+    ``reason`` (the quota: ``max_concurrent_jobs``, ``jobs_per_minute`` or ``max_queue``),
+    ``limit`` and ``retry_after_s`` (seconds until it may succeed: until the minute's window
+    frees a place, or a small constant for the others; the ``Retry-After`` header).
+
+    The hook of the Comfy API v2 envelope: ``code`` is ``rate_limited`` there (the class's own
+    ``code``, as the asset errors carry theirs); the status is 429, as :class:`Overloaded`."""
+
+    code: ClassVar[str] = "rate_limited"
+
+    def __init__(
+        self, message: str, *, key: str, reason: str, limit: int, retry_after_s: int
+    ) -> None:
+        super().__init__(message, key=key, reason=reason, limit=limit, retry_after_s=retry_after_s)
+        self.reason = reason
+        self.retry_after_s = max(1, retry_after_s)
 
 
 class OutputsTooLarge(SidecarError):
     """A shared-queue job's outputs exceed JOB_INLINE_OUTPUT_MB and have nowhere else to go
     (the job names no upload target and JOB_OUTPUT_URL is unset): the job fails with this
     instead of losing them (fields ``id``, ``size_bytes``)."""
+
+
+class PayloadTooLarge(SidecarError):
+    """A request body (an asset upload) is larger than the sidecar takes: ASSET_MAX_UPLOAD_MB,
+    or, with JOB_QUEUE_URL and nowhere but Redis to keep asset bytes, ASSET_INLINE_MB (v2
+    ``payload_too_large``). Field ``limit_bytes``."""
+
+    code: ClassVar[str] = "payload_too_large"
 
 
 class TimedOut(SidecarError):
@@ -140,6 +170,14 @@ class MissingAsset(InputError):
     (``workflow.<node>.inputs.<field>``); field ``missing`` lists every bad location."""
 
     code: ClassVar[str] = "missing_asset"
+
+
+class IdempotencyKeyReuse(InputError):
+    """An ``Idempotency-Key`` already used for this kind of request in the last 24 hours (or
+    in use by a request still running): keys are single-use, a reuse is refused, never
+    replayed (v2 ``idempotency_key_reuse``; comfy-sdk's ``IdempotencyKeyReuse``)."""
+
+    code: ClassVar[str] = "idempotency_key_reuse"
 
 
 class AssetUrlRefused(SidecarError):

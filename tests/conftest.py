@@ -309,6 +309,7 @@ def sidecar_env(
             "STARTUP_CHECK_INTERVAL_S": "0.25",
             "STARTUP_CHECK_MAX_TRIES": "480" if backend.kind == "real" else "120",
             "CACHE_DIR": str(tmp / "cache"),
+            "ASSET_DIR": str(tmp / "assets"),
             "LOG_LEVEL": "debug",
             "SHUTDOWN_GRACE_S": "30",
             # The test servers run on loopback: allowed explicitly (the SSRF guard's own

@@ -4,7 +4,10 @@ workflow references. No HTTP here: the v2 routes call these and decide the statu
 - :mod:`.store` :class:`AssetStore` (upload, from-hash, outputs, holds, LRU, reads, staging);
 - :mod:`.signing` :class:`UrlSigner` (HMAC-SHA256 content URLs);
 - :mod:`.references` ``core/ASSET`` find / resolve / replace;
-- :mod:`.hashing` ``blake3:<hex>``.
+- :mod:`.hashing` ``blake3:<hex>``;
+- :mod:`.service` :class:`~.service.AssetService` (what the v2 routes call) over the store
+  in-process (:class:`~.service.LocalAssets`), :mod:`.shared` over Redis and an object store
+  with ``JOB_QUEUE_URL``.
 """
 
 from comfy_sidecar.assets.hashing import format_hash, hash_file, is_hash, parse_hash
@@ -22,6 +25,8 @@ from comfy_sidecar.assets.store import (
     AssetContent,
     AssetStore,
     Created,
+    Received,
+    check_upload,
     guess_content_type,
     staged_file_name,
 )
@@ -33,9 +38,11 @@ __all__ = [
     "AssetReference",
     "AssetStore",
     "Created",
+    "Received",
     "ResolvedReference",
     "SignedUrl",
     "UrlSigner",
+    "check_upload",
     "find_asset_references",
     "format_hash",
     "guess_content_type",

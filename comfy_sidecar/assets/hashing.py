@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-from blake3 import blake3
+from typing import TYPE_CHECKING
 
 from comfy_sidecar.errors import InputError
 
@@ -18,6 +17,18 @@ PREFIX = "blake3:"
 #: Bytes read at a time when a file is hashed (1 MiB: large enough for blake3's SIMD paths).
 CHUNK = 1024 * 1024
 _HEX = re.compile(r"[0-9a-f]{64}")
+
+
+if TYPE_CHECKING:
+    from blake3 import blake3
+
+
+def new_hasher() -> blake3:
+    """An empty blake3 hasher (``update(bytes)``, ``hexdigest()``); blake3 is imported by the
+    first hash, not at start-up (its library is about 0.6 MB of a sidecar's RSS)."""
+    from blake3 import blake3
+
+    return blake3()
 
 
 def format_hash(hexdigest: str) -> str:
@@ -47,7 +58,7 @@ def is_hash(value: object) -> str | None:
 def hash_file(path: Path | str) -> str:
     """``blake3:<hex>`` of the file at ``path``, read in :data:`CHUNK` pieces (blocking: call
     it in a thread). Raises OSError."""
-    hasher = blake3()
+    hasher = new_hasher()
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):
             hasher.update(chunk)

@@ -59,14 +59,21 @@ from types import TracebackType
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 import msgspec
-from blake3 import blake3
 
-from comfy_sidecar.assets.hashing import format_hash, hash_file, is_hash, parse_hash
-from comfy_sidecar.errors import AssetNotFound, BlobNotFound, HashMismatch, InputError
+from comfy_sidecar.assets.hashing import format_hash, hash_file, is_hash, new_hasher, parse_hash
+from comfy_sidecar.errors import (
+    AssetNotFound,
+    BlobNotFound,
+    HashMismatch,
+    InputError,
+    PayloadTooLarge,
+)
 from comfy_sidecar.storage.cache import place_job_input
 from comfy_sidecar.storage.errors import DiskFullError, OutputMissingError, is_disk_full
 
 if TYPE_CHECKING:
+    from blake3 import blake3
+
     from comfy_sidecar.config import Settings
 
 log = logging.getLogger("comfy_sidecar.assets")
@@ -166,10 +173,16 @@ def staged_file_name(asset: Asset) -> str:
     extension from ``file_path`` (else from ``content_type``) so nodes that look at it
     (``LoadImage``'s PIL, VHS's video loaders) see the right kind; nothing of the client's name
     but a plain 1-16 character extension is used."""
-    suffix = PurePosixPath(asset.file_path or "").suffix
+    return asset.id + file_extension(asset.file_path, asset.content_type)
+
+
+def file_extension(file_path: str | None, content_type: str) -> str:
+    """``file_path``'s extension when it is a plain 1-16 character one (``.png``), else the
+    one ``content_type`` gives, else ''."""
+    suffix = PurePosixPath(file_path or "").suffix
     if not _EXTENSION.fullmatch(suffix):
-        suffix = mimetypes.guess_extension(asset.content_type.split(";")[0].strip()) or ""
-    return asset.id + suffix
+        suffix = mimetypes.guess_extension(content_type.split(";")[0].strip()) or ""
+    return suffix
 
 
 def _check_file_path(file_path: str | None) -> str | None:
@@ -206,6 +219,99 @@ def _check_tags(tags: Iterable[str]) -> tuple[str, ...]:
     ):
         raise InputError(f"expected at most {_MAX_TAGS} tags of 1 to {_MAX_TAG} characters", "tags")
     return checked
+
+
+def check_upload(
+    file_path: str | None,
+    content_type: str | None,
+    expected_hash: str | None,
+    tags: Iterable[str],
+) -> tuple[str | None, str, str | None, tuple[str, ...]]:
+    """The fields of an upload checked: (``file_path``, the media type — given, else guessed
+    from ``file_path`` —, ``expected_hash``'s 64 hex digits or None, the tags). Raises
+    :class:`~comfy_sidecar.errors.InputError` naming the field (``file_path``,
+    ``content_type``, ``expected_hash``, ``tags``)."""
+    file_path = _check_file_path(file_path)
+    checked_type = _check_content_type(content_type, file_path)
+    expected = parse_hash(expected_hash, "expected_hash") if expected_hash else None
+    return file_path, checked_type, expected, _check_tags(tags)
+
+
+@dataclass(frozen=True)
+class Received:
+    """An upload's bytes, received into a temp file: ``path``, their blake3 ``digest`` (64
+    hex digits) and ``size`` in bytes."""
+
+    path: Path
+    digest: str
+    size: int
+
+    @property
+    def hash(self) -> str:
+        """``blake3:<hex>``."""
+        return format_hash(self.digest)
+
+
+async def receive(chunks: AsyncIterable[bytes], directory: Path, *, max_bytes: int = 0) -> Received:
+    """Write the bytes ``chunks`` yields to a new temp file in ``directory``, hashing them
+    with blake3 on the way (about :data:`WRITE_CHUNK` bytes buffered at most; the writes and
+    the hashing run in a thread).
+
+    ``max_bytes`` (0 = no limit): more bytes than that raise
+    :class:`~comfy_sidecar.errors.PayloadTooLarge` (field ``limit_bytes``) as soon as they
+    arrive. Raises :class:`~comfy_sidecar.storage.errors.DiskFullError` on a full disk;
+    whatever ``chunks`` raises (the client went away) passes through. The temp file is
+    removed on any error; otherwise the caller owns it (:func:`discard`)."""
+    tmp = directory / f".partial-{uuid.uuid4().hex}"
+    hasher = new_hasher()
+    size = 0
+    try:
+        handle = await asyncio.to_thread(open, tmp, "xb")
+        try:
+            pending: list[bytes] = []
+            buffered = 0
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                if max_bytes and size + buffered + len(chunk) > max_bytes:
+                    raise PayloadTooLarge(
+                        f"the upload is larger than {max_bytes} bytes", limit_bytes=max_bytes
+                    )
+                pending.append(bytes(chunk))
+                buffered += len(chunk)
+                if buffered >= WRITE_CHUNK:
+                    await asyncio.to_thread(_write, handle, hasher, pending)
+                    size += buffered
+                    pending, buffered = [], 0
+            if pending:
+                await asyncio.to_thread(_write, handle, hasher, pending)
+                size += buffered
+        finally:
+            await asyncio.to_thread(handle.close)
+    except BaseException as exc:
+        await _discard(tmp)
+        if isinstance(exc, OSError) and is_disk_full(exc):
+            raise DiskFullError("no space left in the asset store (ASSET_DIR)") from None
+        raise
+    return Received(tmp, hasher.hexdigest(), size)
+
+
+def check_expected(received: Received, expected: str | None) -> None:
+    """Raise :class:`~comfy_sidecar.errors.HashMismatch` (fields ``expected_hash``, ``hash``)
+    when ``expected`` (64 hex digits, or None: nothing to check) is not ``received``'s
+    digest. The temp file is left to the caller."""
+    if expected is not None and expected != received.digest:
+        raise HashMismatch(
+            "the uploaded bytes do not match expected_hash",
+            location="expected_hash",
+            expected_hash=format_hash(expected),
+            hash=received.hash,
+        )
+
+
+async def discard(received: Received) -> None:
+    """Remove ``received``'s temp file (harmless when it is gone)."""
+    await _discard(received.path)
 
 
 class AssetContent:
@@ -460,7 +566,8 @@ class AssetStore:
     ) -> Created:
         """Store the bytes ``chunks`` yields (``POST /api/v2/assets``' ``file`` part) as a new
         asset, hashing them with blake3 as they are written to a temp file (never whole in
-        memory: at most about :data:`WRITE_CHUNK` bytes are buffered).
+        memory: at most about :data:`WRITE_CHUNK` bytes are buffered): :meth:`receive`, then
+        :meth:`add`, with the fields checked before any byte is read.
 
         ``file_path``: the client's file name (multipart field ``file_path``). ``content_type``:
         the ``content_type`` field or the part's type; None or blank = guessed from
@@ -475,49 +582,56 @@ class AssetStore:
         :class:`~comfy_sidecar.errors.HashMismatch` (fields ``expected_hash``, ``hash``),
         :class:`~comfy_sidecar.storage.errors.DiskFullError`; whatever ``chunks`` raises
         (the client went away) passes through. Nothing is left behind on any error."""
-        file_path = _check_file_path(file_path)
-        content_type = _check_content_type(content_type, file_path)
-        expected = parse_hash(expected_hash, "expected_hash") if expected_hash else None
-        checked_tags = _check_tags(tags)
-        tmp = self.dir / TMP / f".partial-{uuid.uuid4().hex}"
-        hasher = blake3()
-        size = 0
+        check_upload(file_path, content_type, expected_hash, tags)
+        received = await self.receive(chunks)
+        return await self.add(
+            received,
+            file_path=file_path,
+            content_type=content_type,
+            expected_hash=expected_hash,
+            tags=tags,
+            retention_s=retention_s,
+        )
+
+    async def receive(self, chunks: AsyncIterable[bytes], max_bytes: int = 0) -> Received:
+        """:func:`receive` into the store's ``tmp/`` (same file system as the blobs: the
+        bytes are renamed into place, never copied). Pass the result to :meth:`add` or
+        :func:`discard`."""
+        return await receive(chunks, self.dir / TMP, max_bytes=max_bytes)
+
+    async def add(
+        self,
+        received: Received,
+        *,
+        file_path: str | None,
+        content_type: str | None = None,
+        expected_hash: str | None = None,
+        tags: Sequence[str] = (),
+        retention_s: float | None = None,
+    ) -> Created:
+        """Make the bytes :meth:`receive` took a new asset (the fields as :meth:`upload`
+        says); ``received``'s temp file is consumed (moved into place or removed) whatever
+        happens. Raises :class:`~comfy_sidecar.errors.InputError` for a bad field,
+        :class:`~comfy_sidecar.errors.HashMismatch`, ``DiskFullError``."""
         try:
-            handle = await asyncio.to_thread(open, tmp, "xb")
-            try:
-                pending: list[bytes] = []
-                buffered = 0
-                async for chunk in chunks:
-                    if not chunk:
-                        continue
-                    pending.append(bytes(chunk))
-                    buffered += len(chunk)
-                    if buffered >= WRITE_CHUNK:
-                        await asyncio.to_thread(_write, handle, hasher, pending)
-                        size += buffered
-                        pending, buffered = [], 0
-                if pending:
-                    await asyncio.to_thread(_write, handle, hasher, pending)
-                    size += buffered
-            finally:
-                await asyncio.to_thread(handle.close)
-        except BaseException as exc:
-            await _discard(tmp)
-            if isinstance(exc, OSError) and is_disk_full(exc):
-                raise DiskFullError("no space left in the asset store (ASSET_DIR)") from None
-            raise
-        digest = hasher.hexdigest()
-        if expected is not None and expected != digest:
-            await _discard(tmp)
-            raise HashMismatch(
-                "the uploaded bytes do not match expected_hash",
-                location="expected_hash",
-                expected_hash=format_hash(expected),
-                hash=format_hash(digest),
+            file_path, content_type, expected, checked_tags = check_upload(
+                file_path, content_type, expected_hash, tags
             )
+            check_expected(received, expected)
+        except BaseException:
+            await discard(received)
+            raise
         expires = self._expiry(retention_s)
         commit = asyncio.ensure_future(
-            self._commit_upload(tmp, digest, size, content_type, file_path, checked_tags, expires)
+            self._commit_upload(
+                received.path,
+                received.digest,
+                received.size,
+                content_type,
+                file_path,
+                checked_tags,
+                expires,
+            )
         )
         return await asyncio.shield(commit)  # a cancelled request still leaves a whole store
 

@@ -1,10 +1,12 @@
 """The dispatcher: jobs wait in the sidecar until an instance is ready and has a free slot.
 
 Each instance holds at most ``per_instance`` jobs (default 2, so the next prompt is already in
-ComfyUI's queue when one ends and the GPU does not idle between them). A waiting job goes, in
-arrival order, to the ready instance with the fewest jobs; ties go round robin. An instance
-that restarts, recycles or reconnects simply stops being ready: jobs keep waiting here instead
-of being refused, and :meth:`Dispatcher.poke` hands them out again when it is back.
+ComfyUI's queue when one ends and the GPU does not idle between them). A waiting job goes,
+highest ``priority`` first (an API key's, a plain int: this module knows nothing of keys) and in
+arrival order within one priority, to the ready instance with the fewest jobs; ties go round
+robin. An instance that restarts, recycles or reconnects simply stops being ready: jobs keep
+waiting here instead of being refused, and :meth:`Dispatcher.poke` hands them out again when it
+is back.
 
 This is the sidecar-side queue that ai-dock's wrapper keeps per backend
 (``COMFYUI_BACKENDS``) and that comfyui-api does not have (it forwards straight to ComfyUI).
@@ -13,7 +15,8 @@ This is the sidecar-side queue that ai-dock's wrapper keeps per backend
 from __future__ import annotations
 
 import asyncio
-import collections
+import bisect
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -57,7 +60,9 @@ class Dispatcher:
         self.instances = list(instances)
         self.per_instance = max(1, per_instance)
         self.in_flight: dict[str, int] = {i.name: 0 for i in self.instances}
-        self._waiters: collections.deque[asyncio.Future[Slotted]] = collections.deque()
+        #: Waiting jobs in the order they get slots: ``(-priority, arrival, future)``.
+        self._waiters: list[tuple[int, int, asyncio.Future[Slotted]]] = []
+        self._arrivals = itertools.count()
         self._clock = clock
         #: When each waiter started waiting (``clock()`` seconds).
         self._since: dict[asyncio.Future[Slotted], float] = {}
@@ -73,16 +78,14 @@ class Dispatcher:
     @property
     def waiting(self) -> int:
         """Jobs waiting for a slot."""
-        return sum(1 for w in self._waiters if not w.done())
+        return sum(1 for _, _, w in self._waiters if not w.done())
 
     @property
     def oldest_wait_s(self) -> float:
         """Seconds the longest-waiting job has waited for a slot so far; 0 when none waits.
         (``comfyui_jobs_waiting_oldest_seconds``: alert when jobs wait too long.)"""
-        for waiter in self._waiters:  # in arrival order
-            if not waiter.done():
-                return max(0.0, self._clock() - self._since[waiter])
-        return 0.0
+        since = [self._since[w] for _, _, w in self._waiters if not w.done()]
+        return max(0.0, self._clock() - min(since)) if since else 0.0
 
     @property
     def running(self) -> int:
@@ -112,18 +115,20 @@ class Dispatcher:
             self.in_flight[best.name] += 1
         return best
 
-    async def acquire(self) -> Slotted:
-        """Wait (in arrival order) for a slot; returns the instance holding it. The caller
-        must :meth:`release` it. Cancelling the wait gives nothing up. Raises
+    async def acquire(self, priority: int = 0) -> Slotted:
+        """Wait for a slot, behind the waiting jobs of a ``priority`` as high or higher and
+        ahead of those of a lower one; returns the instance holding it. The caller must
+        :meth:`release` it. Cancelling the wait gives nothing up. Raises
         :class:`~comfy_sidecar.errors.Unavailable` once the dispatcher is closed."""
         if self._closed is not None:
             raise Unavailable(self._closed)
-        if not any(not w.done() for w in self._waiters):
+        if not any(not w.done() for _, _, w in self._waiters):
             instance = self._pick()
             if instance is not None:
                 return instance
         waiter: asyncio.Future[Slotted] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        entry = (-priority, next(self._arrivals), waiter)
+        bisect.insort(self._waiters, entry, key=lambda item: item[:2])
         self._since[waiter] = self._clock()
         try:
             return await waiter
@@ -134,7 +139,7 @@ class Dispatcher:
         finally:
             self._since.pop(waiter, None)
             try:
-                self._waiters.remove(waiter)
+                self._waiters.remove(entry)
             except ValueError:
                 pass
 
@@ -152,13 +157,14 @@ class Dispatcher:
         :class:`~comfy_sidecar.errors.Unavailable` (503) with ``reason`` — instead of waiting
         until the HTTP server cancels it."""
         self._closed = reason
-        for waiter in list(self._waiters):
+        for _, _, waiter in list(self._waiters):
             if not waiter.done():
                 waiter.set_exception(Unavailable(reason))
 
     def poke(self) -> None:
-        """Hand free slots to waiting jobs (call when an instance becomes ready)."""
-        for waiter in list(self._waiters):
+        """Hand free slots to waiting jobs, highest priority first (call when an instance
+        becomes ready)."""
+        for _, _, waiter in list(self._waiters):
             if waiter.done():
                 continue
             instance = self._pick()

@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import msgspec
-import websockets
 
 from comfy_sidecar.net.backoff import backoff_delay
 
@@ -86,8 +86,9 @@ class EventStream:
     Attributes: ``connected`` (bool), ``queue_remaining`` (int, from the last ``status`` frame:
     ComfyUI's pending + running count), ``last_frame_at`` (``time.monotonic()`` seconds).
     Reconnects wait ``backoff_s`` seconds, doubling after each failure up to ``max_backoff_s``.
-    The socket's own keepalive pings every ``ping_interval_s`` seconds and drops the connection
-    when a pong takes longer than that (None: no keepalive).
+    The socket's own keepalive (aiohttp's heartbeat) pings after ``ping_interval_s`` seconds
+    without a frame and drops the connection when the pong takes longer than half of that
+    (None: no keepalive).
     """
 
     def __init__(
@@ -108,7 +109,7 @@ class EventStream:
         self._backoff_s = backoff_s
         self._max_backoff_s = max_backoff_s
         self._ping_interval_s = ping_interval_s
-        self._ws: websockets.ClientConnection | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._on_frame = on_frame
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
@@ -147,57 +148,74 @@ class EventStream:
         """Connect and read until cancelled, reconnecting with backoff (``backoff_s`` doubling
         to ``max_backoff_s``)."""
         failures = 0  # since the last successful connect
-        while True:
-            try:
-                async with websockets.connect(
-                    self._url,
-                    max_size=None,
-                    compression=None,
-                    proxy=None,  # loopback: HTTP(S)_PROXY must never apply
-                    ping_interval=self._ping_interval_s,
-                    ping_timeout=self._ping_interval_s,
-                    open_timeout=5,
-                    close_timeout=1,
-                ) as ws:
-                    self._ws = ws
-                    self.connections += 1
-                    self.connected = True
-                    self.last_frame_at = time.monotonic()
-                    self._connected_event.set()
-                    failures = 0
-                    with contextlib.suppress(websockets.ConnectionClosed):
-                        await ws.send(FEATURE_FLAGS)  # previews with their prompt_id, node id
-                    await self._on_connect(self.connections > 1)
-                    async for message in ws:
+        # trust_env=False (the default): HTTP(S)_PROXY never applies to loopback. The handshake
+        # gets 5 s to connect and 5 s to answer (a stopped ComfyUI accepts TCP, then is silent);
+        # once upgraded, reads have no timeout: the heartbeat watches the socket.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=5)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                try:
+                    async with session.ws_connect(
+                        self._url,
+                        max_msg_size=0,  # previews of any size
+                        compress=0,
+                        heartbeat=self._ping_interval_s,
+                        timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0),
+                    ) as ws:
+                        self._ws = ws
+                        self.connections += 1
+                        self.connected = True
                         self.last_frame_at = time.monotonic()
-                        if isinstance(message, str):
-                            self._dispatch(message)
-                        elif self._on_preview is not None:
-                            self._preview(message)
-            except asyncio.CancelledError:
-                raise
-            except (OSError, websockets.WebSocketException, TimeoutError) as exc:
-                if self.connected:
-                    log.warning("websocket to ComfyUI lost: %s", exc)
-                else:
-                    log.debug("websocket connect failed: %s", exc)
-            finally:
-                self._ws = None
-                if self.connected:
-                    self.connected = False
-                    self._connected_event.clear()
-                    self._on_disconnect()
-            failures += 1
-            if self._kick.is_set():
-                self._kick.clear()
-                failures = 0
-                continue
-            delay = backoff_delay(failures, self._backoff_s, self._max_backoff_s)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), delay)
-            if self._kick.is_set():  # ComfyUI answers now: connect at once
-                self._kick.clear()
-                failures = 0
+                        self._connected_event.set()
+                        failures = 0
+                        with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+                            # previews with their prompt_id, node id
+                            await ws.send_str(FEATURE_FLAGS)
+                        await self._on_connect(self.connections > 1)
+                        async for message in ws:
+                            if message.type is aiohttp.WSMsgType.TEXT:
+                                self.last_frame_at = time.monotonic()
+                                self._dispatch(message.data)
+                            elif message.type is aiohttp.WSMsgType.BINARY:
+                                self.last_frame_at = time.monotonic()
+                                if self._on_preview is not None:
+                                    self._preview(message.data)
+                            elif message.type is aiohttp.WSMsgType.ERROR:
+                                break  # a missed pong, a broken frame: not a sign of life
+                        if self._kick.is_set():
+                            log.debug("websocket to ComfyUI closed for a reconnect")
+                        else:
+                            log.warning("websocket to ComfyUI lost: %s", ws.exception() or "closed")
+                except asyncio.CancelledError:
+                    raise
+                except (OSError, aiohttp.ClientError, TimeoutError) as exc:
+                    if self.connected:
+                        log.warning("websocket to ComfyUI lost: %s", exc)
+                    else:
+                        log.debug("websocket connect failed: %s", exc)
+                finally:
+                    self._ws = None
+                    if self.connected:
+                        self.connected = False
+                        self._connected_event.clear()
+                        self._on_disconnect()
+                failures = await self._pause(failures)
+
+    async def _pause(self, failures: int) -> int:
+        """Wait before the next connect attempt: at once after :meth:`connect_now` or
+        :meth:`reconnect`, else the backoff for ``failures + 1`` failures. Returns the new
+        failure count (0 after a kick)."""
+        failures += 1
+        if self._kick.is_set():
+            self._kick.clear()
+            return 0
+        delay = backoff_delay(failures, self._backoff_s, self._max_backoff_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._kick.wait(), delay)
+        if self._kick.is_set():  # ComfyUI answers now: connect at once
+            self._kick.clear()
+            return 0
+        return failures
 
     def _preview(self, frame: bytes) -> None:
         preview = decode_preview(frame)

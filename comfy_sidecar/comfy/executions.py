@@ -85,6 +85,8 @@ class Job:
     step_max: float = 0.0
     interrupt_requested: bool = False
     missed_frames: bool = False
+    #: Its place in the sidecar's queue: higher gets a slot first (its API key's priority).
+    priority: int = 0
     #: Called with (frame type, data) for each of the job's frames, after the job took it,
     #: and with ``("sidecar_queued", {"prompt_id", "instance"})`` when it is sent to ComfyUI.
     listener: Callable[[str, dict[str, Any]], None] | None = None
@@ -102,6 +104,7 @@ class Job:
             prompt_id=prompt_id,
             created_ms=self.created_ms,
             interrupt_requested=self.interrupt_requested,
+            priority=self.priority,
             listener=self.listener,
             stop_requested=self.stop_requested,
         )

@@ -31,8 +31,9 @@ Verdict = tuple[str, str, str]
 
 
 def keepalive_s(hang_timeout_s: float) -> float:
-    """The websocket ping interval (and pong timeout) for a COMFYUI_HANG_TIMEOUT_S: half of it,
-    at most 20 s (websockets' default), 20 s when hang detection is off."""
+    """The websocket ping interval, in seconds, for a COMFYUI_HANG_TIMEOUT_S: half of it, at most
+    20 s, 20 s when hang detection is off; the pong is awaited half of the interval (aiohttp's
+    heartbeat)."""
     return min(20.0, hang_timeout_s / 2) if hang_timeout_s > 0 else 20.0
 
 

@@ -34,7 +34,6 @@ from comfy_sidecar.config.parsers import (
     optional_output_url,
     optional_redis_url,
     optional_text,
-    read_key_file,
     text,
 )
 
@@ -278,12 +277,37 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
         float,
         Var("ASSET_STORE_GB", "0", float_at_least(0), new=True),
         "Size limit of ASSET_DIR's blobs in GiB; least recently used blobs no job holds are "
-        "evicted, with their assets (0 = no limit).",
+        "evicted, with their assets (0 = no limit). With JOB_QUEUE_URL: the most asset bytes "
+        "kept in Redis (beyond it new ones go to ASSET_STORE_URL, else 507).",
     ]
     asset_retention_s: Annotated[
         float,
         Var("ASSET_RETENTION_S", "86400", float_at_least(0), new=True),
         "Seconds an uploaded asset is kept (its `expires_at`); 0 = until deleted or evicted.",
+    ]
+    asset_max_upload_mb: Annotated[
+        float,
+        Var("ASSET_MAX_UPLOAD_MB", "4096", float_above(0), new=True),
+        "Largest asset `POST /api/v2/assets` takes, in MB (the upload is streamed to disk, "
+        "never held in memory; MAX_BODY_SIZE_MB does not apply to it); larger ones get 413 "
+        "`payload_too_large`.",
+    ]
+    asset_inline_mb: Annotated[
+        float,
+        Var("ASSET_INLINE_MB", "8", float_at_least(0), new=True),
+        "With JOB_QUEUE_URL: assets up to this many MB are kept in Redis (every replica reads "
+        "them there); larger ones go to ASSET_STORE_URL. Without an ASSET_STORE_URL (or "
+        "JOB_OUTPUT_URL) this is the largest asset an upload may be (413 above).",
+    ]
+    asset_store_url: Annotated[
+        str | None,
+        Var("ASSET_STORE_URL", None, optional_output_url, new=True),
+        "With JOB_QUEUE_URL: where assets over ASSET_INLINE_MB are kept, one object per blake3 "
+        "hash (`<prefix>/<hex><ext>`), read by every replica: an `s3://bucket/prefix`, a "
+        "Hugging Face `.../resolve/<rev>/dir`, an Azure Blob container URL or an http(s) "
+        "prefix (PUT, then GET). Unset: `<JOB_OUTPUT_URL>/.assets` when JOB_OUTPUT_URL is set. "
+        "Objects there are not deleted by the sidecar (expire them with a lifecycle rule "
+        "longer than ASSET_RETENTION_S).",
     ]
     asset_url_secret: Annotated[
         str | None,
@@ -319,7 +343,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     max_body_size_mb: Annotated[
         int,
         Var("MAX_BODY_SIZE_MB", "100", int_at_least(1)),
-        "Largest request body, in MB; larger bodies get 413.",
+        "Largest request body, in MB; larger bodies get 413 (asset uploads are bounded by "
+        "ASSET_MAX_UPLOAD_MB instead).",
     ]
     convert_max_pixels: Annotated[
         int,
@@ -355,8 +380,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     api_keys_file: Annotated[
         str | None,
         Var("API_KEYS_FILE", None, optional_text, new=True),
-        "File of API keys, one a line (blank lines and `#` comments ignored), re-read on "
-        "SIGHUP; its keys add to API_KEYS.",
+        "File of API keys, re-read on SIGHUP; its keys add to API_KEYS. One key a line (blank "
+        "lines and `#` comments ignored), or YAML naming each key with its quotas and priority "
+        "(`keys: [{key, name, max_concurrent_jobs, jobs_per_minute, max_queue, priority}]`; "
+        "see Security).",
+    ]
+    jobs_visible_to: Annotated[
+        str,
+        Var("JOBS_VISIBLE_TO", "all", one_of("all", "owner"), new=True),
+        "Whose jobs a key sees: `all` (one team), or `owner`: only the jobs it submitted (GET "
+        "/jobs and every job route of the job APIs answer 404 for another key's job).",
     ]
     metrics_require_auth: Annotated[
         bool,
@@ -599,8 +632,10 @@ def _check_combinations(values: dict[str, Any]) -> None:
                 )
     keys_file = values["api_keys_file"]
     if keys_file is not None:
+        from comfy_sidecar.config.keys import check_names, env_keys, read_key_file
+
         try:
-            read_key_file(keys_file)
+            check_names([*env_keys(values["api_keys"]), *read_key_file(keys_file)])
         except (OSError, ValueError) as exc:
             raise ConfigError(f"API_KEYS_FILE: {exc}") from None
     instances = values["comfyui_instances"] or max(1, len(values["comfyui_gpus"]))

@@ -150,23 +150,11 @@ def log_level(raw: str) -> str:
 
 
 def parse_keys(text: str) -> list[str]:
-    """The keys in a key file's ``text``: one a line, stripped; blank and ``#`` lines skipped."""
+    """The keys of a plain key file's ``text``: one a line, stripped; blank and ``#`` lines
+    skipped (the YAML form: :mod:`comfy_sidecar.config.keys`)."""
     keys = []
     for line in text.splitlines():
         key = line.strip()
         if key and not key.startswith("#"):
             keys.append(key)
-    return keys
-
-
-def read_key_file(path: str) -> list[str]:
-    """The keys in the file at ``path`` (see :func:`parse_keys`).
-
-    Raises ``OSError`` when it cannot be read and ``ValueError`` when it holds no key (an empty
-    file would otherwise open the API).
-    """
-    with open(path, encoding="utf-8") as handle:
-        keys = parse_keys(handle.read())
-    if not keys:
-        raise ValueError(f"{path!r} holds no keys")
     return keys

@@ -23,8 +23,15 @@ from litestar.static_files import create_static_files_router
 from comfy_sidecar import __version__
 from comfy_sidecar.http.adapters import aidock, modal_jobs, modal_simple
 from comfy_sidecar.http.adapters.comfy_v2 import v2_routers
+from comfy_sidecar.http.adapters.comfy_v2.assets import AssetInputs
 from comfy_sidecar.http.apikeys import ApiKeys
-from comfy_sidecar.http.auth import SECURITY, SECURITY_SCHEMES, ApiKeyMiddleware, open_paths
+from comfy_sidecar.http.auth import (
+    SECURITY,
+    SECURITY_SCHEMES,
+    ApiKeyMiddleware,
+    caller_of,
+    open_paths,
+)
 from comfy_sidecar.http.errors import exception_handlers
 from comfy_sidecar.http.routes.jobs import ROUTES as JOB_ROUTES
 from comfy_sidecar.http.routes.metrics import metrics_route
@@ -32,15 +39,19 @@ from comfy_sidecar.http.routes.models import ModelDownloads, download, download_
 from comfy_sidecar.http.routes.probes import health, ready
 from comfy_sidecar.http.routes.prompt import interrupt, prompt
 from comfy_sidecar.http.routes.workflows import WorkflowHost, workflow_route
+from comfy_sidecar.jobs.visibility import CallerJobs
 from comfy_sidecar.observability import metrics
 from comfy_sidecar.observability.logs import bind_traceparent
 
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Receive, Scope, Send
 
+    from comfy_sidecar.assets import UrlSigner
+    from comfy_sidecar.assets.service import AssetService
     from comfy_sidecar.comfy.client import ComfyClient
     from comfy_sidecar.comfy.health import Health
     from comfy_sidecar.config import Settings
+    from comfy_sidecar.http.idempotency import IdempotencyKeys
     from comfy_sidecar.jobs.backend import JobBackend
     from comfy_sidecar.jobs.lifecycle import JobLifecycle
     from comfy_sidecar.observability.metrics import Scraped
@@ -204,11 +215,28 @@ class AppServices(Protocol):
     def staging(self) -> Staging: ...
     @property
     def workflows(self) -> list[Any]: ...
+    @property
+    def assets(self) -> AssetService: ...
+    @property
+    def signer(self) -> UrlSigner: ...
+    @property
+    def idempotency(self) -> IdempotencyKeys: ...
 
 
 def _provide(value: Any) -> Provide:
     """A dependency that is one service of the container, built once."""
     return Provide(lambda: value, sync_to_thread=False, use_cache=True)
+
+
+def _caller_jobs(backend: JobBackend, owner_only: bool) -> Provide:
+    """The ``jobs`` dependency: ``backend`` as the request's API key sees it
+    (:class:`~comfy_sidecar.jobs.visibility.CallerJobs`: its jobs stamped with the key's
+    policy; only its own visible with JOBS_VISIBLE_TO=owner)."""
+
+    def jobs(request: Request[Any, Any, Any]) -> CallerJobs:
+        return CallerJobs(backend, caller_of(request.scope), owner_only)
+
+    return Provide(jobs, sync_to_thread=False)
 
 
 def create_app(
@@ -218,10 +246,16 @@ def create_app(
     services it needs by name (Litestar ``Provide``): ``jobs`` (the job backend),
     ``lifecycle`` (the job lifecycle, for ``/prompt``), ``probes`` (health), ``downloads``
     (model downloads), ``workflow_host``, ``scrape`` (the metrics' view), ``staging``
-    (request files). ``warmup_prompt()`` is the warmup prompt once loaded (the workflow
-    endpoints' ``ctx.warmup_checkpoint``)."""
+    (request files), ``assets`` (the v2 asset service), ``asset_inputs`` (``core/ASSET``
+    references of a submitted workflow), ``signer`` (signed content URLs), ``idempotency``
+    (single-use ``Idempotency-Key``). ``jobs`` is made per request: the backend as the
+    request's API key sees it. ``warmup_prompt()`` is the warmup prompt once loaded (the
+    workflow endpoints' ``ctx.warmup_checkpoint``)."""
     settings = container.settings
     api_keys = ApiKeys.from_settings(settings)
+    metrics.keys_known(api_keys.names)
+    if settings.jobs_visible_to == "owner" and not api_keys.enabled:
+        log.warning("JOBS_VISIBLE_TO=owner without API keys: every caller sees every job")
     handlers: list[Any] = [
         health,
         ready,
@@ -253,13 +287,17 @@ def create_app(
         middleware=[_trace_context],
         state=State({"api_keys": api_keys}),
         dependencies={
-            "jobs": _provide(container.jobs),
+            "jobs": _caller_jobs(container.jobs, settings.jobs_visible_to == "owner"),
             "lifecycle": _provide(container.lifecycle),
             "probes": _provide(container.health),
             "downloads": _provide(downloads),
             "workflow_host": _provide(workflow_host),
             "scrape": _provide(container.gauges),
             "staging": _provide(container.staging),
+            "assets": _provide(container.assets),
+            "asset_inputs": _provide(AssetInputs(container.assets, container.staging)),
+            "signer": _provide(container.signer),
+            "idempotency": _provide(container.idempotency),
         },
         request_max_body_size=settings.max_body_size_mb * 1024 * 1024,
         exception_handlers=exception_handlers(),

@@ -8,7 +8,14 @@ OpenAPI documents) stay open, so a browser can load them and authorize there.
 The middleware runs before the handler reads the body: a request without a valid key is
 answered 401, ``WWW-Authenticate: Bearer``, ``{"error": ..., "location": "authorization"}``,
 and its body is never read. The key is taken from ``Authorization: Bearer <key>`` or
-``X-API-Key: <key>`` (either may be the valid one) and never logged or echoed.
+``X-API-Key: <key>`` (either may be the valid one) and never logged or echoed. A request let in
+carries its key's :class:`~comfy_sidecar.config.keys.KeyPolicy` (name, quotas, priority) as
+the scope's ``user`` (:func:`caller_of`): the job layer gets the name and quotas, never the
+key.
+
+A signed asset content URL (``GET /api/v2/assets/{id}/content?exp=&sig=``) is its own
+credential: it passes without a key and its route checks the signature
+(:func:`signed_content`).
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from litestar.datastructures import Headers
 from litestar.exceptions import NotAuthorizedException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult
 from litestar.openapi.spec import SecurityRequirement, SecurityScheme
+
+from comfy_sidecar.config.keys import KeyPolicy
 
 if TYPE_CHECKING:
     from comfy_sidecar.config import Settings
@@ -68,6 +77,22 @@ def presented_keys(headers: Headers) -> list[str]:
     return keys
 
 
+#: The ``opt`` flag of a route whose signed URLs need no key (the v2 asset content route).
+SIGNED_CONTENT = "signed_content"
+
+
+def signed_content(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    """True for a request to a route flagged :data:`SIGNED_CONTENT` that carries a signed
+    URL's ``sig`` or ``exp``: it passes without a key, and the route answers 403 unless the
+    signature verifies (:meth:`comfy_sidecar.assets.signing.UrlSigner.verify`). Without them
+    the route needs a key as every other does."""
+    handler = connection.scope.get("route_handler")
+    if handler is None or not handler.opt.get(SIGNED_CONTENT):
+        return False
+    query = connection.query_params
+    return "sig" in query or "exp" in query
+
+
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
     """Refuses, with 401, a request that carries none of the app's keys (the
     :class:`~comfy_sidecar.http.apikeys.ApiKeys` in ``app.state.api_keys``, looked up per request:
@@ -79,13 +104,25 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
     ) -> AuthenticationResult:
         """The request's auth result; raises ``NotAuthorizedException`` (401) without a key
         or with a wrong one."""
+        if signed_content(connection):
+            return AuthenticationResult(user=None, auth=None)  # the handler checks the URL
         presented = presented_keys(connection.headers)
         if not presented:
             raise NotAuthorizedException(MISSING, headers=CHALLENGE)
         keys: ApiKeys = connection.app.state.api_keys
-        valid = False
+        found: KeyPolicy | None = None
         for key in presented:  # every one checked: no early exit
-            valid |= keys.check(key)
-        if not valid:
+            policy = keys.identify(key)
+            if found is None:
+                found = policy
+        if found is None:
             raise NotAuthorizedException(INVALID, headers=CHALLENGE)
-        return AuthenticationResult(user=None, auth=None)
+        return AuthenticationResult(user=found, auth=None)
+
+
+def caller_of(scope: Any) -> KeyPolicy | None:
+    """The :class:`~comfy_sidecar.config.keys.KeyPolicy` of the key a request was let in with
+    (the first valid one it carries, the ``Authorization`` one first), or None when no key is
+    configured (or on an open route)."""
+    user = scope.get("user")
+    return user if isinstance(user, KeyPolicy) else None

@@ -9,6 +9,7 @@ map (:mod:`comfy_sidecar.http.adapters.comfy_v2.errors`).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -20,12 +21,14 @@ from comfy_sidecar.errors import (
     AssetUrlRefused,
     Conflict,
     ExecutionFailed,
+    IdempotencyKeyReuse,
     InputError,
     Interrupted,
     MissingAsset,
     NotFound,
     OutputsTooLarge,
     Overloaded,
+    PayloadTooLarge,
     SidecarError,
     TimedOut,
     Unavailable,
@@ -112,6 +115,7 @@ STATUS: dict[type[Exception], int] = {
     ExecutionFailed: 500,
     UpstreamFailed: 502,
     Overloaded: 429,  # MAX_QUEUE_DEPTH: a load balancer or the Salad queue tries elsewhere
+    PayloadTooLarge: 413,  # an asset upload over ASSET_MAX_UPLOAD_MB (or ASSET_INLINE_MB)
     Unavailable: 503,
     TimedOut: 504,
     OutputsTooLarge: 507,  # only ever a job's error body: the job's outputs had no room
@@ -119,6 +123,7 @@ STATUS: dict[type[Exception], int] = {
     # 409 as Conflict
     MissingAsset: 422,  # a core/ASSET reference that is malformed or names no asset
     AssetUrlRefused: 403,  # a signed content URL with a wrong signature, or expired
+    IdempotencyKeyReuse: 422,  # an Idempotency-Key used before (keys are single-use)
     # storage errors that reach a request (an upload's is an UpstreamFailed's cause)
     BadRequestError: 400,
     AuthError: 400,
@@ -146,9 +151,20 @@ def status_of(exc: Exception) -> int:
     return 500
 
 
+def headers_of(status: int, exc: Exception | None = None) -> dict[str, str]:
+    """The headers of an error answer with ``status``: :data:`HEADERS`, with ``Retry-After``
+    the error's own ``retry_after_s`` when it has one (a key's quota: until its minute's
+    window frees a place)."""
+    headers = dict(HEADERS.get(status, {}))
+    retry = getattr(exc, "retry_after_s", None)
+    if isinstance(retry, int | float) and retry > 0:
+        headers["retry-after"] = str(max(1, math.ceil(retry)))
+    return headers
+
+
 def _sidecar_error(_: Request[Any, Any, Any], exc: SidecarError) -> Response[dict[str, Any]]:
     status = status_of(exc)
-    return Response(exc.body(), status_code=status, headers=HEADERS.get(status, {}))
+    return Response(exc.body(), status_code=status, headers=headers_of(status, exc))
 
 
 def _storage_error(_: Request[Any, Any, Any], exc: StorageError) -> Response[dict[str, Any]]:
@@ -169,8 +185,9 @@ V2_CODE_BY_STATUS = {
     405: "method_not_allowed",
     409: "conflict",
     413: "payload_too_large",
+    416: "range_not_satisfiable",
     422: "invalid_request",
-    429: "queue_full",
+    429: "queue_full",  # a key's quota: RateLimited.code, rate_limited
     499: "canceled",
     500: "internal_error",
     502: "upstream_failed",

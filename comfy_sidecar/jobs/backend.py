@@ -103,10 +103,11 @@ class JobBackend(Protocol):
         ...
 
     async def page(
-        self, status: JobStatus | None, limit: int, cursor: int | None
+        self, status: JobStatus | None, limit: int, cursor: int | None, owner: str | None = None
     ) -> tuple[list[JobView], int | None]:
-        """Newest first: up to ``limit`` jobs (with ``status``, when given) older than
-        ``cursor`` (from a previous page); (views, next cursor or None)."""
+        """Newest first: up to ``limit`` jobs (with ``status``, and submitted with the API key
+        named ``owner``, when given) older than ``cursor`` (from a previous page); (views, next
+        cursor or None)."""
         ...
 
     async def waiting(self) -> int:

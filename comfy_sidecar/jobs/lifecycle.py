@@ -27,13 +27,15 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 import msgspec
 
-from comfy_sidecar.errors import Conflict, Interrupted, Overloaded, SidecarError
+from comfy_sidecar.config.keys import KeyPolicy
+from comfy_sidecar.errors import Conflict, Interrupted, Overloaded, RateLimited, SidecarError
 from comfy_sidecar.jobs.model import (
     DifferentBody,
     JobStatus,
@@ -43,6 +45,7 @@ from comfy_sidecar.jobs.model import (
     status_for,
 )
 from comfy_sidecar.jobs.progress import Progress, nodes_to_run
+from comfy_sidecar.jobs.quotas import NO_HOLD, Hold, LocalQuotas, Quotas
 from comfy_sidecar.jobs.record import JobRecord
 from comfy_sidecar.jobs.spec import AfterEnd, JobSpec
 from comfy_sidecar.jobs.store import JobStore
@@ -72,7 +75,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("comfy_sidecar.jobs")
 
-__all__ = ["Attempt", "JobLifecycle", "LocalAttempt", "Superseded"]
+__all__ = ["Admission", "Attempt", "JobLifecycle", "LocalAttempt", "Superseded"]
 
 #: Frames that move progress.
 PROGRESS_FRAMES = frozenset(
@@ -85,6 +88,20 @@ Spawn = Callable[[Awaitable[Any]], Any]
 
 class Superseded(Exception):
     """Another replica ended this job first: this run's outcome is discarded."""
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What :meth:`JobLifecycle.admit` took for one job: ``counted`` (a MAX_PENDING_DELIVERIES
+    place, held until its webhooks are delivered) and ``hold`` (its places in its API key's
+    quotas, held until it ends)."""
+
+    counted: bool = False
+    hold: Hold = NO_HOLD
+
+
+#: Nothing taken (a resubmission, the warmup).
+NOTHING = Admission()
 
 
 class Attempt(Protocol):
@@ -134,7 +151,8 @@ class JobLifecycle:
     """Runs jobs on this replica: see the module docstring.
 
     ``admit()`` raises unless the process takes new work now (the runtime's health: draining,
-    not ready, MAX_QUEUE_DEPTH); ``uploader`` uploads a result's files; ``formats`` builds the
+    not ready, MAX_QUEUE_DEPTH); ``quotas`` counts the API keys' quotas (in memory unless the
+    backend shares them); ``uploader`` uploads a result's files; ``formats`` builds the
     adapters' after-end webhook bodies; ``spawn`` owns background tasks.
 
     Asynchronous jobs with a webhook (``webhook``, ``webhook_v2``) are admitted up to
@@ -152,8 +170,10 @@ class JobLifecycle:
         *,
         admit: Callable[[], None],
         formats: Mapping[str, Format],
+        quotas: Quotas | None = None,
     ) -> None:
         self.pipeline = pipeline
+        self.quotas: Quotas = quotas or LocalQuotas()
         self.store = store
         self.webhooks = webhooks
         self.uploader = uploader
@@ -185,28 +205,45 @@ class JobLifecycle:
 
     # --- admission ------------------------------------------------------------------------
 
-    def admit(self, request: PromptRequest, *, runs_here: bool = True) -> bool:
-        """Decide whether a new job is taken, once for every front door. ``runs_here``: the
-        job runs on this replica (``/prompt``, the in-process job APIs): the process must take
-        work now (raises :class:`~comfy_sidecar.errors.Unavailable` (503) while draining or
-        before ComfyUI is first ready, :class:`Overloaded` (429) at MAX_QUEUE_DEPTH), and an
-        asynchronous job with a webhook takes one of MAX_PENDING_DELIVERIES places (True:
-        counted; give it back with :meth:`uncount`). A job for the shared queue (``runs_here``
-        False) is taken whatever this replica's state: any replica may run it."""
-        if not runs_here:
-            return False
-        self._admit()
-        if not (request.webhook or request.webhook_v2):
-            return False
+    async def admit(
+        self,
+        request: PromptRequest,
+        *,
+        key: KeyPolicy | None = None,
+        runs_here: bool = True,
+    ) -> Admission:
+        """Decide whether a new job (``request``, its ``id`` set) is taken, once for every front
+        door. ``runs_here``: the job runs on this replica (``/prompt``, the in-process job APIs):
+        the process must take work now (raises :class:`~comfy_sidecar.errors.Unavailable` (503)
+        while draining or before ComfyUI is first ready, :class:`Overloaded` (429) at
+        MAX_QUEUE_DEPTH), and an asynchronous job with a webhook takes one of
+        MAX_PENDING_DELIVERIES places. A job for the shared queue (``runs_here`` False) is
+        taken whatever this replica's state: any replica may run it. Either way the API
+        ``key``'s quotas must admit it (:class:`~comfy_sidecar.errors.RateLimited`, 429,
+        counted in ``comfyui_key_rejections_total``). Returns what was taken: give it back
+        with :meth:`undo` when the job is refused after all."""
+        assert request.id is not None
+        if runs_here:
+            self._admit()
+        hold = NO_HOLD
+        if key is not None:
+            try:
+                hold = await self.quotas.take(key, request.id, runs_here=runs_here)
+            except RateLimited as exc:
+                metrics.key_rejected(key.name, exc.reason)
+                raise
+        if not runs_here or not (request.webhook or request.webhook_v2):
+            return Admission(False, hold)
         limit = self.max_pending
         if limit and self.pending_deliveries >= limit:
+            hold.release()
             raise Overloaded(
                 f"{self.pending_deliveries} asynchronous job(s) with a webhook are not "
                 f"delivered yet (MAX_PENDING_DELIVERIES {limit}); try again later",
                 location="webhook_v2" if request.webhook_v2 else "webhook",
             )
         self.pending_deliveries += 1
-        return True
+        return Admission(True, hold)
 
     async def check_after(self, spec: JobSpec) -> None:
         """Refuse a job whose adapter webhook (``spec.after``) the SSRF guard forbids: the
@@ -220,9 +257,11 @@ class JobLifecycle:
         door does work of its own for a request (a workflow endpoint asks ComfyUI)."""
         self._admit()
 
-    def uncount(self, counted: bool) -> None:
-        """Give back a MAX_PENDING_DELIVERIES place :meth:`admit` took (``counted``)."""
-        self.pending_deliveries -= counted
+    def undo(self, admission: Admission) -> None:
+        """Give back what :meth:`admit` took for a job that is refused after all (or was a
+        resubmission): its MAX_PENDING_DELIVERIES place and its quota places."""
+        self.pending_deliveries -= admission.counted
+        admission.hold.release()
 
     def _delivered_when(self, futures: Sequence[asyncio.Future[bool]]) -> None:
         """Give back one admitted job's place once all of its webhooks' ``futures`` resolved."""
@@ -241,17 +280,32 @@ class JobLifecycle:
         for future in waiting:
             future.add_done_callback(one_done)
 
+    def owner_of(self, job_id: str) -> str | None:
+        """The name of the API key that submitted job ``job_id`` on this replica (None: no
+        key, or no such job here)."""
+        record = self.store.find(job_id)
+        return None if record is None else record.owner
+
     # --- records --------------------------------------------------------------------------
 
-    def open(self, job_id: str, endpoint: str, fingerprint: bytes = b"") -> tuple[JobRecord, bool]:
-        """The record of a new job ``job_id`` from ``endpoint``; (record, created).
+    def open(
+        self, job_id: str, endpoint: str, fingerprint: bytes = b"", key: KeyPolicy | None = None
+    ) -> tuple[JobRecord, bool]:
+        """The record of a new job ``job_id`` from ``endpoint``, submitted with the API
+        ``key`` (its name owns the job, its priority places it); (record, created).
 
         With a ``fingerprint`` (the job APIs), a retained job with the same id and body is
         returned (created False) and another body raises :class:`Conflict`. Without one
         (``/prompt``, workflows, warmup) a job that has ended is replaced, as comfyui-api lets
         an id be reused, and one still running raises :class:`Conflict`.
         """
-        record = JobRecord(id=job_id, endpoint=endpoint, fingerprint=fingerprint)
+        record = JobRecord(
+            id=job_id,
+            endpoint=endpoint,
+            fingerprint=fingerprint,
+            owner=None if key is None else key.name,
+            priority=0 if key is None else key.priority,
+        )
         existing = self.store.find(job_id)
         if existing is not None and not fingerprint:
             if not existing.status.terminal:
@@ -266,24 +320,28 @@ class JobLifecycle:
                 f"a job with id {job_id!r} exists with a different body", location="id", id=job_id
             ) from None
 
-    async def _prepare(self, record: JobRecord, request: PromptRequest) -> PendingJob:
-        """Prepare ``request`` (downloads, inputs) and follow its frames into ``record``.
-        A request refused here leaves no record; one interrupted while its inputs downloaded
-        (``POST /interrupt``, a cancel: the job was seen, by id) ends ``cancelled`` and is
-        kept. Raises what :meth:`Pipeline.prepare` raises."""
+    async def _prepare(
+        self, record: JobRecord, request: PromptRequest, hold: Hold, priority: int
+    ) -> PendingJob:
+        """Prepare ``request`` (downloads, inputs) and follow its frames into ``record``
+        (``hold``: told when it starts running; ``priority``: its place in the sidecar's
+        queue). A request refused here leaves no record; one interrupted while its inputs
+        downloaded (``POST /interrupt``, a cancel: the job was seen, by id) ends ``cancelled``
+        and is kept. Raises what :meth:`Pipeline.prepare` raises."""
         try:
-            pending = await self.pipeline.prepare(request)
+            pending = await self.pipeline.prepare(request, priority)
         except Interrupted as exc:
             self.store.finish(record, status_for(exc), error=error_body(exc, record.id))
             raise
         except BaseException:
             self.store.drop(record)
             raise
-        self._attach(record, pending)
+        self._attach(record, pending, hold)
         return pending
 
-    def _attach(self, record: JobRecord, pending: PendingJob) -> None:
-        """The job is registered and prepared: follow its frames from now on."""
+    def _attach(self, record: JobRecord, pending: PendingJob, hold: Hold) -> None:
+        """The job is registered and prepared: follow its frames from now on (``hold`` is
+        told when it starts running)."""
         prompt = pending.prompt
         class_types = {
             node_id: str(node.get("class_type", ""))
@@ -293,10 +351,13 @@ class JobLifecycle:
         record.prompt_id = pending.job.prompt_id
         output_nodes = self.pipeline.output_nodes(prompt)
         record.progress = Progress(class_types, nodes_to_run(prompt, output_nodes))
-        pending.job.listener = lambda kind, data: self._on_frame(record, kind, data)
+        pending.job.listener = lambda kind, data: self._on_frame(record, kind, data, hold)
 
-    def _on_frame(self, record: JobRecord, kind: str, data: Mapping[str, Any]) -> None:
-        """One ComfyUI frame of ``record``'s job."""
+    def _on_frame(
+        self, record: JobRecord, kind: str, data: Mapping[str, Any], hold: Hold = NO_HOLD
+    ) -> None:
+        """One ComfyUI frame of ``record``'s job (``hold``: its quota places, told when it
+        starts running)."""
         if record.status.terminal:
             return
         if kind == "preview":  # live only: not kept in the event log, sent with ?previews=true
@@ -315,9 +376,11 @@ class JobLifecycle:
             record.instance = str(data.get("instance"))
         elif kind == "execution_start":
             self.store.set_status(record, JobStatus.IN_PROGRESS)
+            hold.started()
         elif kind in PROGRESS_FRAMES and isinstance(record.progress, Progress):
             if record.status is JobStatus.PENDING:
                 self.store.set_status(record, JobStatus.IN_PROGRESS)
+                hold.started()
             if record.progress.apply(kind, data):
                 record.publish("progress", record.progress.view())
 
@@ -373,32 +436,41 @@ class JobLifecycle:
         request: PromptRequest,
         workflow_input: dict[str, Any] | None = None,
         endpoint: str = "prompt",
+        key: KeyPolicy | None = None,
     ) -> Delivered:
         """Answer one ``/prompt`` (or workflow endpoint) request: :class:`Answered` or
         :class:`Streamed` (200) once the job is done, or :class:`Accepted` (202) at once when
-        it is asynchronous (:func:`~comfy_sidecar.pipeline.deliver.is_async`).
+        it is asynchronous (:func:`~comfy_sidecar.pipeline.deliver.is_async`). ``key``: the
+        policy of the API key it came with (the job counts against its quotas until it ends).
 
         ``workflow_input`` (a workflow endpoint's ``input``) is added to every body as
         ``input``. Raises the :mod:`comfy_sidecar.errors` classes for everything that goes
         wrong before the answer (see :meth:`Pipeline.run`;
         :class:`~comfy_sidecar.errors.UpstreamFailed` for an upload).
         """
-        counted = self.admit(request)
+        if request.id is None:
+            request = msgspec.structs.replace(request, id=str(uuid.uuid4()))
+        assert request.id is not None
+        spec = JobSpec(request=request, endpoint=endpoint, key=key)
+        admission = await self.admit(request, key=key)
         try:
-            if request.id is None:
-                request = msgspec.structs.replace(request, id=str(uuid.uuid4()))
-            assert request.id is not None
-            record, _ = self.open(request.id, endpoint)
-            pending = await self._prepare(record, request)
+            record, _ = self.open(request.id, endpoint, key=key)
+            pending = await self._prepare(record, request, admission.hold, spec.priority)
         except BaseException:
-            self.uncount(counted)
+            self.undo(admission)
             raise
         echoed = Echoed(**echo(request), input=workflow_input)
-        spec = JobSpec(request=request, endpoint=endpoint)
         if is_async(request):
             self.spawn(
                 self._finish_run(
-                    spec, record, pending, echoed, LocalAttempt(), retain=False, counted=counted
+                    spec,
+                    record,
+                    pending,
+                    echoed,
+                    LocalAttempt(),
+                    retain=False,
+                    counted=admission.counted,
+                    hold=admission.hold,
                 )
             )
             fields = msgspec.structs.asdict(echoed)
@@ -415,6 +487,8 @@ class JobLifecycle:
             if result is not None:
                 result.release()
             raise
+        finally:
+            admission.hold.release()
         self._completed(record, result.files, urls, result.stats(), retain=False)
         return answer(result, echoed, urls)
 
@@ -423,7 +497,7 @@ class JobLifecycle:
         its outputs removed at once. Raises what :meth:`Pipeline.run` raises."""
         assert request.id is not None
         record, _ = self.open(request.id, "warmup")
-        pending = await self._prepare(record, request)
+        pending = await self._prepare(record, request, NO_HOLD, 0)
         try:
             result = await self.pipeline.complete(pending, instance)
         except BaseException as exc:
@@ -442,20 +516,27 @@ class JobLifecycle:
         await self.check_after(spec)
         existing = self.store.find(spec.id)
         resubmitted = existing is not None and existing.fingerprint == spec.fingerprint
-        counted = False if resubmitted else self.admit(request)
+        admission = NOTHING if resubmitted else await self.admit(request, key=spec.key)
         try:
-            record, created = self.open(spec.id, spec.endpoint, spec.fingerprint)
+            record, created = self.open(spec.id, spec.endpoint, spec.fingerprint, spec.key)
             if not created:  # a resubmission: nothing new to deliver
-                self.uncount(counted)
+                self.undo(admission)
                 return record
-            pending = await self._prepare(record, request)
+            pending = await self._prepare(record, request, admission.hold, spec.priority)
         except BaseException:
-            self.uncount(counted)
+            self.undo(admission)
             raise
         echoed = Echoed(**echo(request), input=None)
         self.spawn(
             self._finish_run(
-                spec, record, pending, echoed, LocalAttempt(), retain=True, counted=counted
+                spec,
+                record,
+                pending,
+                echoed,
+                LocalAttempt(),
+                retain=True,
+                counted=admission.counted,
+                hold=admission.hold,
             )
         )
         return record
@@ -465,15 +546,15 @@ class JobLifecycle:
         prepared, run, its webhooks and after-end action sent, its end persisted by
         ``attempt``. A job that cannot be prepared (a download fails) ends ``failed`` through
         the same failure routine: it was accepted, so it is never silently dropped."""
-        record, _ = self.open(spec.id, spec.endpoint)
+        record, _ = self.open(spec.id, spec.endpoint, key=spec.key)
         attempt.bind(record)
         echoed = Echoed(**echo(spec.request), input=None)
         try:
-            pending = await self.pipeline.prepare(spec.request)
+            pending = await self.pipeline.prepare(spec.request, spec.priority)
         except Exception as exc:
             await self.end_failed(spec, record, exc, attempt)
             return record
-        self._attach(record, pending)
+        self._attach(record, pending, NO_HOLD)
         await self._finish_run(spec, record, pending, echoed, attempt, retain=True)
         return record
 
@@ -510,11 +591,12 @@ class JobLifecycle:
         *,
         retain: bool,
         counted: bool = False,
+        hold: Hold = NO_HOLD,
     ) -> None:
         """Finish a prepared job: run, convert, upload, then (if ``attempt`` may end it) the
         webhooks, the record's end, its persistence and the adapter's after-end action.
         ``counted``: the job holds a MAX_PENDING_DELIVERIES place until its webhooks are
-        delivered or given up."""
+        delivered or given up; ``hold``: its quota places, given back once it ended."""
         request = spec.request
         result: JobResult | None = None
         sent: list[asyncio.Future[bool]] = []
@@ -547,6 +629,7 @@ class JobLifecycle:
                 raise
             sent += await self.end_failed(spec, record, exc, attempt, prompt=pending.prompt)
         finally:
+            hold.release()
             if result is not None:
                 result.release()
             if counted:

@@ -135,10 +135,10 @@ class LocalBackend:
         return cancelled, self.store.view(record)
 
     async def page(
-        self, status: JobStatus | None, limit: int, cursor: int | None
+        self, status: JobStatus | None, limit: int, cursor: int | None, owner: str | None = None
     ) -> tuple[list[JobView], int | None]:
-        """A page of the store, newest first."""
-        records, following = self.store.page(status, limit, cursor)
+        """A page of the store, newest first (``owner``'s jobs only, when given)."""
+        records, following = self.store.page(status, limit, cursor, owner)
         return [self.store.view(record) for record in records], following
 
     async def waiting(self) -> int:

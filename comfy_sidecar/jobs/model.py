@@ -132,7 +132,8 @@ class JobView(msgspec.Struct, kw_only=True):
     """A job as ``GET /jobs/{id}`` shows it, whichever backend keeps it: status, times (ISO
     8601), progress (the Modal jobs API's names: ``progress`` a percentage, ``progress_value``
     and ``progress_max`` the running node's steps), outputs' metadata, the error body the API
-    answered with and comfyui-api's ``stats``. With JOB_QUEUE_URL it also names the
+    answered with and comfyui-api's ``stats``. ``owner`` is the name of the API key that
+    submitted it (absent without keys). With JOB_QUEUE_URL it also names the
     ``replica`` that ran it last and its ``attempts`` (``[{replica, started_at}]``); in-process
     both are absent."""
 
@@ -158,6 +159,7 @@ class JobView(msgspec.Struct, kw_only=True):
     outputs: list[OutputInfo] = []
     error: dict[str, Any] | None = None
     stats: dict[str, Any] | None = None
+    owner: str | msgspec.UnsetType = msgspec.UNSET
     replica: str | msgspec.UnsetType = msgspec.UNSET
     attempts: list[dict[str, Any]] | msgspec.UnsetType = msgspec.UNSET
 

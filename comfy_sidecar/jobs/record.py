@@ -108,6 +108,9 @@ class JobRecord:
     #: Also given every event, live previews included (the Redis backend mirrors a job to
     #: Redis with it).
     sink: Callable[[JobRecord, JobEvent], None] | None = None
+    #: The name of the API key that submitted the job (None: no key), and its priority.
+    owner: str | None = None
+    priority: int = 0
     #: Set by the Redis backend: the replica and the attempts the view carries.
     replica: str | None = None
     attempts: list[dict[str, Any]] | None = None
@@ -228,6 +231,8 @@ class JobRecord:
             stats=self.stats,
             **fields,
         )
+        if self.owner is not None:
+            view.owner = self.owner
         if self.replica is not None:
             view.replica = self.replica
         if self.attempts is not None:

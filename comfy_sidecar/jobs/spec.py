@@ -1,7 +1,8 @@
 """What a front door hands the job layer: a :class:`JobSpec` (the ``/prompt`` request with its
-id, the API it came through, what makes a resubmission "the same body", and the adapter's
-after-end action). Both backends keep it as it is (the Redis backend as JSON in the job's
-hash), so the replica that ends a job knows what to send.
+id, the API it came through, what makes a resubmission "the same body", the adapter's
+after-end action, and the API key's policy: owner, quotas, priority). Both backends keep it as
+it is (the Redis backend as JSON fields of the job's hash), so the replica that ends a job knows
+what to send.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any
 
 import msgspec
 
+from comfy_sidecar.config.keys import KeyPolicy
 from comfy_sidecar.schemas import PromptRequest
 
 __all__ = ["AfterEnd", "JobSpec"]
@@ -33,13 +35,26 @@ class JobSpec(msgspec.Struct, kw_only=True, frozen=True):
     """One job as submitted: ``request`` (its ``id`` set), ``endpoint`` (the API it came
     through: ``jobs``, ``modal_jobs``, ``modal_simple``, ``aidock``; the metrics' label),
     ``fingerprint`` (bytes: two submissions with one id and the same fingerprint are one job;
-    empty for ``/prompt``, whose ids may be reused once a job ended) and ``after`` (the
-    adapter's webhook, sent by whichever replica ends the job)."""
+    empty for ``/prompt``, whose ids may be reused once a job ended), ``after`` (the
+    adapter's webhook, sent by whichever replica ends the job) and ``key`` (the policy of the
+    API key that submitted it: its name owns the job, its quotas admit it, its priority places
+    it in the queues; None without keys). The HTTP layer sets ``key`` (never the key itself)."""
 
     request: PromptRequest
     endpoint: str
     fingerprint: bytes = b""
     after: AfterEnd | None = None
+    key: KeyPolicy | None = None
+
+    @property
+    def owner(self) -> str | None:
+        """The name of the key that submitted the job (None: no key)."""
+        return None if self.key is None else self.key.name
+
+    @property
+    def priority(self) -> int:
+        """The job's priority in the sidecar's queue and the shared queue (higher first)."""
+        return 0 if self.key is None else self.key.priority
 
     @property
     def id(self) -> str:

@@ -103,16 +103,17 @@ class JobStore:
         return record, True
 
     def queue_position(self, record: JobRecord) -> int | None:
-        """0 for the oldest pending job, 1 for the next, …; None once it runs or ended."""
-        if record.status is not JobStatus.PENDING:
+        """How many pending jobs go before ``record``: those of a higher priority, and the
+        older ones of its own (0: it is next); None once it runs or ended."""
+        if record.status is not JobStatus.PENDING or self._jobs.get(record.id) is not record:
             return None
-        position = 0
-        for other in self._jobs.values():
-            if other is record:
-                return position
-            if other.status is JobStatus.PENDING:
-                position += 1
-        return None
+        place = (-record.priority, self._order[record.id])
+        return sum(
+            1
+            for other in self._jobs.values()
+            if other.status is JobStatus.PENDING
+            and (-other.priority, self._order[other.id]) < place
+        )
 
     def view(self, record: JobRecord) -> JobView:
         """``record``'s :class:`~comfy_sidecar.jobs.model.JobView`, with its current queue
@@ -133,8 +134,10 @@ class JobStore:
         if record.status.terminal or record.status is status:
             return
         record.status = status
-        if status is JobStatus.IN_PROGRESS and record.started_ms is None:
-            record.started_ms = now_ms()
+        if status is JobStatus.IN_PROGRESS:
+            metrics.key_job_started(record.owner)
+            if record.started_ms is None:
+                record.started_ms = now_ms()
         record.publish("status", {"status": status.value})
 
     def finish(
@@ -149,8 +152,10 @@ class JobStore:
         and start its retention clock."""
         if record.status.terminal:
             return False
+        was_running = record.status is JobStatus.IN_PROGRESS
         record.status = status
         metrics.job_ended(status.value, record.endpoint)
+        metrics.key_job_ended(record.owner, status.value, was_running)
         record.completed_ms = now_ms()
         record.error = error
         record.stats = stats
@@ -166,11 +171,15 @@ class JobStore:
     # --- listing and expiry ---------------------------------------------------------------
 
     def page(
-        self, status: JobStatus | None, limit: int, cursor: int | None
+        self,
+        status: JobStatus | None,
+        limit: int,
+        cursor: int | None,
+        owner: str | None = None,
     ) -> tuple[list[JobRecord], int | None]:
-        """Newest first: up to ``limit`` jobs (with ``status``, when given) older than
-        ``cursor`` (an opaque sequence number from a previous page). Returns (jobs, next
-        cursor or None)."""
+        """Newest first: up to ``limit`` jobs (with ``status``, and submitted with the API key
+        named ``owner``, when given) older than ``cursor`` (an opaque sequence number from a
+        previous page). Returns (jobs, next cursor or None)."""
         self.expire()
         found: list[JobRecord] = []
         for record in reversed(self._jobs.values()):
@@ -178,6 +187,8 @@ class JobStore:
             if cursor is not None and seq >= cursor:
                 continue
             if status is not None and record.status is not status:
+                continue
+            if owner is not None and record.owner != owner:
                 continue
             found.append(record)
             if len(found) > limit:
@@ -201,6 +212,8 @@ class JobStore:
 
     def drop(self, record: JobRecord) -> None:
         """Forget ``record`` and delete its retained files."""
+        if record.status is JobStatus.IN_PROGRESS and self._jobs.get(record.id) is record:
+            metrics.key_job_ended(record.owner, None, True)  # never ended here: not counted
         self._jobs.pop(record.id, None)
         self._order.pop(record.id, None)
         if record.files:

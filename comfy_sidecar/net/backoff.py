@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import httpx
+if TYPE_CHECKING:  # the websocket and the supervisor use the delay without httpx
+    import httpx
 
 __all__ = ["attempt_failure", "backoff_delay"]
 

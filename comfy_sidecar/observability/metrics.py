@@ -4,15 +4,17 @@ functions the rest of the code calls to move them (one line at each call site).
 Text exposition format 0.0.4 from ``prometheus_client``, on a registry of our own
 (:data:`REGISTRY`, not the library's global one). Base units (seconds, bytes), ``_total`` on
 counters, and only bounded labels (statuses, phases, endpoints, instance names, backend names,
-route templates), after the conventions of vLLM, Triton and OpenTelemetry's HTTP semantic
-conventions (``http_server_request_duration_seconds``). The ComfyUI instance is the label
-``comfyui_instance``: ``instance`` (and ``job``) are the target labels Prometheus attaches to
-every scraped series, which would rename ours ``exported_instance``.
+route templates, API key names: never a key), after the conventions of vLLM, Triton and
+OpenTelemetry's HTTP semantic conventions (``http_server_request_duration_seconds``). The
+ComfyUI instance is the label ``comfyui_instance``: ``instance`` (and ``job``) are the target
+labels Prometheus attaches to every scraped series, which would rename ours
+``exported_instance``.
 
 Two kinds of metric live here:
 
 * event metrics (counters, histograms, the start-up gauge), process-wide in :data:`REGISTRY`,
-  moved by :func:`job_ended`, :func:`job_completed`, :func:`restarts_known`,
+  moved by :func:`job_ended`, :func:`job_completed`, :func:`key_job_started`,
+  :func:`key_job_ended`, :func:`key_rejected`, :func:`restarts_known`,
   :func:`process_restart`, :func:`startup_phase`/:func:`time_startup`,
   :func:`download_finished`, :func:`cache_request`, :func:`webhook_finished`,
   :func:`system_event_dropped` and :func:`instrument` (HTTP);
@@ -47,6 +49,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from comfy_sidecar.config.keys import ANONYMOUS, LIMITS
 
 if TYPE_CHECKING:
     from litestar import Litestar
@@ -204,6 +208,26 @@ SYSTEM_EVENTS_DROPPED = Counter(
     "System events not sent because the system webhook queue was full.",
     registry=REGISTRY,
 )
+KEY_JOBS = Counter(
+    "comfyui_key_jobs",
+    "Jobs that ended, by the name of the API key that submitted them (anonymous: no key) and "
+    "final status.",
+    ["key", "status"],
+    registry=REGISTRY,
+)
+KEY_JOBS_RUNNING = Gauge(
+    "comfyui_key_jobs_running",
+    "Jobs running on this replica (ComfyUI executing them), by the name of their API key.",
+    ["key"],
+    registry=REGISTRY,
+)
+KEY_REJECTIONS = Counter(
+    "comfyui_key_rejections",
+    "Submissions refused 429 because their API key was past a quota, by key name and reason "
+    "(max_concurrent_jobs, jobs_per_minute, max_queue).",
+    ["key", "reason"],
+    registry=REGISTRY,
+)
 HTTP_DURATION = Histogram(
     "http_server_request_duration_seconds",
     "Duration of HTTP requests by method, route template and status code.",
@@ -226,6 +250,46 @@ def job_ended(status: str, endpoint: str) -> None:
     """A job record ended with ``status`` (a ``JobStatus`` value); ``endpoint`` is the
     record's (prompt, jobs, warmup, aidock, modal_jobs, modal_simple)."""
     JOBS.labels(str(status), endpoint).inc()
+
+
+#: The ``key`` label of a job submitted without an API key (none configured, or the warmup).
+ANONYMOUS_KEY = ANONYMOUS
+#: Why a key's submission is refused (the ``reason`` of ``comfyui_key_rejections_total``).
+QUOTA_REASONS = LIMITS
+#: Final statuses of a job (``JobStatus`` values that end it).
+FINAL_STATUSES = ("completed", "failed", "cancelled", "timed_out")
+
+
+def keys_known(names: Iterable[str]) -> None:
+    """The configured API keys' ``names``: their series start at 0 (the ``key`` label only
+    ever takes these values, ``anonymous``, and names other replicas' keys gave the jobs of
+    the shared queue: bounded by configuration, never a key)."""
+    for name in (*names, ANONYMOUS_KEY):
+        KEY_JOBS_RUNNING.labels(name)
+        for status in FINAL_STATUSES:
+            KEY_JOBS.labels(name, status)
+        for reason in QUOTA_REASONS:
+            KEY_REJECTIONS.labels(name, reason)
+
+
+def key_job_started(owner: str | None) -> None:
+    """A job of the API key named ``owner`` (None: no key) started running here."""
+    KEY_JOBS_RUNNING.labels(owner or ANONYMOUS_KEY).inc()
+
+
+def key_job_ended(owner: str | None, status: str | None, was_running: bool) -> None:
+    """A job of the API key named ``owner`` ended with ``status`` (None: forgotten before it
+    ended, not counted); ``was_running``: it had started here."""
+    name = owner or ANONYMOUS_KEY
+    if was_running:
+        KEY_JOBS_RUNNING.labels(name).dec()
+    if status is not None:
+        KEY_JOBS.labels(name, status).inc()
+
+
+def key_rejected(name: str, reason: str) -> None:
+    """A submission with the API key ``name`` was refused past its quota ``reason``."""
+    KEY_REJECTIONS.labels(name, reason).inc()
 
 
 def job_phases(stats: Mapping[str, Any]) -> dict[str, float]:

@@ -325,8 +325,9 @@ class Pipeline:
         with job_scope():  # the caller's log records go back to its own job ids after
             return await self.complete(await self.prepare(request))
 
-    async def prepare(self, request: PromptRequest) -> PendingJob:
+    async def prepare(self, request: PromptRequest, priority: int = 0) -> PendingJob:
         """Register the job and preprocess its prompt (media inputs, prefixes, output check).
+        ``priority``: its place in the sidecar's queue (higher gets an instance slot first).
 
         Raises :class:`InputError` (with the job's ``id``) and :class:`Conflict`; on success the
         caller must pass the result to :meth:`complete` (or call its ``abandon``)."""
@@ -337,7 +338,7 @@ class Pipeline:
         except InputError as exc:
             raise InputError(exc.message, exc.location, id=job_id) from None
         prompt: dict[str, Any] = msgspec.to_builtins(request.prompt)
-        job = Job(id=job_id, prompt_id=str(uuid.uuid4()))
+        job = Job(id=job_id, prompt_id=str(uuid.uuid4()), priority=priority)
         bind_job(job.id, job.prompt_id)
         if job_id in self._active:
             raise Conflict(f"a job with id {job_id!r} is already running", location="id", id=job_id)
@@ -503,7 +504,7 @@ class Pipeline:
         """Wait for a slot on a ready instance; None when the job is interrupted first."""
         if job.interrupt_requested:
             return None
-        slot = asyncio.ensure_future(self.dispatcher.acquire())
+        slot = asyncio.ensure_future(self.dispatcher.acquire(job.priority))
         stop = asyncio.ensure_future(job.stop_requested.wait())
         try:
             await asyncio.wait({slot, stop}, return_when=asyncio.FIRST_COMPLETED)

@@ -20,22 +20,32 @@ import subprocess
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
+from comfy_sidecar.assets import AssetStore, UrlSigner
+from comfy_sidecar.assets.service import AssetService, LocalAssets
 from comfy_sidecar.comfy.client import ComfyClient
 from comfy_sidecar.comfy.dispatch import Dispatcher
 from comfy_sidecar.comfy.health import Health
 from comfy_sidecar.comfy.instance import ComfyInstance, InstanceSignals
 from comfy_sidecar.config import ConfigError, Settings
+from comfy_sidecar.http.idempotency import (
+    IdempotencyKeys,
+    LocalIdempotencyKeys,
+    RedisIdempotencyKeys,
+)
 from comfy_sidecar.jobs.backend import JobBackend
 from comfy_sidecar.jobs.lifecycle import JobLifecycle
 from comfy_sidecar.jobs.local import LocalBackend
+from comfy_sidecar.jobs.quotas import LocalQuotas, Quotas
 from comfy_sidecar.jobs.store import JobStore
 from comfy_sidecar.pipeline.deliver import storage_uploader
 from comfy_sidecar.pipeline.run import Pipeline
 from comfy_sidecar.pipeline.staging import FolderStaging, InlineStaging, Staging
 from comfy_sidecar.runtime.salad import DeletionCost
 from comfy_sidecar.storage import Storage
+from comfy_sidecar.storage.errors import BadRequestError
 from comfy_sidecar.webhooks import WebhookDispatcher
 from comfy_sidecar.webhooks.adapters import FORMATS
 
@@ -185,6 +195,12 @@ class Container:
     health: Health
     comfy: ComfyAccess
     gauges: Gauges
+    #: The Comfy API v2 assets: ASSET_DIR in-process, Redis (+ object store) with the queue.
+    assets: AssetService
+    #: Signs and checks asset content URLs (ASSET_URL_SECRET, ASSET_URL_TTL_S).
+    signer: UrlSigner
+    #: Used Idempotency-Keys: in-process, or Redis with the queue.
+    idempotency: IdempotencyKeys
     #: The typed workflow endpoints loaded from WORKFLOW_DIR.
     workflows: list[Any] = field(default_factory=list)
     #: The variables the storage SDKs and the manifest read (None: ``os.environ``).
@@ -223,6 +239,8 @@ def build(
     pipeline = Pipeline(settings, instances, dispatcher, storage)
     store = JobStore(settings.jobs_dir, settings.job_retention_s, settings.job_retention_max)
     health = Health(settings, instances, dispatcher, signals)
+    redis_jobs = _redis_jobs(settings)
+    quotas = _quotas(redis_jobs)
     lifecycle = JobLifecycle(
         pipeline,
         store,
@@ -231,11 +249,13 @@ def build(
         tasks.spawn,
         admit=health.admit,
         formats=FORMATS,
+        quotas=quotas,
     )
-    jobs = _backend(settings, lifecycle, dispatcher, pipeline, storage)
+    jobs = _backend(settings, lifecycle, dispatcher, pipeline, storage, redis_jobs, quotas)
     staging: Staging = (
         FolderStaging(settings, storage) if settings.job_queue_url is None else InlineStaging()
     )
+    assets, idempotency = _assets(settings, storage, jobs)
     _system_events(settings, signals, webhooks, deletion_cost, instances, dispatcher)
     return Container(
         settings=settings,
@@ -254,9 +274,39 @@ def build(
         health=health,
         comfy=ComfyAccess(pipeline),
         gauges=Gauges(settings, instances, dispatcher, storage, lifecycle, jobs),
+        assets=assets,
+        signer=UrlSigner(settings.asset_url_secret, settings.asset_url_ttl_s),
+        idempotency=idempotency,
         workflows=list(workflows or []),
         env=env,
     )
+
+
+def _redis_jobs(settings: Settings) -> Any:
+    """The replica's Redis job store with JOB_QUEUE_URL (a
+    :class:`~comfy_sidecar.jobs.redis.store.RedisJobs`), else None."""
+    if settings.job_queue_url is None:
+        return None
+    from comfy_sidecar.jobs.redis.store import RedisJobs
+
+    replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    return RedisJobs(
+        settings.job_queue_url,
+        replica,
+        retention_s=settings.job_retention_s,
+        lease_s=settings.job_lease_s,
+        max_attempts=settings.job_max_attempts,
+    )
+
+
+def _quotas(redis_jobs: Any) -> Quotas:
+    """Where the API keys' quotas are counted: in Redis with JOB_QUEUE_URL (every replica's
+    jobs count), else in memory."""
+    if redis_jobs is None:
+        return LocalQuotas()
+    from comfy_sidecar.jobs.redis.quotas import RedisQuotas
+
+    return RedisQuotas(redis_jobs)
 
 
 def _backend(
@@ -265,21 +315,15 @@ def _backend(
     dispatcher: Dispatcher,
     pipeline: Pipeline,
     storage: Storage,
+    redis_jobs: Any,
+    quotas: Quotas,
 ) -> JobBackend:
     """The job backend, chosen once: Redis with JOB_QUEUE_URL, else in-process."""
-    if settings.job_queue_url is None:
+    if redis_jobs is None:
         return LocalBackend(lifecycle)
     from comfy_sidecar.jobs.redis.backend import RedisBackend, Slots
-    from comfy_sidecar.jobs.redis.store import RedisJobs
+    from comfy_sidecar.jobs.redis.quotas import RedisQuotas
 
-    replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    redis_jobs = RedisJobs(
-        settings.job_queue_url,
-        replica,
-        retention_s=settings.job_retention_s,
-        lease_s=settings.job_lease_s,
-        max_attempts=settings.job_max_attempts,
-    )
     spill_to: Callable[[str], Any] | None = None
     if settings.job_output_url is not None:
         base = settings.job_output_url.rstrip("/")
@@ -295,7 +339,65 @@ def _backend(
         pipeline.check,
         inline_mb=settings.job_inline_output_mb,
         spill_to=spill_to,
+        quotas=quotas if isinstance(quotas, RedisQuotas) else None,
     )
+
+
+MIB = 1024 * 1024
+
+
+def asset_spill_prefix(settings: Settings) -> str | None:
+    """Where shared assets over ASSET_INLINE_MB go: ASSET_STORE_URL, else
+    ``<JOB_OUTPUT_URL>/.assets`` (a job id never starts with a dot, so no job's outputs land
+    there), else None."""
+    if settings.asset_store_url is not None:
+        return settings.asset_store_url.rstrip("/")
+    if settings.job_output_url is not None:
+        return settings.job_output_url.rstrip("/") + "/.assets"
+    return None
+
+
+def _assets(
+    settings: Settings, storage: Storage, jobs: JobBackend
+) -> tuple[AssetService, IdempotencyKeys]:
+    """The asset service and the Idempotency-Key store, chosen once with the job backend:
+    ASSET_DIR and this process's memory, or (JOB_QUEUE_URL) Redis, with bytes over
+    ASSET_INLINE_MB in :func:`asset_spill_prefix`'s object store. Raises
+    :class:`ConfigError` when that prefix names no storage backend."""
+
+    async def is_retained(job_id: str) -> bool:
+        return await jobs.get(job_id) is not None
+
+    max_upload = int(settings.asset_max_upload_mb * MIB)
+    if settings.job_queue_url is None:
+        store = AssetStore.from_settings(settings)
+        local = LocalAssets(
+            store, settings.input_dir, max_upload_bytes=max_upload, is_retained=is_retained
+        )
+        return local, LocalIdempotencyKeys()
+    from comfy_sidecar.assets.shared import SharedAssets
+    from comfy_sidecar.net.redisconn import connect
+
+    prefix = asset_spill_prefix(settings)
+    try:
+        spill = storage.upload_spec(prefix) if prefix is not None else None
+    except BadRequestError as exc:
+        name = "ASSET_STORE_URL" if settings.asset_store_url else "JOB_OUTPUT_URL"
+        raise ConfigError(f"{name}: {exc}") from None
+    redis = connect(settings.job_queue_url)
+    shared = SharedAssets(
+        redis,
+        Path(settings.asset_dir) / "tmp",
+        storage=storage,
+        spill=spill,
+        spill_prefix=prefix,
+        inline_max_bytes=int(settings.asset_inline_mb * MIB),
+        inline_total_bytes=int(settings.asset_store_gb * 1024 * MIB),
+        max_upload_bytes=max_upload,
+        retention_s=settings.asset_retention_s,
+        is_retained=is_retained,
+    )
+    return shared, RedisIdempotencyKeys(redis)
 
 
 def _system_events(

@@ -81,6 +81,12 @@ class Runtime:
             await asyncio.to_thread(c.lifecycle.spool.clear)
             await c.webhooks.start()
             await c.storage.start()
+            try:
+                await c.assets.start()
+            except ConfigError as exc:
+                raise Fatal(str(exc)) from None
+            except (OSError, ValueError) as exc:
+                raise Fatal(f"ASSET_DIR: {exc}") from None
             c.deletion_cost.start()
             self.warmup_prompt = await self._load_warmup()
             await metrics.time_startup("provision", self.provision())
@@ -121,6 +127,10 @@ class Runtime:
 
     async def provision(self) -> None:
         """Install the manifest (apt, pip, custom nodes, models) before ComfyUI starts."""
+        if not (self.settings.manifest_json or self.settings.manifest):
+            # no manifest: its modules are never imported (bench/rss_bench.py)
+            self.health.set_phase(Phase.PROVISIONING, "nothing to install")
+            return
         from comfy_sidecar.manifest import ManifestError, Provisioner
 
         c = self.c
@@ -235,6 +245,7 @@ class Runtime:
             )
         await c.webhooks.close(max(0.0, deadline - time.monotonic()))
         await c.storage.close()
+        await c.assets.close()
         await c.deletion_cost.close()
         await c.tasks.cancel_all()
         for instance in c.instances:

@@ -14,8 +14,9 @@ address, the sidecar's own ``PORT`` and ComfyUI's port — even when allowed oth
 A host name is resolved once with the system resolver (``socket.getaddrinfo``, off the event
 loop), every address is checked, and the connection goes to the checked address (DNS rebinding
 cannot slip a second answer in): :meth:`NetGuard.connect_address` for sockets opened by hand,
-:meth:`NetGuard.transport` for httpx (a network backend that checks at connect time, so every
-redirect hop and every new connection is checked; TLS SNI and ``Host`` keep the name).
+:func:`comfy_sidecar.storage.guarded.guarded_transport` for httpx (a network backend that
+checks at connect time, so every redirect hop and every new connection is checked; TLS SNI and
+``Host`` keep the name).
 
 Through a forward proxy (``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY`` apply to the URL and
 ``NO_PROXY`` does not exempt its host: :func:`proxy_for`) the proxy resolves the name, so the
@@ -26,7 +27,8 @@ resolve here (only the proxy knows it) is refused unless it matches ``ALLOWED_UR
 an allowed name goes to the proxy without being resolved. The proxy may still resolve a checked
 name to another address than we did: list the hosts that go through a proxy in
 ``ALLOWED_URL_HOSTS`` where that matters. The connection to the proxy itself is not checked
-(the operator chose it). :meth:`NetGuard.transport` carries both kinds of request, so no httpx
+(the operator chose it). :func:`~comfy_sidecar.storage.guarded.guarded_transport` carries
+both kinds of request, so no httpx
 caller can send a caller's URL through the proxy unchecked.
 """
 
@@ -43,9 +45,6 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
-
-import httpcore
-import httpx
 
 from comfy_sidecar.errors import InputError
 from comfy_sidecar.storage.errors import URLRefused
@@ -64,7 +63,7 @@ SCHEMES = ("http", "https", "s3")
 _SHARED = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 _COMPAT = ipaddress.ip_network("::/96")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _TRUSTED: contextvars.ContextVar[bool] = contextvars.ContextVar("netguard_trusted", default=False)
 
@@ -243,7 +242,7 @@ class NetGuard:
         if not parts.hostname:
             raise URLRefused("URL refused: no host")
         proxied = proxy_for(scheme, parts.hostname) is not None
-        await self.check_host(parts.hostname, port or _DEFAULT_PORTS[scheme], proxied=proxied)
+        await self.check_host(parts.hostname, port or DEFAULT_PORTS[scheme], proxied=proxied)
 
     async def check_field(
         self, url: str, location: str, *, schemes: Iterable[str] = SCHEMES
@@ -263,117 +262,15 @@ class NetGuard:
         except URLRefused as exc:
             raise InputError(f"{location}: {exc}", location) from None
 
-    # --- httpx -------------------------------------------------------------------------------
-
-    def transport(self, **kwargs: object) -> httpx.AsyncBaseTransport:
-        """The httpx transport for callers' URLs (``kwargs``: :class:`httpx.AsyncHTTPTransport`'s,
-        e.g. ``limits``). A request :func:`proxy_for` gives a proxy goes through that proxy
-        after :meth:`check_host` (``proxied``) passed its host; any other goes out directly,
-        each new connection checked and pinned (see module docstring). A client built on it
-        reads no proxy settings of its own (httpx mounts none when given a transport). Inside
-        :func:`trusted` nothing is checked. Raises :class:`URLRefused` from ``send``."""
-        kwargs.setdefault("verify", tls_context())
-        return _GuardedTransport(self, self._pinned(**kwargs), kwargs)
-
-    def _pinned(self, **kwargs: object) -> httpx.AsyncHTTPTransport:
-        """A direct httpx transport whose every new connection is checked and pinned, with the
-        shared :func:`tls_context`."""
-        kwargs.setdefault("verify", tls_context())
-        transport = httpx.AsyncHTTPTransport(**kwargs)  # type: ignore[arg-type]
-        pool = transport._pool
-        # httpx has no public hook for the network backend; the pool it builds is
-        # httpcore's, which takes one (httpcore's documented extension point).
-        transport._pool = httpcore.AsyncConnectionPool(
-            ssl_context=pool._ssl_context or ssl.create_default_context(),
-            max_connections=pool._max_connections,
-            max_keepalive_connections=pool._max_keepalive_connections,
-            keepalive_expiry=pool._keepalive_expiry,
-            http1=pool._http1,
-            http2=pool._http2,
-            retries=pool._retries,
-            network_backend=_GuardedBackend(self),
-        )
-        return transport
-
-
-class _GuardedTransport(httpx.AsyncBaseTransport):
-    """:meth:`NetGuard.transport`: each request (one hop: redirects, whether followed by hand or
-    by httpx, are requests of their own) goes through the proxy :func:`proxy_for` gives it,
-    after :meth:`NetGuard.check_host`, or to the pinned direct transport."""
-
-    def __init__(
-        self, guard: NetGuard, direct: httpx.AsyncHTTPTransport, kwargs: dict[str, object]
-    ) -> None:
-        self._guard = guard
-        self._direct = direct
-        self._kwargs = kwargs
-        self._proxied: dict[str, httpx.AsyncHTTPTransport] = {}
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        host = url.raw_host.decode("ascii")  # as the proxy gets it (IDNA-encoded)
-        proxy = proxy_for(url.scheme, host)
-        if proxy is None:
-            return await self._direct.handle_async_request(request)
-        if not is_trusted():
-            port = url.port or _DEFAULT_PORTS.get(url.scheme, 80)
-            await self._guard.check_host(host, port, proxied=True)
-        return await self._through(proxy).handle_async_request(request)
-
-    def _through(self, proxy: str) -> httpx.AsyncHTTPTransport:
-        """The transport through ``proxy`` (made once; its own connection is not checked)."""
-        transport = self._proxied.get(proxy)
-        if transport is None:
-            try:
-                transport = httpx.AsyncHTTPTransport(proxy=proxy, **self._kwargs)  # type: ignore[arg-type]
-            except (ImportError, ValueError) as exc:  # a bad or unsupported proxy URL
-                raise httpx.ProxyError(f"cannot use the proxy: {exc}") from None
-            self._proxied[proxy] = transport
-        return transport
-
-    async def aclose(self) -> None:
-        transports = [self._direct, *self._proxied.values()]
-        self._proxied.clear()
-        for transport in transports:
-            await transport.aclose()
-
 
 @functools.cache
 def tls_context() -> ssl.SSLContext:
     """The TLS context every httpx client of the sidecar uses (``verify=``): httpx's default
     one (certifi's CA bundle, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``), made once. Each client
     made its own before, about 0.8 MB of memory apiece (bench/rss_bench.py)."""
+    import httpx
+
     return httpx.create_ssl_context()
-
-
-class _GuardedBackend(httpcore.AsyncNetworkBackend):
-    """httpcore network backend: resolve and check the host, connect to the checked address."""
-
-    def __init__(self, guard: NetGuard) -> None:
-        self._guard = guard
-        self._inner = httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        address = host if is_trusted() else await self._guard.aresolve(host, port)
-        return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise URLRefused("URL refused: unix sockets are not allowed")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
 
 
 def _addresses(host: str, port: int) -> list[str]:

@@ -121,7 +121,7 @@ class WebhookDispatcher:
         self._comfy_events = subscribed & COMFY_EVENT_NAMES
         self._storage_events = subscribed & STORAGE_EVENT_NAMES
         self._metadata: dict[str, str] = {**settings.system_meta, **settings.salad}
-        self._client: httpx.AsyncClient | None = None  # made by start()
+        self._client: httpx.AsyncClient | None = None  # made by the first delivery
         self._guard = NetGuard(settings)
         self._backoff_base_s = backoff_base_s
         self._backoff_cap_s = backoff_cap_s
@@ -143,17 +143,10 @@ class WebhookDispatcher:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Create the HTTP client and the worker tasks."""
+        """Start the worker tasks (the HTTP client is made by the first delivery: a sidecar
+        that never sends a webhook holds no client, no TLS context, no connection pool)."""
         if self._state != "new":
             return
-        limits = httpx.Limits(max_connections=32, max_keepalive_connections=8)
-        # Prompt webhooks are callers' URLs: every one passes the SSRF guard's transport
-        # (directly: each connection checked and pinned; through HTTP(S)_PROXY when one
-        # applies: the host checked first). SYSTEM_WEBHOOK_URL is the operator's, delivered
-        # inside trusted().
-        self._client = httpx.AsyncClient(
-            follow_redirects=False, transport=self._guard.transport(limits=limits)
-        )
         for kind in (self._prompt, self._system):
             for i in range(kind.workers):
                 task = asyncio.create_task(self._worker(kind), name=f"webhook-{kind.name}-{i}")
@@ -426,14 +419,28 @@ class WebhookDispatcher:
                 else:
                     kind.lanes.pop(lane_key, None)
 
+    def _http(self) -> httpx.AsyncClient:
+        """The one HTTP client of the deliveries, made on first use."""
+        if self._client is None:
+            from comfy_sidecar.storage.guarded import guarded_transport  # httpcore: on first use
+
+            limits = httpx.Limits(max_connections=32, max_keepalive_connections=8)
+            # Prompt webhooks are callers' URLs: every one passes the SSRF guard's transport
+            # (directly: each connection checked and pinned; through HTTP(S)_PROXY when one
+            # applies: the host checked first). SYSTEM_WEBHOOK_URL is the operator's, delivered
+            # inside trusted().
+            self._client = httpx.AsyncClient(
+                follow_redirects=False, transport=guarded_transport(self._guard, limits=limits)
+            )
+        return self._client
+
     def _backoff(self, attempt: int) -> float:
         return backoff_delay(attempt, self._backoff_base_s, self._backoff_cap_s, jitter=0.25)
 
     async def _deliver(self, job: _Job) -> bool:
         """POST ``job`` until an attempt gets a 2xx answer, at most ``PROMPT_WEBHOOK_RETRIES``
         attempts with backoff between them. False when none did or its body cannot be read."""
-        assert self._client is not None
-        client = self._client
+        client = self._http()
         reason = ""
         for attempt in range(1, self._attempts + 1):
             self.counters["attempts"] += 1

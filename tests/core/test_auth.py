@@ -8,6 +8,7 @@ import hmac
 import re
 import signal
 import socket
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from comfy_sidecar.config import ConfigError, load_settings
+from comfy_sidecar.config.keys import KeyPolicy, parse_key_file
 from comfy_sidecar.config.parsers import parse_keys
 from comfy_sidecar.http.apikeys import ApiKeys
 from comfy_sidecar.http.auth import METRICS_PATH, OPEN_PATHS, open_paths, presented_keys
@@ -84,6 +86,121 @@ def test_key_file_must_be_readable_and_hold_keys(tmp_path: Path) -> None:
     assert load_settings({"API_KEYS_FILE": str(good), "API_KEYS": "a, b"}).api_keys == ["a", "b"]
 
 
+YAML_KEYS = """\
+# team keys
+keys:
+  - key: alpha-key-0123456789
+    name: team-a
+    max_concurrent_jobs: 2
+    jobs_per_minute: 30
+    max_queue: 1
+    priority: 10
+  - key: beta-key-0123456789
+    name: team-b
+  - key: beta-key-rotated-98765
+    name: team-b
+"""
+
+
+def test_a_yaml_key_file_names_each_key_with_its_quotas(tmp_path: Path) -> None:
+    entries = parse_key_file(YAML_KEYS)
+    assert entries == [
+        (
+            "alpha-key-0123456789",
+            KeyPolicy(
+                name="team-a", max_concurrent_jobs=2, jobs_per_minute=30, max_queue=1, priority=10
+            ),
+        ),
+        ("beta-key-0123456789", KeyPolicy(name="team-b")),
+        ("beta-key-rotated-98765", KeyPolicy(name="team-b")),  # a rotation: one name, two keys
+    ]
+    # The same entries as a top-level list.
+    listed = textwrap.dedent("\n".join(YAML_KEYS.splitlines()[2:]))
+    assert parse_key_file(listed) == entries
+    # The plain list keeps working; its keys (and API_KEYS') are named by position.
+    assert parse_key_file("# plain\nk1\nk2\nk1\n") == [
+        ("k1", KeyPolicy(name="file-1")),
+        ("k2", KeyPolicy(name="file-2")),
+    ]
+    path = tmp_path / "keys.yaml"
+    path.write_text(YAML_KEYS)
+    keys = ApiKeys(["env-key-one"], str(path))
+    assert keys.identify("alpha-key-0123456789") == entries[0][1]
+    assert keys.identify("beta-key-rotated-98765") == KeyPolicy(name="team-b")
+    assert keys.identify("env-key-one") == KeyPolicy(name="env-1")
+    assert keys.identify("nope") is None
+    assert keys.names == ["env-1", "team-a", "team-b"]
+    assert load_settings({"API_KEYS_FILE": str(path)}).api_keys_file == str(path)
+
+
+@pytest.mark.parametrize(
+    ("entry", "error"),
+    [
+        ("max_concurrent_jobs: 0", r"keys\[1\]\.max_concurrent_jobs: must be a whole number >= 1"),
+        ("jobs_per_minute: -3", r"keys\[1\]\.jobs_per_minute: must be a whole number >= 1"),
+        ("max_queue: 2.5", r"keys\[1\]\.max_queue: must be a whole number >= 1"),
+        ("max_queue: true", r"keys\[1\]\.max_queue: must be a whole number >= 1"),
+        ("priority: high", r"keys\[1\]\.priority: must be a whole number from -1000 to 1000"),
+        ("max_jobs: 3", r"keys\[1\]: unknown field 'max_jobs'"),
+        ("name: two words", r"keys\[1\]\.name: must be 1-64 letters"),
+        ("name: anonymous", r"keys\[1\]\.name: 'anonymous' is reserved"),
+        ("name: team-a\n    max_queue: 5", r"name 'team-a' is given twice with different quotas"),
+        ("name: [x", r"not valid YAML \(line \d+\)"),
+    ],
+)
+def test_a_bad_yaml_value_stops_the_start_naming_the_entry(
+    tmp_path: Path, entry: str, error: str
+) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(
+        "keys:\n  - key: alpha-key-0123456789\n    name: team-a\n"
+        f"  - key: second-key-0123456789\n    {entry}\n"
+    )
+    if "name:" not in entry:
+        path.write_text(path.read_text() + "    name: team-b\n")
+    with pytest.raises(ConfigError, match=r"^API_KEYS_FILE: " + error) as raised:
+        load_settings({"API_KEYS_FILE": str(path)})
+    assert "\n" not in str(raised.value)
+    assert "key-0123456789" not in str(raised.value), "no key in the message"
+
+
+def test_a_key_listed_twice_or_missing_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text("keys:\n  - {key: k1, name: a}\n  - {key: k1, name: b}\n")
+    with pytest.raises(ConfigError, match=r"^API_KEYS_FILE: keys\[1\]\.key: the same key"):
+        load_settings({"API_KEYS_FILE": str(path)})
+    path.write_text("keys:\n  - {name: a}\n")
+    with pytest.raises(ConfigError, match=r"^API_KEYS_FILE: keys\[0\]\.key: must be a non-empty"):
+        load_settings({"API_KEYS_FILE": str(path)})
+    path.write_text("keys: []\n")
+    with pytest.raises(ConfigError, match=r"^API_KEYS_FILE: .*holds no keys"):
+        load_settings({"API_KEYS_FILE": str(path)})
+    # API_KEYS' names take part: a YAML name env-1 with quotas collides with API_KEYS' first.
+    path.write_text("keys:\n  - {key: k1, name: env-1, max_queue: 2}\n")
+    with pytest.raises(ConfigError, match=r"^API_KEYS_FILE: name 'env-1' is given twice"):
+        load_settings({"API_KEYS_FILE": str(path), "API_KEYS": "k0"})
+
+
+def test_a_reload_with_a_bad_value_keeps_the_keys_in_use(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "keys.yaml"
+    path.write_text(YAML_KEYS)
+    keys = ApiKeys([], str(path))
+    path.write_text("keys:\n  - {key: fresh-key-0123456789, name: team-c, jobs_per_minute: 0}\n")
+    with caplog.at_level("ERROR", logger="comfy_sidecar.auth"):
+        assert not keys.reload()
+    assert "keys[0].jobs_per_minute: must be a whole number >= 1" in caplog.text
+    assert "keeping the 3 keys in use" in caplog.text
+    assert keys.identify("alpha-key-0123456789") is not None
+    assert keys.identify("fresh-key-0123456789") is None
+    path.write_text("keys:\n  - {key: fresh-key-0123456789, name: team-c, jobs_per_minute: 5}\n")
+    assert keys.reload()
+    assert keys.identify("fresh-key-0123456789") == KeyPolicy(name="team-c", jobs_per_minute=5)
+    assert keys.identify("alpha-key-0123456789") is None
+    assert "0123456789" not in caplog.text
+
+
 # --- a sidecar with keys ----------------------------------------------------------------------
 
 
@@ -111,6 +228,9 @@ def _assert_refused(response: Any) -> None:
     assert response.status_code == 401, response.text
     assert response.headers["www-authenticate"] == "Bearer"
     body = response.json()
+    if response.url.path.startswith("/api/v2/"):  # the Comfy API v2 envelope
+        assert body["error"]["code"] == "unauthorized"
+        body = {"error": body["error"]["message"], **body["error"]["details"]}
     assert body["location"] == "authorization"
     assert body["error"]
     for key in ALL_KEYS:

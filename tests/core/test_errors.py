@@ -24,12 +24,15 @@ from comfy_sidecar.errors import (
     Conflict,
     ExecutionFailed,
     HashMismatch,
+    IdempotencyKeyReuse,
     InputError,
     Interrupted,
     MissingAsset,
     NotFound,
     OutputsTooLarge,
     Overloaded,
+    PayloadTooLarge,
+    RateLimited,
     SidecarError,
     TimedOut,
     Unavailable,
@@ -127,6 +130,19 @@ CASES: list[tuple[Exception, int, dict[str, Any]]] = [
         {"error": "outputs too large", "id": "j", "size_bytes": 9},
     ),
     (Overloaded("the queue is full"), 429, {"error": "the queue is full"}),
+    (
+        RateLimited(
+            "key k is past its quota", key="k", reason="max_queue", limit=3, retry_after_s=1
+        ),
+        429,
+        {
+            "error": "key k is past its quota",
+            "key": "k",
+            "reason": "max_queue",
+            "limit": 3,
+            "retry_after_s": 1,
+        },
+    ),
     (SidecarError("unclassified"), 500, {"error": "unclassified"}),
     (
         AssetNotFound("no asset with id 'a'", location="id"),
@@ -165,6 +181,16 @@ CASES: list[tuple[Exception, int, dict[str, Any]]] = [
         AssetUrlRefused("the content URL has expired", reason="expired"),
         403,
         {"error": "the content URL has expired", "reason": "expired"},
+    ),
+    (
+        PayloadTooLarge("the upload is larger than 10 bytes", limit_bytes=10),
+        413,
+        {"error": "the upload is larger than 10 bytes", "limit_bytes": 10},
+    ),
+    (
+        IdempotencyKeyReuse("this Idempotency-Key was already used", "Idempotency-Key"),
+        422,
+        {"error": "this Idempotency-Key was already used", "location": "Idempotency-Key"},
     ),
     (BadRequestError("bad URL"), 400, {"error": "bad URL"}),
     (AuthError("refused"), 400, {"error": "refused"}),
@@ -234,6 +260,26 @@ def test_error_class_maps_to_status_and_body(client: TestClient[Any], case: int)
     assert list(response.json().items()) == list(body.items())
     assert response.headers.get("content-type") == "application/json"
     assert response.headers.get("retry-after") == ("1" if status in (429, 503) else None)
+
+
+def test_retry_after_is_the_errors_own(client: TestClient[Any]) -> None:
+    """A key's jobs_per_minute refusal says when its window frees a place (not the constant
+    1 s of a full queue), in the header and the body."""
+    case = len(CASES)
+    CASES.append(
+        (
+            RateLimited("wait", key="k", reason="jobs_per_minute", limit=2, retry_after_s=37),
+            429,
+            {},
+        )
+    )
+    try:
+        response = client.get(f"/raise/{case}")
+    finally:
+        CASES.pop()
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "37"
+    assert response.json()["retry_after_s"] == 37
 
 
 def test_every_domain_class_has_a_case() -> None:

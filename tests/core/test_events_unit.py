@@ -5,7 +5,10 @@ job registry relies on to reconcile jobs whose frames may have been lost."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -197,5 +200,59 @@ def test_a_failing_frame_handler_does_not_stop_the_stream() -> None:
             await with_stream(stream, body)
         finally:
             await server.stop()
+
+    asyncio.run(scenario())
+
+
+class FrozenServer:
+    """Accepts websocket handshakes, then never sends or answers anything (a ComfyUI stopped
+    with SIGSTOP after the upgrade: no frame, no pong)."""
+
+    GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in request.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        accept = base64.b64encode(hashlib.sha1(key + self.GUID).digest())
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        await writer.drain()
+        while await reader.read(65536):  # pings and the close frame go unanswered
+            pass
+        writer.close()
+
+
+def test_a_socket_whose_pongs_stop_is_dropped_and_the_drop_is_no_sign_of_life() -> None:
+    """The keepalive drops a socket that stopped answering pings; the drop itself does not
+    move ``last_frame_at``, which the hang check reads as ComfyUI's last sign of life."""
+
+    async def scenario() -> None:
+        frozen = FrozenServer()
+        server = await asyncio.start_server(frozen.handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        rec = Recorder()
+        stream = rec.stream(f"ws://127.0.0.1:{port}/ws", ping_interval_s=0.2, backoff_s=30)
+
+        async def body() -> None:
+            assert await stream.wait_connected(5)
+            connected_at = stream.last_frame_at
+            started = time.monotonic()
+            await async_wait_for(lambda: rec.disconnects == 1, timeout=5, what="the drop")
+            assert time.monotonic() - started < 2  # ping after 0.2 s, pong awaited 0.1 s
+            assert not stream.connected
+            assert stream.last_frame_at == connected_at
+            assert rec.frames == []
+
+        try:
+            await with_stream(stream, body)
+        finally:
+            server.close()
+            await server.wait_closed()
 
     asyncio.run(scenario())

@@ -136,3 +136,35 @@ def test_oldest_wait_is_the_age_of_the_first_job_still_waiting() -> None:
         assert d.oldest_wait_s == 0.0 and d.waiting == 0
 
     asyncio.run(main())
+
+
+def test_a_higher_priority_gets_the_next_slot_fifo_within_a_priority() -> None:
+    """An API key's priority: with the only slot held, three jobs of priority 0, one of 5
+    and one of 10 wait; slots go to 10, then 5, then the priority-0 ones in arrival order. A
+    later priority-0 job goes behind them all, and the oldest wait is still the oldest job's."""
+
+    async def main() -> None:
+        now = [0.0]
+        a = Inst("0")
+        d = Dispatcher([a], per_instance=1, clock=lambda: now[0])
+        held = await d.acquire()
+        order: list[str] = []
+
+        async def job(name: str, priority: int) -> None:
+            inst = await d.acquire(priority)
+            order.append(name)
+            d.release(inst)
+
+        tasks = []
+        for name, priority in (("low1", 0), ("low2", 0), ("mid", 5), ("low3", 0), ("high", 10)):
+            tasks.append(asyncio.ensure_future(job(name, priority)))
+            count = len(tasks)
+            await settle(lambda: d.waiting == count)  # noqa: B023 (awaited at once)
+            now[0] += 1
+        assert d.oldest_wait_s == 5.0  # low1, waiting since 0
+        d.release(held)
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert order == ["high", "mid", "low1", "low2", "low3"]
+        assert d.running == 0 and d.waiting == 0
+
+    asyncio.run(main())

@@ -12,6 +12,7 @@ import msgspec
 import pytest
 from comfy_low.errors import error_from_envelope
 from comfy_sdk import exceptions as sdk
+from comfy_sdk import router_exceptions
 from litestar import Router, get, post
 from litestar.testing import TestClient
 
@@ -19,10 +20,13 @@ from comfy_sidecar.config import load_settings
 from comfy_sidecar.errors import (
     BlobNotFound,
     HashMismatch,
+    IdempotencyKeyReuse,
     InputError,
     MissingAsset,
     NotFound,
     Overloaded,
+    PayloadTooLarge,
+    RateLimited,
     ValidationFailed,
 )
 from comfy_sidecar.http.adapters.comfy_v2.errors import exception_handlers
@@ -59,8 +63,27 @@ CASES: list[tuple[Exception, int, str, type[Exception]]] = [
         sdk.HashMismatch,
     ),
     (BlobNotFound("no bytes with this hash"), 404, "blob_not_found", sdk.BlobNotFound),
+    (
+        IdempotencyKeyReuse("this key was used", "Idempotency-Key"),
+        422,
+        "idempotency_key_reuse",
+        sdk.IdempotencyKeyReuse,
+    ),
+    (PayloadTooLarge("too large", limit_bytes=1), 413, "payload_too_large", sdk.ComfyError),
     (NotFound("no job with id 'x'", location="id"), 404, "not_found", sdk.NotFound),
     (Overloaded("the queue is full"), 429, "queue_full", sdk.QueueFull),
+    (  # an API key past its quota: the hook the v2 envelope maps to rate_limited
+        RateLimited(
+            "API key 'team-a' has 2 job(s) in flight (max_concurrent_jobs: 2); try again later",
+            key="team-a",
+            reason="max_concurrent_jobs",
+            limit=2,
+            retry_after_s=7,
+        ),
+        429,
+        "rate_limited",
+        router_exceptions.RateLimited,
+    ),
 ]
 
 
@@ -110,6 +133,9 @@ def test_a_domain_error_is_the_envelope_the_sdk_reads(client: TestClient[Any], c
         error_from_envelope(status, body, retry_after=int(retry) if retry else None)
     )
     assert isinstance(raised, sdk_class), raised
+    if isinstance(exc, RateLimited):  # the reason in the details, Retry-After its own
+        assert body["error"]["details"]["reason"] == "max_concurrent_jobs"
+        assert raised.retry_after == 7
 
 
 def test_a_body_that_does_not_decode_is_422_naming_the_field(client: TestClient[Any]) -> None:
@@ -117,6 +143,17 @@ def test_a_body_that_does_not_decode_is_422_naming_the_field(client: TestClient[
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["code"] == "invalid_request" and error["details"]["location"] == "count"
+
+
+def test_a_body_that_is_not_json_is_422_at_body(client: TestClient[Any]) -> None:
+    """Malformed JSON (Litestar's own 400) is a caller's mistake like any other under /api/v2:
+    422 invalid_request at ``body``, the status the OpenAPI document declares for it."""
+    response = client.post(
+        "/api/v2/_test/decode", content=b"\x00", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and error["details"]["location"] == "body"
 
 
 def test_health_answers_in_v2_shape_without_a_key(client: TestClient[Any]) -> None:

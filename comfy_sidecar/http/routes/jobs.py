@@ -104,6 +104,7 @@ def with_id(request: PromptRequest) -> PromptRequest:
         202: ResponseSpec(JobAccepted, description="Accepted; watch it at `urls`."),
         400: ERROR_RESPONSES[400],
         409: ResponseSpec(ErrorResponse, description="This id is retained with another body."),
+        429: ERROR_RESPONSES[429],
         503: ERROR_RESPONSES[503],
     },
     description="Takes the `/prompt` body. The prompt is checked and its inputs fetched before "

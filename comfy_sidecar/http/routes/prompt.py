@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, get_args
 
-from litestar import Response, post
+from litestar import Request, Response, post
 from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
 from litestar.params import Body
 from litestar.response import Stream
 
+from comfy_sidecar.http.auth import caller_of
 from comfy_sidecar.jobs.lifecycle import JobLifecycle
 from comfy_sidecar.pipeline.deliver import Accepted, Answered, Delivered
 from comfy_sidecar.schemas import (
@@ -30,6 +31,12 @@ ERROR_RESPONSES = {
     ),
     409: ResponseSpec(ErrorResponse, description="A job with this id is already running."),
     413: ResponseSpec(ErrorResponse, description="Body larger than MAX_BODY_SIZE_MB."),
+    429: ResponseSpec(
+        ErrorResponse,
+        description="The queue is full (MAX_QUEUE_DEPTH, MAX_PENDING_DELIVERIES), or the API "
+        "key is past a quota (`reason`: `max_concurrent_jobs`, `jobs_per_minute`, `max_queue`); "
+        "`Retry-After` says when to try again.",
+    ),
     499: ResponseSpec(ErrorResponse, description="The job was interrupted (POST /interrupt)."),
     500: ResponseSpec(
         ErrorResponse,
@@ -89,9 +96,10 @@ def respond(delivered: Delivered) -> Response[Any]:
 async def prompt(
     data: Annotated[PromptRequest, Body(examples=[PROMPT_EXAMPLE])],
     lifecycle: NamedDependency[JobLifecycle],
+    request: Request[Any, Any, Any],
 ) -> Response[Any]:
-    """Run a prompt."""
-    return respond(await lifecycle.answer(data))
+    """Run a prompt (a job of the request's API key)."""
+    return respond(await lifecycle.answer(data, key=caller_of(request.scope)))
 
 
 @post(
@@ -113,7 +121,9 @@ async def prompt(
     "flight (unknown, or its result was already decided: its /prompt call answers that).",
 )
 async def interrupt(
-    data: InterruptRequest, lifecycle: NamedDependency[JobLifecycle]
+    data: InterruptRequest,
+    lifecycle: NamedDependency[JobLifecycle],
+    request: Request[Any, Any, Any],
 ) -> Response[InterruptResponse]:
     """Interrupt a job by its API id: 200 ``{"id", "interrupted": "success"}`` or 404
     ``{"id", "interrupted": "failed"}``.
@@ -122,9 +132,14 @@ async def interrupt(
     result is already decided answers 404 ``failed``, as comfyui-api does for an id that is no
     longer in flight (behaviour doc E5: a prompt that finished), rather than 409, so a
     comfyui-api client reads it the same way; otherwise the job is marked interrupted before
-    ComfyUI is told, and its caller gets 499.
+    ComfyUI is told, and its caller gets 499. With JOBS_VISIBLE_TO=owner a key interrupts only
+    its own jobs: another key's answers 404 ``failed``, as an unknown id does.
     """
-    ok = await lifecycle.pipeline.interrupt(data.id)
+    key = caller_of(request.scope)
+    owner_only = lifecycle.pipeline.settings.jobs_visible_to == "owner"
+    ok = (not owner_only or key is None or lifecycle.owner_of(data.id) == key.name) and (
+        await lifecycle.pipeline.interrupt(data.id)
+    )
     return Response(
         InterruptResponse(id=data.id, interrupted="success" if ok else "failed"),
         status_code=200 if ok else 404,

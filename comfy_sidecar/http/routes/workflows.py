@@ -13,10 +13,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from litestar import Response, post
+from litestar import Request, Response, post
 from litestar.di import NamedDependency
 from litestar.handlers import HTTPRouteHandler
 
+from comfy_sidecar.http.auth import caller_of
 from comfy_sidecar.http.routes.prompt import RESULT_RESPONSES, respond
 from comfy_sidecar.jobs.lifecycle import JobLifecycle
 
@@ -41,18 +42,22 @@ def workflow_route(workflow: Workflow, markdown: bool) -> HTTPRouteHandler:
         data: Any,
         lifecycle: NamedDependency[JobLifecycle],
         workflow_host: NamedDependency[WorkflowHost],
+        request: Request[Any, Any, Any],
     ) -> Response[Any]:
         lifecycle.admit_check()
         warmup_checkpoint = prompt_checkpoint(workflow_host.warmup_prompt())
         ctx = WorkflowContext(workflow_host.get_json, warmup_checkpoint=warmup_checkpoint)
-        request, input_ = await workflow.prepare(data, ctx)  # WorkflowError: answered by app.py
-        delivered = await lifecycle.answer(request, msgspec.to_builtins(input_))
+        prompt, input_ = await workflow.prepare(data, ctx)  # WorkflowError: answered by app.py
+        delivered = await lifecycle.answer(
+            prompt, msgspec.to_builtins(input_), key=caller_of(request.scope)
+        )
         return respond(delivered)
 
     handler.__annotations__ = {
         "data": workflow.body_type,
         "lifecycle": NamedDependency[JobLifecycle],
         "workflow_host": NamedDependency[WorkflowHost],
+        "request": Request[Any, Any, Any],
         "return": Response[Any],
     }
     handler.__name__ = "workflow_" + workflow.name.replace("/", "_").replace(".", "_").replace(

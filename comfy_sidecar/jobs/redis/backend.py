@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import msgspec
 from redis.exceptions import RedisError
 
+from comfy_sidecar.config.keys import KeyPolicy
 from comfy_sidecar.errors import Conflict, Interrupted, OutputsTooLarge, Unavailable
 from comfy_sidecar.jobs.backend import Spawn
 from comfy_sidecar.jobs.lifecycle import JobLifecycle
@@ -45,6 +46,7 @@ from comfy_sidecar.jobs.model import (
     now_ms,
 )
 from comfy_sidecar.jobs.record import JobRecord
+from comfy_sidecar.jobs.redis.quotas import RedisQuotas
 from comfy_sidecar.jobs.redis.store import Claim, Loaded, RedisJobs, RedisOutput
 from comfy_sidecar.jobs.spec import AfterEnd, JobSpec
 from comfy_sidecar.pipeline.run import JobResult
@@ -100,7 +102,8 @@ class RedisBackend:
     """The job API over Redis (a :class:`~comfy_sidecar.jobs.backend.JobBackend`); see the
     module docstring. ``check`` refuses a bad submission, ``slots`` says when to claim,
     ``inline_mb`` is JOB_INLINE_OUTPUT_MB and ``spill_to(job_id)`` the upload block under
-    JOB_OUTPUT_URL (None when it is not set)."""
+    JOB_OUTPUT_URL (None when it is not set); ``quotas`` (the lifecycle's, in Redis) has the
+    places of the jobs running here renewed with the lease heartbeat."""
 
     def __init__(
         self,
@@ -111,15 +114,17 @@ class RedisBackend:
         *,
         inline_mb: float,
         spill_to: Callable[[str], Any] | None = None,
+        quotas: RedisQuotas | None = None,
     ) -> None:
         self.jobs = jobs
+        self.quotas = quotas
         self.lifecycle = lifecycle
         self.slots = slots
         self.check = check
         self.inline_mb = inline_mb
         self.inline_bytes = int(inline_mb * 1024 * 1024)
         self.spill_to = spill_to
-        self.held: dict[str, Claim] = {}  # entry id -> claim
+        self.held: dict[str, Claim] = {}  # claim name (stream and entry) -> claim
         self.running: set[str] = set()  # job ids
         self.releasing: set[str] = set()  # job ids given back unstarted at SIGTERM
         self._lost: set[str] = set()  # held entries whose lease another replica took
@@ -128,6 +133,7 @@ class RedisBackend:
         self._idle = asyncio.Event()  # set while no claim is held
         self._idle.set()
         self._room = asyncio.Event()
+        self._work = asyncio.Event()  # a job was submitted or given back somewhere
         self._spawn: Spawn = asyncio.ensure_future
         slots.when_freed(self.poke)
 
@@ -140,12 +146,18 @@ class RedisBackend:
 
     async def submit(self, spec: JobSpec) -> JobView:
         """Check the job without side effects (unless its id is kept: a resubmission or a
-        409), store it and append it to the work stream. Raises :class:`Conflict` for a kept
-        id with another body."""
-        self.lifecycle.admit(spec.request, runs_here=False)
+        409), admit it under its API key's quotas (counted in Redis, released by whichever
+        replica ends it), store it and append it to the work stream of its priority. Raises
+        :class:`Conflict` for a kept id with another body."""
         await self.lifecycle.check_after(spec)
+        admission = None
         if await guarded(self.jobs.get(spec.id)) is None:
-            await self.check(spec.request)
+            admission = await self.lifecycle.admit(spec.request, key=spec.key, runs_here=False)
+            try:
+                await self.check(spec.request)
+            except BaseException:
+                self.lifecycle.undo(admission)
+                raise
         view = JobView(
             id=spec.id,
             status=JobStatus.PENDING,
@@ -154,10 +166,21 @@ class RedisBackend:
             urls=job_links(spec.id),
             attempts=[],
         )
+        if spec.owner is not None:
+            view.owner = spec.owner
         after = None if spec.after is None else msgspec.json.encode(spec.after)
+        key = None if spec.key is None else msgspec.json.encode(spec.key)
+        created = False
         try:
-            stored, _ = await guarded(
-                self.jobs.enqueue(view, msgspec.json.encode(spec.request), spec.fingerprint, after)
+            stored, created = await guarded(
+                self.jobs.enqueue(
+                    view,
+                    msgspec.json.encode(spec.request),
+                    spec.fingerprint,
+                    after,
+                    key,
+                    spec.priority,
+                )
             )
         except DifferentBody:
             raise Conflict(
@@ -165,6 +188,9 @@ class RedisBackend:
                 location="id",
                 id=spec.id,
             ) from None
+        finally:
+            if admission is not None and not created:  # refused, or kept already
+                self.lifecycle.undo(admission)
         return stored
 
     async def get(self, job_id: str) -> JobView | None:
@@ -212,13 +238,8 @@ class RedisBackend:
             return False, view
         if view.status is JobStatus.PENDING:
             error = Interrupted("the job was cancelled before it ran", id=job_id)
-            raw = await guarded(self.jobs.request(job_id))
-            after = await guarded(self.jobs.after(job_id))
-            spec = JobSpec(
-                request=msgspec.json.decode(raw or b'{"prompt": {}}', type=PromptRequest),
-                endpoint=view.endpoint,
-                after=None if after is None else msgspec.json.decode(after, type=AfterEnd),
-            )
+            loaded = await guarded(self.jobs.load(job_id))
+            spec = _spec_of(loaded, view.endpoint)
             attempt = _End(self, job_id, cancel=True)
             record = _record_of(view)
             await self.lifecycle.end_failed(spec, record, error, attempt)
@@ -229,10 +250,10 @@ class RedisBackend:
         return final.status is JobStatus.CANCELLED, final
 
     async def page(
-        self, status: JobStatus | None, limit: int, cursor: int | None
+        self, status: JobStatus | None, limit: int, cursor: int | None, owner: str | None = None
     ) -> tuple[list[JobView], int | None]:
-        """A page of every replica's jobs, newest first."""
-        return await guarded(self.jobs.page(status, limit, cursor))
+        """A page of every replica's jobs, newest first (``owner``'s only, when given)."""
+        return await guarded(self.jobs.page(status, limit, cursor, owner))
 
     async def waiting(self) -> int:
         """Jobs in the shared stream claimed by no replica yet."""
@@ -263,14 +284,15 @@ class RedisBackend:
         self._spawn = spawn
         spawn(self._claim_loop())
         spawn(self._heartbeat())
-        spawn(self._cancels())
+        spawn(self._notices())
 
     def poke(self) -> None:
         """A slot may have come free: look for a job to claim now."""
         self._room.set()
 
     async def _claim_loop(self) -> None:
-        """Claim jobs until :meth:`stop`; never raises (Redis errors are retried)."""
+        """Claim jobs until :meth:`stop`; never raises (Redis errors are retried). With no job
+        to claim, waits for word of one (:meth:`_notices`) or at most a second."""
         grouped = False
         while not self.stopping:
             if not self.slots.room(len(self.held)):
@@ -282,19 +304,23 @@ class RedisBackend:
                 if not grouped:
                     await self.jobs.ensure_group()
                     grouped = True
-                claim = await self.jobs.claim(1.0)
+                self._work.clear()
+                claim = await self.jobs.claim()
                 self._problem = None
             except (RedisError, OSError) as exc:
                 self._down(exc)
                 await asyncio.sleep(RETRY_S)
                 continue
-            if claim is not None:
-                if self.stopping:
-                    await self._retry(functools.partial(self.jobs.release, claim.entry))
-                    return
-                self.held[claim.entry] = claim
-                self._idle.clear()
-                self._spawn(self._attempt(claim))
+            if claim is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._work.wait(), 1.0)
+                continue
+            if self.stopping:
+                await self._retry(functools.partial(self.jobs.release, claim))
+                return
+            self.held[claim.name] = claim
+            self._idle.clear()
+            self._spawn(self._attempt(claim))
 
     async def stop(self) -> None:
         """Claim nothing more (SIGTERM). Jobs already executing go on; those claimed but not
@@ -340,18 +366,21 @@ class RedisBackend:
             return result
 
     async def _heartbeat(self) -> None:
+        """Renew the leases of the jobs held here, and the quota places of the jobs running
+        here, every third of a lease."""
         interval = max(0.1, self.jobs.lease_s / 3)
         while True:
             await asyncio.sleep(interval)
             try:
-                lost = await self.jobs.heartbeat(list(self.held))
+                lost = await self.jobs.heartbeat(list(self.held.values()))
+                if self.quotas is not None:
+                    await self.quotas.refresh()
             except (RedisError, OSError) as exc:
                 self._down(exc)
                 continue
-            for entry in lost:
-                claim = self.held.get(entry)
-                if claim is not None and entry not in self._lost:
-                    self._lost.add(entry)
+            for claim in lost:
+                if claim.name in self.held and claim.name not in self._lost:
+                    self._lost.add(claim.name)
                     log.warning(
                         "job %s: lease lost (another replica took it over); this run goes on "
                         "but ends the job only if it finishes first",
@@ -359,11 +388,14 @@ class RedisBackend:
                     )
             self._lost &= set(self.held)
 
-    async def _cancels(self) -> None:
+    async def _notices(self) -> None:
+        """Obey cancels of the jobs running here; claim when a job was submitted."""
         while True:
             try:
-                async for job_id in self.jobs.cancels():
-                    if job_id in self.running:
+                async for job_id in self.jobs.notices():
+                    if job_id is None:
+                        self._work.set()
+                    elif job_id in self.running:
                         await self.lifecycle.pipeline.interrupt(job_id)
             except (RedisError, OSError) as exc:
                 self._down(exc)
@@ -371,46 +403,40 @@ class RedisBackend:
 
     async def _attempt(self, claim: Claim) -> None:
         try:
-            ended = await self._run_claimed(claim)
+            ended, owner, began = await self._run_claimed(claim)
             if ended:
-                await self._retry(lambda: self.jobs.ack(claim.entry))
+                await self._retry(lambda: self.jobs.ack(claim))
             else:  # given back unstarted (SIGTERM): no heartbeat may renew it from here on
-                self.held.pop(claim.entry, None)
-                await self._retry(lambda: self.jobs.release(claim.entry, claim.job_id))
+                self.held.pop(claim.name, None)
+                await self._retry(lambda: self.jobs.release(claim, owner, began=began))
                 log.info("job %s: given back to the queue unstarted", claim.job_id)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("job %s: queue attempt failed", claim.job_id)
         finally:
-            self.held.pop(claim.entry, None)
+            self.held.pop(claim.name, None)
             self.releasing.discard(claim.job_id)
             if not self.held:
                 self._idle.set()
             self._room.set()
 
-    async def _run_claimed(self, claim: Claim) -> bool:
-        """Run ``claim``'s job here; False when it was given back unstarted instead."""
+    async def _run_claimed(self, claim: Claim) -> tuple[bool, str | None, bool]:
+        """Run ``claim``'s job here: (True, ...) once it ended; (False, its key's name,
+        whether an attempt was recorded) when it is to be given back unstarted instead."""
         job_id = claim.job_id
         jobs = self.jobs
         loaded: Loaded = await self._retry(lambda: jobs.load(job_id))
         if loaded.ended or loaded.request is None:
-            return True
+            return True, None, False
         stored = loaded.view
-        spec = JobSpec(
-            request=msgspec.json.decode(loaded.request, type=PromptRequest),
-            endpoint=(stored.endpoint if stored is not None else None) or "jobs",
-            fingerprint=loaded.fingerprint,
-            after=None
-            if loaded.after is None
-            else msgspec.json.decode(loaded.after, type=AfterEnd),
-        )
+        spec = _spec_of(loaded, (stored.endpoint if stored is not None else None) or "jobs")
         if len(loaded.attempts) >= jobs.max_attempts:
             await self._give_up(spec, stored, loaded.attempts)
-            return True
+            return True, spec.owner, False
         if self.stopping:
-            return False
-        attempts = await self._retry(lambda: jobs.begin_attempt(job_id))
+            return False, spec.owner, False
+        attempts = await self._retry(lambda: jobs.begin_attempt(job_id, spec.owner))
         created_ms = ms_of(stored.created_at) if stored is not None else None
         attempt = _Run(self, claim, attempts, created_ms)
         self.running.add(job_id)
@@ -421,10 +447,10 @@ class RedisBackend:
             await attempt.mirror.drained()
         self.lifecycle.store.drop(record)
         if job_id in self.releasing:
-            return False
+            return False, spec.owner, True
         if attempt.lost:
             log.warning("job %s: ended by another replica first; this run is discarded", job_id)
-        return True
+        return True, spec.owner, True
 
     async def _give_up(
         self, spec: JobSpec, stored: JobView | None, attempts: list[dict[str, Any]]
@@ -461,12 +487,25 @@ class RedisBackend:
         return "JOB_OUTPUT_URL", self.spill_to(result.job.id)
 
 
+def _spec_of(loaded: Loaded, endpoint: str) -> JobSpec:
+    """The :class:`JobSpec` of a job kept in Redis (as its submitter made it)."""
+    return JobSpec(
+        request=msgspec.json.decode(loaded.request or b'{"prompt": {}}', type=PromptRequest),
+        endpoint=endpoint,
+        fingerprint=loaded.fingerprint,
+        after=None if loaded.after is None else msgspec.json.decode(loaded.after, type=AfterEnd),
+        key=None if loaded.key is None else msgspec.json.decode(loaded.key, type=KeyPolicy),
+    )
+
+
 def _record_of(view: JobView | None, job_id: str = "", endpoint: str = "jobs") -> JobRecord:
     """A record standing in for a job kept in Redis that no replica runs (to end it through
-    the lifecycle): its id, endpoint, submission time, replica and attempts."""
+    the lifecycle): its id, endpoint, owner, submission time, replica and attempts."""
     if view is None:
         return JobRecord(id=job_id, endpoint=endpoint)
     record = JobRecord(id=view.id, endpoint=view.endpoint)
+    if isinstance(view.owner, str):
+        record.owner = view.owner
     record.created_ms = ms_of(view.created_at) or record.created_ms
     if isinstance(view.attempts, list):
         record.attempts = view.attempts

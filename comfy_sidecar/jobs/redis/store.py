@@ -2,14 +2,26 @@
 
 Keys (``P`` = :data:`PREFIX`):
 
-- ``P:jobs``: the work stream, one entry ``{id}`` per submitted job, read by the consumer group
-  ``P:workers`` (XREADGROUP); an entry stays pending until the replica that ran it ACKs it.
-  A replica heartbeats the entries it holds (XCLAIM to itself, which resets their idle time);
-  one idle longer than ``lease_s`` is taken over by another replica (XAUTOCLAIM).
+- ``P:jobs``: the work stream of priority 0, one entry ``{id}`` per submitted job, read by the
+  consumer group ``P:workers`` (XREADGROUP); an entry stays pending until the replica that ran
+  it ACKs it. A replica heartbeats the entries it holds (XCLAIM to itself, which resets their
+  idle time); one idle longer than ``lease_s`` is taken over by another replica (XAUTOCLAIM).
+- ``P:jobs:p{n}``: the work stream of the jobs of priority ``n`` (an API key's, see
+  :mod:`comfy_sidecar.config.keys`), with the same group; one stream per priority level in use
+  (a bounded set: the configured keys' priorities).
+- ``P:levels``: a sorted set of the work streams, scored by their priority. A claim
+  (:data:`CLAIM`) takes the first job a silent replica held, else the oldest entry of the
+  highest-priority stream that has one, in one script: higher priority first, FIFO within one.
+  A submission publishes on ``P:submitted`` so idle replicas claim at once.
 - ``P:job:{id}``: a hash: ``view`` (the ``GET /jobs/{id}`` body, JSON), ``request`` (the
   ``/prompt`` body, JSON), ``fingerprint``, ``attempts`` (JSON list of ``{replica, started_at}``),
-  ``seq`` (the last event id), ``entry`` (its work-stream entry id: its queue position),
-  ``after`` (a job adapter's after-end action, JSON: see :class:`comfy_sidecar.jobs.spec.AfterEnd`).
+  ``seq`` (the last event id), ``entry`` and ``stream`` (its work-stream entry: its queue
+  position), ``after`` (a job adapter's after-end action, JSON: see
+  :class:`comfy_sidecar.jobs.spec.AfterEnd`), ``key`` (the policy of the API key that submitted
+  it, JSON: :class:`comfy_sidecar.config.keys.KeyPolicy`; never the key).
+- ``P:quota:{name}:active``, ``P:quota:{name}:waiting``, ``P:quota:{name}:window``: API key
+  ``name``'s quota counters (:mod:`comfy_sidecar.jobs.redis.quotas`): its jobs admitted and not
+  ended, those not yet claimed, and its admissions of the last minute.
 - ``P:events:{id}``: the job's event stream (XADD with MAXLEN; entries ``{n, type, data}``, ``n``
   the SSE id). Chosen over pub/sub + a list because one stream both replays from
   ``Last-Event-ID`` and blocks for the next event (XREAD BLOCK), on every replica, and survives
@@ -42,12 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from comfy_sidecar.jobs.model import (
     DifferentBody,
@@ -58,6 +65,7 @@ from comfy_sidecar.jobs.model import (
     iso,
     now_ms,
 )
+from comfy_sidecar.net.redisconn import connect
 
 log = logging.getLogger("comfy_sidecar.jobs.redis")
 
@@ -67,6 +75,9 @@ GROUP = f"{PREFIX}:workers"
 INDEX = f"{PREFIX}:index"
 ORDER = f"{PREFIX}:order"
 CANCEL = f"{PREFIX}:cancel"
+LEVELS = f"{PREFIX}:levels"
+#: Published on by every submission (and every job given back): idle replicas claim then.
+SUBMITTED = f"{PREFIX}:submitted"
 #: Most events kept per job (approximate trimming).
 EVENTS_MAX = 10_000
 
@@ -99,27 +110,142 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
 return 0
 """
 
-#: KEYS job hash, index, order counter, event stream, work stream; ARGV id, view, request,
-#: events' MAXLEN, the first status event's data, its after-end action (``''``: none). Stores
-#: a new job, its first event and its work-stream entry together.
+#: KEYS job hash, index, order counter, event stream, work stream (its priority's), levels;
+#: ARGV id, view, request, events' MAXLEN, the first status event's data, its after-end action
+#: (``''``: none), its key policy (JSON, ``''``: none), its priority, the group, the channel to
+#: publish on. Stores a new job, its first event and its work-stream entry together (the
+#: stream and its group made on first use, and listed in the levels).
 CREATE = """
 local order = redis.call('INCR', KEYS[3])
 redis.call('HSET', KEYS[1], 'view', ARGV[2], 'request', ARGV[3], 'attempts', '[]')
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], 'after', ARGV[6])
 end
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[1], 'key', ARGV[7])
+end
 redis.call('ZADD', KEYS[2], order, ARGV[1])
 local n = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*',
            'n', n, 'type', 'status', 'data', ARGV[5])
+if redis.call('EXISTS', KEYS[5]) == 0 then
+  redis.call('XGROUP', 'CREATE', KEYS[5], ARGV[9], '0', 'MKSTREAM')
+end
+redis.call('ZADD', KEYS[6], ARGV[8], KEYS[5])
 local entry = redis.call('XADD', KEYS[5], '*', 'id', ARGV[1])
-redis.call('HSET', KEYS[1], 'entry', entry)
+redis.call('HSET', KEYS[1], 'entry', entry, 'stream', KEYS[5])
+redis.call('PUBLISH', ARGV[10], '1')
 return entry
 """
 
-#: KEYS job hash; ARGV the attempt (JSON). Appends it to the ``attempts`` list (kept as
-#: written: spliced, not re-encoded); returns the list (JSON).
+#: KEYS an API key's active and waiting sets; ARGV a job's member. The job (still admitted)
+#: waits again: given back unstarted.
+REWAIT = """
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if expiry then redis.call('ZADD', KEYS[2], expiry, ARGV[1]) end
+"""
+
+#: Stream ids compared as numbers (``ms-seq``), the last id a group handed out, and the
+#: entries of a stream after it (handed to no replica yet), as Lua helpers.
+STREAM_HELPERS = """
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local function last_delivered(stream, group)
+  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', stream)
+  if not ok then return nil end
+  for _, info in ipairs(groups) do
+    local name, last = nil, nil
+    for i = 1, #info, 2 do
+      if info[i] == 'name' then name = info[i + 1] end
+      if info[i] == 'last-delivered-id' then last = info[i + 1] end
+    end
+    if name == group then return last end
+  end
+  return nil
+end
+local function undelivered(stream, group, upto, most)
+  local last = last_delivered(stream, group)
+  if not last then return 0 end
+  if upto and not before(last, upto) then return -1 end
+  local top = upto and ('(' .. upto) or '+'
+  return #redis.call('XRANGE', stream, '(' .. last, top, 'COUNT', most)
+end
+"""
+
+#: KEYS job hash, levels; ARGV the group, the most entries counted, the priority-0 stream.
+#: How many jobs wait ahead of the job (those of higher priority, and those of its own before
+#: it), -1 once a replica has claimed it (or it is in no stream). One snapshot: atomic.
+POSITION = (
+    STREAM_HELPERS
+    + """
+local entry = redis.call('HGET', KEYS[1], 'entry')
+if not entry then return -1 end
+local stream = redis.call('HGET', KEYS[1], 'stream') or ARGV[3]
+local ahead = undelivered(stream, ARGV[1], entry, tonumber(ARGV[2]))
+if ahead < 0 then return -1 end
+local priority = redis.call('ZSCORE', KEYS[2], stream) or '0'
+for _, other in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. priority, '+inf')) do
+  ahead = ahead + undelivered(other, ARGV[1], nil, tonumber(ARGV[2]))
+end
+return ahead
+"""
+)
+
+#: KEYS levels; ARGV the group, the most entries counted per stream. Jobs no replica has
+#: claimed yet, in every stream.
+WAITING = (
+    STREAM_HELPERS
+    + """
+local count = 0
+for _, stream in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  count = count + undelivered(stream, ARGV[1], nil, tonumber(ARGV[2]))
+end
+return count
+"""
+)
+
+#: KEYS levels; ARGV the group, this replica (the consumer), the lease in ms. One job for this
+#: replica: the first whose holder stopped heartbeating for the lease (XAUTOCLAIM), else the
+#: next entry of the highest-priority stream that has one (XREADGROUP, not blocking). Returns
+#: ``{stream, entry, job id, deliveries}`` or nil. Entries a take-over finds trimmed away are
+#: acknowledged.
+CLAIM = """
+local streams = redis.call('ZREVRANGE', KEYS[1], 0, -1)
+for _, stream in ipairs(streams) do
+  local found = redis.call('XAUTOCLAIM', stream, ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', 1)
+  for _, item in ipairs(found[2]) do
+    local fields = item[2]
+    if type(fields) == 'table' and #fields >= 2 then
+      local detail = redis.call('XPENDING', stream, ARGV[1], item[1], item[1], 1)
+      local times = 1
+      if detail[1] then times = detail[1][4] end
+      return {stream, item[1], fields[2], times}
+    end
+    redis.call('XACK', stream, ARGV[1], item[1])
+  end
+end
+for _, stream in ipairs(streams) do
+  local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', 1,
+                         'STREAMS', stream, '>')
+  if got and got[1] and got[1][2][1] then
+    local item = got[1][2][1]
+    return {stream, item[1], item[2][2], 1}
+  end
+end
+return nil
+"""
+
+#: KEYS job hash, its key's waiting set; ARGV the attempt (JSON), the job's member in that set
+#: (``''``: none). Appends the attempt to the ``attempts`` list (kept as written: spliced, not
+#: re-encoded) and takes the job out of the waiting set; returns the list (JSON).
 BEGIN_ATTEMPT = """
+if ARGV[2] ~= '' then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+end
 local raw = redis.call('HGET', KEYS[1], 'attempts')
 local out
 if not raw or string.match(raw, '^%s*%[%s*%]%s*$') or raw == '' then
@@ -132,11 +258,19 @@ return out
 """
 
 
-def _stream_id(raw: bytes | str) -> tuple[int, int]:
-    """A stream entry id (``ms-seq``) as a comparable pair."""
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
+def stream_of(priority: int) -> str:
+    """The work stream of the jobs of ``priority``: :data:`WORK` for 0, ``WORK:p<n>`` else."""
+    return WORK if priority == 0 else f"{WORK}:p{priority}"
+
+
+def quota_key(name: str, kind: str) -> str:
+    """API key ``name``'s quota counter ``kind``: ``active``, ``waiting`` or ``window``."""
+    return f"{PREFIX}:quota:{name}:{kind}"
+
+
+def quota_member(job_id: str) -> str:
+    """A shared-queue job's member in its key's ``active`` and ``waiting`` sets."""
+    return f"job:{job_id}"
 
 
 def job_key(job_id: str) -> str:
@@ -172,7 +306,8 @@ CHUNK = 1024 * 1024
 class Loaded:
     """What a replica reads of a job it claimed: ``ended`` (it has ended, or is not kept:
     then the rest is None / empty), its ``/prompt`` ``request`` (JSON), its ``attempts``,
-    its ``view``, its adapter's ``after``-end action (JSON) and its ``fingerprint``."""
+    its ``view``, its adapter's ``after``-end action (JSON), its ``fingerprint`` and its API
+    ``key``'s policy (JSON)."""
 
     ended: bool
     request: bytes | None
@@ -180,6 +315,7 @@ class Loaded:
     view: JobView | None
     after: bytes | None
     fingerprint: bytes
+    key: bytes | None = None
 
 
 @dataclass
@@ -212,12 +348,19 @@ class RedisOutput:
 
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """One work-stream entry this replica holds: ``entry`` (the stream id), the job's id, and
-    ``deliveries`` (how many times the entry has been handed out, this one included)."""
+    """One work-stream entry this replica holds: ``stream`` (its priority's work stream),
+    ``entry`` (the stream id), the job's id, and ``deliveries`` (how many times the entry has
+    been handed out, this one included)."""
 
+    stream: str
     entry: str
     job_id: str
     deliveries: int
+
+    @property
+    def name(self) -> str:
+        """The entry's name, unique across the streams: ``<stream> <entry>``."""
+        return f"{self.stream} {self.entry}"
 
 
 class RedisJobs:
@@ -227,21 +370,15 @@ class RedisJobs:
     def __init__(
         self, url: str, replica: str, *, retention_s: float, lease_s: float, max_attempts: int
     ) -> None:
-        # Any: redis-py's reply types are unions over RESP2/RESP3 that every call narrows.
-        # A pooled connection that Redis closed (a restart) is retried on a new one.
-        self.redis: Any = aioredis.Redis.from_url(
-            url,
-            socket_timeout=None,
-            socket_connect_timeout=5,
-            health_check_interval=10,
-            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        )
+        self.redis: Any = connect(url)
         self.replica = replica
         self._emit = self.redis.register_script(EMIT)
         self._take_end = self.redis.register_script(TAKE_END)
         self._create = self.redis.register_script(CREATE)
         self._begin_attempt = self.redis.register_script(BEGIN_ATTEMPT)
+        self._claim = self.redis.register_script(CLAIM)
+        self._position = self.redis.register_script(POSITION)
+        self._waiting = self.redis.register_script(WAITING)
         self.retention_s = retention_s
         self.lease_s = lease_s
         self.max_attempts = max_attempts
@@ -251,12 +388,14 @@ class RedisJobs:
         return max(1, int(self.retention_s))
 
     async def ensure_group(self) -> None:
-        """Create the work stream and its consumer group when missing."""
+        """Create the priority-0 work stream and its consumer group when missing (the other
+        priorities' streams are made by their first job), and list it in the levels."""
         try:
             await self.redis.xgroup_create(WORK, GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+        await self.redis.zadd(LEVELS, {WORK: 0})
 
     async def ping(self) -> bool:
         """True when Redis answers (never raises)."""
@@ -277,23 +416,25 @@ class RedisJobs:
         request: bytes,
         fingerprint: bytes,
         after: bytes | None = None,
+        key: bytes | None = None,
+        priority: int = 0,
     ) -> tuple[JobView, bool]:
         """Store a new job (``view`` its first body, ``request`` its ``/prompt`` JSON,
-        ``after`` its adapter's after-end action) and append it to the work stream; returns
-        (the stored view, created). An id already kept
-        with the same ``fingerprint`` returns that job (created False); another fingerprint
-        raises :class:`~comfy_sidecar.jobs.model.DifferentBody`."""
+        ``after`` its adapter's after-end action, ``key`` its API key's policy) and append it
+        to the work stream of its ``priority``; returns (the stored view, created). An id
+        already kept with the same ``fingerprint`` returns that job (created False); another
+        fingerprint raises :class:`~comfy_sidecar.jobs.model.DifferentBody`."""
         job_id = view.id
-        key = job_key(job_id)
-        if not await self.redis.hsetnx(key, "fingerprint", fingerprint):
-            kept = await self.redis.hget(key, "fingerprint")
+        job_hash = job_key(job_id)
+        if not await self.redis.hsetnx(job_hash, "fingerprint", fingerprint):
+            kept = await self.redis.hget(job_hash, "fingerprint")
             if kept != fingerprint or not fingerprint:
                 raise DifferentBody(job_id)
             existing = await self.get(job_id)
             if existing is not None:
                 return existing, False
         await self._create(
-            keys=[key, INDEX, ORDER, events_key(job_id), WORK],
+            keys=[job_hash, INDEX, ORDER, events_key(job_id), stream_of(priority), LEVELS],
             args=[
                 job_id,
                 msgspec.json.encode(view),
@@ -301,61 +442,42 @@ class RedisJobs:
                 EVENTS_MAX,
                 msgspec.json.encode({"status": view.status}),
                 after or b"",
+                key or b"",
+                priority,
+                GROUP,
+                SUBMITTED,
             ],
         )
         return view, True
 
     async def position(self, job_id: str) -> int | None:
-        """How many jobs wait in the work stream ahead of job ``job_id`` (0: it is next), or
-        None once a replica has claimed it (or it is not in the stream). Counts the entries
-        between the group's last delivered one and the job's (XRANGE, at most
-        :data:`POSITION_MAX`)."""
-        entry: bytes | None = await self.redis.hget(job_key(job_id), "entry")
-        if entry is None:
-            return None
-        last = await self._last_delivered()
-        if _stream_id(entry) <= _stream_id(last):
-            return None
-        ahead = await self.redis.xrange(WORK, min=b"(" + last, max=b"(" + entry, count=POSITION_MAX)
-        return len(ahead)
+        """How many jobs wait ahead of job ``job_id`` (0: it is next): those of higher
+        priority, then those of its own submitted before it; None once a replica has claimed
+        it (or it is not in a stream). Counted in one script (:data:`POSITION`: one snapshot),
+        at most :data:`POSITION_MAX` per stream."""
+        ahead = int(
+            await self._position(keys=[job_key(job_id), LEVELS], args=[GROUP, POSITION_MAX, WORK])
+        )
+        return None if ahead < 0 else ahead
 
     async def waiting(self) -> int:
-        """How many jobs wait in the work stream, not yet claimed by any replica (the entries
-        after the group's last delivered one, counted with XRANGE, at most
-        :data:`POSITION_MAX`; 0 before the stream exists)."""
-        try:
-            last = await self._last_delivered()
-        except ResponseError:  # no stream yet: no replica has started
-            return 0
-        ahead = await self.redis.xrange(WORK, min=b"(" + last, max="+", count=POSITION_MAX)
-        return len(ahead)
-
-    async def _last_delivered(self) -> bytes:
-        """The id of the work-stream entry last handed to a replica (``0-0``: none yet)."""
-        last: bytes = b"0-0"
-        for group in await self.redis.xinfo_groups(WORK):
-            if group["name"] in (GROUP, GROUP.encode()):
-                last = group["last-delivered-id"]
-        return last
+        """How many jobs wait in the work streams, not yet claimed by any replica (0 before
+        any stream exists)."""
+        return int(await self._waiting(keys=[LEVELS], args=[GROUP, POSITION_MAX]))
 
     async def get(self, job_id: str) -> JobView | None:
         """Job ``job_id``'s view, or None when it is not kept."""
         raw = await self.redis.hget(job_key(job_id), "view")
         return None if raw is None else decode_view(raw)
 
-    async def request(self, job_id: str) -> bytes | None:
-        """Job ``job_id``'s ``/prompt`` body (JSON), or None."""
-        raw: bytes | None = await self.redis.hget(job_key(job_id), "request")
-        return raw
-
     async def load(self, job_id: str) -> Loaded:
         """What a replica reads of job ``job_id`` when it claims it, in one round trip (see
         :class:`Loaded`)."""
-        fields = ["request", "attempts", "view", "after", "fingerprint"]
+        fields = ["request", "attempts", "view", "after", "fingerprint", "key"]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(done_key(job_id))
             pipe.hmget(job_key(job_id), fields)
-            done, (request, attempts, view, after, fingerprint) = await pipe.execute()
+            done, (request, attempts, view, after, fingerprint, key) = await pipe.execute()
         return Loaded(
             ended=bool(done) or (request is None and view is None),
             request=request,
@@ -363,13 +485,8 @@ class RedisJobs:
             view=decode_view(view) if view is not None else None,
             after=after or None,
             fingerprint=fingerprint or b"",
+            key=key or None,
         )
-
-    async def after(self, job_id: str) -> bytes | None:
-        """Job ``job_id``'s after-end action (JSON, see
-        :class:`comfy_sidecar.jobs.spec.AfterEnd`), or None when its adapter stored none."""
-        raw: bytes | None = await self.redis.hget(job_key(job_id), "after")
-        return raw
 
     async def attempts(self, job_id: str) -> list[dict[str, Any]]:
         """Job ``job_id``'s attempts so far: ``[{replica, started_at}]``."""
@@ -377,10 +494,16 @@ class RedisJobs:
         found: list[dict[str, Any]] = msgspec.json.decode(raw) if raw else []
         return found
 
-    async def begin_attempt(self, job_id: str) -> list[dict[str, Any]]:
-        """Record that this replica starts a run of ``job_id``; returns every attempt."""
+    async def begin_attempt(self, job_id: str, owner: str | None = None) -> list[dict[str, Any]]:
+        """Record that this replica starts a run of ``job_id`` (no longer waiting: it leaves
+        the ``max_queue`` count of its API key, named ``owner``); returns every attempt."""
         attempt = {"replica": self.replica, "started_at": iso(now_ms())}
-        raw = await self._begin_attempt(keys=[job_key(job_id)], args=[msgspec.json.encode(attempt)])
+        # Without an owner the script touches no second key: the job's hash stands in.
+        waiting = quota_key(owner, "waiting") if owner is not None else job_key(job_id)
+        raw = await self._begin_attempt(
+            keys=[job_key(job_id), waiting],
+            args=[msgspec.json.encode(attempt), quota_member(job_id) if owner else ""],
+        )
         found: list[dict[str, Any]] = msgspec.json.decode(raw)
         return found
 
@@ -426,12 +549,16 @@ class RedisJobs:
         fresh claim is tried) writes it and returns True; everyone else writes nothing and
         returns False. Every key of the job then expires after the retention. Each output is
         streamed in (SET, then APPEND of :data:`CHUNK` bytes at a time: never read whole),
-        then one transaction writes the body, the ``done`` event and the expiries."""
+        then one transaction writes the body, the ``done`` event and the expiries, and gives
+        the job's places in its API key's quotas back."""
         if not await self.take_end(job_id, token or f"{self.replica}:{uuid.uuid4().hex}"):
             return False
         for index, path in enumerate(outputs):
             await self._write_output(output_key(job_id, index), path)
         async with self.redis.pipeline(transaction=True) as pipe:
+            if isinstance(view.owner, str):  # its places in its key's quotas, given back
+                pipe.zrem(quota_key(view.owner, "active"), quota_member(job_id))
+                pipe.zrem(quota_key(view.owner, "waiting"), quota_member(job_id))
             pipe.hset(job_key(job_id), "view", msgspec.json.encode(view))
             pipe.expire(done_key(job_id), self._ttl)
             # EVAL, not EVALSHA: a script in a pipeline costs redis-py a SCRIPT EXISTS first.
@@ -475,10 +602,11 @@ class RedisJobs:
         return RedisOutput(self.redis, key, size)
 
     async def page(
-        self, status: JobStatus | None, limit: int, cursor: int | None
+        self, status: JobStatus | None, limit: int, cursor: int | None, owner: str | None = None
     ) -> tuple[list[JobView], int | None]:
-        """Newest first: up to ``limit`` job bodies (with ``status``, when given) submitted
-        before ``cursor`` (a submission number from a previous page); (bodies, next cursor)."""
+        """Newest first: up to ``limit`` job bodies (with ``status``, and submitted with the
+        API key named ``owner``, when given) submitted before ``cursor`` (a submission number
+        from a previous page); (bodies, next cursor)."""
         top = f"({cursor}" if cursor is not None else "+inf"
         found: list[JobView] = []
         last = None
@@ -495,7 +623,9 @@ class RedisJobs:
                 if view is None:
                     await self.redis.zrem(INDEX, job_id)
                     continue
-                if status is None or view.status is status:
+                if (status is None or view.status is status) and (
+                    owner is None or view.owner == owner
+                ):
                     found.append(view)
                     last = int(score)
                     if len(found) > limit:
@@ -583,80 +713,92 @@ class RedisJobs:
         """Ask whichever replica runs job ``job_id`` to interrupt it."""
         await self.redis.publish(CANCEL, job_id)
 
-    async def cancels(self) -> AsyncIterator[str]:
-        """Job ids whose cancel was asked on any replica (pub/sub), as they come. Raises
-        when the connection is lost (subscribe again then)."""
+    async def notices(self) -> AsyncIterator[str | None]:
+        """What other replicas announce (pub/sub), as it comes: a job id whose cancel was
+        asked, or None when a job was submitted or given back (claim now). Yields None once
+        subscribed too (anything submitted before was missed). Raises when the connection is
+        lost (subscribe again then)."""
         pubsub = self.redis.pubsub()
         try:
-            await pubsub.subscribe(CANCEL)
+            await pubsub.subscribe(CANCEL, SUBMITTED)
+            yield None
             async for message in pubsub.listen():
-                if message.get("type") == "message":
+                if message.get("type") != "message":
+                    continue
+                channel = message.get("channel")
+                if channel in (CANCEL, CANCEL.encode()):
                     yield message["data"].decode()
+                else:
+                    yield None
         finally:
             await pubsub.aclose()
 
     # --- the work stream ------------------------------------------------------------------
 
-    async def claim(self, block_s: float) -> Claim | None:
-        """One job for this replica: first one whose holder stopped heartbeating for
-        ``lease_s`` (XAUTOCLAIM), else a new one (XREADGROUP, waiting up to ``block_s``)."""
-        reclaimed = await self.redis.xautoclaim(
-            WORK, GROUP, self.replica, int(self.lease_s * 1000), "0-0", count=1
+    async def claim(self) -> Claim | None:
+        """One job for this replica, or None (never blocks; :meth:`notices` says when to try
+        again): the first one whose holder stopped heartbeating for ``lease_s``, else the next
+        of the highest-priority stream that has one (:data:`CLAIM`, one script)."""
+        found = await self._claim(
+            keys=[LEVELS], args=[GROUP, self.replica, int(self.lease_s * 1000)]
         )
-        for entry, fields in reclaimed[1]:
-            if fields:
-                return await self._with_deliveries(entry, fields)
-            await self.redis.xack(WORK, GROUP, entry)  # its entry was trimmed away
-        answer = await self.redis.xreadgroup(
-            GROUP, self.replica, {WORK: ">"}, count=1, block=max(1, int(block_s * 1000))
-        )
-        if not answer or not answer[0][1]:
+        if not found:
             return None
-        entry, fields = answer[0][1][0]
-        return Claim(entry.decode(), fields[b"id"].decode(), 1)
+        stream, entry, job_id, deliveries = found
+        return Claim(stream.decode(), entry.decode(), job_id.decode(), int(deliveries))
 
-    async def _with_deliveries(self, entry: bytes, fields: dict[bytes, bytes]) -> Claim:
-        detail = await self.redis.xpending_range(WORK, GROUP, min=entry, max=entry, count=1)
-        deliveries = int(detail[0]["times_delivered"]) if detail else 1
-        return Claim(entry.decode(), fields[b"id"].decode(), deliveries)
-
-    async def heartbeat(self, entries: list[str]) -> list[str]:
-        """Renew this replica's lease on those of ``entries`` it still holds (their idle time
+    async def heartbeat(self, claims: list[Claim]) -> list[Claim]:
+        """Renew this replica's lease on those of ``claims`` it still holds (their idle time
         restarts); returns the others: taken over by another replica after this one went
         silent past ``lease_s`` (or ended and gone). Those are not claimed back, so a replica
         that comes back from a pause does not snatch a job from the one now running it."""
-        if not entries:
+        if not claims:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
-            for entry in entries:
-                pipe.xpending_range(WORK, GROUP, min=entry, max=entry, count=1)
+            for claim in claims:
+                pipe.xpending_range(claim.stream, GROUP, min=claim.entry, max=claim.entry, count=1)
             details = await pipe.execute()
-        held: list[str] = []
-        lost: list[str] = []
-        for entry, detail in zip(entries, details, strict=True):
+        held: dict[str, list[str]] = {}
+        lost: list[Claim] = []
+        for claim, detail in zip(claims, details, strict=True):
             owner = detail[0]["consumer"] if detail else None
-            mine = owner in (self.replica, self.replica.encode())
-            (held if mine else lost).append(entry)
-        if held:
-            await self.redis.xclaim(WORK, GROUP, self.replica, 0, held, justid=True)
+            if owner in (self.replica, self.replica.encode()):
+                held.setdefault(claim.stream, []).append(claim.entry)
+            else:
+                lost.append(claim)
+        for stream, entries in held.items():
+            await self.redis.xclaim(stream, GROUP, self.replica, 0, entries, justid=True)
         return lost
 
-    async def release(self, entry: str, job_id: str | None = None) -> None:
-        """Give ``entry`` back at once (claimed, not started): its idle time is set past any
-        lease, so another replica takes it at its next claim (XAUTOCLAIM). With ``job_id``,
-        this replica's last attempt at it is struck from its attempts (it ran nothing, so
-        it is neither listed nor counted against ``max_attempts``)."""
-        if job_id is not None:
-            found = await self.attempts(job_id)
+    async def release(self, claim: Claim, owner: str | None = None, *, began: bool = False) -> None:
+        """Give ``claim``'s entry back at once (claimed, not started): its idle time is set
+        past any lease, so another replica takes it at its next claim (XAUTOCLAIM), and the
+        replicas are told. ``began``: this replica had recorded an attempt, struck from the
+        job's attempts (it ran nothing, so it is neither listed nor counted against
+        ``max_attempts``), and the job waits again in the ``max_queue`` count of its API key
+        (named ``owner``)."""
+        if began:
+            found = await self.attempts(claim.job_id)
             mine = [i for i, a in enumerate(found) if a["replica"] == self.replica]
             if mine:
                 del found[mine[-1]]
-                await self.redis.hset(job_key(job_id), "attempts", msgspec.json.encode(found))
-        await self.redis.xclaim(WORK, GROUP, self.replica, 0, [entry], idle=10**9, justid=True)
+                await self.redis.hset(job_key(claim.job_id), "attempts", msgspec.json.encode(found))
+        if began and owner is not None:
+            await self.redis.eval(
+                REWAIT,
+                2,
+                quota_key(owner, "active"),
+                quota_key(owner, "waiting"),
+                quota_member(claim.job_id),
+            )
+        await self.redis.xclaim(
+            claim.stream, GROUP, self.replica, 0, [claim.entry], idle=10**9, justid=True
+        )
+        await self.redis.publish(SUBMITTED, "1")
 
-    async def ack(self, entry: str) -> None:
-        """The job of ``entry`` has ended: drop it from the work stream."""
+    async def ack(self, claim: Claim) -> None:
+        """The job of ``claim`` has ended: drop its entry from its work stream."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xack(WORK, GROUP, entry)
-            pipe.xdel(WORK, entry)
+            pipe.xack(claim.stream, GROUP, claim.entry)
+            pipe.xdel(claim.stream, claim.entry)
             await pipe.execute()

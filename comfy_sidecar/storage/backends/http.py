@@ -163,10 +163,12 @@ class HTTPBackend:
         """The httpx client, on the SSRF guard's transport: a request goes through
         HTTP(S)_PROXY when one applies to it (its host checked first), else directly to the
         address the guard checked (see
-        :meth:`~comfy_sidecar.storage.netguard.NetGuard.transport`)."""
+        :func:`~comfy_sidecar.storage.guarded.guarded_transport`)."""
         if self._client is None:
+            from comfy_sidecar.storage.guarded import guarded_transport  # httpcore: on first use
+
             self._client = httpx.AsyncClient(
-                timeout=TIMEOUT, follow_redirects=False, transport=self._guard.transport()
+                timeout=TIMEOUT, follow_redirects=False, transport=guarded_transport(self._guard)
             )
         return self._client
 

@@ -20,6 +20,7 @@ from litestar import Router, get
 from litestar.di import NamedDependency
 
 from comfy_sidecar.comfy.health import Health as SidecarHealth
+from comfy_sidecar.http.adapters.comfy_v2.assets import ROUTES as ASSET_ROUTES
 from comfy_sidecar.http.adapters.comfy_v2.errors import exception_handlers
 from comfy_sidecar.http.adapters.comfy_v2.models import Health
 
@@ -47,7 +48,7 @@ def v2_health(probes: NamedDependency[SidecarHealth]) -> Health:
 
 #: The v2 routes that need a key when keys are set (every one but health); the jobs and
 #: assets modules add theirs here.
-ROUTES: list[Any] = []
+ROUTES: list[Any] = [*ASSET_ROUTES]
 
 
 def v2_routers() -> list[Router]:

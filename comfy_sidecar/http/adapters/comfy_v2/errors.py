@@ -28,10 +28,10 @@ from comfy_sidecar.errors import (
     internal_message,
 )
 from comfy_sidecar.http.errors import (
-    HEADERS,
     V2_CODE_BY_STATUS,
     ExceptionHandlers,
     envelope,
+    headers_of,
     http_error_body,
     status_of,
     validation_body,
@@ -58,7 +58,9 @@ class V2Error(SidecarError):
 def code_of(exc: SidecarError, status: int) -> str:
     """The v2 ``code`` of a domain error answered with ``status``: the class's own ``code``
     (the asset errors'), ``invalid_workflow`` for ComfyUI's validation failure and a caller's
-    mistake in the workflow, ``queue_full`` for a full queue, else the status's code."""
+    mistake in the workflow, ``queue_full`` for a full queue (a key past its quota:
+    :class:`~comfy_sidecar.errors.RateLimited`'s own code, ``rate_limited``), else the
+    status's code."""
     own = getattr(exc, "code", None)
     if isinstance(own, str):
         return own
@@ -87,14 +89,6 @@ def status_code(exc: SidecarError) -> int:
     return 422 if status == 400 else status
 
 
-def _headers(status: int, exc: Exception | None = None) -> dict[str, str]:
-    headers = dict(HEADERS.get(status, {}))
-    retry = getattr(exc, "retry_after_s", None)
-    if isinstance(retry, int | float) and retry > 0:
-        headers["retry-after"] = str(max(1, round(retry)))
-    return headers
-
-
 def _sidecar_error(_: Request[Any, Any, Any], exc: SidecarError) -> Response[dict[str, Any]]:
     status = status_code(exc)
     body = exc.body()
@@ -102,7 +96,7 @@ def _sidecar_error(_: Request[Any, Any, Any], exc: SidecarError) -> Response[dic
     return Response(
         envelope(code_of(exc, status), message, body),
         status_code=status,
-        headers=_headers(status, exc),
+        headers=headers_of(status, exc),
     )
 
 
@@ -112,7 +106,7 @@ def _storage_error(_: Request[Any, Any, Any], exc: StorageError) -> Response[dic
     return Response(
         envelope(V2_CODE_BY_STATUS.get(status, "error"), str(exc)),
         status_code=status,
-        headers=_headers(status),
+        headers=headers_of(status),
     )
 
 
@@ -127,8 +121,12 @@ def _validation_error(
 
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[dict[str, Any]]:
+    """A framework error on a v2 route, in the envelope; a body Litestar cannot decode (its
+    400, e.g. malformed JSON) is a caller's mistake like any other here: 422
+    ``invalid_request``."""
+    status = 422 if exc.status_code == 400 else exc.status_code
     body = http_error_body(request.url.path, exc.status_code, str(exc.detail))
-    return Response(body, status_code=exc.status_code, headers=exc.headers or {})
+    return Response(body, status_code=status, headers=exc.headers or {})
 
 
 def _internal_error(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:

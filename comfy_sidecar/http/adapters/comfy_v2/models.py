@@ -14,6 +14,8 @@ import msgspec
 
 __all__ = [
     "Asset",
+    "Error",
+    "ErrorEnvelope",
     "Health",
     "Job",
     "JobError",
@@ -137,3 +139,19 @@ class Asset(msgspec.Struct, kw_only=True, omit_defaults=True):
     created_new: bool | None = None
     expires_at: str | None = None
     job_id: str | None = None
+
+
+class Error(msgspec.Struct, kw_only=True):
+    """An error's ``code`` (``invalid_request``, ``not_found``, ``missing_asset``, ...: what
+    comfy-sdk maps to its exception classes), ``message`` and ``details`` (``location``
+    naming the field of a caller's mistake, ...)."""
+
+    code: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class ErrorEnvelope(msgspec.Struct, kw_only=True):
+    """Every error under ``/api/v2``: ``{"error": {code, message, details}}``."""
+
+    error: Error
