@@ -10,10 +10,34 @@ venv=${VENV:-.venv}
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,dev]'
+# Steps that do not depend on each other overlap (the machine has 2 cores): Azurite's npm
+# install runs beside the pip install and the checks; mypy and the other checks beside the
+# binary's build. Each one's output is printed, in this order, once it ended.
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+# started <name> <command...>: run it in the background, its output in $logs/<name>
+started() {
+  local name=$1
+  shift
+  "$@" >"$logs/$name" 2>&1 &
+  echo $! >"$logs/$name.pid"
+}
+# finished <name>: wait for it, print its output, fail as it failed
+finished() {
+  local name=$1 status=0
+  wait "$(cat "$logs/$name.pid")" || status=$?
+  cat "$logs/$name"
+  return $status
+}
 if [ ! -x node_modules/.bin/azurite-blob ]; then
-  npm install --no-save --no-audit --no-fund --silent azurite >/dev/null
+  started azurite npm install --no-save --no-audit --no-fund --silent azurite
+else
+  started azurite true
 fi
+"$venv/bin/python" -m pip install -q --disable-pip-version-check -e '.[test,dev]'
+# The sidecar's bytecode, written once (PYTHONDONTWRITEBYTECODE may be set): each subprocess
+# sidecar of the tests then imports it instead of compiling it (0.15 s of CPU a start).
+"$venv/bin/python" -m compileall -q comfy_sidecar >/dev/null
 # Debian packages some tests start as real servers, installed when missing (as root); a test
 # whose server cannot be had is skipped with the reason.
 #   need <package> "<why>" <command>...   (installed unless every command is found;
@@ -40,10 +64,22 @@ need tinyproxy "the forward-proxy tests of the SSRF guard (tests/core/test_netgu
 # (no recommends: Debian's prometheus recommends node-exporter and friends, unused here)
 APT_FLAGS=--no-install-recommends need prometheus "the alert rule and live dashboard tests (tests/deploy/test_alerts.py)" prometheus promtool
 export PATH="$PWD/$venv/bin:$PWD/node_modules/.bin:$PATH"
-echo "== ruff"; ruff check comfy_sidecar tests bench
-echo "== mypy"; mypy
-echo "== layers"; lint-imports --no-cache
-echo "== binary"; pyinstaller --noconfirm --log-level WARN build.spec >/dev/null
+checks() {
+  echo "== ruff"; ruff check comfy_sidecar tests bench
+  echo "== mypy"; mypy
+  echo "== layers"; lint-imports --no-cache
+}
+started checks checks
+started binary pyinstaller --noconfirm --log-level WARN build.spec
+finished checks
+echo "== binary"
+finished binary >/dev/null || { cat "$logs/binary"; exit 1; }
 dist/comfy-sidecar --version
+finished azurite >/dev/null || { cat "$logs/azurite"; exit 1; }
+rm -rf "$logs"
 echo "== pytest"
-exec "$venv/bin/python" -m pytest -q -rs "$@"
+# Test files run in parallel (pytest-xdist): 3 workers on 2 cores, as most tests wait on
+# sidecars, ComfyUI doubles and servers rather than compute; each file's tests in one worker
+# so its module-scoped sidecars and servers are shared; tests/conftest.py gives each worker
+# its own ports. PYTEST_WORKERS=N overrides the count.
+exec "$venv/bin/python" -m pytest -q -rs -n "${PYTEST_WORKERS:-3}" --dist loadfile "$@"

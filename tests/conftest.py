@@ -1,9 +1,29 @@
-"""Shared test harness: start the sidecar as a real process in front of a ComfyUI.
+"""Shared test harness: sidecars in front of a ComfyUI, in the test process or as processes.
 
 The ComfyUI is the double in ``tests/comfy_double.py`` (always), or a real ComfyUI when the
 ``COMFY_HOME`` environment variable points at a ComfyUI checkout with its own ``.venv``
 (``main.py`` and ``.venv/bin/python``); without it the ``real`` parametrisations are skipped
-with that reason.
+with that reason. Either way it is the instance's child process, started from ``CMD``.
+
+Which sidecar a test gets:
+
+- ``shared_sidecar`` (one per module and backend), ``running_sidecar(kind, tmp, **env)``,
+  ``spawn(backend, **env)`` and ``make_sidecar(backend, tmp, **env)`` give a sidecar that runs
+  in this process (tests/inprocess.py ``InProcessSidecar``: the sidecar's own ``serve()`` in a
+  thread, on a real loopback port, its own log file). It answers over HTTP like the process
+  does, so a test of the API reads the same either way; it costs no interpreter start.
+- A test that needs the process itself — a signal (SIGTERM drain, SIGHUP, SIGKILL), exit
+  codes, ``proc``, the time from exec, or what is process-wide (HTTP(S)_PROXY and HF_ENDPOINT
+  from the environment, the Prometheus counters) — is marked ``@pytest.mark.sidecar_process``
+  (or its module ``pytestmark = pytest.mark.sidecar_process``) and gets ``python -m
+  comfy_sidecar`` processes; ``process=True`` asks for one explicitly. A module-scoped sidecar
+  is made when the module's first test starts: mark the module, not one test.
+- Below HTTP, ``tests.inprocess.running_container(sidecar_env(backend, tmp, **env)[0])``
+  builds and runs the container in the test's own event loop (see
+  tests/core/test_layers_inprocess.py).
+
+The suite runs under pytest-xdist (scripts/test.sh): :func:`free_port` gives each worker its
+own ports; session servers (moto, Azurite, redis-server) are per worker.
 """
 
 from __future__ import annotations
@@ -41,11 +61,28 @@ REAL_REASON = (
 )
 
 
+#: Ports :func:`free_port` hands out: below Linux's ephemeral range (32768+), so outgoing
+#: connections cannot take one before the server under test binds it; each pytest-xdist
+#: worker (``PYTEST_XDIST_WORKER`` gwN of ``PYTEST_XDIST_WORKER_COUNT``) gets its own slice,
+#: so two workers never pick the same port.
+PORTS = range(20000, 32000)
+
+
+def _worker_ports() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or count <= 1:
+        return PORTS
+    index = int(worker[2:]) % count
+    size = len(PORTS) // count
+    return range(PORTS.start + index * size, PORTS.start + (index + 1) * size)
+
+
 def free_port() -> int:
-    """A port that is free now, below Linux's ephemeral range (32768+) so outgoing
-    connections cannot take it before the server under test binds it."""
+    """A port that is free now, from this worker's slice of :data:`PORTS`."""
+    ports = _worker_ports()
     while True:
-        port = random.randrange(20000, 32000)
+        port = random.randrange(ports.start, ports.stop)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
@@ -214,8 +251,47 @@ class Sidecar:
         self.client.close()
 
 
-def make_sidecar(backend: Backend, tmp: Path, **env_overrides: str) -> Sidecar:
-    """A configured (not started) sidecar in front of ``backend``."""
+#: Whether the test being set up asked for subprocess sidecars (its ``sidecar_process``
+#: marker, on it or its module), read by :func:`make_sidecar`; set before its fixtures are.
+#: Outside pytest (bench/, which measures the process) sidecars are processes.
+_PROCESS_SIDECARS = True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    global _PROCESS_SIDECARS
+    _PROCESS_SIDECARS = item.get_closest_marker("sidecar_process") is not None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Test files with subprocess sidecars first, each file's tests in their order: they are
+    the longest (signals, leases, restarts), and pytest-xdist hands files out in this order,
+    so none is left running alone at the end."""
+    slow = {item.path for item in items if item.get_closest_marker("sidecar_process")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
+def make_sidecar(
+    backend: Backend, tmp: Path, *, process: bool | None = None, **env_overrides: str
+) -> Sidecar:
+    """A configured (not started) sidecar in front of ``backend``: in this process
+    (tests/inprocess.py), or as ``python -m comfy_sidecar`` when ``process`` is true or, with
+    ``process`` None, when the test is marked ``sidecar_process`` (it signals, kills, freezes or
+    times the sidecar's process, or reads what is process-wide: proxies and the Hugging Face
+    endpoint from the environment, the Prometheus counters) or no test runs (bench/)."""
+    env, port, comfy_port = sidecar_env(backend, tmp, **env_overrides)
+    if _PROCESS_SIDECARS if process is None else process:
+        return Sidecar(backend, env, port, comfy_port, tmp / "sidecar.log")
+    from tests.inprocess import InProcessSidecar
+
+    return InProcessSidecar(backend, env, port, comfy_port, tmp / "sidecar.log")
+
+
+def sidecar_env(
+    backend: Backend, tmp: Path, **env_overrides: str
+) -> tuple[dict[str, str], int, int]:
+    """``(env, port, comfy_port)`` of a sidecar in front of ``backend`` (prepared here) on free
+    ports, its caches under ``tmp``, ``env_overrides`` over the test defaults."""
     backend.prepare()
     port, comfy_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SALAD_", "SYSTEM_"))}
@@ -244,7 +320,7 @@ def make_sidecar(backend: Backend, tmp: Path, **env_overrides: str) -> Sidecar:
     env.update(env_overrides)
     if "CMD_EXTRA" in env:
         env["CMD"] = backend.cmd(comfy_port, env.pop("CMD_EXTRA"))
-    return Sidecar(backend, env, port, comfy_port, tmp / "sidecar.log")
+    return env, port, comfy_port
 
 
 BACKENDS = [
@@ -273,10 +349,13 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
 
 
 @contextlib.contextmanager
-def running_sidecar(kind: str, tmp: Path, **env: str) -> Iterator[Sidecar]:
+def running_sidecar(
+    kind: str, tmp: Path, *, process: bool | None = None, **env: str
+) -> Iterator[Sidecar]:
     """A ready sidecar in front of the ``kind`` backend (``double`` or ``real``), stopped at
-    the end; model links it put in a real ComfyUI (``staged_models``) are removed."""
-    sidecar = make_sidecar(Backend(kind, tmp / "comfy"), tmp, **env)
+    the end (``process``: a subprocess, see :func:`make_sidecar`); model links it put in a real
+    ComfyUI (``staged_models``) are removed."""
+    sidecar = make_sidecar(Backend(kind, tmp / "comfy"), tmp, process=process, **env)
     sidecar.start()
     try:
         sidecar.wait_ready()
@@ -300,14 +379,19 @@ def shared_sidecar(
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[Any]:
-    """``spawn(backend, module="comfy_sidecar", **env) -> Sidecar`` started (``python -m
-    module``); every one is stopped at teardown."""
+    """``spawn(backend, module="comfy_sidecar", process=None, **env) -> Sidecar`` started: in
+    this process, or as ``python -m module`` (see :func:`make_sidecar`; another ``module`` is
+    always a process); every one is stopped at teardown."""
     started: list[Sidecar] = []
 
-    def _spawn(backend: Backend, module: str = "comfy_sidecar", **env: str) -> Sidecar:
+    def _spawn(
+        backend: Backend, module: str = "comfy_sidecar", process: bool | None = None, **env: str
+    ) -> Sidecar:
         sub = tmp_path / f"sc{len(started)}"
         sub.mkdir()
-        sidecar = make_sidecar(backend, sub, **env)
+        sidecar = make_sidecar(
+            backend, sub, process=True if module != "comfy_sidecar" else process, **env
+        )
         started.append(sidecar.start(module=module))
         return sidecar
 

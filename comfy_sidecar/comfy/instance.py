@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from comfy_sidecar.comfy.client import ComfyClient, ComfyUnavailable
@@ -167,7 +167,8 @@ class ComfyInstance:
     """One ComfyUI child, numbered ``index``, on ``port`` (and ``gpu``, when given).
 
     It tells ``signals`` (:class:`InstanceSignals`) of its frames, readiness, connections,
-    restarts and recycling.
+    restarts and recycling. ``env`` holds variables for the child over the sidecar's own
+    environment (the container passes the sidecar's ``env`` when it was given one).
     """
 
     def __init__(
@@ -179,8 +180,14 @@ class ComfyInstance:
         gpu: str | None,
         label: str,
         signals: InstanceSignals | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.index = index
+        #: The child's environment beyond the sidecar's own (None: the sidecar's), plus
+        #: CUDA_VISIBLE_DEVICES for its GPU.
+        self.env = dict(env or {})
+        if gpu is not None:
+            self.env["CUDA_VISIBLE_DEVICES"] = gpu
         self.name = str(index)
         self.settings = settings
         self.port = port
@@ -413,7 +420,7 @@ class ComfyInstance:
         while True:
             process = ComfyProcess(
                 self.argv,
-                env={"CUDA_VISIBLE_DEVICES": self.gpu} if self.gpu is not None else None,
+                env=self.env or None,
                 instance=self.name,
                 label=self.label,
             )

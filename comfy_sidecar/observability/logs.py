@@ -133,17 +133,30 @@ class JsonFormatter(logging.Formatter):
         return msgspec.json.encode(line).decode()
 
 
+#: Libraries whose records below WARNING are left out (their requests, frames and access lines).
+NOISY = ("httpx", "httpcore", "aiohttp", "uvicorn.access")
+
+
+def level_number(level: str) -> int:
+    """The Python level of a LOG_LEVEL value (INFO for an unknown one)."""
+    logging.addLevelName(TRACE, "TRACE")
+    return _LEVELS.get(level, logging.INFO)
+
+
+def formatter(log_format: str) -> logging.Formatter:
+    """The formatter of a LOG_FORMAT value: ``json`` or ``text``."""
+    if log_format == "json":
+        return JsonFormatter()
+    return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def setup_logging(level: str, log_format: str = "text") -> None:
     """Send every record at ``level`` (a LOG_LEVEL value) or above to stderr, as ``text`` or
     ``json`` lines (a LOG_FORMAT value)."""
-    logging.addLevelName(TRACE, "TRACE")
     handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(formatter(log_format))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(_LEVELS.get(level, logging.INFO))
-    for noisy in ("httpx", "httpcore", "aiohttp", "uvicorn.access"):
+    root.setLevel(level_number(level))
+    for noisy in NOISY:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

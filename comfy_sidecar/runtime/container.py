@@ -18,7 +18,7 @@ import shutil
 import socket
 import subprocess
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -203,15 +203,23 @@ class Container:
     idempotency: IdempotencyKeys
     #: The typed workflow endpoints loaded from WORKFLOW_DIR.
     workflows: list[Any] = field(default_factory=list)
+    #: The variables the storage SDKs and the manifest read (None: ``os.environ``).
+    env: Mapping[str, str] | None = None
 
 
-def build(settings: Settings, workflows: list[Any] | None = None) -> Container:
-    """Build every service for ``settings`` (inside the running event loop). Raises
-    :class:`ConfigError` when the instances cannot be planned (:func:`plan_instances`) or
-    JOB_OUTPUT_URL names no storage backend."""
+def build(
+    settings: Settings,
+    workflows: list[Any] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> Container:
+    """Build every service for ``settings`` (inside the running event loop); ``env`` (default
+    ``os.environ``) supplies the storage SDKs' variables (``AWS_*``, ``HF_*``,
+    ``AZURE_STORAGE_*``) and the manifest's. Raises :class:`ConfigError` when the instances
+    cannot be planned (:func:`plan_instances`) or JOB_OUTPUT_URL names no storage backend."""
     tasks = Tasks()
     webhooks = WebhookDispatcher(settings)
-    storage = Storage(settings, on_event=webhooks.storage_event)
+    storage = Storage(settings, on_event=webhooks.storage_event, env=env)
     deletion_cost = DeletionCost(settings)
     signals = InstanceSignals()
     plan = plan_instances(settings)
@@ -223,6 +231,7 @@ def build(settings: Settings, workflows: list[Any] | None = None) -> Container:
             gpu=gpu,
             label=str(index) if len(plan) > 1 else "",
             signals=signals,
+            env=env,
         )
         for index, (port, gpu) in enumerate(plan)
     ]
@@ -269,6 +278,7 @@ def build(settings: Settings, workflows: list[Any] | None = None) -> Container:
         signer=UrlSigner(settings.asset_url_secret, settings.asset_url_ttl_s),
         idempotency=idempotency,
         workflows=list(workflows or []),
+        env=env,
     )
 
 

@@ -19,7 +19,8 @@ import socket
 import sys
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -33,6 +34,9 @@ from comfy_sidecar.observability.logs import setup_logging
 from comfy_sidecar.pipeline.preprocess import remove_leftover_inputs
 from comfy_sidecar.runtime.container import Container, build
 from comfy_sidecar.schemas import Prompt, PromptRequest
+
+if TYPE_CHECKING:
+    from litestar import Litestar
 
 log = logging.getLogger("comfy_sidecar")
 
@@ -131,7 +135,7 @@ class Runtime:
 
         c = self.c
         try:
-            provisioner = Provisioner.from_settings(self.settings)
+            provisioner = Provisioner.from_settings(self.settings, env=c.env)
         except ManifestError as exc:
             raise Fatal(str(exc)) from None
         self._after_start = lambda: provisioner.start_after(c.storage, c.tasks.spawn)
@@ -249,8 +253,23 @@ class Runtime:
         await c.jobs.close()
 
 
-async def serve(settings: Settings, sock: socket.socket, boot: BootProbes) -> int:
-    """Run the HTTP server on ``sock`` and the sidecar until stopped; returns the exit status."""
+async def serve(
+    settings: Settings,
+    sock: socket.socket,
+    boot: BootProbes | None,
+    *,
+    env: Mapping[str, str] | None = None,
+    control: Callable[[Runtime, Litestar], None] | None = None,
+) -> int:
+    """Run the HTTP server on ``sock`` (listening, non-blocking once ``boot`` stopped) and the
+    sidecar until stopped; returns the exit status (0 after a drain, 1 when ComfyUI cannot be
+    kept running or the server stopped, 2 for bad configuration).
+
+    ``env`` (default ``os.environ``) supplies the storage SDKs' and the manifest's variables.
+    With ``control`` None the process's signals drive it (SIGTERM/SIGINT drain and stop,
+    SIGHUP re-reads API_KEYS_FILE); a caller running the sidecar in a thread of its own (the
+    in-process test harness, tests/inprocess.py) passes ``control(runtime, app)`` instead,
+    called once both are built, and stops it with ``runtime.stop_requested`` from the loop."""
     import signal
 
     import uvicorn
@@ -259,7 +278,7 @@ async def serve(settings: Settings, sock: socket.socket, boot: BootProbes) -> in
 
     workflows = await asyncio.to_thread(load_workflows_from, settings.workflow_dir)
     try:
-        container = build(settings, workflows)
+        container = build(settings, workflows, env=env)
     except ConfigError as exc:
         print(f"comfy-sidecar: {exc}", file=sys.stderr)
         return 2
@@ -282,11 +301,15 @@ async def serve(settings: Settings, sock: socket.socket, boot: BootProbes) -> in
         server_header=False,
     )
     server = Server(config)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, runtime.stop_requested.set)
-    loop.add_signal_handler(signal.SIGHUP, app.state.api_keys.reload)  # re-read API_KEYS_FILE
-    boot.stop()
+    if control is None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, runtime.stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, app.state.api_keys.reload)  # API_KEYS_FILE
+    else:
+        control(runtime, app)
+    if boot is not None:
+        boot.stop()
     server_task = asyncio.ensure_future(server.serve(sockets=[sock]))
     lifecycle = asyncio.ensure_future(runtime.lifecycle())
     stop = asyncio.ensure_future(runtime.stop_requested.wait())

@@ -18,6 +18,9 @@ import pytest
 from tests.chaos.scenarios import SCENARIOS, Harness, Outcome, Scenario
 from tests.conftest import BACKENDS
 
+# Subprocess sidecars: the scenarios kill, stop and freeze processes.
+pytestmark = pytest.mark.sidecar_process
+
 RUNS = int(os.environ.get("CHAOS_RUNS", "2"))
 
 CASES = [

@@ -23,6 +23,9 @@ from comfy_sidecar.http.auth import METRICS_PATH, OPEN_PATHS, open_paths, presen
 from tests.conftest import Backend, Sidecar, basic_prompt, make_sidecar
 from tests.waiting import wait_for
 
+# Subprocess sidecars: the module shares one sidecar, which a test SIGHUPs.
+pytestmark = pytest.mark.sidecar_process
+
 STATIC_KEY = "static-key-0123456789"
 FILE_KEY = "file-key-abcdefghij"
 NEW_FILE_KEY = "rotated-key-zyxwvu"

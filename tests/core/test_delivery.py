@@ -322,6 +322,7 @@ def test_workflow_routes_are_mounted(sidecar: Sidecar) -> None:
         assert response.status_code == 400, (route, response.text)
 
 
+@pytest.mark.sidecar_process
 def test_salad_deletion_cost(spawn: Any, tmp_path: Path, receiver: Any) -> None:
     imds: Receiver = receiver()
     sidecar: Sidecar = spawn(

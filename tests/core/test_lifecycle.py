@@ -139,6 +139,7 @@ def test_crash_loop_gives_up(spawn: Any, tmp_path: Path) -> None:
     assert "giving up" in sidecar.log()
 
 
+@pytest.mark.sidecar_process
 def test_sigterm_drains_job_in_flight(spawn: Any, backend: Backend) -> None:
     sidecar: Sidecar = spawn(backend)
     sidecar.wait_ready()
@@ -163,6 +164,7 @@ def test_sigterm_drains_job_in_flight(spawn: Any, backend: Backend) -> None:
         os.kill(child, 0)
 
 
+@pytest.mark.sidecar_process
 def test_drain_delay_fails_ready_but_serves_new_requests_first(
     spawn: Any, backend: Backend
 ) -> None:
@@ -190,6 +192,7 @@ def test_drain_delay_fails_ready_but_serves_new_requests_first(
     assert sidecar.wait_exit(60) == 0
 
 
+@pytest.mark.sidecar_process
 def test_sigterm_grace_expires(spawn: Any, tmp_path: Path) -> None:
     sidecar: Sidecar = spawn(Backend("double", tmp_path / "comfy"), SHUTDOWN_GRACE_S="1")
     sidecar.wait_ready()
@@ -208,6 +211,7 @@ def test_sigterm_grace_expires(spawn: Any, tmp_path: Path) -> None:
     assert result["response"].status_code == 503
 
 
+@pytest.mark.sidecar_process
 def test_sigterm_sends_every_webhook_of_jobs_ending_in_the_shutdown(
     spawn: Any, backend: Backend, receiver: Any
 ) -> None:

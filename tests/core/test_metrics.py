@@ -262,6 +262,7 @@ def test_metrics_need_a_key_only_when_required(spawn: Any, tmp_path: Path) -> No
     assert Scrape(keyed.text).value("comfyui_instance_up", comfyui_instance="0") == 1
 
 
+@pytest.mark.sidecar_process
 def test_restart_counts_and_instance_up_follows_the_child(spawn: Any, tmp_path: Path) -> None:
     import os
     import signal

@@ -21,6 +21,9 @@ from tests.forward_proxy import ForwardProxy, forward_proxy
 from tests.receiver import Receiver
 from tests.storage.slow_server import SlowServer
 
+# Subprocess sidecars: their proxy comes from the process environment (HTTP(S)_PROXY).
+pytestmark = pytest.mark.sidecar_process
+
 __all__ = ["forward_proxy"]  # the fixture, used by name
 
 #: A name only the proxy could know (none resolves .invalid), allowed by ALLOWED_URL_HOSTS.

@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import Backend, Sidecar, basic_prompt, slow_prompt
 from tests.receiver import Receiver
 from tests.waiting import wait_for
@@ -138,6 +140,7 @@ def test_interrupt_race_answers_consistently(spawn: Any, backend: Backend) -> No
 # --- finding 7: ComfyUI dies with the sidecar; a taken port is refused -------------------------
 
 
+@pytest.mark.sidecar_process
 def test_sigkilled_sidecar_takes_comfy_with_it(spawn: Any, backend: Backend) -> None:
     """``kill -9`` of the sidecar ends its ComfyUI too (PR_SET_PDEATHSIG), so nothing is left
     on the port for the next sidecar to adopt."""
@@ -186,6 +189,7 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+@pytest.mark.sidecar_process
 def test_undelivered_results_hold_no_files_and_are_bounded(
     spawn: Any, receiver: Any, backend: Backend
 ) -> None:

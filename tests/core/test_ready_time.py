@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import Backend, basic_prompt, make_sidecar
 
@@ -31,6 +32,7 @@ def logged_at(log: str, mark: str) -> float:
     return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
+@pytest.mark.sidecar_process
 def test_ready_before_the_next_startup_tick(tmp_path: Path) -> None:
     sidecar = make_sidecar(
         Backend("double", tmp_path / "comfy"),

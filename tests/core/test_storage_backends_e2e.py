@@ -18,6 +18,10 @@ from tests.storage.conftest import azurite  # noqa: F401 - fixture
 from tests.storage.hf_hub_server import HubServer
 from tests.waiting import wait_for
 
+# Subprocess sidecars: the module shares one sidecar, whose Hugging Face client reads
+# HF_ENDPOINT from the process's environment.
+pytestmark = pytest.mark.sidecar_process
+
 CONTAINER = "sidecar"
 
 

@@ -26,7 +26,10 @@ from tests.receiver import Receiver
 from tests.storage.conftest import moto_server  # noqa: F401 - fixture
 from tests.storage.servers import FileServer
 
-pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+pytestmark = [
+    pytest.mark.skipif(REASON is not None, reason=REASON or ""),
+    pytest.mark.sidecar_process,  # the binary is a process
+]
 
 SECRET = base64.b64encode(b"binary smoke secret").decode()
 

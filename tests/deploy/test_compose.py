@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 import yaml
 
 from comfy_sidecar.config import load_settings
+from tests.conftest import free_port
 from tests.deploy._graph import check_prompt_graph
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,12 +115,6 @@ def test_warmup_prompt_is_empty_image_invert_save() -> None:
     assert (empty["inputs"]["width"], empty["inputs"]["height"]) == (64, 64)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 REAL_HOME = os.environ.get("COMFY_HOME", "")
 REAL_OK = bool(REAL_HOME) and (Path(REAL_HOME) / "main.py").is_file()
 
@@ -139,7 +133,7 @@ REAL_OK = bool(REAL_HOME) and (Path(REAL_HOME) / "main.py").is_file()
     ],
 )
 def test_warmup_prompt_runs_on_comfyui(kind: str, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     if kind == "double":
         argv = [sys.executable, str(ROOT / "tests" / "comfy_double.py")]
         extra = ["--base-directory", str(tmp_path)]

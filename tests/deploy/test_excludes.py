@@ -13,13 +13,14 @@ import ast
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = Path(__file__).with_name("_blocked_run.py")
@@ -37,12 +38,6 @@ def _excludes() -> list[str]:
     raise AssertionError("EXCLUDES not found in build.spec")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_excludes_list_is_what_the_test_blocks() -> None:
     excludes = _excludes()
     assert "tkinter" in excludes and "numpy" in excludes
@@ -51,7 +46,7 @@ def test_excludes_list_is_what_the_test_blocks() -> None:
 
 
 def test_sidecar_works_with_excluded_packages_blocked(tmp_path: Path) -> None:
-    port, comfy_port = _free_port(), _free_port()
+    port, comfy_port = free_port(), free_port()
     blocked_log = tmp_path / "blocked.txt"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SALAD_", "SYSTEM_"))}
     env.update(

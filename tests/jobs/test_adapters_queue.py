@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from PIL import Image
 
 from tests.conftest import Sidecar, basic_prompt, png_bytes, slow_prompt
@@ -280,6 +281,7 @@ def test_modal_jobs_override_naming_a_media_item_in_queue_mode(
         server.stop()
 
 
+@pytest.mark.sidecar_process
 def test_modal_jobs_cancel_from_another_replica(
     redis_server: RedisServer,
     spawn: Callable[..., Sidecar],
@@ -386,6 +388,7 @@ def test_modal_jobs_media_must_feed_a_media_input_in_queue_mode(
     assert a.get("/v1/jobs").json()["jobs"] == [], "nothing was queued"
 
 
+@pytest.mark.sidecar_process
 def test_adapter_webhooks_to_refused_urls_are_a_400_at_the_field_in_queue_mode(
     redis_server: RedisServer,
     spawn: Callable[..., Sidecar],

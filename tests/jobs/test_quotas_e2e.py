@@ -119,6 +119,7 @@ def assert_rate_limited(response: httpx.Response, key: str, reason: str) -> None
         assert secret not in response.text
 
 
+@pytest.mark.sidecar_process  # reads the comfyui_key_* counters, process-wide
 @pytest.mark.parametrize("mode", MODES)
 def test_exactly_n_concurrent_jobs_for_a_key_and_the_others_429(
     cluster: Callable[..., list[Sidecar]], mode: str

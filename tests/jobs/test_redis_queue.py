@@ -106,6 +106,7 @@ def kill_runner(pair: list[Sidecar], job_id: str) -> tuple[Sidecar, Sidecar]:
     return victim, survivor
 
 
+@pytest.mark.sidecar_process
 def test_two_replicas_share_jobs_and_answer_for_each_other(
     redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
 ) -> None:
@@ -138,6 +139,7 @@ def test_two_replicas_share_jobs_and_answer_for_each_other(
     assert {entry["id"] for entry in listed} >= set(ids)
 
 
+@pytest.mark.sidecar_process
 def test_a_killed_replicas_job_is_taken_over_within_the_lease(
     redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
 ) -> None:
@@ -179,6 +181,7 @@ def test_a_job_longer_than_the_lease_is_not_taken_over_while_heartbeating(
     assert executions(a) + executions(b) == 1
 
 
+@pytest.mark.sidecar_process
 def test_a_job_fails_listing_its_attempts_after_job_max_attempts(
     redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
 ) -> None:
@@ -217,6 +220,7 @@ def test_every_accepted_job_completes_across_a_redis_restart(
     assert [v["status"] for v in views] == ["completed"] * 6, views
 
 
+@pytest.mark.sidecar_process
 def test_a_sigtermed_replica_loses_and_repeats_no_job(
     redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
 ) -> None:
@@ -233,6 +237,7 @@ def test_a_sigtermed_replica_loses_and_repeats_no_job(
     assert executions(a) == sum(1 for v in views if runs_on([a, b], v) is a)
 
 
+@pytest.mark.sidecar_process
 def test_cancel_from_another_replica(
     redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
 ) -> None:

@@ -53,6 +53,7 @@ def attempts_of(sidecar: Sidecar, job_id: str) -> list[dict[str, Any]]:
     return found
 
 
+@pytest.mark.sidecar_process
 def test_a_job_ends_and_fires_its_webhook_once_across_a_lost_lease(
     redis_server: RedisServer,
     spawn: Callable[..., Sidecar],
@@ -92,6 +93,7 @@ def test_a_job_ends_and_fires_its_webhook_once_across_a_lost_lease(
     assert [r.headers.get("webhook-id") for r in hook.snapshot()] == [job_id]
 
 
+@pytest.mark.sidecar_process
 def test_sigterm_gives_back_a_claimed_unstarted_job_at_once(
     redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
 ) -> None:
@@ -300,6 +302,7 @@ def test_the_simple_modal_api_goes_through_the_shared_queue(
         client.close()
 
 
+@pytest.mark.sidecar_process
 def test_previews_reach_a_follower_on_another_replica(
     redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path
 ) -> None:
@@ -330,6 +333,7 @@ def test_previews_reach_a_follower_on_another_replica(
     assert all(e["event"] != "preview" for e in plain), "only when asked"
 
 
+@pytest.mark.sidecar_process
 def test_a_job_out_of_attempts_fires_its_failure_webhook_once(
     redis_server: RedisServer,
     spawn: Callable[..., Sidecar],

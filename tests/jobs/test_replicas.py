@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import Sidecar, basic_prompt
 from tests.haproxy import HAProxy, haproxy
@@ -24,6 +25,9 @@ from tests.jobs.test_jobs_api import sse_events
 from tests.jobs.test_redis_queue import job, journal, replicas, runs_on
 from tests.redis_server import RedisServer, redis_server
 from tests.waiting import wait_for
+
+# Subprocess sidecars: replicas are SIGTERMed and restarted behind HAProxy.
+pytestmark = pytest.mark.sidecar_process
 
 __all__ = ["haproxy", "redis_server"]  # fixtures, used by name
 

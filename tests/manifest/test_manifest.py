@@ -25,6 +25,7 @@ from tests.storage.servers import FileServer
 from tests.waiting import wait_for
 
 
+@pytest.mark.sidecar_process
 def test_full_manifest_then_warm_second_boot(
     spawn: Any,
     tmp_path: Path,

@@ -17,6 +17,7 @@ import pytest
 
 from comfy_sidecar.config import Settings, load_settings
 from comfy_sidecar.storage import Storage
+from tests.conftest import free_port
 from tests.storage.hf_hub_server import HubServer
 from tests.storage.servers import FileServer
 
@@ -24,12 +25,6 @@ REPO = Path(__file__).resolve().parents[2]
 AZURITE_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:

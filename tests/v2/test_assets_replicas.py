@@ -93,6 +93,7 @@ def resolve_for_job(
     return asyncio.run(main())
 
 
+@pytest.mark.sidecar_process  # SIGTERMs replica A's process to drain it
 def test_an_asset_uploaded_to_a_is_served_deduped_deleted_and_run_by_b(
     pair: tuple[Sidecar, Sidecar, dict[str, str]],
     where: str,
