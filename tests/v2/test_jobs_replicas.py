@@ -69,6 +69,7 @@ def replicas(
     return a, b
 
 
+@pytest.mark.sidecar_process  # runs_on tells the replicas apart by their process id
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_every_v2_route_answers_from_any_replica(
     redis_server: RedisServer, spawn: Callable[..., Sidecar], tmp_path: Path, kind: str
