@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-
-import httpx
+from typing import TYPE_CHECKING
 
 from comfy_sidecar.config import Settings
 from comfy_sidecar.net.backoff import attempt_failure, backoff_delay
 from comfy_sidecar.storage.netguard import tls_context
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ class DeletionCost:
         """Start the sender task (no-op when not on Salad or already started)."""
         if not self.enabled or self._task is not None or self._closed:
             return
+        import httpx  # only on Salad
+
         self._client = httpx.AsyncClient(trust_env=False, verify=tls_context())
         self._task = asyncio.create_task(self._run(), name="salad-deletion-cost")
 
@@ -84,6 +88,8 @@ class DeletionCost:
             await self._client.aclose()
 
     async def _put(self, value: int) -> bool:
+        import httpx
+
         assert self._client is not None
         try:
             async with asyncio.timeout(self._timeout_s):

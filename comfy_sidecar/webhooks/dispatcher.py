@@ -18,10 +18,8 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import httpx
 
 from comfy_sidecar.config import SYSTEM_EVENT_NAMES, Settings
 from comfy_sidecar.net.backoff import attempt_failure, backoff_delay
@@ -34,6 +32,9 @@ from comfy_sidecar.storage.netguard import NetGuard, trusted
 from .body import JsonBody
 from .payloads import rewrite_prompt_ids
 from .signing import decode_secret
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("comfy_sidecar.webhooks")
 
@@ -422,7 +423,9 @@ class WebhookDispatcher:
     def _http(self) -> httpx.AsyncClient:
         """The one HTTP client of the deliveries, made on first use."""
         if self._client is None:
-            from comfy_sidecar.storage.guarded import guarded_transport  # httpcore: on first use
+            import httpx  # on the first delivery, with its transport (httpcore)
+
+            from comfy_sidecar.storage.guarded import guarded_transport
 
             limits = httpx.Limits(max_connections=32, max_keepalive_connections=8)
             # Prompt webhooks are callers' URLs: every one passes the SSRF guard's transport
@@ -440,6 +443,8 @@ class WebhookDispatcher:
     async def _deliver(self, job: _Job) -> bool:
         """POST ``job`` until an attempt gets a 2xx answer, at most ``PROMPT_WEBHOOK_RETRIES``
         attempts with backoff between them. False when none did or its body cannot be read."""
+        import httpx
+
         client = self._http()
         reason = ""
         for attempt in range(1, self._attempts + 1):

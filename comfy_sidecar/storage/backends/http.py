@@ -23,8 +23,6 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import httpx
-
 from comfy_sidecar.schemas import (
     BasicAuth,
     BearerAuth,
@@ -54,6 +52,8 @@ from comfy_sidecar.storage.errors import (
 from comfy_sidecar.storage.globs import host_matches
 
 if TYPE_CHECKING:
+    import httpx
+
     from comfy_sidecar.config import Settings
 
 CHUNK = 1 << 20
@@ -67,7 +67,11 @@ MAX_REDIRECTS = 5
 MIN_PROGRESS = DIRECT_CHUNK
 #: How often, in seconds, the watchdog of a direct download looks at it.
 WATCH_INTERVAL_S = 0.25
-TIMEOUT = httpx.Timeout(connect=10.0, read=60.0, write=60.0, pool=30.0)
+#: Seconds: connecting (both paths), and httpx's read, write and pool waits (its client is made
+#: on first use, so a sidecar that downloads nothing never imports httpx).
+CONNECT_TIMEOUT_S = 10.0
+IO_TIMEOUT_S = 60.0
+POOL_TIMEOUT_S = 30.0
 
 #: Content-Type -> extension, the last cache-name fallback (comfyui-api has a similar table).
 CONTENT_TYPE_EXT: dict[str, str] = {
@@ -165,10 +169,18 @@ class HTTPBackend:
         address the guard checked (see
         :func:`~comfy_sidecar.storage.guarded.guarded_transport`)."""
         if self._client is None:
-            from comfy_sidecar.storage.guarded import guarded_transport  # httpcore: on first use
+            import httpx  # on first use, as its transport (httpcore)
 
+            from comfy_sidecar.storage.guarded import guarded_transport
+
+            timeout = httpx.Timeout(
+                connect=CONNECT_TIMEOUT_S,
+                read=IO_TIMEOUT_S,
+                write=IO_TIMEOUT_S,
+                pool=POOL_TIMEOUT_S,
+            )
             self._client = httpx.AsyncClient(
-                timeout=TIMEOUT, follow_redirects=False, transport=guarded_transport(self._guard)
+                timeout=timeout, follow_redirects=False, transport=guarded_transport(self._guard)
             )
         return self._client
 
@@ -187,6 +199,8 @@ class HTTPBackend:
     ) -> tuple[httpx.URL, dict[str, str], bool]:
         """The URL to request (credentials moved out, query auth added), the headers for its
         origin, and whether caller credentials are in use."""
+        import httpx  # the first URL download imports it (see client())
+
         try:
             parsed = httpx.URL(url)
         except (httpx.InvalidURL, ValueError):
@@ -239,6 +253,8 @@ class HTTPBackend:
         """Send ``method`` following up to 5 redirects by hand (so caller credentials stay on
         the first origin, and the guard checks every hop). Returns the streamed final response
         (caller closes it). Raises :class:`URLRefused` for a refused hop."""
+        import httpx
+
         first, caller_headers, used = self._prepare(url, auth)
         current = first
         client = self.client()
@@ -307,10 +323,10 @@ class HTTPBackend:
         conn: http.client.HTTPConnection
         if url.scheme == "https":
             conn = http.client.HTTPSConnection(
-                url.host, port, timeout=TIMEOUT.connect, context=_ssl_context()
+                url.host, port, timeout=CONNECT_TIMEOUT_S, context=_ssl_context()
             )
         else:
-            conn = http.client.HTTPConnection(url.host, port, timeout=TIMEOUT.connect)
+            conn = http.client.HTTPConnection(url.host, port, timeout=CONNECT_TIMEOUT_S)
         if not trusted:
             guard = self._guard
 
@@ -433,6 +449,8 @@ class HTTPBackend:
 
     async def _download_httpx(self, url: str, dest: Path, auth: DownloadAuth | None) -> FetchResult:
         """GET through httpx (honours HTTP(S)_PROXY / NO_PROXY), streamed to ``dest``."""
+        import httpx
+
         resp, used = await self._open("GET", url, auth)
         try:
             raise_for_status(resp, "download")
@@ -503,6 +521,8 @@ class HTTPBackend:
         return f"{prefix}/{urllib.parse.quote(filename, safe='')}"
 
     async def upload(self, path: Path, spec: object, filename: str, cancel: CancelToken) -> None:
+        import httpx
+
         url = self.upload_url(spec, filename)
         size = path.stat().st_size
         target, caller_headers, _ = self._prepare(url, None)
@@ -540,6 +560,8 @@ def next_hop(current: httpx.URL, location: str) -> httpx.URL:
     """The URL a redirect's ``Location`` points at, relative to ``current``. Raises
     :class:`BackendError` for an unparseable one and :class:`URLRefused` for a scheme other
     than http(s) (``gopher:``, ``file:``, ...); the guard checks its host at connect."""
+    import httpx
+
     try:
         target = current.join(location)
     except (httpx.InvalidURL, ValueError):

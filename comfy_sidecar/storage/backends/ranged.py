@@ -38,10 +38,12 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
+from typing import TYPE_CHECKING
 
 from comfy_sidecar.storage.errors import BackendError, raise_for_status
+
+if TYPE_CHECKING:
+    import httpx
 
 #: Files smaller than this are fetched with one GET (bytes).
 MIN_BYTES = 64 << 20
@@ -58,7 +60,7 @@ ONE_STREAM_BPS = 400e6
 
 #: ``connect(url)`` -> an HTTP(S) connection to ``url``'s origin, not yet connected (the HTTP
 #: backend passes the one its one-stream path uses, so both go through the same checks).
-ConnectFn = Callable[[httpx.URL], http.client.HTTPConnection]
+ConnectFn = Callable[["httpx.URL"], http.client.HTTPConnection]
 
 
 @dataclass(frozen=True)
