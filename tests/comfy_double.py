@@ -747,7 +747,14 @@ class Double:
                 return Response(checked[1], status_code=checked[0])
             prompt_id = str(body.get("prompt_id") or os.urandom(16).hex())
             number = float(next(double.number))
-            extra = {"client_id": body.get("client_id"), "create_time": now_ms()}
+            # ComfyUI 0.8.0 keeps the body's extra_data (the sidecar's traceparent) with the
+            # queue item and its history, client_id and create_time added to it.
+            extra_data = body.get("extra_data")
+            extra = {
+                **(extra_data if isinstance(extra_data, dict) else {}),
+                "client_id": body.get("client_id"),
+                "create_time": now_ms(),
+            }
             heapq.heappush(double.queue, (number, prompt_id, body["prompt"], extra, checked))
             double.wakeup.set()
             await double.send_status()

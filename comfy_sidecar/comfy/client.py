@@ -121,16 +121,26 @@ class ComfyClient:
             return None
         return msgspec.json.decode(content)
 
-    async def queue_prompt(self, prompt: dict[str, Any], prompt_id: str, client_id: str) -> None:
-        """``POST /prompt`` with our ``prompt_id`` and ``client_id``.
+    async def queue_prompt(
+        self,
+        prompt: dict[str, Any],
+        prompt_id: str,
+        client_id: str,
+        traceparent: str | None = None,
+    ) -> None:
+        """``POST /prompt`` with our ``prompt_id`` and ``client_id``; a W3C ``traceparent``
+        goes in ``extra_data`` (ComfyUI 0.8.0 keeps ``extra_data`` with the queue item and in
+        the prompt's history, ``prompt[3]``), so what reads ComfyUI's queue or history can
+        join the job's trace.
 
         Raises :class:`PromptRejected` on ComfyUI's 400, :class:`ComfyUnavailable` otherwise.
         A 200 whose ``node_errors`` is non-empty (some outputs dropped) is also rejected, since
         ComfyUI would silently skip those outputs.
         """
-        body = msgspec.json.encode(
-            {"prompt": prompt, "prompt_id": prompt_id, "client_id": client_id}
-        )
+        fields: dict[str, Any] = {"prompt": prompt, "prompt_id": prompt_id, "client_id": client_id}
+        if traceparent:
+            fields["extra_data"] = {"traceparent": traceparent}
+        body = msgspec.json.encode(fields)
         status, content = await self._request("POST", "/prompt", body, long=True)
         if status == 200:
             answer = msgspec.json.decode(content)

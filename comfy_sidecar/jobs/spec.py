@@ -33,13 +33,16 @@ class JobSpec(msgspec.Struct, kw_only=True, frozen=True):
     """One job as submitted: ``request`` (its ``id`` set), ``endpoint`` (the API it came
     through: ``jobs``, ``modal_jobs``, ``modal_simple``, ``aidock``; the metrics' label),
     ``fingerprint`` (bytes: two submissions with one id and the same fingerprint are one job;
-    empty for ``/prompt``, whose ids may be reused once a job ended) and ``after`` (the
-    adapter's webhook, sent by whichever replica ends the job)."""
+    empty for ``/prompt``, whose ids may be reused once a job ended), ``after`` (the
+    adapter's webhook, sent by whichever replica ends the job) and ``traceparent`` (the W3C
+    trace context the job continues where it runs: the submitting replica's span, or the
+    submitter's request's own header with tracing off; kept with the job in Redis)."""
 
     request: PromptRequest
     endpoint: str
     fingerprint: bytes = b""
     after: AfterEnd | None = None
+    traceparent: str | None = None
 
     @property
     def id(self) -> str:

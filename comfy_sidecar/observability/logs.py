@@ -145,5 +145,5 @@ def setup_logging(level: str, log_format: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS.get(level, logging.INFO))
-    for noisy in ("httpx", "httpcore", "websockets", "uvicorn.access"):
+    for noisy in ("httpx", "httpcore", "websockets", "uvicorn.access", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

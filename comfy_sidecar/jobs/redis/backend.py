@@ -47,6 +47,8 @@ from comfy_sidecar.jobs.model import (
 from comfy_sidecar.jobs.record import JobRecord
 from comfy_sidecar.jobs.redis.store import Claim, Loaded, RedisJobs, RedisOutput
 from comfy_sidecar.jobs.spec import AfterEnd, JobSpec
+from comfy_sidecar.observability import tracing
+from comfy_sidecar.observability.logs import TRACEPARENT
 from comfy_sidecar.pipeline.run import JobResult
 from comfy_sidecar.schemas import PromptRequest
 
@@ -141,7 +143,21 @@ class RedisBackend:
     async def submit(self, spec: JobSpec) -> JobView:
         """Check the job without side effects (unless its id is kept: a resubmission or a
         409), store it and append it to the work stream. Raises :class:`Conflict` for a kept
-        id with another body."""
+        id with another body.
+
+        Traced as ``job.submit`` (PRODUCER, continuing the request's ``traceparent``), whose
+        context is stored with the job: the replica that claims it continues this trace."""
+        root = tracing.job_span(
+            "job.submit",
+            TRACEPARENT.get(),
+            {"job.endpoint": spec.endpoint, "job.id": spec.id},
+            kind="producer",
+        )
+        with root:
+            carried = root.traceparent or TRACEPARENT.get()
+            return await self._submit(msgspec.structs.replace(spec, traceparent=carried))
+
+    async def _submit(self, spec: JobSpec) -> JobView:
         self.lifecycle.admit(spec.request, runs_here=False)
         await self.lifecycle.check_after(spec)
         if await guarded(self.jobs.get(spec.id)) is None:
@@ -157,7 +173,13 @@ class RedisBackend:
         after = None if spec.after is None else msgspec.json.encode(spec.after)
         try:
             stored, _ = await guarded(
-                self.jobs.enqueue(view, msgspec.json.encode(spec.request), spec.fingerprint, after)
+                self.jobs.enqueue(
+                    view,
+                    msgspec.json.encode(spec.request),
+                    spec.fingerprint,
+                    after,
+                    spec.traceparent,
+                )
             )
         except DifferentBody:
             raise Conflict(
@@ -404,6 +426,7 @@ class RedisBackend:
             after=None
             if loaded.after is None
             else msgspec.json.decode(loaded.after, type=AfterEnd),
+            traceparent=loaded.trace,
         )
         if len(loaded.attempts) >= jobs.max_attempts:
             await self._give_up(spec, stored, loaded.attempts)

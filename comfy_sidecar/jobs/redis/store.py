@@ -9,7 +9,8 @@ Keys (``P`` = :data:`PREFIX`):
 - ``P:job:{id}``: a hash: ``view`` (the ``GET /jobs/{id}`` body, JSON), ``request`` (the
   ``/prompt`` body, JSON), ``fingerprint``, ``attempts`` (JSON list of ``{replica, started_at}``),
   ``seq`` (the last event id), ``entry`` (its work-stream entry id: its queue position),
-  ``after`` (a job adapter's after-end action, JSON: see :class:`comfy_sidecar.jobs.spec.AfterEnd`).
+  ``after`` (a job adapter's after-end action, JSON: see :class:`comfy_sidecar.jobs.spec.AfterEnd`),
+  ``trace`` (the W3C traceparent the run continues: the submitting replica's span).
 - ``P:events:{id}``: the job's event stream (XADD with MAXLEN; entries ``{n, type, data}``, ``n``
   the SSE id). Chosen over pub/sub + a list because one stream both replays from
   ``Last-Event-ID`` and blocks for the next event (XREAD BLOCK), on every replica, and survives
@@ -100,13 +101,17 @@ return 0
 """
 
 #: KEYS job hash, index, order counter, event stream, work stream; ARGV id, view, request,
-#: events' MAXLEN, the first status event's data, its after-end action (``''``: none). Stores
-#: a new job, its first event and its work-stream entry together.
+#: events' MAXLEN, the first status event's data, its after-end action (``''``: none), its
+#: traceparent (``''``: none). Stores a new job, its first event and its work-stream entry
+#: together.
 CREATE = """
 local order = redis.call('INCR', KEYS[3])
 redis.call('HSET', KEYS[1], 'view', ARGV[2], 'request', ARGV[3], 'attempts', '[]')
 if ARGV[6] ~= '' then
   redis.call('HSET', KEYS[1], 'after', ARGV[6])
+end
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[1], 'trace', ARGV[7])
 end
 redis.call('ZADD', KEYS[2], order, ARGV[1])
 local n = redis.call('HINCRBY', KEYS[1], 'seq', 1)
@@ -172,7 +177,8 @@ CHUNK = 1024 * 1024
 class Loaded:
     """What a replica reads of a job it claimed: ``ended`` (it has ended, or is not kept:
     then the rest is None / empty), its ``/prompt`` ``request`` (JSON), its ``attempts``,
-    its ``view``, its adapter's ``after``-end action (JSON) and its ``fingerprint``."""
+    its ``view``, its adapter's ``after``-end action (JSON), its ``fingerprint`` and the
+    ``trace`` context (a W3C traceparent) its run continues."""
 
     ended: bool
     request: bytes | None
@@ -180,6 +186,7 @@ class Loaded:
     view: JobView | None
     after: bytes | None
     fingerprint: bytes
+    trace: str | None = None
 
 
 @dataclass
@@ -277,9 +284,11 @@ class RedisJobs:
         request: bytes,
         fingerprint: bytes,
         after: bytes | None = None,
+        trace: str | None = None,
     ) -> tuple[JobView, bool]:
         """Store a new job (``view`` its first body, ``request`` its ``/prompt`` JSON,
-        ``after`` its adapter's after-end action) and append it to the work stream; returns
+        ``after`` its adapter's after-end action, ``trace`` the traceparent its run
+        continues) and append it to the work stream; returns
         (the stored view, created). An id already kept
         with the same ``fingerprint`` returns that job (created False); another fingerprint
         raises :class:`~comfy_sidecar.jobs.model.DifferentBody`."""
@@ -301,6 +310,7 @@ class RedisJobs:
                 EVENTS_MAX,
                 msgspec.json.encode({"status": view.status}),
                 after or b"",
+                trace or "",
             ],
         )
         return view, True
@@ -351,11 +361,11 @@ class RedisJobs:
     async def load(self, job_id: str) -> Loaded:
         """What a replica reads of job ``job_id`` when it claims it, in one round trip (see
         :class:`Loaded`)."""
-        fields = ["request", "attempts", "view", "after", "fingerprint"]
+        fields = ["request", "attempts", "view", "after", "fingerprint", "trace"]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(done_key(job_id))
             pipe.hmget(job_key(job_id), fields)
-            done, (request, attempts, view, after, fingerprint) = await pipe.execute()
+            done, (request, attempts, view, after, fingerprint, trace) = await pipe.execute()
         return Loaded(
             ended=bool(done) or (request is None and view is None),
             request=request,
@@ -363,6 +373,7 @@ class RedisJobs:
             view=decode_view(view) if view is not None else None,
             after=after or None,
             fingerprint=fingerprint or b"",
+            trace=trace.decode("ascii", "replace") if trace else None,
         )
 
     async def after(self, job_id: str) -> bytes | None:

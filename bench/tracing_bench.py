@@ -1,0 +1,160 @@
+"""Per-job cost of OpenTelemetry tracing (issue 23), side by side in one run.
+
+    python bench/tracing_bench.py [--jobs 200] [--reps 5]
+
+Three sidecars, each in front of its own ComfyUI double (with COMFY_HOME, a real ComfyUI
+each), alike but for tracing:
+
+- ``off``: no OTLP endpoint (tracing off: nothing of OpenTelemetry imported);
+- ``on``: ``OTEL_EXPORTER_OTLP_ENDPOINT`` is a collector on loopback (tests/otlp_server.py,
+  which decodes every export), sampling 100% (the default ``parentbased_always_on``: every
+  job's trace is sampled), the SDK's default batching (an export every 5 s or 512 spans);
+- ``absent``: the endpoint is a loopback port nothing listens on (every export fails and
+  is retried by the SDK).
+
+Each repetition runs, for each sidecar in turn (the order rotates), a block of ``--jobs``
+sequential ``POST /prompt`` (EmptyImage 256x256 of a random colour -> ImageInvert ->
+SaveImage, as bench/overhead.py) and reads the sidecar's CPU time (utime + stime of every
+thread, /proc/<pid>/stat) around the block: CPU ms per job. Printed per repetition and as
+medians, with ``on - off`` and ``absent - off`` (goal: ``on - off`` <= 0.3 ms per job), the
+p50 latency, the spans per job the collector received, and each sidecar's idle RSS after
+start-up. Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import Backend, Sidecar, free_port, make_sidecar  # noqa: E402
+from tests.otlp_server import OtlpServer  # noqa: E402
+
+
+def prompt() -> dict[str, Any]:
+    return {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {
+                "width": 256,
+                "height": 256,
+                "batch_size": 1,
+                "color": random.randrange(1 << 24),
+            },
+        },
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "t"}},
+    }
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread, living or gone) the process ``pid`` used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def block(sidecar: Sidecar, client: httpx.Client, jobs: int) -> tuple[float, float]:
+    """(CPU ms per job, p50 ms) of ``jobs`` sequential jobs."""
+    assert sidecar.proc is not None
+    pid = sidecar.proc.pid
+    latencies = []
+    before = cpu_s(pid)
+    for _ in range(jobs):
+        started = time.perf_counter()
+        response = client.post(sidecar.url + "/prompt", json={"prompt": prompt()})
+        response.raise_for_status()
+        latencies.append(time.perf_counter() - started)
+    return (cpu_s(pid) - before) * 1000 / jobs, statistics.median(latencies) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=200, help="sequential jobs per block")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions (rotating order)")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tracing-"))
+    kind = "real" if os.environ.get("COMFY_HOME") else "double"
+    collector = OtlpServer()
+    quiet = {"LOG_LEVEL": "warn"}
+    settings = {
+        "off": {},
+        "on": {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint},
+        "absent": {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"},
+    }
+    sidecars: dict[str, Sidecar] = {}
+    try:
+        for name, env in settings.items():
+            (tmp / name).mkdir()
+            sidecars[name] = make_sidecar(
+                Backend(kind, tmp / name / "comfy"), tmp / name, **quiet, **env
+            )
+            sidecars[name].start()
+        for sidecar in sidecars.values():
+            sidecar.wait_ready()
+        rss = {n: rss_mb(s.proc.pid) for n, s in sidecars.items() if s.proc is not None}
+        names = list(sidecars)
+        rows: list[dict[str, float]] = []
+        with httpx.Client(timeout=60) as client:
+            for sidecar in sidecars.values():  # warm every path
+                block(sidecar, client, 10)
+            spans_before = len(collector.received())
+            jobs_on = 0
+            for rep in range(args.reps):
+                row: dict[str, float] = {}
+                shift = rep % len(names)
+                for name in names[shift:] + names[:shift]:
+                    row[name], row[name + " p50"] = block(sidecars[name], client, args.jobs)
+                jobs_on += args.jobs
+                rows.append(row)
+                print(
+                    f"rep {rep + 1}: "
+                    + " | ".join(
+                        f"{n} {row[n]:.3f} ms CPU/job (p50 {row[n + ' p50']:.1f} ms)"
+                        for n in names
+                    )
+                    + f" | on - off {row['on'] - row['off']:+.3f} ms",
+                    flush=True,
+                )
+        spans = len(collector.received()) - spans_before
+    finally:
+        for sidecar in sidecars.values():
+            sidecar.stop()
+        collector.stop()
+    med = statistics.median
+    print(f"backend: {kind} ComfyUI; prompt EmptyImage 256x256 -> ImageInvert -> SaveImage")
+    print(f"{args.reps} repetitions of {args.jobs} sequential /prompt jobs per sidecar (rotating)")
+    print("sidecar CPU per job (/proc/<pid>/stat, every thread), medians over repetitions:")
+    for name in names:
+        print(
+            f"  {name:7s} {med(r[name] for r in rows):.3f} ms/job "
+            f"(p50 {med(r[name + ' p50'] for r in rows):.1f} ms)  idle RSS {rss[name]:.1f} MB"
+        )
+    print(
+        f"  on - off      {med(r['on'] - r['off'] for r in rows):+.3f} ms/job "
+        "(goal <= 0.3 ms, sampling 100%)"
+    )
+    print(f"  absent - off  {med(r['absent'] - r['off'] for r in rows):+.3f} ms/job")
+    print(f"spans received per traced job: {spans / max(1, jobs_on):.2f} (at least)")
+
+
+if __name__ == "__main__":
+    main()
