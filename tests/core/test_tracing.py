@@ -461,3 +461,96 @@ def test_helpers_do_nothing_when_tracing_is_off() -> None:
     assert tracing.start("x") is tracing.NO_SPAN
     assert tracing.use(tracing.NO_SPAN) is tracing.NO_SPAN
     assert tracing.traceparent() is None
+
+
+def finished_spans() -> list[Any]:
+    """Spans of every shape the sidecar makes, and more: a remote parent with a tracestate,
+    attributes of every type, an exception event, statuses, kinds, two instrumentation
+    scopes, two resources."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    memory = InMemorySpanExporter()
+    remote = TraceContextTextMapPropagator().extract(
+        {"traceparent": TRACEPARENT, "tracestate": "vendor=a,other=b"}
+    )
+    for name in ("first", "second"):
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": name, "n": 3}), shutdown_on_exit=False
+        )
+        provider.add_span_processor(SimpleSpanProcessor(memory))
+        for scope in ("comfy_sidecar", "other"):
+            tracer = provider.get_tracer(scope, "1.2" if scope == "other" else None)
+            root = tracer.start_span(
+                "job",
+                context=remote,
+                kind=SpanKind.SERVER,
+                attributes={
+                    "text": "ü€ \x00",
+                    "empty": "",
+                    "yes": True,
+                    "no": False,
+                    "zero": 0,
+                    "negative": -7,
+                    "large": 2**62,
+                    "ratio": 0.25,
+                    "strings": ["a", "b"],
+                    "ints": [1, -2],
+                    "flags": [True, False],
+                },
+            )
+            root.add_event("exception", {"exception.type": "X", "exception.message": "m"})
+            root.set_status(Status(StatusCode.ERROR, "it failed"))
+            for kind in (SpanKind.INTERNAL, SpanKind.CLIENT, SpanKind.PRODUCER, SpanKind.CONSUMER):
+                child = tracer.start_span(
+                    "comfyui.node",
+                    context=set_span_in_context(root),
+                    kind=kind,
+                    attributes={"comfyui.node.id": "1", "comfyui.node.cached": kind.value > 1},
+                    start_time=1_000,
+                )
+                child.set_status(Status(StatusCode.OK))
+                child.end(end_time=2_000)
+            root.end()
+    return list(memory.get_finished_spans())
+
+
+def test_our_otlp_encoding_is_the_sdks() -> None:
+    """The exporter sends our encoding of the spans (comfy_sidecar/observability/otlp.py):
+    it decodes to exactly the message the SDK's encoder builds, twice in a row (with the
+    attributes it keeps encoded), and a batch it does not write (a span link) is the SDK's."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import Link
+
+    from comfy_sidecar.observability import otlp
+
+    spans = finished_spans()
+    assert len(spans) == 20
+    expected = encode_spans(spans)
+    for _ in range(2):
+        assert ExportTraceServiceRequest.FromString(otlp.encode(spans)) == expected
+    assert otlp.Request(spans).SerializePartialToString() == otlp.encode(spans)
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    linked = provider.get_tracer("t").start_span(
+        "linked", links=[Link(spans[0].get_span_context(), {"why": "retry"})]
+    )
+    linked.end()
+    batch = [*spans[:2], *memory.get_finished_spans()]
+    with pytest.raises(otlp.Unsupported):
+        otlp.encode(batch)
+    assert otlp.Request(batch).SerializePartialToString() == (
+        encode_spans(batch).SerializePartialToString()
+    )
