@@ -17,7 +17,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["Request", "Unsupported", "encode"]
+__all__ = ["Encoded", "Producer", "Request", "Unsupported", "encode", "finished"]
 
 _fixed64 = struct.Struct("<Q").pack
 _fixed32 = struct.Struct("<I").pack
@@ -216,21 +216,115 @@ def encode(spans: Sequence[Any]) -> bytes:
     return b"".join(out)
 
 
+class Encoded(bytes):
+    """A finished span already encoded (a ``ScopeSpans.spans`` field: tag, length, ``Span``)
+    by :func:`finished`, as it waits in the SDK's batch processor: one object, not the SDK's
+    ``ReadableSpan`` and the thirty it holds (no garbage-collector pressure while it waits).
+    ``context`` is what the batch processor checks: a sampled span's."""
+
+    __slots__ = ()
+    context: Any = None
+
+
+class Producer:
+    """Where this process's spans come from: its resource and instrumentation scope,
+    encoded once (what :class:`Request` puts around a batch of :class:`Encoded` spans)."""
+
+    def __init__(self, resource: Any, scope: Any, sampled_context: Any) -> None:
+        self.resource = _field(b"\x0a", _attributes(b"\x0a", resource.attributes))
+        self.resource_url = _text(b"\x1a", resource.schema_url) if resource.schema_url else b""
+        self.scope = _scope(scope)
+        Encoded.context = sampled_context
+
+    def request(self, spans: Sequence[bytes]) -> bytes:
+        """One ``ResourceSpans`` (field 1 of the request) holding ``spans``."""
+        scope_spans = _field(b"\x12", self.scope + b"".join(spans))
+        return _field(b"\x0a", self.resource + scope_spans + self.resource_url)
+
+
+#: This process's producer (set when tracing is on).
+producer: Producer | None = None
+
+
+def finished(
+    trace_id: int,
+    span_id: int,
+    parent: Any,
+    state: Any,
+    name: str,
+    kind: int,
+    start_ns: int,
+    end_ns: int,
+    attributes: Mapping[str, Any],
+    events: Sequence[tuple[str, int, Mapping[str, Any]]] | None,
+    status: tuple[int, str] | None,
+) -> Encoded:
+    """A finished span, encoded as the SDK's encoder would encode its ``ReadableSpan``:
+    ``parent`` the parent's SpanContext (None for a new trace), ``state`` the trace state,
+    ``kind`` the SDK's SpanKind value, ``events`` ``(name, time_ns, attributes)``, ``status``
+    ``(code, description)`` (None: unset)."""
+    parts = [
+        b"\x0a\x10",
+        trace_id.to_bytes(16, "big"),
+        b"\x12\x08",
+        span_id.to_bytes(8, "big"),
+    ]
+    if state:
+        parts.append(_text(b"\x1a", ",".join(f"{k}={v}" for k, v in state.items())))
+    if parent is not None:
+        parts.append(b"\x22\x08")
+        parts.append(parent.span_id.to_bytes(8, "big"))
+    encoded_name = _names.get(name)
+    if encoded_name is None:
+        encoded_name = _text(b"\x2a", name)
+        if len(_names) < _PAIRS_MAX:
+            _names[name] = encoded_name
+    parts.append(encoded_name)
+    parts.append(_KINDS[kind])
+    parts.append(b"\x39" + _fixed64(start_ns))
+    parts.append(b"\x41" + _fixed64(end_ns))
+    for key, value in attributes.items():
+        parts.append(_pair(b"\x4a", key, value))
+    for event_name, time_ns, event_attributes in events or ():
+        payload = b"\x09" + _fixed64(time_ns) + _text(b"\x12", event_name)
+        payload += _attributes(b"\x1a", event_attributes)
+        parts.append(_field(b"\x5a", payload))
+    if status is None:
+        parts.append(b"\x7a\x00")
+    else:
+        code, description = status
+        payload = _text(b"\x12", description) if description else b""
+        parts.append(_field(b"\x7a", payload + (b"\x18" + _varint(code) if code else b"")))
+    parts.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
+    return Encoded(_field(b"\x12", b"".join(parts)))
+
+
+#: Span.kind (field 6) by the SDK's SpanKind value (INTERNAL 0 .. CONSUMER 4; proto's + 1).
+_KINDS = [b"\x30" + _varint(value + 1) for value in range(5)]
+
+
 class Request:
     """Stands for the SDK's ``ExportTraceServiceRequest`` of ``spans`` where its OTLP/HTTP
-    exporter serializes one: :meth:`SerializePartialToString` answers :func:`encode`'s bytes,
-    or the SDK's encoding when :func:`encode` cannot write the batch."""
+    exporter serializes one: :meth:`SerializePartialToString` answers the request's bytes:
+    the :class:`Encoded` spans of this process under its :data:`producer`, and any SDK
+    ``ReadableSpan`` by :func:`encode` (by the SDK's own encoder when :func:`encode` cannot
+    write it)."""
 
     def __init__(self, spans: Sequence[Any]) -> None:
         self.spans = spans
 
     def SerializePartialToString(self) -> bytes:
+        ours = [s for s in self.spans if isinstance(s, Encoded)]
+        others = [s for s in self.spans if not isinstance(s, Encoded)]
+        out = producer.request(ours) if ours and producer is not None else b""
+        if not others:
+            return out
         try:
-            return encode(self.spans)
+            return out + encode(others)
         except Unsupported:
             from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
-            data: bytes = encode_spans(self.spans).SerializePartialToString()
-            return data
+            data: bytes = encode_spans(others).SerializePartialToString()
+            return out + data
 
     SerializeToString = SerializePartialToString

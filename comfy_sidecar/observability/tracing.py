@@ -39,13 +39,22 @@ requests, webhooks, and ComfyUI's ``POST /prompt`` (in ``extra_data``). With tra
 forward the request's own ``traceparent`` as received. Log records carry the job's trace id
 (:data:`comfy_sidecar.observability.logs.TRACE_ID` is set when a job's root span starts).
 
-The current span is this module's own context variable (:data:`_CURRENT`), not
-OpenTelemetry's context: parents are passed to the SDK explicitly.
+How spans are made: the SDK configures everything (resource, sampler, batch processor,
+exporter), but a live span is this module's :class:`Span`, a few slots filled as the job goes,
+handed to the batch processor as the SDK's ``ReadableSpan`` when it ends. The SDK's own
+``Tracer.start_span``/``end`` cost about 60 µs per span inside the sidecar (its sampler,
+bounded attributes, locks and processor hooks on every span); these cost a fifth of that
+(bench/tracing_bench.py). The sampler decides once per trace, at its root (with the caller's
+context: ``parentbased_*`` samplers follow the caller's flag); the spans below it follow the
+root, as ``parentbased_*`` would have them. Span limits (``OTEL_SPAN_*_LIMIT``) are not
+applied: the sidecar sets a few attributes per span. The current span is this module's own
+context variable (:data:`_CURRENT`), not OpenTelemetry's context.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 from contextvars import ContextVar, Token
 from types import TracebackType
@@ -71,26 +80,32 @@ __all__ = [
 
 Attributes = Mapping[str, str | bool | int | float]
 
-#: The tracer while tracing is on (an ``opentelemetry.sdk.trace.Tracer``), else None.
-_tracer: Any = None
-#: The SDK objects to flush and shut down at exit: (provider, exporter).
-_sdk: tuple[Any, Any] | None = None
 
+class _Sdk:
+    """What the spans use of the SDK, made once by :func:`setup`: where finished spans go
+    (the batch processor's ``on_end``, as :class:`~comfy_sidecar.observability.otlp.Encoded`
+    spans), the sampler, the id generator, the W3C propagator."""
 
-class _Api:
-    """What the helpers use of OpenTelemetry's API, imported once by :func:`setup` (a
-    function-level import on every span costs more than the span's own bookkeeping)."""
-
-    def __init__(self) -> None:
-        from opentelemetry.context import Context
-        from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+    def __init__(self, provider: Any, processor: Any, exporter: Any, version: str) -> None:
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+        from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, get_current_span
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        self.empty = Context()
+        from comfy_sidecar.observability import otlp
+
+        self.provider = provider
+        self.exporter = exporter
+        self.on_end = processor.on_end
+        self.sampler = provider.sampler
+        self.ids = provider.id_generator
+        otlp.producer = otlp.Producer(
+            provider.resource,
+            InstrumentationScope("comfy_sidecar", version),
+            SpanContext(1, 1, False, TraceFlags(TraceFlags.SAMPLED)),
+        )
+        self.encode = otlp.finished
         self.propagator = TraceContextTextMapPropagator()
-        self.in_context = set_span_in_context
-        self.failed = StatusCode.ERROR
-        self.status = Status
+        self.parent_of = get_current_span
         self.kinds = {
             "server": SpanKind.SERVER,
             "producer": SpanKind.PRODUCER,
@@ -98,9 +113,14 @@ class _Api:
             "client": SpanKind.CLIENT,
             "internal": SpanKind.INTERNAL,
         }
+        self.kind_values = {name: kind.value for name, kind in self.kinds.items()}
 
 
-_api: _Api | None = None
+#: ``Status.code`` ERROR.
+_ERROR = 2
+
+#: The SDK while tracing is on, else None.
+_sdk: _Sdk | None = None
 #: The span the running task works under (see the module docstring).
 _CURRENT: ContextVar[Span | None] = ContextVar("comfy_sidecar_span", default=None)
 
@@ -119,18 +139,18 @@ def configured(env: Mapping[str, str] | None = None) -> bool:
 
 def enabled() -> bool:
     """Whether spans are being made (after :func:`setup` turned tracing on)."""
-    return _tracer is not None
+    return _sdk is not None
 
 
 def setup(version: str, env: Mapping[str, str] | None = None) -> bool:
     """Turn tracing on when :func:`configured` says so: the SDK's TracerProvider (its
-    sampler from ``OTEL_TRACES_SAMPLER``), a BatchSpanProcessor (``OTEL_BSP_*``) and an
-    OTLPSpanExporter over HTTP (``OTEL_EXPORTER_OTLP_*``), all configured by the SDK from
-    the environment; ``version`` is ``service.version``. Only then is OpenTelemetry imported.
-    Returns whether tracing is on."""
-    global _tracer, _sdk, _api
-    if not configured(env) or _tracer is not None:
-        return _tracer is not None
+    resource, and its sampler from ``OTEL_TRACES_SAMPLER``), a BatchSpanProcessor
+    (``OTEL_BSP_*``) and an OTLPSpanExporter over HTTP (``OTEL_EXPORTER_OTLP_*``), all
+    configured by the SDK from the environment; ``version`` is ``service.version``. Only then
+    is OpenTelemetry imported. Returns whether tracing is on."""
+    global _sdk
+    if not configured(env) or _sdk is not None:
+        return _sdk is not None
     from opentelemetry.exporter.otlp.proto.http import trace_exporter
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
@@ -149,24 +169,24 @@ def setup(version: str, env: Mapping[str, str] | None = None) -> bool:
         resource = resource.merge(Resource({"service.name": "comfy-sidecar"}))
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     exporter = OTLPSpanExporter()
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    _api = _Api()
-    _tracer = provider.get_tracer("comfy_sidecar", version)
-    _sdk = (provider, exporter)
+    processor = BatchSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    _sdk = _Sdk(provider, processor, exporter, version)
     return True
 
 
 def shutdown(timeout_s: float = 5.0) -> None:
     """Export the spans still buffered (within ``timeout_s`` seconds), then stop the exporter:
     an export still retrying against an absent collector gives up at once, and the batch
-    processor's daemon thread ends with the process. Nothing when tracing is off."""
-    global _tracer, _sdk
-    if _sdk is None:
+    processor's daemon thread ends with the process. Spans ending later are dropped. Nothing
+    when tracing is off."""
+    global _sdk
+    sdk = _sdk
+    if sdk is None:
         return
-    provider, exporter = _sdk
-    _tracer, _sdk = None, None  # _api stays: spans still open may end or fail
-    provider.force_flush(timeout_millis=max(1, int(timeout_s * 1000)))
-    exporter.shutdown()
+    _sdk = None
+    sdk.provider.force_flush(timeout_millis=max(1, int(timeout_s * 1000)))
+    sdk.exporter.shutdown()
 
 
 class NoSpan:
@@ -201,62 +221,120 @@ NO_SPAN = NoSpan()
 
 
 class Span:
-    """One OpenTelemetry span (the SDK's, wrapped): :meth:`set` an attribute, record an
-    :meth:`error`, :meth:`end` it. As a ``with`` block (what :func:`span` answers) it is the
-    current span inside the block, records the exception that leaves it and ends there."""
+    """One span of a job's trace: :meth:`set` an attribute, record an :meth:`error`,
+    :meth:`end` it (it then goes to the SDK's batch processor, when its trace is sampled). As
+    a ``with`` block (what :func:`span` answers) it is the current span inside the block,
+    records the exception that leaves it and ends there. ``recording``: the trace is sampled
+    (its attributes are worth computing)."""
 
-    __slots__ = ("_context", "_span", "_token")
+    #: As a parent, a span of this process (a SpanContext's ``is_remote``).
+    is_remote = False
 
-    recording = True
+    __slots__ = (
+        "_attributes",
+        "_events",
+        "_kind",
+        "_name",
+        "_parent",
+        "_start",
+        "_state",
+        "_status",
+        "_token",
+        "recording",
+        "span_id",
+        "trace_id",
+    )
 
-    def __init__(self, span: Any) -> None:
-        self._span = span
-        self._context: Any = None
+    def __init__(
+        self,
+        name: str,
+        kind: int,
+        trace_id: int,
+        span_id: int,
+        parent: Any,
+        sampled: bool,
+        state: Any,
+        attributes: Attributes | None,
+        start_ns: int | None,
+    ) -> None:
+        self._name = name
+        self._kind = kind
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self._parent = parent  # the parent Span or remote SpanContext; None: a new trace
+        self.recording = sampled
+        self._state = state
+        self._attributes: dict[str, Any] = dict(attributes) if attributes else {}
+        self._events: list[tuple[str, int, dict[str, Any]]] | None = None
+        self._status: tuple[int, str] | None = None
+        self._start = start_ns or time.time_ns()
         self._token: Token[Span | None] | None = None
 
     def set(self, key: str, value: str | bool | int | float) -> None:
         """Set the attribute ``key``."""
-        self._span.set_attribute(key, value)
+        self._attributes[key] = value
 
     def error(self, failure: BaseException | str, exception_type: str | None = None) -> None:
         """Mark the span failed: status ERROR with ``failure``'s text. An exception also adds
         the ``exception`` event (type, message, stack trace), as does a message with its
         ``exception_type`` (an error reported by ComfyUI: type and message)."""
-        api = _api
-        if api is None:  # tracing was shut down meanwhile
+        sdk = _sdk
+        if sdk is None or not self.recording:
             return
         if isinstance(failure, BaseException):
-            self._span.record_exception(failure)
-            text = f"{type(failure).__name__}: {failure}"
+            import traceback
+
+            kind = type(failure)
+            module = kind.__module__
+            name = f"{module}.{kind.__qualname__}" if module != "builtins" else kind.__qualname__
+            attributes = {
+                "exception.type": name,
+                "exception.message": str(failure),
+                "exception.stacktrace": "".join(traceback.format_exception(failure)),
+                "exception.escaped": "False",
+            }
+            text = f"{kind.__name__}: {failure}"
         elif exception_type:
-            self._span.add_event(
-                "exception", {"exception.type": exception_type, "exception.message": failure}
-            )
+            attributes = {"exception.type": exception_type, "exception.message": failure}
             text = f"{exception_type}: {failure}"
         else:
-            text = failure
-        self._span.set_status(api.status(api.failed, text))
+            attributes, text = {}, failure
+        if attributes:
+            if self._events is None:
+                self._events = []
+            self._events.append(("exception", time.time_ns(), attributes))
+        self._status = (_ERROR, text)
 
     def end(self, end_ns: int | None = None) -> None:
-        """End the span now, or at ``end_ns`` (ns since the epoch); later calls do nothing."""
-        self._span.end(end_time=end_ns)
+        """End the span now, or at ``end_ns`` (ns since the epoch), and hand it to the batch
+        processor, encoded (a sampled trace's); later calls do nothing."""
+        if self._start < 0:
+            return
+        start, self._start = self._start, -1
+        sdk = _sdk
+        if sdk is None or not self.recording:
+            return
+        sdk.on_end(
+            sdk.encode(
+                self.trace_id,
+                self.span_id,
+                self._parent,
+                self._state,
+                self._name,
+                self._kind,
+                start,
+                end_ns or time.time_ns(),
+                self._attributes,
+                self._events,
+                self._status,
+            )
+        )
 
     @property
     def traceparent(self) -> str:
         """This span's W3C ``traceparent`` header value (version 00)."""
-        ctx = self._span.get_span_context()
-        return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
-
-    @property
-    def trace_id(self) -> str:
-        """The trace id, 32 hex digits (what the logs' ``trace_id`` holds)."""
-        return f"{self._span.get_span_context().trace_id:032x}"
-
-    def context(self) -> Any:
-        """An OpenTelemetry context whose span is this one (the parent of its children)."""
-        if self._context is None and _api is not None:
-            self._context = _api.in_context(self._span)
-        return self._context
+        flags = "01" if self.recording else "00"
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{flags}"
 
     def __enter__(self) -> Span:
         self._token = _CURRENT.set(self)
@@ -304,18 +382,35 @@ def job_span(
     parent is the remote span of ``carrier`` (a W3C ``traceparent`` value: the request's
     header, or the one a job brought from Redis), or a new trace when it is None or invalid.
     ``kind``: ``server`` (a request), ``producer`` (a queue submission) or ``consumer`` (a job
-    claimed from the queue). The current task's log records carry its trace id from here on.
-    Not made current: wrap the job's work in :func:`use`; end it when the job ended."""
-    tracer, api = _tracer, _api
-    if tracer is None or api is None:
+    claimed from the queue). The sampler decides here, for the whole trace. The current
+    task's log records carry its trace id from here on. Not made current: wrap the job's work
+    in :func:`use`; end it when the job ended."""
+    sdk = _sdk
+    if sdk is None:
         return NO_SPAN
-    parent = api.empty
+    from opentelemetry.context import Context
+
+    context = Context()
+    parent = None
     if carrier:
-        parent = api.propagator.extract({"traceparent": carrier})
+        context = sdk.propagator.extract({"traceparent": carrier})
+        parent = sdk.parent_of(context).get_span_context()
+        if not parent.is_valid:
+            parent = None
+    trace_id = parent.trace_id if parent is not None else sdk.ids.generate_trace_id()
+    decision = sdk.sampler.should_sample(context, trace_id, name, sdk.kinds[kind], attributes)
     root = Span(
-        tracer.start_span(name, context=parent, kind=api.kinds[kind], attributes=attributes)
+        name,
+        sdk.kind_values[kind],
+        trace_id,
+        sdk.ids.generate_span_id(),
+        parent,
+        decision.decision.is_sampled(),
+        decision.trace_state,
+        {**(attributes or {}), **(decision.attributes or {})},
+        None,
     )
-    TRACE_ID.set(root.trace_id)
+    TRACE_ID.set(f"{trace_id:032x}")
     return root
 
 
@@ -335,27 +430,29 @@ def start(
     """Start span ``name``, a child of ``parent`` (default: the current span), not made
     current; the caller ends it. ``start_ns``: its start, in ns since the epoch (default
     now). :data:`NO_SPAN` when there is no parent (off, or outside a job's trace)."""
-    tracer, api = _tracer, _api
-    if tracer is None or api is None:
+    sdk = _sdk
+    if sdk is None:
         return NO_SPAN
     owner = parent if parent is not None else _CURRENT.get()
     if not isinstance(owner, Span):
         return NO_SPAN
     return Span(
-        tracer.start_span(
-            name,
-            context=owner.context(),
-            kind=api.kinds[kind],
-            attributes=attributes,
-            start_time=start_ns,
-        )
+        name,
+        sdk.kind_values[kind],
+        owner.trace_id,
+        sdk.ids.generate_span_id(),
+        owner,
+        owner.recording,
+        owner._state,
+        attributes,
+        start_ns,
     )
 
 
 def span(name: str, attributes: Attributes | None = None) -> Span | NoSpan:
     """A child of the current span for a ``with`` block: current inside it, failed by the
     exception that leaves it, ended at its end. :data:`NO_SPAN` outside a job's trace."""
-    if _tracer is None:
+    if _sdk is None:
         return NO_SPAN
     return start(name, attributes)
 
