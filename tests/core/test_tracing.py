@@ -554,3 +554,45 @@ def test_our_otlp_encoding_is_the_sdks() -> None:
     assert otlp.Request(batch).SerializePartialToString() == (
         encode_spans(batch).SerializePartialToString()
     )
+
+
+def test_our_spans_encode_as_the_sdks_readable_spans() -> None:
+    """A live span of the sidecar is encoded when it ends (otlp.finished) and sent under the
+    process's resource and scope (otlp.Producer): the request decodes to exactly what the
+    SDK's encoder makes of the same spans as ReadableSpans."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from comfy_sidecar.observability import otlp
+
+    spans = finished_spans()
+    first = spans[0]
+    group = [
+        s
+        for s in spans
+        if s.resource is first.resource and s.instrumentation_scope is first.instrumentation_scope
+    ]
+    assert len(group) == 5 and any(s.events for s in group) and any(s.parent for s in group)
+    producer = otlp.Producer(first.resource, first.instrumentation_scope, None)
+    encoded = [
+        otlp.finished(
+            s.context.trace_id,
+            s.context.span_id,
+            s.parent,
+            s.context.trace_state,
+            s.name,
+            s.kind.value,
+            s.start_time,
+            s.end_time,
+            dict(s.attributes),
+            [(e.name, e.timestamp, dict(e.attributes)) for e in s.events],
+            None
+            if s.status.is_unset and not s.status.description
+            else (s.status.status_code.value, s.status.description or ""),
+        )
+        for s in group
+    ]
+    decoded = ExportTraceServiceRequest.FromString(producer.request(encoded))
+    assert decoded == encode_spans(group)
