@@ -17,7 +17,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["Encoded", "Producer", "Request", "Unsupported", "encode", "finished"]
+__all__ = ["Producer", "Request", "Unsupported", "encode", "finished"]
 
 _fixed64 = struct.Struct("<Q").pack
 _fixed32 = struct.Struct("<I").pack
@@ -216,28 +216,20 @@ def encode(spans: Sequence[Any]) -> bytes:
     return b"".join(out)
 
 
-class Encoded(bytes):
-    """A finished span already encoded (a ``ScopeSpans.spans`` field: tag, length, ``Span``)
-    by :func:`finished`, as it waits in the SDK's batch processor: one object, not the SDK's
-    ``ReadableSpan`` and the thirty it holds (no garbage-collector pressure while it waits).
-    ``context`` is what the batch processor checks: a sampled span's."""
-
-    __slots__ = ()
-    context: Any = None
-
-
 class Producer:
-    """Where this process's spans come from: its resource and instrumentation scope,
-    encoded once (what :class:`Request` puts around a batch of :class:`Encoded` spans)."""
+    """Where this process's spans come from: its resource and instrumentation scope, encoded
+    once, and the type of its own spans (``ours``: objects with an ``encode()`` that answers
+    their ``ScopeSpans.spans`` field, as :func:`finished` makes it). :class:`Request` puts
+    them under one ``ResourceSpans``."""
 
-    def __init__(self, resource: Any, scope: Any, sampled_context: Any) -> None:
+    def __init__(self, resource: Any, scope: Any, ours: type) -> None:
         self.resource = _field(b"\x0a", _attributes(b"\x0a", resource.attributes))
         self.resource_url = _text(b"\x1a", resource.schema_url) if resource.schema_url else b""
         self.scope = _scope(scope)
-        Encoded.context = sampled_context
+        self.ours: Any = ours
 
     def request(self, spans: Sequence[bytes]) -> bytes:
-        """One ``ResourceSpans`` (field 1 of the request) holding ``spans``."""
+        """One ``ResourceSpans`` (field 1 of the request) holding the encoded ``spans``."""
         scope_spans = _field(b"\x12", self.scope + b"".join(spans))
         return _field(b"\x0a", self.resource + scope_spans + self.resource_url)
 
@@ -258,8 +250,9 @@ def finished(
     attributes: Mapping[str, Any],
     events: Sequence[tuple[str, int, Mapping[str, Any]]] | None,
     status: tuple[int, str] | None,
-) -> Encoded:
-    """A finished span, encoded as the SDK's encoder would encode its ``ReadableSpan``:
+) -> bytes:
+    """A finished span, encoded as the SDK's encoder would encode its ``ReadableSpan`` (as a
+    ``ScopeSpans.spans`` field: tag, length, ``Span``):
     ``parent`` the parent's SpanContext (None for a new trace), ``state`` the trace state,
     ``kind`` the SDK's SpanKind value, ``events`` ``(name, time_ns, attributes)``, ``status``
     ``(code, description)`` (None: unset)."""
@@ -296,7 +289,7 @@ def finished(
         payload = _text(b"\x12", description) if description else b""
         parts.append(_field(b"\x7a", payload + (b"\x18" + _varint(code) if code else b"")))
     parts.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
-    return Encoded(_field(b"\x12", b"".join(parts)))
+    return _field(b"\x12", b"".join(parts))
 
 
 #: Span.kind (field 6) by the SDK's SpanKind value (INTERNAL 0 .. CONSUMER 4; proto's + 1).
@@ -306,16 +299,17 @@ _KINDS = [b"\x30" + _varint(value + 1) for value in range(5)]
 class Request:
     """Stands for the SDK's ``ExportTraceServiceRequest`` of ``spans`` where its OTLP/HTTP
     exporter serializes one: :meth:`SerializePartialToString` answers the request's bytes:
-    the :class:`Encoded` spans of this process under its :data:`producer`, and any SDK
-    ``ReadableSpan`` by :func:`encode` (by the SDK's own encoder when :func:`encode` cannot
-    write it)."""
+    this process's own spans (:data:`producer`'s type) under its resource and scope, and any
+    SDK ``ReadableSpan`` by :func:`encode` (by the SDK's own encoder when :func:`encode`
+    cannot write it)."""
 
     def __init__(self, spans: Sequence[Any]) -> None:
         self.spans = spans
 
     def SerializePartialToString(self) -> bytes:
-        ours = [s for s in self.spans if isinstance(s, Encoded)]
-        others = [s for s in self.spans if not isinstance(s, Encoded)]
+        kind = producer.ours if producer is not None else ()
+        ours = [s.encode() for s in self.spans if isinstance(s, kind)]
+        others = [s for s in self.spans if not isinstance(s, kind)]
         out = producer.request(ours) if ours and producer is not None else b""
         if not others:
             return out

@@ -41,7 +41,8 @@ forward the request's own ``traceparent`` as received. Log records carry the job
 
 How spans are made: the SDK configures everything (resource, sampler, batch processor,
 exporter), but a live span is this module's :class:`Span`, a few slots filled as the job goes,
-handed to the batch processor as the SDK's ``ReadableSpan`` when it ends. The SDK's own
+handed as it is to the batch processor when it ends and encoded to protobuf by the exporter's
+thread (:meth:`Span.encode`), off the event loop. The SDK's own
 ``Tracer.start_span``/``end`` cost about 60 µs per span inside the sidecar (its sampler,
 bounded attributes, locks and processor hooks on every span); these cost a fifth of that
 (bench/tracing_bench.py). The sampler decides once per trace, at its root (with the caller's
@@ -82,9 +83,10 @@ Attributes = Mapping[str, str | bool | int | float]
 
 
 class _Sdk:
-    """What the spans use of the SDK, made once by :func:`setup`: where finished spans go
-    (the batch processor's ``on_end``, as :class:`~comfy_sidecar.observability.otlp.Encoded`
-    spans), the sampler, the id generator, the W3C propagator."""
+    """What the spans use of the SDK, made once by :func:`setup`: where ended spans go (the
+    batch processor's ``on_end``; its exporter encodes them, see
+    :class:`~comfy_sidecar.observability.otlp.Producer`), the sampler, the id generator, the
+    W3C propagator."""
 
     def __init__(self, provider: Any, processor: Any, exporter: Any, version: str) -> None:
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -99,11 +101,10 @@ class _Sdk:
         self.sampler = provider.sampler
         self.ids = provider.id_generator
         otlp.producer = otlp.Producer(
-            provider.resource,
-            InstrumentationScope("comfy_sidecar", version),
-            SpanContext(1, 1, False, TraceFlags(TraceFlags.SAMPLED)),
+            provider.resource, InstrumentationScope("comfy_sidecar", version), Span
         )
-        self.encode = otlp.finished
+        # What the batch processor checks of each span it is handed: a sampled one's context.
+        Span.context = SpanContext(1, 1, False, TraceFlags(TraceFlags.SAMPLED))
         self.propagator = TraceContextTextMapPropagator()
         self.parent_of = get_current_span
         self.kinds = {
@@ -172,6 +173,14 @@ def setup(version: str, env: Mapping[str, str] | None = None) -> bool:
     processor = BatchSpanProcessor(exporter)
     provider.add_span_processor(processor)
     _sdk = _Sdk(provider, processor, exporter, version)
+    # What is loaded by now (the sidecar's modules, and the SDK's, protobuf's and requests':
+    # some 60,000 objects that live as long as the process) is kept out of the collector's
+    # generations: the spans waiting for export make full collections come sooner, and each
+    # walked all of it again (70 ms; 35 ms once frozen, bench/tracing_bench.py).
+    import gc
+
+    gc.collect()
+    gc.freeze()
     return True
 
 
@@ -229,9 +238,13 @@ class Span:
 
     #: As a parent, a span of this process (a SpanContext's ``is_remote``).
     is_remote = False
+    #: For the batch processor, which exports spans whose context says sampled (only those
+    #: are handed to it); set by :func:`setup`.
+    context: Any = None
 
     __slots__ = (
         "_attributes",
+        "_end",
         "_events",
         "_kind",
         "_name",
@@ -268,18 +281,20 @@ class Span:
         self._events: list[tuple[str, int, dict[str, Any]]] | None = None
         self._status: tuple[int, str] | None = None
         self._start = start_ns or time.time_ns()
+        self._end = 0
         self._token: Token[Span | None] | None = None
 
     def set(self, key: str, value: str | bool | int | float) -> None:
-        """Set the attribute ``key``."""
-        self._attributes[key] = value
+        """Set the attribute ``key`` (not once the span has ended)."""
+        if not self._end:
+            self._attributes[key] = value
 
     def error(self, failure: BaseException | str, exception_type: str | None = None) -> None:
         """Mark the span failed: status ERROR with ``failure``'s text. An exception also adds
         the ``exception`` event (type, message, stack trace), as does a message with its
         ``exception_type`` (an error reported by ComfyUI: type and message)."""
         sdk = _sdk
-        if sdk is None or not self.recording:
+        if sdk is None or not self.recording or self._end:
             return
         if isinstance(failure, BaseException):
             import traceback
@@ -307,27 +322,32 @@ class Span:
 
     def end(self, end_ns: int | None = None) -> None:
         """End the span now, or at ``end_ns`` (ns since the epoch), and hand it to the batch
-        processor, encoded (a sampled trace's); later calls do nothing."""
-        if self._start < 0:
+        processor (a sampled trace's): it waits there as it is, and the exporter's thread
+        encodes it (:meth:`encode`). Later calls do nothing."""
+        if self._end:
             return
-        start, self._start = self._start, -1
+        self._end = end_ns or time.time_ns()
         sdk = _sdk
-        if sdk is None or not self.recording:
-            return
-        sdk.on_end(
-            sdk.encode(
-                self.trace_id,
-                self.span_id,
-                self._parent,
-                self._state,
-                self._name,
-                self._kind,
-                start,
-                end_ns or time.time_ns(),
-                self._attributes,
-                self._events,
-                self._status,
-            )
+        if sdk is not None and self.recording:
+            sdk.on_end(self)
+
+    def encode(self) -> bytes:
+        """This ended span as a ``ScopeSpans.spans`` field of OTLP protobuf (called by the
+        exporter, in its thread: the span no longer changes)."""
+        from comfy_sidecar.observability import otlp
+
+        return otlp.finished(
+            self.trace_id,
+            self.span_id,
+            self._parent,
+            self._state,
+            self._name,
+            self._kind,
+            self._start,
+            self._end,
+            self._attributes,
+            self._events,
+            self._status,
         )
 
     @property

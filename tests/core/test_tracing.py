@@ -557,7 +557,7 @@ def test_our_otlp_encoding_is_the_sdks() -> None:
 
 
 def test_our_spans_encode_as_the_sdks_readable_spans() -> None:
-    """A live span of the sidecar is encoded when it ends (otlp.finished) and sent under the
+    """A live span of the sidecar is encoded by the exporter (otlp.finished) and sent under the
     process's resource and scope (otlp.Producer): the request decodes to exactly what the
     SDK's encoder makes of the same spans as ReadableSpans."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -575,7 +575,7 @@ def test_our_spans_encode_as_the_sdks_readable_spans() -> None:
         if s.resource is first.resource and s.instrumentation_scope is first.instrumentation_scope
     ]
     assert len(group) == 5 and any(s.events for s in group) and any(s.parent for s in group)
-    producer = otlp.Producer(first.resource, first.instrumentation_scope, None)
+    producer = otlp.Producer(first.resource, first.instrumentation_scope, bytes)
     encoded = [
         otlp.finished(
             s.context.trace_id,
@@ -596,3 +596,51 @@ def test_our_spans_encode_as_the_sdks_readable_spans() -> None:
     ]
     decoded = ExportTraceServiceRequest.FromString(producer.request(encoded))
     assert decoded == encode_spans(group)
+
+
+def test_an_ended_span_is_encoded_by_the_exporter_as_it_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The batch processor holds the sidecar's Span itself and the exporter's request encodes
+    it (in the exporter's thread, later): it is sent as it was when it ended (an attribute set
+    or an end given afterwards is not), under the process's resource and scope, beside an SDK
+    ReadableSpan of the same batch."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from comfy_sidecar.observability import otlp
+
+    producer = otlp.Producer(
+        Resource({"service.name": "ours"}), InstrumentationScope("comfy_sidecar", "9"), tracing.Span
+    )
+    monkeypatch.setattr(otlp, "producer", producer)
+    root = tracing.Span("job", 1, 0xABC, 0x1, None, True, None, {"job.id": "a"}, 1_000)
+    child = tracing.Span("prepare", 0, 0xABC, 0x2, root, True, None, None, 2_000)
+    child.set("before", 1)
+    child.end(3_000)
+    child.set("after", 2)
+    child.end(5_000)
+    root.end(4_000)
+    sdk_span = finished_spans()[0]
+
+    decoded = ExportTraceServiceRequest.FromString(
+        otlp.Request([child, sdk_span, root]).SerializePartialToString()
+    )
+    ours, *others = decoded.resource_spans
+    assert [kv.value.string_value for kv in ours.resource.attributes] == ["ours"]
+    (scope,) = ours.scope_spans
+    assert (scope.scope.name, scope.scope.version) == ("comfy_sidecar", "9")
+    sent_child, sent_root = scope.spans
+    assert (sent_child.name, sent_child.start_time_unix_nano, sent_child.end_time_unix_nano) == (
+        "prepare",
+        2_000,
+        3_000,
+    )
+    assert [(kv.key, kv.value.int_value) for kv in sent_child.attributes] == [("before", 1)]
+    assert sent_child.parent_span_id == sent_root.span_id == (1).to_bytes(8, "big")
+    assert sent_child.trace_id == sent_root.trace_id == (0xABC).to_bytes(16, "big")
+    assert (sent_root.name, sent_root.end_time_unix_nano) == ("job", 4_000)
+    assert [s.name for r in others for ss in r.scope_spans for s in ss.spans] == [sdk_span.name]
