@@ -12,13 +12,17 @@ each), alike but for tracing:
 - ``absent``: the endpoint is a loopback port nothing listens on (every export fails and
   is retried by the SDK).
 
-Each repetition runs, for each sidecar in turn (the order rotates), a block of ``--jobs``
-sequential ``POST /prompt`` (EmptyImage 256x256 of a random colour -> ImageInvert ->
-SaveImage, as bench/overhead.py) and reads the sidecar's CPU time (utime + stime of every
-thread, /proc/<pid>/stat) around the block: CPU ms per job. Printed per repetition and as
-medians, with ``on - off`` and ``absent - off`` (goal: ``on - off`` <= 0.3 ms per job), the
-p50 latency, the spans per job the collector received, and each sidecar's idle RSS after
-start-up. Nothing is asserted.
+Each repetition runs ``--jobs`` rounds; a round is one ``POST /prompt`` (EmptyImage 256x256
+of a random colour -> ImageInvert -> SaveImage, as bench/overhead.py) on each sidecar, one
+after another (the order rotates). Each sidecar's CPU time (utime + stime of every thread,
+/proc/<pid>/stat) is read at the repetition's start and end: CPU ms per job, with what runs
+between its jobs (the batch processor's thread encodes and exports spans in the background,
+every 5 s, often while another sidecar's job runs; and the idle work every sidecar does
+alike). Jobs alternate one by one so the three see the same load on a shared machine (blocks
+of jobs per sidecar did not: other work on the machine came and went between blocks). Printed per
+repetition and as medians, with ``on - off`` and ``absent - off`` (goal: ``on - off`` <= 0.3 ms
+per job), the p50 latency, the spans per job the collector received, and each sidecar's idle
+RSS after start-up. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -71,18 +75,38 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def block(sidecar: Sidecar, client: httpx.Client, jobs: int) -> tuple[float, float]:
-    """(CPU ms per job, p50 ms) of ``jobs`` sequential jobs."""
-    assert sidecar.proc is not None
-    pid = sidecar.proc.pid
-    latencies = []
-    before = cpu_s(pid)
-    for _ in range(jobs):
-        started = time.perf_counter()
-        response = client.post(sidecar.url + "/prompt", json={"prompt": prompt()})
-        response.raise_for_status()
-        latencies.append(time.perf_counter() - started)
-    return (cpu_s(pid) - before) * 1000 / jobs, statistics.median(latencies) * 1000
+def one_job(sidecar: Sidecar, client: httpx.Client) -> float:
+    """Seconds one ``/prompt`` job on ``sidecar`` took."""
+    started = time.perf_counter()
+    response = client.post(sidecar.url + "/prompt", json={"prompt": prompt()})
+    response.raise_for_status()
+    return time.perf_counter() - started
+
+
+def repetition(
+    sidecars: dict[str, Sidecar], client: httpx.Client, jobs: int, shift: int
+) -> dict[str, float]:
+    """``jobs`` rounds of one job per sidecar (order rotated by ``shift``): CPU ms per job
+    (the sidecar's CPU time over the whole repetition, background threads included) and p50
+    ms of each."""
+    names = list(sidecars)
+    names = names[shift % len(names) :] + names[: shift % len(names)]
+    pids = {}
+    for name in names:
+        proc = sidecars[name].proc
+        assert proc is not None
+        pids[name] = proc.pid
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    before = {name: cpu_s(pid) for name, pid in pids.items()}
+    for i in range(jobs):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            latencies[name].append(one_job(sidecars[name], client))
+    used = {name: cpu_s(pid) - before[name] for name, pid in pids.items()}
+    row: dict[str, float] = {}
+    for name in names:
+        row[name] = used[name] * 1000 / jobs
+        row[name + " p50"] = statistics.median(latencies[name]) * 1000
+    return row
 
 
 def main() -> None:
@@ -114,15 +138,11 @@ def main() -> None:
         names = list(sidecars)
         rows: list[dict[str, float]] = []
         with httpx.Client(timeout=60) as client:
-            for sidecar in sidecars.values():  # warm every path
-                block(sidecar, client, 10)
+            repetition(sidecars, client, 10, 0)  # warm every path
             spans_before = len(collector.received())
             jobs_on = 0
             for rep in range(args.reps):
-                row: dict[str, float] = {}
-                shift = rep % len(names)
-                for name in names[shift:] + names[:shift]:
-                    row[name], row[name + " p50"] = block(sidecars[name], client, args.jobs)
+                row = repetition(sidecars, client, args.jobs, rep)
                 jobs_on += args.jobs
                 rows.append(row)
                 print(
@@ -141,8 +161,14 @@ def main() -> None:
         collector.stop()
     med = statistics.median
     print(f"backend: {kind} ComfyUI; prompt EmptyImage 256x256 -> ImageInvert -> SaveImage")
-    print(f"{args.reps} repetitions of {args.jobs} sequential /prompt jobs per sidecar (rotating)")
-    print("sidecar CPU per job (/proc/<pid>/stat, every thread), medians over repetitions:")
+    print(
+        f"{args.reps} repetitions of {args.jobs} sequential /prompt jobs per sidecar, "
+        "alternating job by job"
+    )
+    print(
+        "sidecar CPU per job (/proc/<pid>/stat, every thread, over each repetition), "
+        "medians over repetitions:"
+    )
     for name in names:
         print(
             f"  {name:7s} {med(r[name] for r in rows):.3f} ms/job "
