@@ -26,7 +26,8 @@ KINDS = {0: "unspecified", 1: "internal", 2: "server", 3: "client", 4: "producer
 class Got:
     """One span as the collector received it: ids in hex, times in ns since the epoch,
     ``status`` 0 unset / 1 ok / 2 error, ``events`` as ``(name, attributes)``, ``resource``
-    the attributes of the process that sent it."""
+    the attributes of the process that sent it, ``scope`` its instrumentation scope's
+    ``(name, version)``."""
 
     trace_id: str
     span_id: str
@@ -40,6 +41,7 @@ class Got:
     status_message: str
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     resource: dict[str, Any] = field(default_factory=dict)
+    scope: tuple[str, str] = ("", "")
 
     @property
     def ms(self) -> float:
@@ -91,6 +93,7 @@ def decode(body: bytes) -> list[Got]:
                         status_message=span.status.message,
                         events=[(e.name, _attributes(e.attributes)) for e in span.events],
                         resource=resource,
+                        scope=(scope.scope.name, scope.scope.version),
                     )
                 )
     return spans

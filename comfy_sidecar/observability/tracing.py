@@ -10,8 +10,9 @@ sidecar's, ``service.instance.id`` the SDK's random UUID per process),
 ``OTEL_TRACES_SAMPLER``/``OTEL_TRACES_SAMPLER_ARG`` (default ``parentbased_always_on``),
 ``OTEL_BSP_*`` (the batch processor: ``OTEL_BSP_SCHEDULE_DELAY`` ms between exports, default
 5000) and ``OTEL_EXPORTER_OTLP_*`` (endpoint, headers, timeout, compression, certificates).
-The exporter is the SDK's OTLP/HTTP one; only its protobuf encoding is ours
-(:mod:`comfy_sidecar.observability.otlp`: the same bytes for half the CPU).
+The exporter is the SDK's OTLP/HTTP one, with the SDK's own protobuf encoding
+(:mod:`comfy_sidecar.observability.span_export` hands it our spans as the SDK's
+``ReadableSpan``).
 
 The spans of one job (README "Operating it" shows a tree as the tests print it):
 
@@ -41,8 +42,9 @@ forward the request's own ``traceparent`` as received. Log records carry the job
 
 How spans are made: the SDK configures everything (resource, sampler, batch processor,
 exporter), but a live span is this module's :class:`Span`, a few slots filled as the job goes,
-handed as it is to the batch processor when it ends and encoded to protobuf by the exporter's
-thread (:meth:`Span.encode`), off the event loop. The SDK's own
+handed as it is to the batch processor when it ends; the exporter's thread makes it the SDK's
+``ReadableSpan`` (:meth:`Span.readable`) and the SDK's OTLP exporter encodes and sends it, off
+the event loop. The SDK's own
 ``Tracer.start_span``/``end`` cost about 60 µs per span inside the sidecar (its sampler,
 bounded attributes, locks and processor hooks on every span); these cost a fifth of that
 (bench/tracing_bench.py). The sampler decides once per trace, at its root (with the caller's
@@ -84,25 +86,19 @@ Attributes = Mapping[str, str | bool | int | float]
 
 class _Sdk:
     """What the spans use of the SDK, made once by :func:`setup`: where ended spans go (the
-    batch processor's ``on_end``; its exporter encodes them, see
-    :class:`~comfy_sidecar.observability.otlp.Producer`), the sampler, the id generator, the
-    W3C propagator."""
+    batch processor's ``on_end``; its exporter is
+    :class:`~comfy_sidecar.observability.span_export.SidecarSpans`), the sampler, the id
+    generator, the W3C propagator."""
 
-    def __init__(self, provider: Any, processor: Any, exporter: Any, version: str) -> None:
-        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    def __init__(self, provider: Any, processor: Any, exporter: Any) -> None:
         from opentelemetry.trace import SpanContext, SpanKind, TraceFlags, get_current_span
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-        from comfy_sidecar.observability import otlp
 
         self.provider = provider
         self.exporter = exporter
         self.on_end = processor.on_end
         self.sampler = provider.sampler
         self.ids = provider.id_generator
-        otlp.producer = otlp.Producer(
-            provider.resource, InstrumentationScope("comfy_sidecar", version), Span
-        )
         # What the batch processor checks of each span it is handed: a sampled one's context.
         Span.context = SpanContext(1, 1, False, TraceFlags(TraceFlags.SAMPLED))
         self.propagator = TraceContextTextMapPropagator()
@@ -152,27 +148,24 @@ def setup(version: str, env: Mapping[str, str] | None = None) -> bool:
     global _sdk
     if not configured(env) or _sdk is not None:
         return _sdk is not None
-    from opentelemetry.exporter.otlp.proto.http import trace_exporter
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-    from comfy_sidecar.observability import otlp
-
-    # The exporter serializes ``encode_spans(spans)``: the same bytes from our encoder, at
-    # half the CPU (comfy_sidecar/observability/otlp.py); everything else is the exporter's.
-    if hasattr(trace_exporter, "encode_spans"):
-        trace_exporter.encode_spans = otlp.Request
+    from comfy_sidecar.observability.span_export import SidecarSpans
 
     resource = Resource.create({"service.version": version})
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": "comfy-sidecar"}))
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-    exporter = OTLPSpanExporter()
+    exporter = SidecarSpans(
+        OTLPSpanExporter(), provider.resource, InstrumentationScope("comfy_sidecar", version)
+    )
     processor = BatchSpanProcessor(exporter)
     provider.add_span_processor(processor)
-    _sdk = _Sdk(provider, processor, exporter, version)
+    _sdk = _Sdk(provider, processor, exporter)
     # What is loaded by now (the sidecar's modules, and the SDK's, protobuf's and requests':
     # some 60,000 objects that live as long as the process) is kept out of the collector's
     # generations: the spans waiting for export make full collections come sooner, and each
@@ -323,7 +316,7 @@ class Span:
     def end(self, end_ns: int | None = None) -> None:
         """End the span now, or at ``end_ns`` (ns since the epoch), and hand it to the batch
         processor (a sampled trace's): it waits there as it is, and the exporter's thread
-        encodes it (:meth:`encode`). Later calls do nothing."""
+        makes it a ``ReadableSpan`` (:meth:`readable`). Later calls do nothing."""
         if self._end:
             return
         self._end = end_ns or time.time_ns()
@@ -331,23 +324,33 @@ class Span:
         if sdk is not None and self.recording:
             sdk.on_end(self)
 
-    def encode(self) -> bytes:
-        """This ended span as a ``ScopeSpans.spans`` field of OTLP protobuf (called by the
-        exporter, in its thread: the span no longer changes)."""
-        from comfy_sidecar.observability import otlp
+    def readable(self, resource: Any, scope: Any) -> Any:
+        """This ended span as the SDK's ``ReadableSpan`` under ``resource`` (an SDK
+        ``Resource``) and ``scope`` (an ``InstrumentationScope``): what the SDK's exporters
+        take. Called by the exporter, in its thread: the span no longer changes."""
+        from opentelemetry.sdk.trace import Event, ReadableSpan
+        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-        return otlp.finished(
-            self.trace_id,
-            self.span_id,
-            self._parent,
-            self._state,
-            self._name,
-            self._kind,
-            self._start,
-            self._end,
-            self._attributes,
-            self._events,
-            self._status,
+        sampled = TraceFlags(TraceFlags.SAMPLED)
+        parent = self._parent
+        if isinstance(parent, Span):
+            parent = SpanContext(parent.trace_id, parent.span_id, False, sampled, self._state)
+        status = self._status
+        return ReadableSpan(
+            name=self._name,
+            context=SpanContext(self.trace_id, self.span_id, False, sampled, self._state),
+            parent=parent,
+            resource=resource,
+            attributes=self._attributes,
+            events=[
+                Event(name, attributes, timestamp)
+                for name, timestamp, attributes in self._events or ()
+            ],
+            kind=SpanKind(self._kind),
+            instrumentation_scope=scope,
+            status=Status(StatusCode(status[0]), status[1]) if status else Status(),
+            start_time=self._start,
+            end_time=self._end,
         )
 
     @property

@@ -519,104 +519,24 @@ def finished_spans() -> list[Any]:
     return list(memory.get_finished_spans())
 
 
-def test_our_otlp_encoding_is_the_sdks() -> None:
-    """The exporter sends our encoding of the spans (comfy_sidecar/observability/otlp.py):
-    it decodes to exactly the message the SDK's encoder builds, twice in a row (with the
-    attributes it keeps encoded), and a batch it does not write (a span link) is the SDK's."""
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest,
-    )
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from opentelemetry.trace import Link
-
-    from comfy_sidecar.observability import otlp
-
-    spans = finished_spans()
-    assert len(spans) == 20
-    expected = encode_spans(spans)
-    for _ in range(2):
-        assert ExportTraceServiceRequest.FromString(otlp.encode(spans)) == expected
-    assert otlp.Request(spans).SerializePartialToString() == otlp.encode(spans)
-
-    memory = InMemorySpanExporter()
-    provider = TracerProvider(shutdown_on_exit=False)
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    linked = provider.get_tracer("t").start_span(
-        "linked", links=[Link(spans[0].get_span_context(), {"why": "retry"})]
-    )
-    linked.end()
-    batch = [*spans[:2], *memory.get_finished_spans()]
-    with pytest.raises(otlp.Unsupported):
-        otlp.encode(batch)
-    assert otlp.Request(batch).SerializePartialToString() == (
-        encode_spans(batch).SerializePartialToString()
-    )
-
-
-def test_our_spans_encode_as_the_sdks_readable_spans() -> None:
-    """A live span of the sidecar is encoded by the exporter (otlp.finished) and sent under the
-    process's resource and scope (otlp.Producer): the request decodes to exactly what the
-    SDK's encoder makes of the same spans as ReadableSpans."""
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest,
-    )
-
-    from comfy_sidecar.observability import otlp
-
-    spans = finished_spans()
-    first = spans[0]
-    group = [
-        s
-        for s in spans
-        if s.resource is first.resource and s.instrumentation_scope is first.instrumentation_scope
-    ]
-    assert len(group) == 5 and any(s.events for s in group) and any(s.parent for s in group)
-    producer = otlp.Producer(first.resource, first.instrumentation_scope, bytes)
-    encoded = [
-        otlp.finished(
-            s.context.trace_id,
-            s.context.span_id,
-            s.parent,
-            s.context.trace_state,
-            s.name,
-            s.kind.value,
-            s.start_time,
-            s.end_time,
-            dict(s.attributes),
-            [(e.name, e.timestamp, dict(e.attributes)) for e in s.events],
-            None
-            if s.status.is_unset and not s.status.description
-            else (s.status.status_code.value, s.status.description or ""),
-        )
-        for s in group
-    ]
-    decoded = ExportTraceServiceRequest.FromString(producer.request(encoded))
-    assert decoded == encode_spans(group)
-
-
-def test_an_ended_span_is_encoded_by_the_exporter_as_it_ended(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The batch processor holds the sidecar's Span itself and the exporter's request encodes
-    it (in the exporter's thread, later): it is sent as it was when it ended (an attribute set
-    or an end given afterwards is not), under the process's resource and scope, beside an SDK
-    ReadableSpan of the same batch."""
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceRequest,
-    )
+def test_an_ended_span_is_exported_as_it_ended(otlp: OtlpServer) -> None:
+    """The batch processor holds the sidecar's Span itself and the exporter
+    (span_export.SidecarSpans, in the exporter's thread, later) makes it the SDK's
+    ReadableSpan for the SDK's OTLP/HTTP exporter: it is sent as it was when it ended (an
+    attribute set or an end given afterwards is not), under the process's resource and scope,
+    beside an SDK ReadableSpan of the same batch."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace.export import SpanExportResult
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-    from comfy_sidecar.observability import otlp
+    from comfy_sidecar.observability.span_export import SidecarSpans
 
-    producer = otlp.Producer(
-        Resource({"service.name": "ours"}), InstrumentationScope("comfy_sidecar", "9"), tracing.Span
+    exporter = SidecarSpans(
+        OTLPSpanExporter(endpoint=f"{otlp.endpoint}/v1/traces"),
+        Resource({"service.name": "ours"}),
+        InstrumentationScope("comfy_sidecar", "9"),
     )
-    monkeypatch.setattr(otlp, "producer", producer)
     root = tracing.Span("job", 1, 0xABC, 0x1, None, True, None, {"job.id": "a"}, 1_000)
     child = tracing.Span("prepare", 0, 0xABC, 0x2, root, True, None, None, 2_000)
     child.set("before", 1)
@@ -626,21 +546,19 @@ def test_an_ended_span_is_encoded_by_the_exporter_as_it_ended(
     root.end(4_000)
     sdk_span = finished_spans()[0]
 
-    decoded = ExportTraceServiceRequest.FromString(
-        otlp.Request([child, sdk_span, root]).SerializePartialToString()
-    )
-    ours, *others = decoded.resource_spans
-    assert [kv.value.string_value for kv in ours.resource.attributes] == ["ours"]
-    (scope,) = ours.scope_spans
-    assert (scope.scope.name, scope.scope.version) == ("comfy_sidecar", "9")
-    sent_child, sent_root = scope.spans
-    assert (sent_child.name, sent_child.start_time_unix_nano, sent_child.end_time_unix_nano) == (
-        "prepare",
-        2_000,
-        3_000,
-    )
-    assert [(kv.key, kv.value.int_value) for kv in sent_child.attributes] == [("before", 1)]
-    assert sent_child.parent_span_id == sent_root.span_id == (1).to_bytes(8, "big")
-    assert sent_child.trace_id == sent_root.trace_id == (0xABC).to_bytes(16, "big")
-    assert (sent_root.name, sent_root.end_time_unix_nano) == ("job", 4_000)
-    assert [s.name for r in others for ss in r.scope_spans for s in ss.spans] == [sdk_span.name]
+    try:
+        assert exporter.export([child, sdk_span, root]) is SpanExportResult.SUCCESS
+    finally:
+        exporter.shutdown()
+    received = otlp.received()
+    ours = [s for s in received if s.resource == {"service.name": "ours"}]
+    others = [s for s in received if s not in ours]
+    assert {s.scope for s in ours} == {("comfy_sidecar", "9")}
+    sent_child, sent_root = ours
+    assert (sent_child.name, sent_child.start_ns, sent_child.end_ns) == ("prepare", 2_000, 3_000)
+    assert sent_child.attributes == {"before": 1}
+    assert sent_child.parent_id == sent_root.span_id == f"{1:016x}"
+    assert sent_child.trace_id == sent_root.trace_id == f"{0xABC:032x}"
+    assert (sent_root.name, sent_root.end_ns, sent_root.kind) == ("job", 4_000, "server")
+    assert sent_root.attributes == {"job.id": "a"} and sent_root.parent_id == ""
+    assert [s.name for s in others] == [sdk_span.name]

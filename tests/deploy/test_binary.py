@@ -74,7 +74,7 @@ LAZY_MODULES = [
     "PIL.GifImagePlugin",
     "yaml",
     # traces, imported only when an OTLP endpoint is set
-    "comfy_sidecar.observability.otlp",
+    "comfy_sidecar.observability.span_export",
     "opentelemetry.sdk.trace.export",
     "opentelemetry.sdk.resources",
     "opentelemetry.exporter.otlp.proto.http.trace_exporter",
