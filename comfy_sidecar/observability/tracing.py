@@ -143,7 +143,9 @@ def setup(version: str, env: Mapping[str, str] | None = None) -> bool:
     """Turn tracing on when :func:`configured` says so: the SDK's TracerProvider (its
     resource, and its sampler from ``OTEL_TRACES_SAMPLER``), a BatchSpanProcessor
     (``OTEL_BSP_*``) and an OTLPSpanExporter over HTTP (``OTEL_EXPORTER_OTLP_*``), all
-    configured by the SDK from the environment; ``version`` is ``service.version``. Only then
+    configured by the SDK from the environment, the exporter behind
+    :class:`~comfy_sidecar.observability.span_export.SidecarSpans` (it makes the sidecar's
+    spans SDK ``ReadableSpan`` objects); ``version`` is ``service.version``. Only then
     is OpenTelemetry imported. Returns whether tracing is on."""
     global _sdk
     if not configured(env) or _sdk is not None:
@@ -166,14 +168,6 @@ def setup(version: str, env: Mapping[str, str] | None = None) -> bool:
     processor = BatchSpanProcessor(exporter)
     provider.add_span_processor(processor)
     _sdk = _Sdk(provider, processor, exporter)
-    # What is loaded by now (the sidecar's modules, and the SDK's, protobuf's and requests':
-    # some 60,000 objects that live as long as the process) is kept out of the collector's
-    # generations: the spans waiting for export make full collections come sooner, and each
-    # walked all of it again (70 ms; 35 ms once frozen, bench/tracing_bench.py).
-    import gc
-
-    gc.collect()
-    gc.freeze()
     return True
 
 
