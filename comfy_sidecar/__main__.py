@@ -55,6 +55,25 @@ def _give_back_large_blocks() -> None:
     mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
+def skip_unused_imports() -> None:
+    """Make two optional imports of libraries fail at once, as they do where the module is
+    missing (the frozen binary), by putting None in ``sys.modules``:
+
+    - httpx imports its command-line client when click, rich and pygments are installed
+      (Litestar brings them): 4 MB of the sidecar's memory for a tool it never runs
+      (bench/rss_bench.py); httpx takes the fallback it has for a missing CLI;
+    - Litestar probes for its OpenTelemetry plugin when an app is made, importing
+      ``opentelemetry`` and its HTTP conventions (2 ms) whenever the API package is
+      installed (a dependency of the sidecar's own tracing, which does not use the plugin);
+      with tracing off the sidecar imports nothing of OpenTelemetry
+      (:mod:`comfy_sidecar.observability.tracing`).
+    """
+    if "httpx" not in sys.modules:
+        sys.modules["httpx._main"] = None  # type: ignore[assignment]
+    if "litestar.app" not in sys.modules:
+        sys.modules["litestar.plugins.opentelemetry"] = None  # type: ignore[assignment]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the sidecar until it is stopped; returns the process exit status.
 
@@ -74,13 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     _give_back_large_blocks()
-    # httpx imports its command-line client when click, rich and pygments are installed
-    # (Litestar brings them): 4 MB of the sidecar's memory for a tool it never runs
-    # (bench/rss_bench.py). None in sys.modules makes that import fail, and httpx takes the
-    # fallback it has for a missing CLI, as it does in the frozen binary, which leaves rich
-    # and pygments out (build.spec).
-    if "httpx" not in sys.modules:
-        sys.modules["httpx._main"] = None  # type: ignore[assignment]
+    skip_unused_imports()
 
     from comfy_sidecar.boot import BootProbes, bind_socket
     from comfy_sidecar.config import ConfigError, load_settings

@@ -753,10 +753,15 @@ class Double:
                 return Response(checked[1], status_code=checked[0])
             prompt_id = str(body.get("prompt_id") or os.urandom(16).hex())
             number = float(next(double.number))
-            extra = {"client_id": body.get("client_id"), "create_time": now_ms()}
-            sensitive = (body.get("extra_data") or {}).get("api_key_comfy_org")
+            # ComfyUI 0.8.0 keeps the body's extra_data (the sidecar's traceparent) with the
+            # queue item and its history, client_id and create_time added to it, and leaves
+            # out its SENSITIVE_EXTRA_DATA_KEYS (the partner key: only its hash is recorded).
+            extra_data = body.get("extra_data")
+            extra_data = dict(extra_data) if isinstance(extra_data, dict) else {}
+            sensitive = extra_data.pop("api_key_comfy_org", None)
             if isinstance(sensitive, str):
                 double.partner_keys[prompt_id] = hashlib.sha256(sensitive.encode()).hexdigest()
+            extra = {**extra_data, "client_id": body.get("client_id"), "create_time": now_ms()}
             heapq.heappush(double.queue, (number, prompt_id, body["prompt"], extra, checked))
             double.wakeup.set()
             await double.send_status()

@@ -129,18 +129,27 @@ class ComfyClient:
         prompt_id: str,
         client_id: str,
         partner_key: Secret | None = None,
+        traceparent: str | None = None,
     ) -> None:
-        """``POST /prompt`` with our ``prompt_id`` and ``client_id``, and ``partner_key`` as
-        ``extra_data.api_key_comfy_org`` (what ComfyUI's partner (API) nodes authenticate
-        with; ComfyUI keeps it out of its queue and history: ``SENSITIVE_EXTRA_DATA_KEYS``).
+        """``POST /prompt`` with our ``prompt_id`` and ``client_id``, and in ``extra_data``:
+        ``partner_key`` as ``api_key_comfy_org`` (what ComfyUI's partner (API) nodes
+        authenticate with; ComfyUI keeps it out of its queue and history:
+        ``SENSITIVE_EXTRA_DATA_KEYS``) and a W3C ``traceparent`` (ComfyUI 0.8.0 keeps
+        ``extra_data`` with the queue item and in the prompt's history, ``prompt[3]``), so what
+        reads ComfyUI's queue or history can join the job's trace.
 
         Raises :class:`PromptRejected` on ComfyUI's 400, :class:`ComfyUnavailable` otherwise.
         A 200 whose ``node_errors`` is non-empty (some outputs dropped) is also rejected, since
         ComfyUI would silently skip those outputs.
         """
         fields: dict[str, Any] = {"prompt": prompt, "prompt_id": prompt_id, "client_id": client_id}
+        extra_data: dict[str, str] = {}
         if partner_key is not None:
-            fields["extra_data"] = {"api_key_comfy_org": partner_key.reveal()}
+            extra_data["api_key_comfy_org"] = partner_key.reveal()
+        if traceparent:
+            extra_data["traceparent"] = traceparent
+        if extra_data:
+            fields["extra_data"] = extra_data
         body = msgspec.json.encode(fields)
         status, content = await self._request("POST", "/prompt", body, long=True)
         if status == 200:

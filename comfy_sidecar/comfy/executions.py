@@ -96,6 +96,10 @@ class Job:
     #: ``("sidecar_accepted", {"prompt_id"})`` once ComfyUI took it (its validation passed) and
     #: ``("sidecar_waiting", {})`` when it waits for an instance slot.
     listener: Callable[[str, dict[str, Any]], None] | None = None
+    #: The nodes' times, for the job's trace: None (not kept) unless the pipeline traces the
+    #: job; then one ``[node_id, start_ns, end_ns, cached, error]`` per node that ran or was
+    #: served from ComfyUI's cache, timed from the frames (see :func:`_note_node`).
+    timeline: list[list[Any]] | None = None
     #: Set by an interrupt, so a job still waiting for an instance stops waiting.
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Future[JobOutcome] = field(
@@ -221,6 +225,8 @@ class JobRegistry:
         if job is None or job.done.done():
             return
         kind = frame.get("type")
+        if job.timeline is not None:
+            _note_node(job.timeline, kind, data)
         if kind == "execution_start":
             job.state = JobState.RUNNING
             job.exec_start_ms = _int(data.get("timestamp")) or now_ms()
@@ -400,6 +406,49 @@ def outcome_from_history(entry: dict[str, Any]) -> JobOutcome:
     if status.get("status_str") == "error":
         return JobOutcome(OutcomeKind.EXECUTION_ERROR, outputs, {"message": "ComfyUI error"})
     return JobOutcome(OutcomeKind.SUCCESS, outputs)
+
+
+def _note_node(timeline: list[list[Any]], kind: Any, data: dict[str, Any]) -> None:
+    """Keep the nodes' times from one frame of the job (``time.time_ns()`` when it arrived):
+    ``executing`` starts a node and ends the one before; ``executed`` of the running node, the
+    next ``executing`` or the end of the prompt (``execution_success``, ``execution_error``,
+    ``execution_interrupted``, ``executing`` null) ends it; ``execution_cached`` adds its
+    nodes as cached, starting and ending at once. ``execution_error`` keeps its data on the
+    failed node's entry (``error``)."""
+    if kind not in _TIMED:
+        return
+    now = time.time_ns()
+    running = timeline[-1] if timeline and not timeline[-1][2] else None
+    if kind == "execution_cached":
+        timeline.extend([str(n), now, now, True, None] for n in data.get("nodes") or ())
+        return
+    node = data.get("node")
+    if kind == "executed" and (running is None or running[0] != str(node)):
+        return
+    if running is not None:
+        running[2] = now
+    if kind == "executing" and node is not None:
+        timeline.append([str(node), now, 0, False, None])
+    elif kind == "execution_error":
+        failed = str(data.get("node_id"))
+        entry = next((e for e in reversed(timeline) if e[0] == failed), None)
+        if entry is None:
+            entry = [failed, now, now, False, None]
+            timeline.append(entry)
+        entry[4] = data
+
+
+#: The frames :func:`_note_node` reads.
+_TIMED = frozenset(
+    {
+        "execution_cached",
+        "executing",
+        "executed",
+        "execution_success",
+        "execution_error",
+        "execution_interrupted",
+    }
+)
 
 
 def _int(value: Any) -> int | None:

@@ -58,7 +58,8 @@ from comfy_sidecar.jobs.record import JobRecord
 from comfy_sidecar.jobs.spec import AfterEnd, JobSpec
 from comfy_sidecar.jobs.store import JobStore
 from comfy_sidecar.jobs.streaming import OutputStream, streams_outputs
-from comfy_sidecar.observability import metrics
+from comfy_sidecar.observability import metrics, tracing
+from comfy_sidecar.observability.logs import TRACEPARENT, bind_traceparent
 from comfy_sidecar.pipeline.convert import Converter
 from comfy_sidecar.pipeline.deliver import (
     Accepted,
@@ -536,10 +537,34 @@ class JobLifecycle:
         ``input``. Raises the :mod:`comfy_sidecar.errors` classes for everything that goes
         wrong before the answer (see :meth:`Pipeline.run`;
         :class:`~comfy_sidecar.errors.UpstreamFailed` for an upload).
+
+        Traced as one trace, the job's root span starting here (it continues the request's
+        ``traceparent``) and ending with the job.
         """
+        root = tracing.job_span("job", TRACEPARENT.get(), {"job.endpoint": endpoint})
+        with tracing.use(root):
+            try:
+                delivered = await self._answer(request, workflow_input, endpoint, key, root)
+            except BaseException as exc:
+                root.error(exc)
+                root.end()
+                raise
+        if not isinstance(delivered, Accepted):  # an accepted job's run ends its span
+            root.end()
+        return delivered
+
+    async def _answer(
+        self,
+        request: PromptRequest,
+        workflow_input: dict[str, Any] | None,
+        endpoint: str,
+        key: KeyPolicy | None,
+        root: tracing.Span | tracing.NoSpan,
+    ) -> Delivered:
         if request.id is None:
             request = msgspec.structs.replace(request, id=str(uuid.uuid4()))
         assert request.id is not None
+        root.set("job.id", request.id)
         spec = JobSpec(request=request, endpoint=endpoint, key=key)
         admission = await self.admit(request, key=key)
         try:
@@ -560,6 +585,7 @@ class JobLifecycle:
                     retain=False,
                     counted=admission.counted,
                     hold=admission.hold,
+                    root=root,
                 )
             )
             fields = msgspec.structs.asdict(echoed)
@@ -583,24 +609,47 @@ class JobLifecycle:
 
     async def warmup(self, request: PromptRequest, instance: ComfyInstance) -> None:
         """Run the warmup prompt on ``instance`` (past the dispatcher): recorded like any job,
-        its outputs removed at once. Raises what :meth:`Pipeline.run` raises."""
+        its outputs removed at once (a trace of its own). Raises what :meth:`Pipeline.run`
+        raises."""
         assert request.id is not None
-        record, _ = self.open(request.id, "warmup")
-        pending = await self._prepare(record, request, NO_HOLD, 0)
-        try:
-            result = await self.pipeline.complete(pending, instance)
-        except BaseException as exc:
-            self.store.finish(record, status_for(exc), error=error_body(exc, record.id))
-            raise
-        self._completed(record, result.files, None, result.stats(), retain=False)
-        result.release()
+        root = tracing.job_span("job", None, {"job.endpoint": "warmup", "job.id": request.id})
+        with root:
+            record, _ = self.open(request.id, "warmup")
+            pending = await self._prepare(record, request, NO_HOLD, 0)
+            try:
+                result = await self.pipeline.complete(pending, instance)
+            except BaseException as exc:
+                self.store.finish(record, status_for(exc), error=error_body(exc, record.id))
+                raise
+            self._completed(record, result.files, None, result.stats(), retain=False)
+            result.release()
 
     async def submit(self, spec: JobSpec) -> JobRecord:
         """A job of the job APIs run on this replica (the in-process backend): admitted,
         prepared now (a caller's mistake raises, and nothing is kept), then run in the
         background; outputs are kept under JOBS_DIR unless the request uploads them.
         Resubmitting a retained id with the same fingerprint returns that job (nothing is
-        admitted or run); another body raises :class:`Conflict`."""
+        admitted or run); another body raises :class:`Conflict`. Traced as :meth:`answer`
+        is."""
+        root = tracing.job_span(
+            "job", TRACEPARENT.get(), {"job.endpoint": spec.endpoint, "job.id": spec.id}
+        )
+        with tracing.use(root):
+            try:
+                record, started = await self._submit(spec, root)
+            except BaseException as exc:
+                root.error(exc)
+                root.end()
+                raise
+        if not started:  # a resubmission: nothing runs
+            root.set("job.resubmitted", True)
+            root.end()
+        return record
+
+    async def _submit(
+        self, spec: JobSpec, root: tracing.Span | tracing.NoSpan
+    ) -> tuple[JobRecord, bool]:
+        """:meth:`submit`; (the record, whether a run started: it ends ``root``)."""
         request = spec.request
         await self.check_after(spec)
         existing = self.store.find(spec.id)
@@ -612,7 +661,7 @@ class JobLifecycle:
             record, created = self.open(spec.id, spec.endpoint, spec.fingerprint, spec.key)
             if not created:  # a resubmission: nothing new to deliver
                 self.undo(admission)
-                return record
+                return record, False
             self._describe(record, spec)
             stream = self._stream(spec, record, attempt)
             pending = await self._prepare(
@@ -640,6 +689,7 @@ class JobLifecycle:
                 hold=admission.hold,
                 stream=stream,
                 verdict=verdict,
+                root=root,
             )
         )
         if verdict is not None:
@@ -647,7 +697,7 @@ class JobLifecycle:
             if refusal is not None:  # ComfyUI refused the prompt: no job was made
                 self.store.drop(record)
                 raise refusal
-        return record
+        return record, True
 
     @staticmethod
     def _describe(record: JobRecord, spec: JobSpec) -> None:
@@ -659,7 +709,22 @@ class JobLifecycle:
         """Run a job another replica accepted (taken from the shared queue) here, to its end:
         prepared, run, its webhooks and after-end action sent, its end persisted by
         ``attempt``. A job that cannot be prepared (a download fails) ends ``failed`` through
-        the same failure routine: it was accepted, so it is never silently dropped."""
+        the same failure routine: it was accepted, so it is never silently dropped.
+
+        The run continues the submitter's trace (``spec.traceparent``): its ``job`` span
+        (CONSUMER) is a child of the submission's span, and the run's log records carry that
+        trace id (also with tracing off: the submitter's request's own traceparent)."""
+        bind_traceparent(spec.traceparent)
+        root = tracing.job_span(
+            "job",
+            spec.traceparent,
+            {"job.endpoint": spec.endpoint, "job.id": spec.id},
+            kind="consumer",
+        )
+        with root:
+            return await self._run(spec, attempt)
+
+    async def _run(self, spec: JobSpec, attempt: Attempt) -> JobRecord:
         record, _ = self.open(spec.id, spec.endpoint, key=spec.key)
         self._describe(record, spec)
         attempt.bind(record)
@@ -721,13 +786,15 @@ class JobLifecycle:
         hold: Hold = NO_HOLD,
         stream: OutputStream | None = None,
         verdict: Verdict | None = None,
+        root: tracing.Span | tracing.NoSpan = tracing.NO_SPAN,
     ) -> None:
         """Finish a prepared job: run, convert, upload, then (if ``attempt`` may end it) the
         webhooks, the record's end, its persistence and the adapter's after-end action.
         ``counted``: the job holds a MAX_PENDING_DELIVERIES place until its webhooks are
         delivered or given up; ``hold``: its quota places, given back once it ended.
         ``stream``: the outputs published while it ran, which the end's outputs follow.
-        ``verdict``: told when ComfyUI refused the prompt, or that it did not."""
+        ``verdict``: told when ComfyUI refused the prompt, or that it did not. ``root``: the
+        job's span, ended here (a run from the queue ends its own)."""
         request = spec.request
         result: JobResult | None = None
         sent: list[asyncio.Future[bool]] = []
@@ -766,9 +833,11 @@ class JobLifecycle:
         except Superseded as exc:
             self.store.finish(record, status_for(exc), error=error_body(exc, record.id))
             log.warning("%s; its result here is discarded", exc)
+            tracing.current().set("job.superseded", True)
         except BaseException as exc:
             if not isinstance(exc, Exception):
                 self.store.finish(record, status_for(exc), error=error_body(exc, record.id))
+                tracing.current().error(exc)
                 raise
             sent += await self.end_failed(spec, record, exc, attempt, prompt=pending.prompt)
             if verdict is not None and isinstance(exc, ValidationFailed):
@@ -784,6 +853,7 @@ class JobLifecycle:
             self.background -= 1
             if self.background == 0:
                 self._idle.set()
+            root.end()
 
     async def end_failed(
         self,
@@ -803,6 +873,12 @@ class JobLifecycle:
         end is persisted and the adapter's after-end action runs. Returns
         the webhook's futures."""
         job_id = record.id
+        root = tracing.current()  # the job's span where it runs (nothing elsewhere)
+        if root.recording:
+            if isinstance(failure, BaseException):
+                root.error(failure)
+            else:
+                root.error(str(failure.get("error", "the job failed")))
         if isinstance(failure, BaseException):
             error = error_body(failure, job_id)
             final = status or status_for(failure)

@@ -53,7 +53,10 @@ class JobSpec(msgspec.Struct, kw_only=True, frozen=True):
     empty for ``/prompt``, whose ids may be reused once a job ended), ``after`` (the
     adapter's webhook, sent by whichever replica ends the job) and ``key`` (the policy of the
     API key that submitted it: its name owns the job, its quotas admit it, its priority places
-    it in the queues; None without keys). The HTTP layer sets ``key`` (never the key itself).
+    it in the queues; None without keys; the HTTP layer sets it, never the key itself) and
+    ``traceparent`` (the W3C trace context the job continues where it runs: the submitting
+    replica's span, or the submitter's request's own header with tracing off; kept with the
+    job in Redis).
 
     The Comfy API v2 (``comfy_v2``) adds: ``metadata``, string labels kept with the job, shown
     in its view and filtered on by :meth:`~comfy_sidecar.jobs.backend.JobBackend.page`;
@@ -79,6 +82,7 @@ class JobSpec(msgspec.Struct, kw_only=True, frozen=True):
     idempotency_key: str | None = None
     partner_key: Secret | None = None
     verdict: bool = False
+    traceparent: str | None = None
 
     @property
     def owner(self) -> str | None:

@@ -134,7 +134,7 @@ class JsonFormatter(logging.Formatter):
 
 
 #: Libraries whose records below WARNING are left out (their requests, frames and access lines).
-NOISY = ("httpx", "httpcore", "aiohttp", "uvicorn.access")
+NOISY = ("httpx", "httpcore", "aiohttp", "uvicorn.access", "urllib3")
 
 
 def level_number(level: str) -> int:

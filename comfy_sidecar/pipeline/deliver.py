@@ -19,6 +19,7 @@ import msgspec
 
 from comfy_sidecar.errors import InputError, UpstreamFailed
 from comfy_sidecar.net.bounded import gather_bounded
+from comfy_sidecar.observability import tracing
 from comfy_sidecar.pipeline.convert import ConversionError, Converter, ImageTooLarge
 from comfy_sidecar.pipeline.outputs import (
     INLINE_LIMIT,
@@ -126,6 +127,15 @@ async def postprocess(result: JobResult, options: PromptOptions, converter: Conv
     spec = options.convert_output
     if spec is None or not result.files:
         return
+    with tracing.span("convert") as span:
+        if span.recording:
+            span.set("convert.format", str(type(spec).__struct_config__.tag))
+        await _convert(result, spec, converter)
+        if span.recording and result.conversion_errors:
+            span.set("convert.errors", len(result.conversion_errors))
+
+
+async def _convert(result: JobResult, spec: Any, converter: Converter) -> None:
     started = time.monotonic()
     files = result.files
     converted: list[OutputFile] = []

@@ -41,6 +41,7 @@ from comfy_sidecar.errors import (
     ValidationFailed,
 )
 from comfy_sidecar.net.urls import scrub_url
+from comfy_sidecar.observability import tracing
 from comfy_sidecar.observability.logs import bind_job, job_scope
 from comfy_sidecar.pipeline.outputs import (
     OutputError,
@@ -137,22 +138,46 @@ class JobStaging:
         from comfy_sidecar.storage import StorageError
 
         auth = self.storage.credentials_for(url, self.credentials)
-        try:
-            cached = await self.storage.fetch(url, auth, self.lease)
-            name = f"{stem}{cached.suffix}"
-            return await self.storage.stage_input(url, auth, self.input_dir, name, self.lease)
-        except StorageError as exc:  # a full disk is the sidecar's (507), naming the field
-            raise _download_failed(url, exc, location) from None
+        with self._traced(url, location) as span:
+            try:
+                cached = await self.storage.fetch(url, auth, self.lease)
+                name = f"{stem}{cached.suffix}"
+                staged = await self.storage.stage_input(url, auth, self.input_dir, name, self.lease)
+            except StorageError as exc:  # a full disk is the sidecar's (507), naming the field
+                raise _download_failed(url, exc, location) from None
+            self._sized(span, url)
+            return staged
 
     async def model(self, url: str, folder: str, location: str) -> str:
         """Download ``url`` into ``MODEL_DIR/<folder>``; returns the name ComfyUI lists."""
         from comfy_sidecar.storage import StorageError
 
         auth = self.storage.credentials_for(url, self.credentials)
-        try:
-            return await self.storage.stage_model(url, auth, self.model_dir / folder, self.lease)
-        except StorageError as exc:  # a full disk is the sidecar's (507), naming the field
-            raise _download_failed(url, exc, location) from None
+        with self._traced(url, location) as span:
+            try:
+                staged = await self.storage.stage_model(
+                    url, auth, self.model_dir / folder, self.lease
+                )
+            except StorageError as exc:  # a full disk is the sidecar's (507), naming the field
+                raise _download_failed(url, exc, location) from None
+            self._sized(span, url)
+            return staged
+
+    def _traced(self, url: str, location: str) -> tracing.Span | tracing.NoSpan:
+        """The ``download`` span of one URL input (its URL scrubbed of credentials, the
+        prompt field, whether the cache had it before this job asked)."""
+        span = tracing.span("download")
+        if span.recording:
+            span.set("url.full", scrub_url(url))
+            span.set("comfy_sidecar.input", location)
+            span.set("cache.hit", self.storage.cache.entry(url) is not None)
+        return span
+
+    def _sized(self, span: tracing.Span | tracing.NoSpan, url: str) -> None:
+        """Note the size of ``url``'s cache file on its ``download`` span."""
+        if span.recording:
+            entry = self.storage.cache.entry(url)
+            span.set("download.bytes", entry.size if entry is not None else 0)
 
 
 def _download_failed(url: str, exc: Exception, location: str) -> SidecarError:
@@ -334,7 +359,14 @@ class Pipeline:
         ``partner_key`` goes to ComfyUI with the prompt (``extra_data.api_key_comfy_org``).
 
         Raises :class:`InputError` (with the job's ``id``) and :class:`Conflict`; on success the
-        caller must pass the result to :meth:`complete` (or call its ``abandon``)."""
+        caller must pass the result to :meth:`complete` (or call its ``abandon``). Traced as
+        the job's ``prepare`` span."""
+        with tracing.span("prepare"):
+            return await self._prepare(request, priority, partner_key)
+
+    async def _prepare(
+        self, request: PromptRequest, priority: int, partner_key: Secret | None
+    ) -> PendingJob:
         started = time.monotonic()
         job_id = request.id or str(uuid.uuid4())
         try:
@@ -421,11 +453,15 @@ class Pipeline:
             )
             prepared.cleanup()
             self._raise_for(job, outcome, ran_on)
-            try:
-                files = collect_outputs(outcome.outputs, self.settings.output_dir)
-            except OutputError as exc:
-                log.warning("job %s: %s", job.id, exc)
-                raise ExecutionFailed(self.server_paths.scrub_text(str(exc)), id=job.id) from None
+            with tracing.span("outputs.collect") as span:
+                try:
+                    files = collect_outputs(outcome.outputs, self.settings.output_dir)
+                except OutputError as exc:
+                    log.warning("job %s: %s", job.id, exc)
+                    raise ExecutionFailed(
+                        self.server_paths.scrub_text(str(exc)), id=job.id
+                    ) from None
+                span.set("comfy_sidecar.outputs", len(files))
             return JobResult(
                 job,
                 prepared.prompt,
@@ -510,6 +546,10 @@ class Pipeline:
         """Wait for a slot on a ready instance; None when the job is interrupted first."""
         if job.interrupt_requested:
             return None
+        with tracing.span("queue.wait"):
+            return await self._wait_for_slot(job)
+
+    async def _wait_for_slot(self, job: Job) -> ComfyInstance | None:
         listener = job.listener
 
         def waiting() -> None:
@@ -541,12 +581,48 @@ class Pipeline:
             return JobOutcome(
                 OutcomeKind.INTERRUPTED, error={"message": "interrupted before it was queued"}
             )
-        instance.registry.add(job)
-        self._where[job.id] = instance
-        try:
-            return await self._queue_and_wait(instance, job, prompt)
-        finally:
-            instance.registry.remove(job)
+        with tracing.span("comfyui.execute") as span:
+            if span.recording:
+                span.set("comfyui.prompt_id", job.prompt_id)
+                span.set("comfyui.instance", instance.name)
+                job.timeline = []
+            instance.registry.add(job)
+            self._where[job.id] = instance
+            try:
+                outcome = await self._queue_and_wait(instance, job, prompt)
+            finally:
+                instance.registry.remove(job)
+                if span.recording:
+                    self._trace_nodes(span, job, prompt)
+            if span.recording and outcome.kind is not OutcomeKind.SUCCESS:
+                error = outcome.error or {}
+                text = error.get("exception_message") or error.get("message") or ""
+                span.error(self.server_paths.scrub_text(f"{outcome.kind}: {text}".strip()))
+            return outcome
+
+    def _trace_nodes(self, parent: tracing.Span | tracing.NoSpan, job: Job, prompt: Any) -> None:
+        """One ``comfyui.node`` span per node ``job``'s frames timed (see
+        :attr:`Job.timeline`), children of its ``comfyui.execute`` span ``parent``; the node
+        ComfyUI's ``execution_error`` names is failed with its exception type and message
+        (server paths scrubbed)."""
+        end = time.time_ns()
+        for node_id, start_ns, end_ns, cached, error in job.timeline or ():
+            node = prompt.get(node_id) if isinstance(prompt, dict) else None
+            class_type = str(node.get("class_type", "")) if isinstance(node, dict) else ""
+            span = tracing.start(
+                "comfyui.node",
+                {
+                    "comfyui.node.id": node_id,
+                    "comfyui.node.class_type": class_type,
+                    "comfyui.node.cached": cached,
+                },
+                parent=parent,
+                start_ns=start_ns,
+            )
+            if error is not None:
+                message = self.server_paths.scrub_text(str(error.get("exception_message", "")))
+                span.error(message.strip(), exception_type=str(error.get("exception_type", "")))
+            span.end(end_ns or end)
 
     async def _queue_and_wait(
         self, instance: ComfyInstance, job: Job, prompt: dict[str, Any]
@@ -564,6 +640,7 @@ class Pipeline:
                     job.prompt_id,
                     instance.client_id,
                     job.partner_key,
+                    tracing.traceparent(),
                 ),
                 limit,
             )

@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from comfy_sidecar import __version__
 from comfy_sidecar.boot import BootProbes
 from comfy_sidecar.comfy.instance import ComfyInstance
 from comfy_sidecar.comfy.phase import Fatal, Phase
 from comfy_sidecar.config import ConfigError, Settings
 from comfy_sidecar.errors import SidecarError
-from comfy_sidecar.observability import metrics
+from comfy_sidecar.observability import metrics, tracing
 from comfy_sidecar.observability.logs import setup_logging
 from comfy_sidecar.pipeline.preprocess import remove_leftover_inputs
 from comfy_sidecar.runtime.container import Container, build
@@ -353,8 +354,12 @@ def load_workflows_from(directory: str) -> list[Any]:
 
 
 def run(settings: Settings, sock: socket.socket, boot: BootProbes) -> int:
-    """Entry for ``__main__``: set up logging and run :func:`serve` in a new event loop."""
+    """Entry for ``__main__``: set up logging and tracing (when an OTLP endpoint is set, see
+    :mod:`comfy_sidecar.observability.tracing`) and run :func:`serve` in a new event loop;
+    the spans still buffered are exported at the end."""
     setup_logging(settings.log_level, settings.log_format)
+    if tracing.setup(__version__):
+        log.info("tracing: OpenTelemetry spans exported over OTLP/HTTP")
     try:
         try:
             import uvloop  # ~15% less CPU per request than the default loop (bench/overhead.py)
@@ -364,4 +369,5 @@ def run(settings: Settings, sock: socket.socket, boot: BootProbes) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        tracing.shutdown()
         sys.stdout.flush()

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from comfy_sidecar.errors import InputError
 from comfy_sidecar.net.urls import scrub_url
+from comfy_sidecar.observability import tracing
 from comfy_sidecar.schemas import (
     AzureBlobUpload,
     Credential,
@@ -341,7 +342,20 @@ class Storage:
         """
         backend = self._upload_backend(spec)
         url = backend.upload_url(spec, filename)
-        path = Path(path)
+        with tracing.span("upload") as span:
+            if span.recording:
+                span.set("url.full", scrub_url(url))
+            return await self._upload(backend, url, Path(path), spec, filename, span)
+
+    async def _upload(
+        self,
+        backend: Backend,
+        url: str,
+        path: Path,
+        spec: UploadSpec,
+        filename: str,
+        span: tracing.Span | tracing.NoSpan,
+    ) -> str:
         active = _ActiveUpload(CancelToken())
         previous = self._uploads.get(url)
         self._uploads[url] = active  # registered before any await
@@ -355,6 +369,7 @@ class Storage:
                 size = path.stat().st_size
             except OSError:
                 raise OutputMissingError(f"{filename}: output file missing") from None
+            span.set("upload.bytes", size)
             started = time.monotonic()
             try:
                 await backend.upload(path, spec, filename, active.cancel)

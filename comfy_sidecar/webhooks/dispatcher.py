@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from comfy_sidecar.config import SYSTEM_EVENT_NAMES, Settings
 from comfy_sidecar.net.backoff import attempt_failure, backoff_delay
 from comfy_sidecar.net.urls import scrub_url
-from comfy_sidecar.observability import metrics
+from comfy_sidecar.observability import metrics, tracing
 from comfy_sidecar.observability.logs import TRACEPARENT
 from comfy_sidecar.storage.errors import URLRefused
 from comfy_sidecar.storage.netguard import NetGuard, trusted
@@ -61,6 +61,8 @@ class _Job:
     started: bool = False
     cancelled: bool = False
     traceparent: str | None = None  # the W3C traceparent of the request that made it
+    #: The span each attempt is a child of (the job's), when tracing.
+    parent: tracing.Span | tracing.NoSpan = tracing.NO_SPAN
     trusted: bool = False  # the operator's SYSTEM_WEBHOOK_URL: not checked by the SSRF guard
 
 
@@ -255,6 +257,7 @@ class WebhookDispatcher:
             label="prompt webhook",
             future=future,
             traceparent=TRACEPARENT.get(),
+            parent=tracing.current(),
         )
         self._put(kind, job)
         return future
@@ -449,15 +452,24 @@ class WebhookDispatcher:
         reason = ""
         for attempt in range(1, self._attempts + 1):
             self.counters["attempts"] += 1
+            span = tracing.start("webhook", parent=job.parent, kind="client")
+            if span.recording:
+                span.set("url.full", scrub_url(job.url))
+                span.set("webhook.id", job.webhook_id)
+                span.set("webhook.attempt", attempt)
             try:
-                status = await self._post(job, client)
+                status = await self._post(job, client, span.traceparent)
+                span.set("http.response.status_code", status)
                 if 200 <= status < 300:
                     return True
                 reason = f"HTTP {status}"
+                span.error(reason)
             except (TimeoutError, httpx.HTTPError) as exc:
                 reason = attempt_failure(exc, self._timeout_s)
+                span.error(reason, exception_type=type(exc).__name__)
             except URLRefused as exc:  # the SSRF guard: no retry can change that
                 log.error("%s %s to %s: %s", job.label, job.webhook_id, scrub_url(job.url), exc)
+                span.error(exc)
                 return False
             except OSError as exc:
                 log.error(
@@ -467,7 +479,13 @@ class WebhookDispatcher:
                     scrub_url(job.url),
                     exc,
                 )
+                span.error(exc)
                 return False
+            except BaseException as exc:  # cancelled by close()
+                span.error(exc)
+                raise
+            finally:
+                span.end()
             log.warning(
                 "%s %s to %s: attempt %d/%d failed: %s",
                 job.label,
@@ -489,10 +507,14 @@ class WebhookDispatcher:
         )
         return False
 
-    async def _post(self, job: _Job, client: httpx.AsyncClient) -> int:
-        """One attempt: sign ``job``'s body with a fresh ``webhook-timestamp`` and POST it;
-        returns the HTTP status. Raises :class:`TimeoutError` past the time limit (the timeout
-        plus 1 s per MiB), ``httpx.HTTPError``, or ``OSError`` when the body cannot be read."""
+    async def _post(
+        self, job: _Job, client: httpx.AsyncClient, traceparent: str | None = None
+    ) -> int:
+        """One attempt: sign ``job``'s body with a fresh ``webhook-timestamp`` and POST it with
+        ``traceparent`` (the attempt's span's; else the one of the request that made the
+        job, as received); returns the HTTP status. Raises :class:`TimeoutError` past the time
+        limit (the timeout plus 1 s per MiB), ``httpx.HTTPError``, or ``OSError`` when the
+        body cannot be read."""
         timestamp = round(time.time())
         signature = await job.body.signature(self._key, job.webhook_id, timestamp)
         headers = {
@@ -502,8 +524,9 @@ class WebhookDispatcher:
             "webhook-timestamp": str(timestamp),
             "webhook-signature": signature,
         }
-        if job.traceparent:
-            headers["traceparent"] = job.traceparent
+        traceparent = traceparent or job.traceparent
+        if traceparent:
+            headers["traceparent"] = traceparent
         static = job.body.static
         content: bytes | AsyncIterator[bytes] = static if static is not None else job.body.achunks()
         # A large body (a video's base64) gets 1 s more per MiB on top of the limit.

@@ -72,6 +72,14 @@ LAZY_MODULES = [
     "PIL.WebPImagePlugin",
     "PIL.GifImagePlugin",
     "yaml",
+    # traces, imported only when an OTLP endpoint is set
+    "comfy_sidecar.observability.span_export",
+    "opentelemetry.sdk.trace.export",
+    "opentelemetry.sdk.resources",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.trace.propagation.tracecontext",
+    "google.protobuf",
+    "requests",
 ]
 DATA_FILES = [
     "botocore/data/endpoints.json",

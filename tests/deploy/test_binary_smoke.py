@@ -1,7 +1,8 @@
 """Smoke suite against the frozen binary dist/comfy-sidecar: what a missing hidden import or
 data file would break. The binary runs with the ComfyUI double as CMD: a prompt with a base64
-input, an upload to moto's S3 server, a signed webhook, a manifest that installs a model, and
-SIGTERM -> exit 0.
+input, an upload to moto's S3 server, a signed webhook, a manifest that installs a model, the
+jobs' traces exported to an OTLP/HTTP receiver (the SDK configured from OTEL_*), and SIGTERM ->
+exit 0.
 
 `scripts/test.sh` (and so CI) builds the binary before the tests; skipped with the reason when
 it was not built or is older than the sources (a plain `pytest` during development).
@@ -22,6 +23,7 @@ from standardwebhooks import Webhook
 from comfy_sidecar.http.app import DOCS_ASSETS, DOCS_ASSETS_PATH
 from tests.conftest import Backend, make_sidecar, png_bytes
 from tests.deploy.test_binary import BINARY, REASON
+from tests.otlp_server import OtlpServer
 from tests.receiver import Receiver
 from tests.storage.conftest import moto_server  # noqa: F401 - fixture
 from tests.storage.servers import FileServer
@@ -52,6 +54,7 @@ def test_frozen_binary_end_to_end(
     files = FileServer()
     files.files["tiny.safetensors"] = tiny_model.read_bytes()
     hook = Receiver()
+    otlp = OtlpServer()
     backend = Backend("double", tmp_path / "comfy")
     manifest = {
         "models": {
@@ -74,6 +77,9 @@ def test_frozen_binary_end_to_end(
         AWS_SECRET_ACCESS_KEY="testing",
         AWS_REGION="us-east-1",
         AWS_ENDPOINT_URL=moto_server,
+        OTEL_EXPORTER_OTLP_ENDPOINT=otlp.endpoint,
+        OTEL_SERVICE_NAME="frozen-sidecar",
+        OTEL_BSP_SCHEDULE_DELAY="50",
     )
     sidecar.start(binary=BINARY)
     try:
@@ -112,6 +118,14 @@ def test_frozen_binary_end_to_end(
         assert uploaded.status_code == 200, uploaded.text
         assert uploaded.json()["images"] == ["s3://smoke/o/bin-s3_bin_00001_.png"]
         assert s3.head_object(Bucket="smoke", Key="o/bin-s3_bin_00001_.png")["ContentLength"] > 0
+        spans = otlp.wait_spans(
+            lambda spans: any(s.attributes.get("job.id") == "bin-s3" for s in spans),
+            what="the trace of job bin-s3",
+        )
+        (root,) = [s for s in spans if s.attributes.get("job.id") == "bin-s3"]
+        assert root.resource["service.name"] == "frozen-sidecar"
+        names = {s.name for s in otlp.trace(root.trace_id)}
+        assert {"prepare", "comfyui.execute", "comfyui.node", "upload"} <= names
 
         accepted = sidecar.post(
             "/prompt", json={"prompt": prompt, "id": "bin-hook", "webhook_v2": hook.url}
@@ -132,3 +146,4 @@ def test_frozen_binary_end_to_end(
         sidecar.stop()
         files.stop()
         hook.stop()
+        otlp.stop()

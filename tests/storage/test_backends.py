@@ -321,6 +321,54 @@ def test_second_upload_supersedes_first(
     asyncio.run(main())
 
 
+def test_s3_requests_carry_the_jobs_traceparent(
+    make_storage: Any, s3_env: dict[str, str], s3_client: Any, tmp_path: Path, png_bytes: bytes
+) -> None:
+    """Every S3 request of a download or upload carries the job's traceparent, the parts of a
+    multipart upload too (boto3 sends them from its own threads); a request for another
+    object made meanwhile does not. (With tracing off the job's traceparent is its request's,
+    as received: comfy_sidecar.observability.tracing.traceparent.)"""
+    from comfy_sidecar.observability.logs import TRACEPARENT
+
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    bucket = _bucket(s3_client)
+    s3_client.put_object(Bucket=bucket, Key="in/a b.png", Body=png_bytes)
+    out = tmp_path / "out.png"
+    out.write_bytes(os.urandom(20 << 20))  # 20 MiB: a multipart upload
+    sent: list[tuple[str, str, str | None]] = []
+    lock = threading.Lock()
+
+    def capture(request: Any, **_: Any) -> None:
+        with lock:
+            sent.append((request.method, request.url, request.headers.get("traceparent")))
+
+    async def main() -> None:
+        storage = make_storage(env=s3_env)
+        await storage.start()
+        storage.s3._client(None).meta.events.register("before-send.s3", capture)
+        try:
+            await storage.fetch(f"s3://{bucket}/nope-before.png", None)
+        except NotFoundError:
+            pass
+        TRACEPARENT.set(traceparent)
+        try:
+            await storage.fetch(f"s3://{bucket}/in/a%20b.png", None)
+            await storage.upload(out, S3Upload(bucket=bucket, prefix="results"), "out.png")
+        finally:
+            await storage.close()
+
+    asyncio.run(main())
+    traced = [(method, url) for method, url, header in sent if header == traceparent]
+    plain = [(method, url) for method, url, header in sent if header is None]
+    source = f"{s3_env['AWS_ENDPOINT_URL']}/{bucket}/in/a%20b.png"
+    assert {u for m, u in traced if m == "GET"} == {source}
+    parts = [u for m, u in traced if m == "PUT" and "partNumber=" in u]
+    assert len(parts) == 3, sent  # 8 + 8 + 4 MiB
+    assert any("uploads" in u for m, u in traced if m == "POST")  # create, complete
+    assert [u for m, u in plain if "nope-before.png" in u], sent
+    assert all("nope-before.png" in u for m, u in plain), sent
+
+
 def test_s3_second_upload_supersedes_first(
     make_storage: Any, s3_env: dict[str, str], s3_client: Any, tmp_path: Path
 ) -> None:

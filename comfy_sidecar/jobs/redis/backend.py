@@ -49,6 +49,8 @@ from comfy_sidecar.jobs.record import JobRecord
 from comfy_sidecar.jobs.redis.quotas import RedisQuotas
 from comfy_sidecar.jobs.redis.store import Claim, Loaded, RedisJobs, RedisOutput
 from comfy_sidecar.jobs.spec import AfterEnd, JobSpec
+from comfy_sidecar.observability import tracing
+from comfy_sidecar.observability.logs import TRACEPARENT
 from comfy_sidecar.pipeline.run import JobResult
 from comfy_sidecar.schemas import PromptRequest
 
@@ -148,7 +150,21 @@ class RedisBackend:
         """Check the job without side effects (unless its id is kept: a resubmission or a
         409), admit it under its API key's quotas (counted in Redis, released by whichever
         replica ends it), store it and append it to the work stream of its priority. Raises
-        :class:`Conflict` for a kept id with another body."""
+        :class:`Conflict` for a kept id with another body.
+
+        Traced as ``job.submit`` (PRODUCER, continuing the request's ``traceparent``), whose
+        context is stored with the job: the replica that claims it continues this trace."""
+        root = tracing.job_span(
+            "job.submit",
+            TRACEPARENT.get(),
+            {"job.endpoint": spec.endpoint, "job.id": spec.id},
+            kind="producer",
+        )
+        with root:
+            carried = root.traceparent or TRACEPARENT.get()
+            return await self._submit(msgspec.structs.replace(spec, traceparent=carried))
+
+    async def _submit(self, spec: JobSpec) -> JobView:
         await self.lifecycle.check_after(spec)
         admission = None
         if await guarded(self.jobs.get(spec.id)) is None:
@@ -184,6 +200,7 @@ class RedisBackend:
                     spec.priority,
                     idempotency=spec.idempotency_key,
                     partner=spec.partner_key,
+                    trace=spec.traceparent,
                 )
             )
         except DifferentBody:
@@ -528,6 +545,7 @@ def _spec_of(loaded: Loaded, endpoint: str) -> JobSpec:
         key=None if loaded.key is None else msgspec.json.decode(loaded.key, type=KeyPolicy),
         metadata=metadata if isinstance(metadata, dict) else None,
         partner_key=loaded.partner_key,
+        traceparent=loaded.trace,
     )
 
 

@@ -18,7 +18,8 @@ Keys (``P`` = :data:`PREFIX`):
   ``seq`` (the last event id), ``entry`` and ``stream`` (its work-stream entry: its queue
   position), ``after`` (a job adapter's after-end action, JSON: see
   :class:`comfy_sidecar.jobs.spec.AfterEnd`), ``key`` (the policy of the API key that submitted
-  it, JSON: :class:`comfy_sidecar.config.keys.KeyPolicy`; never the key).
+  it, JSON: :class:`comfy_sidecar.config.keys.KeyPolicy`; never the key), ``trace`` (the W3C
+  traceparent the run continues: the submitting replica's span).
 - ``P:quota:{name}:active``, ``P:quota:{name}:waiting``, ``P:quota:{name}:window``: API key
   ``name``'s quota counters (:mod:`comfy_sidecar.jobs.redis.quotas`): its jobs admitted and not
   ended, those not yet claimed, and its admissions of the last minute.
@@ -131,10 +132,11 @@ return 0
 #: Idempotency-Key, partner key; ARGV id, view, request, events' MAXLEN, the first status
 #: event's data, its after-end action (``''``: none), its key policy (JSON, ``''``: none), its
 #: priority, the group, the channel to publish on, the Idempotency-Key's seconds (``''``: no
-#: key), the partner key (``''``: none) and its seconds. Stores a new job, its first event and
-#: its work-stream entry together (the stream and its group made on first use, and listed in
-#: the levels), after claiming its Idempotency-Key (SET NX): a used key makes no job (the hash
-#: the caller just began is removed) and answers ``{'reused', <the job that used it>}``.
+#: key), the partner key (``''``: none), its seconds and the traceparent (``''``: none).
+#: Stores a new job, its first event and its work-stream entry together (the stream and its
+#: group made on first use, and listed in the levels), after claiming its Idempotency-Key
+#: (SET NX): a used key makes no job (the hash the caller just began is removed) and answers
+#: ``{'reused', <the job that used it>}``.
 CREATE = """
 if ARGV[11] ~= '' then
   if not redis.call('SET', KEYS[7], ARGV[1], 'NX', 'EX', ARGV[11]) then
@@ -153,6 +155,9 @@ if ARGV[6] ~= '' then
 end
 if ARGV[7] ~= '' then
   redis.call('HSET', KEYS[1], 'key', ARGV[7])
+end
+if ARGV[14] ~= '' then
+  redis.call('HSET', KEYS[1], 'trace', ARGV[14])
 end
 redis.call('ZADD', KEYS[2], order, ARGV[1])
 local n = redis.call('HINCRBY', KEYS[1], 'seq', 1)
@@ -347,7 +352,8 @@ class Loaded:
     """What a replica reads of a job it claimed: ``ended`` (it has ended, or is not kept:
     then the rest is None / empty), its ``/prompt`` ``request`` (JSON), its ``attempts``,
     its ``view``, its adapter's ``after``-end action (JSON), its ``fingerprint``, its API
-    ``key``'s policy (JSON) and its ``partner_key``."""
+    ``key``'s policy (JSON), its ``partner_key`` and the ``trace`` context (a W3C
+    traceparent) its run continues."""
 
     ended: bool
     request: bytes | None
@@ -357,6 +363,7 @@ class Loaded:
     fingerprint: bytes
     key: bytes | None = None
     partner_key: Secret | None = None
+    trace: str | None = None
 
 
 @dataclass
@@ -462,15 +469,16 @@ class RedisJobs:
         *,
         idempotency: str | None = None,
         partner: Secret | None = None,
+        trace: str | None = None,
     ) -> tuple[JobView, bool]:
         """Store a new job (``view`` its first body, ``request`` its ``/prompt`` JSON,
         ``after`` its adapter's after-end action, ``key`` its API key's policy, ``partner``
-        its partner key) and append it to the work stream of its ``priority``; returns (the
-        stored view, created). An id already kept with the same ``fingerprint`` returns that
-        job (created False); another fingerprint raises
-        :class:`~comfy_sidecar.jobs.model.DifferentBody`. With ``idempotency`` (a v2
-        ``Idempotency-Key``) the key is claimed in the same script: one used in the last
-        24 h raises :class:`~comfy_sidecar.errors.IdempotencyKeyReuse` and stores nothing."""
+        its partner key, ``trace`` the traceparent its run continues) and append it to the work
+        stream of its ``priority``; returns (the stored view, created). An id already kept
+        with the same ``fingerprint`` returns that job (created False); another fingerprint
+        raises :class:`~comfy_sidecar.jobs.model.DifferentBody`. With ``idempotency`` (a v2
+        ``Idempotency-Key``) the key is claimed in the same script: one used in the last 24 h
+        raises :class:`~comfy_sidecar.errors.IdempotencyKeyReuse` and stores nothing."""
         job_id = view.id
         job_hash = job_key(job_id)
         if not await self.redis.hsetnx(job_hash, "fingerprint", fingerprint):
@@ -505,6 +513,7 @@ class RedisJobs:
                 IDEMPOTENCY_TTL_S if idempotency is not None else "",
                 partner.reveal() if partner is not None else "",
                 PARTNER_KEY_TTL_S,
+                trace or "",
             ],
         )
         if isinstance(answer, list):
@@ -545,13 +554,13 @@ class RedisJobs:
     async def load(self, job_id: str) -> Loaded:
         """What a replica reads of job ``job_id`` when it claims it, in one round trip (see
         :class:`Loaded`)."""
-        fields = ["request", "attempts", "view", "after", "fingerprint", "key"]
+        fields = ["request", "attempts", "view", "after", "fingerprint", "key", "trace"]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(done_key(job_id))
             pipe.hmget(job_key(job_id), fields)
             pipe.get(partner_key(job_id))
             done, fields_read, partner = await pipe.execute()
-            request, attempts, view, after, fingerprint, key = fields_read
+            request, attempts, view, after, fingerprint, key, trace = fields_read
         return Loaded(
             ended=bool(done) or (request is None and view is None),
             request=request,
@@ -561,6 +570,7 @@ class RedisJobs:
             fingerprint=fingerprint or b"",
             key=key or None,
             partner_key=Secret(partner.decode()) if partner else None,
+            trace=trace.decode("ascii", "replace") if trace else None,
         )
 
     async def attempts(self, job_id: str) -> list[dict[str, Any]]:

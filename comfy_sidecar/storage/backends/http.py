@@ -4,13 +4,15 @@ Auth, highest priority first (comfyui-api's order): per-request auth (``bearer``
 ``header``, ``query``; ``s3`` sends nothing), ``user:password`` in the URL (sent as Basic), then
 ``HTTP_AUTH_HEADER_NAME/VALUE`` — but only to hosts matching ``HTTP_AUTH_HEADER_HOSTS``
 (comfyui-api sends the operator's header to any URL). Caller auth goes only to the URL's own
-origin: redirects to another origin carry no caller credentials.
+origin: redirects to another origin carry no caller credentials. Every request carries the
+job's W3C ``traceparent`` (:func:`comfy_sidecar.observability.tracing.traceparent`), on every hop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import functools
 import http.client
 import socket
@@ -23,6 +25,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from comfy_sidecar.observability import tracing
 from comfy_sidecar.schemas import (
     BasicAuth,
     BearerAuth,
@@ -281,7 +284,14 @@ class HTTPBackend:
         first, caller_headers, used = self._prepare(url, auth)
         if netguard.proxy_for(first.scheme, first.host) is None:
             watch = _Watch(netguard.is_trusted())
-            job = functools.partial(self._download_direct, first, caller_headers, dest, watch)
+            job = functools.partial(
+                contextvars.copy_context().run,  # the thread sends the job's traceparent
+                self._download_direct,
+                first,
+                caller_headers,
+                dest,
+                watch,
+            )
             future = asyncio.get_running_loop().run_in_executor(self._executor, job)
             ext = await self._watch(future, watch)
             return FetchResult(ext=ext, used_caller_auth=used)
@@ -313,6 +323,9 @@ class HTTPBackend:
         if _origin(current) == _origin(first):
             headers.update(caller_headers)
         headers.update(self._env_headers_for(current, caller_headers))
+        trace = tracing.traceparent()
+        if trace is not None:
+            headers["traceparent"] = trace
         return headers
 
     def _connection(self, url: httpx.URL, trusted: bool) -> http.client.HTTPConnection:
@@ -532,6 +545,9 @@ class HTTPBackend:
             **caller_headers,
             **self._env_headers_for(target, caller_headers),
         }
+        trace = tracing.traceparent()
+        if trace is not None:
+            headers["traceparent"] = trace
 
         async def body() -> AsyncIterator[bytes]:
             with open(path, "rb") as fh:

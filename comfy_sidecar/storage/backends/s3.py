@@ -6,17 +6,24 @@ else the environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SE
 ``AWS_REGION``/``AWS_DEFAULT_REGION``, default ``us-east-1``). Path-style addressing, 10 s
 connect and 60 s read timeouts, 3 attempts with boto3's standard backoff. Unlike comfyui-api the
 provider exists even when no region is set, and upload errors are raised, never swallowed.
+
+Every request of a download, upload or auth check carries the job's W3C ``traceparent``
+(:func:`comfy_sidecar.observability.tracing.traceparent`), added after signing (an unsigned
+header S3 ignores). boto3's transfer manager sends from threads of its own, so the header is
+found by the object's path (:meth:`S3Backend.traced`), not by context.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
+from comfy_sidecar.observability import tracing
 from comfy_sidecar.schemas import DownloadAuth, S3Auth, S3Upload
 from comfy_sidecar.storage.backends.base import (
     CancelToken,
@@ -107,6 +114,8 @@ class S3Backend:
         self._connections = connections
         self._default: Any = None
         self._lock = threading.Lock()
+        #: ``/bucket/key`` -> the traceparent its requests carry, while a call on it runs.
+        self._traces: dict[str, str] = {}
 
     @property
     def region(self) -> str:
@@ -140,7 +149,35 @@ class S3Backend:
                 region_name=self.region,
             )
             endpoint = self._env.get("AWS_ENDPOINT_URL_S3") or self._env.get("AWS_ENDPOINT_URL")
-        return session.client("s3", endpoint_url=endpoint or None, config=config)
+        client = session.client("s3", endpoint_url=endpoint or None, config=config)
+        client.meta.events.register("before-send.s3", self._add_traceparent)
+        return client
+
+    def _add_traceparent(self, request: Any, **_: Any) -> None:
+        """botocore's ``before-send``: put the traceparent of the call on ``request``'s
+        object (path-style URL ``/bucket/key``) in its headers."""
+        if not self._traces:
+            return
+        path = urllib.parse.unquote(urllib.parse.urlsplit(request.url).path)
+        value = self._traces.get(path)
+        if value is not None:
+            request.headers["traceparent"] = value
+
+    @contextlib.contextmanager
+    def traced(self, bucket: str, key: str) -> Iterator[None]:
+        """Within the block, requests for ``bucket``/``key`` carry the current traceparent
+        (none when there is none)."""
+        value = tracing.traceparent()
+        path = f"/{bucket}/{key}"
+        if value is None:
+            yield
+            return
+        self._traces[path] = value
+        try:
+            yield
+        finally:
+            if self._traces.get(path) == value:
+                del self._traces[path]
 
     def _client(self, auth: DownloadAuth | None) -> Any:
         if isinstance(auth, S3Auth):
@@ -160,17 +197,19 @@ class S3Backend:
             client = self._client(auth)
             client.download_file(bucket, key, str(dest), Config=download_config(self._connections))
 
-        await run_sdk(self._executor, run, _map_error, "download")
+        with self.traced(bucket, key):
+            await run_sdk(self._executor, run, _map_error, "download")
         return FetchResult(used_caller_auth=isinstance(auth, S3Auth))
 
     async def check_auth(self, url: str, auth: DownloadAuth | None) -> None:
         bucket, key = parse_s3_url(url)
-        await run_sdk(
-            self._executor,
-            lambda: self._client(auth).head_object(Bucket=bucket, Key=key),
-            _map_error,
-            "auth check",
-        )
+        with self.traced(bucket, key):
+            await run_sdk(
+                self._executor,
+                lambda: self._client(auth).head_object(Bucket=bucket, Key=key),
+                _map_error,
+                "auth check",
+            )
 
     def _target(self, spec: object, filename: str) -> tuple[str, str]:
         assert isinstance(spec, S3Upload)
@@ -205,4 +244,5 @@ class S3Backend:
                 Callback=progress,
             )
 
-        await run_upload(cancel, self._executor, run, _map_error)
+        with self.traced(bucket, key):
+            await run_upload(cancel, self._executor, run, _map_error)
