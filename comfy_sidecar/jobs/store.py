@@ -43,6 +43,9 @@ class JobStore:
         self.retention_s = retention_s
         self.max_jobs = max_jobs
         self._jobs: dict[str, JobRecord] = {}
+        #: The ended jobs in the order they ended: their expiry times ascend (one retention
+        #: for all), so expiry looks at the oldest few, never at every job.
+        self._ended: dict[str, JobRecord] = {}
         self._seq = 0
         self._order: dict[str, int] = {}
         #: Used Idempotency-Keys: key -> (job id, monotonic expiry), oldest first.
@@ -191,6 +194,7 @@ class JobStore:
         if status is JobStatus.COMPLETED and isinstance(record.progress, Progress):
             record.progress.complete()
         record.expires_at = time.monotonic() + self.retention_s
+        self._ended[record.id] = record
         record.publish("done", record.view())
         record.seal()
         self._enforce_max()
@@ -234,16 +238,30 @@ class JobStore:
         return found, (self._order[found[-1].id] if more and found else None)
 
     def expire(self, now: float | None = None) -> int:
-        """Drop ended jobs past their retention; returns how many went."""
+        """Drop ended jobs past their retention; returns how many went. Costs what expires
+        (each request of the job APIs calls it), not the number of jobs kept."""
         now = time.monotonic() if now is None else now
-        gone = [r for r in self._jobs.values() if r.status.terminal and r.expires_at <= now]
+        gone: list[JobRecord] = []
+        for record in self._ended.values():
+            if record.expires_at > now:
+                break
+            gone.append(record)
         for record in gone:
             self.drop(record)
         return len(gone)
 
     def _enforce_max(self) -> None:
-        ended = [r for r in self._jobs.values() if r.status.terminal]
-        for record in ended[: max(0, len(ended) - self.max_jobs)]:
+        """Past ``max_jobs`` ended jobs, drop the oldest submitted of them."""
+        excess = len(self._ended) - self.max_jobs
+        if excess <= 0:
+            return
+        oldest: list[JobRecord] = []
+        for record in self._jobs.values():
+            if record.status.terminal:
+                oldest.append(record)
+                if len(oldest) == excess:
+                    break
+        for record in oldest:
             self.drop(record)
 
     def drop(self, record: JobRecord) -> None:
@@ -251,6 +269,7 @@ class JobStore:
         if record.status is JobStatus.IN_PROGRESS and self._jobs.get(record.id) is record:
             metrics.key_job_ended(record.owner, None, True)  # never ended here: not counted
         self._jobs.pop(record.id, None)
+        self._ended.pop(record.id, None)
         self._order.pop(record.id, None)
         if record.files:
             shutil.rmtree(self.dir / record.id, ignore_errors=True)

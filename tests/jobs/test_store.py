@@ -275,3 +275,15 @@ def test_a_key_stays_used_when_the_answer_is_given_up_but_the_job_runs(tmp_path:
         assert store.claim_key("key-refused", "new", 60) is None, "no job: the key is free"
 
     asyncio.run(main())
+
+
+def test_past_max_jobs_the_oldest_submitted_ended_job_goes_first(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = JobStore(tmp_path, 3600, 2)
+        first, second, third = (make(store, f"j{i}") for i in range(3))
+        for record in (third, first, second):  # ended in another order than submitted
+            store.finish(record, JobStatus.COMPLETED)
+        assert [r.id for r in store] == ["j1", "j2"]
+        assert store.expire(time.monotonic() + 3601) == 2
+
+    asyncio.run(main())
