@@ -194,7 +194,8 @@ class JobStore:
         if status is JobStatus.COMPLETED and isinstance(record.progress, Progress):
             record.progress.complete()
         record.expires_at = time.monotonic() + self.retention_s
-        self._ended[record.id] = record
+        if self._jobs.get(record.id) is record:  # not a stand-in of a job kept elsewhere
+            self._ended[record.id] = record
         record.publish("done", record.view())
         record.seal()
         self._enforce_max()
@@ -268,9 +269,10 @@ class JobStore:
         """Forget ``record`` and delete its retained files."""
         if record.status is JobStatus.IN_PROGRESS and self._jobs.get(record.id) is record:
             metrics.key_job_ended(record.owner, None, True)  # never ended here: not counted
-        self._jobs.pop(record.id, None)
-        self._ended.pop(record.id, None)
-        self._order.pop(record.id, None)
+        if self._jobs.get(record.id) is record:
+            self._jobs.pop(record.id)
+            self._ended.pop(record.id, None)
+            self._order.pop(record.id, None)
         if record.files:
             shutil.rmtree(self.dir / record.id, ignore_errors=True)
             record.files = []

@@ -287,3 +287,22 @@ def test_past_max_jobs_the_oldest_submitted_ended_job_goes_first(tmp_path: Path)
         assert store.expire(time.monotonic() + 3601) == 2
 
     asyncio.run(main())
+
+
+def test_a_stand_in_record_ended_through_the_store_is_not_kept(tmp_path: Path) -> None:
+    """Queue mode ends a job no replica runs (a cancelled pending job, one given up) through a
+    stand-in record that was never added; its expiry must not drop the job now kept under
+    that id, nor count against the cap."""
+
+    async def main() -> None:
+        store = JobStore(tmp_path, 30, 1)
+        store.finish(JobRecord(id="x", endpoint="jobs"), JobStatus.CANCELLED)
+        running = make(store, "x")
+        store.set_status(running, JobStatus.IN_PROGRESS)
+        done = make(store, "y")
+        store.finish(done, JobStatus.COMPLETED)
+        assert [r.id for r in store] == ["x", "y"]  # the stand-in took no place under the cap
+        assert store.expire(time.monotonic() + 31) == 1
+        assert store.get("x") is running
+
+    asyncio.run(main())
