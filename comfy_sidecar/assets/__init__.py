@@ -16,6 +16,7 @@ from comfy_sidecar.assets.references import (
     AssetReference,
     ResolvedReference,
     find_asset_references,
+    missing_assets,
     replace_asset_references,
     resolve_asset_references,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "guess_content_type",
     "hash_file",
     "is_hash",
+    "missing_assets",
     "parse_hash",
     "replace_asset_references",
     "resolve_asset_references",

@@ -22,7 +22,7 @@ reached only through the ``lookup`` the caller passes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -139,13 +139,19 @@ def resolve_asset_references(
         else:
             resolved.append(ResolvedReference(reference, asset))
     if unknown:
-        raise MissingAsset(
-            f"no asset with id {unknown[0].id!r}",
-            unknown[0].location,
-            missing=[reference.location for reference in unknown],
-            asset_ids=[reference.id for reference in unknown],
-        )
+        raise missing_assets(unknown)
     return resolved
+
+
+def missing_assets(unknown: Sequence[AssetReference]) -> MissingAsset:
+    """The error for references whose asset is not there (at least one): ``location`` the
+    first, ``missing`` every one's, ``asset_ids`` their ids, in order."""
+    return MissingAsset(
+        f"no asset with id {unknown[0].id!r}",
+        unknown[0].location,
+        missing=[reference.location for reference in unknown],
+        asset_ids=[reference.id for reference in unknown],
+    )
 
 
 def replace_asset_references(

@@ -58,6 +58,7 @@ from comfy_sidecar.assets import (
     UrlSigner,
     check_upload,
     find_asset_references,
+    missing_assets,
     parse_hash,
     replace_asset_references,
 )
@@ -656,12 +657,7 @@ async def resolve_assets(
             except AssetNotFound:
                 unknown.append(reference)
         if unknown:
-            raise MissingAsset(
-                f"no asset with id {unknown[0].id!r}",
-                unknown[0].location,
-                missing=[reference.location for reference in unknown],
-                asset_ids=[reference.id for reference in unknown],
-            )
+            raise missing_assets(unknown)
         resolved = replace_asset_references(workflow, names)
         staged = staging.for_job(job_id)
         for reference in references:
