@@ -29,56 +29,27 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from overhead import cpu_s, prompt, rss_mb  # noqa: E402  (bench/ is sys.path[0])
+
 from tests.conftest import Backend, Sidecar, free_port, make_sidecar  # noqa: E402
 from tests.otlp_server import OtlpServer  # noqa: E402
-
-
-def prompt() -> dict[str, Any]:
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {
-                "width": 256,
-                "height": 256,
-                "batch_size": 1,
-                "color": random.randrange(1 << 24),
-            },
-        },
-        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "t"}},
-    }
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, every thread, living or gone) the process ``pid`` used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def one_job(sidecar: Sidecar, client: httpx.Client) -> float:
     """Seconds one ``/prompt`` job on ``sidecar`` took."""
     started = time.perf_counter()
-    response = client.post(sidecar.url + "/prompt", json={"prompt": prompt()})
+    response = client.post(sidecar.url + "/prompt", json={"prompt": prompt("t")})
     response.raise_for_status()
     return time.perf_counter() - started
 
@@ -148,8 +119,7 @@ def main() -> None:
                 print(
                     f"rep {rep + 1}: "
                     + " | ".join(
-                        f"{n} {row[n]:.3f} ms CPU/job (p50 {row[n + ' p50']:.1f} ms)"
-                        for n in names
+                        f"{n} {row[n]:.3f} ms CPU/job (p50 {row[n + ' p50']:.1f} ms)" for n in names
                     )
                     + f" | on - off {row['on'] - row['off']:+.3f} ms",
                     flush=True,

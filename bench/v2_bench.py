@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from comfy_sdk import Comfy  # noqa: E402
 from comfy_sdk.events import Progress, StatusChange  # noqa: E402
-from overhead import cpu_s  # noqa: E402  (bench/ is sys.path[0])
+from overhead import cpu_s, prompt  # noqa: E402  (bench/ is sys.path[0])
 
 from tests.conftest import Backend, Sidecar, free_port, make_sidecar  # noqa: E402
 
@@ -73,22 +73,6 @@ def client_for(url: str) -> Comfy:
     return Comfy(timeout=120)
 
 
-def job_prompt() -> dict[str, Any]:
-    return {
-        "1": {
-            "class_type": "EmptyImage",
-            "inputs": {
-                "width": 256,
-                "height": 256,
-                "batch_size": 1,
-                "color": random.randrange(1 << 24),
-            },
-        },
-        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "b"}},
-    }
-
-
 def comfyui_seconds(comfy: str, prompt_id: str) -> float:
     """ComfyUI's own time for one prompt: its ``execution_start`` to ``execution_success``
     timestamps in ``/history`` (the same clock for either surface's jobs)."""
@@ -107,7 +91,7 @@ def one_job(client: Comfy, comfy: str | None = None, native: str | None = None) 
     in front added); ``native`` is the sidecar's URL, where the job's prompt id is read."""
     times: dict[str, float] = {}
     start = time.perf_counter()
-    job = client.submit(client.workflows.from_json(job_prompt()))
+    job = client.submit(client.workflows.from_json(prompt("b")))
     mark = time.perf_counter()
     times["submit"] = mark - start
     for event in job.events():
