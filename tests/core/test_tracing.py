@@ -296,6 +296,22 @@ def test_a_failed_node_marks_its_span_with_the_error(
     assert not only(trace, root, "prepare").failed
 
 
+def submitter_and_runner(
+    spawn: Callable[..., Sidecar], tmp_path: Path, env: dict[str, str]
+) -> tuple[Sidecar, Sidecar]:
+    """Two replicas on one queue: one that takes requests but claims nothing (its ComfyUI stops
+    taking websockets, so it is not ready), and one that runs what the first submits."""
+    submitter = spawn(Backend("double", tmp_path / "comfy-a"), **env)
+    submitter.wait_ready()
+    comfy_a = f"http://127.0.0.1:{submitter.comfy_port}/__double__"
+    httpx.post(f"{comfy_a}/refuse_websockets", json={"refused": True}, timeout=5)
+    httpx.post(f"{comfy_a}/drop_websockets", timeout=5)
+    submitter.wait_status("/ready", 503, 30)
+    runner = spawn(Backend("double", tmp_path / "comfy-b"), **env)
+    runner.wait_ready()
+    return submitter, runner
+
+
 def test_a_queued_job_claimed_by_another_replica_is_one_trace(
     redis_server: RedisServer,
     spawn: Callable[..., Sidecar],
@@ -311,15 +327,7 @@ def test_a_queued_job_claimed_by_another_replica_is_one_trace(
         "OTEL_EXPORTER_OTLP_ENDPOINT": otlp.endpoint,
         **FAST_EXPORT,
     }
-    submitter = spawn(Backend("double", tmp_path / "comfy-a"), **env)
-    submitter.wait_ready()
-    # The submitter's ComfyUI stops taking websockets: it is not ready and claims nothing.
-    comfy_a = f"http://127.0.0.1:{submitter.comfy_port}/__double__"
-    httpx.post(f"{comfy_a}/refuse_websockets", json={"refused": True}, timeout=5)
-    httpx.post(f"{comfy_a}/drop_websockets", timeout=5)
-    submitter.wait_status("/ready", 503, 30)
-    runner = spawn(Backend("double", tmp_path / "comfy-b"), **env)
-    runner.wait_ready()
+    submitter, runner = submitter_and_runner(spawn, tmp_path, env)
 
     response = submitter.post(
         "/jobs",
@@ -382,14 +390,7 @@ def test_queue_mode_without_tracing_carries_the_callers_traceparent(
     the caller's traceparent on the job's webhook, as the submitting replica would."""
     hook = receiver()
     env = {"JOB_QUEUE_URL": redis_server.url, "LOG_FORMAT": "json", "SHUTDOWN_GRACE_S": "5"}
-    submitter = spawn(Backend("double", tmp_path / "comfy-a"), **env)
-    submitter.wait_ready()
-    comfy_a = f"http://127.0.0.1:{submitter.comfy_port}/__double__"
-    httpx.post(f"{comfy_a}/refuse_websockets", json={"refused": True}, timeout=5)
-    httpx.post(f"{comfy_a}/drop_websockets", timeout=5)
-    submitter.wait_status("/ready", 503, 30)
-    runner = spawn(Backend("double", tmp_path / "comfy-b"), **env)
-    runner.wait_ready()
+    submitter, runner = submitter_and_runner(spawn, tmp_path, env)
     response = submitter.post(
         "/jobs",
         json={"prompt": invert_empty(), "id": "plain", "webhook_v2": hook.url},
