@@ -64,6 +64,7 @@ from comfy_sidecar.assets.store import (
 )
 from comfy_sidecar.config import ConfigError
 from comfy_sidecar.errors import AssetNotFound, BlobNotFound, Unavailable
+from comfy_sidecar.net.redisconn import write_file
 from comfy_sidecar.storage import netguard
 from comfy_sidecar.storage.errors import BadRequestError, DiskFullError, NotFoundError
 
@@ -438,17 +439,7 @@ class SharedAssets:
     async def _write_inline(self, key: str, path: Path) -> None:
         """Stream ``path`` into the string ``key`` (expiring in :data:`PARTIAL_TTL_S` unless
         :data:`CREATE` adopts it), :data:`CHUNK` bytes a round trip."""
-        with path.open("rb") as handle:
-            first = True
-            while True:
-                chunk = await asyncio.to_thread(handle.read, CHUNK)
-                if first:
-                    await self.redis.set(key, chunk, ex=PARTIAL_TTL_S)
-                    first = False
-                elif chunk:
-                    await self.redis.append(key, chunk)
-                if len(chunk) < CHUNK:
-                    return
+        await write_file(self.redis, key, path, PARTIAL_TTL_S, CHUNK)
 
     async def _create_blob(
         self, asset: Asset, digest: str, size: int, url: str, partial: str

@@ -1,9 +1,12 @@
 """One way to open a Redis client (``JOB_QUEUE_URL``) for the shared services: the job queue
 (:mod:`comfy_sidecar.jobs.redis.store`), the shared asset records
-(:mod:`comfy_sidecar.assets.shared`) and the Idempotency-Key store."""
+(:mod:`comfy_sidecar.assets.shared`) and the Idempotency-Key store; and one way to put a file
+into a Redis string (:func:`write_file`)."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -12,7 +15,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["connect"]
+__all__ = ["connect", "write_file"]
 
 
 def connect(url: str) -> Any:
@@ -31,3 +34,22 @@ def connect(url: str) -> Any:
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+
+
+async def write_file(client: Any, key: str, path: Path, ttl_s: int, chunk_bytes: int) -> None:
+    """Stream the file ``path`` into the Redis string ``key`` through ``client`` (a
+    ``redis.asyncio.Redis``), expiring in ``ttl_s`` seconds: ``SET`` of the first chunk, then
+    ``APPEND`` of each next one, at most ``chunk_bytes`` bytes per round trip, read off the event
+    loop (never whole in memory). An empty file makes an empty string. Raises what the client
+    raises (``redis.exceptions.RedisError``) and ``OSError`` from reading ``path``."""
+    with path.open("rb") as handle:
+        first = True
+        while True:
+            chunk = await asyncio.to_thread(handle.read, chunk_bytes)
+            if first:
+                await client.set(key, chunk, ex=ttl_s)
+                first = False
+            elif chunk:
+                await client.append(key, chunk)
+            if len(chunk) < chunk_bytes:
+                return

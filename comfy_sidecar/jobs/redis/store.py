@@ -77,7 +77,7 @@ from comfy_sidecar.jobs.model import (
     now_ms,
 )
 from comfy_sidecar.jobs.spec import IDEMPOTENCY_TTL_S, reuse_message
-from comfy_sidecar.net.redisconn import connect
+from comfy_sidecar.net.redisconn import connect, write_file
 from comfy_sidecar.schemas.secret import Secret
 
 log = logging.getLogger("comfy_sidecar.jobs.redis")
@@ -668,17 +668,7 @@ class RedisJobs:
     async def _write_output(self, key: str, path: Path, ttl_s: int) -> None:
         """Stream the file ``path`` into the string ``key`` (expiring in ``ttl_s`` seconds),
         a chunk of at most :data:`CHUNK` bytes per round trip, read off the event loop."""
-        first = True
-        with path.open("rb") as handle:
-            while True:
-                chunk = await asyncio.to_thread(handle.read, CHUNK)
-                if first:
-                    await self.redis.set(key, chunk, ex=ttl_s)
-                    first = False
-                elif chunk:
-                    await self.redis.append(key, chunk)
-                if len(chunk) < CHUNK:
-                    return
+        await write_file(self.redis, key, path, ttl_s, CHUNK)
 
     async def ended(self, job_id: str) -> bool:
         """True once job ``job_id`` has ended (or is not kept at all)."""
