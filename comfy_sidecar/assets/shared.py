@@ -64,7 +64,7 @@ from comfy_sidecar.assets.store import (
 )
 from comfy_sidecar.config import ConfigError
 from comfy_sidecar.errors import AssetNotFound, BlobNotFound, Unavailable
-from comfy_sidecar.net.redisconn import write_file
+from comfy_sidecar.net.redisconn import read_range, write_file
 from comfy_sidecar.storage import netguard
 from comfy_sidecar.storage.errors import BadRequestError, DiskFullError, NotFoundError
 
@@ -242,16 +242,7 @@ class _RedisContent:
         last = self.size_bytes - 1 if last is None else last
         if first < 0 or last >= self.size_bytes or first > last + 1:
             raise ValueError(f"range {first}-{last} is outside 0-{self.size_bytes - 1}")
-        return self._read(first, last)
-
-    async def _read(self, first: int, last: int) -> AsyncIterator[bytes]:
-        at = first
-        while at <= last:
-            chunk: bytes = await self._redis.getrange(self._key, at, min(last, at + CHUNK - 1))
-            if not chunk:
-                return
-            yield chunk
-            at += len(chunk)
+        return read_range(self._redis, self._key, first, last, CHUNK)
 
     def close(self) -> None:
         """Nothing to release."""

@@ -1,11 +1,12 @@
 """One way to open a Redis client (``JOB_QUEUE_URL``) for the shared services: the job queue
 (:mod:`comfy_sidecar.jobs.redis.store`), the shared asset records
 (:mod:`comfy_sidecar.assets.shared`) and the Idempotency-Key store; and one way to put a file
-into a Redis string (:func:`write_file`)."""
+into a Redis string (:func:`write_file`) and read it back (:func:`read_range`)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["connect", "write_file"]
+__all__ = ["connect", "read_range", "write_file"]
 
 
 def connect(url: str) -> Any:
@@ -53,3 +54,18 @@ async def write_file(client: Any, key: str, path: Path, ttl_s: int, chunk_bytes:
                 await client.append(key, chunk)
             if len(chunk) < chunk_bytes:
                 return
+
+
+async def read_range(
+    client: Any, key: str, first: int, last: int, chunk_bytes: int
+) -> AsyncIterator[bytes]:
+    """Bytes ``first``..``last`` (inclusive) of the Redis string ``key`` through ``client``,
+    one ``GETRANGE`` of at most ``chunk_bytes`` bytes per chunk; stops early when the string
+    is shorter. Raises what the client raises (``redis.exceptions.RedisError``)."""
+    at = first
+    while at <= last:
+        chunk: bytes = await client.getrange(key, at, min(last, at + chunk_bytes - 1))
+        if not chunk:
+            return
+        yield chunk
+        at += len(chunk)

@@ -77,7 +77,7 @@ from comfy_sidecar.jobs.model import (
     now_ms,
 )
 from comfy_sidecar.jobs.spec import IDEMPOTENCY_TTL_S, reuse_message
-from comfy_sidecar.net.redisconn import connect, write_file
+from comfy_sidecar.net.redisconn import connect, read_range, write_file
 from comfy_sidecar.schemas.secret import Secret
 
 log = logging.getLogger("comfy_sidecar.jobs.redis")
@@ -377,16 +377,9 @@ class RedisOutput:
     filename: str = ""
     mime_type: str = "application/octet-stream"
 
-    async def chunks(self, first: int, last: int) -> AsyncIterator[bytes]:
+    def chunks(self, first: int, last: int) -> AsyncIterator[bytes]:
         """Bytes ``first``..``last`` (inclusive), :data:`CHUNK` at a time (GETRANGE)."""
-        at = first
-        while at <= last:
-            end = min(last, at + CHUNK - 1)
-            chunk: bytes = await self.redis.getrange(self.key, at, end)
-            if not chunk:
-                return
-            yield chunk
-            at += len(chunk)
+        return read_range(self.redis, self.key, first, last, CHUNK)
 
     async def read(self) -> bytes:
         """Every byte."""
